@@ -1,0 +1,56 @@
+"""Public functional API (DESIGN.md §3): validated wrappers around the ``torch.ops.gainrl`` custom ops."""
+from __future__ import annotations
+
+import torch
+
+from . import ops, validate
+from .types import AngleConcentration, AngleStats
+
+
+def whole_sequence_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[B+1] int32 cu_seqlens -> [B, 2] int32 offsets [[0, len_b]] (one segment per sequence), on device."""
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    return torch.stack([torch.zeros_like(lens), lens], dim=1)
+
+
+def angle_stats(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seg_offsets: torch.Tensor | None = None,
+    backend: str = "auto",
+    validate_values: bool = True,
+) -> AngleStats:
+    """Per (sequence, segment) statistics of the unit vectors of ``hidden`` in one pass.
+
+    hidden       [T, D] float16 / bfloat16 / float32, packed tokens of B sequences, any strides
+    cu_seqlens   [B+1] int32, cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] <= T
+    seg_offsets  [B, K+1] int32 offsets relative to each sequence start (default [[0, len_b]], K = 1)
+    backend      "auto" | "triton" | "cuda" | "torch" (see ``gainrl_kernels.ops``)
+    validate_values  check cu_seqlens / seg_offsets values (one host sync on CUDA; skipped under torch.compile).
+                 With False, out-of-range values are clamped into range by the kernels, never read out of bounds.
+    Returns AngleStats(unit_sum [B,K,D] f32, count [B,K] i32, sq_norm [B,K] f32, adjacent [B] f32).
+    NaN or Inf in a token makes the statistics of its segment (and its sequence's adjacent term) NaN, so every
+    metric that uses them is NaN: never a plausible number. Not differentiable (hidden is detached).
+    """
+    validate.check_hidden(hidden)
+    validate.check_backend(backend, ops.BACKENDS)
+    values = validate_values and not torch.compiler.is_compiling()
+    validate.check_cu_seqlens(cu_seqlens, hidden, values)
+    if seg_offsets is None:
+        seg_offsets = whole_sequence_offsets(cu_seqlens)
+    validate.check_seg_offsets(seg_offsets, cu_seqlens, values)
+    problem = ops.backend_problem(backend, hidden.device)
+    if problem:
+        raise ValueError(problem)
+    return AngleStats(*torch.ops.gainrl.angle_stats(hidden.detach(), cu_seqlens, seg_offsets, backend))
+
+
+def angle_concentration(stats: AngleStats, inter_weight: float = 1.0) -> AngleConcentration:
+    """Metrics of DESIGN.md §1 from :func:`angle_stats` output: intra [B,K], inter [B,K,K], score [B],
+    causal [B], causal_ref [B] (float32; NaN where a mean has no pairs)."""
+    if not isinstance(stats, tuple) or len(stats) != 4:
+        raise ValueError("stats: expected the AngleStats returned by angle_stats")
+    unit_sum, count, sq_norm, adjacent = stats
+    if unit_sum.dim() != 3 or count.shape != unit_sum.shape[:2] or sq_norm.shape != count.shape:
+        raise ValueError(f"stats: inconsistent shapes unit_sum {tuple(unit_sum.shape)}, count {tuple(count.shape)}")
+    return AngleConcentration(*torch.ops.gainrl.angle_concentration(unit_sum, count, sq_norm, adjacent, float(inter_weight)))

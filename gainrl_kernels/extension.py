@@ -1,0 +1,39 @@
+"""Loads the compiled extension ``gainrl_kernels._C`` (C++ CPU kernel, CUDA kernels when built with CUDA).
+
+The package works without it: CPU calls then fall back to the plain-PyTorch implementation, with one warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing registers torch.ops.gainrl.angle_stats_ext)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # not built: pure-Python install, or a torch ABI mismatch
+    EXTENSION_ERROR = str(exc)
+
+_warned = False
+
+
+def has_ext_kernel(device_type: str) -> bool:
+    """Whether the compiled ``angle_stats_ext`` has a kernel for ``device_type`` ("cpu" or "cuda")."""
+    if EXTENSION_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gainrl::angle_stats_ext", key)
+
+
+def warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "gainrl_kernels: the compiled extension gainrl_kernels._C is not available "
+            f"({EXTENSION_ERROR}); CPU angle_stats uses the slower PyTorch fallback. "
+            "Build it with `pip install --no-build-isolation -e .` (see README).",
+            RuntimeWarning,
+            stacklevel=3,
+        )

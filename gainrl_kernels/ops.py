@@ -1,0 +1,94 @@
+"""torch.library registration: ``torch.ops.gainrl.angle_stats`` and ``torch.ops.gainrl.angle_concentration``.
+
+Both are custom ops with CPU, CUDA and fake (meta) implementations, so they trace under ``torch.compile``
+(fullgraph) and capture in CUDA graphs. The backend string picks the kernel:
+  auto   -> CUDA tensors: Triton; CPU tensors: the compiled C++ kernel (PyTorch fallback if not built)
+  triton -> the Triton kernel (CPU tensors only under TRITON_INTERPRET=1)
+  cuda   -> the hand-written CUDA kernel of the extension (CUDA tensors, extension built with CUDA)
+  torch  -> CPU: the compiled C++ kernel (PyTorch fallback if not built); CUDA: the vectorised PyTorch version
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import extension
+from .concentration import concentration_from_stats
+from .torch_impl import angle_stats_torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_problem(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None when it can)."""
+    if backend == "triton" and not _triton_usable(device):
+        return "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the interpreter on CPU)"
+    if backend == "cuda" and not (device.type == "cuda" and extension.has_ext_kernel("cuda")):
+        return "backend='cuda' needs CUDA tensors and gainrl_kernels._C built with CUDA (setup.py on a CUDA machine)"
+    return None
+
+
+def _cpu_compiled(hidden, cu_seqlens, seg_offsets):
+    if extension.has_ext_kernel("cpu"):
+        return torch.ops.gainrl.angle_stats_ext(hidden, cu_seqlens, seg_offsets)
+    extension.warn_fallback()
+    return tuple(angle_stats_torch(hidden, cu_seqlens, seg_offsets))
+
+
+@torch.library.custom_op("gainrl::angle_stats", mutates_args=())
+def angle_stats_op(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unit_sum [B,K,D] f32, count [B,K] i32, sq_norm [B,K] f32, adjacent [B] f32); inputs as in DESIGN.md §3."""
+    problem = backend_problem(backend, hidden.device)
+    if problem:
+        raise ValueError(problem)
+    on_cuda = hidden.device.type == "cuda"
+    if backend == "triton" or (backend == "auto" and on_cuda):
+        from .triton_angle import angle_stats_triton  # deferred: importing triton costs ~1 s
+
+        return tuple(angle_stats_triton(hidden, cu_seqlens, seg_offsets))
+    if backend == "cuda":
+        return torch.ops.gainrl.angle_stats_ext(hidden, cu_seqlens, seg_offsets)
+    if on_cuda:
+        return tuple(angle_stats_torch(hidden, cu_seqlens, seg_offsets))
+    return _cpu_compiled(hidden, cu_seqlens, seg_offsets)
+
+
+@angle_stats_op.register_fake
+def _(hidden, cu_seqlens, seg_offsets, backend):
+    n_seq, n_seg = seg_offsets.shape[0], seg_offsets.shape[1] - 1
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return (
+        hidden.new_empty((n_seq, n_seg, hidden.shape[1]), dtype=torch.float32),
+        torch.empty((n_seq, n_seg), dtype=torch.int32, device=hidden.device),
+        torch.empty((n_seq, n_seg), **f32),
+        torch.empty((n_seq,), **f32),
+    )
+
+
+@torch.library.custom_op("gainrl::angle_concentration", mutates_args=())
+def angle_concentration_op(
+    unit_sum: torch.Tensor, count: torch.Tensor, sq_norm: torch.Tensor, adjacent: torch.Tensor, inter_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(intra [B,K], inter [B,K,K], score [B], causal [B], causal_ref [B]), all f32."""
+    out = concentration_from_stats(unit_sum, count, sq_norm, adjacent, inter_weight)
+    return tuple(t.clone() if t._base is not None else t for t in out)  # custom ops may not return views
+
+
+@angle_concentration_op.register_fake
+def _(unit_sum, count, sq_norm, adjacent, inter_weight):
+    n_seq, n_seg = count.shape
+    f32 = dict(dtype=torch.float32, device=unit_sum.device)
+    return (
+        torch.empty((n_seq, n_seg), **f32),
+        torch.empty((n_seq, n_seg, n_seg), **f32),
+        torch.empty((n_seq,), **f32),
+        torch.empty((n_seq,), **f32),
+        torch.empty((n_seq,), **f32),
+    )

@@ -1,0 +1,69 @@
+"""Builds gainrl_kernels._C from csrc/: the C++ CPU kernels always, the CUDA kernels (csrc/*.cu) only when torch
+has CUDA and nvcc is found. Install with `pip install --no-build-isolation -e .` (the build needs the installed torch).
+
+Environment: GAINRL_NO_EXT=1 skips the extension; GAINRL_CPU_ARCH (default "native") is passed to -march;
+TORCH_CUDA_ARCH_LIST picks CUDA archs (default "8.0;9.0a").
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def extensions():
+    if os.environ.get("GAINRL_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    march = os.environ.get("GAINRL_CPU_ARCH", "native")
+    cxx = ["-O3", "-fopenmp", f"-march={march}"]
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    if torch.version.cuda and CUDA_HOME and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"]
+        ext = CUDAExtension(
+            "gainrl_kernels._C",
+            sources + cuda_sources,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension("gainrl_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="gainrl",
+    version="0.1.0",
+    description="Fast angle-concentration kernels and a GRPO harness for GAIN-RL (arXiv 2506.02281)",
+    packages=find_packages(include=["gainrl_kernels*", "gainrl*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "train": [
+            "transformers>=4.51",
+            "datasets",
+            "math-verify",
+            "safetensors",
+            "matplotlib",
+            "tqdm",
+            "rich",
+            "pyyaml",
+            "gguf",
+            "accelerate",
+            "pandas",
+            "pyarrow",
+        ],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.2"],
+    },
+    entry_points={"console_scripts": ["gainrl=gainrl.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

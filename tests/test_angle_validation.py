@@ -1,0 +1,62 @@
+"""Bad arguments raise ValueError naming the argument."""
+import pytest
+import torch
+
+from gainrl_kernels import angle_concentration, angle_stats
+
+
+def _ok():
+    hidden = torch.randn(10, 4)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    seg = torch.tensor([[0, 2, 4], [0, 1, 5]], dtype=torch.int32)
+    return hidden, cu, seg
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda h, cu, s: (h[None], cu, s), "hidden: expected a 2-D"),
+        (lambda h, cu, s: (h.double(), cu, s), "hidden: expected dtype"),
+        (lambda h, cu, s: (h.int(), cu, s), "hidden: expected dtype"),
+        (lambda h, cu, s: (h[:, :0], cu, s), "hidden: the feature dimension"),
+        (lambda h, cu, s: (h, cu.long(), s), "cu_seqlens: expected dtype int32"),
+        (lambda h, cu, s: (h, cu[None], s), "cu_seqlens: expected a 1-D"),
+        (lambda h, cu, s: (h, torch.tensor([1, 4, 9], dtype=torch.int32), s), r"cu_seqlens: expected cu_seqlens\[0\] == 0"),
+        (lambda h, cu, s: (h, torch.tensor([0, 5, 4], dtype=torch.int32), s), "cu_seqlens: expected non-decreasing"),
+        (lambda h, cu, s: (h, torch.tensor([0, 4, 11], dtype=torch.int32), s), "cu_seqlens: last value 11 is past"),
+        (lambda h, cu, s: (h, cu, s[:1]), r"seg_offsets: expected shape \[B, K\+1\]"),
+        (lambda h, cu, s: (h, cu, s[:, :1]), r"seg_offsets: expected shape \[B, K\+1\]"),
+        (lambda h, cu, s: (h, cu, s.long()), "seg_offsets: expected dtype int32"),
+        (lambda h, cu, s: (h, cu, torch.tensor([[0, 2, 5], [0, 1, 5]], dtype=torch.int32)), "seg_offsets: offset 5 at \\[0, 2\\] is outside sequence 0"),
+        (lambda h, cu, s: (h, cu, torch.tensor([[0, 2, 4], [-1, 1, 5]], dtype=torch.int32)), "seg_offsets: offset -1"),
+        (lambda h, cu, s: (h, cu, torch.tensor([[0, 3, 2], [0, 1, 5]], dtype=torch.int32)), "seg_offsets: expected non-decreasing"),
+    ],
+)
+def test_bad_arguments(mutate, match):
+    with pytest.raises(ValueError, match=match):
+        angle_stats(*mutate(*_ok()))
+
+
+def test_bad_backend_and_device():
+    h, cu, s = _ok()
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        angle_stats(h, cu, s, backend="numpy")
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        angle_stats(h, cu, s, backend="cuda")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cu_seqlens: expected device"):
+            angle_stats(h.cuda(), cu, s)
+
+
+def test_unvalidated_bad_offsets_stay_in_bounds():
+    """validate_values=False skips the value checks (no host sync); kernels clamp instead of reading out of bounds."""
+    h, _, _ = _ok()
+    cu = torch.tensor([0, 4, 99], dtype=torch.int32)
+    seg = torch.tensor([[0, 7, 2], [-3, 1, 500]], dtype=torch.int32)
+    stats = angle_stats(h, cu, seg, validate_values=False)
+    assert stats.count.min() >= 0 and stats.count.sum() <= h.shape[0]
+
+
+def test_bad_stats():
+    with pytest.raises(ValueError, match="stats: expected the AngleStats"):
+        angle_concentration(torch.zeros(3))
