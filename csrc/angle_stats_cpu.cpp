@@ -37,30 +37,37 @@ inline float load_one(const c10::BFloat16* p) {
   return f;
 }
 
-// Row t -> float buffer; returns the squared norm. The contiguous case is a plain loop the compiler vectorises.
+// Row -> float buffer in one sweep: returns the squared norm and, when `prev` is given, the dot with the previous
+// row's buffer. The contiguous case is a plain loop the compiler vectorises (-fopenmp enables `omp simd`).
 template <typename scalar_t>
-inline float load_row(const scalar_t* row, int64_t stride_d, int64_t dim, float* out) {
-  float ss = 0.f;
-  if (stride_d == 1) {
+inline float load_row(const scalar_t* row, int64_t stride_d, int64_t dim, float* out, const float* prev,
+                      float* dot_prev) {
+  float ss = 0.f, dp = 0.f;
+  if (stride_d == 1 && prev != nullptr) {
+#pragma omp simd reduction(+ : ss, dp)
+    for (int64_t d = 0; d < dim; ++d) {
+      const float v = load_one(row + d);
+      out[d] = v;
+      ss += v * v;
+      dp += v * prev[d];
+    }
+  } else if (stride_d == 1) {
 #pragma omp simd reduction(+ : ss)
     for (int64_t d = 0; d < dim; ++d) {
-      out[d] = load_one(row + d);
-      ss += out[d] * out[d];
+      const float v = load_one(row + d);
+      out[d] = v;
+      ss += v * v;
     }
   } else {
     for (int64_t d = 0; d < dim; ++d) {
-      out[d] = load_one(row + d * stride_d);
-      ss += out[d] * out[d];
+      const float v = load_one(row + d * stride_d);
+      out[d] = v;
+      ss += v * v;
+      if (prev != nullptr) dp += v * prev[d];
     }
   }
+  if (dot_prev != nullptr) *dot_prev = dp;
   return ss;
-}
-
-inline float dot(const float* a, const float* b, int64_t dim) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < dim; ++d) s += a[d] * b[d];
-  return s;
 }
 
 inline float inv_norm(float ss) { return 1.f / std::max(std::sqrt(ss), 1e-12f); }
@@ -72,23 +79,22 @@ void run_chunk(const scalar_t* x, int64_t stride_t, int64_t stride_d, int64_t di
   std::fill(acc, acc + dim, 0.f);
   float sq = 0.f, adj = 0.f, inv_prev = 0.f;
   for (int64_t t = ch.lo; t < ch.hi; ++t) {
-    const float inv = inv_norm(load_row(x + t * stride_t, stride_d, dim, cur.data()));
-    if (t > ch.lo) adj += dot(cur.data(), prev.data(), dim) * inv * inv_prev;
-    float* c = cur.data();
-    float usq = 0.f;
-#pragma omp simd reduction(+ : usq)
-    for (int64_t d = 0; d < dim; ++d) {
-      const float u = c[d] * inv;
-      acc[d] += u;
-      usq += u * u;
-    }
-    sq += usq;
+    const bool has_prev = t > ch.lo;
+    float dp = 0.f;
+    const float ss = load_row(x + t * stride_t, stride_d, dim, cur.data(), has_prev ? prev.data() : nullptr, &dp);
+    const float inv = inv_norm(ss);
+    if (has_prev) adj += dp * inv * inv_prev;
+    const float* c = cur.data();
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) acc[d] += c[d] * inv;
+    sq += ss * inv * inv;  // ||u_t||^2: 1, or 0 for a zero row (NaN stays NaN)
     inv_prev = inv;
     std::swap(cur, prev);
   }
   if (ch.hi > ch.lo && ch.hi < seg.span_hi) {  // pair (last row of the chunk, next row)
-    const float inv = inv_norm(load_row(x + ch.hi * stride_t, stride_d, dim, cur.data()));
-    adj += dot(cur.data(), prev.data(), dim) * inv * inv_prev;
+    float dp = 0.f;
+    const float inv = inv_norm(load_row(x + ch.hi * stride_t, stride_d, dim, cur.data(), prev.data(), &dp));
+    adj += dp * inv * inv_prev;
   }
   *sq_out = sq;
   *adj_out = adj;
