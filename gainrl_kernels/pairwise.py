@@ -14,7 +14,8 @@ Shapes and dtypes (DESIGN.md §1, §3 conventions):
 
 Algorithm (O(L·D) memory, O(L²·D) compute; the L x L cosine matrix never reaches global memory):
   1. pre-pass: inverse norms ``inv[t] = 1 / max(||h_t||, 1e-12)`` in float32 ([T], torch).
-  2. one program per (sequence b, query tile of BLOCK_M rows). Work items are laid out on the device (no host
+  2. one program per (sequence b, query tile of BLOCK_M rows); BLOCK_M = BLOCK_N = BLOCK_D = 64 on 8 warps on the
+     GPU (no register spills on sm_90), 32-row tiles in the interpreter. Work items are laid out on the device (no host
      sync): sequence b owns the contiguous item range [cum_b − tiles_b, cum_b) of a grid of cdiv(T, BLOCK_M) + B
      programs, unused items return at once.
   3. the program walks the key tiles j in [max(o_0, i_min − window), min(i_max, o_K) − 1) only (causal and
@@ -139,7 +140,7 @@ def _segment_ids(pos, off_row_ptr, length, K: tl.constexpr):
 def _pairwise_kernel(
     h_ptr, inv_ptr, cu_ptr, off_ptr, item_seq_ptr, item_tile_ptr, part_ptr,
     T, D, stride_t, stride_d, window,
-    K: tl.constexpr, FN: tl.constexpr, UPCAST: tl.constexpr,
+    K: tl.constexpr, FN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -185,7 +186,7 @@ def _pairwise_kernel(
                 if UPCAST:
                     q = q.to(tl.float32)
                     kt = kt.to(tl.float32)
-                s = tl.dot(q, kt, s, input_precision="ieee")
+                s = tl.dot(q, kt, s, input_precision=PREC)
             c = s * inv_i[:, None] * inv_j[None, :]
             if FN == 1:
                 c = tl.abs(c)
@@ -241,9 +242,10 @@ def _query_tiles(cu_seqlens: torch.Tensor, block_m: int, total: int):
     return grid, item_seq, item_tile, lo, hi
 
 
-def _block_sizes(dim: int) -> tuple[int, int, int]:
+def _block_sizes(dim: int, on_gpu: bool) -> tuple[int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_D (tl.dot needs >= 16 on every side); smaller query/key tiles in the interpreter."""
     block_d = min(64, max(16, triton.next_power_of_2(dim)))
-    return 32, 32, block_d  # BLOCK_M, BLOCK_N, BLOCK_D (tl.dot needs >= 16 on every side)
+    return (64, 64, block_d) if on_gpu else (32, 32, block_d)
 
 
 def angle_pairwise(
@@ -270,17 +272,18 @@ def angle_pairwise(
         return out
     total, dim = hidden.shape
     inv = 1.0 / torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float32).clamp_min(1e-12)
-    block_m, block_n, block_d = _block_sizes(dim)
+    block_m, block_n, block_d = _block_sizes(dim, hidden.is_cuda and not _interpreting())
+    upcast = hidden.dtype == torch.bfloat16 and _interpreting()
     grid, item_seq, item_tile, lo, hi = _query_tiles(cu_seqlens, block_m, total)
     part = torch.empty(grid, nseg, nseg, dtype=torch.float32, device=hidden.device)
     _pairwise_kernel[(grid,)](
         hidden, inv, cu_seqlens, seg_offsets.contiguous(), item_seq, item_tile, part,
         total, dim, hidden.stride(0), hidden.stride(1), _NO_WINDOW if window is None else int(window),
-        K=nseg, FN=FNS[fn], UPCAST=hidden.dtype == torch.bfloat16 and _interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(nseg),
-        num_warps=4,
+        K=nseg, FN=FNS[fn], UPCAST=upcast, PREC="ieee" if hidden.dtype == torch.float32 or upcast else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=max(2, triton.next_power_of_2(nseg)),
+        num_warps=8 if block_m == 64 else 4,  # 64 x 64 x 64 tiles on 8 warps: no spills on sm_90
     )
-    _sum_items_kernel[(batch,)](part, out, lo, hi, nseg * nseg, BLOCK=triton.next_power_of_2(nseg * nseg))
+    _sum_items_kernel[(batch,)](part, out, lo, hi, nseg * nseg, BLOCK=max(2, triton.next_power_of_2(nseg * nseg)))
     return out
 
 

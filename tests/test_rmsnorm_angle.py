@@ -1,0 +1,314 @@
+"""Fused RMSNorm + angle statistics: forward, statistics, gradients, padded batches, module, validation.
+
+Runs on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from gainrl_kernels.naive_rmsnorm_angle import (  # noqa: E402
+    angle_stats_reference,
+    cosine_block_sums,
+    packed_rows,
+    rmsnorm_reference,
+)
+from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") in (None, "", "0") and not torch.cuda.is_available(),
+    reason="needs a GPU or TRITON_INTERPRET=1",
+)
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") in (None, "", "0") else "cpu"
+EPS = 1e-6
+DIM = 40  # not a power of two: exercises the D masks
+LENS = [5, 0, 1, 41, 23]  # ragged, with an empty and a length-1 sequence
+# offsets: o_0 > 0, o_K < len, empty segments, an empty sequence, a length-1 sequence
+SEG = [[0, 1, 3, 5], [0, 0, 0, 0], [0, 0, 1, 1], [2, 9, 30, 40], [0, 10, 10, 23]]
+
+
+def concentrated(shape: tuple[int, ...], dim: int, noise: float = 0.8, seed: int = 0) -> torch.Tensor:
+    """Shared direction + noise (mean pairwise cosine ~0.4; no zero rows), float32 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(dim, generator=g)
+    return base + noise * torch.randn(*shape, dim, generator=g) + 0.1 * torch.randn(dim, generator=g)
+
+
+def cu_of(lens: list[int], device: str = DEV) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def weight_of(dim: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (1.0 + 0.2 * torch.randn(dim, generator=g)).to(DEV, dtype)
+
+
+@pytest.fixture(scope="module")
+def packed() -> dict:
+    cu = cu_of(LENS)
+    rows = int(cu[-1]) + 3  # 3 trailing rows in no sequence: normalised, not counted
+    return {"x": concentrated((rows,), DIM).to(DEV), "cu": cu, "off": torch.tensor(SEG, dtype=torch.int32, device=DEV)}
+
+
+def ulp_tol(dtype: torch.dtype) -> dict:
+    return {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.bfloat16: dict(rtol=2**-8, atol=0.0),
+            torch.float16: dict(rtol=2**-11, atol=0.0)}[dtype]
+
+
+def assert_stats_close(stats, ref, atol: float = 2e-5) -> None:
+    torch.testing.assert_close(stats.count.cpu(), ref.count, rtol=0, atol=0)
+    for name in ("unit_sum", "sq_norm", "adjacent"):
+        got = getattr(stats, name)
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got.cpu().double(), getattr(ref, name), rtol=1e-5, atol=atol, msg=name)
+
+
+def test_input_generator_is_concentrated(packed):
+    u = torch.nn.functional.normalize(packed["x"].double(), dim=-1)
+    cos = u @ u.T
+    n = cos.shape[0]
+    mean = (cos.sum() - n) / (n * (n - 1))
+    assert 0.2 < float(mean) < 0.8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_and_stats(packed, dtype):
+    x = packed["x"].to(dtype)
+    w = weight_of(DIM, dtype)
+    y, stats = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+    assert y.shape == x.shape and y.dtype == dtype
+    y_ref = rmsnorm_reference(x, w, EPS)
+    torch.testing.assert_close(y, y_ref, **ulp_tol(dtype))
+    # statistics are those of y as the model sees it (the rounded output)
+    ref = angle_stats_reference(y, packed["cu"], packed["off"])
+    assert stats.unit_sum.shape == (5, 3, DIM) and stats.count.dtype == torch.int32
+    assert_stats_close(stats, ref)
+    # S_k . S_l against the explicit cosine matrix's block sums
+    blocks = cosine_block_sums(y, packed["cu"], packed["off"])
+    s = stats.unit_sum.double().cpu()
+    torch.testing.assert_close(s @ s.transpose(1, 2), blocks, rtol=1e-5, atol=1e-4)
+
+
+def test_default_segments_and_empty_batch(packed):
+    x, cu = packed["x"], packed["cu"]
+    w = weight_of(DIM, torch.float32)
+    y, stats = rmsnorm_angle(x, w, EPS, cu)
+    assert stats.unit_sum.shape == (5, 1, DIM)
+    assert stats.count[:, 0].tolist() == LENS
+    assert_stats_close(stats, angle_stats_reference(y, cu))
+    # no sequences: plain RMSNorm, empty statistics
+    y0, s0 = rmsnorm_angle(x, w, EPS, torch.zeros(1, dtype=torch.int32, device=DEV))
+    torch.testing.assert_close(y0, y, rtol=0, atol=0)
+    assert s0.unit_sum.shape == (0, 1, DIM) and s0.adjacent.shape == (0,)
+    # no segment info at all
+    y1, s1 = rmsnorm_angle(x, w, EPS)
+    assert s1 is None
+    torch.testing.assert_close(y1, y, rtol=0, atol=0)
+
+
+def test_long_sequence_crosses_chunks():
+    """One sequence spanning several 32-row chunks, segment cuts off the chunk grid, D > 128 (two D slices)."""
+    dim, length = 136, 75
+    x = concentrated((length,), dim, seed=3).to(DEV, torch.bfloat16)
+    w = weight_of(dim, torch.bfloat16)
+    cu = cu_of([length])
+    off = torch.tensor([[1, 31, 33, 70]], dtype=torch.int32, device=DEV)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
+    assert_stats_close(stats, angle_stats_reference(y, cu, off))
+
+
+def test_non_contiguous_input(packed):
+    cu, off = packed["cu"], packed["off"]
+    x = packed["x"]
+    w = weight_of(DIM, torch.float32)
+    y_c, s_c = rmsnorm_angle(x, w, EPS, cu, off)
+    x_t = x.t().contiguous().t()  # column-major: stride (1, T)
+    wide = torch.zeros(x.shape[0], 2 * DIM, device=DEV)
+    wide[:, ::2] = x
+    for xv in (x_t, wide[:, ::2]):
+        assert not xv.is_contiguous()
+        y, s = rmsnorm_angle(xv, w, EPS, cu, off)
+        torch.testing.assert_close(y, y_c, rtol=0, atol=0)
+        for a, b in zip(s, s_c):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_deterministic(packed):
+    w = weight_of(DIM, torch.bfloat16)
+    x = packed["x"].to(torch.bfloat16)
+    a = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])[1]
+    b = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])[1]
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_padded_batch_left_and_right():
+    n, length = 4, 13
+    mask = torch.zeros(n, length, dtype=torch.long)
+    mask[0, 4:] = 1  # left padding
+    mask[1, :7] = 1  # right padding
+    mask[3, :] = 1  # row 2 stays empty
+    cu, token_index = padded_to_cu_seqlens(mask.to(DEV))
+    assert cu.tolist() == [0, 9, 16, 16, 29] and cu.dtype == torch.int32
+    assert token_index.tolist()[:3] == [4, 5, 6] and token_index.tolist()[9:11] == [13, 14]
+    assert token_index.tolist()[16] == 39
+    x = concentrated((n, length), DIM, seed=5).to(DEV, torch.bfloat16)
+    w = weight_of(DIM, torch.bfloat16)
+    off = torch.tensor([[0, 3, 8], [1, 2, 7], [0, 0, 0], [0, 0, 13]], dtype=torch.int32, device=DEV)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off, token_index)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))  # pad rows too
+    assert_stats_close(stats, angle_stats_reference(y, cu, off, token_index))
+    # same numbers as the packed layout
+    xp = packed_rows(x, token_index)
+    yp, sp = rmsnorm_angle(xp, w, EPS, cu, off)
+    torch.testing.assert_close(packed_rows(y, token_index), yp, rtol=0, atol=0)
+    for a, b in zip(stats, sp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_matches_angle_stats_of_output(packed):
+    """Cross-check with the lead's ``angle_stats`` on y (skipped while it is not importable)."""
+    try:
+        from gainrl_kernels import angle_stats
+    except ImportError:
+        pytest.skip("gainrl_kernels.angle_stats not available")
+    x = packed["x"].to(torch.bfloat16)
+    w = weight_of(DIM, torch.bfloat16)
+    y, stats = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+    other = angle_stats(y, packed["cu"], packed["off"], backend="torch")
+    for a, b in zip(stats, other):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gradients
+# ----------------------------------------------------------------------------------------------------------------
+def test_reference_gradcheck():
+    x = concentrated((4,), 6, seed=7).double().requires_grad_()
+    w = (1.0 + 0.2 * torch.randn(6, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: rmsnorm_reference(a, b, EPS), (x, w))
+
+
+def _grads(fn, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    fn(x, w).backward(dy)
+    return x.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-5)),
+                                       (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))])
+def test_grads_match_reference(packed, dtype, tol):
+    x = packed["x"].to(dtype)
+    w = weight_of(DIM, dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(11)).to(DEV, dtype)
+    gx, gw = _grads(lambda a, b: rmsnorm_angle(a, b, EPS, packed["cu"], packed["off"])[0], x, w, dy)
+    rx, rw = _grads(lambda a, b: rmsnorm_reference(a, b, EPS), x, w, dy)
+    assert gx.dtype == dtype and gw.dtype == dtype and gx.shape == x.shape
+    torch.testing.assert_close(gx, rx, **tol)
+    # dw sums over rows: compare relative to its scale
+    torch.testing.assert_close(gw.float(), rw.float(), rtol=tol["rtol"], atol=tol["atol"] * float(rw.abs().max()))
+
+
+def test_grads_non_contiguous_3d_and_fp32_weight():
+    x = concentrated((2, 9), DIM, seed=13).to(DEV)
+    x_nc = x.transpose(0, 1)  # [9, 2, D], not contiguous
+    w = weight_of(DIM, torch.float32)
+    dy = torch.randn(x_nc.shape, generator=torch.Generator().manual_seed(2)).to(DEV)
+    gx, gw = _grads(lambda a, b: rmsnorm_angle(a, b, EPS)[0], x_nc, w, dy)
+    rx, rw = _grads(lambda a, b: rmsnorm_reference(a, b, EPS), x_nc, w, dy)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-4)
+    # a 16-bit input with an fp32 weight: y keeps the input dtype
+    y, _ = rmsnorm_angle(x.to(torch.bfloat16), w, EPS)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, rmsnorm_reference(x.to(torch.bfloat16), w, EPS), **ulp_tol(torch.bfloat16))
+
+
+def test_stats_not_differentiable(packed):
+    x = packed["x"].clone().requires_grad_()
+    _, stats = rmsnorm_angle(x, weight_of(DIM, torch.float32), EPS, packed["cu"], packed["off"])
+    assert not stats.unit_sum.requires_grad and not stats.adjacent.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# module
+# ----------------------------------------------------------------------------------------------------------------
+class _LlamaLikeRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+def test_module_drop_in(packed):
+    base = _LlamaLikeRMSNorm(DIM, 1e-5).to(DEV)
+    with torch.no_grad():
+        base.weight.copy_(weight_of(DIM, torch.float32))
+    fused = FusedRMSNormAngle.from_rmsnorm(base)
+    assert fused.weight is base.weight and fused.variance_epsilon == 1e-5
+    x = packed["x"]
+    torch.testing.assert_close(fused(x), base(x), **ulp_tol(torch.float32))
+    assert fused.stats is None
+    fused.set_segments(packed["cu"], packed["off"])
+    y = fused(x)
+    assert_stats_close(fused.stats, angle_stats_reference(y, packed["cu"], packed["off"]))
+    mask = torch.ones(2, 6, dtype=torch.long, device=DEV)
+    mask[0, :2] = 0
+    fused.set_attention_mask(mask)
+    x3 = concentrated((2, 6), DIM, seed=4).to(DEV)
+    fused(x3)
+    assert fused.stats.count[:, 0].tolist() == [4, 6]
+    fused.clear_segments()
+    assert fused.stats is None
+    assert "eps=1e-05" in repr(fused)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------------
+def test_validation_errors(packed):
+    x, cu, off = packed["x"], packed["cu"], packed["off"]
+    w = weight_of(DIM, torch.float32)
+    cases = [
+        ("x", dict(x=x[0])),
+        ("x", dict(x=x.double())),
+        ("weight", dict(weight=w[:-1])),
+        ("weight", dict(weight=w.long())),
+        ("eps", dict(eps=-1.0)),
+        ("cu_seqlens", dict(cu_seqlens=cu.long())),
+        ("cu_seqlens", dict(cu_seqlens=cu.view(1, -1))),
+        ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 5, 3], dtype=torch.int32, device=DEV), seg_offsets=None)),
+        ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 500], dtype=torch.int32, device=DEV), seg_offsets=None)),
+        ("seg_offsets", dict(seg_offsets=off[:2])),
+        ("seg_offsets", dict(seg_offsets=off.long())),
+        ("seg_offsets", dict(seg_offsets=off.flip(1))),
+        ("seg_offsets", dict(seg_offsets=off + 100)),
+        ("token_index", dict(token_index=torch.arange(70, device=DEV).float())),
+        ("token_index", dict(token_index=torch.arange(70, device=DEV).flip(0))),
+    ]
+    for name, kw in cases:
+        args = dict(x=x, weight=w, eps=EPS, cu_seqlens=cu, seg_offsets=off)
+        args.update(kw)
+        with pytest.raises(ValueError, match=name):
+            rmsnorm_angle(**args)
+    with pytest.raises(ValueError, match="seg_offsets"):
+        rmsnorm_angle(x, w, EPS, None, off)
+    with pytest.raises(ValueError, match="attention_mask"):
+        padded_to_cu_seqlens(torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        padded_to_cu_seqlens(torch.ones(3))
