@@ -1,0 +1,108 @@
+"""GPU benchmarks of the issue-3 kernels (prints a table, writes bench/results/kernels_<device>.json):
+
+* fused RMSNorm + angle statistics vs (PyTorch RMSNorm + angle_stats) vs the same Triton RMSNorm without
+  statistics vs PyTorch RMSNorm alone (goal: fused within 5% of the bare RMSNorm kernel);
+* angle_stats backends (Triton, CUDA extension when built) vs a device-to-device copy of the same bytes;
+* the tiled pairwise-cosine kernel in TFLOP/s (2·D FLOP per causal pair).
+
+    python bench/run_kernels_bench.py                 # on a CUDA machine
+    python bench/run_kernels_bench.py --smoke         # tiny shapes, any device (checks the script runs)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_angle_bench import make_input, sync, time_it  # noqa: E402
+
+from gainrl_kernels import angle_stats  # noqa: E402
+from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
+from gainrl_kernels.pairwise import angle_pairwise  # noqa: E402
+from gainrl_kernels.rmsnorm_angle import rmsnorm_angle  # noqa: E402
+
+
+def torch_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rmsnorm_rows(shapes, device, args) -> list[dict]:
+    rows = []
+    for batch, length, dim in shapes:
+        x, cu = make_input(batch, length, dim, torch.bfloat16, device)
+        w = torch.rand(dim, device=device, dtype=torch.bfloat16) + 0.5
+        cases = {
+            "torch_rmsnorm": lambda: torch_rmsnorm(x, w),
+            "torch_rmsnorm+angle_stats": lambda: angle_stats(torch_rmsnorm(x, w), cu, validate_values=False),
+            "triton_rmsnorm (no stats)": lambda: rmsnorm_angle(x, w, 1e-6),
+            "fused_rmsnorm_angle": lambda: rmsnorm_angle(x, w, 1e-6, cu, validate=False),
+        }
+        for name, fn in cases.items():
+            s = time_it(fn, device, args.min_time, args.max_reps)
+            rows.append(dict(kernel="rmsnorm", method=name, B=batch, L=length, D=dim, ms=s * 1e3,
+                             GBps=2 * x.numel() * x.element_size() / s / 1e9))
+    return rows
+
+
+def angle_rows(shapes, device, args) -> list[dict]:
+    rows = []
+    backends = ["triton"] + (["cuda"] if has_ext_kernel("cuda") else [])
+    for batch, length, dim in shapes:
+        x, cu = make_input(batch, length, dim, torch.bfloat16, device)
+        n_bytes = x.numel() * x.element_size()
+        dst = torch.empty_like(x)
+        copy_s = time_it(lambda: dst.copy_(x), device, args.min_time, args.max_reps)
+        for backend in backends:
+            s = time_it(lambda: angle_stats(x, cu, backend=backend, validate_values=False), device, args.min_time, args.max_reps)
+            rows.append(dict(kernel="angle_stats", method=backend, B=batch, L=length, D=dim, ms=s * 1e3,
+                             GBps=n_bytes / s / 1e9, bw_fraction_of_copy=(n_bytes / s) / (2 * n_bytes / copy_s)))
+    return rows
+
+
+def pairwise_rows(shapes, device, args) -> list[dict]:
+    rows = []
+    for batch, length, dim in shapes:
+        x, cu = make_input(batch, length, dim, torch.bfloat16, device)
+        for fn_name in ("cos", "square"):
+            s = time_it(lambda: angle_pairwise(x, cu, fn=fn_name, validate=False), device, args.min_time, args.max_reps)
+            flop = 2.0 * dim * batch * length * (length - 1) / 2
+            rows.append(dict(kernel="pairwise", method=fn_name, B=batch, L=length, D=dim, ms=s * 1e3, TFLOPs=flop / s / 1e12))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, few reps")
+    p.add_argument("--min-time", type=float, default=0.3)
+    p.add_argument("--max-reps", type=int, default=100)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.min_time, args.max_reps = 0.0, 3
+        norm_shapes = angle_shapes = pair_shapes = [(2, 16, 32)]
+    else:
+        norm_shapes = [(8, 2048, 896), (64, 4096, 4096), (16, 4096, 2048)]
+        angle_shapes = [(8, 2048, 896), (64, 4096, 4096), (1, 16384, 2048), (64, 1024, 576)]
+        pair_shapes = [(8, 2048, 896), (8, 4096, 2048), (1, 16384, 4096)]
+    rows = rmsnorm_rows(norm_shapes, device, args) + angle_rows(angle_shapes, device, args) + pairwise_rows(pair_shapes, device, args)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
+    print(f"device: {name}\n\n| kernel | method | B | L | D | ms | GB/s | BW/copy | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['method']} | {r['B']} | {r['L']} | {r['D']} | {r['ms']:.3f} | {r.get('GBps', 0):.0f} "
+              f"| {r.get('bw_fraction_of_copy', float('nan')):.2f} | {r.get('TFLOPs', float('nan')):.1f} |")
+    out = Path(args.out or Path(__file__).parent / "results" / f"kernels_{device}{'_smoke' if args.smoke else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(device=name, command="python bench/run_kernels_bench.py" + (" --smoke" if args.smoke else ""), rows=rows), indent=1))
+    tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
