@@ -1,0 +1,180 @@
+"""Compile-only checks of the hand-written CUDA kernels (csrc/*.cu): they build for sm_80 and sm_90a, and ptxas
+reports no register spills for any kernel. Needs nvcc only (no GPU, any torch build); skipped without nvcc.
+
+Every csrc/*.cu is compiled device-side (`nvcc -cubin`, one process per arch, in parallel) with the include paths and
+flags a torch CUDAExtension build uses, so ptxas sees exactly the device code of the extension. A CPU-only torch
+wheel ships the c10/cuda headers but not the CMake-generated c10/cuda/impl/cuda_cmake_macros.h; the test then puts
+a stand-in (the one macro it defines) on the include path.
+
+`GAINRL_NVCC_FULL=1` additionally runs the full host + device `nvcc -c` of every file (slow: ~80 s on 2 cores).
+Run with `-s` to see the register / spill table.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CU_FILES = sorted(CSRC.glob("*.cu"))
+ARCHS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_90a,code=sm_90a"}
+# Keep in sync with the nvcc extra_compile_args in setup.py.
+SETUP_NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+# What torch.utils.cpp_extension adds for every .cu (COMMON_NVCC_FLAGS; fallback for old torch).
+DEFAULT_TORCH_NVCC_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
+
+
+def find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
+    )
+
+
+NVCC = find_nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+
+def torch_flags(shim_dir: Path) -> list[str]:
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    includes = cpp.include_paths()  # the CPU variant: torch/include and torch/csrc/api/include, no CUDA_HOME needed
+    flags = [f"-I{p}" for p in includes]
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in includes):
+        header = shim_dir / "c10/cuda/impl/cuda_cmake_macros.h"
+        header.parent.mkdir(parents=True, exist_ok=True)
+        header.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")  # what CMake generates
+        flags.append(f"-I{shim_dir}")
+    flags += list(getattr(cpp, "COMMON_NVCC_FLAGS", DEFAULT_TORCH_NVCC_FLAGS))
+    flags += [
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCH_EXTENSION_NAME=_C",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{CSRC}",
+    ]
+    return flags
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("c++filt") or shutil.which("cu++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return {n: re.sub(r"\(.*", "", d).replace("gainrl::angle_stats::", "") for n, d in zip(names, out)}
+
+
+def parse_ptxas(log: str, arch: str) -> dict[str, dict[str, int]]:
+    """{mangled kernel: {registers, stack, spill_stores, spill_loads}} from `-Xptxas -v` output for one arch."""
+    funcs: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '([^']+)'", line)
+        if m:
+            current = m.group(1) if m.group(2) == arch else None
+            if current:
+                funcs[current] = {}
+            continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1) if m.group(1) in funcs else None
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            funcs[current].update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            funcs[current]["registers"] = int(m[1])
+    return funcs
+
+
+def nvcc_cmd(src: Path, arch: str, out: Path, flags: list[str]) -> list[str]:
+    return [NVCC, "-cubin", "-gencode", ARCHS[arch], "-Xptxas=-v", *SETUP_NVCC_FLAGS, *flags, "-o", str(out), str(src)]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """{(file name, arch): (command, return code, log)}: every csrc/*.cu x arch, compiled in parallel."""
+    tmp = tmp_path_factory.mktemp("nvcc")
+    flags = torch_flags(tmp / "shim")
+    jobs = {(f.name, a): nvcc_cmd(f, a, tmp / f"{f.stem}.{a}.cubin", flags) for f in CU_FILES for a in ARCHS}
+
+    def run(cmd):
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        return cmd, p.returncode, p.stdout + p.stderr
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        results = dict(zip(jobs, pool.map(run, jobs.values())))
+    return results
+
+
+@pytest.mark.skipif(not CU_FILES, reason="no csrc/*.cu")
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("src", [f.name for f in CU_FILES])
+def test_no_register_spills(builds, src, arch):
+    cmd, rc, log = builds[(src, arch)]
+    assert rc == 0, f"nvcc failed ({' '.join(cmd)}):\n{log[-6000:]}"
+    funcs = parse_ptxas(log, arch)
+    assert funcs, f"ptxas reported no kernels for {src} on {arch}:\n{log[-3000:]}"
+    names = demangle(list(funcs))
+    table = "\n".join(
+        f"  {arch:7s} {v.get('registers', -1):4d} regs  stack {v.get('stack', -1):4d}  "
+        f"spill st/ld {v.get('spill_stores', -1)}/{v.get('spill_loads', -1)}  {names[k]}"
+        for k, v in sorted(funcs.items(), key=lambda kv: names[kv[0]])
+    )
+    print(f"\n{src} ({' '.join(cmd)}):\n{table}")
+    incomplete = [names[k] for k, v in funcs.items() if not {"spill_stores", "spill_loads", "registers"} <= set(v)]
+    assert not incomplete, f"could not parse ptxas report for {incomplete}:\n{log[-3000:]}"
+    spilled = [names[k] for k, v in funcs.items() if v["spill_stores"] or v["spill_loads"]]
+    assert not spilled, f"register spills on {arch} in {spilled}:\n{table}"
+
+
+@pytest.mark.skipif(not CU_FILES, reason="no csrc/*.cu")
+@pytest.mark.parametrize("src", [f.name for f in CU_FILES])
+def test_no_warnings_in_our_sources(builds, src):
+    """Warnings from torch's own headers are not ours; any warning located in csrc/ is."""
+    ours = []
+    for arch in ARCHS:
+        _, rc, log = builds[(src, arch)]
+        assert rc == 0
+        ours += [ln for ln in log.splitlines() if "warning" in ln.lower() and str(CSRC) in ln]
+        ours += [ln for ln in log.splitlines() if re.match(r"^csrc/\S+\(\d+\): warning", ln)]
+    assert not ours, "\n".join(ours)
+
+
+@pytest.mark.skipif(not (CSRC / "angle_stats_cuda.cu").is_file(), reason="no angle_stats_cuda.cu")
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_angle_stats_kernel_set(builds, arch):
+    """The launcher instantiates every chunk-kernel variant it can pick (3 dtypes x path x loads per row)."""
+    _, rc, log = builds[("angle_stats_cuda.cu", arch)]
+    assert rc == 0
+    names = list(demangle(list(parse_ptxas(log, arch))).values())
+    assert sum(n.startswith("void chunk_kernel<") for n in names) == 13, names
+    assert "plan_kernel" in names and "reduce_kernel" in names, names
+
+
+@pytest.mark.skipif(os.environ.get("GAINRL_NVCC_FULL") != "1", reason="set GAINRL_NVCC_FULL=1 (slow)")
+@pytest.mark.parametrize("src", [f.name for f in CU_FILES])
+def test_full_compile(tmp_path, src):
+    """Host + device `nvcc -c` for both archs in one call, as the extension build does."""
+    flags = torch_flags(tmp_path / "shim")
+    gencode = [x for a in ARCHS.values() for x in ("-gencode", a)]
+    cmd = [NVCC, "-c", *gencode, *SETUP_NVCC_FLAGS, "-Xcompiler", "-fPIC", *flags, "-o", str(tmp_path / "x.o")]
+    p = subprocess.run([*cmd, str(CSRC / src)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
