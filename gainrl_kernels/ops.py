@@ -2,7 +2,7 @@
 
 Both are custom ops with CPU, CUDA and fake (meta) implementations, so they trace under ``torch.compile``
 (fullgraph) and capture in CUDA graphs. The backend string picks the kernel:
-  auto   -> CUDA tensors: Triton; CPU tensors: the compiled C++ kernel (PyTorch fallback if not built)
+  auto   -> CUDA tensors: Triton (D > 8192: the CUDA extension, else PyTorch); CPU tensors: the compiled C++ kernel (PyTorch fallback if not built)
   triton -> the Triton kernel (CPU tensors only under TRITON_INTERPRET=1)
   cuda   -> the hand-written CUDA kernel of the extension (CUDA tensors, extension built with CUDA)
   torch  -> CPU: the compiled C++ kernel (PyTorch fallback if not built); CUDA: the vectorised PyTorch version
@@ -17,6 +17,7 @@ from . import extension
 from .concentration import concentration_from_stats
 from .torch_impl import angle_stats_torch
 
+MAX_TRITON_DIM = 8192  # triton_angle.MAX_DIM, without importing triton here
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
@@ -49,6 +50,8 @@ def angle_stats_op(
     if problem:
         raise ValueError(problem)
     on_cuda = hidden.device.type == "cuda"
+    if backend == "auto" and on_cuda and hidden.shape[1] > MAX_TRITON_DIM:
+        backend = "cuda" if extension.has_ext_kernel("cuda") else "torch"
     if backend == "triton" or (backend == "auto" and on_cuda):
         from .triton_angle import angle_stats_triton  # deferred: importing triton costs ~1 s
 

@@ -242,10 +242,14 @@ def _query_tiles(cu_seqlens: torch.Tensor, block_m: int, total: int):
     return grid, item_seq, item_tile, lo, hi
 
 
-def _block_sizes(dim: int, on_gpu: bool) -> tuple[int, int, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_D (tl.dot needs >= 16 on every side); smaller query/key tiles in the interpreter."""
-    block_d = min(64, max(16, triton.next_power_of_2(dim)))
-    return (64, 64, block_d) if on_gpu else (32, 32, block_d)
+def _block_sizes(dim: int, on_gpu: bool, fp32: bool) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_D, num_warps (tl.dot needs >= 16 on every side). On GPU: 64 x 64 x 64 tiles for
+    16-bit input, 32 x 32 x 32 for fp32 (its IEEE dot needs far more registers); all on 8 warps without spills on
+    sm_80 / sm_90a (tests/test_triton_compile.py). Smaller tiles in the interpreter."""
+    if not on_gpu:
+        return 32, 32, min(64, max(16, triton.next_power_of_2(dim))), 4
+    block = 32 if fp32 else 64
+    return block, block, min(block, max(16, triton.next_power_of_2(dim))), 8
 
 
 def angle_pairwise(
@@ -272,7 +276,9 @@ def angle_pairwise(
         return out
     total, dim = hidden.shape
     inv = 1.0 / torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float32).clamp_min(1e-12)
-    block_m, block_n, block_d = _block_sizes(dim, hidden.is_cuda and not _interpreting())
+    block_m, block_n, block_d, warps = _block_sizes(
+        dim, hidden.is_cuda and not _interpreting(), hidden.dtype == torch.float32
+    )
     upcast = hidden.dtype == torch.bfloat16 and _interpreting()
     grid, item_seq, item_tile, lo, hi = _query_tiles(cu_seqlens, block_m, total)
     part = torch.empty(grid, nseg, nseg, dtype=torch.float32, device=hidden.device)
@@ -281,7 +287,7 @@ def angle_pairwise(
         total, dim, hidden.stride(0), hidden.stride(1), _NO_WINDOW if window is None else int(window),
         K=nseg, FN=FNS[fn], UPCAST=upcast, PREC="ieee" if hidden.dtype == torch.float32 or upcast else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=max(2, triton.next_power_of_2(nseg)),
-        num_warps=8 if block_m == 64 else 4,  # 64 x 64 x 64 tiles on 8 warps: no spills on sm_90
+        num_warps=warps,
     )
     _sum_items_kernel[(batch,)](part, out, lo, hi, nseg * nseg, BLOCK=max(2, triton.next_power_of_2(nseg * nseg)))
     return out
