@@ -61,6 +61,7 @@ setup(
             "pandas",
             "pyarrow",
         ],
+        "trl": ["trl>=1.10,<2"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.2"],
     },
     entry_points={"console_scripts": ["gainrl=gainrl.cli:main"]},
