@@ -12,11 +12,31 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--length", type=int, default=2048)
     demo.add_argument("--dim", type=int, default=896)
+    from .score import add_score_parser
+
+    add_score_parser(sub)
+    from .plots import add_plot_parser
+    from .trainer import add_train_parser
+
+    add_train_parser(sub)
+    add_plot_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(args.batch, args.length, args.dim)
+    elif args.command == "score":
+        from .score import main as score_main
+
+        return score_main(args)
+    elif args.command == "train":
+        from .trainer import main as train_main
+
+        return train_main(args)
+    elif args.command == "plot":
+        from .plots import main as plot_main
+
+        return plot_main(args)
     return 0
 
 
