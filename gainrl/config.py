@@ -25,7 +25,8 @@ LR_SCHEDULES = ("constant", "cosine")
 
 #: Keys that ``--resume`` may change (how long to run and what to log, never what is computed per step).
 RESUME_OVERRIDABLE = frozenset(
-    {"max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "progress", "log_samples", "out"}
+    {"max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "progress", "log_samples", "out",
+     "overwrite"}
 )
 
 
@@ -111,6 +112,7 @@ class TrainConfig:
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default: the cores not busy at start)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling, rollouts and initialisation"})
     out: str | None = field(default=None, metadata={"help": "run folder (default: runs/train-<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out folder that holds a run"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end; 0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (older ones are deleted)"})
     log_samples: int = field(default=1, metadata={"help": "completions per step written to samples.jsonl"})

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,6 @@ class Item:
     seg_offsets: list[int]
     prompt_text: str
     level: float | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -716,7 +715,8 @@ def add_score_parser(sub: Any) -> argparse.ArgumentParser:
         "concentration: score = C_intra(Q) + w * C_inter(Q, P). Writes DIR/scores.jsonl, DIR/order.pt, "
         "DIR/summary.json, DIR/score_hist.png. Rerun the same command to resume an interrupted run.",
     )
-    p.add_argument("--data", required=True, help="JSON/JSONL/Parquet file (GAIN-RL or verl format) or datasets name/path")
+    p.add_argument("--data", required=True,
+                   help="JSON/JSONL/Parquet file (GAIN-RL or verl format) or datasets name/path")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--model", default=None,
                    help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)")
@@ -754,7 +754,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     s, t = summary["score"], summary["timing"]
     corr = summary["correlation"].get("n_tokens") or {}
-    msg = (f"[gainrl score] {summary['n_scored']} scored, {len(summary['skipped'])} skipped -> {opts.out}/scores.jsonl, "
+    msg = (f"[gainrl score] {summary['n_scored']} scored, {len(summary['skipped'])} skipped -> "
+           f"{opts.out}/scores.jsonl, "
            f"order.pt; score mean {s.get('mean', float('nan')):.4f} sd {s.get('std', float('nan')):.4f}; "
            f"Spearman with length {corr.get('spearman', float('nan')):.3f}; {t['total_s']:.1f} s")
     print(msg, file=sys.stderr)

@@ -398,6 +398,13 @@ class Trainer:
         from .sampler import GaussianRankSampler, MuUpdateConfig, OrderedSampler, UniformSampler
 
         cfg = self.cfg
+        if self.resume_dir is None and not cfg.overwrite and (
+            (self.out / "metrics.jsonl").is_file() or latest_checkpoint(self.out) is not None
+        ):
+            raise ValueError(
+                f"--out {self.out} already holds a training run: continue it with --resume {self.out}, start afresh "
+                "with --overwrite, or choose another --out"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device) if self._model_arg is None else next(self._model_arg.parameters()).device
         info_path = self.out / "run_info.json"
@@ -866,8 +873,12 @@ class Trainer:
         if self.resume_dir is not None:
             self._resume()
         else:
-            for name in ("metrics.jsonl", "eval.jsonl", "epochs.jsonl", "samples.jsonl"):
+            for name in ("metrics.jsonl", "eval.jsonl", "epochs.jsonl", "samples.jsonl", "summary.json"):
                 (self.out / name).unlink(missing_ok=True)
+            if cfg.overwrite:
+                import shutil
+
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         atomic_write_text(self.out / "run_info.json", json.dumps(self.info, indent=1, default=str))
         _say(f"{self.info['model']} on {self.info['device']} ({self.info['precision']}"
              + (f", {self.threads} thread(s)" if self.threads else "") + f"); {self.info['n_train']} training prompts"
@@ -975,7 +986,9 @@ def main(args: Any) -> int:
             cfg = build_config(load_yaml(args.config) if args.config else {}, overrides)
         Trainer(cfg, resume=args.resume).train()
     except (ValueError, FileNotFoundError) as e:
-        _say(f"error: {e}")
+        if os.environ.get("GAINRL_TRACEBACK"):
+            raise
+        _say(f"error: {e} (GAINRL_TRACEBACK=1 shows the traceback)")
         return 2
     return 0
 

@@ -248,7 +248,9 @@ class AngleProbe:
         if hidden.dim() == 2:
             hidden = hidden.unsqueeze(0)
         if hidden.dim() != 3:
-            raise ValueError(f"angle probe: expected [N, L, D] hidden states at the MLP input, got {tuple(hidden.shape)}")
+            raise ValueError(
+                f"angle probe: expected [N, L, D] hidden states at the MLP input, got {tuple(hidden.shape)}"
+            )
         n_rows, length, dim = hidden.shape
         flat = hidden.reshape(n_rows * length, dim)
         batch = self._batch

@@ -19,12 +19,12 @@ from tiny_models import chat_tokenizer, tiny_lm  # noqa: E402
 
 TIMING_FIELDS = {"tokens_per_s", "gen_s", "step_s", "time"}
 
-if "test_digits" not in REWARDS:
+if "test_varied" not in REWARDS:
 
-    @register_reward("test_digits")
-    def digits_reward(completions, answers):
-        """Fraction of digit characters: varies between random completions, so advantages are non-zero."""
-        return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+    @register_reward("test_varied")
+    def varied_reward(completions, answers):
+        """Varies between random completions (their length mod 5), so that advantages are non-zero."""
+        return [(len(c) % 5) / 4 for c in completions]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +45,7 @@ def make_cfg(out: Path, **over):
         out=str(out), synthetic_size=40, eval_size=4, eval_max_new_tokens=4, prompts_per_epoch=4, batch_prompts=2,
         group_size=3, max_new_tokens=6, micro_batch_size=4, lr=1e-2, sigma=5.0, mu_n=5.0, mu_adj_max=10.0,
         max_steps=2, progress=False, save_every=1, threads=1, beta=0.05, temperature=1.0,
-        rewards={"accuracy": 1.0, "test_digits": 1.0},
+        rewards={"accuracy": 1.0, "test_varied": 1.0},
     )
     values.update(over)
     return build_config({}, values)
@@ -224,6 +224,8 @@ def test_bad_data_rows_and_model_without_probe_modules(tmp_path, tokenizer):
     trainer, _ = run(cfg, tokenizer)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert sum(info["rows_skipped"].values()) == 3 and info["n_train"] == 10
+    with pytest.raises(ValueError, match="already holds a training run"):
+        run(cfg, tokenizer)
 
     class NoLayers(torch.nn.Module):
         def __init__(self):
@@ -298,10 +300,18 @@ def test_training_forward_angle_is_c_causal_over_prompt_and_response(tmp_path, t
     trainer.probe.remove()
 
 
-def test_bf16_autocast_step_on_cpu(tmp_path, tokenizer):
-    trainer, _ = run(make_cfg(tmp_path / "run", precision="bf16", max_steps=1, eval_size=2), tokenizer)
+@pytest.mark.parametrize("variant", [
+    {"precision": "bf16"},
+    {"num_iterations": 2, "loss_agg": "sequence", "scale_rewards": "none", "epsilon_high": 0.28, "sampler": "ordered",
+     "order_by": "length", "lr_schedule": "cosine", "warmup_steps": 1, "train_layers": 1, "lr": 0.1},
+])
+def test_step_variants(tmp_path, tokenizer, variant):
+    trainer, _ = run(make_cfg(tmp_path / "run", max_steps=1, eval_size=2, **variant), tokenizer)
     row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     assert all(math.isfinite(row[k]) for k in METRIC_FIELDS)
+    if variant.get("num_iterations") == 2:
+        assert row["clip_frac"] > 0  # lr 0.1 moves the ratio out of [1 - eps, 1 + eps_high] on the second update
+        assert trainer.info["trainable_params"] < trainer.info["total_params"]
 
 
 def test_rollout_prefix_sharing_and_padding(tokenizer):
