@@ -1,4 +1,4 @@
-# Fresh machine:  make demo   (sets up .venv, builds the extension, runs the main job)
+# Fresh machine:  make train  (sets up .venv, builds the extension, runs the main job: GAIN-RL GRPO training)
 #                 make test   (sets up .venv, builds the extension, runs the test suite)
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.gainrl-setup
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test train demo bench clean
 
 $(STAMP): setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ setup: $(STAMP)
 
 test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+train: setup
+	$(BIN)/gainrl train --out runs/default
 
 demo: setup
 	$(BIN)/gainrl demo
