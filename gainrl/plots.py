@@ -65,8 +65,10 @@ def _plot_acc(ax: Any, metrics: list[dict], evals: list[dict]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _plot_mu(ax: Any, metrics: list[dict], epochs: list[dict]) -> None:
+def _plot_mu(ax: Any, metrics: list[dict], epochs: list[dict], cfg: dict) -> None:
     steps = [m["step"] for m in metrics]
+    if cfg.get("sampler", "gainrl") != "gainrl":
+        ax.set_title(f"{cfg.get('sampler')} sampler: μ is not used", fontsize=9)
     ax.step(steps, [_num(m.get("mu")) for m in metrics], where="post", color="#7b3fa0", label="μ (sampling)")
     if epochs:
         ax.plot([e["step"] for e in epochs], [_num(e.get("mu_next")) for e in epochs], "s", color="#7b3fa0",
@@ -93,7 +95,7 @@ def _plot_angle(ax: Any, metrics: list[dict], epochs: list[dict]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _plot_loss(ax: Any, metrics: list[dict]) -> None:
+def _plot_loss(ax: Any, metrics: list[dict], cfg: dict) -> None:
     steps = [m["step"] for m in metrics]
     ax.plot(steps, [_num(m.get("loss")) for m in metrics], color="#444", lw=1, label="loss")
     ax.set_xlabel("step")
@@ -101,6 +103,8 @@ def _plot_loss(ax: Any, metrics: list[dict]) -> None:
     ax2 = ax.twinx()
     ax2.plot(steps, [_num(m.get("kl")) for m in metrics], color="#c0392b", lw=1, label="KL (k3)")
     ax2.set_ylabel("KL to reference", color="#c0392b")
+    if not cfg.get("beta", 1.0):
+        ax.set_title("β = 0: no reference model, KL not measured", fontsize=9)
     ax.grid(alpha=0.3)
 
 
@@ -117,12 +121,17 @@ def plot_run(run: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(f"{run}: no metrics.jsonl rows to plot (is it a gainrl train run folder?)")
     evals = _rows(run / "eval.jsonl")
     epochs = _rows(run / "epochs.jsonl")
+    cfg: dict = {}
+    if (run / "config.yaml").is_file():
+        import yaml
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
     out = run / "plots"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in (
         ("accuracy_reward.png", lambda ax: _plot_acc(ax, metrics, evals)),
-        ("mu.png", lambda ax: _plot_mu(ax, metrics, epochs)),
+        ("mu.png", lambda ax: _plot_mu(ax, metrics, epochs, cfg)),
         ("angle_accuracy.png", lambda ax: _plot_angle(ax, metrics, epochs)),
     ):
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -134,9 +143,9 @@ def plot_run(run: str | os.PathLike) -> list[Path]:
         paths.append(out / name)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     _plot_acc(axes[0, 0], metrics, evals)
-    _plot_mu(axes[0, 1], metrics, epochs)
+    _plot_mu(axes[0, 1], metrics, epochs, cfg)
     _plot_angle(axes[1, 0], metrics, epochs)
-    _plot_loss(axes[1, 1], metrics)
+    _plot_loss(axes[1, 1], metrics, cfg)
     fig.suptitle(f"gainrl train · {run.name}", fontsize=10)
     fig.tight_layout()
     _save(fig, out / "overview.png")

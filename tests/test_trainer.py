@@ -340,3 +340,20 @@ def test_rollout_prefix_sharing_and_padding(tokenizer):
     assert cut_completion([5, 6], [1]) == ([5, 6], False)
     greedy = HFRolloutEngine(model, tokenizer, max_new_tokens=5).generate(prompts, 2, greedy=True)
     assert greedy.completion_ids[0] == greedy.completion_ids[1]
+
+
+def test_cli_plot_and_config_errors(tmp_path, tokenizer, capsys):
+    from gainrl.cli import main
+
+    run(make_cfg(tmp_path / "run", max_steps=1, eval_size=2, save_every=0), tokenizer)
+    for png in (tmp_path / "run" / "plots").glob("*.png"):
+        png.unlink()
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "plots" / "overview.png").is_file()
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert main(["train", "--group-size", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "group_size" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.5"]) == 2
+    assert "cannot change when resuming" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--lrr", "1"])
