@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .naive_pairwise import default_seg_offsets, pairwise_from_segment_sums, segment_unit_sums
+from .triton_segments import segment_ids as _segment_ids
 
 __all__ = ["angle_pairwise", "angle_pairwise_check", "PairwiseCheck", "FNS"]
 
@@ -125,17 +126,6 @@ def _check_args(
 # --------------------------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _segment_ids(pos, off_row_ptr, length, K: tl.constexpr):
-    """Segment of each position (k with o_k <= pos < o_{k+1}), or -1 outside [o_0, o_K) / past the sequence."""
-    cnt = tl.zeros_like(pos)
-    for k in tl.static_range(K + 1):
-        o = tl.load(off_row_ptr + k)
-        o = tl.minimum(tl.maximum(o, 0), length)
-        cnt += (pos >= o).to(tl.int32)
-    return tl.where((cnt >= 1) & (cnt <= K) & (pos >= 0) & (pos < length), cnt - 1, -1)
-
-
 @triton.jit
 def _pairwise_kernel(
     h_ptr, inv_ptr, cu_ptr, off_ptr, item_seq_ptr, item_tile_ptr, part_ptr,

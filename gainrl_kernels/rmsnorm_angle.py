@@ -60,6 +60,7 @@ import triton.language as tl
 from torch import nn
 
 from .types import AngleStats
+from .triton_segments import segment_ids as _segment_ids
 
 __all__ = ["rmsnorm_angle", "FusedRMSNormAngle", "padded_to_cu_seqlens"]
 
@@ -209,17 +210,6 @@ def _rms_out(x, rstd, w, YT: tl.constexpr):
         elif YT == tl.float16:
             y = y.to(tl.float16).to(tl.float32)
     return y
-
-
-@triton.jit
-def _segment_ids(pos, off_row_ptr, length, K: tl.constexpr):
-    """Segment of each position (k with o_k <= pos < o_{k+1}), or -1 outside [o_0, o_K) / past the sequence."""
-    cnt = tl.zeros_like(pos)
-    for k in tl.static_range(K + 1):
-        o = tl.load(off_row_ptr + k)
-        o = tl.minimum(tl.maximum(o, 0), length)
-        cnt += (pos >= o).to(tl.int32)
-    return tl.where((cnt >= 1) & (cnt <= K) & (pos >= 0) & (pos < length), cnt - 1, -1)
 
 
 @triton.jit
