@@ -23,9 +23,13 @@ the same settings skips the finished batches (a half-written last line is droppe
 the final files are written atomically (temporary file + ``os.replace``). Batches are fixed by the settings, so a
 resumed run computes bit-identical numbers.
 
-Data parallel (issue 6 hook): with ``--rank r --world-size W`` (default: torchrun's ``RANK`` / ``WORLD_SIZE``)
-each process scores batches ``r, r+W, …`` into its own partial file, and the process that sees every batch done
-writes the merged outputs (merged by batch, hence by index).
+Data parallel: ``torchrun --nproc-per-node N -m gainrl score …`` joins a process group (NCCL on GPU, each rank on
+``cuda:$LOCAL_RANK``; gloo on CPU). The ranks check that they see the same settings and data, deal the unfinished
+batches round-robin, append them to their own ``scores.partial.rank<r>.jsonl``, and rank 0 merges every shard by
+index into the same outputs as a one-process run (``DIR`` must be a folder all ranks see). A resumed launch, with
+any number of ranks, scores only what is left. Without torchrun, ``--rank r --world-size W`` shards by files only
+(independent jobs, e.g. a SLURM array): each scores batches ``r, r+W, …`` and the process that sees every batch
+done writes the merged outputs.
 """
 from __future__ import annotations
 
@@ -42,7 +46,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .distributed import ProcessGroup
 
 logger = logging.getLogger(__name__)
 
@@ -592,14 +599,32 @@ def finalize(out: Path, items: Sequence[Item], plan: Sequence[Sequence[int]], do
 def run_score(opts: ScoreOptions) -> dict[str, Any]:
     """Run `gainrl score`; returns the summary (also in ``DIR/summary.json``) or, on a rank that did not write
     the merged outputs, ``{"finished": False, ...}``."""
+    from .distributed import join_from_env
+    from .models import resolve_device
+
+    t_start = time.perf_counter()
+    device = resolve_device(opts.device)
+    group = join_from_env(device)
+    try:
+        return _run_score(opts, device, group, t_start)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _run_score(opts: ScoreOptions, device: Any, group: ProcessGroup | None, t_start: float) -> dict[str, Any]:
     import torch
 
     from gainrl_kernels.probe import AngleProbe, find_decoder_layers
 
     from .data import load_examples
-    from .models import load_model_and_tokenizer, model_name, resolve_device, resolve_dtype
+    from .models import load_model_and_tokenizer, model_name, resolve_dtype
 
-    t_start = time.perf_counter()
+    if group is not None:
+        if opts.world_size != 1 and (opts.rank, opts.world_size) != (group.rank, group.world_size):
+            raise ValueError(f"--rank {opts.rank} --world-size {opts.world_size} contradict the torchrun launch "
+                             f"(rank {group.rank} of {group.world_size}): leave them out under torchrun")
+        opts.rank, opts.world_size = group.rank, group.world_size
     if not 0 <= opts.rank < opts.world_size:
         raise ValueError(f"--rank must be in [0, world_size={opts.world_size}), got {opts.rank}")
     out = Path(opts.out)
@@ -607,10 +632,10 @@ def run_score(opts: ScoreOptions) -> dict[str, Any]:
     config = prompt_config(opts)
     examples, report = load_examples(opts.data, fmt=opts.fmt, split=opts.split, strict=opts.strict, limit=opts.limit)
     skipped = [{"index": s.index, "reason": s.reason} for s in report.skipped]
-    if skipped:
+    lead = opts.rank == 0
+    if skipped and lead:
         print(f"[gainrl score] {report.summary()}", file=sys.stderr)
 
-    device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(opts.model, dtype, device)
@@ -619,7 +644,7 @@ def run_score(opts: ScoreOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     items, render_skipped = render_items(tokenizer, examples, config, opts.strict)
     t_render = time.perf_counter() - t0
-    for s in render_skipped:
+    for s in render_skipped if lead else ():
         print(f"[gainrl score] skipped row {s['index']}: {s['reason']}", file=sys.stderr)
     skipped += render_skipped
     if not items:
@@ -630,22 +655,13 @@ def run_score(opts: ScoreOptions) -> dict[str, Any]:
     plan = plan_batches([item.n_tokens for item in items], opts.batch_tokens, opts.max_batch)
     n_shared = shared_prefix_length(items)
     fingerprint = run_fingerprint(opts, config, items, plan, device.type, str(dtype).replace("torch.", ""))
-    if opts.rank == 0 or opts.world_size == 1:
-        check_run_file(out, fingerprint, opts.overwrite)
-    else:  # other ranks wait for rank 0 to (re)start the run file
-        for _ in range(600):
-            run_file = out / RUN_FILE
-            if run_file.exists() and json.loads(run_file.read_text(encoding="utf-8")) == fingerprint:
-                break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"rank {opts.rank}: rank 0 did not start the run in {out}")
-
+    if group is not None:
+        todo = _join_run_collectively(group, out, fingerprint, opts.overwrite, len(plan))
+    else:
+        todo = _join_run_by_files(opts, out, fingerprint, len(plan))
     done = read_partials(out, len(plan))
-    mine = [b for b in range(opts.rank, len(plan), opts.world_size)]
-    todo = [b for b in mine if b not in done]
-    n_mine = sum(len(plan[b]) for b in mine)
     n_todo = sum(len(plan[b]) for b in todo)
+    n_mine = n_todo + sum(len(plan[b]) for b in range(opts.rank, len(plan), opts.world_size) if b in done)
     partial = out / f"scores.partial.rank{opts.rank}.jsonl"
     _repair_partial(partial)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -655,7 +671,7 @@ def run_score(opts: ScoreOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     with AngleProbe(model, layer=opts.layer, early_exit=True, backend=opts.backend) as probe, \
             partial.open("a", encoding="utf-8") as f, \
-            tqdm(total=n_mine, initial=n_mine - n_todo, unit="ex", desc="score", disable=not opts.progress,
+            tqdm(total=n_mine, initial=n_mine - n_todo, unit="ex", desc="score", disable=not (opts.progress and lead),
                  dynamic_ncols=True, file=sys.stderr) as bar:
         layer_index = probe.layer_index
         prefix = None
@@ -672,7 +688,6 @@ def run_score(opts: ScoreOptions) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     t_forward = time.perf_counter() - t0
 
-    done = read_partials(out, len(plan))
     timing = {
         "model_load_s": round(t_model, 3),
         "render_s": round(t_render, 3),
@@ -680,10 +695,28 @@ def run_score(opts: ScoreOptions) -> dict[str, Any]:
         "examples_scored_this_run": n_todo,
         "examples_per_s": round(n_todo / t_forward, 2) if t_forward > 0 and n_todo else None,
     }
+    if group is not None:
+        # Every shard is on disk once all ranks pass here; rank 0 merges, the others learn whether it worked.
+        shards = group.all_gather((n_todo, t_forward))
+        n_all, slowest = sum(n for n, _ in shards), max(t for _, t in shards)
+        timing.update(world_size=group.world_size, forward_s=round(slowest, 3), examples_scored_this_run=n_all,
+                      examples_per_s=round(n_all / slowest, 2) if slowest > 0 and n_all else None)
+    done = read_partials(out, len(plan))
+    unfinished = {"finished": False, "rank": opts.rank, "batches_done": len(done), "batches": len(plan),
+                  "timing": timing}
+    if group is not None and not lead:
+        error = group.broadcast(None)
+        if error:
+            raise RuntimeError(f"rank {opts.rank}: rank 0 could not merge the shards: {error}")
+        return unfinished
     if len(done) < len(plan):
+        if group is not None:
+            error = f"only {len(done)} of {len(plan)} batches are in {out} after every rank finished"
+            group.broadcast(error)
+            raise RuntimeError(error)
         print(f"[gainrl score] rank {opts.rank}: shard done ({len(done)}/{len(plan)} batches finished overall); "
               "the rank finishing the last batch writes the outputs", file=sys.stderr)
-        return {"finished": False, "batches_done": len(done), "batches": len(plan), "timing": timing}
+        return unfinished
     header = {
         "data": str(opts.data),
         "model": model_name(opts.model),
@@ -699,11 +732,56 @@ def run_score(opts: ScoreOptions) -> dict[str, Any]:
         "batch_tokens": opts.batch_tokens,
         "shared_prefix_tokens": n_shared if opts.prefix_cache and n_shared >= MIN_SHARED_PREFIX else 0,
     }
-    summary = finalize(out, items, plan, done, header, opts.parquet)
-    timing["total_s"] = round(time.perf_counter() - t_start, 3)
-    summary["timing"] = timing
-    _atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=1, default=_json_default))
+    try:
+        summary = finalize(out, items, plan, done, header, opts.parquet)
+        timing["total_s"] = round(time.perf_counter() - t_start, 3)
+        summary["timing"] = timing
+        _atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=1, default=_json_default))
+    except Exception as e:
+        if group is not None:
+            group.broadcast(f"{type(e).__name__}: {e}")
+        raise
+    if group is not None:
+        group.broadcast(None)
     return summary
+
+
+def _join_run_collectively(group: ProcessGroup, out: Path, fingerprint: dict[str, Any], overwrite: bool,
+                           n_batches: int) -> list[int]:
+    """Start or resume the run in ``out`` together with the other ranks of a torchrun launch; returns this rank's
+    batches to score. The unfinished batches are dealt round-robin, so a resumed run spreads what is left evenly."""
+    if any(fp != fingerprint for fp in group.all_gather(fingerprint)):
+        raise ValueError("the ranks of this launch see different settings, data or models (run fingerprints "
+                         "differ): every rank must get the same arguments and files")
+    error = None
+    if group.rank == 0:
+        try:
+            check_run_file(out, fingerprint, overwrite)
+        except ValueError as e:
+            error = str(e)
+    error = group.broadcast(error)
+    if error:
+        raise ValueError(error)
+    done = read_partials(out, n_batches)
+    left = [b for b in range(n_batches) if b not in done]
+    return left[group.rank::group.world_size]
+
+
+def _join_run_by_files(opts: ScoreOptions, out: Path, fingerprint: dict[str, Any], n_batches: int) -> list[int]:
+    """Start or resume the run in ``out`` as shard ``--rank`` of ``--world-size`` independent processes (no process
+    group: they meet only through ``out``); returns this rank's unfinished batches ``rank, rank + W, …``."""
+    if opts.rank == 0 or opts.world_size == 1:
+        check_run_file(out, fingerprint, opts.overwrite)
+    else:  # other ranks wait for rank 0 to (re)start the run file
+        for _ in range(600):
+            run_file = out / RUN_FILE
+            if run_file.exists() and json.loads(run_file.read_text(encoding="utf-8")) == fingerprint:
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"rank {opts.rank}: rank 0 did not start the run in {out}")
+    done = read_partials(out, n_batches)
+    return [b for b in range(opts.rank, n_batches, opts.world_size) if b not in done]
 
 
 def add_score_parser(sub: Any) -> argparse.ArgumentParser:

@@ -22,13 +22,7 @@ LENS = [9, 3, 14, 6, 1]
 METRICS = ("intra", "inter", "score", "causal", "causal_ref")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP oversubscription on a shared 2-core machine (100x slower there)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls run on one thread
 
 
 @pytest.fixture(scope="module")

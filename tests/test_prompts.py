@@ -7,7 +7,8 @@ import pytest
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+import tiny_models  # noqa: E402
+from tokenizers import Tokenizer, models, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from gainrl.data import Example  # noqa: E402
@@ -43,18 +44,8 @@ CORPUS = [R1_SYSTEM_PROMPT, *(t for turn in R1_FEW_SHOT for t in turn), *QUESTIO
 
 
 def byte_level_bpe(specials: list[str], template: str, **special_kwargs: str) -> PreTrainedTokenizerFast:
-    """A GPT-2 style byte-level BPE trained on a few strings."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **special_kwargs)
-    hf.chat_template = template
-    return hf
+    """A GPT-2 style byte-level BPE (vocab 500) trained on this file's prompts and questions."""
+    return tiny_models.byte_level_bpe(CORPUS, specials, template, vocab_size=500, **special_kwargs)
 
 
 def char_bpe_without_pretokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:

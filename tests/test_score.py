@@ -23,12 +23,7 @@ SKIPPED = {2: "missing question", 6: "invalid JSON", 8: "missing question"}
 ROW_KEYS = ["index", "score", "c_intra", "c_inter", "n_tokens", "seg_offsets", "prompt_text"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls run on one thread
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ if "test_varied" not in REWARDS:
         return [(len(c) % 5) / 4 for c in completions]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls run on one thread
 
 
 @pytest.fixture(scope="module")

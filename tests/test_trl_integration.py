@@ -53,12 +53,7 @@ MU_CFG = MuUpdateConfig(n=6.0, alpha=2.0, beta=0.5, adj_min=0.0, adj_max=20.0)
 ORDER = [(5 * i + 3) % N_ROWS for i in range(N_ROWS)]  # a permutation: rank r -> row ORDER[r]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls run on one thread
 
 
 def dataset():

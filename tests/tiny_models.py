@@ -16,8 +16,10 @@ CORPUS = [
 ]
 
 
-def chat_tokenizer():
-    """A byte-level BPE (vocab 400) with a ChatML chat template."""
+def byte_level_bpe(corpus: list[str], specials: list[str], template: str, vocab_size: int = 400,
+                   **special_kwargs: str):
+    """A GPT-2 style byte-level BPE trained on ``corpus`` (three passes), with the given special tokens and chat
+    template; ``special_kwargs`` (eos_token=..., pad_token=...) go to PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -26,12 +28,17 @@ def chat_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=CHATML_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
-    hf.chat_template = CHATML_TEMPLATE
+    tok.train_from_iterator(corpus * 3, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **special_kwargs)
+    hf.chat_template = template
     return hf
+
+
+def chat_tokenizer():
+    """A byte-level BPE (vocab 400) with a ChatML chat template."""
+    return byte_level_bpe(CORPUS, CHATML_SPECIALS, CHATML_TEMPLATE, eos_token="<|im_end|>", pad_token="<|pad|>")
 
 
 def tiny_lm(kind: str = "llama", vocab_size: int = 400, seed: int = 0, layers: int = 2):
