@@ -62,7 +62,7 @@ setup(
             "pyarrow",
         ],
         "trl": ["trl>=1.10,<2"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.2"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.2", "peft"],
     },
     entry_points={"console_scripts": ["gainrl=gainrl.cli:main"]},
     ext_modules=ext_modules,

@@ -282,6 +282,8 @@ def test_find_decoder_layers_errors(models):
 
 
 def test_peft_wrapped_model():
+    """A LoRA-wrapped model (LoRA on up_proj too: the probe reads the MLP input, before any adapter), under
+    no_grad and while training the adapters with gradient checkpointing; detaching leaves the wrapper unchanged."""
     peft = pytest.importorskip("peft")
     model = tiny_lm("llama", seed=11)
     b = make_batch("left", seed=12)
@@ -293,3 +295,15 @@ def test_peft_wrapped_model():
         probe.set_batch(b["seg"], **b["batch"])
         wrapped(**b["kwargs"])
         assert_metrics_close(probe.metrics(), ref)
+
+    wrapped.train()
+    wrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hooks_before = _hook_counts(wrapped)
+    with AngleProbe(wrapped) as probe:
+        probe.set_batch(b["seg"], **b["batch"])
+        wrapped(**b["kwargs"], labels=b["kwargs"]["input_ids"], use_cache=False).loss.backward()
+        assert probe.captures == 1
+        assert_metrics_close(probe.metrics(), ref)
+    assert _hook_counts(wrapped) == hooks_before
+    trained = {n for n, p in wrapped.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in n for n in trained)
