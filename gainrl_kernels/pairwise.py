@@ -38,7 +38,6 @@ up to accumulation order.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -47,16 +46,12 @@ import triton.language as tl
 
 from .naive_pairwise import default_seg_offsets, pairwise_from_segment_sums, segment_unit_sums
 from .triton_segments import segment_ids as _segment_ids
+from .validate import check_cu_seqlens, check_hidden, check_seg_offsets, check_triton_device, triton_interpreting
 
 __all__ = ["angle_pairwise", "angle_pairwise_check", "PairwiseCheck", "FNS"]
 
 FNS: dict[str, int] = {"cos": 0, "abs": 1, "square": 2}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NO_WINDOW = 1 << 30  # "no window" as a runtime int: same compiled kernel for every window
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -70,34 +65,13 @@ def _check_args(
     window: Optional[int],
     validate: bool,
 ) -> None:
-    if not isinstance(hidden, torch.Tensor):
-        raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden: expected a 2-D [T, D] tensor, got shape {tuple(hidden.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"hidden: expected dtype float16, bfloat16 or float32, got {hidden.dtype}")
-    if hidden.shape[1] == 0:
-        raise ValueError("hidden: the feature dimension D must be at least 1, got 0")
-    if not hidden.is_cuda and not _interpreting():
-        raise ValueError("hidden: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise ValueError(f"cu_seqlens: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens: expected a 1-D [B+1] tensor, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens: expected dtype int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != hidden.device:
-        raise ValueError(f"cu_seqlens: expected device {hidden.device} (that of hidden), got {cu_seqlens.device}")
-    batch = cu_seqlens.numel() - 1
+    """hidden [T, D] float (CUDA, or CPU under the interpreter), cu_seqlens [B+1] int32, seg_offsets [B, K+1] int32
+    or None, ``fn`` in :data:`FNS`, ``window`` an int >= 0 or None; ``validate`` adds the index value checks."""
+    check_hidden(hidden)
+    check_triton_device("hidden", hidden)
+    check_cu_seqlens(cu_seqlens, hidden, validate)
     if seg_offsets is not None:
-        if not isinstance(seg_offsets, torch.Tensor):
-            raise ValueError(f"seg_offsets: expected a torch.Tensor or None, got {type(seg_offsets).__name__}")
-        if seg_offsets.dim() != 2 or seg_offsets.shape[0] != batch or seg_offsets.shape[1] < 2:
-            raise ValueError(f"seg_offsets: expected shape [B, K+1] = [{batch}, >=2], got {tuple(seg_offsets.shape)}")
-        if seg_offsets.dtype != torch.int32:
-            raise ValueError(f"seg_offsets: expected dtype int32, got {seg_offsets.dtype}")
-        if seg_offsets.device != hidden.device:
-            raise ValueError(f"seg_offsets: expected device {hidden.device} (that of hidden), got {seg_offsets.device}")
+        check_seg_offsets(seg_offsets, cu_seqlens, validate)
     if fn not in FNS:
         raise ValueError(f"fn: expected one of {tuple(FNS)}, got {fn!r}")
     if window is not None:
@@ -105,22 +79,6 @@ def _check_args(
             raise ValueError(f"window: expected an int or None, got {type(window).__name__}")
         if window < 0:
             raise ValueError(f"window: expected window >= 0, got {window}")
-    if not validate:
-        return
-    cu = cu_seqlens.to("cpu", torch.int64)
-    if int(cu[0]) != 0:
-        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
-    if bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError("cu_seqlens: expected non-decreasing values")
-    if int(cu[-1]) > hidden.shape[0]:
-        raise ValueError(f"cu_seqlens: last value {int(cu[-1])} is past the {hidden.shape[0]} tokens of hidden")
-    if seg_offsets is not None and batch > 0:
-        off = seg_offsets.to("cpu", torch.int64)
-        lens = (cu[1:] - cu[:-1]).unsqueeze(1)
-        if bool(((off < 0) | (off > lens)).any()):
-            raise ValueError("seg_offsets: every offset must lie in [0, len_b] of its sequence")
-        if bool((off[:, 1:] < off[:, :-1]).any()):
-            raise ValueError("seg_offsets: expected non-decreasing offsets per sequence")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,9 +225,9 @@ def angle_pairwise(
     total, dim = hidden.shape
     inv = 1.0 / torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float32).clamp_min(1e-12)
     block_m, block_n, block_d, warps = _block_sizes(
-        dim, hidden.is_cuda and not _interpreting(), hidden.dtype == torch.float32
+        dim, hidden.is_cuda and not triton_interpreting(), hidden.dtype == torch.float32
     )
-    upcast = hidden.dtype == torch.bfloat16 and _interpreting()
+    upcast = hidden.dtype == torch.bfloat16 and triton_interpreting()
     grid, item_seq, item_tile, lo, hi = _query_tiles(cu_seqlens, block_m, total)
     part = torch.empty(grid, nseg, nseg, dtype=torch.float32, device=hidden.device)
     _pairwise_kernel[(grid,)](

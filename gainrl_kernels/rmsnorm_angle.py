@@ -42,8 +42,14 @@ Forward algorithm (one launch + one small reduce launch; no host sync, no atomic
 Backward (``torch.autograd.Function``): gradients of the RMSNorm only (the statistics are outputs marked
 non-differentiable). With g = dy·w and n = x·rstd (fp32, the casts treated as identity, as autograd does):
     dx = rstd · (g − n · mean(g·n)),     dw = Σ_rows dy · n.to(x.dtype)
-One Triton kernel with whole rows in registers (BLOCK_D = next_pow2(D)); each program walks a contiguous range of
-rows and keeps its dw partial in registers; the [programs, D] partials are summed by torch (deterministic).
+Each program walks a contiguous range of rows (grid <= 4 x SMs) and owns one fp32 partial row of dw; the
+[programs, D] partials are summed by torch (deterministic, no atomics). Two kernels, by D:
+  * D <= 4096 (``_bwd_kernel``): whole rows in registers (BLOCK_D = next_pow2(D)), one pass per row tile, the dw
+    partial kept in registers and stored once.
+  * D > 4096 (``_bwd_blocked_kernel``, any D): 4-row tiles, two passes over 512-wide column slices: pass 1 sums
+    dy·w·x per row, pass 2 re-reads the tile (just loaded: usually cached), writes dx and adds the tile's dw into
+    the program's partial row in global memory (read-modify-write behind a barrier; same order every run).
+Both are spill-free at sm_80 / sm_90a (tests/test_triton_compile.py lowers the launcher's configs up to D = 16384).
 
 bf16 rounding is done with an explicit round-to-nearest-even on the fp32 bits (``_round_to``): identical on GPU
 and under ``TRITON_INTERPRET=1``, whose own fp32 -> bf16 cast truncates and whose bf16 arithmetic is wrong (bf16
@@ -51,7 +57,6 @@ is stored as uint16 there), so kernels never compute in bf16.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -61,26 +66,26 @@ from torch import nn
 
 from .types import AngleStats
 from .triton_segments import segment_ids as _segment_ids
+from .validate import (
+    check_cu_seqlens_meta,
+    check_cu_seqlens_values,
+    check_device,
+    check_feature_dim,
+    check_float_dtype,
+    check_seg_offsets_meta,
+    check_seg_offsets_values,
+    check_tensor,
+    check_triton_device,
+)
 
 __all__ = ["rmsnorm_angle", "FusedRMSNormAngle", "padded_to_cu_seqlens"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # --------------------------------------------------------------------------------------------------------------
-# validation (every failure is a ValueError naming the argument)
+# validation (every failure is a ValueError naming the argument; shared checks live in validate.py)
 # --------------------------------------------------------------------------------------------------------------
-def _check_tensor(name: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
 def _check_args(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -90,90 +95,78 @@ def _check_args(
     token_index: Optional[torch.Tensor],
     validate: bool,
 ) -> None:
-    _check_tensor("x", x)
-    if x.dim() not in (2, 3):
-        raise ValueError(f"x: expected a 2-D [T, D] or 3-D [N, L, D] tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x: expected dtype float16, bfloat16 or float32, got {x.dtype}")
-    if x.shape[-1] == 0:
-        raise ValueError("x: the feature dimension D must be at least 1, got 0")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError("x: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
-    _check_tensor("weight", weight)
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight: expected shape [{x.shape[-1]}] (D of x), got {tuple(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"weight: expected dtype float16, bfloat16 or float32, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight: expected device {x.device} (that of x), got {weight.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
-        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    """Metadata of every argument (see the module docstring); ``validate`` adds the index value checks."""
+    _check_x_weight_eps(x, weight, eps)
     if cu_seqlens is None:
         if seg_offsets is not None:
             raise ValueError("seg_offsets: given without cu_seqlens")
         if token_index is not None:
             raise ValueError("token_index: given without cu_seqlens")
         return
-    _check_tensor("cu_seqlens", cu_seqlens)
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens: expected a 1-D [B+1] tensor, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens: expected dtype int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != x.device:
-        raise ValueError(f"cu_seqlens: expected device {x.device} (that of x), got {cu_seqlens.device}")
-    batch = cu_seqlens.numel() - 1
+    check_cu_seqlens_meta(cu_seqlens, x.device, owner="x")
     if seg_offsets is not None:
-        _check_tensor("seg_offsets", seg_offsets)
-        if seg_offsets.dim() != 2 or seg_offsets.shape[0] != batch or seg_offsets.shape[1] < 2:
-            raise ValueError(f"seg_offsets: expected shape [B, K+1] = [{batch}, >=2], got {tuple(seg_offsets.shape)}")
-        if seg_offsets.dtype != torch.int32:
-            raise ValueError(f"seg_offsets: expected dtype int32, got {seg_offsets.dtype}")
-        if seg_offsets.device != x.device:
-            raise ValueError(f"seg_offsets: expected device {x.device} (that of x), got {seg_offsets.device}")
-    rows = x.numel() // x.shape[-1]
+        check_seg_offsets_meta(seg_offsets, cu_seqlens.numel() - 1, x.device, owner="x")
     if token_index is not None:
-        _check_tensor("token_index", token_index)
-        if token_index.dim() != 1:
-            raise ValueError(f"token_index: expected a 1-D [T] tensor, got shape {tuple(token_index.shape)}")
-        if token_index.dtype not in _INDEX_DTYPES:
-            raise ValueError(f"token_index: expected dtype int32 or int64, got {token_index.dtype}")
-        if token_index.device != x.device:
-            raise ValueError(f"token_index: expected device {x.device} (that of x), got {token_index.device}")
+        _check_token_index_meta(token_index, x.device)
     if validate:
-        _check_values(cu_seqlens, seg_offsets, token_index, rows)
+        _check_values(cu_seqlens, seg_offsets, token_index, rows=x.numel() // x.shape[-1])
+
+
+def _check_x_weight_eps(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """x [T, D] / [N, L, D] float (CUDA, or CPU under the interpreter), weight [D] float on x's device, eps >= 0."""
+    check_tensor("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected a 2-D [T, D] or 3-D [N, L, D] tensor, got shape {tuple(x.shape)}")
+    check_float_dtype("x", x)
+    check_feature_dim("x", x)
+    check_triton_device("x", x)
+    check_tensor("weight", weight)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight: expected shape [{x.shape[-1]}] (D of x), got {tuple(weight.shape)}")
+    check_float_dtype("weight", weight)
+    check_device("weight", weight, x.device, "x")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+
+
+def _check_token_index_meta(token_index: object, device: torch.device) -> None:
+    """[T_packed] int32 / int64 on x's device."""
+    token_index = check_tensor("token_index", token_index)
+    if token_index.dim() != 1:
+        raise ValueError(f"token_index: expected a 1-D [T] tensor, got shape {tuple(token_index.shape)}")
+    if token_index.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"token_index: expected dtype int32 or int64, got {token_index.dtype}")
+    check_device("token_index", token_index, device, "x")
 
 
 def _check_values(cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor], token_index: Optional[torch.Tensor],
                   rows: Optional[int]) -> None:
     """Value checks that read the index tensors (one host sync on CUDA). ``rows``: rows of x, None if unknown."""
+    if token_index is None:
+        check_cu_seqlens_values(cu_seqlens, rows, "rows of x")
+    else:
+        check_cu_seqlens_values(cu_seqlens, token_index.numel(), "entries of token_index")
+    if seg_offsets is not None:
+        check_seg_offsets_values(seg_offsets, cu_seqlens)
+    if token_index is not None:
+        _check_token_index_values(token_index, cu_seqlens, rows)
+
+
+def _check_token_index_values(token_index: torch.Tensor, cu_seqlens: torch.Tensor, rows: Optional[int]) -> None:
+    """The packed tokens' rows: inside x, strictly increasing, consecutive within each sequence."""
     cu = cu_seqlens.to("cpu", torch.int64)
-    batch = cu.numel() - 1
-    if int(cu[0]) != 0:
-        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
-    if bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError("cu_seqlens: expected non-decreasing values")
-    packed = rows if token_index is None else token_index.numel()
-    if packed is not None and int(cu[-1]) > packed:
-        what = "rows of x" if token_index is None else "entries of token_index"
-        raise ValueError(f"cu_seqlens: last value {int(cu[-1])} is past the {packed} {what}")
-    if seg_offsets is not None and batch > 0:
-        off = seg_offsets.to("cpu", torch.int64)
-        lens = (cu[1:] - cu[:-1]).unsqueeze(1)
-        if bool(((off < 0) | (off > lens)).any()):
-            raise ValueError("seg_offsets: every offset must lie in [0, len_b] of its sequence")
-        if bool((off[:, 1:] < off[:, :-1]).any()):
-            raise ValueError("seg_offsets: expected non-decreasing offsets per sequence")
-    if token_index is not None and int(cu[-1]) > 0:
-        idx = token_index[: int(cu[-1])].to("cpu", torch.int64)
-        if bool((idx < 0).any()) or (rows is not None and bool((idx >= rows).any())):
-            raise ValueError(f"token_index: values must lie in [0, {rows}) (rows of x)")
-        if bool((idx[1:] <= idx[:-1]).any()):
-            raise ValueError("token_index: expected strictly increasing rows (sequences in order)")
-        step = idx[1:] - idx[:-1]
-        t = torch.arange(1, idx.numel())
-        same_seq = torch.searchsorted(cu[1:], t, right=True) == torch.searchsorted(cu[1:], t - 1, right=True)
-        if bool((same_seq & (step != 1)).any()):
-            raise ValueError("token_index: each sequence must occupy consecutive rows (left or right padding)")
+    if int(cu[-1]) == 0:
+        return
+    idx = token_index[: int(cu[-1])].to("cpu", torch.int64)
+    if bool((idx < 0).any()) or (rows is not None and bool((idx >= rows).any())):
+        raise ValueError(f"token_index: values must lie in [0, {rows}) (rows of x)")
+    if bool((idx[1:] <= idx[:-1]).any()):
+        raise ValueError("token_index: expected strictly increasing rows (sequences in order)")
+    step = idx[1:] - idx[:-1]
+    t = torch.arange(1, idx.numel())
+    same_seq = torch.searchsorted(cu[1:], t, right=True) == torch.searchsorted(cu[1:], t - 1, right=True)
+    if bool((same_seq & (step != 1)).any()):
+        raise ValueError("token_index: each sequence must occupy consecutive rows (left or right padding)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,6 +333,7 @@ def _bwd_kernel(
     R, D, rows_per_prog, sx_r, sx_d, sdy_r, sdy_d,
     XT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Single pass, whole rows in registers (BLOCK_D >= D): dx of each row tile, dw partial of the program."""
     pid = tl.program_id(0)
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
@@ -362,6 +356,49 @@ def _bwd_kernel(
         tl.store(dx_ptr + rows64[:, None] * D + dd[None, :], _round_to(dx, XT).to(XT), mask=m)
         dw += tl.sum(dy * _round_to(n, XT), axis=0)
     tl.store(part_dw_ptr + pid.to(tl.int64) * D + dd, dw, mask=d_ok)
+
+
+@triton.jit
+def _bwd_blocked_kernel(
+    x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, part_dw_ptr,
+    R, D, rows_per_prog, sx_r, sx_d, sdy_r, sdy_d,
+    XT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Two passes over BLOCK_D column slices per row tile (any D): pass 1 sums dy·w·x per row, pass 2 writes dx
+    and adds the tile's dw into the program's partial row ``part_dw[pid]`` (zero-initialised by the caller)."""
+    pid = tl.program_id(0)
+    r_begin = pid * rows_per_prog
+    r_end = tl.minimum(r_begin + rows_per_prog, R)
+    dw_row = part_dw_ptr + pid.to(tl.int64) * D
+    for r0 in range(r_begin, r_end, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        r_ok = rows < r_end
+        rows64 = rows.to(tl.int64)
+        rstd = tl.load(rstd_ptr + rows, mask=r_ok, other=0.0)
+        gx = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            m = r_ok[:, None] & d_ok[None, :]
+            w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rows64[:, None] * sx_r + dd[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + rows64[:, None] * sdy_r + dd[None, :] * sdy_d, mask=m, other=0.0).to(tl.float32)
+            gx += tl.sum(dy * w[None, :] * x, axis=1)
+        c = gx * rstd / D  # mean(g·n) with n = x·rstd
+        # the previous tile's partial-dw stores must be visible to every thread before they are re-read
+        tl.debug_barrier()
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            m = r_ok[:, None] & d_ok[None, :]
+            w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rows64[:, None] * sx_r + dd[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + rows64[:, None] * sdy_r + dd[None, :] * sdy_d, mask=m, other=0.0).to(tl.float32)
+            n = x * rstd[:, None]
+            dx = rstd[:, None] * (dy * w[None, :] - n * c[:, None])
+            tl.store(dx_ptr + rows64[:, None] * D + dd[None, :], _round_to(dx, XT).to(XT), mask=m)
+            dw = tl.load(dw_row + dd, mask=d_ok, other=0.0) + tl.sum(dy * _round_to(n, XT), axis=0)
+            tl.store(dw_row + dd, dw, mask=d_ok)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -450,6 +487,12 @@ def _stats_plan(rows: int, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch
                  lo, hi, seg_offsets.contiguous(), count, seg_offsets.shape[1] - 1)
 
 
+def _fwd_block_d(dim: int) -> int:
+    """BLOCK_D of the forward: it loops over D in slices, so 32 x 64 tiles on 8 warps serve every D (no spills
+    at sm_80 / sm_90a; D is a runtime argument)."""
+    return max(16, min(64, triton.next_power_of_2(dim)))
+
+
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, stats: bool):
     rows, dim = x2d.shape
     dev = x2d.device
@@ -468,7 +511,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
     else:
         part_sum = part_q = part_adj = rstd  # never touched
-    block_d = max(16, min(64, triton.next_power_of_2(dim)))  # 32 x 64 tiles, 8 warps: no spills on sm_90
+    block_d = _fwd_block_d(dim)
     dummy = plan.item_seq
     _fwd_kernel[(plan.grid,)](
         x2d, weight, y, rstd,
@@ -488,35 +531,58 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
 
 
+class _BwdConfig(NamedTuple):
+    """Backward launch shape: which kernel, its [BLOCK_T, BLOCK_D] tile and warps."""
+
+    blocked: bool  # True: _bwd_blocked_kernel (two passes over BLOCK_D slices); False: whole rows (_bwd_kernel)
+    block_t: int
+    block_d: int
+    num_warps: int
+
+
+_BWD_ROW_MAX = 4096  # widest row (next_pow2(D)) the single-pass kernel holds in registers without spills
+_BWD_BLOCKED_TILE = (4, 512, 8)  # BLOCK_T, BLOCK_D, warps of the blocked kernel: 8 values per thread, <= 48 registers
+
+
+def _bwd_config(dim: int) -> _BwdConfig:
+    """Tile rules of the backward (the compile test lowers exactly these for its D list)."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    if block_d > _BWD_ROW_MAX:
+        block_t, block_d, warps = _BWD_BLOCKED_TILE
+        return _BwdConfig(True, block_t, block_d, warps)
+    block_t = max(2, min(16, 4096 // block_d))  # >= 2 rows keeps the aranges non-trivial
+    return _BwdConfig(False, block_t, block_d, _bwd_warps(block_t * block_d))
+
+
+def _bwd_warps(tile: int) -> int:
+    """Warps for a whole-row [BLOCK_T, BLOCK_D] tile: no register spills on sm_80 / sm_90a up to 2 x 4096."""
+    return 4 if tile <= 2048 else 8 if tile <= 4096 else 16
+
+
 def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor):
+    """dx [R, D] (x's dtype) and dw [D] (weight's dtype) of the RMSNorm; dw is summed in a fixed order."""
     rows, dim = x2d.shape
     dev = x2d.device
     dx = torch.empty(rows, dim, dtype=x2d.dtype, device=dev)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    block_d = max(16, triton.next_power_of_2(dim))
-    block_t = max(2, min(16, 4096 // block_d))  # whole rows in registers; >= 2 rows keeps aranges non-trivial
+    cfg = _bwd_config(dim)
     if x2d.is_cuda:
         max_progs = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
     else:
         max_progs = 4
-    grid = min(triton.cdiv(rows, block_t), max_progs)
-    rows_per_prog = triton.cdiv(triton.cdiv(rows, grid), block_t) * block_t
+    grid = min(triton.cdiv(rows, cfg.block_t), max_progs)
+    rows_per_prog = triton.cdiv(triton.cdiv(rows, grid), cfg.block_t) * cfg.block_t
     grid = triton.cdiv(rows, rows_per_prog)
-    part_dw = torch.empty(grid, dim, dtype=torch.float32, device=dev)
-    _bwd_kernel[(grid,)](
+    # the blocked kernel adds into its partial row, the single-pass one stores it once
+    part_dw = (torch.zeros if cfg.blocked else torch.empty)(grid, dim, dtype=torch.float32, device=dev)
+    kernel = _bwd_blocked_kernel if cfg.blocked else _bwd_kernel
+    kernel[(grid,)](
         x2d, weight, dy, rstd, dx, part_dw,
         rows, dim, rows_per_prog, x2d.stride(0), x2d.stride(1), dy.stride(0), dy.stride(1),
-        XT=_TL_DTYPE[x2d.dtype], BLOCK_T=block_t, BLOCK_D=block_d,
-        num_warps=_bwd_warps(block_t * block_d),
+        XT=_TL_DTYPE[x2d.dtype], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )
     return dx, part_dw.sum(0).to(weight.dtype)
-
-
-def _bwd_warps(tile: int) -> int:
-    """Warps for a [BLOCK_T, BLOCK_D] backward tile: no register spills on sm_90 up to D = 4096 (2 x 4096 on 16
-    warps); D = 8192 spills a little on 32 warps, larger D more (whole rows are held in registers)."""
-    return 4 if tile <= 2048 else 8 if tile <= 4096 else 16 if tile <= 8192 else 32
 
 
 class _RMSNormAngleFn(torch.autograd.Function):
@@ -571,7 +637,7 @@ def padded_to_cu_seqlens(attention_mask: torch.Tensor) -> tuple[torch.Tensor, to
     ``token_index [T]`` int64, the flat row ``n * L + l`` of each packed token, in order. Left and right padding
     (any contiguous run of ones per row) are accepted; holes raise ValueError. One host sync (``nonzero``).
     """
-    _check_tensor("attention_mask", attention_mask)
+    check_tensor("attention_mask", attention_mask)
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask: expected a 2-D [N, L] tensor, got shape {tuple(attention_mask.shape)}")
     mask = attention_mask != 0

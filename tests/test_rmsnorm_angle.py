@@ -18,6 +18,7 @@ from gainrl_kernels.naive_rmsnorm_angle import (  # noqa: E402
     packed_rows,
     rmsnorm_reference,
 )
+from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -231,6 +232,69 @@ def test_grads_non_contiguous_3d_and_fp32_weight():
     y, _ = rmsnorm_angle(x.to(torch.bfloat16), w, EPS)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, rmsnorm_reference(x.to(torch.bfloat16), w, EPS), **ulp_tol(torch.bfloat16))
+
+
+@pytest.fixture
+def small_blocked_backward(monkeypatch):
+    """Force the two-pass (column-blocked) backward at small D: 16-wide slices, 4-row tiles."""
+    monkeypatch.setattr(rmsnorm_module, "_BWD_ROW_MAX", 16)
+    monkeypatch.setattr(rmsnorm_module, "_BWD_BLOCKED_TILE", (4, 16, 4))
+    assert rmsnorm_module._bwd_config(DIM).blocked
+
+
+def _float64_grads(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor):
+    return _grads(lambda a, b: rmsnorm_reference(a, b, EPS), x.double(), w.double(), dy.double())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-5)),
+                                       (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))])
+def test_blocked_backward_matches_reference(packed, small_blocked_backward, dtype, tol):
+    """D = 40 over three 16-wide slices (the last one masked), 77 rows over 4 programs of several row tiles."""
+    x = packed["x"].to(dtype)
+    w = weight_of(DIM, dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(12)).to(DEV, dtype)
+    gx, gw = _grads(lambda a, b: rmsnorm_angle(a, b, EPS, packed["cu"], packed["off"])[0], x, w, dy)
+    rx, rw = _grads(lambda a, b: rmsnorm_reference(a, b, EPS), x, w, dy)
+    torch.testing.assert_close(gx, rx, **tol)
+    torch.testing.assert_close(gw.float(), rw.float(), rtol=tol["rtol"], atol=tol["atol"] * float(rw.abs().max()))
+    if dtype == torch.float32:
+        dx64, dw64 = _float64_grads(x, w, dy)
+        torch.testing.assert_close(gx.double(), dx64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gw.double(), dw64, rtol=1e-5, atol=1e-5 * float(dw64.abs().max()))
+    # dw partials are added in a fixed order: bitwise equal run to run
+    gx2, gw2 = _grads(lambda a, b: rmsnorm_angle(a, b, EPS)[0], x, w, dy)
+    assert torch.equal(gx, gx2) and torch.equal(gw, gw2)
+
+
+def test_blocked_backward_non_contiguous_3d(small_blocked_backward):
+    x = concentrated((2, 9), DIM, seed=14).to(DEV).transpose(0, 1)  # [9, 2, D], strided rows
+    w = weight_of(DIM, torch.float32)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(DEV)
+    gx, gw = _grads(lambda a, b: rmsnorm_angle(a, b, EPS)[0], x, w, dy)
+    dx64, dw64 = _float64_grads(x, w, dy)
+    torch.testing.assert_close(gx.double(), dx64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw.double(), dw64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_dim_backward(dtype):
+    """D = 8192 with the launcher's own tiles (blocked: 16 slices of 512) against float64 / fp32 references."""
+    dim = 8192
+    assert rmsnorm_module._bwd_config(dim).blocked
+    x = concentrated((18,), dim, seed=21).to(DEV, dtype)  # 3 programs of 2 row tiles: partial dw re-read
+    w = weight_of(dim, dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(22)).to(DEV, dtype)
+    y, _ = rmsnorm_angle(x, w, EPS)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
+    gx, gw = _grads(lambda a, b: rmsnorm_angle(a, b, EPS)[0], x, w, dy)
+    if dtype == torch.float32:
+        rx, rw = _float64_grads(x, w, dy)
+        tol = dict(rtol=1e-5, atol=1e-6)
+    else:
+        rx, rw = _grads(lambda a, b: rmsnorm_reference(a, b, EPS), x, w, dy)
+        tol = dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gx.to(rx.dtype), rx, **tol)
+    torch.testing.assert_close(gw.to(rw.dtype), rw, rtol=tol["rtol"], atol=tol["atol"] * float(rw.abs().max()))
 
 
 def test_stats_not_differentiable(packed):

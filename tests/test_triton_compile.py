@@ -82,29 +82,35 @@ def _angle_cases():
     )
 
 
+# D values whose launch configs the RMSNorm cases lower: the backward switches from whole rows in registers
+# (D <= 4096) to two passes over column slices (any D); the forward always loops over 64-wide slices
+RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 8192, 16384)
+
+
 def _rmsnorm_angle_cases():
     from gainrl_kernels import rmsnorm_angle as M
 
     tl_dtype = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
     for dt in ("fp32", "bf16"):
-        for n_seg, stats in ((1, False), (3, True)):
+        for block_d in sorted({M._fwd_block_d(dim) for dim in RMSNORM_DIMS}):
+            for n_seg, stats in ((1, False), (3, True)):
+                yield (
+                    f"rmsnorm_fwd-{dt}-K{n_seg}-stats{int(stats)}-BD{block_d}", M._fwd_kernel,
+                    dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
+                         item_nrows_ptr="*i32", item_seq_ptr="*i32", seq_row0_ptr="*i32", seq_len_ptr="*i32",
+                         off_ptr="*i32", part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32",
+                         D="i32", stride_r="i64", stride_d="i32", eps="fp32"),
+                    dict(YT=tl_dtype[dt], K=n_seg, STATS=stats, BLOCK_T=M._BLOCK_T, BLOCK_D=block_d), 8,
+                )
+        for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
+            kind = "blocked" if cfg.blocked else "rows"
             yield (
-                f"rmsnorm_fwd-{dt}-K{n_seg}-stats{int(stats)}", M._fwd_kernel,
-                dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
-                     item_nrows_ptr="*i32", item_seq_ptr="*i32", seq_row0_ptr="*i32", seq_len_ptr="*i32",
-                     off_ptr="*i32", part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32",
-                     D="i32", stride_r="i64", stride_d="i32", eps="fp32"),
-                dict(YT=tl_dtype[dt], K=n_seg, STATS=stats, BLOCK_T=M._BLOCK_T, BLOCK_D=64), 8,
-            )
-        for dim in (896, 4096):  # the launcher's tile rules (D > 4096 spills: whole rows in registers)
-            block_d = triton.next_power_of_2(dim)
-            block_t = max(2, min(16, 4096 // block_d))
-            yield (
-                f"rmsnorm_bwd-{dt}-D{dim}", M._bwd_kernel,
+                f"rmsnorm_bwd_{kind}-{dt}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}",
+                M._bwd_blocked_kernel if cfg.blocked else M._bwd_kernel,
                 dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", dy_ptr=f"*{dt}", rstd_ptr="*fp32", dx_ptr=f"*{dt}",
                      part_dw_ptr="*fp32", R="i32", D="i32", rows_per_prog="i32", sx_r="i32", sx_d="i32",
                      sdy_r="i32", sdy_d="i32"),
-                dict(XT=tl_dtype[dt], BLOCK_T=block_t, BLOCK_D=block_d), M._bwd_warps(block_t * block_d),
+                dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d), cfg.num_warps,
             )
     yield (
         "rmsnorm_reduce", M._reduce_kernel,
