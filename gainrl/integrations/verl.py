@@ -19,25 +19,31 @@ verl <= 0.8 -- :class:`GainRLCurriculumSampler` for ``data.sampler.class_path`` 
 ``AbstractCurriculumSampler``): it yields the draw itself and reads feedback in ``update(batch)``; its state rides in
 verl's ``data.pt`` through torchdata's ``Stateful`` protocol.
 
-The angle signal: verl computes the policy log-probs inside its actor workers, which have no public hook, so the
-plug-ins accept ``C_causal`` from wherever it is computed: a per-trajectory field (``angle_key``, default
-``gainrl_causal``) in the old API's batch, or :meth:`GainRLReplayBuffer.record_angles` in V1. With
-``use_angle: false`` (the default for V1, where nothing feeds angles in stock verl) the μ update uses accuracy alone;
-with ``use_angle: true`` a missing angle is an error, never a silent zero.
+The angle signal (V1): with ``actor_angles: true`` the actor measures ``C_causal`` itself, inside the old-log-prob
+forward verl runs anyway (DESIGN.md §2; no extra pass, no host sync per sample). verl 0.9.1 hard-codes its trainer and
+worker classes, so the replay buffer, when built, re-classes its trainer (the owner of the ``refill_fn`` verl hands
+it) to :func:`make_angle_trainer_class`: the actor workers become ``GainRLActorRolloutRefWorker`` (their FSDP engine
+gets :class:`_AngleEngineMixin`), and after each ``compute_log_prob`` the per-trajectory ``gainrl_causal`` goes from
+TransferQueue to :meth:`GainRLReplayBuffer.record_angles`. Without it, ``use_angle: false`` (the V1 default) updates
+μ with accuracy alone, or call ``record_angles`` yourself; the old API reads a per-trajectory field (``angle_key``,
+default ``gainrl_causal``) of its batch. With ``use_angle: true`` a missing angle is an error, never a silent zero.
 
 Configuration keys (``trainer.v1.sampler.sampler_kwargs`` for V1, ``data.sampler`` for the old API):
 ``order`` (``gainrl score`` dir / ``order.pt`` / list, required), ``samples_per_epoch`` (required), ``sigma``,
 ``mu0``, ``seed``, ``shuffle``, ``mu_n``, ``mu_alpha``, ``mu_beta``, ``mu_adj_min``, ``mu_adj_max``, ``use_angle``,
 ``acc_key``, ``correct_threshold`` (default 0.5: a trajectory whose summed score is >= 0.5 is correct),
-``angle_key``; V1 also ``restore_from`` (``trainer.default_local_dir`` or a ``global_step_N`` folder) and ``name``.
+``angle_key``; V1 also ``restore_from`` (``trainer.default_local_dir`` or a ``global_step_N`` folder), ``name``,
+``actor_angles`` (default false), ``probe_layer`` (default -1: the last decoder layer) and ``probe_backend``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,7 +61,7 @@ DEFAULT_ANGLE_KEY = "gainrl_causal"
 _CURRICULUM_KEYS = {"order", "samples_per_epoch", "sigma", "mu0", "seed", "shuffle", "mu_n", "mu_alpha", "mu_beta",
                     "mu_adj_min", "mu_adj_max", "use_angle"}
 _FEEDBACK_KEYS = {"acc_key", "correct_threshold", "angle_key"}
-_V1_KEYS = {"restore_from", "name"}
+_V1_KEYS = {"restore_from", "name", "actor_angles", "probe_layer", "probe_backend"}
 _OLD_API_KEYS = {"class_path", "class_name"}
 
 
@@ -229,6 +235,12 @@ class _CurriculumSamplerMixin:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _real_keys(batch: Any) -> list[str]:
+    """Trajectory keys of a ``KVBatchMeta`` without the padding copies verl adds to balance data-parallel ranks."""
+    tags = list(getattr(batch, "tags", None) or [{}] * len(batch.keys))
+    return [k for k, tag in zip(batch.keys, tags, strict=True) if not (tag or {}).get("is_padding", False)]
+
+
 def _checkpoint_folder(path: str | os.PathLike) -> Path | None:
     """``global_step_N`` folder to restore from: ``path`` itself, or the latest one recorded in
     ``path/latest_checkpointed_iteration.txt`` (verl's ``trainer.default_local_dir``); ``None`` when there is none."""
@@ -251,9 +263,16 @@ class _ReplayBufferMixin:
 
     def __init__(self, *args: Any, sampler_kwargs: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, sampler_kwargs=sampler_kwargs, **kwargs)
+        actor_angles = bool(_as_dict(sampler_kwargs).get("actor_angles", False))
         self.curriculum, kw = curriculum_from_config(
-            sampler_kwargs, _CURRICULUM_KEYS | _FEEDBACK_KEYS | _V1_KEYS, use_angle_default=False
+            sampler_kwargs, _CURRICULUM_KEYS | _FEEDBACK_KEYS | _V1_KEYS, use_angle_default=actor_angles
         )
+        if actor_angles and not self.curriculum.use_angle:
+            raise ValueError("GAIN-RL: actor_angles: true measures the angle term, which use_angle: false leaves out")
+        #: what the actor measures with (sent along with every old-log-prob request when actor_angles is on)
+        self.gainrl_probe = {"layer": int(kw.get("probe_layer", -1)), "backend": str(kw.get("probe_backend", "auto"))}
+        if actor_angles:  # verl 0.9.1 builds us inside PPOTrainer.__init__ with refill_fn=trainer._add_prompts_...
+            install_actor_angles(getattr(kwargs.get("refill_fn"), "__self__", None))
         self.acc_key = kw.get("acc_key")
         self.correct_threshold = float(kw.get("correct_threshold", 0.5))
         self.groups = 0  # prompt groups handed to the trainer in the epoch in progress
@@ -283,8 +302,7 @@ class _ReplayBufferMixin:
     def _gainrl_feedback(self, batch: Any) -> dict[str, float]:
         import transfer_queue as tq  # verl's KV store, read as the built-in ReplayBuffer reads it
 
-        tags = list(getattr(batch, "tags", None) or [{}] * len(batch.keys))
-        keys = [k for k, tag in zip(batch.keys, tags, strict=True) if not (tag or {}).get("is_padding", False)]
+        keys = _real_keys(batch)
         metrics: dict[str, float] = {}
         if keys:
             field = "extra_fields" if self.acc_key else "rm_scores"
@@ -308,9 +326,9 @@ class _ReplayBufferMixin:
         return metrics
 
     def record_angles(self, values: Any) -> dict[str, float]:
-        """Feed per-trajectory ``C_causal`` of the trajectories of the last sampled batch (measured in the policy's
-        log-prob forward, e.g. by :class:`gainrl_kernels.probe.AngleProbe` in the actor); closes the epoch when
-        that completes its feedback. Returns the GAIN-RL metrics."""
+        """Feed per-trajectory ``C_causal`` ``[n]`` of the trajectories of the last sampled batch (measured in the
+        policy's log-prob forward: done automatically with ``actor_angles: true``, see :class:`_AngleTrainerMixin`);
+        closes the epoch when that completes its feedback. Returns the GAIN-RL metrics."""
         values = _to_numpy(values).reshape(-1)
         _, _, ang_sum, ang_n = _feedback_sums(np.zeros(0), values)
         self.curriculum.add(0.0, 0.0, ang_sum, ang_n)
@@ -413,12 +431,205 @@ class _CheckpointCallbackMixin:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# verl 0.9 V1: the angle signal from the actor's own old-log-prob forward
+# --------------------------------------------------------------------------------------------------------------
+
+#: non-tensor entry of the ``compute_log_prob`` data asking the actor to measure (value: ``{"layer", "backend"}``)
+ANGLE_REQUEST = "gainrl_angle"
+_ACTOR_ROLES = {"Actor", "ActorRollout", "ActorRolloutRef"}
+
+
+def _non_tensor(data: Any, key: str) -> Any:
+    """``data[key]`` of a TensorDict, unwrapped from ``NonTensorData``; ``None`` when absent."""
+    try:
+        value = data.get(key, None)
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return getattr(value, "data", value)
+
+
+@functools.cache
+def _engine_probe_class() -> type:
+    from gainrl_kernels.probe import AngleProbe
+
+    class EngineAngleProbe(AngleProbe):
+        """``AngleProbe`` that keeps the batch description on the batch's device (under FSDP1 without
+        ``use_orig_params`` an MLP has no parameters of its own to tell the device by)."""
+
+        device: Any = None
+
+        def _device(self):
+            return self.device if self.device is not None else super()._device()
+
+    return EngineAngleProbe
+
+
+class _AngleEngineMixin:
+    """verl 0.9.1's ``FSDPEngineWithLMHead`` (``verl/workers/engine/fsdp/transformer_impl.py``) measuring
+    ``C_causal`` inside the forward it already runs.
+
+    ``infer_batch(data)`` measures only when ``data`` carries the non-tensor :data:`ANGLE_REQUEST` (which GAIN-RL's
+    trainer sets for the old-log-prob pass alone; the reference pass, updates and everything else run unchanged).
+    For every micro-batch of ``forward_backward_batch``: ``prepare_model_inputs`` describes the real tokens to an
+    :class:`~gainrl_kernels.probe.AngleProbe` on the chosen decoder layer's MLP input -- remove-padding path: the
+    packed ``[1, T (+ pad)]`` row with ``cu_seqlens = input_ids.offsets()`` ``[B+1]`` (static / Ulysses pads lie after
+    ``cu_seqlens[-1]`` and take part in nothing); padded path: the ``[B, L]`` attention mask --, the model forward
+    runs as usual, and ``prepare_model_outputs`` adds ``model_output["gainrl_causal"]``: ``C_causal`` of each sequence
+    (prompt + response tokens) as a jagged ``[B, 1]`` float32 tensor on the device, which verl's
+    ``postprocess_batch_func`` concatenates and restores to the input order like ``log_probs``. No extra forward, no
+    host sync; the activation is never kept."""
+
+    _gainrl_probe: Any = None  # the probe while infer_batch measures
+
+    def infer_batch(self, data: Any, loss_function: Any = None) -> Any:
+        request = _non_tensor(data, ANGLE_REQUEST)
+        if not request:
+            return super().infer_batch(data, loss_function=loss_function)
+        request = request if isinstance(request, Mapping) else {}
+        if getattr(self, "use_ulysses_sp", False):
+            raise NotImplementedError("GAIN-RL actor angles: Ulysses sequence parallelism splits every sequence across "
+                                      "ranks; use ulysses_sequence_parallel_size=1")
+        probes = self.__dict__.setdefault("_gainrl_probes", {})
+        key = (int(request.get("layer", -1)), str(request.get("backend", "auto")))
+        if key not in probes:
+            probes[key] = _engine_probe_class()(self.module, layer=key[0], backend=key[1])
+            probes[key].enabled = False
+        self._gainrl_probe = probes[key]
+        try:
+            return super().infer_batch(data, loss_function=loss_function)
+        finally:
+            self._gainrl_probe.enabled = False
+            self._gainrl_probe = None
+
+    def prepare_model_inputs(self, micro_batch: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        model_inputs, output_args = super().prepare_model_inputs(micro_batch)
+        probe = self._gainrl_probe
+        if probe is not None:
+            mask = model_inputs.get("attention_mask")
+            if mask is not None:  # use_remove_padding=False: [B, L] right-padded rows
+                probe.device = mask.device
+                probe.set_batch(None, attention_mask=mask)
+            else:  # remove padding: one packed row, sequence b = tokens [cu[b], cu[b+1])
+                cu_seqlens = micro_batch["input_ids"].offsets()
+                probe.device = cu_seqlens.device
+                probe.set_batch(None, cu_seqlens=cu_seqlens)
+            probe.enabled = True
+        return model_inputs, output_args
+
+    def prepare_model_outputs(self, output: Any, output_args: Any, micro_batch: Any, logits_processor_func: Any):
+        model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        probe = self._gainrl_probe
+        if probe is not None:
+            probe.enabled = False
+            causal = probe.metrics().causal  # [B] float32, NaN for a sequence of < 2 tokens
+            import torch
+
+            offsets = torch.arange(causal.shape[0] + 1, device=causal.device)
+            model_output[DEFAULT_ANGLE_KEY] = torch.nested.nested_tensor_from_jagged(causal, offsets)
+        return model_output
+
+
+class _AngleTrainingWorkerMixin:
+    """verl 0.9.1's ``TrainingWorker`` (``verl/workers/engine_workers.py``) whose engine measures ``C_causal`` on
+    request (:class:`_AngleEngineMixin` is put under the engine's own class once it is built)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        engine = self.engine
+        if not all(callable(getattr(engine, m, None)) for m in ("prepare_model_inputs", "prepare_model_outputs")):
+            raise NotImplementedError(f"GAIN-RL actor angles need verl's FSDP engine (actor strategy fsdp / fsdp2), "
+                                      f"not {type(engine).__name__}")
+        if not isinstance(engine, _AngleEngineMixin):
+            engine.__class__ = make_angle_engine_class(type(engine))
+
+
+class _AngleWorkerMixin:
+    """verl 0.9.1's ``ActorRolloutRefWorker`` (``verl/workers/engine_workers.py``) whose actor (``actor_worker_cls``)
+    is a ``GainRLTrainingWorker``; its reference model (``ref_worker_cls``) is left as it is."""
+
+
+class _AngleTrainerMixin:
+    """verl 0.9.1's V1 ``PPOTrainer`` (``verl/trainer/ppo/v1/trainer_base.py``) feeding the actor's ``C_causal`` to
+    its :class:`GainRLReplayBuffer`: ``_init_resource_pool_mgr`` makes the actor workers
+    ``GainRLActorRolloutRefWorker``; ``_compute_old_log_prob`` sends :data:`ANGLE_REQUEST` with the
+    ``compute_log_prob`` call, then reads the ``gainrl_causal`` the actor wrote to TransferQueue for the batch's real
+    (non-padding) trajectories -- one ``kv_batch_get`` of one float per trajectory per step -- and passes it to
+    ``replay_buffer.record_angles``."""
+
+    def _init_resource_pool_mgr(self) -> None:
+        super()._init_resource_pool_mgr()
+        import ray
+
+        worker = getattr(sys.modules[__name__], "GainRLActorRolloutRefWorker")
+        roles = [role for role in self.role_worker_mapping if getattr(role, "name", None) in _ACTOR_ROLES]
+        if not roles:
+            raise RuntimeError("GAIN-RL actor angles: the trainer has no actor worker to measure in")
+        for role in roles:
+            stock = getattr(self.role_worker_mapping[role], "__ray_actor_class__", None)
+            if stock is not None and not issubclass(worker, stock):
+                raise RuntimeError(f"GAIN-RL actor angles: the {role} worker is {stock.__name__}, not one "
+                                   f"{worker.__name__} extends")
+            self.role_worker_mapping[role] = ray.remote(worker)
+
+    def _compute_old_log_prob(self, batch: Any, metrics: dict) -> Any:
+        batch.extra_info[ANGLE_REQUEST] = dict(self.replay_buffer.gainrl_probe)
+        try:
+            out = super()._compute_old_log_prob(batch, metrics)
+        finally:
+            batch.extra_info.pop(ANGLE_REQUEST, None)
+        if isinstance(getattr(out, "extra_info", None), dict):
+            out.extra_info.pop(ANGLE_REQUEST, None)  # the reference pass (LoRA: the actor again) must not measure
+        metrics.update(self.replay_buffer.record_angles(_read_angles(batch)))
+        return out
+
+
+def _read_angles(batch: Any) -> np.ndarray:
+    """``gainrl_causal`` of the real trajectories of ``batch`` (a ``KVBatchMeta``) from TransferQueue, ``[n]``."""
+    import transfer_queue as tq
+
+    keys = _real_keys(batch)
+    if not keys:
+        return np.zeros(0)
+    try:
+        values = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=[DEFAULT_ANGLE_KEY])[
+            DEFAULT_ANGLE_KEY]
+    except Exception as e:  # noqa: BLE001 - TransferQueue's error for a field that was never written
+        raise RuntimeError(f"GAIN-RL actor angles: no {DEFAULT_ANGLE_KEY!r} for the batch (the old-log-prob forward "
+                           "did not run on GainRL workers, e.g. rollout_correction.bypass_mode)") from e
+    if hasattr(values, "is_nested") and values.is_nested:
+        out = _to_numpy(values.values())
+    elif hasattr(values, "detach"):
+        out = _to_numpy(values)
+    else:
+        out = np.concatenate([_to_numpy(v).reshape(-1) for v in values]) if len(values) else np.zeros(0)
+    out = np.asarray(out, dtype=np.float64).reshape(-1)
+    if out.size != len(keys):
+        raise RuntimeError(f"GAIN-RL actor angles: {out.size} angles for {len(keys)} trajectories")
+    return out
+
+
+def install_actor_angles(trainer: Any) -> Any:
+    """Make ``trainer`` (verl 0.9.1's V1 ``PPOTrainer``, before ``init()``) measure ``C_causal`` in its actor: its class
+    becomes :func:`make_angle_trainer_class` of it (two overridden methods, nothing else). ``GainRLReplayBuffer``
+    calls this itself with ``actor_angles: true``. Returns ``trainer``."""
+    if not all(callable(getattr(trainer, m, None)) for m in ("_init_resource_pool_mgr", "_compute_old_log_prob")):
+        raise RuntimeError(
+            "GAIN-RL actor_angles: expected verl 0.9's V1 PPOTrainer (it builds the replay buffer with "
+            f"refill_fn=trainer._add_prompts_to_generate), got {type(trainer).__name__}; subclass your trainer with "
+            "gainrl.integrations.verl.make_angle_trainer_class instead"
+        )
+    if not isinstance(trainer, _AngleTrainerMixin):
+        trainer.__class__ = make_angle_trainer_class(type(trainer))
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Classes on verl's bases, built on first access
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _build(name: str, mixin: type, base: type) -> type:
-    return type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "__doc__": mixin.__doc__})
+def _build(name: str, mixin: type, base: type, **attrs: Any) -> type:
+    return type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "__doc__": mixin.__doc__, **attrs})
 
 
 def make_curriculum_sampler_class(base: type) -> type:
@@ -441,6 +652,29 @@ def make_checkpoint_callback_class(base: type) -> type:
     return _build("GainRLCheckpointCallback", _CheckpointCallbackMixin, base)
 
 
+@functools.cache
+def make_angle_engine_class(base: type) -> type:
+    """:class:`_AngleEngineMixin` on ``base`` (verl's ``FSDPEngineWithLMHead`` or a subclass of it)."""
+    return _build(f"GainRLAngle{base.__name__}", _AngleEngineMixin, base)
+
+
+def make_angle_training_worker_class(base: type) -> type:
+    """``GainRLTrainingWorker`` on ``base`` (verl's ``TrainingWorker``)."""
+    return _build("GainRLTrainingWorker", _AngleTrainingWorkerMixin, base)
+
+
+def make_angle_worker_class(base: type, training_worker_cls: type) -> type:
+    """``GainRLActorRolloutRefWorker`` on ``base`` (verl's ``ActorRolloutRefWorker``): its actor is a
+    ``training_worker_cls``; its reference model stays ``base.ref_worker_cls``."""
+    return _build("GainRLActorRolloutRefWorker", _AngleWorkerMixin, base, actor_worker_cls=training_worker_cls)
+
+
+@functools.cache
+def make_angle_trainer_class(base: type) -> type:
+    """:class:`_AngleTrainerMixin` on ``base`` (verl's V1 ``PPOTrainerSync``, or any V1 ``PPOTrainer``)."""
+    return _build(f"GainRLAngle{base.__name__}", _AngleTrainerMixin, base)
+
+
 _VERL_BASES = {
     "GainRLCurriculumSampler": ("verl.experimental.dataset.sampler", "AbstractCurriculumSampler",
                                 make_curriculum_sampler_class),
@@ -448,6 +682,9 @@ _VERL_BASES = {
     "GainRLDataset": ("verl.utils.dataset.rl_dataset", "RLHFDataset", make_dataset_class),
     "GainRLCheckpointCallback": ("verl.trainer.ppo.checkpoint_callback", "CheckpointCallback",
                                  make_checkpoint_callback_class),
+    "GainRLTrainingWorker": ("verl.workers.engine_workers", "TrainingWorker", make_angle_training_worker_class),
+    "GainRLActorRolloutRefWorker": ("verl.workers.engine_workers", "ActorRolloutRefWorker", lambda base: (
+        make_angle_worker_class(base, getattr(sys.modules[__name__], "GainRLTrainingWorker")))),
 }
 
 
@@ -466,9 +703,15 @@ def __getattr__(name: str) -> type:
 
 
 __all__ = [
+    "ANGLE_REQUEST",
     "DEFAULT_ANGLE_KEY",
     "STATE_FILE",
     "curriculum_from_config",
+    "install_actor_angles",
+    "make_angle_engine_class",
+    "make_angle_trainer_class",
+    "make_angle_training_worker_class",
+    "make_angle_worker_class",
     "make_checkpoint_callback_class",
     "make_curriculum_sampler_class",
     "make_dataset_class",
