@@ -23,6 +23,9 @@ def torch_vectorised(hidden: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     return concentration_from_stats(*s, 1.0).causal_ref
 
 
+# One static graph per benchmarked shape: lift dynamo's default limit of 8 recompilations, past which it would
+# silently fall back to eager PyTorch for the rest of a grid.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 _compiled = torch.compile(torch_vectorised, dynamic=False)
 
 

@@ -143,6 +143,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_json(out: Path, result: dict) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -155,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-released-flop", type=float, default=None, help="default: 7e10 on CPU, 1e15 on CUDA")
     p.add_argument("--max-temp-gb", type=float, default=None, help="default: 4 on CPU, 40 on CUDA")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/angle_<device>.json)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: cases not started by then are recorded as skipped (the JSON is rewritten after every case)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.max_released_flop = args.max_released_flop or (1e15 if cuda else 7e10)
@@ -167,19 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     fns = methods(args.device)
     if args.methods:
         fns = {k: v for k, v in fns.items() if k in args.methods}
-    rows: list[dict] = []
-    for b, l, d in cases:
-        rows += run_case(b, l, d, args, fns)
     device_name = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     result = dict(
         command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-        device=device_name, torch=torch.__version__, rows=rows,
+        device=device_name, torch=torch.__version__, rows=[],
     )
     out = Path(args.out or Path(__file__).parent / "results" / f"angle_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    rows: list[dict] = result["rows"]
+    start = time.perf_counter()
+    for b, l, d in cases:
+        if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+            rows += [dict(method=name, B=b, L=l, D=d, dtype=args.dtype, device=args.device, status="skipped: --time-budget")
+                     for name in fns]
+            continue
+        rows += run_case(b, l, d, args, fns)
+        _write_json(out, result)  # partial results survive a kill
+    _write_json(out, result)
     print(f"device: {device_name}; torch {torch.__version__}; {args.dtype}\n")
     print(table(rows))
     print(f"\nwrote {out}")

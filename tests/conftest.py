@@ -6,6 +6,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # On a GPU the Triton kernels must run compiled on CUDA tensors. Pin the interpreter off unless the caller chose
+    # otherwise: test modules that ``setdefault("TRITON_INTERPRET", "1")`` for CPU runs (test_pairwise,
+    # test_rmsnorm_angle) would otherwise switch every later-imported kernel to the interpreter on CPU tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# One-call GPU check for issue 3: build the CUDA extension, run the GPU parity tests (CUDA extension + compiled
+# Triton kernels on CUDA tensors), run both benchmark scripts, and leave every log and result under $OUT.
+#
+# How a session with a lent GPU runs it (the `run` tool; one call, nothing to carry, no internet needed):
+#     command:   bash bench/gpu_check.sh
+#     timeout_s: 570
+# then call give_back. The script stops itself after GAINRL_GPU_CHECK_BUDGET seconds (default 470 s, under 8 min;
+# each step's timeout is cut to what is left), so 570 leaves room for the kill margin and the copy-back. With ~1-2
+# min of machine start-up this spends at most ~11.5 of the 15 device minutes. Budget notes (H100, estimates):
+# env ~5-15 s, build ~60-120 s (one .cpp + one .cu, sm_90 only), CUDA parity tests ~20 s, Triton GPU tests ~60-120 s
+# (mostly Triton JIT compiles), kernels bench ~40 s, angle bench --grid full gets what is left (~150-250 s; cases
+# not started in time are recorded as "skipped: --time-budget" in the JSON, which is rewritten after every case).
+#
+# Files under $OUT (8 at most come back, all at top level):
+#     summary.txt        one line per step: name, exit code, seconds; key result lines; read this first
+#     env.log            nvidia-smi, nvcc, Python/torch/triton/... versions, CPU/memory
+#     build.log          python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0), ptxas -v register report
+#     tests.log          pytest -v: tests/test_cuda_backend.py (GPU part), then the Triton kernel tests on CUDA
+#     kernels_bench.log  bench/run_kernels_bench.py table;   kernels_cuda.json  its rows
+#     angle_bench.log    bench/run_angle_bench.py --grid full table and per-case lines;   angle_cuda.json  its rows
+#
+# Knobs (environment): GAINRL_GPU_CHECK_BUDGET (seconds, default 470); GAINRL_GPU_CHECK_EMULATOR=1 also runs the
+# CPU emulator tests of test_cuda_backend.py (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python,
+# default python3); GAINRL_GPU_CHECK_DRY=1: CPU dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast
+# tests, --smoke / tiny benchmark shapes, default python .venv/bin/python), e.g.
+#     OUT=$(mktemp -d) GAINRL_GPU_CHECK_DRY=1 bash bench/gpu_check.sh
+set -u
+set -o pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+DRY=${GAINRL_GPU_CHECK_DRY:-0}
+BUDGET=${GAINRL_GPU_CHECK_BUDGET:-470}
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+if [ "$DRY" = 1 ]; then
+    PY=${GAINRL_GPU_CHECK_PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+    export TRITON_INTERPRET=1
+else
+    PY=${GAINRL_GPU_CHECK_PY:-python3}
+    unset TRITON_INTERPRET  # compiled Triton kernels on CUDA tensors (tests/conftest.py pins it to 0 on a GPU)
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONDONTWRITEBYTECODE=1
+
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+FAILED=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# step NAME LOG CAP_SECONDS CMD...: runs CMD under `timeout` (CAP cut to the time left), tees into $OUT/LOG,
+# records "NAME rc=.. s=.." in the summary and keeps going whatever the exit code.
+step() {
+    local name=$1 log=$OUT/$2 cap=$3
+    shift 3
+    local t
+    t=$(left)
+    if [ "$t" -lt 15 ]; then
+        note "$(printf '%-16s rc=skipped  (budget of %ss spent)' "$name" "$BUDGET")"
+        FAILED=1
+        return 0
+    fi
+    [ "$cap" -lt "$t" ] && t=$cap
+    echo "=== [$name] $(date -u +%FT%TZ) timeout ${t}s: $*" | tee -a "$log"
+    local t0 rc
+    t0=$(date +%s)
+    timeout -k 10 "$t" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    local dt=$(($(date +%s) - t0))
+    echo "=== [$name] rc=$rc after ${dt}s" | tee -a "$log"
+    local why=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && why="  (timed out at ${t}s)"
+    note "$(printf '%-16s rc=%-4s %5ss%s' "$name" "$rc" "$dt" "$why")"
+    [ "$rc" = 0 ] || FAILED=1
+    return 0
+}
+
+note "gpu_check.sh  mode=$([ "$DRY" = 1 ] && echo DRY-cpu || echo gpu)  start=$(date -u +%FT%TZ)  budget=${BUDGET}s  python=$PY"
+note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo ' (+local changes)')"
+
+# ---------------------------------------------------------------------------------------------------- 1. environment
+env_report() {
+    echo "## uname / CPU / memory"; uname -a; nproc; free -g 2>/dev/null | head -2
+    echo "## nvidia-smi"; nvidia-smi 2>&1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit,persistence_mode \
+        --format=csv 2>&1
+    echo "## nvcc"; nvcc --version 2>&1 || echo "nvcc not on PATH (CUDA_HOME=${CUDA_HOME:-unset})"
+    echo "## python packages"
+    "$PY" - <<'EOF'
+import importlib, platform, sys
+print("python", sys.version.replace("\n", " "), platform.machine())
+for name in ("torch", "triton", "numpy", "transformers", "peft", "pytest", "pytest_benchmark", "ninja", "setuptools"):
+    try:
+        print(f"{name:18s}", getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(f"{name:18s} missing ({type(e).__name__})")
+import torch
+print("torch.version.cuda", torch.version.cuda, "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability(),
+          f"| {p.total_memory / 2**30:.1f} GiB | {p.multi_processor_count} SMs")
+from torch.utils.cpp_extension import CUDA_HOME
+print("CUDA_HOME", CUDA_HOME)
+EOF
+}
+export PY
+export -f env_report
+step env env.log 60 bash -c env_report
+# Surface the GPU line in the summary.
+note "gpu: $(grep -m1 '^device ' "$OUT/env.log" 2>/dev/null || echo 'none seen')"
+
+# ---------------------------------------------------------------------------------------------------- 2. build
+if [ "$DRY" = 1 ]; then
+    note "$(printf '%-16s rc=skipped  (dry run: uses the extension already built here, if any)' build)"
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    note "$(printf '%-16s rc=skipped  (no CUDA device visible to torch: the local build is left alone)' build)"
+    FAILED=1
+else
+    # BuildExtension wants a `ninja` binary; the pip package may have put it outside PATH.
+    if ! command -v ninja >/dev/null 2>&1; then
+        NINJA_DIR=$("$PY" -c "import ninja, os; print(getattr(ninja, 'BIN_DIR', os.path.join(os.path.dirname(ninja.__file__), 'data', 'bin')))" 2>/dev/null)
+        [ -n "${NINJA_DIR:-}" ] && export PATH="$NINJA_DIR:$PATH"
+    fi
+    if "$PY" -c "import setuptools" 2>/dev/null; then
+        step build build.log 300 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PY" setup.py build_ext --inplace
+    else  # no setuptools: the same sources and flags through torch's JIT builder, copied in place as gainrl_kernels._C
+        step build build.log 300 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PY" -c '
+import glob, os, shutil, sysconfig
+from torch.utils.cpp_extension import load
+os.makedirs("build/jit", exist_ok=True)
+m = load("_C", sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu")), build_directory="build/jit",
+         extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"],
+         extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"], verbose=True)
+shutil.copy(m.__file__, "gainrl_kernels/_C" + sysconfig.get_config_var("EXT_SUFFIX"))'
+    fi
+fi
+ext_report() {
+    "$PY" - <<'EOF'
+import torch
+from gainrl_kernels.extension import EXTENSION_ERROR, has_ext_kernel
+cpu, cuda = has_ext_kernel("cpu"), has_ext_kernel("cuda")
+print(f"extension: cpu kernel={cpu} cuda kernel={cuda} error={EXTENSION_ERROR}")
+raise SystemExit(0 if cpu and (cuda or not torch.cuda.is_available()) else 1)
+EOF
+}
+export -f ext_report
+step ext_check build.log 60 bash -c ext_report
+note "$(grep -m1 '^extension:' "$OUT/build.log" 2>/dev/null || echo 'extension: not checked')"
+
+# ---------------------------------------------------------------------------------------------------- 3. parity tests
+PYTEST=("$PY" -m pytest -p no:cacheprovider -v -ra --durations=15 --color=no)
+if [ "$DRY" = 1 ]; then
+    step tests_cuda tests.log 120 "${PYTEST[@]}" tests/test_cuda_backend.py -k "reference_inputs"
+    step tests_triton tests.log 120 "${PYTEST[@]}" tests/test_angle_validation.py tests/test_pairwise.py \
+        -k "bad_backend or empty_batch or deterministic"
+else
+    # The GPU half of test_cuda_backend.py; its CPU emulator tests are CPU-only (opt in with the knob).
+    CUDA_K="not emulated"
+    [ "${GAINRL_GPU_CHECK_EMULATOR:-0}" = 1 ] && CUDA_K=""
+    step tests_cuda tests.log 150 "${PYTEST[@]}" tests/test_cuda_backend.py ${CUDA_K:+-k "$CUDA_K"}
+    # Separate process: a CUDA fault in the extension cannot poison the Triton run.
+    step tests_triton tests.log 240 "${PYTEST[@]}" tests/test_angle_stats.py tests/test_rmsnorm_angle.py \
+        tests/test_pairwise.py tests/test_angle_validation.py
+fi
+grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log" 2>/dev/null | sed 's/^/pytest: /' \
+    | tee -a "$SUMMARY" >/dev/null
+
+# ---------------------------------------------------------------------------------------------------- 4. benchmarks
+if [ "$DRY" = 1 ]; then
+    step kernels_bench kernels_bench.log 120 "$PY" bench/run_kernels_bench.py --smoke --out "$OUT/kernels_cuda.json"
+    step angle_bench angle_bench.log 120 "$PY" bench/run_angle_bench.py --device cpu --cases 2x64x32 1x32x16 \
+        --methods released torch_vectorised gainrl_cpp --min-time 0 --max-reps 3 --time-budget 5 \
+        --out "$OUT/angle_cuda.json"
+else
+    step kernels_bench kernels_bench.log 150 "$PY" bench/run_kernels_bench.py --out "$OUT/kernels_cuda.json"
+    # The grid gets the time that is left, less a margin for the case in flight (the largest take ~10-20 s) and exit.
+    T_ANGLE=$(($(left) - 45))
+    [ "$T_ANGLE" -lt 10 ] && T_ANGLE=10
+    step angle_bench angle_bench.log 600 "$PY" bench/run_angle_bench.py --grid full --min-time 0.25 --max-reps 50 \
+        --time-budget "$T_ANGLE" --out "$OUT/angle_cuda.json"
+fi
+if [ -f "$OUT/angle_cuda.json" ]; then
+    "$PY" - "$OUT/angle_cuda.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import collections, json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print("angle_bench rows by status:", dict(collections.Counter(r["status"] for r in rows)))
+EOF
+fi
+
+# ---------------------------------------------------------------------------------------------------- 5. summary
+nvidia-smi --query-gpu=temperature.gpu,clocks.sm,clocks_throttle_reasons.active --format=csv,noheader >>"$OUT/env.log" 2>&1
+note "end=$(date -u +%FT%TZ)  total=$(($(date +%s) - START))s  all steps ok: $([ "$FAILED" = 0 ] && echo yes || echo NO)"
+note "files: $(cd "$OUT" && ls | tr '\n' ' ')"
+exit "$FAILED"
