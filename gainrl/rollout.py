@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Sequence
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -295,16 +298,141 @@ class HFRolloutEngine:
 
 def vllm_available() -> bool:
     """Whether ``vllm`` can be imported."""
+    if "vllm" in sys.modules:
+        return sys.modules["vllm"] is not None
     return importlib.util.find_spec("vllm") is not None
 
 
-class VLLMRolloutEngine:
-    """Sampling with vLLM (``pip install vllm``), same interface as :class:`HFRolloutEngine`.
+def _import_vllm() -> Any:
+    """The ``vllm`` module, or a ``RuntimeError`` saying how to get it."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise RuntimeError(
+            "rollout engine 'vllm' asked for, but vllm is not installed (pip install vllm; needs a CUDA GPU)"
+        ) from e
+    return vllm
 
-    The engine loads ``model_path`` itself (colocated on the training GPU, ``gpu_memory_utilization``) and
-    :meth:`sync_weights` copies the policy's current weights into it after every optimiser step. vLLM's internal
-    API for that changes between versions: this uses ``LLM.llm_engine.model_executor.driver_worker`` (vLLM 0.6 -
-    0.8) or ``LLM.collective_rpc`` (newer). Untested here (no vLLM in the CPU environment); not bit-reproducible.
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now (for ``MASTER_PORT``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+def colocate_env() -> None:
+    """Environment for a vLLM engine living in this (training) process, as TRL's ``vllm_mode="colocate"``.
+
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the V1 engine core, and so the model, in this process (otherwise
+    ``LLM.llm_engine`` has no ``model_executor`` and the weights live in a child process); the
+    ``external_launcher`` executor initialises torch.distributed from ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` /
+    ``MASTER_ADDR`` / ``MASTER_PORT``, set here to a single process on GPU 0 unless already set (torchrun).
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost")):
+        os.environ.setdefault(key, value)
+    if os.environ.get("MASTER_PORT", "").strip().lower() in ("", "0", "auto"):
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def vllm_weight_name(name: str) -> str | None:
+    """The checkpoint name vLLM's ``load_weights`` expects for a parameter of the training model, ``None`` to skip.
+
+    Strips wrapper prefixes (``torch.compile``'s ``_orig_mod.``, DDP's ``module.``, activation checkpointing's
+    ``_checkpoint_wrapped_module.``) and PEFT's (``base_model.model.``, ``.base_layer``, ``modules_to_save.default.``);
+    LoRA factors and PEFT's ``original_module`` copies are skipped (send merged weights, see :func:`merged_adapters`).
+    """
+    for prefix in ("_orig_mod.", "module."):
+        name = name.removeprefix(prefix)
+    name = name.replace("_checkpoint_wrapped_module.", "")
+    name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", "")
+    if ".lora_" in name or "original_module" in name:
+        return None
+    return name
+
+
+@contextlib.contextmanager
+def merged_adapters(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block a PEFT model's adapters are merged into its base weights (no-op for other models)."""
+    merge, unmerge = getattr(model, "merge_adapter", None), getattr(model, "unmerge_adapter", None)
+    if not (hasattr(model, "peft_config") and callable(merge) and callable(unmerge)):
+        yield
+        return
+    merge()
+    try:
+        yield
+    finally:
+        unmerge()
+
+
+def vllm_named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` per parameter, under vLLM's names, one at a time (no copy: detached views).
+
+    ``named_parameters`` yields a tied parameter once (``model.embed_tokens.weight``, not ``lm_head.weight``): vLLM's
+    loader skips the alias and wants the canonical name in the same call. Tensors keep the training dtype / device
+    (vLLM's weight loaders copy into their own, e.g. float32 -> bfloat16).
+    """
+    for name, param in model.named_parameters():
+        target = vllm_weight_name(name)
+        if target is not None:
+            yield target, param.detach()
+
+
+def vllm_load_weights_fn(llm: Any) -> Callable[[Iterable[tuple[str, torch.Tensor]]], Any]:
+    """The in-process model's ``load_weights`` of a ``vllm.LLM``, the path TRL's colocate mode uses.
+
+    vLLM V1 (0.8 - 0.33): ``llm.llm_engine.model_executor`` exists only with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``;
+    its ``driver_worker`` is a ``WorkerWrapperBase`` around the ``Worker``, whose ``model_runner.get_model()`` is the
+    vLLM model (``load_weights(Iterable[(name, tensor)]) -> set[str]``). The Worker itself has no ``load_weights``,
+    so ``LLM.collective_rpc("load_weights", ...)`` cannot work.
+
+    Raises:
+        RuntimeError: this vLLM exposes no in-process model.
+    """
+    executor = getattr(getattr(llm, "llm_engine", None), "model_executor", None)
+    worker = getattr(executor, "driver_worker", None)
+    worker = getattr(worker, "worker", worker)  # V1: WorkerWrapperBase -> Worker (older: the worker itself)
+    runner = getattr(worker, "model_runner", None)
+    model = None
+    if runner is not None:
+        model = runner.get_model() if callable(getattr(runner, "get_model", None)) else getattr(runner, "model", None)
+    load = getattr(model, "load_weights", None)
+    if not callable(load):
+        version = getattr(sys.modules.get("vllm"), "__version__", "?")
+        raise RuntimeError(
+            f"vLLM {version} exposes no in-process model to load new weights into "
+            "(expected LLM.llm_engine.model_executor.driver_worker.model_runner.get_model().load_weights; "
+            f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING')!r} must be '0'): "
+            "use --engine hf, or a vLLM version with this layout (tested against 0.33)"
+        )
+    return load
+
+
+class VLLMRolloutEngine:
+    """Sampling with vLLM (``pip install vllm``, CUDA), same interface as :class:`HFRolloutEngine`.
+
+    The engine loads ``model_path`` itself, colocated on the training GPU (``gpu_memory_utilization`` of its memory
+    for weights + KV cache) in this process, as TRL's ``vllm_mode="colocate"`` (see :func:`colocate_env`), and
+    :meth:`sync_weights` streams the policy's parameters into its model after every optimiser step, then drops the
+    prefix cache (KV computed with the old weights). Samples of one prompt share its prefill (``n`` per request,
+    prefix caching). Sampling is seeded once (``seed``), so it is not reproducible from ``torch.manual_seed`` as the
+    HF engine is, and not bit-identical to HF sampling.
+
+    Args:
+        model_path: a Hugging Face folder or Hub id (the policy's initial weights).
+        tokenizer: the policy's tokenizer (decoding; its EOS ends completions).
+        max_new_tokens, temperature, top_p, top_k: as :class:`HFRolloutEngine` (vLLM: ``temperature`` in (0, 2];
+            ``top_k=0``: off).
+        seed: vLLM's sampling seed.
+        max_model_len: longest prompt + completion, in tokens (``None``: the model's context; smaller: smaller KV
+            cache reservation).
+        gpu_memory_utilization: fraction of the GPU for vLLM (weights + KV cache); the rest is the trainer's.
+        dtype: vLLM's weight / compute dtype ("bfloat16", "float32", "auto").
+        eos_token_ids: ids that end a completion (default: the tokenizer's EOS); vLLM adds the model's
+            generation-config EOS ids itself.
+        enable_prefix_caching: reuse the KV cache of shared prompt prefixes.
+        llm_kwargs: more ``vllm.LLM`` / ``EngineArgs`` arguments (override the ones above).
     """
 
     def __init__(
@@ -315,61 +443,105 @@ class VLLMRolloutEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        *,
         seed: int = 0,
+        max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.3,
         dtype: str = "bfloat16",
+        eos_token_ids: Sequence[int] | None = None,
+        enable_prefix_caching: bool = True,
+        llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if not vllm_available():
-            raise RuntimeError("rollout engine 'vllm' asked for, but vllm is not installed (pip install vllm)")
-        from vllm import LLM
-
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 < temperature <= 2:
+            raise ValueError(f"temperature must be in (0, 2] for vLLM, got {temperature}")
+        if not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {top_p}, {top_k}")
+        vllm = _import_vllm()
+        colocate_env()  # before LLM(): vLLM reads its environment lazily
         self.tokenizer = tokenizer
-        self.eos = eos_ids(tokenizer)
+        self.eos = [int(i) for i in eos_token_ids] if eos_token_ids else eos_ids(tokenizer)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
-        self.llm = LLM(
-            model=model_path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-            enable_prefix_caching=True,
+        self.llm = vllm.LLM(**self.llm_args(model_path, seed, max_model_len, gpu_memory_utilization, dtype,
+                                            enable_prefix_caching, llm_kwargs))
+        vllm_load_weights_fn(self.llm)  # fail now, not after the first optimiser step
+
+    @staticmethod
+    def llm_args(
+        model_path: str,
+        seed: int,
+        max_model_len: int | None,
+        gpu_memory_utilization: float,
+        dtype: str,
+        enable_prefix_caching: bool,
+        llm_kwargs: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Keyword arguments of ``vllm.LLM`` for a colocated engine."""
+        args: dict[str, Any] = dict(
+            model=str(model_path),
+            seed=int(seed),
+            dtype=dtype,
+            gpu_memory_utilization=float(gpu_memory_utilization),
+            max_model_len=max_model_len,
+            enable_prefix_caching=bool(enable_prefix_caching),
+            distributed_executor_backend="external_launcher",  # in-process, torch.distributed from env (TRL)
+            max_num_batched_tokens=4096,  # the V1 memory profiler over-reserves with the 32k default (TRL)
         )
+        args.update(llm_kwargs or {})
+        return args
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
-        engine = self.llm.llm_engine
-        executor = getattr(engine, "model_executor", None)
-        worker = getattr(executor, "driver_worker", None)
-        if worker is not None:
-            runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-            runner.model.load_weights(weights)
-        elif hasattr(self.llm, "collective_rpc"):
-            self.llm.collective_rpc("load_weights", args=(weights,))
-        else:  # pragma: no cover - depends on the vLLM version
-            raise RuntimeError("this vLLM version exposes no known way to load new weights into the engine")
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()
+        """Copy ``model``'s current parameters into the engine (adapters merged) and reset its prefix cache."""
+        load = vllm_load_weights_fn(self.llm)
+        with torch.no_grad(), merged_adapters(model):
+            load(vllm_named_weights(model))
+        self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, *, greedy: bool = False) -> Rollouts:
+    def sampling_params(self, n: int, greedy: bool) -> Any:
+        """``vllm.SamplingParams`` for ``n`` samples per prompt (greedy: ``n`` must be 1, vLLM refuses more)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=n,
-            max_tokens=self.max_new_tokens,
-            temperature=0.0 if greedy else self.temperature,
-            top_p=1.0 if greedy else self.top_p,
-            top_k=-1 if greedy or not self.top_k else self.top_k,
-            stop_token_ids=self.eos,
-        )
-        inputs = [{"prompt_token_ids": list(p)} for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        prompt_ids, completion_ids, finished, index = [], [], [], []
-        for i, out in enumerate(outputs):
-            for sample in out.outputs:
-                ids, done = cut_completion(list(sample.token_ids), self.eos)
-                prompt_ids.append(list(prompts[i]))
-                completion_ids.append(ids)
-                finished.append(done)
-                index.append(i)
+        common = dict(n=n, max_tokens=self.max_new_tokens, stop_token_ids=list(self.eos), detokenize=False)
+        if greedy:
+            return SamplingParams(temperature=0.0, top_p=1.0, top_k=0, **common)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, **common)
+
+    def _samples(self, outputs: Sequence[Any], n: int) -> list[tuple[list[int], bool]]:
+        """``(completion ids cut after the first EOS, finished)`` per sample, ``n`` per request, in request order."""
+        rows: list[tuple[list[int], bool]] = []
+        for out in outputs:
+            samples = sorted(out.outputs, key=lambda s: s.index)
+            if len(samples) != n:
+                raise RuntimeError(f"vLLM returned {len(samples)} completions for a prompt, expected {n}")
+            for s in samples:
+                if s.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM request {out.request_id} ended with finish_reason={s.finish_reason!r}")
+                ids, found = cut_completion(list(s.token_ids), self.eos)
+                rows.append((ids, found or s.finish_reason == "stop"))
+        return rows
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, *, greedy: bool = False) -> Rollouts:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not prompts:
+            return Rollouts([], [], [], [], [])
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        per_request = 1 if greedy else n
+        inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]  # vllm.TokensPrompt
+        outputs = self.llm.generate(inputs, self.sampling_params(per_request, greedy), use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        rows = self._samples(outputs, per_request)
+        if greedy:  # one greedy continuation per prompt, repeated
+            rows = [r for r in rows for _ in range(n)]
+        completion_ids = [ids for ids, _ in rows]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollouts(prompt_ids, completion_ids, list(texts), finished, index)
+        expanded = [list(p) for p in prompts for _ in range(n)]
+        index = [i for i in range(len(prompts)) for _ in range(n)]
+        return Rollouts(expanded, completion_ids, list(texts), [f for _, f in rows], index)
 
 
 __all__ = [
@@ -378,7 +550,12 @@ __all__ = [
     "RolloutEngine",
     "Rollouts",
     "VLLMRolloutEngine",
+    "colocate_env",
     "cut_completion",
     "eos_ids",
+    "merged_adapters",
     "vllm_available",
+    "vllm_load_weights_fn",
+    "vllm_named_weights",
+    "vllm_weight_name",
 ]

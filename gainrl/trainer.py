@@ -394,7 +394,7 @@ class Trainer:
 
     def _setup(self) -> None:
         from .models import load_model_and_tokenizer, model_name, resolve_device
-        from .rollout import HFRolloutEngine, VLLMRolloutEngine
+        from .rollout import HFRolloutEngine, VLLMRolloutEngine, eos_ids
         from .sampler import GaussianRankSampler, MuUpdateConfig, OrderedSampler, UniformSampler
 
         cfg = self.cfg
@@ -506,8 +506,12 @@ class Trainer:
         if cfg.engine == "vllm":
             if cfg.model is None or str(cfg.model).endswith(".gguf"):
                 raise ValueError("engine=vllm needs --model as a Hugging Face folder or Hub id")
-            self.engine = VLLMRolloutEngine(cfg.model, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                            cfg.top_k, seed=cfg.seed)
+            self.engine = VLLMRolloutEngine(
+                str(cfg.model), tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, seed=cfg.seed,
+                max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
+                dtype="bfloat16" if self.autocast_dtype == torch.bfloat16 else "float32",
+                eos_token_ids=eos_ids(tokenizer, model),
+            )
         else:
             self.engine = HFRolloutEngine(model, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                                           batch_size=cfg.gen_batch_size, autocast_dtype=self.autocast_dtype,
