@@ -170,6 +170,8 @@ class AngleProbe:
         early_exit: after measuring, stop the forward by raising :class:`EarlyExit` (no later layers, final
             norm, ``lm_head`` or logits); use :meth:`run` or :func:`probe_forward`.
         backend: ``angle_stats`` backend ("auto", "triton", "cuda", "torch").
+        device: where the batch description lives (it must be the activations' device); default: that of the probed
+            MLP's parameters. Set it (also later, as the attribute) when the MLP owns none, e.g. FSDP1 flat params.
 
     Attributes:
         stats: :class:`AngleStats` of the last real forward (a gradient-checkpointing recomputation in backward
@@ -178,8 +180,10 @@ class AngleProbe:
         layer_index: the resolved (non-negative) layer index.
     """
 
-    def __init__(self, model: nn.Module, layer: int = -1, early_exit: bool = False, backend: str = "auto") -> None:
+    def __init__(self, model: nn.Module, layer: int = -1, early_exit: bool = False, backend: str = "auto",
+                 device: torch.device | str | None = None) -> None:
         self.model = model
+        self.device = torch.device(device) if device is not None else None
         layers = find_decoder_layers(model)
         self.layer_index = resolve_layer(layers, layer)
         self.module = layers[self.layer_index].mlp
@@ -194,6 +198,8 @@ class AngleProbe:
     # -- batch description ------------------------------------------------------------------------------------
 
     def _device(self) -> torch.device:
+        if self.device is not None:
+            return self.device
         param = next(self.module.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
 

@@ -448,22 +448,6 @@ def _non_tensor(data: Any, key: str) -> Any:
     return getattr(value, "data", value)
 
 
-@functools.cache
-def _engine_probe_class() -> type:
-    from gainrl_kernels.probe import AngleProbe
-
-    class EngineAngleProbe(AngleProbe):
-        """``AngleProbe`` that keeps the batch description on the batch's device (under FSDP1 without
-        ``use_orig_params`` an MLP has no parameters of its own to tell the device by)."""
-
-        device: Any = None
-
-        def _device(self):
-            return self.device if self.device is not None else super()._device()
-
-    return EngineAngleProbe
-
-
 class _AngleEngineMixin:
     """verl 0.9.1's ``FSDPEngineWithLMHead`` (``verl/workers/engine/fsdp/transformer_impl.py``) measuring
     ``C_causal`` inside the forward it already runs.
@@ -492,7 +476,9 @@ class _AngleEngineMixin:
         probes = self.__dict__.setdefault("_gainrl_probes", {})
         key = (int(request.get("layer", -1)), str(request.get("backend", "auto")))
         if key not in probes:
-            probes[key] = _engine_probe_class()(self.module, layer=key[0], backend=key[1])
+            from gainrl_kernels.probe import AngleProbe
+
+            probes[key] = AngleProbe(self.module, layer=key[0], backend=key[1])
             probes[key].enabled = False
         self._gainrl_probe = probes[key]
         try:
