@@ -755,17 +755,19 @@ def _join_run_collectively(group: ProcessGroup, out: Path, fingerprint: dict[str
     if any(fp != fingerprint for fp in group.all_gather(fingerprint)):
         raise ValueError("the ranks of this launch see different settings, data or models (run fingerprints "
                          "differ): every rank must get the same arguments and files")
-    error = None
+    # Rank 0 alone reads what is done and deals the rest: a rank reading the partial files itself could see a batch
+    # another rank has just finished, and the ranks would then deal different lists.
+    error, left = None, []
     if group.rank == 0:
         try:
             check_run_file(out, fingerprint, overwrite)
+            done = read_partials(out, n_batches)
+            left = [b for b in range(n_batches) if b not in done]
         except ValueError as e:
             error = str(e)
-    error = group.broadcast(error)
+    error, left = group.broadcast((error, left))
     if error:
         raise ValueError(error)
-    done = read_partials(out, n_batches)
-    left = [b for b in range(n_batches) if b not in done]
     return left[group.rank::group.world_size]
 
 
