@@ -19,12 +19,42 @@
 #     tests.log          pytest -v: tests/test_cuda_backend.py (GPU part), then the Triton kernel tests on CUDA
 #     kernels_bench.log  bench/run_kernels_bench.py table;   kernels_cuda.json  its rows
 #     angle_bench.log    bench/run_angle_bench.py --grid full table and per-case lines;   angle_cuda.json  its rows
+#     score_bench.log    (score step only) model build + bench/score_bench.py runs;   score_gpu.json  its record
+# More than 8 files (all steps at once): the step logs other than env.log are merged into logs.txt.
+#
+# Steps (GAINRL_GPU_CHECK_STEPS, a comma list; default "env,build,tests,kernels,angle" = everything above except
+# score; "default" stands for that list, "all" for it plus score). They run in the order env, build (with the
+# extension check), tests, kernels, score, angle whatever the list's order; the angle grid takes what time is left.
+#
+# The optional `score` step (issue 4: the whole `gainrl score` process against the released per-prompt way, on the
+# GPU, with a 0.5B model) needs nothing downloaded. Prepare once HERE (CPU machine; writes the git-ignored
+# .gpu_carry/, ~3.5 MiB: the embedded SmolLM2 tokenizer + 512 GSM8K questions in JSONL):
+#     .venv/bin/python bench/make_gpu_carry.py
+# then, with the `run` tool (best as its own call, e.g. the session's only one or a later session's):
+#     command:   GAINRL_GPU_CHECK_STEPS=env,score GAINRL_GPU_CHECK_BUDGET=330 bash bench/gpu_check.sh
+#     carry:     [".gpu_carry"]
+#     timeout_s: 420
+# There the step saves a randomly initialised Qwen2.5-0.5B-shaped model (hidden 896, 24 layers, 14 heads, 2 KV
+# heads, MLP 4864, tied embeddings, bf16, vocabulary of the carried tokenizer) to /tmp with
+# `bench/make_gpu_carry.py model` -- wall time does not depend on the weights' values, the scores mean nothing --
+# and runs bench/score_bench.py --repeats 3 on the 512 questions (released / gainrl / gainrl --no-prefix-cache, each
+# its own process, alternating). Estimate (H100): env ~10 s, model ~20-30 s, 9 processes of ~15-25 s each
+# (interpreter + torch/transformers imports + load dominate; the released loop ~5-10 s for 512 prompts, gainrl's
+# forward ~1 s) -> ~3-4.5 min in all, ~5.5-6.5 device minutes with the start-up. score_gpu.json is rewritten after
+# every process, so a cut-off run still leaves its timings. After the default call (570 s) on the same warm machine
+# only ~3 device minutes are left: then use GAINRL_GPU_CHECK_BUDGET=150 GAINRL_GPU_CHECK_SCORE_REPEATS=1, timeout_s
+# 200, or shorten the first call (GAINRL_GPU_CHECK_BUDGET=380, timeout_s 470).
 #
 # Knobs (environment): GAINRL_GPU_CHECK_BUDGET (seconds, default 470); GAINRL_GPU_CHECK_EMULATOR=1 also runs the
 # CPU emulator tests of test_cuda_backend.py (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python,
 # default python3); GAINRL_GPU_CHECK_DRY=1: CPU dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast
 # tests, --smoke / tiny benchmark shapes, default python .venv/bin/python), e.g.
 #     OUT=$(mktemp -d) GAINRL_GPU_CHECK_DRY=1 bash bench/gpu_check.sh
+#     OUT=$(mktemp -d) GAINRL_GPU_CHECK_DRY=1 GAINRL_GPU_CHECK_STEPS=env,score bash bench/gpu_check.sh
+# Score step knobs: GAINRL_GPU_CHECK_SCORE_SIZE (0.5b, 1.5b; dry: tiny), _SCORE_LIMIT (questions, default 512; dry
+# 16), _SCORE_REPEATS (default 3; dry 1), _SCORE_DATA (default .gpu_carry/gsm8k512.jsonl), _SCORE_VOCAB
+# (vocab_size; default the tokenizer's 49152, 151936 is Qwen2.5's), _SCORE_CAP (seconds, default: the time left
+# less 20 s, or 300 s when the angle step follows).
 set -u
 set -o pipefail
 
@@ -36,6 +66,19 @@ DRY=${GAINRL_GPU_CHECK_DRY:-0}
 BUDGET=${GAINRL_GPU_CHECK_BUDGET:-470}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
+DEFAULT_STEPS=env,build,tests,kernels,angle
+STEPS=${GAINRL_GPU_CHECK_STEPS:-$DEFAULT_STEPS}
+STEPS=${STEPS// /}
+STEPS=${STEPS//default/$DEFAULT_STEPS}
+STEPS=${STEPS//all/$DEFAULT_STEPS,score}
+for s in ${STEPS//,/ }; do
+    case $s in
+        env | build | tests | kernels | angle | score) ;;
+        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests kernels score angle, default, all)" >&2
+           exit 2 ;;
+    esac
+done
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 if [ "$DRY" = 1 ]; then
     PY=${GAINRL_GPU_CHECK_PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
     export TRITON_INTERPRET=1
@@ -80,7 +123,7 @@ step() {
     return 0
 }
 
-note "gpu_check.sh  mode=$([ "$DRY" = 1 ] && echo DRY-cpu || echo gpu)  start=$(date -u +%FT%TZ)  budget=${BUDGET}s  python=$PY"
+note "gpu_check.sh  mode=$([ "$DRY" = 1 ] && echo DRY-cpu || echo gpu)  start=$(date -u +%FT%TZ)  budget=${BUDGET}s  python=$PY$([ "$STEPS" != "$DEFAULT_STEPS" ] && echo "  steps=$STEPS")"
 note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo ' (+local changes)')"
 
 # ---------------------------------------------------------------------------------------------------- 1. environment
@@ -111,12 +154,16 @@ EOF
 }
 export PY
 export -f env_report
-step env env.log 60 bash -c env_report
-# Surface the GPU line in the summary.
-note "gpu: $(grep -m1 '^device ' "$OUT/env.log" 2>/dev/null || echo 'none seen')"
+if want env; then
+    step env env.log 60 bash -c env_report
+    # Surface the GPU line in the summary.
+    note "gpu: $(grep -m1 '^device ' "$OUT/env.log" 2>/dev/null || echo 'none seen')"
+fi
 
 # ---------------------------------------------------------------------------------------------------- 2. build
-if [ "$DRY" = 1 ]; then
+if ! want build; then
+    :
+elif [ "$DRY" = 1 ]; then
     note "$(printf '%-16s rc=skipped  (dry run: uses the extension already built here, if any)' build)"
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     note "$(printf '%-16s rc=skipped  (no CUDA device visible to torch: the local build is left alone)' build)"
@@ -150,12 +197,16 @@ raise SystemExit(0 if cpu and (cuda or not torch.cuda.is_available()) else 1)
 EOF
 }
 export -f ext_report
-step ext_check build.log 60 bash -c ext_report
-note "$(grep -m1 '^extension:' "$OUT/build.log" 2>/dev/null || echo 'extension: not checked')"
+if want build; then
+    step ext_check build.log 60 bash -c ext_report
+    note "$(grep -m1 '^extension:' "$OUT/build.log" 2>/dev/null || echo 'extension: not checked')"
+fi
 
 # ---------------------------------------------------------------------------------------------------- 3. parity tests
 PYTEST=("$PY" -m pytest -p no:cacheprovider -v -ra --durations=15 --color=no)
-if [ "$DRY" = 1 ]; then
+if ! want tests; then
+    :
+elif [ "$DRY" = 1 ]; then
     step tests_cuda tests.log 120 "${PYTEST[@]}" tests/test_cuda_backend.py -k "reference_inputs"
     step tests_triton tests.log 120 "${PYTEST[@]}" tests/test_angle_validation.py tests/test_pairwise.py \
         -k "bad_backend or empty_batch or deterministic"
@@ -172,13 +223,80 @@ grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log
     | tee -a "$SUMMARY" >/dev/null
 
 # ---------------------------------------------------------------------------------------------------- 4. benchmarks
-if [ "$DRY" = 1 ]; then
+if ! want kernels; then
+    :
+elif [ "$DRY" = 1 ]; then
     step kernels_bench kernels_bench.log 120 "$PY" bench/run_kernels_bench.py --smoke --out "$OUT/kernels_cuda.json"
+else
+    step kernels_bench kernels_bench.log 150 "$PY" bench/run_kernels_bench.py --out "$OUT/kernels_cuda.json"
+fi
+
+# ---------------------------------------------------------------------------------------------------- 4b. score (opt-in)
+# Issue 4: whole `gainrl score` process vs the released per-prompt way (bench/score_bench.py) on a random-init
+# Qwen2.5-0.5B-shaped model; inputs carried in .gpu_carry/ (bench/make_gpu_carry.py). See the header.
+if want score; then
+    SC_DATA=${GAINRL_GPU_CHECK_SCORE_DATA:-.gpu_carry/gsm8k512.jsonl}
+    SC_TOK=.gpu_carry/tokenizer
+    SC_EXTRA=()
+    if [ "$DRY" = 1 ]; then
+        SC_SIZE=${GAINRL_GPU_CHECK_SCORE_SIZE:-tiny}
+        SC_LIMIT=${GAINRL_GPU_CHECK_SCORE_LIMIT:-16}
+        SC_REPEATS=${GAINRL_GPU_CHECK_SCORE_REPEATS:-1}
+        SC_EXTRA=(--threads 2 --no-variant)
+    else
+        SC_SIZE=${GAINRL_GPU_CHECK_SCORE_SIZE:-0.5b}
+        SC_LIMIT=${GAINRL_GPU_CHECK_SCORE_LIMIT:-512}
+        SC_REPEATS=${GAINRL_GPU_CHECK_SCORE_REPEATS:-3}
+    fi
+    SC_MODEL=${TMPDIR:-/tmp}/gainrl_score_model_$SC_SIZE
+    if [ ! -f "$SC_DATA" ] || [ ! -f "$SC_TOK/tokenizer.json" ]; then
+        note "$(printf '%-16s rc=skipped  (%s or %s missing: run .venv/bin/python bench/make_gpu_carry.py on the CPU machine and name .gpu_carry in carry)' score "$SC_DATA" "$SC_TOK")"
+        FAILED=1
+    elif [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        note "$(printf '%-16s rc=skipped  (no CUDA device visible to torch)' score)"
+        FAILED=1
+    else
+        rm -rf "$SC_MODEL"
+        step score_model score_bench.log 180 "$PY" bench/make_gpu_carry.py model --out "$SC_MODEL" --size "$SC_SIZE" \
+            --tokenizer "$SC_TOK" ${GAINRL_GPU_CHECK_SCORE_VOCAB:+--vocab "$GAINRL_GPU_CHECK_SCORE_VOCAB"}
+        grep -m1 '^random-init' "$OUT/score_bench.log" 2>/dev/null | tee -a "$SUMMARY" >/dev/null
+        if [ -f "$SC_MODEL/config.json" ]; then
+            SC_CAP=$(($(left) - 20))
+            want angle && SC_CAP=300
+            SC_CAP=${GAINRL_GPU_CHECK_SCORE_CAP:-$SC_CAP}
+            [ "$SC_CAP" -lt 15 ] && SC_CAP=15
+            step score_bench score_bench.log "$SC_CAP" "$PY" bench/score_bench.py --data "$SC_DATA" --limit "$SC_LIMIT" \
+                --model "$SC_MODEL" --repeats "$SC_REPEATS" --json "$OUT/score_gpu.json" \
+                --note "random-init Qwen2 $SC_SIZE-shaped model (bench/make_gpu_carry.py model): timings only" \
+                ${SC_EXTRA[@]+"${SC_EXTRA[@]}"}
+        fi
+    fi
+    if [ -f "$OUT/score_gpu.json" ]; then
+        "$PY" - "$OUT/score_gpu.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+r = json.load(open(sys.argv[1]))
+f = lambda d: {k: round(v, 2) for k, v in d.items()}
+if r.get("partial"):
+    print("score_bench PARTIAL (cut off): whole-process walls so far (s):",
+          {k: [round(x, 1) for x in v] for k, v in r["wall_s"].items()})
+else:
+    print(f"score_bench {r['limit']} prompts on {r['machine']['device']} ({r['note']})")
+    print("score_bench whole-process wall median (s):", f(r["wall_s_median"]), "| forward (s):", f(r["forward_s_median"]))
+    print("score_bench speedup vs released, whole process:", f(r["speedup_vs_released"]), "| worst case:",
+          f(r["speedup_vs_released_worst_case"]), "| forward only:", f(r["forward_speedup_vs_released"]))
+    print("score_bench max relative score difference vs released:", r["score_max_rel_diff_vs_released"])
+EOF
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------------- 4c. angle grid
+if ! want angle; then
+    :
+elif [ "$DRY" = 1 ]; then
     step angle_bench angle_bench.log 120 "$PY" bench/run_angle_bench.py --device cpu --cases 2x64x32 1x32x16 \
         --methods released torch_vectorised gainrl_cpp --min-time 0 --max-reps 3 --time-budget 5 \
         --out "$OUT/angle_cuda.json"
 else
-    step kernels_bench kernels_bench.log 150 "$PY" bench/run_kernels_bench.py --out "$OUT/kernels_cuda.json"
     # The grid gets the time that is left, less a margin for the case in flight (the largest take ~10-20 s) and exit.
     T_ANGLE=$(($(left) - 45))
     [ "$T_ANGLE" -lt 10 ] && T_ANGLE=10
@@ -195,6 +313,14 @@ fi
 
 # ---------------------------------------------------------------------------------------------------- 5. summary
 nvidia-smi --query-gpu=temperature.gpu,clocks.sm,clocks_throttle_reasons.active --format=csv,noheader >>"$OUT/env.log" 2>&1
+# The `run` tool brings back 8 files: with more (all steps at once), merge the step logs other than env.log.
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+    for f in build.log tests.log kernels_bench.log angle_bench.log score_bench.log; do
+        [ -f "$OUT/$f" ] || continue
+        { echo "################################################## $f"; cat "$OUT/$f"; } >>"$OUT/logs.txt" && rm "$OUT/$f"
+    done
+    note "over 8 files: build/tests/kernels_bench/angle_bench/score_bench logs merged into logs.txt"
+fi
 note "end=$(date -u +%FT%TZ)  total=$(($(date +%s) - START))s  all steps ok: $([ "$FAILED" = 0 ] && echo yes || echo NO)"
 note "files: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit "$FAILED"

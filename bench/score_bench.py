@@ -128,7 +128,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS / MKL_NUM_THREADS for every run (default: torch's default, all cores)")
     ap.add_argument("--no-variant", action="store_true", help="skip the gainrl --no-prefix-cache run")
-    ap.add_argument("--json", default=None, help="write the results here (e.g. bench/results/score_cpu.json)")
+    ap.add_argument("--json", default=None, help="write the results here (e.g. bench/results/score_cpu.json); "
+                    "rewritten with the runs so far after every run, so a killed job still leaves its timings")
+    ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. 'random-init weights')")
     ap.add_argument("--released-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -170,6 +172,10 @@ def main() -> int:
                 out = tmp / ("gainrl" if name == "gainrl" else "gainrl_np")
                 inner[name].append(json.loads((out / "summary.json").read_text())["timing"])
             print(f"{name:24s} run {rep}: {wall:7.1f} s wall", flush=True)
+            if args.json:  # partial results (replaced by the full record at the end)
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"partial": True, "model": args.model, "note": args.note,
+                                                       "wall_s": walls, "inner_timings": inner}, indent=1) + "\n")
 
     # same numbers? (released in the model dtype with an L x L matrix; gainrl with O(L D) statistics)
     released = {i: s for i, s in json.loads((tmp / "released.json").read_text())["scores"]}
@@ -187,6 +193,7 @@ def main() -> int:
         "data": args.data,
         "limit": args.limit,
         "model": args.model,
+        "note": args.note,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "threads_env": args.threads, "torch": torch.__version__,
                     "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()},
