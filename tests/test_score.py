@@ -15,7 +15,7 @@ from gainrl.cli import main  # noqa: E402
 from gainrl.score import correlations, descending_order, plan_batches, shared_prefix_length  # noqa: E402
 from gainrl_kernels.naive import naive_angle_metrics  # noqa: E402
 from gainrl_kernels.probe import find_decoder_layers  # noqa: E402
-from tiny_models import chat_tokenizer, tiny_lm  # noqa: E402
+from tiny_models import save_tiny_chat_model  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "score_small.jsonl"
 VALID = [0, 1, 3, 4, 5, 7, 9]  # rows with a question
@@ -28,10 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_model")
-    tiny_lm("llama", seed=3).save_pretrained(path)
-    chat_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny_model"), seed=3)
 
 
 def run_cli(out: Path, model_dir: Path, *extra: str) -> int:

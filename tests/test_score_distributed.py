@@ -15,17 +15,14 @@ pytest.importorskip("transformers")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
 
-from tiny_models import chat_tokenizer, tiny_lm  # noqa: E402
+from tiny_models import save_tiny_chat_model  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "score_small.jsonl"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_model_dist")
-    tiny_lm("llama", seed=5).save_pretrained(path)
-    chat_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny_model_dist"), seed=5)
 
 
 def score(out: Path, model_dir: Path, nproc: int) -> subprocess.CompletedProcess:

@@ -62,3 +62,10 @@ def tiny_lm(kind: str = "llama", vocab_size: int = 400, seed: int = 0, layers: i
         raise ValueError(kind)
     model.set_attn_implementation("eager")
     return model.eval()
+
+
+def save_tiny_chat_model(path, kind: str = "llama", seed: int = 0):
+    """Save :func:`tiny_lm` with :func:`chat_tokenizer` to ``path`` (a folder `--model` accepts); returns ``path``."""
+    tiny_lm(kind, seed=seed).save_pretrained(path)
+    chat_tokenizer().save_pretrained(path)
+    return path
