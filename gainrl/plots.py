@@ -10,24 +10,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+from .jsonl import read_jsonl
 
 
 def _num(v: Any) -> float:
@@ -116,11 +104,11 @@ def plot_run(run: str | os.PathLike) -> list[Path]:
     import matplotlib.pyplot as plt
 
     run = Path(run)
-    metrics = _rows(run / "metrics.jsonl")
+    metrics = read_jsonl(run / "metrics.jsonl")
     if not metrics:
         raise FileNotFoundError(f"{run}: no metrics.jsonl rows to plot (is it a gainrl train run folder?)")
-    evals = _rows(run / "eval.jsonl")
-    epochs = _rows(run / "epochs.jsonl")
+    evals = read_jsonl(run / "eval.jsonl")
+    epochs = read_jsonl(run / "epochs.jsonl")
     cfg: dict = {}
     if (run / "config.yaml").is_file():
         import yaml

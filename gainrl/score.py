@@ -659,11 +659,10 @@ def _run_score(opts: ScoreOptions, device: Any, group: ProcessGroup | None, t_st
         todo = _join_run_collectively(group, out, fingerprint, opts.overwrite, len(plan))
     else:
         todo = _join_run_by_files(opts, out, fingerprint, len(plan))
-    done = read_partials(out, len(plan))
     n_todo = sum(len(plan[b]) for b in todo)
-    # the progress bar counts this rank's share: under torchrun the leftovers alone (they are dealt afresh)
-    n_mine = n_todo if group is not None else n_todo + sum(
-        len(plan[b]) for b in range(opts.rank, len(plan), opts.world_size) if b in done)
+    # the progress bar counts this rank's share: under torchrun the leftovers alone (they are dealt afresh), else
+    # its fixed batches rank, rank + W, … of which the others are done
+    n_mine = n_todo if group is not None else sum(len(plan[b]) for b in range(opts.rank, len(plan), opts.world_size))
     partial = out / f"scores.partial.rank{opts.rank}.jsonl"
     _repair_partial(partial)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .checkpoint import atomic_write_text, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, save_config
 from .data import Example
 from .grpo import group_advantages, policy_loss, token_logprobs
+from .jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -140,21 +140,6 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
         f.flush()
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a JSONL log (a torn last line, from a crash mid-write, is ignored)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    rows = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:

@@ -328,6 +328,14 @@ def _reduce_kernel(
 
 
 @triton.jit
+def _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d):
+    """The [BLOCK_T, BLOCK_D] tiles of x and dy at rows ``rows64`` and columns ``dd`` (masked by ``m``), as fp32."""
+    x = tl.load(x_ptr + rows64[:, None] * sx_r + dd[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + rows64[:, None] * sdy_r + dd[None, :] * sdy_d, mask=m, other=0.0).to(tl.float32)
+    return x, dy
+
+
+@triton.jit
 def _bwd_kernel(
     x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, part_dw_ptr,
     R, D, rows_per_prog, sx_r, sx_d, sdy_r, sdy_d,
@@ -347,8 +355,7 @@ def _bwd_kernel(
         rows64 = rows.to(tl.int64)
         m = r_ok[:, None] & d_ok[None, :]
         rstd = tl.load(rstd_ptr + rows, mask=r_ok, other=0.0)
-        x = tl.load(x_ptr + rows64[:, None] * sx_r + dd[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows64[:, None] * sdy_r + dd[None, :] * sdy_d, mask=m, other=0.0).to(tl.float32)
+        x, dy = _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d)
         n = x * rstd[:, None]
         g = dy * w[None, :]
         c = tl.sum(g * n, axis=1) / D
@@ -381,8 +388,7 @@ def _bwd_blocked_kernel(
             d_ok = dd < D
             m = r_ok[:, None] & d_ok[None, :]
             w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + rows64[:, None] * sx_r + dd[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + rows64[:, None] * sdy_r + dd[None, :] * sdy_d, mask=m, other=0.0).to(tl.float32)
+            x, dy = _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d)
             gx += tl.sum(dy * w[None, :] * x, axis=1)
         c = gx * rstd / D  # mean(g·n) with n = x·rstd
         # the previous tile's partial-dw stores must be visible to every thread before they are re-read
@@ -392,8 +398,7 @@ def _bwd_blocked_kernel(
             d_ok = dd < D
             m = r_ok[:, None] & d_ok[None, :]
             w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + rows64[:, None] * sx_r + dd[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + rows64[:, None] * sdy_r + dd[None, :] * sdy_d, mask=m, other=0.0).to(tl.float32)
+            x, dy = _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d)
             n = x * rstd[:, None]
             dx = rstd[:, None] * (dy * w[None, :] - n * c[:, None])
             tl.store(dx_ptr + rows64[:, None] * D + dd[None, :], _round_to(dx, XT).to(XT), mask=m)

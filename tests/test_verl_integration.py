@@ -329,6 +329,29 @@ def v1_kwargs(**overrides):
     return kw
 
 
+def next_gen_batch(it, new_iter):
+    """verl's ``_fetch_one_gen_batch``: ``(iterator, next batch)``, starting a new pass (``new_iter()``) when the
+    current one is exhausted or there is none yet."""
+    if it is not None:
+        try:
+            return it, next(it)
+        except StopIteration:
+            pass
+    it = new_iter()
+    return it, next(it)
+
+
+def put_rollouts(tq, step: int, rows: list[int], **fields) -> None:
+    """The rollouts of one step landing in TransferQueue: per prompt row a finished prompt group and N_GEN
+    trajectories whose fields are ``fields[name](row, j)``."""
+    for p, r in enumerate(rows):
+        uid = f"s{step}p{p}"
+        tq.kv_batch_put([uid], "train", tags=[{"is_prompt": True, "status": "finished", "order": p}])
+        keys = [f"{uid}_{j}_0" for j in range(N_GEN)]
+        tq.kv_batch_put(keys, "train", fields={name: [fn(r, j) for j in range(N_GEN)] for name, fn in fields.items()},
+                        tags=[{"row": r, "j": j} for j in range(N_GEN)])
+
+
 def run_v1(tq, ckpt_dir: Path, steps: int, sampler_kwargs: dict, workers: int = 0, start_step: int = 1,
            feed_angles: bool = False, save_freq: int = 0):
     """verl 0.9.1 PPOTrainerSync.fit, reduced to the calls that touch our plug-ins."""
@@ -357,23 +380,10 @@ def run_v1(tq, ckpt_dir: Path, steps: int, sampler_kwargs: dict, workers: int = 
     fetched = []
     for step in range(start_step, start_step + steps):
         # prepare_step -> _add_batch_to_generate -> _fetch_one_gen_batch
-        try:
-            if it is None:
-                raise StopIteration
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
+        it, batch = next_gen_batch(it, lambda: iter(loader))
         rows = [item["row"] for item in batch]
         fetched.append(rows)
-        # rollouts land in the transfer queue: prompt groups + trajectories with rm_scores
-        for p, r in enumerate(rows):
-            uid = f"s{step}p{p}"
-            tq.kv_batch_put([uid], "train", tags=[{"is_prompt": True, "status": "finished", "order": p}])
-            keys = [f"{uid}_{j}_0" for j in range(N_GEN)]
-            scores = [torch.tensor([0.0, 0.0, verdict(r, j)]) for j in range(N_GEN)]
-            tq.kv_batch_put(keys, "train", fields={"rm_scores": scores}, tags=[{"row": r, "j": j}
-                                                                               for j in range(N_GEN)])
+        put_rollouts(tq, step, rows, rm_scores=lambda r, j: torch.tensor([0.0, 0.0, verdict(r, j)]))
         sampled, metrics = buffer.sample(global_steps=step, partition_id="train", batch_size=TBS)
         assert len(sampled.keys) == TBS * N_GEN and "gainrl/mu" in metrics
         if feed_angles:  # a trainer that measured C_causal in the actor's old-log-prob forward
@@ -850,22 +860,11 @@ def run_v1_trainer(tq, model, steps: int, sampler_kwargs: dict, monkeypatch, tra
     trainer.init()
     it, fetched, step_metrics = None, [], []
     for step in range(1, steps + 1):
-        try:
-            if it is None:
-                raise StopIteration
-            batch = next(it)
-        except StopIteration:
-            it = iter(DataLoader(train, batch_size=TBS, sampler=SequentialSampler(train), collate_fn=list))
-            batch = next(it)
+        it, batch = next_gen_batch(
+            it, lambda: iter(DataLoader(train, batch_size=TBS, sampler=SequentialSampler(train), collate_fn=list)))
         rows = [item["row"] for item in batch]
         fetched.append(rows)
-        for p, r in enumerate(rows):
-            uid = f"s{step}p{p}"
-            tq.kv_batch_put([uid], "train", tags=[{"is_prompt": True, "status": "finished", "order": p}])
-            keys = [f"{uid}_{j}_0" for j in range(N_GEN)]
-            tq.kv_batch_put(keys, "train", fields={
-                "rm_scores": [torch.tensor([0.0, verdict(r, j)]) for j in range(N_GEN)],
-                "input_ids": [trajectory(r, j) for j in range(N_GEN)]}, tags=[{"row": r, "j": j} for j in range(N_GEN)])
+        put_rollouts(tq, step, rows, rm_scores=lambda r, j: torch.tensor([0.0, verdict(r, j)]), input_ids=trajectory)
         metrics: dict = {}
         batch_meta = trainer._step_once(metrics)
         step_metrics.append(metrics)
