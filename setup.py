@@ -1,11 +1,23 @@
-"""Builds gainrl_kernels._C from csrc/: the C++ CPU kernels always, the CUDA kernels (csrc/*.cu) only when torch
-has CUDA and nvcc is found. Install with `pip install --no-build-isolation -e .` (the build needs the installed torch).
+"""Builds gainrl_kernels._C from csrc/: the C++ CPU kernels always, the CUDA kernels only when torch has CUDA and
+nvcc is found. Install with `pip install --no-build-isolation -e .` (the build needs the installed torch).
+
+Which csrc/ file goes into which build (by file name):
+  * csrc/*.cpp without "_cuda" in the name (e.g. angle_stats_cpu.cpp): g++, every build (CppExtension or
+    CUDAExtension); must not need CUDA headers.
+  * csrc/*_cuda*.cpp (e.g. angle_stats_cuda_binding.cpp): g++, CUDA build only. The torch-facing host code of the
+    CUDA ops: argument checks (TORCH_CHECK), allocation, CUDAGuard, stream, C10_CUDA_CHECK, TORCH_LIBRARY_IMPL(...,
+    CUDA, ...). Includes c10/cuda headers and cuda_runtime_api.h.
+  * csrc/*.cu: nvcc, CUDA build only. Device code plus plain launchers returning cudaError_t, declared in small
+    host-only headers (e.g. csrc/angle_stats_launch.h); nothing in a .cu may throw (no TORCH_CHECK, C10_CUDA_CHECK
+    or at:: allocation): a c10::Error thrown from nvcc-compiled host code crashed the process on a GPU. This is the
+    flash-attention layout; tests/test_csrc_compile.py checks the rule and compiles the bindings with g++.
 
 Environment: GAINRL_NO_EXT=1 skips the extension; GAINRL_CPU_ARCH (default "native") is passed to -march;
 TORCH_CUDA_ARCH_LIST picks CUDA archs (default "8.0;9.0a").
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 
@@ -20,8 +32,10 @@ def extensions():
 
     march = os.environ.get("GAINRL_CPU_ARCH", "native")
     cxx = ["-O3", "-fopenmp", f"-march={march}"]
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    all_cpp = sorted(glob.glob("csrc/*.cpp"))
+    cuda_cpp = [f for f in all_cpp if fnmatch.fnmatch(os.path.basename(f), "*_cuda*.cpp")]  # CUDA-only bindings
+    sources = [f for f in all_cpp if f not in cuda_cpp]
+    cuda_sources = cuda_cpp + sorted(glob.glob("csrc/*.cu"))
     if torch.version.cuda and CUDA_HOME and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"]

@@ -17,14 +17,16 @@
 #     env.log            nvidia-smi, nvcc, Python/torch/triton/... versions, CPU/memory
 #     build.log          python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0), ptxas -v register report
 #     tests.log          pytest -v: tests/test_cuda_backend.py (GPU part), then the Triton kernel tests on CUDA
-#     kernels_bench.log  bench/run_kernels_bench.py table;   kernels_cuda.json  its rows
+#     kernels_bench.log  bench/fused_variants.py then bench/run_kernels_bench.py tables;   kernels_cuda.json  the
+#                        kernel bench rows;   fused_variants.json  fused RMSNorm+angle launch variants (graph-timed)
 #     angle_bench.log    bench/run_angle_bench.py --grid full table and per-case lines;   angle_cuda.json  its rows
 #     score_bench.log    (score step only) model build + bench/score_bench.py runs;   score_gpu.json  its record
 # More than 8 files (all steps at once): the step logs other than env.log are merged into logs.txt.
 #
-# Steps (GAINRL_GPU_CHECK_STEPS, a comma list; default "env,build,tests,kernels,angle" = everything above except
-# score; "default" stands for that list, "all" for it plus score). They run in the order env, build (with the
-# extension check), tests, kernels, score, angle whatever the list's order; the angle grid takes what time is left.
+# Steps (GAINRL_GPU_CHECK_STEPS, a comma list; default "env,build,tests,variants,kernels,angle" = everything above
+# except score; "default" stands for that list, "all" for it plus score). They run in the order env, build (with the
+# extension check), tests, variants, kernels, score, angle whatever the list's order; the angle grid takes what time
+# is left.
 #
 # The optional `score` step (issue 4: the whole `gainrl score` process against the released per-prompt way, on the
 # GPU, with a 0.5B model) needs nothing downloaded. Prepare once HERE (CPU machine; writes the git-ignored
@@ -66,15 +68,15 @@ DRY=${GAINRL_GPU_CHECK_DRY:-0}
 BUDGET=${GAINRL_GPU_CHECK_BUDGET:-470}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
-DEFAULT_STEPS=env,build,tests,kernels,angle
+DEFAULT_STEPS=env,build,tests,variants,kernels,angle
 STEPS=${GAINRL_GPU_CHECK_STEPS:-$DEFAULT_STEPS}
 STEPS=${STEPS// /}
 STEPS=${STEPS//default/$DEFAULT_STEPS}
 STEPS=${STEPS//all/$DEFAULT_STEPS,score}
 for s in ${STEPS//,/ }; do
     case $s in
-        env | build | tests | kernels | angle | score) ;;
-        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests kernels score angle, default, all)" >&2
+        env | build | tests | variants | kernels | angle | score) ;;
+        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants kernels score angle, default, all)" >&2
            exit 2 ;;
     esac
 done
@@ -216,13 +218,23 @@ else
     [ "${GAINRL_GPU_CHECK_EMULATOR:-0}" = 1 ] && CUDA_K=""
     step tests_cuda tests.log 150 "${PYTEST[@]}" tests/test_cuda_backend.py ${CUDA_K:+-k "$CUDA_K"}
     # Separate process: a CUDA fault in the extension cannot poison the Triton run.
+    # GAINRL_GPU_CHECK_TRITON_K: a pytest -k filter for this half (e.g. "not torch_compile_fullgraph", ~40 s)
+    TRITON_K=${GAINRL_GPU_CHECK_TRITON_K:-}
     step tests_triton tests.log 240 "${PYTEST[@]}" tests/test_angle_stats.py tests/test_rmsnorm_angle.py \
-        tests/test_pairwise.py tests/test_angle_validation.py
+        tests/test_pairwise.py tests/test_angle_validation.py ${TRITON_K:+-k "$TRITON_K"}
 fi
 grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log" 2>/dev/null | sed 's/^/pytest: /' \
     | tee -a "$SUMMARY" >/dev/null
 
 # ---------------------------------------------------------------------------------------------------- 4. benchmarks
+# Launch-shape variants of the fused RMSNorm + angle forward (each checked against the default, CUDA-graph timed).
+if ! want variants; then
+    :
+elif [ "$DRY" = 1 ]; then
+    step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --smoke --out "$OUT/fused_variants.json"
+else
+    step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --out "$OUT/fused_variants.json"
+fi
 if ! want kernels; then
     :
 elif [ "$DRY" = 1 ]; then

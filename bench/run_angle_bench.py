@@ -117,6 +117,8 @@ def run_case(batch, length, dim, args, fns) -> list[dict]:
         except torch.OutOfMemoryError:
             row.update(status="skipped: out of memory")
             torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 -- one method failing (e.g. an Inductor bug) must not stop the grid
+            row.update(status=f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}")
         rows.append(row)
         print(f"  {name:18s} B={batch:<3d} L={length:<6d} D={dim:<5d} {row.get('seconds', float('nan')) * 1e3:10.3f} ms  {row['status']}", file=sys.stderr)
     released = next((r["seconds"] for r in rows if r["method"] == "released" and r["status"] == "ok"), None)

@@ -1,6 +1,14 @@
-// Hand-written CUDA angle_stats kernels (DESIGN.md §1, §3). Header-light on purpose: only CUDA headers, no torch,
-// so the device code compiles (and is checked for register spills by tests/test_csrc_compile.py) anywhere nvcc is.
-// The torch binding is csrc/angle_stats_cuda.cu.
+// Hand-written CUDA angle_stats kernels (DESIGN.md §1, §3): the device code and the inline host launcher
+// launch_angle_stats. Header-light on purpose: only CUDA headers, no torch, so the device code compiles (and is
+// checked for register spills by tests/test_csrc_compile.py) anywhere nvcc is. What lives where:
+//   csrc/angle_stats_launch.h          plain host interface (DType, Args, sizing helpers, launch() declaration);
+//                                      included here and by the g++-compiled binding;
+//   csrc/angle_stats_kernels.cuh       (this file) kernels + launch_angle_stats; nvcc only (and the g++ CPU
+//                                      emulator of tests/test_cuda_backend.py, under GAINRL_CUDA_EMULATOR);
+//   csrc/angle_stats_cuda.cu           nvcc: instantiates everything, defines the exported launch(); never throws;
+//   csrc/angle_stats_cuda_binding.cpp  g++: the torch binding (argument checks, allocation, CUDAGuard, stream,
+//                                      C10_CUDA_CHECK, TORCH_LIBRARY_IMPL(gainrl, CUDA)).
+// Nothing in this file throws: errors are returned as cudaError_t.
 //
 // Op: hidden [T, D] (fp32 / fp16 / bf16, any strides), cu_seqlens [B+1] int32, seg_offsets [B, K+1] int32 (relative
 // to each sequence start)  ->  unit_sum [B, K, D] f32 = Σ_{t∈(b,k)} u_t,  count [B, K] i32,  sq_norm [B, K] f32 =
@@ -40,17 +48,14 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "angle_stats_launch.h"  // kChunkRows, kMaxThreads, DType, Args, max_chunks, vectorizable, ...
+
 namespace gainrl {
 namespace angle_stats {
 
-constexpr int kChunkRows = 64;      // rows per chunk (work item of chunk_kernel)
-constexpr int kMaxThreads = 512;    // chunk_kernel block size limit; launch bounds (512, 2) for NT <= 2 cap the
-                                    // registers at 64 (two blocks per SM), (512, 1) for NT >= 4 at 128
 constexpr int kPlanThreads = 1024;  // plan_kernel block size
 constexpr int kReduceThreads = 256;
 constexpr float kEps = 1e-12f;
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ------------------------------------------------------------------------------------------------ device helpers
 
@@ -344,41 +349,7 @@ __global__ void __launch_bounds__(kReduceThreads)
 
 // ------------------------------------------------------------------------------------------------ host launcher
 
-// Upper bound on the number of chunks: Σ_s cdiv(n_s, C) <= Σ_s (n_s / C + 1) <= T / C + B*K.
-inline int64_t max_chunks(int64_t T, int64_t BK) { return (T + kChunkRows - 1) / kChunkRows + BK; }
-
-struct Args {
-  const void* hidden;  // [T, D] element type `dtype`
-  int64_t T, D, stride_t, stride_d;
-  const int* cu_seqlens;   // [B+1] device
-  const int* seg_offsets;  // [B, K+1] device, contiguous
-  int64_t B, K;
-  // outputs (device): unit_sum [B*K*D], count [B*K], sq_norm [B*K], adjacent [B]
-  float* unit_sum;
-  int* count;
-  float* sq_norm;
-  float* adjacent;
-  // workspace (device): chunk_start [B*K+1], part_sum [max_chunks*D], part_sq / part_adj [max_chunks]
-  int* chunk_start;
-  float* part_sum;
-  float* part_sq;
-  float* part_adj;
-};
-
-inline int element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
-
-// The fast path needs unit column stride, 16-byte aligned rows and D a multiple of the vector width.
-inline bool vectorizable(const Args& a, DType dt) {
-  const int es = element_size(dt), vec = 16 / es;
-  return (a.stride_d == 1 || a.D <= 1) && a.D % vec == 0 && reinterpret_cast<uintptr_t>(a.hidden) % 16 == 0 &&
-         (a.stride_t * es) % 16 == 0;
-}
-
-// Loads per thread per row: vectorized NT in {1, 2, 4} (and 8 for fp32), strided 16.
-inline int max_supported_dim(DType dt, bool vectorized) {
-  if (!vectorized) return kMaxThreads * 16;
-  return dt == DType::kFloat32 ? kMaxThreads * 8 * 4 : kMaxThreads * 4 * 8;
-}
+// DType, Args, max_chunks, element_size, vectorizable and max_supported_dim: csrc/angle_stats_launch.h.
 
 inline unsigned round_up_warp(int64_t n) { return static_cast<unsigned>(n <= 32 ? 32 : (n + 31) / 32 * 32); }
 
@@ -427,8 +398,10 @@ inline void dispatch_chunks(const Args& a, bool vectorized, int grid, cudaStream
   }
 }
 
-// Enqueues the three kernels on `stream` (no synchronisation). Outputs and workspace as in Args; the caller
-// zero-fills `adjacent` when K == 0 (B*K == 0: nothing is launched) and keeps T, max_chunks < 2^31.
+// Enqueues the three kernels on `stream` (no synchronisation, no exceptions). Outputs and workspace as in Args; the
+// caller zero-fills `adjacent` when K == 0 (B*K == 0: nothing is launched) and keeps T, max_chunks < 2^31.
+// The extension calls it through the exported gainrl::angle_stats::launch (csrc/angle_stats_cuda.cu); the CPU
+// emulator calls it directly.
 inline cudaError_t launch_angle_stats(const Args& a, DType dt, cudaStream_t stream) {
   const int64_t BK = a.B * a.K;
   if (BK == 0) return cudaSuccess;

@@ -39,7 +39,7 @@ def angle_stats(
     if seg_offsets is None:
         seg_offsets = whole_sequence_offsets(cu_seqlens)
     validate.check_seg_offsets(seg_offsets, cu_seqlens, values)
-    problem = ops.backend_problem(backend, hidden.device)
+    problem = ops.backend_problem(backend, hidden.device, hidden)
     if problem:
         raise ValueError(problem)
     return AngleStats(*torch.ops.gainrl.angle_stats(hidden.detach(), cu_seqlens, seg_offsets, backend))

@@ -2,7 +2,9 @@
 
 Both are custom ops with CPU, CUDA and fake (meta) implementations, so they trace under ``torch.compile``
 (fullgraph) and capture in CUDA graphs. The backend string picks the kernel:
-  auto   -> CUDA tensors: Triton (D > 8192: the CUDA extension, else PyTorch); CPU tensors: the compiled C++ kernel (PyTorch fallback if not built)
+  auto   -> CUDA tensors: the CUDA extension when built (faster than Triton at every measured shape: 1.6-4x on
+            an H200, bench/results/kernels_cuda_h200.json), else Triton (D > 8192: PyTorch);
+            CPU tensors: the compiled C++ kernel (PyTorch fallback if not built)
   triton -> the Triton kernel (CPU tensors only under TRITON_INTERPRET=1)
   cuda   -> the hand-written CUDA kernel of the extension (CUDA tensors, extension built with CUDA)
   torch  -> CPU: the compiled C++ kernel (PyTorch fallback if not built); CUDA: the vectorised PyTorch version
@@ -25,12 +27,26 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def backend_problem(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run on ``device`` (None when it can)."""
+MAX_CUDA_DIM = 8192  # the CUDA kernel's row width for any layout (csrc/angle_stats_launch.h, max_supported_dim)
+MAX_CUDA_DIM_VECTOR = 16384  # ... when rows can be read 16 bytes at a time (D a multiple of 16 / element size)
+
+
+def cuda_ext_supports(hidden: torch.Tensor) -> bool:
+    """Whether the CUDA extension's kernel takes rows this wide (it copies strided wide rows to contiguous)."""
+    dim = hidden.shape[-1]
+    return dim <= MAX_CUDA_DIM or (dim <= MAX_CUDA_DIM_VECTOR and dim % (16 // hidden.element_size()) == 0)
+
+
+def backend_problem(backend: str, device: torch.device, hidden: torch.Tensor | None = None) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None when it can); ``hidden`` adds the width check."""
     if backend == "triton" and not _triton_usable(device):
         return "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the interpreter on CPU)"
     if backend == "cuda" and not (device.type == "cuda" and extension.has_ext_kernel("cuda")):
         return "backend='cuda' needs CUDA tensors and gainrl_kernels._C built with CUDA (setup.py on a CUDA machine)"
+    if backend == "cuda" and hidden is not None and not cuda_ext_supports(hidden):
+        return (f"hidden: D = {hidden.shape[-1]} is wider than backend='cuda' supports (D <= {MAX_CUDA_DIM}, or "
+                f"<= {MAX_CUDA_DIM_VECTOR} when D is a multiple of {16 // hidden.element_size()}); "
+                "use backend='triton', 'torch' or 'auto'")
     return None
 
 
@@ -46,12 +62,15 @@ def angle_stats_op(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(unit_sum [B,K,D] f32, count [B,K] i32, sq_norm [B,K] f32, adjacent [B] f32); inputs as in DESIGN.md §3."""
-    problem = backend_problem(backend, hidden.device)
+    problem = backend_problem(backend, hidden.device, hidden)
     if problem:
         raise ValueError(problem)
     on_cuda = hidden.device.type == "cuda"
-    if backend == "auto" and on_cuda and hidden.shape[1] > MAX_TRITON_DIM:
-        backend = "cuda" if extension.has_ext_kernel("cuda") else "torch"
+    if backend == "auto" and on_cuda:
+        if extension.has_ext_kernel("cuda") and cuda_ext_supports(hidden):
+            backend = "cuda"
+        elif hidden.shape[1] > MAX_TRITON_DIM:
+            backend = "torch"
     if backend == "triton" or (backend == "auto" and on_cuda):
         from .triton_angle import angle_stats_triton  # deferred: importing triton costs ~1 s
 

@@ -24,20 +24,24 @@ Shapes and dtypes:
                  by :func:`padded_to_cu_seqlens` for padded [N, L, D] batches. Each sequence must occupy
                  consecutive rows in order (left or right padding). None: packed token t is row t.
 
-Forward algorithm (one launch + one small reduce launch; no host sync, no atomics):
-  * The R rows are cut into regions in row order: gap, sequence 0, gap, sequence 1, ..., gap (gaps = rows in no
-    sequence, e.g. padding). Each region is cut into chunks of BLOCK_T rows; a chunk never straddles two
-    sequences. The work list (first row, row count, sequence per program) is computed on the device; the grid is
-    the bound cdiv(R, BLOCK_T) + 2B + 1, spare programs exit at once.
-  * A program (BLOCK_T = 32 rows, BLOCK_D <= 64, 8 warps: no register spills on sm_90) loops over D in BLOCK_D
-    slices: pass A sums x² per row (rstd, saved for backward); pass B writes y
-    and, for rows inside [o_0, o_K) of its sequence, accumulates ||y_t||², ||y_{t+1}||² and y_t·y_{t+1} (row t+1
-    is loaded shifted by one, so pairs that cross chunk and segment boundaries are counted, once, by the chunk
-    holding t); pass C re-reads x (L1/L2 hits), recomputes y, scales by 1 / max(||y||, 1e-12) and writes the
-    per-segment sums of the chunk as fp32 partials ``[chunk, K, D]`` (a static loop over K, K a constexpr),
-    together with the chunk's q and adjacent partials.
-  * ``_reduce_kernel`` sums each sequence's partials in chunk order: the statistics are deterministic (bitwise
+Forward algorithm (three launches with statistics, one without; no host sync, no atomics):
+  * ``_plan_kernel`` (one program) builds the work list on the device: per sequence the regions gap (rows in no
+    sequence, e.g. padding), [0, o_0), the K segments [o_k, o_k+1), [o_K, len), then the gap after the last
+    sequence; each region cut into chunks of at most ``chunk`` rows (128, fewer when there are under ~4 chunks
+    per multiprocessor), so a chunk lies inside one segment or outside all of them. The grid is the bound
+    cdiv(R, chunk) + B (K + 3) + 1; spare programs exit at once. Without statistics there is no work list: the
+    kernels derive consecutive chunks from the program id.
+  * ``_fwd_rows_kernel`` (next_pow2(D) <= 8192): whole rows in registers, x read once. From BLOCK_D = 1024 on one
+    row per step: y_{t-1} stays in registers for the adjacent term, row t+1 is prefetched while row t is
+    computed (and, for the chunk's last pair, the row after the chunk). Narrower rows take [BLOCK_T, BLOCK_D]
+    steps and reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12),
+    ||u||² and the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
+  * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
+    the norms and pair dots, then the unit vectors; later passes hit the cache).
+  * ``_reduce_kernel`` sums each segment's partials in chunk order: the statistics are deterministic (bitwise
     run to run). ``count`` is exact integer arithmetic on the clamped offsets.
+Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
+rounding is done on the fp32 bits (below).
 
 Backward (``torch.autograd.Function``): gradients of the RMSNorm only (the statistics are outputs marked
 non-differentiable). With g = dy·w and n = x·rstd (fp32, the casts treated as identity, as autograd does):
@@ -51,9 +55,9 @@ Each program walks a contiguous range of rows (grid <= 4 x SMs) and owns one fp3
     the program's partial row in global memory (read-modify-write behind a barrier; same order every run).
 Both are spill-free at sm_80 / sm_90a (tests/test_triton_compile.py lowers the launcher's configs up to D = 16384).
 
-bf16 rounding is done with an explicit round-to-nearest-even on the fp32 bits (``_round_to``): identical on GPU
-and under ``TRITON_INTERPRET=1``, whose own fp32 -> bf16 cast truncates and whose bf16 arithmetic is wrong (bf16
-is stored as uint16 there), so kernels never compute in bf16.
+Under ``TRITON_INTERPRET=1`` bf16 rounding is an explicit round-to-nearest-even on the fp32 bits (``_round_to``,
+``_rms_out``): the interpreter's own fp32 -> bf16 cast truncates and its bf16 arithmetic is wrong (bf16 is stored
+as uint16 there), so kernels never compute in bf16. The backward uses it on the GPU too.
 """
 from __future__ import annotations
 
@@ -65,7 +69,6 @@ import triton.language as tl
 from torch import nn
 
 from .types import AngleStats
-from .triton_segments import segment_ids as _segment_ids
 from .validate import (
     check_cu_seqlens_meta,
     check_cu_seqlens_values,
@@ -186,17 +189,21 @@ def _round_to(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rms_out(x, rstd, w, YT: tl.constexpr):
+def _rms_out(x, rstd, w, YT: tl.constexpr, NATIVE_CAST: tl.constexpr):
     """y = round(w * round(x * rstd)) with round = to the nearest YT value, as fp32 (HF LlamaRMSNorm).
 
-    Same rounding as ``_round_to``, written inline (step 0 rounds n, step 1 rounds w * n): every nested jit call
+    NATIVE_CAST (compiled GPU code): the hardware's round-to-nearest-even conversion. Otherwise (interpreter) the
+    same rounding on the fp32 bits, written inline (step 0 rounds n, step 1 rounds w * n): every nested jit call
     costs a language re-patch in the interpreter, and this runs once per tile and pass.
     """
     y = x * rstd[:, None]
     for step in tl.static_range(2):
         if step == 1:
             y = w[None, :] * y
-        if YT == tl.bfloat16:
+        if NATIVE_CAST:
+            if YT != tl.float32:
+                y = y.to(YT).to(tl.float32)
+        elif YT == tl.bfloat16:
             bits = y.to(tl.uint32, bitcast=True)
             bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
             y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
@@ -206,125 +213,353 @@ def _rms_out(x, rstd, w, YT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr,
-    item_row0_ptr, item_nrows_ptr, item_seq_ptr,
-    seq_row0_ptr, seq_len_ptr, off_ptr,
-    part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, stride_d, eps,
-    YT: tl.constexpr, K: tl.constexpr, STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+def _plan_kernel(
+    cu_ptr, off_ptr, tok_ptr, n_packed, B, R, chunk, grid,
+    item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr,
+    K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
+    """The forward's work list in one program (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the
+    last sequence end and the chunk count across blocks; then spare items (0 rows) up to ``grid``."""
+    zero = tl.zeros([BLOCK_B], dtype=tl.int64)
+    prev_max = tl.zeros([], dtype=tl.int64)  # largest sequence end so far
+    n_items = tl.zeros([], dtype=tl.int64)  # chunks written so far
+    for b0 in range(0, B, BLOCK_B):
+        bi = b0 + tl.arange(0, BLOCK_B)
+        ok = bi < B
+        first, length = _seq_span(cu_ptr, tok_ptr, n_packed, bi, ok, HAS_TOK)
+        p_first, p_length = _seq_span(cu_ptr, tok_ptr, n_packed, bi - 1, ok & (bi > b0), HAS_TOK)
+        p_end = tl.where(p_length > 0, p_first + p_length, 0)
+        # end of the previous non-empty sequences: an exclusive running max over the block, with the carry
+        prev_end = tl.maximum(tl.associative_scan(p_end, 0, _max_i64), prev_max)
+        start = tl.where(length > 0, first, prev_end)  # empty sequences sit where the last one ended
+        prev_max = tl.maximum(prev_max, tl.max(tl.where(length > 0, first + length, 0), axis=0))
+        # region bounds, in row order: gap, [0, o_0), the K segments, [o_K, len)
+        o_prev = zero
+        m = zero  # running max of the clamped offsets: monotone bounds for unvalidated offsets
+        lo = tl.minimum(tl.maximum(prev_end, 0), R)
+        hi = tl.minimum(tl.maximum(start, 0), R)
+        n_seq = zero
+        for r in tl.static_range(K + 3):
+            if r >= 1:
+                lo = hi
+                if r <= K + 1:
+                    o = tl.minimum(tl.maximum(_offset(off_ptr, bi, r - 1, K, length, ok, HAS_OFF), 0), length)
+                    if r >= 2:
+                        tl.store(count_ptr + bi * K + (r - 2), tl.maximum(o - o_prev, 0).to(tl.int32), mask=ok)
+                    o_prev = o
+                    m = tl.maximum(m, o)
+                    hi = start + m
+                else:
+                    hi = start + length
+            hi = tl.minimum(tl.maximum(hi, 0), R)  # rows of x only, whatever unvalidated indices say
+            n_reg = tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
+            n_seq += n_reg
+        pair_end = start + m  # pairs (t, t+1) count while t + 1 < o_K
+        # first chunk of each sequence: exclusive prefix sum over the block, plus the carry
+        base = n_items + tl.cumsum(n_seq, 0) - n_seq
+        n_items += tl.sum(n_seq, axis=0)
+        lo = tl.minimum(tl.maximum(prev_end, 0), R)
+        hi = tl.minimum(tl.maximum(start, 0), R)
+        m = zero
+        for r in tl.static_range(K + 3):
+            if r >= 1:
+                lo = hi
+                if r <= K + 1:
+                    m = tl.maximum(m, tl.minimum(tl.maximum(_offset(off_ptr, bi, r - 1, K, length, ok, HAS_OFF), 0),
+                                                 length))
+                    hi = start + m
+                else:
+                    hi = start + length
+            hi = tl.minimum(tl.maximum(hi, 0), R)
+            n_reg = tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
+            if r >= 2 and r <= K + 1:
+                slot = bi * K + (r - 2)
+                tl.store(seg_lo_ptr + slot, tl.minimum(base, grid).to(tl.int32), mask=ok)
+                tl.store(seg_hi_ptr + slot, tl.minimum(base + n_reg, grid).to(tl.int32), mask=ok)
+                seg = slot
+            else:
+                seg = zero - 1
+            for c in range(0, tl.max(n_reg, axis=0)):
+                item = base + c
+                w_ok = (c < n_reg) & (item < grid)
+                row0 = lo + c * chunk
+                tl.store(item_row0_ptr + item, row0.to(tl.int32), mask=w_ok)
+                tl.store(item_nrows_ptr + item, tl.minimum(hi - row0, chunk).to(tl.int32), mask=w_ok)
+                tl.store(item_seg_ptr + item, seg.to(tl.int32), mask=w_ok)
+                tl.store(item_pair_end_ptr + item, pair_end.to(tl.int32), mask=w_ok)
+            base += n_reg
+    # the gap after the last sequence, then spare programs
+    tail_lo = tl.minimum(tl.maximum(prev_max, 0), R)
+    for i0 in range(0, grid, BLOCK_I):
+        item = i0 + tl.arange(0, BLOCK_I)
+        c = item - n_items
+        row0 = tail_lo + c * chunk
+        mine = (item >= n_items) & (item < grid)
+        tl.store(item_row0_ptr + item, row0.to(tl.int32), mask=mine)
+        tl.store(item_nrows_ptr + item, tl.minimum(tl.maximum(R - row0, 0), chunk).to(tl.int32), mask=mine)
+        tl.store(item_seg_ptr + item, tl.full([BLOCK_I], -1, tl.int32), mask=mine)
+        tl.store(item_pair_end_ptr + item, tl.zeros([BLOCK_I], dtype=tl.int32), mask=mine)
+
+
+@triton.jit
+def _max_i64(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _seq_span(cu_ptr, tok_ptr, n_packed, bi, ok, HAS_TOK: tl.constexpr):
+    """(first row, length) of sequences ``bi`` (int64; 0, 0 where not ``ok``)."""
+    c0 = tl.load(cu_ptr + bi, mask=ok, other=0).to(tl.int64)
+    c1 = tl.load(cu_ptr + bi + 1, mask=ok, other=0).to(tl.int64)
+    length = tl.maximum(c1 - c0, 0)
+    if HAS_TOK:
+        idx = tl.minimum(tl.maximum(c0, 0), tl.maximum(n_packed - 1, 0))
+        first = tl.load(tok_ptr + idx, mask=ok & (bi * 0 + n_packed > 0), other=0).to(tl.int64)
+    else:
+        first = c0
+    return first, length
+
+
+@triton.jit
+def _offset(off_ptr, bi, j, K: tl.constexpr, length, ok, HAS_OFF: tl.constexpr):
+    """Offset o_j of sequences ``bi`` (int64); without seg_offsets the default [[0, len]] (K = 1)."""
+    if HAS_OFF:
+        return tl.load(off_ptr + bi * (K + 1) + j, mask=ok, other=0).to(tl.int64)
+    else:
+        if j == 0:
+            return tl.zeros_like(length)
+        else:
+            return length
+
+
+@triton.jit
+def _fwd_rows_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
+    part_sum_ptr, part_q_ptr, part_adj_ptr,
+    R, D, stride_r, stride_d, eps, chunk,
+    YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
+
+    A chunk with item_seg >= 0 lies inside one segment: it also sums u = y / ||y|| (tile-shaped, reduced over rows
+    once at the end), ||u||² and, for rows t with t + 1 < item_pair_end, u_t . u_{t+1}. BLOCK_T == 1: the previous
+    row's y stays in registers (pairs inside the chunk) and the next row is prefetched while the current one is
+    computed; the last iteration's prefetch is the row after the chunk, for the chunk's last pair. BLOCK_T > 1
+    (narrow rows): row t+1 of each step is loaded shifted by one (cache hits but for the step's last row).
+    Writes one partial row per chunk.
+    """
     pid = tl.program_id(0)
-    nrows = tl.load(item_nrows_ptr + pid)
-    if nrows > 0:
+    if STATS:
+        nrows = tl.load(item_nrows_ptr + pid)
         row0 = tl.load(item_row0_ptr + pid)
+    else:  # no work list: consecutive chunks
+        row0 = pid * chunk
+        nrows = tl.minimum(tl.maximum(R - row0, 0), chunk)
+    if nrows > 0:
+        row_end = row0 + nrows
+        t = tl.arange(0, BLOCK_T)
+        dd = tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
+        seg = -1
+        if STATS:
+            seg = tl.load(item_seg_ptr + pid)
+        if seg >= 0:
+            pair_end = tl.load(item_pair_end_ptr + pid)
+            acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            q_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+            adj_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+            if BLOCK_T == 1:
+                # rows loaded: the chunk's, then the next one if the chunk's last pair counts
+                load_end = tl.minimum(tl.where(row_end < pair_end, row_end + 1, row_end), R)
+                x_next = tl.load(x_ptr + (row0 + t).to(tl.int64)[:, None] * stride_r + dd[None, :] * stride_d,
+                                 mask=d_ok[None, :], other=0.0)
+                y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+                inv_prev = tl.zeros([BLOCK_T], dtype=tl.float32)
+                for r in range(row0, row_end):
+                    rows = r + t
+                    x = x_next.to(tl.float32)
+                    x_next = tl.load(x_ptr + (rows.to(tl.int64) + 1)[:, None] * stride_r + dd[None, :] * stride_d,
+                                     mask=d_ok[None, :] & (rows + 1 < load_end)[:, None], other=0.0)
+                    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+                    tl.store(rstd_ptr + rows, rstd)
+                    y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
+                    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
+                    nn = tl.sum(y * y, axis=1)
+                    dot = tl.sum(y * y_prev, axis=1)  # 0 on the first row (y_prev = 0)
+                    inv = 1.0 / tl.maximum(tl.sqrt_rn(nn), 1e-12)
+                    acc += y * inv[:, None]
+                    q_acc += nn * inv * inv
+                    adj_acc += dot * inv_prev * inv
+                    y_prev = y
+                    inv_prev = inv
+                if load_end > row_end:  # pair (last row, first row after the chunk)
+                    x = x_next.to(tl.float32)
+                    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+                    y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
+                    inv = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(y * y, axis=1)), 1e-12)
+                    adj_acc += tl.sum(y * y_prev, axis=1) * inv_prev * inv
+            else:
+                for r0 in range(row0, row_end, BLOCK_T):
+                    rows = r0 + t
+                    r_ok = rows < row_end
+                    p_ok = r_ok & (rows + 1 < pair_end) & (rows + 1 < R)
+                    x_off = rows.to(tl.int64) * stride_r  # int64 element offsets: R * D may pass 2**31
+                    m = r_ok[:, None] & d_ok[None, :]
+                    x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
+                    x1 = tl.load(x_ptr + (x_off + stride_r)[:, None] + dd[None, :] * stride_d,
+                                 mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+                    rstd1 = 1.0 / tl.sqrt_rn(tl.sum(x1 * x1, axis=1) / D + eps)
+                    tl.store(rstd_ptr + rows, rstd, mask=r_ok)
+                    y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
+                    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=m)
+                    y1 = _rms_out(x1, rstd1, w, YT, NATIVE_CAST)
+                    nn = tl.sum(y * y, axis=1)
+                    inv = 1.0 / tl.maximum(tl.sqrt_rn(nn), 1e-12)
+                    inv1 = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(y1 * y1, axis=1)), 1e-12)
+                    acc += y * inv[:, None]  # masked rows are 0
+                    q_acc += tl.where(r_ok, nn * inv * inv, 0.0)
+                    adj_acc += tl.where(p_ok, tl.sum(y * y1, axis=1) * inv * inv1, 0.0)
+            tl.store(part_sum_ptr + pid.to(tl.int64) * D + dd, tl.sum(acc, axis=0), mask=d_ok)
+            tl.store(part_q_ptr + pid, tl.sum(q_acc, axis=0))
+            tl.store(part_adj_ptr + pid, tl.sum(adj_acc, axis=0))
+        else:
+            for r0 in range(row0, row_end, BLOCK_T):
+                rows = r0 + t
+                r_ok = rows < row_end
+                m = r_ok[:, None] & d_ok[None, :]
+                x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + dd[None, :] * stride_d, mask=m,
+                            other=0.0).to(tl.float32)
+                rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+                tl.store(rstd_ptr + rows, rstd, mask=r_ok)
+                y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
+                tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=m)
+
+
+@triton.jit
+def _fwd_sliced_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
+    part_sum_ptr, part_q_ptr, part_adj_ptr,
+    R, D, stride_r, stride_d, eps, chunk,
+    YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Any D: one chunk of BLOCK_T rows per program, three passes over BLOCK_D column slices (rows too wide for
+    registers). Pass A sums x² (rows t and t+1), pass B writes y and sums ||y_t||², ||y_{t+1}||², y_t . y_{t+1},
+    pass C re-reads x (cached), recomputes y and sums u = y / ||y|| over the chunk's rows. Same outputs as
+    ``_fwd_rows_kernel``; the per-slice products are kept tile-shaped and reduced over columns once per pass."""
+    pid = tl.program_id(0)
+    if STATS:
+        nrows = tl.load(item_nrows_ptr + pid)
+        row0 = tl.load(item_row0_ptr + pid)
+    else:  # no work list: consecutive chunks
+        row0 = pid * chunk
+        nrows = tl.minimum(tl.maximum(R - row0, 0), chunk)
+    if nrows > 0:
         t = tl.arange(0, BLOCK_T)
         rows = row0 + t
-        r_ok = (t < nrows) & (rows >= 0) & (rows < R)
-        x_off = rows.to(tl.int64) * stride_r  # int64 element offsets: R * D may pass 2**31
+        r_ok = t < nrows
+        x_off = rows.to(tl.int64) * stride_r
         y_off = rows.to(tl.int64) * D
-
+        x1_off = x_off + stride_r
+        seg = -1
         if STATS:
-            b = tl.load(item_seq_ptr + pid)
-            bb = tl.maximum(b, 0)
-            seq_len = tl.load(seq_len_ptr + bb)
-            pos = rows - tl.load(seq_row0_ptr + bb)
-            off_row = off_ptr + bb * (K + 1)
-            o_last = tl.minimum(tl.maximum(tl.load(off_row + K), 0), seq_len)
-            seg = _segment_ids(pos, off_row, seq_len, K)
-            seg = tl.where(r_ok & (b >= 0), seg, -1)
-            p_ok = (seg >= 0) & (pos + 1 < o_last) & (rows + 1 < R)  # pair (t, t+1) inside [o_0, o_K)
-            x1_off = x_off + stride_r
-        else:
-            p_ok = t < 0
+            seg = tl.load(item_seg_ptr + pid)
+        p_ok = t < 0
+        if seg >= 0:
+            pair_end = tl.load(item_pair_end_ptr + pid)
+            p_ok = r_ok & (rows + 1 < pair_end) & (rows + 1 < R)
 
-        # pass A: sum of squares (row t, and row t+1 for the adjacent pairs)
-        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
-        ss1 = tl.zeros([BLOCK_T], dtype=tl.float32)
+        # pass A: sums of squares (row t, and row t+1 for the adjacent pairs)
+        ss = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        ss1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
             x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d, mask=r_ok[:, None] & d_ok[None, :],
                         other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, axis=1)
-            if STATS:
+            ss += x * x
+            if seg >= 0:
                 x1 = tl.load(x_ptr + x1_off[:, None] + dd[None, :] * stride_d, mask=p_ok[:, None] & d_ok[None, :],
                              other=0.0).to(tl.float32)
-                ss1 += tl.sum(x1 * x1, axis=1)
-        rstd = 1.0 / tl.sqrt_rn(ss / D + eps)
-        rstd1 = 1.0 / tl.sqrt_rn(ss1 / D + eps)
+                ss1 += x1 * x1
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(ss, axis=1) / D + eps)
+        rstd1 = 1.0 / tl.sqrt_rn(tl.sum(ss1, axis=1) / D + eps)
         tl.store(rstd_ptr + rows, rstd, mask=r_ok)
 
         # pass B: y (written), ||y_t||², ||y_{t+1}||², y_t . y_{t+1}
-        nn = tl.zeros([BLOCK_T], dtype=tl.float32)
-        nn1 = tl.zeros([BLOCK_T], dtype=tl.float32)
-        dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+        nn = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        nn1 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        dot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
             m = r_ok[:, None] & d_ok[None, :]
             w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
-            y = _rms_out(x, rstd, w, YT)
+            y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
             tl.store(y_ptr + y_off[:, None] + dd[None, :], y.to(YT), mask=m)
-            if STATS:
+            if seg >= 0:
                 x1 = tl.load(x_ptr + x1_off[:, None] + dd[None, :] * stride_d, mask=p_ok[:, None] & d_ok[None, :],
                              other=0.0).to(tl.float32)
-                y1 = _rms_out(x1, rstd1, w, YT)
-                nn += tl.sum(y * y, axis=1)
-                nn1 += tl.sum(y1 * y1, axis=1)
-                dot += tl.sum(y * y1, axis=1)
+                y1 = _rms_out(x1, rstd1, w, YT, NATIVE_CAST)
+                nn += y * y
+                nn1 += y1 * y1
+                dot += y * y1
 
-        if STATS:
-            if b >= 0:
-                inv = 1.0 / tl.maximum(tl.sqrt_rn(nn), 1e-12)
-                inv1 = 1.0 / tl.maximum(tl.sqrt_rn(nn1), 1e-12)
-                tl.store(part_adj_ptr + pid, tl.sum(tl.where(p_ok, dot * inv * inv1, 0.0), axis=0))
-                q_row = nn * inv * inv
-                for k in tl.static_range(K):
-                    tl.store(part_q_ptr + pid * K + k, tl.sum(tl.where(seg == k, q_row, 0.0), axis=0))
-                # pass C: per-segment unit-vector sums of this chunk
-                part_row = part_sum_ptr + pid.to(tl.int64) * (K * D)
-                for d0 in range(0, D, BLOCK_D):
-                    dd = d0 + tl.arange(0, BLOCK_D)
-                    d_ok = dd < D
-                    w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
-                    x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d,
-                                mask=(seg >= 0)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                    u = _rms_out(x, rstd, w, YT) * inv[:, None]
-                    for k in tl.static_range(K):
-                        s = tl.sum(tl.where((seg == k)[:, None], u, 0.0), axis=0)
-                        tl.store(part_row + k * D + dd, s, mask=d_ok)
+        if seg >= 0:
+            sq = tl.sum(nn, axis=1)
+            inv = 1.0 / tl.maximum(tl.sqrt_rn(sq), 1e-12)
+            inv1 = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(nn1, axis=1)), 1e-12)
+            tl.store(part_adj_ptr + pid, tl.sum(tl.where(p_ok, tl.sum(dot, axis=1) * inv * inv1, 0.0), axis=0))
+            tl.store(part_q_ptr + pid, tl.sum(tl.where(r_ok, sq * inv * inv, 0.0), axis=0))
+            # pass C: the chunk's sum of unit vectors
+            part_row = part_sum_ptr + pid.to(tl.int64) * D
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dd < D
+                w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d, mask=r_ok[:, None] & d_ok[None, :],
+                            other=0.0).to(tl.float32)
+                u = _rms_out(x, rstd, w, YT, NATIVE_CAST) * inv[:, None]
+                tl.store(part_row + dd, tl.sum(u, axis=0), mask=d_ok)
 
 
 @triton.jit
 def _reduce_kernel(
-    part_sum_ptr, part_q_ptr, part_adj_ptr, lo_ptr, hi_ptr,
-    unit_sum_ptr, sq_norm_ptr, adjacent_ptr, D,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_sum_ptr, part_q_ptr, part_adj_ptr, seg_lo_ptr, seg_hi_ptr,
+    unit_sum_ptr, sq_norm_ptr, adjacent_ptr, D, K,
+    BLOCK_D: tl.constexpr,
 ):
-    """Sum the chunk partials of sequence b in chunk order (deterministic). Grid (B, cdiv(D, BLOCK_D))."""
-    b = tl.program_id(0)
+    """Sum the chunk partials of segment slot s = b * K + k in chunk order (deterministic); the k == 0 program
+    also sums the adjacent partials of all K segments of sequence b (their chunks are consecutive).
+    Grid (B * K, cdiv(D, BLOCK_D))."""
+    s = tl.program_id(0)
     pd = tl.program_id(1)
-    lo = tl.load(lo_ptr + b)
-    hi = tl.load(hi_ptr + b)
-    kk = tl.arange(0, BLOCK_K)
+    lo = tl.load(seg_lo_ptr + s)
+    hi = tl.load(seg_hi_ptr + s)
     dd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = (kk < K)[:, None] & (dd < D)[None, :]
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    part = part_sum_ptr + lo.to(tl.int64) * (K * D) + kk[:, None] * D + dd[None, :]  # int64 offsets
+    m = dd < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    part = part_sum_ptr + lo.to(tl.int64) * D + dd  # int64 offsets
     for _ in range(lo, hi):
         acc += tl.load(part, mask=m, other=0.0)
-        part += K * D
-    tl.store(unit_sum_ptr + b.to(tl.int64) * (K * D) + kk[:, None] * D + dd[None, :], acc, mask=m)
+        part += D
+    tl.store(unit_sum_ptr + s.to(tl.int64) * D + dd, acc, mask=m)
     if pd == 0:
-        q = tl.zeros([BLOCK_K], dtype=tl.float32)
-        adj = tl.zeros([], dtype=tl.float32)
+        q = tl.zeros([], dtype=tl.float32)
         for i in range(lo, hi):
-            q += tl.load(part_q_ptr + i * K + kk, mask=kk < K, other=0.0)
-            adj += tl.load(part_adj_ptr + i)
-        tl.store(sq_norm_ptr + b * K + kk, q, mask=kk < K)
-        tl.store(adjacent_ptr + b, adj)
+            q += tl.load(part_q_ptr + i)
+        tl.store(sq_norm_ptr + s, q)
+        if s % K == 0:
+            adj = tl.zeros([], dtype=tl.float32)
+            for i in range(lo, tl.load(seg_hi_ptr + s + K - 1)):
+                adj += tl.load(part_adj_ptr + i)
+            tl.store(adjacent_ptr + s // K, adj)
 
 
 @triton.jit
@@ -409,93 +644,94 @@ def _bwd_blocked_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------------------
-_BLOCK_T = 32  # rows per forward chunk: partials cost K / _BLOCK_T of a float32 copy of x
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# widest row (next_pow2(D)) the whole-row forward holds in registers without spills at sm_80 / sm_90a (one row per
+# step, 16 warps at 8192)
+_ROWS_MAX_BLOCK_D = 8192
+_ROWS_TILE = 4096  # elements of one [BLOCK_T, BLOCK_D] step of the whole-row forward (16 per thread at 8 warps)
+_ROWS_ONE_ROW_MIN_D = 1024  # from this BLOCK_D on, one row per step (previous row kept, next row prefetched)
+_ROWS_ELEMS_PER_THREAD = 16  # warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step / (32 x this), 4 to 16
+_MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x
+_SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
+
+
+class _FwdConfig(NamedTuple):
+    """Forward launch shape: which kernel, rows per program (chunk), its [BLOCK_T, BLOCK_D] tile and warps."""
+
+    rows: bool  # True: _fwd_rows_kernel (whole rows in registers); False: _fwd_sliced_kernel (any D)
+    chunk: int
+    block_t: int
+    block_d: int
+    num_warps: int
+
+
+def _fwd_config(n_rows: int, dim: int, device: torch.device) -> _FwdConfig:
+    """Tile rules of the forward (tests/test_triton_compile.py lowers these). The chunk shrinks (to BLOCK_T at
+    least) until there are about four programs per multiprocessor, so small batches still fill the GPU."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    if block_d > _ROWS_MAX_BLOCK_D:
+        block_t, block_d, warps = _SLICED_TILE
+        return _FwdConfig(False, block_t, block_t, block_d, warps)
+    block_t = 1 if block_d >= _ROWS_ONE_ROW_MIN_D else max(1, min(16, _ROWS_TILE // block_d))
+    target = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
+    chunk = _MAX_CHUNK
+    while chunk > block_t and chunk * target > n_rows:
+        chunk //= 2
+    warps = min(16, max(4, block_t * block_d // (32 * _ROWS_ELEMS_PER_THREAD)))
+    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps)
 
 
 class _Plan(NamedTuple):
-    """Device-side work list of the forward kernel (see the module docstring)."""
+    """Device-side work list of the forward kernels (see the module docstring)."""
 
+    cfg: _FwdConfig
     grid: int
     item_row0: torch.Tensor  # [G] int32 first row of each chunk
     item_nrows: torch.Tensor  # [G] int32 rows in the chunk (0: spare program)
-    item_seq: torch.Tensor  # [G] int32 sequence of the chunk, -1 for gap rows
-    seq_row0: torch.Tensor  # [B] int32 first row of each sequence
-    seq_len: torch.Tensor  # [B] int32
-    seq_item_lo: torch.Tensor  # [B] int32 first chunk of each sequence
-    seq_item_hi: torch.Tensor  # [B] int32 one past its last chunk
-    seg_offsets: torch.Tensor  # [B, K+1] int32, contiguous
+    item_seg: torch.Tensor  # [G] int32 segment slot b * K + k of the chunk, -1 for rows in no segment
+    item_pair_end: torch.Tensor  # [G] int32 pairs (t, t+1) of the chunk are counted while t + 1 < this row
+    seg_lo: torch.Tensor  # [B * K] int32 first chunk of each segment
+    seg_hi: torch.Tensor  # [B * K] int32 one past its last chunk
     count: torch.Tensor  # [B, K] int32
     nseg: int
 
 
-def _plain_plan(rows: int, device: torch.device) -> _Plan:
-    grid = max(triton.cdiv(rows, _BLOCK_T), 1)
-    row0 = torch.arange(grid, device=device, dtype=torch.int32) * _BLOCK_T
-    nrows = (rows - row0).clamp(0, _BLOCK_T).to(torch.int32)
-    empty = torch.zeros(0, dtype=torch.int32, device=device)
-    seq = torch.full((grid,), -1, dtype=torch.int32, device=device)
-    no_off = torch.zeros(0, 2, dtype=torch.int32, device=device)
-    no_count = torch.zeros(0, 1, dtype=torch.int32, device=device)
-    return _Plan(grid, row0, nrows, seq, empty, empty, empty, empty, no_off, no_count, 1)
+def _plain_plan(rows: int, dim: int, device: torch.device, count: Optional[torch.Tensor] = None) -> _Plan:
+    """No statistics: consecutive chunks, no work list (the kernels derive each program's rows from its id).
+    ``count``: the [B, K] counts to return (no sequences or no segments), default [0, 1]."""
+    cfg = _fwd_config(rows, dim, device)
+    empty = torch.empty(0, dtype=torch.int32, device=device)
+    if count is None:
+        count = torch.zeros(0, 1, dtype=torch.int32, device=device)
+    return _Plan(cfg, max(triton.cdiv(rows, cfg.chunk), 1), empty, empty, empty, empty, empty, empty, count,
+                 count.shape[1])
 
 
-def _stats_plan(rows: int, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
+def _stats_plan(rows: int, dim: int, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
                 token_index: Optional[torch.Tensor]) -> _Plan:
+    """Regions in row order, per sequence b: gap (rows in no sequence), [0, o_0), the K segments [o_k, o_k+1),
+    [o_K, len_b); then the gap after the last sequence. Each region is cut into chunks of cfg.chunk rows, one per
+    program of a grid of static size cdiv(rows, chunk) + B (K + 3) + 1 (a bound: spare programs get 0 rows);
+    only segment chunks collect statistics. Built on the device by ``_plan_kernel`` (one launch, no host sync)."""
     dev = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
-    if batch == 0:
-        nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
-        return _plain_plan(rows, dev)._replace(count=torch.zeros(0, nseg, dtype=torch.int32, device=dev), nseg=nseg)
-    cu = cu_seqlens.to(torch.int64)
-    seq_len = (cu[1:] - cu[:-1]).clamp_min(0)
-    if token_index is None:
-        seq_row0 = cu[:-1]
-    else:
-        n_packed = token_index.numel()
-        if n_packed == 0:
-            first = torch.zeros(batch, dtype=torch.int64, device=dev)
-        else:
-            first = token_index.to(torch.int64)[cu[:-1].clamp(0, n_packed - 1)]
-        nonempty = seq_len > 0
-        ends = torch.where(nonempty, first + seq_len, torch.zeros_like(first))
-        prev_end = torch.cummax(torch.cat([ends.new_zeros(1), ends[:-1]]), 0).values
-        seq_row0 = torch.where(nonempty, first, prev_end)  # empty sequences sit where the last one ended
-    seq_end = seq_row0 + seq_len
-    prev_end = torch.cat([seq_end.new_zeros(1), seq_end[:-1]])
-    # regions in row order: gap_0, seq_0, gap_1, seq_1, ..., gap_B
-    gap_len = (seq_row0 - prev_end).clamp_min(0)
-    region_start = torch.cat([torch.stack([prev_end, seq_row0], 1).flatten(), seq_end[-1:]])
-    region_len = torch.cat([torch.stack([gap_len, seq_len], 1).flatten(), (rows - seq_end[-1:]).clamp_min(0)])
-    seq_ids = torch.arange(batch, device=dev)
-    no_seq = torch.full_like(seq_ids, -1)
-    region_seq = torch.cat([torch.stack([no_seq, seq_ids], 1).flatten(), seq_ids.new_full((1,), -1)])
-    n_chunks = (region_len + _BLOCK_T - 1) // _BLOCK_T
-    cum = torch.cumsum(n_chunks, 0)
-    n_regions = 2 * batch + 1
-    grid = triton.cdiv(rows, _BLOCK_T) + n_regions  # >= Σ cdiv(region_len, BLOCK_T) for valid input
-    p = torch.arange(grid, device=dev)
-    r = torch.searchsorted(cum, p, right=True)
-    used = r < n_regions
-    rc = r.clamp(max=n_regions - 1)
-    c = p - (cum - n_chunks)[rc]
-    item_row0 = (region_start[rc] + c * _BLOCK_T).to(torch.int32)
-    item_nrows = torch.where(used, (region_len[rc] - c * _BLOCK_T).clamp(0, _BLOCK_T), 0).to(torch.int32)
-    item_seq = torch.where(used, region_seq[rc], -1).to(torch.int32)
-    lo = (cum - n_chunks)[1::2].clamp(max=grid).to(torch.int32)
-    hi = cum[1::2].clamp(max=grid).to(torch.int32)
-    if seg_offsets is None:
-        seg_offsets = torch.stack([torch.zeros_like(seq_len), seq_len], 1).to(torch.int32)
-    off = torch.minimum(seg_offsets.to(torch.int64).clamp_min(0), seq_len[:, None])
-    count = (off[:, 1:] - off[:, :-1]).clamp_min(0).to(torch.int32)
-    return _Plan(grid, item_row0, item_nrows, item_seq, seq_row0.to(torch.int32), seq_len.to(torch.int32),
-                 lo, hi, seg_offsets.contiguous(), count, seg_offsets.shape[1] - 1)
-
-
-def _fwd_block_d(dim: int) -> int:
-    """BLOCK_D of the forward: it loops over D in slices, so 32 x 64 tiles on 8 warps serve every D (no spills
-    at sm_80 / sm_90a; D is a runtime argument)."""
-    return max(16, min(64, triton.next_power_of_2(dim)))
+    nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
+    if batch * nseg == 0:
+        return _plain_plan(rows, dim, dev, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
+    cfg = _fwd_config(rows, dim, dev)
+    grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
+    items = torch.empty(4, grid, dtype=torch.int32, device=dev)
+    seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
+    count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
+    cu = cu_seqlens  # int32, checked
+    _plan_kernel[(1,)](
+        cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
+        token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
+        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
+        K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
+        BLOCK_B=min(256, max(16, triton.next_power_of_2(batch))), BLOCK_I=1024,
+    )
+    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 
 
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, stats: bool):
@@ -509,29 +745,28 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     adjacent = torch.zeros(batch, dtype=torch.float32, device=dev)
     if rows == 0:
         return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
-    stats = stats and batch > 0
+    stats = stats and batch * nseg > 0
     if stats:
-        part_sum = torch.empty(plan.grid, nseg, dim, dtype=torch.float32, device=dev)
-        part_q = torch.empty(plan.grid, nseg, dtype=torch.float32, device=dev)
+        part_sum = torch.empty(plan.grid, dim, dtype=torch.float32, device=dev)
+        part_q = torch.empty(plan.grid, dtype=torch.float32, device=dev)
         part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
     else:
         part_sum = part_q = part_adj = rstd  # never touched
-    block_d = _fwd_block_d(dim)
-    dummy = plan.item_seq
-    _fwd_kernel[(plan.grid,)](
+    cfg = plan.cfg
+    kernel = _fwd_rows_kernel if cfg.rows else _fwd_sliced_kernel
+    kernel[(plan.grid,)](
         x2d, weight, y, rstd,
-        plan.item_row0, plan.item_nrows, plan.item_seq,
-        plan.seq_row0 if stats else dummy, plan.seq_len if stats else dummy, plan.seg_offsets if stats else dummy,
+        plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
         part_sum, part_q, part_adj,
-        rows, dim, x2d.stride(0), x2d.stride(1), float(eps),
-        YT=_TL_DTYPE[x2d.dtype], K=nseg, STATS=stats, BLOCK_T=_BLOCK_T, BLOCK_D=block_d, num_warps=8,
+        rows, dim, x2d.stride(0), x2d.stride(1), float(eps), cfg.chunk,
+        YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps,
     )
     if stats:
         block_d = max(16, min(256, triton.next_power_of_2(dim)))
-        _reduce_kernel[(batch, triton.cdiv(dim, block_d))](
-            part_sum, part_q, part_adj, plan.seq_item_lo, plan.seq_item_hi,
-            unit_sum, sq_norm, adjacent, dim,
-            K=nseg, BLOCK_K=max(2, triton.next_power_of_2(nseg)), BLOCK_D=block_d,
+        _reduce_kernel[(batch * nseg, triton.cdiv(dim, block_d))](
+            part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
+            unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_D=block_d,
         )
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
 
@@ -627,9 +862,9 @@ def rmsnorm_angle(
     x2d = x.reshape(-1, dim)  # a view whenever possible: the kernels take any strides
     stats = cu_seqlens is not None
     if stats:
-        plan = _stats_plan(x2d.shape[0], cu_seqlens, seg_offsets, token_index)
+        plan = _stats_plan(x2d.shape[0], dim, cu_seqlens, seg_offsets, token_index)
     else:
-        plan = _plain_plan(x2d.shape[0], x.device)
+        plan = _plain_plan(x2d.shape[0], dim, x.device)
     y, unit_sum, count, sq_norm, adjacent = _RMSNormAngleFn.apply(x2d, weight, float(eps), plan, stats)
     y = y.view(x.shape)
     return y, (AngleStats(unit_sum, count, sq_norm, adjacent) if stats else None)

@@ -1,5 +1,13 @@
-"""Compile-only checks of the hand-written CUDA kernels (csrc/*.cu): they build for sm_80 and sm_90a, and ptxas
-reports no register spills for any kernel. Needs nvcc only (no GPU, any torch build); skipped without nvcc.
+"""Compile-only checks of the hand-written CUDA code in csrc/ (no GPU, any torch build):
+
+  * every csrc/*.cu builds device-side for sm_80 and sm_90a and ptxas reports no register spills (needs nvcc);
+  * every CUDA-only binding csrc/*_cuda*.cpp compiles with g++ (-fsyntax-only, -Wall -Wextra) against torch's
+    include paths plus the CUDA include dir, so a typo in the host binding is caught on CPU machines (needs g++,
+    the CUDA headers and torch's c10/cuda headers; skipped with the reason otherwise);
+  * the layout rule of setup.py holds: no .cu (nor a csrc/ header it includes) contains code that can throw or
+    touches torch (TORCH_CHECK, C10_CUDA_CHECK, throw, at::/c10::/torch::, torch headers): a c10::Error thrown
+    from nvcc-compiled host code crashed the process on a GPU, so all of that lives in the g++-compiled bindings;
+    and a csrc/*.cpp that needs CUDA headers is named *_cuda*.cpp (setup.py compiles those in the CUDA build only).
 
 Every csrc/*.cu is compiled device-side (`nvcc -cubin`, one process per arch, in parallel) with the include paths and
 flags a torch CUDAExtension build uses, so ptxas sees exactly the device code of the extension. A CPU-only torch
@@ -11,6 +19,7 @@ Run with `-s` to see the register / spill table.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -23,6 +32,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
+# The CUDA-only g++ sources: keep the pattern in sync with setup.py.
+CUDA_CPP_PATTERN = "*_cuda*.cpp"
+CUDA_CPP_FILES = sorted(f for f in CSRC.glob("*.cpp") if fnmatch.fnmatch(f.name, CUDA_CPP_PATTERN))
 ARCHS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_90a,code=sm_90a"}
 # Keep in sync with the nvcc extra_compile_args in setup.py.
 SETUP_NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
@@ -46,28 +58,46 @@ def find_nvcc() -> str | None:
 
 
 NVCC = find_nvcc()
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 
 
-def torch_flags(shim_dir: Path) -> list[str]:
+def find_cuda_include() -> Path | None:
+    """The CUDA toolkit include dir (with cuda_runtime_api.h), for g++ compiles of the host bindings."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if NVCC:
+        candidates.append(str(Path(NVCC).resolve().parents[1]))
+    candidates += ["/usr/local/cuda", *sorted((str(p) for p in Path("/usr/local").glob("cuda-*")), reverse=True)]
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(c) / "include"
+    return Path("/usr/include") if Path("/usr/include/cuda_runtime_api.h").is_file() else None
+
+
+def torch_include_flags(shim_dir: Path, opt: str = "-I") -> list[str]:
+    """torch's include paths (+ the cuda_cmake_macros.h stand-in when the wheel lacks it) and extension defines."""
     import torch
     import torch.utils.cpp_extension as cpp
 
     includes = cpp.include_paths()  # the CPU variant: torch/include and torch/csrc/api/include, no CUDA_HOME needed
-    flags = [f"-I{p}" for p in includes]
+    flags = [x for p in includes for x in (opt, str(p))]
     if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in includes):
         header = shim_dir / "c10/cuda/impl/cuda_cmake_macros.h"
         header.parent.mkdir(parents=True, exist_ok=True)
         header.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")  # what CMake generates
-        flags.append(f"-I{shim_dir}")
-    flags += list(getattr(cpp, "COMMON_NVCC_FLAGS", DEFAULT_TORCH_NVCC_FLAGS))
-    flags += [
+        flags += [opt, str(shim_dir)]
+    return flags + [
         "-DTORCH_API_INCLUDE_EXTENSION_H",
         "-DTORCH_EXTENSION_NAME=_C",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        f"-I{CSRC}",
     ]
-    return flags
+
+
+def torch_flags(shim_dir: Path) -> list[str]:
+    import torch.utils.cpp_extension as cpp
+
+    flags = torch_include_flags(shim_dir)
+    flags += list(getattr(cpp, "COMMON_NVCC_FLAGS", DEFAULT_TORCH_NVCC_FLAGS))
+    return flags + [f"-I{CSRC}"]
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -124,6 +154,7 @@ def builds(tmp_path_factory):
     return results
 
 
+@needs_nvcc
 @pytest.mark.skipif(not CU_FILES, reason="no csrc/*.cu")
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("src", [f.name for f in CU_FILES])
@@ -145,6 +176,7 @@ def test_no_register_spills(builds, src, arch):
     assert not spilled, f"register spills on {arch} in {spilled}:\n{table}"
 
 
+@needs_nvcc
 @pytest.mark.skipif(not CU_FILES, reason="no csrc/*.cu")
 @pytest.mark.parametrize("src", [f.name for f in CU_FILES])
 def test_no_warnings_in_our_sources(builds, src):
@@ -158,6 +190,7 @@ def test_no_warnings_in_our_sources(builds, src):
     assert not ours, "\n".join(ours)
 
 
+@needs_nvcc
 @pytest.mark.skipif(not (CSRC / "angle_stats_cuda.cu").is_file(), reason="no angle_stats_cuda.cu")
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_angle_stats_kernel_set(builds, arch):
@@ -169,6 +202,7 @@ def test_angle_stats_kernel_set(builds, arch):
     assert "plan_kernel" in names and "reduce_kernel" in names, names
 
 
+@needs_nvcc
 @pytest.mark.skipif(os.environ.get("GAINRL_NVCC_FULL") != "1", reason="set GAINRL_NVCC_FULL=1 (slow)")
 @pytest.mark.parametrize("src", [f.name for f in CU_FILES])
 def test_full_compile(tmp_path, src):
@@ -178,3 +212,102 @@ def test_full_compile(tmp_path, src):
     cmd = [NVCC, "-c", *gencode, *SETUP_NVCC_FLAGS, "-Xcompiler", "-fPIC", *flags, "-o", str(tmp_path / "x.o")]
     p = subprocess.run([*cmd, str(CSRC / src)], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- layout rules
+
+
+def strip_comments(code: str) -> str:
+    """C/C++ source without comments and string / char literal contents (so words in messages do not count);
+    line breaks are kept, so line numbers stay right."""
+    pattern = r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\''
+
+    def blank(m: re.Match) -> str:
+        text = m.group(0)
+        if text[0] in "\"'":
+            return text[0] * 2  # empty literal
+        return " " + "\n" * text.count("\n")
+
+    return re.sub(pattern, blank, code, flags=re.S)
+
+
+def local_sources(src: Path) -> dict[Path, str]:
+    """src and every csrc/ file it includes with #include "..." (transitively): {path: code without comments}."""
+    out: dict[Path, str] = {}
+    todo = [src]
+    while todo:
+        f = todo.pop()
+        if f in out or not f.is_file():
+            continue
+        raw = f.read_text()
+        out[f] = strip_comments(raw)
+        todo += [f.parent / m for m in re.findall(r'^\s*#\s*include\s*"([^"]+)"', raw, flags=re.M)]
+    return out
+
+
+THROWING = re.compile(
+    r"\b(TORCH_CHECK\w*|TORCH_INTERNAL_ASSERT\w*|C10_CUDA_CHECK\w*|C10_CUDA_KERNEL_LAUNCH_CHECK|AT_ERROR|AT_ASSERT\w*|"
+    r"throw|at::|c10::|torch::)"
+)
+TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|pybind11)/', flags=re.M)
+
+
+def test_strip_comments_keeps_code():
+    code = 'a(); // throw x\n/* TORCH_CHECK(\n) */ b("throw at::"); c(\'"\'); throw 1;'
+    stripped = strip_comments(code)
+    assert THROWING.findall(stripped) == ["throw"] and stripped.count("\n") == 2 and "throw" in stripped.splitlines()[2]
+
+
+@pytest.mark.skipif(not CU_FILES, reason="no csrc/*.cu")
+@pytest.mark.parametrize("src", [f.name for f in CU_FILES])
+def test_cu_files_do_not_throw(src):
+    """Device-side translation units return cudaError_t; throwing and torch code belong in *_cuda*.cpp (g++)."""
+    found = []
+    for path, code in local_sources(CSRC / src).items():
+        # The includes are checked on the raw text: strip_comments blanks the quoted header names.
+        found += [f"{path.name}: #include <{m}/...>" for m in TORCH_INCLUDE.findall(path.read_text())]
+        for i, line in enumerate(code.splitlines(), 1):
+            found += [f"{path.name}:{i}: {m}" for m in THROWING.findall(line)]
+    assert not found, f"{src} (nvcc-compiled) must not throw or use torch; move this to a *_cuda*.cpp:\n" + "\n".join(
+        found
+    )
+
+
+CUDA_HEADER = re.compile(r'^\s*#\s*include\s*[<"](cuda[_a-z0-9]*\.h|c10/cuda/|ATen/cuda/)', flags=re.M)
+
+
+@pytest.mark.parametrize("src", [f.name for f in sorted(CSRC.glob("*.cpp"))])
+def test_cuda_cpp_naming(src):
+    """A .cpp that needs CUDA headers must match *_cuda*.cpp, else the CPU-only build (CppExtension) breaks."""
+    needs_cuda = [p.name for p in local_sources(CSRC / src) if CUDA_HEADER.search(p.read_text())]
+    is_cuda_only = fnmatch.fnmatch(src, CUDA_CPP_PATTERN)
+    assert is_cuda_only or not needs_cuda, f"{src} includes CUDA headers (via {needs_cuda}): rename it *_cuda*.cpp"
+
+
+def gxx_binding_flags(tmp: Path) -> list[str]:
+    """What a CUDAExtension build gives g++ for a .cpp, minus optimisation: torch + CUDA includes, defines."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found")
+    cuda_inc = find_cuda_include()
+    if cuda_inc is None:
+        pytest.skip("CUDA headers (cuda_runtime_api.h) not found: set CUDA_HOME")
+    import torch.utils.cpp_extension as cpp
+
+    if not any((Path(p) / "c10/cuda/CUDAGuard.h").is_file() for p in cpp.include_paths()):
+        pytest.skip("this torch install ships no c10/cuda headers")
+    # -isystem: warnings inside torch / CUDA headers are not ours; -Wall -Wextra still apply to csrc/.
+    return [cxx, "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", *torch_include_flags(tmp / "shim", "-isystem"),
+            "-isystem", str(cuda_inc), f"-I{CSRC}"]
+
+
+@pytest.mark.skipif(not CUDA_CPP_FILES, reason="no csrc/*_cuda*.cpp")
+@pytest.mark.parametrize("src", [f.name for f in CUDA_CPP_FILES])
+def test_cuda_binding_compiles_with_gxx(tmp_path, src):
+    """The g++-compiled CUDA binding (TORCH_CHECK, allocation, CUDAGuard, registration) compiles and is warning-free.
+    Also proves the launcher headers it includes are plain C++ (no CUDA device syntax)."""
+    cmd = [*gxx_binding_flags(tmp_path), str(CSRC / src)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{(p.stdout + p.stderr)[-6000:]}"
+    ours = [ln for ln in (p.stdout + p.stderr).splitlines() if "warning" in ln and ("csrc/" in ln or str(CSRC) in ln)]
+    assert not ours, "\n".join(ours)

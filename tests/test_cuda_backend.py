@@ -1,13 +1,18 @@
-"""The hand-written CUDA angle_stats (csrc/angle_stats_cuda.cu + csrc/angle_stats_kernels.cuh) against a float64
-reference computed inline (F.normalize in float64, explicit per-segment sums).
+"""The hand-written CUDA angle_stats against a float64 reference computed inline (F.normalize in float64, explicit
+per-segment sums). The code under test: csrc/angle_stats_kernels.cuh (kernels + inline launcher, nvcc),
+csrc/angle_stats_cuda.cu (nvcc; defines the non-throwing exported launcher), csrc/angle_stats_launch.h (the plain
+host interface: DType, Args, sizing helpers) and csrc/angle_stats_cuda_binding.cpp (g++; the torch binding: checks,
+allocation, stream, registration; every exception, e.g. the too-wide-rows error, is thrown from there).
 
 Two runners share the cases:
   * `cuda`: torch.ops.gainrl.angle_stats_ext on a GPU (skipped without CUDA or without the extension's CUDA kernel);
   * `emulator`: the very same kernel header compiled by g++ against a small CPU emulation of the CUDA execution
-    model (one OS thread per CUDA thread, std::barrier for __syncthreads and warp shuffles, blocks one after the
+    model (one fiber per CUDA thread, barriers for __syncthreads and warp shuffles, blocks one after the
     other), called through ctypes. It checks the work decomposition, indexing, prev-row/adjacent handling, empty
     segments, NaN handling and the launcher's kernel choice on machines without a GPU (skipped without g++ or the
-    CUDA headers). It cannot see GPU-only problems (alignment faults, races the barriers hide, fast-math).
+    CUDA headers). It cannot see GPU-only problems (alignment faults, races the barriers hide, fast-math). It
+    includes angle_stats_kernels.cuh (which pulls in angle_stats_launch.h) from csrc/ and calls the inline
+    launch_angle_stats directly; the binding's checks are not part of it.
 Tolerances (relative to the largest reference magnitude): 2e-5 for fp32 input, 2e-3 for fp16/bf16, the reference
 being computed from the same rounded inputs.
 """
@@ -18,6 +23,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -290,12 +296,40 @@ def test_cuda_graph_capture():
     assert_matches(out, reference(h, cu, seg), TOL[torch.float16])
 
 
+TOO_WIDE = """
+import torch, gainrl_kernels.ops  # registers the ops and loads the extension
+h = torch.randn(4, 16388, device="cuda")
+try:
+    torch.ops.gainrl.angle_stats_ext(h, torch.tensor([0, 4], dtype=torch.int32, device="cuda"),
+                                     torch.tensor([[0, 4]], dtype=torch.int32, device="cuda"))
+except RuntimeError as e:
+    print("RAISED", str(e).splitlines()[0])
+"""
+
+
 @cuda_only
 def test_cuda_rejects_too_wide_rows():
+    """The binding (g++-compiled csrc/angle_stats_cuda_binding.cpp) raises; nothing is launched. In a subprocess:
+    on an H200 (torch 2.11+cu130) raising this error crashed the process (SIGSEGV, also when the check was still in
+    the .cu), which must not take the rest of the suite down."""
+    res = subprocess.run([sys.executable, "-X", "faulthandler", "-c", TOO_WIDE], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout}\n{res.stderr[-3000:]}"
+    assert "RAISED" in res.stdout and "exceeds the supported" in res.stdout, res.stdout
+
+
+@cuda_only
+def test_public_api_refuses_too_wide_rows_for_cuda():
+    """The functional API checks the CUDA kernels' width limit in Python (a ValueError naming hidden) and "auto"
+    routes such rows elsewhere."""
+    from gainrl_kernels import angle_stats
+
     h = torch.randn(4, 16388, device="cuda")
-    with pytest.raises(RuntimeError, match="exceeds the supported"):
-        torch.ops.gainrl.angle_stats_ext(h, torch.tensor([0, 4], dtype=torch.int32, device="cuda"),
-                                         torch.tensor([[0, 4]], dtype=torch.int32, device="cuda"))
+    cu = torch.tensor([0, 4], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="hidden: D = 16388"):
+        angle_stats(h, cu, backend="cuda")
+    stats = angle_stats(h, cu)  # auto: not the CUDA kernel
+    assert stats.unit_sum.shape == (1, 1, 16388) and torch.isfinite(stats.unit_sum).all()
 
 
 # ---------------------------------------------------------------------------------------------------- CPU emulator

@@ -82,25 +82,38 @@ def _angle_cases():
     )
 
 
-# D values whose launch configs the RMSNorm cases lower: the backward switches from whole rows in registers
-# (D <= 4096) to two passes over column slices (any D); the forward always loops over 64-wide slices
+# D values whose launch configs the RMSNorm cases lower: the forward holds whole rows in registers up to
+# next_pow2(D) = 8192 and loops over 64-wide column slices beyond; the backward switches from whole rows
+# (D <= 4096) to two passes over column slices (any D)
 RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 8192, 16384)
 
 
 def _rmsnorm_angle_cases():
+    import torch
+
     from gainrl_kernels import rmsnorm_angle as M
 
     tl_dtype = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+    fwd_sig = dict(x_ptr="*{dt}", w_ptr="*{dt}", y_ptr="*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
+                   item_nrows_ptr="*i32", item_seg_ptr="*i32", item_pair_end_ptr="*i32", part_sum_ptr="*fp32",
+                   part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32", D="i32", stride_r="i64", stride_d="i32",
+                   eps="fp32")
     for dt in ("fp32", "bf16"):
-        for block_d in sorted({M._fwd_block_d(dim) for dim in RMSNORM_DIMS}):
-            for n_seg, stats in ((1, False), (3, True)):
+        # unit column stride: the launch specialises stride_d == 1 (16-byte loads); any stride: a runtime argument
+        cfgs = {(M._fwd_config(1 << 20, dim, torch.device("cpu")), unit) for dim in RMSNORM_DIMS for unit in (True, False)}
+        for cfg, unit in sorted(cfgs):
+            for stats in (False, True):
+                kind = "rows" if cfg.rows else "sliced"
+                sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
+                sig["chunk"] = "i32"
+                consts = dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, BLOCK_T=cfg.block_t,
+                              BLOCK_D=cfg.block_d)
+                if unit:
+                    consts["stride_d"] = 1  # compile_ptx marks it constexpr in place (argument order kept)
                 yield (
-                    f"rmsnorm_fwd-{dt}-K{n_seg}-stats{int(stats)}-BD{block_d}", M._fwd_kernel,
-                    dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
-                         item_nrows_ptr="*i32", item_seq_ptr="*i32", seq_row0_ptr="*i32", seq_len_ptr="*i32",
-                         off_ptr="*i32", part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32",
-                         D="i32", stride_r="i64", stride_d="i32", eps="fp32"),
-                    dict(YT=tl_dtype[dt], K=n_seg, STATS=stats, BLOCK_T=M._BLOCK_T, BLOCK_D=block_d), 8,
+                    f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}"
+                    f"-stride{'1' if unit else 'N'}",
+                    M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig, consts, cfg.num_warps,
                 )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
             kind = "blocked" if cfg.blocked else "rows"
@@ -112,11 +125,19 @@ def _rmsnorm_angle_cases():
                      sdy_r="i32", sdy_d="i32"),
                 dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d), cfg.num_warps,
             )
+    for n_seg, has_off, has_tok in ((1, False, False), (3, True, True)):
+        yield (
+            f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}", M._plan_kernel,
+            dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
+                 grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
+                 item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32"),
+            dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=256, BLOCK_I=1024), 4,
+        )
     yield (
         "rmsnorm_reduce", M._reduce_kernel,
-        dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", lo_ptr="*i32", hi_ptr="*i32",
-             unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32"),
-        dict(K=3, BLOCK_K=4, BLOCK_D=256), 4,
+        dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", seg_lo_ptr="*i32", seg_hi_ptr="*i32",
+             unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32"),
+        dict(BLOCK_D=256), 4,
     )
 
 

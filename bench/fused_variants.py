@@ -1,0 +1,127 @@
+"""Launch-shape variants of the fused RMSNorm + angle forward on a GPU: which tile rules come closest to the bare
+RMSNorm kernel. Every variant's output is checked against the default's (y to a bf16 step, statistics to 1e-3)
+before it is timed; times are of CUDA-graph replays (kernels only, no Python or launch overhead) and of eager calls.
+
+    python bench/fused_variants.py --out bench/results/fused_variants_<gpu>.json
+    python bench/fused_variants.py --smoke     # tiny shapes, any device (checks the script runs)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_angle_bench import make_input, time_it  # noqa: E402
+
+from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
+
+# name -> module constants to override (None: the defaults)
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "row_tiles": {"_ROWS_ONE_ROW_MIN_D": 1 << 30},  # 2-D row tiles with the shifted reload of row t+1
+    "row_tiles_2048": {"_ROWS_ONE_ROW_MIN_D": 1 << 30, "_ROWS_TILE": 2048},
+    "8_per_thread": {"_ROWS_ELEMS_PER_THREAD": 8},  # twice the warps
+    "32_per_thread": {"_ROWS_ELEMS_PER_THREAD": 32},
+    "chunk_32": {"_MAX_CHUNK": 32},
+    "chunk_256": {"_MAX_CHUNK": 256},
+    "sliced": {"_ROWS_MAX_BLOCK_D": 0},  # the column-sliced kernel (the default above D = 8192)
+}
+
+
+@contextmanager
+def overridden(settings: dict) -> Iterator[None]:
+    old = {k: getattr(M, k) for k in settings}
+    for k, v in settings.items():
+        setattr(M, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(M, k, v)
+
+
+def graph_time(fn: Callable[[], object], reps: int) -> float:
+    """Seconds per call of fn replayed from a CUDA graph (the plan's small torch ops included)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    shapes = [(8, 2048, 896), (16, 4096, 2048), (64, 4096, 4096), (16, 4096, 5120)] if cuda else [(2, 16, 40)]
+    rows: list[dict] = []
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
+    print("| B | L | D | variant | bare graph ms | fused graph ms | fused / bare | fused eager ms | copy GB/s frac |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch, length, dim in shapes:
+        x, cu = make_input(batch, length, dim, torch.bfloat16, device)
+        w = torch.rand(dim, device=device, dtype=torch.bfloat16) + 0.5
+        n_bytes = 2 * x.numel() * x.element_size()  # read x, write y
+        copy_s = graph_time(lambda: x.clone(), args.reps) if cuda else None
+        y_ref, s_ref = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)
+        if cuda:  # the device-side work list alone (one launch)
+            plan_ms = graph_time(lambda: M._stats_plan(x.shape[0], dim, cu, None, None), args.reps) * 1e3
+            rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
+            print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | |", flush=True)
+        for name, settings in VARIANTS.items():
+            row = dict(B=batch, L=length, D=dim, variant=name)
+            try:
+                with overridden(settings):
+                    y, s = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)
+                    # another reduction order may move rstd by an ulp: y by one bf16 step now and then
+                    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+                    for a, b in zip(s, s_ref):
+                        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+                    if cuda:
+                        bare = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, validate=False), args.reps)
+                        fused = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), args.reps)
+                        eager = time_it(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), device, 0.2, args.reps)
+                        row.update(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare,
+                                   eager_ms=eager * 1e3, bw_frac_of_copy=copy_s / fused)
+                    else:
+                        row.update(status="ok (smoke: checked, not timed)")
+            except Exception as e:  # noqa: BLE001 -- a failing variant is a result, not a crash
+                row.update(status=f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+            rows.append(row)
+            if "fused_ms" in row:
+                print(f"| {batch} | {length} | {dim} | {name} | {row['bare_ms']:.3f} | {row['fused_ms']:.3f} | "
+                      f"{row['ratio']:.3f} | {row['eager_ms']:.3f} | {row['bw_frac_of_copy']:.2f} |", flush=True)
+            else:
+                print(f"| {batch} | {length} | {dim} | {name} | {row['status']} |||||", flush=True)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu",
+                                                    rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
