@@ -10,10 +10,13 @@
 
 #include <ATen/Parallel.h>
 
+#include "check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -159,7 +162,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cpu(const
     case at::kFloat: run_all(hidden.const_data_ptr<float>()); break;
     case at::kHalf: run_all(hidden.const_data_ptr<c10::Half>()); break;
     case at::kBFloat16: run_all(hidden.const_data_ptr<c10::BFloat16>()); break;
-    default: TORCH_CHECK(false, "hidden: expected float16, bfloat16 or float32, got ", hidden.scalar_type());
+    default:
+      GAINRL_CHECK(false, std::string("hidden: expected float16, bfloat16 or float32, got ") +
+                              c10::toString(hidden.scalar_type()));
   }
 
   float* us = unit_sum.data_ptr<float>();

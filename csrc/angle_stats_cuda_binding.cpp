@@ -20,9 +20,11 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "angle_stats_launch.h"
+#include "check.h"
 
 namespace {
 
@@ -31,7 +33,7 @@ namespace as = gainrl::angle_stats;
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cuda(const at::Tensor& hidden_in,
                                                                              const at::Tensor& cu_seqlens_in,
                                                                              const at::Tensor& seg_offsets_in) {
-  TORCH_CHECK(hidden_in.dim() == 2, "hidden: expected [T, D], got ", hidden_in.dim(), " dims");
+  GAINRL_CHECK(hidden_in.dim() == 2, "hidden: expected [T, D], got " + std::to_string(hidden_in.dim()) + " dims");
   TORCH_CHECK(seg_offsets_in.dim() == 2 && seg_offsets_in.size(1) >= 1, "seg_offsets: expected [B, K+1]");
   TORCH_CHECK(cu_seqlens_in.dim() == 1 && cu_seqlens_in.size(0) == seg_offsets_in.size(0) + 1,
               "cu_seqlens: expected [B+1] with B = seg_offsets.size(0)");
@@ -45,7 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cuda(cons
     case at::kFloat: dt = as::DType::kFloat32; break;
     case at::kHalf: dt = as::DType::kFloat16; break;
     case at::kBFloat16: dt = as::DType::kBFloat16; break;
-    default: TORCH_CHECK(false, "hidden: expected float32, float16 or bfloat16, got ", hidden_in.scalar_type());
+    default:
+      GAINRL_CHECK(false, std::string("hidden: expected float32, float16 or bfloat16, got ") +
+                              c10::toString(hidden_in.scalar_type()));
   }
 
   const c10::cuda::CUDAGuard guard(hidden_in.device());
@@ -78,8 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cuda(cons
     a.stride_d = hidden.stride(1);
     vec = as::vectorizable(a, dt);
   }
-  TORCH_CHECK(D <= as::max_supported_dim(dt, vec), "angle_stats (cuda): D = ", D, " exceeds the supported ",
-              as::max_supported_dim(dt, vec), " for this dtype/layout; use backend='triton' or 'torch'");
+  GAINRL_CHECK(D <= as::max_supported_dim(dt, vec),
+               "angle_stats (cuda): D = " + std::to_string(D) + " exceeds the supported " +
+                   std::to_string(as::max_supported_dim(dt, vec)) +
+                   " for this dtype/layout; use backend='triton' or 'torch'");
 
   const at::Tensor cu = cu_seqlens_in.contiguous();
   const at::Tensor off = seg_offsets_in.contiguous();

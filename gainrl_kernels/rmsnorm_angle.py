@@ -650,7 +650,7 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 _ROWS_MAX_BLOCK_D = 8192
 _ROWS_TILE = 4096  # elements of one [BLOCK_T, BLOCK_D] step of the whole-row forward (16 per thread at 8 warps)
 _ROWS_ONE_ROW_MIN_D = 1024  # from this BLOCK_D on, one row per step (previous row kept, next row prefetched)
-_ROWS_ELEMS_PER_THREAD = 16  # warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step / (32 x this), 4 to 16
+_ROWS_ELEMS_PER_THREAD = 32  # warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step / (32 x this), 4 to 16
 _MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 
@@ -740,12 +740,13 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     y = torch.empty(rows, dim, dtype=x2d.dtype, device=dev)
     rstd = torch.empty(rows, dtype=torch.float32, device=dev)
     batch, nseg = plan.count.shape
-    unit_sum = torch.zeros(batch, nseg, dim, dtype=torch.float32, device=dev)
-    sq_norm = torch.zeros(batch, nseg, dtype=torch.float32, device=dev)
-    adjacent = torch.zeros(batch, dtype=torch.float32, device=dev)
+    stats = stats and batch * nseg > 0 and rows > 0
+    alloc = torch.empty if stats else torch.zeros  # with statistics the reduce kernel writes every entry
+    unit_sum = alloc(batch, nseg, dim, dtype=torch.float32, device=dev)
+    sq_norm = alloc(batch, nseg, dtype=torch.float32, device=dev)
+    adjacent = alloc(batch, dtype=torch.float32, device=dev)
     if rows == 0:
         return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
-    stats = stats and batch * nseg > 0
     if stats:
         part_sum = torch.empty(plan.grid, dim, dtype=torch.float32, device=dev)
         part_q = torch.empty(plan.grid, dtype=torch.float32, device=dev)

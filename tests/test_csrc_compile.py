@@ -273,6 +273,40 @@ def test_cu_files_do_not_throw(src):
     )
 
 
+def _top_level_args(code: str, start: int) -> list[str]:
+    """Arguments of the call whose '(' is at code[start], split at top-level commas (code without literals)."""
+    depth, args, cur = 0, [], []
+    for ch in code[start:]:
+        if ch in "([{":
+            depth += 1
+            if depth == 1:
+                continue
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                args.append("".join(cur))
+                return args
+        elif ch == "," and depth == 1:
+            args.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    return args
+
+
+@pytest.mark.parametrize("src", [f.name for f in sorted(CSRC.glob("*.cpp"))])
+def test_checks_do_not_format_in_our_code(src):
+    """TORCH_CHECK(cond, msg) with one message argument only (GAINRL_CHECK, csrc/check.h, builds longer messages
+    with std::string): c10::str's ostream formatting in our .so crashed an H200 build (see check.h)."""
+    code = strip_comments((CSRC / src).read_text())
+    bad = []
+    for m in re.finditer(r"\bTORCH_CHECK\s*\(", code):
+        args = _top_level_args(code, m.end() - 1)
+        if len(args) > 2:
+            bad.append(f"{src}:{code[:m.start()].count(chr(10)) + 1}: TORCH_CHECK with {len(args) - 1} message args")
+    assert not bad, "\n".join(bad)
+
+
 CUDA_HEADER = re.compile(r'^\s*#\s*include\s*[<"](cuda[_a-z0-9]*\.h|c10/cuda/|ATen/cuda/)', flags=re.M)
 
 
