@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 
 from . import ops, validate
+from .concentration import concentration_from_stats
 from .types import AngleConcentration, AngleStats
 
 
 def whole_sequence_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """[B+1] int32 cu_seqlens -> [B, 2] int32 offsets [[0, len_b]] (one segment per sequence), on device."""
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    return torch.stack([torch.zeros_like(lens), lens], dim=1)
+    if cu_seqlens.numel() < 2:  # no sequences
+        return cu_seqlens.new_zeros(0, 2)
+    return cu_seqlens.unfold(0, 2, 1) - cu_seqlens[:-1, None]  # rows (cu[b], cu[b+1]) - cu[b]: one kernel
 
 
 def angle_stats(
@@ -53,4 +55,6 @@ def angle_concentration(stats: AngleStats, inter_weight: float = 1.0) -> AngleCo
     unit_sum, count, sq_norm, adjacent = stats
     if unit_sum.dim() != 3 or count.shape != unit_sum.shape[:2] or sq_norm.shape != count.shape:
         raise ValueError(f"stats: inconsistent shapes unit_sum {tuple(unit_sum.shape)}, count {tuple(count.shape)}")
+    if not torch.compiler.is_compiling():  # eager: the same function without the custom-op dispatch
+        return concentration_from_stats(unit_sum, count, sq_norm, adjacent, float(inter_weight))
     return AngleConcentration(*torch.ops.gainrl.angle_concentration(unit_sum, count, sq_norm, adjacent, float(inter_weight)))
