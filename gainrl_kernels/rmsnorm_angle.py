@@ -333,6 +333,16 @@ def _offset(off_ptr, bi, j, K: tl.constexpr, length, ok, HAS_OFF: tl.constexpr):
 
 
 @triton.jit
+def _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS: tl.constexpr):
+    """(first row, row count) of program ``pid``: from the work list with statistics, else consecutive chunks."""
+    if STATS:
+        return tl.load(item_row0_ptr + pid), tl.load(item_nrows_ptr + pid)
+    else:
+        row0 = pid * chunk
+        return row0, tl.minimum(tl.maximum(R - row0, 0), chunk)
+
+
+@triton.jit
 def _fwd_rows_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
@@ -351,12 +361,7 @@ def _fwd_rows_kernel(
     Writes one partial row per chunk.
     """
     pid = tl.program_id(0)
-    if STATS:
-        nrows = tl.load(item_nrows_ptr + pid)
-        row0 = tl.load(item_row0_ptr + pid)
-    else:  # no work list: consecutive chunks
-        row0 = pid * chunk
-        nrows = tl.minimum(tl.maximum(R - row0, 0), chunk)
+    row0, nrows = _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS)
     if nrows > 0:
         row_end = row0 + nrows
         t = tl.arange(0, BLOCK_T)
@@ -453,12 +458,7 @@ def _fwd_sliced_kernel(
     pass C re-reads x (cached), recomputes y and sums u = y / ||y|| over the chunk's rows. Same outputs as
     ``_fwd_rows_kernel``; the per-slice products are kept tile-shaped and reduced over columns once per pass."""
     pid = tl.program_id(0)
-    if STATS:
-        nrows = tl.load(item_nrows_ptr + pid)
-        row0 = tl.load(item_row0_ptr + pid)
-    else:  # no work list: consecutive chunks
-        row0 = pid * chunk
-        nrows = tl.minimum(tl.maximum(R - row0, 0), chunk)
+    row0, nrows = _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS)
     if nrows > 0:
         t = tl.arange(0, BLOCK_T)
         rows = row0 + t
