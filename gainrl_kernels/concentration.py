@@ -18,7 +18,9 @@ def concentration_from_stats(
     nan = math.nan
     n = count.to(torch.float32)
     gram = torch.bmm(unit_sum, unit_sum.transpose(1, 2))  # [B, K, K]: S_k . S_l
-    self_dot = torch.diagonal(gram, dim1=1, dim2=2)
+    # The self terms feed differences that cancel (||S||² - Σ||u||²): computed elementwise in fp32, not by the
+    # matmul, whose precision torch.set_float32_matmul_precision may lower (TF32 / bf16 passes).
+    self_dot = (unit_sum * unit_sum).sum(-1)
     intra = torch.where(count >= 2, (self_dot - sq_norm) / (n * (n - 1)), nan)
     pair_n = n.unsqueeze(2) * n.unsqueeze(1)
     inter = torch.where(pair_n > 0, gram / pair_n, nan)
@@ -28,7 +30,8 @@ def concentration_from_stats(
         score = intra[:, 0]
     n_all = n.sum(1)
     q_all = sq_norm.sum(1)
-    s2 = gram.sum((1, 2))  # ||Σ_k S_k||²
+    total = unit_sum.sum(1)
+    s2 = (total * total).sum(1)  # ||Σ_k S_k||²
     causal = torch.where(n_all >= 2, (s2 - q_all) / (n_all * (n_all - 1)), nan)
     # causal pairs i >= j plus the adjacent pairs: n(n+1)/2 + n - 1
     ref_den = n_all * (n_all + 3) * 0.5 - 1
