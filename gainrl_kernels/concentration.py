@@ -15,11 +15,18 @@ def concentration_from_stats(
 
     Written for few kernel launches (this runs once per batch, at small sizes): means are plain quotients whose
     empty cases (0/0, x/0) are replaced by NaN with one ``where`` each."""
+    # Probes call this inside the model's forward, often under autocast, which would run bmm in bf16 (seen: C_causal
+    # off by 5e-3 in a TRL loss forward): the metric is always computed in float32.
+    with torch.autocast(unit_sum.device.type, enabled=False):
+        return _concentration(unit_sum.float(), count, sq_norm.float(), adjacent.float(), inter_weight)
+
+
+def _concentration(unit_sum: torch.Tensor, count: torch.Tensor, sq_norm: torch.Tensor, adjacent: torch.Tensor,
+                   inter_weight: float) -> AngleConcentration:
     nan = math.nan
     n = count.to(torch.float32)
     gram = torch.bmm(unit_sum, unit_sum.transpose(1, 2))  # [B, K, K]: S_k . S_l
-    # The self terms feed differences that cancel (||S||² - Σ||u||²): computed elementwise in fp32, not by the
-    # matmul, whose precision torch.set_float32_matmul_precision may lower (TF32 / bf16 passes).
+    # the self terms feed differences that cancel (||S||² - Σ||u||²): elementwise, fp32, whatever the matmul does
     self_dot = (unit_sum * unit_sum).sum(-1)
     intra = torch.where(count >= 2, (self_dot - sq_norm) / (n * (n - 1)), nan)
     pair_n = n.unsqueeze(2) * n.unsqueeze(1)

@@ -157,3 +157,18 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(score, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(hidden, cu, seg), score(hidden, cu, seg), equal_nan=True)
+
+
+def test_concentration_is_float32_under_autocast():
+    """Probes compute the metric inside the model's forward, often under autocast (bf16 bmm on CPU and GPU): intra
+    and causal subtract nearly equal terms (||S||² - Σ||u||²), and a TRL run moved C_causal by 5e-3 that way."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.nn.functional.normalize(torch.randn(2, 400, 256, generator=g) + 0.3, dim=-1)
+    unit_sum = torch.stack([u[:, :150].sum(1), u[:, 150:].sum(1)], 1)  # [2, 2, 256]
+    stats = AngleStats(unit_sum, torch.tensor([[150, 250]] * 2, dtype=torch.int32),
+                       torch.tensor([[150.0, 250.0]] * 2), torch.zeros(2))
+    want = angle_concentration(stats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = angle_concentration(stats)
+    for name in ("intra", "inter", "score", "causal", "causal_ref"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-6, atol=1e-7, msg=name)
