@@ -26,6 +26,15 @@ from typing import Any, Protocol
 import torch
 
 
+def _check_generate_args(prompts: Sequence[Sequence[int]], n: int) -> bool:
+    """Arguments every engine's ``generate`` takes: n >= 1 and no empty prompt; False when there are no prompts."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    return bool(prompts)
+
+
 @dataclass
 class PaddedRollouts:
     """A rollout batch laid out for the training forward: prompts left-padded to ``P``, completions right-padded
@@ -273,12 +282,8 @@ class HFRolloutEngine:
         return out[:, width:].cpu().tolist()
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, *, greedy: bool = False) -> Rollouts:
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if not prompts:
+        if not _check_generate_args(prompts, n):
             return Rollouts([], [], [], [], [])
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt")
         expanded = [list(p) for p in prompts for _ in range(n)]
         index = [i for i in range(len(prompts)) for _ in range(n)]
         if greedy and n > 1:  # one greedy continuation per prompt, repeated
@@ -523,12 +528,8 @@ class VLLMRolloutEngine:
         return rows
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, *, greedy: bool = False) -> Rollouts:
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if not prompts:
+        if not _check_generate_args(prompts, n):
             return Rollouts([], [], [], [], [])
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt")
         per_request = 1 if greedy else n
         inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]  # vllm.TokensPrompt
         outputs = self.llm.generate(inputs, self.sampling_params(per_request, greedy), use_tqdm=False)
