@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     for batch, length, dim in shapes:
         x, cu = make_input(batch, length, dim, torch.bfloat16, device)
         w = torch.rand(dim, device=device, dtype=torch.bfloat16) + 0.5
-        n_bytes = 2 * x.numel() * x.element_size()  # read x, write y
         copy_s = graph_time(lambda: x.clone(), args.reps) if cuda else None
         y_ref, s_ref = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)
         if cuda:  # the device-side work list alone (one launch)
