@@ -233,44 +233,28 @@ def _plan_kernel(
         prev_end = tl.maximum(tl.associative_scan(p_end, 0, _max_i64), prev_max)
         start = tl.where(length > 0, first, prev_end)  # empty sequences sit where the last one ended
         prev_max = tl.maximum(prev_max, tl.max(tl.where(length > 0, first + length, 0), axis=0))
-        # region bounds, in row order: gap, [0, o_0), the K segments, [o_K, len)
-        o_prev = zero
+        # region bounds, in row order: gap, [0, o_0), the K segments, [o_K, len); pass 1 counts the chunks
         m = zero  # running max of the clamped offsets: monotone bounds for unvalidated offsets
-        lo = tl.minimum(tl.maximum(prev_end, 0), R)
+        o = zero  # the clamped offset itself (counts use it as given)
         hi = tl.minimum(tl.maximum(start, 0), R)
-        n_seq = zero
-        for r in tl.static_range(K + 3):
-            if r >= 1:
-                lo = hi
-                if r <= K + 1:
-                    o = tl.minimum(tl.maximum(_offset(off_ptr, bi, r - 1, K, length, ok, HAS_OFF), 0), length)
-                    if r >= 2:
-                        tl.store(count_ptr + bi * K + (r - 2), tl.maximum(o - o_prev, 0).to(tl.int32), mask=ok)
-                    o_prev = o
-                    m = tl.maximum(m, o)
-                    hi = start + m
-                else:
-                    hi = start + length
-            hi = tl.minimum(tl.maximum(hi, 0), R)  # rows of x only, whatever unvalidated indices say
-            n_reg = tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
-            n_seq += n_reg
+        n_seq = tl.where(ok, (tl.maximum(hi - tl.minimum(tl.maximum(prev_end, 0), R), 0) + chunk - 1) // chunk, 0)
+        for r in tl.static_range(1, K + 3):
+            o_prev = o
+            lo, hi, m, o = _next_region(r, hi, m, start, length, off_ptr, bi, ok, R, K, HAS_OFF)
+            if r >= 2 and r <= K + 1:
+                tl.store(count_ptr + bi * K + (r - 2), tl.maximum(o - o_prev, 0).to(tl.int32), mask=ok)
+            n_seq += tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
         pair_end = start + m  # pairs (t, t+1) count while t + 1 < o_K
         # first chunk of each sequence: exclusive prefix sum over the block, plus the carry
         base = n_items + tl.cumsum(n_seq, 0) - n_seq
         n_items += tl.sum(n_seq, axis=0)
+        # pass 2: the same regions, writing their chunks
         lo = tl.minimum(tl.maximum(prev_end, 0), R)
         hi = tl.minimum(tl.maximum(start, 0), R)
         m = zero
         for r in tl.static_range(K + 3):
             if r >= 1:
-                lo = hi
-                if r <= K + 1:
-                    m = tl.maximum(m, tl.minimum(tl.maximum(_offset(off_ptr, bi, r - 1, K, length, ok, HAS_OFF), 0),
-                                                 length))
-                    hi = start + m
-                else:
-                    hi = start + length
-            hi = tl.minimum(tl.maximum(hi, 0), R)
+                lo, hi, m, _ = _next_region(r, hi, m, start, length, off_ptr, bi, ok, R, K, HAS_OFF)
             n_reg = tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
             if r >= 2 and r <= K + 1:
                 slot = bi * K + (r - 2)
@@ -299,6 +283,22 @@ def _plan_kernel(
         tl.store(item_nrows_ptr + item, tl.minimum(tl.maximum(R - row0, 0), chunk).to(tl.int32), mask=mine)
         tl.store(item_seg_ptr + item, tl.full([BLOCK_I], -1, tl.int32), mask=mine)
         tl.store(item_pair_end_ptr + item, tl.zeros([BLOCK_I], dtype=tl.int32), mask=mine)
+
+
+@triton.jit
+def _next_region(r: tl.constexpr, hi, m, start, length, off_ptr, bi, ok, R, K: tl.constexpr, HAS_OFF: tl.constexpr):
+    """Region r >= 1 of the sequences ``bi`` (1: [0, o_0), 2..K+1: segment r-2, K+2: [o_K, len)), starting where
+    region r-1 ended (``hi``). Returns (lo, hi, m, o): its absolute rows clamped to [0, R), the running max ``m`` of
+    the clamped offsets and the clamped offset o_{r-1} itself (``m`` for r = K+2)."""
+    lo = hi
+    o = m
+    if r <= K + 1:
+        o = tl.minimum(tl.maximum(_offset(off_ptr, bi, r - 1, K, length, ok, HAS_OFF), 0), length)
+        m = tl.maximum(m, o)
+        hi = start + m
+    else:
+        hi = start + length
+    return lo, tl.minimum(tl.maximum(hi, 0), R), m, o  # rows of x only, whatever unvalidated indices say
 
 
 @triton.jit
