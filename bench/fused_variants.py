@@ -26,8 +26,11 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "row_tiles": {"_ROWS_ONE_ROW_MIN_D": 1 << 30},  # 2-D row tiles with the shifted reload of row t+1
     "row_tiles_2048": {"_ROWS_ONE_ROW_MIN_D": 1 << 30, "_ROWS_TILE": 2048},
-    "8_per_thread": {"_ROWS_ELEMS_PER_THREAD": 8},  # twice the warps
-    "32_per_thread": {"_ROWS_ELEMS_PER_THREAD": 32},
+    "16_bytes_per_thread": {"_ROWS_BYTES_PER_THREAD": 16},  # 4x the warps (8 bf16 values per thread)
+    "128_bytes_per_thread": {"_ROWS_BYTES_PER_THREAD": 128},  # half the warps (at least 4)
+    "separate_sums": {"_JOINT_SUMS": False},  # three block reductions per row instead of one
+    "serial_reduce": {"_REDUCE_TILE": (1, 256)},  # the reduce kernel loads one chunk per step
+    "serial_plan": {"_PLAN_TILE": 16},  # the work-list kernel writes one chunk per sequence per step
     "chunk_32": {"_MAX_CHUNK": 32},
     "chunk_256": {"_MAX_CHUNK": 256},
     "sliced": {"_ROWS_MAX_BLOCK_D": 0},  # the column-sliced kernel (the default above D = 8192)
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         copy_s = graph_time(lambda: x.clone(), args.reps) if cuda else None
         y_ref, s_ref = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)
         if cuda:  # the device-side work list alone (one launch)
-            plan_ms = graph_time(lambda: M._stats_plan(x.shape[0], dim, cu, None, None), args.reps) * 1e3
+            plan_ms = graph_time(lambda: M._stats_plan(x, cu, None, None), args.reps) * 1e3
             rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
             print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | |", flush=True)
         for name, settings in VARIANTS.items():

@@ -15,7 +15,8 @@ values. So ``rmsnorm_angle(x, ...)[1]`` equals ``angle_stats(y, ...)`` up to fp3
 
 Shapes and dtypes:
     x            [T, D] or [N, L, D], float16 / bfloat16 / float32, any strides (a 3-D input is viewed as its
-                 N*L flat rows; a copy is made only when that view is impossible)
+                 N*L flat rows; a copy is made only when that view is impossible or its columns are strided: the
+                 forward reads rows in vector loads)
     weight       [D] float16 / bfloat16 / float32
     cu_seqlens   [B+1] int32 (flash-attn convention) over *packed* token positions; None -> plain RMSNorm,
                  stats None
@@ -32,14 +33,16 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     cdiv(R, chunk) + B (K + 3) + 1; spare programs exit at once. Without statistics there is no work list: the
     kernels derive consecutive chunks from the program id.
   * ``_fwd_rows_kernel`` (next_pow2(D) <= 8192): whole rows in registers, x read once. From BLOCK_D = 1024 on one
-    row per step: y_{t-1} stays in registers for the adjacent term, row t+1 is prefetched while row t is
-    computed (and, for the chunk's last pair, the row after the chunk). Narrower rows take [BLOCK_T, BLOCK_D]
+    row per step: y_{t-1} stays in registers (in x's dtype, exactly) for the adjacent term, and row t+2 is
+    prefetched while row t is computed; compiled, ||y_t||², y_t . y_{t-1} and row t+1's sum of squares share
+    one block reduction, so a step has the bare kernel's one shared-memory round, not three (the chunk's last
+    pair reaches the row after the chunk). Narrower rows take [BLOCK_T, BLOCK_D]
     steps and reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12),
     ||u||² and the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
-  * ``_reduce_kernel`` sums each segment's partials in chunk order: the statistics are deterministic (bitwise
-    run to run). ``count`` is exact integer arithmetic on the clamped offsets.
+  * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
+    deterministic (bitwise run to run). ``count`` is exact integer arithmetic on the clamped offsets.
 Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
 rounding is done on the fp32 bits (below).
 
@@ -216,10 +219,12 @@ def _rms_out(x, rstd, w, YT: tl.constexpr, NATIVE_CAST: tl.constexpr):
 def _plan_kernel(
     cu_ptr, off_ptr, tok_ptr, n_packed, B, R, chunk, grid,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr,
-    K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
+    K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr,
 ):
     """The forward's work list in one program (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the
-    last sequence end and the chunk count across blocks; then spare items (0 rows) up to ``grid``."""
+    last sequence end and the chunk count across blocks, each region's chunks written BLOCK_C at a time; then
+    spare items (0 rows) up to ``grid``."""
     zero = tl.zeros([BLOCK_B], dtype=tl.int64)
     prev_max = tl.zeros([], dtype=tl.int64)  # largest sequence end so far
     n_items = tl.zeros([], dtype=tl.int64)  # chunks written so far
@@ -263,14 +268,18 @@ def _plan_kernel(
                 seg = slot
             else:
                 seg = zero - 1
-            for c in range(0, tl.max(n_reg, axis=0)):
-                item = base + c
-                w_ok = (c < n_reg) & (item < grid)
-                row0 = lo + c * chunk
-                tl.store(item_row0_ptr + item, row0.to(tl.int32), mask=w_ok)
-                tl.store(item_nrows_ptr + item, tl.minimum(hi - row0, chunk).to(tl.int32), mask=w_ok)
-                tl.store(item_seg_ptr + item, seg.to(tl.int32), mask=w_ok)
-                tl.store(item_pair_end_ptr + item, pair_end.to(tl.int32), mask=w_ok)
+            # [BLOCK_B, BLOCK_C] chunks at a time, in int32 (rows and items are below R and grid)
+            base32, lo32, hi32, n32 = base.to(tl.int32), lo.to(tl.int32), hi.to(tl.int32), n_reg.to(tl.int32)
+            seg32, pair_end32 = seg.to(tl.int32), pair_end.to(tl.int32)
+            for c0 in range(0, tl.max(n32, axis=0), BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)[None, :]
+                item = base32[:, None] + c
+                w_ok = (c < n32[:, None]) & (item < grid)
+                row0 = lo32[:, None] + c * chunk
+                tl.store(item_row0_ptr + item, row0, mask=w_ok)
+                tl.store(item_nrows_ptr + item, tl.minimum(hi32[:, None] - row0, chunk), mask=w_ok)
+                tl.store(item_seg_ptr + item, seg32[:, None] + c * 0, mask=w_ok)
+                tl.store(item_pair_end_ptr + item, pair_end32[:, None] + c * 0, mask=w_ok)
             base += n_reg
     # the gap after the last sequence, then spare programs
     tail_lo = tl.minimum(tl.maximum(prev_max, 0), R)
@@ -299,6 +308,25 @@ def _next_region(r: tl.constexpr, hi, m, start, length, off_ptr, bi, ok, R, K: t
     else:
         hi = start + length
     return lo, tl.minimum(tl.maximum(hi, 0), R), m, o  # rows of x only, whatever unvalidated indices say
+
+
+@triton.jit
+def _row_sums3(a, b, c, JOINT: tl.constexpr):
+    """Row sums (axis 1) of three [BLOCK_T, BLOCK_D] fp32 tensors.
+
+    JOINT: one reduction of the stacked tensors, so the three cross-warp exchanges share one shared-memory round
+    (two barriers instead of six). Compiled, each row is summed in the same order as ``tl.sum`` (same per-thread
+    elements, same shuffles), so ``c``'s sum is bitwise the one the bare kernel computes. The interpreter's
+    ``np.sum`` orders a strided axis differently, so there three ``tl.sum`` keep that bitwise agreement.
+    """
+    if JOINT:
+        s = tl.sum(tl.join(tl.join(a, b), tl.join(c, c)), axis=1)
+        ab, cc = tl.split(s)
+        sa, sb = tl.split(ab)
+        sc, _ = tl.split(cc)
+        return sa, sb, sc
+    else:
+        return tl.sum(a, axis=1), tl.sum(b, axis=1), tl.sum(c, axis=1)
 
 
 @triton.jit
@@ -347,16 +375,17 @@ def _fwd_rows_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
     part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, stride_d, eps, chunk,
-    YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    R, D, stride_r, eps, chunk,
+    YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
     A chunk with item_seg >= 0 lies inside one segment: it also sums u = y / ||y|| (tile-shaped, reduced over rows
     once at the end), ||u||² and, for rows t with t + 1 < item_pair_end, u_t . u_{t+1}. BLOCK_T == 1: the previous
-    row's y stays in registers (pairs inside the chunk) and the next row is prefetched while the current one is
-    computed; the last iteration's prefetch is the row after the chunk, for the chunk's last pair. BLOCK_T > 1
+    row's y stays in registers (pairs inside the chunk), row t+1's rstd comes out of step t's joint reduction
+    (``_row_sums3``) and row t+2 is loaded during step t; past the chunk's end only the row after it is read, for
+    the chunk's last pair. BLOCK_T > 1
     (narrow rows): row t+1 of each step is loaded shifted by one (cache hits but for the step's last row).
     Writes one partial row per chunk.
     """
@@ -379,33 +408,35 @@ def _fwd_rows_kernel(
             if BLOCK_T == 1:
                 # rows loaded: the chunk's, then the next one if the chunk's last pair counts
                 load_end = tl.minimum(tl.where(row_end < pair_end, row_end + 1, row_end), R)
-                x_next = tl.load(x_ptr + (row0 + t).to(tl.int64)[:, None] * stride_r + dd[None, :] * stride_d,
-                                 mask=d_ok[None, :], other=0.0)
-                y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+                x_cur = tl.load(x_ptr + (row0 + t).to(tl.int64)[:, None] * stride_r + dd[None, :],
+                                mask=d_ok[None, :], other=0.0).to(tl.float32)
+                rstd = 1.0 / tl.sqrt_rn(tl.sum(x_cur * x_cur, axis=1) / D + eps)
+                x_next = tl.load(x_ptr + (row0 + t + 1).to(tl.int64)[:, None] * stride_r + dd[None, :],
+                                 mask=d_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0)
+                y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=YT)  # y is a YT value: kept in YT, exactly
                 inv_prev = tl.zeros([BLOCK_T], dtype=tl.float32)
                 for r in range(row0, row_end):
                     rows = r + t
-                    x = x_next.to(tl.float32)
-                    x_next = tl.load(x_ptr + (rows.to(tl.int64) + 1)[:, None] * stride_r + dd[None, :] * stride_d,
-                                     mask=d_ok[None, :] & (rows + 1 < load_end)[:, None], other=0.0)
-                    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
                     tl.store(rstd_ptr + rows, rstd)
-                    y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
+                    y = _rms_out(x_cur, rstd, w, YT, NATIVE_CAST)
                     tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
-                    nn = tl.sum(y * y, axis=1)
-                    dot = tl.sum(y * y_prev, axis=1)  # 0 on the first row (y_prev = 0)
+                    x_cur = x_next.to(tl.float32)
+                    x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
+                                     mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0)
+                    # one block reduction per row: ||y_r||², y_r . y_{r-1} (0 on the first row) and the next
+                    # row's sum of squares, so its rstd is ready when the next step starts
+                    nn, dot, ss = _row_sums3(y * y, y * y_prev.to(tl.float32), x_cur * x_cur, JOINT_SUMS)
                     inv = 1.0 / tl.maximum(tl.sqrt_rn(nn), 1e-12)
                     acc += y * inv[:, None]
                     q_acc += nn * inv * inv
                     adj_acc += dot * inv_prev * inv
-                    y_prev = y
+                    rstd = 1.0 / tl.sqrt_rn(ss / D + eps)
+                    y_prev = y.to(YT)
                     inv_prev = inv
-                if load_end > row_end:  # pair (last row, first row after the chunk)
-                    x = x_next.to(tl.float32)
-                    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
-                    y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
+                if load_end > row_end:  # pair (last row, first row after the chunk): x_cur and rstd are its
+                    y = _rms_out(x_cur, rstd, w, YT, NATIVE_CAST)
                     inv = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(y * y, axis=1)), 1e-12)
-                    adj_acc += tl.sum(y * y_prev, axis=1) * inv_prev * inv
+                    adj_acc += tl.sum(y * y_prev.to(tl.float32), axis=1) * inv_prev * inv
             else:
                 for r0 in range(row0, row_end, BLOCK_T):
                     rows = r0 + t
@@ -413,8 +444,8 @@ def _fwd_rows_kernel(
                     p_ok = r_ok & (rows + 1 < pair_end) & (rows + 1 < R)
                     x_off = rows.to(tl.int64) * stride_r  # int64 element offsets: R * D may pass 2**31
                     m = r_ok[:, None] & d_ok[None, :]
-                    x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
-                    x1 = tl.load(x_ptr + (x_off + stride_r)[:, None] + dd[None, :] * stride_d,
+                    x = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=m, other=0.0).to(tl.float32)
+                    x1 = tl.load(x_ptr + (x_off + stride_r)[:, None] + dd[None, :],
                                  mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                     rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
                     rstd1 = 1.0 / tl.sqrt_rn(tl.sum(x1 * x1, axis=1) / D + eps)
@@ -436,7 +467,7 @@ def _fwd_rows_kernel(
                 rows = r0 + t
                 r_ok = rows < row_end
                 m = r_ok[:, None] & d_ok[None, :]
-                x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + dd[None, :] * stride_d, mask=m,
+                x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + dd[None, :], mask=m,
                             other=0.0).to(tl.float32)
                 rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
                 tl.store(rstd_ptr + rows, rstd, mask=r_ok)
@@ -449,9 +480,9 @@ def _fwd_sliced_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
     part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, stride_d, eps, chunk,
-    YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    R, D, stride_r, eps, chunk,
+    YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Any D: one chunk of BLOCK_T rows per program, three passes over BLOCK_D column slices (rows too wide for
     registers). Pass A sums x² (rows t and t+1), pass B writes y and sums ||y_t||², ||y_{t+1}||², y_t . y_{t+1},
@@ -480,11 +511,11 @@ def _fwd_sliced_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
-            x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d, mask=r_ok[:, None] & d_ok[None, :],
+            x = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=r_ok[:, None] & d_ok[None, :],
                         other=0.0).to(tl.float32)
             ss += x * x
             if seg >= 0:
-                x1 = tl.load(x_ptr + x1_off[:, None] + dd[None, :] * stride_d, mask=p_ok[:, None] & d_ok[None, :],
+                x1 = tl.load(x_ptr + x1_off[:, None] + dd[None, :], mask=p_ok[:, None] & d_ok[None, :],
                              other=0.0).to(tl.float32)
                 ss1 += x1 * x1
         rstd = 1.0 / tl.sqrt_rn(tl.sum(ss, axis=1) / D + eps)
@@ -500,11 +531,11 @@ def _fwd_sliced_kernel(
             d_ok = dd < D
             m = r_ok[:, None] & d_ok[None, :]
             w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=m, other=0.0).to(tl.float32)
             y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
             tl.store(y_ptr + y_off[:, None] + dd[None, :], y.to(YT), mask=m)
             if seg >= 0:
-                x1 = tl.load(x_ptr + x1_off[:, None] + dd[None, :] * stride_d, mask=p_ok[:, None] & d_ok[None, :],
+                x1 = tl.load(x_ptr + x1_off[:, None] + dd[None, :], mask=p_ok[:, None] & d_ok[None, :],
                              other=0.0).to(tl.float32)
                 y1 = _rms_out(x1, rstd1, w, YT, NATIVE_CAST)
                 nn += y * y
@@ -523,7 +554,7 @@ def _fwd_sliced_kernel(
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_ok = dd < D
                 w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
-                x = tl.load(x_ptr + x_off[:, None] + dd[None, :] * stride_d, mask=r_ok[:, None] & d_ok[None, :],
+                x = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=r_ok[:, None] & d_ok[None, :],
                             other=0.0).to(tl.float32)
                 u = _rms_out(x, rstd, w, YT, NATIVE_CAST) * inv[:, None]
                 tl.store(part_row + dd, tl.sum(u, axis=0), mask=d_ok)
@@ -533,33 +564,39 @@ def _fwd_sliced_kernel(
 def _reduce_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr, seg_lo_ptr, seg_hi_ptr,
     unit_sum_ptr, sq_norm_ptr, adjacent_ptr, D, K,
-    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Sum the chunk partials of segment slot s = b * K + k in chunk order (deterministic); the k == 0 program
-    also sums the adjacent partials of all K segments of sequence b (their chunks are consecutive).
-    Grid (B * K, cdiv(D, BLOCK_D))."""
+    """Sum the chunk partials of segment slot s = b * K + k; the k == 0 program also sums the adjacent partials of
+    all K segments of sequence b (their chunks are consecutive). BLOCK_C chunks are loaded at a time (loads in
+    flight rather than one dependent load per chunk) and summed in a fixed order: the statistics are deterministic
+    (bitwise run to run). Grid (B * K, cdiv(D, BLOCK_D))."""
     s = tl.program_id(0)
     pd = tl.program_id(1)
     lo = tl.load(seg_lo_ptr + s)
     hi = tl.load(seg_hi_ptr + s)
+    c = tl.arange(0, BLOCK_C)
     dd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = dd < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    part = part_sum_ptr + lo.to(tl.int64) * D + dd  # int64 offsets
-    for _ in range(lo, hi):
-        acc += tl.load(part, mask=m, other=0.0)
-        part += D
-    tl.store(unit_sum_ptr + s.to(tl.int64) * D + dd, acc, mask=m)
+    d_ok = dd < D
+    acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    for c0 in range(lo, hi, BLOCK_C):
+        rows = (c0 + c).to(tl.int64)  # int64 offsets: chunks x D may pass 2**31
+        acc += tl.load(part_sum_ptr + rows[:, None] * D + dd[None, :], mask=(c0 + c < hi)[:, None] & d_ok[None, :],
+                       other=0.0)
+    tl.store(unit_sum_ptr + s.to(tl.int64) * D + dd, tl.sum(acc, axis=0), mask=d_ok)
     if pd == 0:
-        q = tl.zeros([], dtype=tl.float32)
-        for i in range(lo, hi):
-            q += tl.load(part_q_ptr + i)
-        tl.store(sq_norm_ptr + s, q)
+        tl.store(sq_norm_ptr + s, _sum_range(part_q_ptr, lo, hi, BLOCK_C))
         if s % K == 0:
-            adj = tl.zeros([], dtype=tl.float32)
-            for i in range(lo, tl.load(seg_hi_ptr + s + K - 1)):
-                adj += tl.load(part_adj_ptr + i)
-            tl.store(adjacent_ptr + s // K, adj)
+            tl.store(adjacent_ptr + s // K, _sum_range(part_adj_ptr, lo, tl.load(seg_hi_ptr + s + K - 1), BLOCK_C))
+
+
+@triton.jit
+def _sum_range(ptr, lo, hi, BLOCK: tl.constexpr):
+    """Sum of ptr[lo:hi] (fp32), BLOCK entries at a time, in a fixed order."""
+    i = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(lo, hi, BLOCK):
+        acc += tl.load(ptr + i0 + i, mask=i0 + i < hi, other=0.0)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -650,9 +687,16 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 _ROWS_MAX_BLOCK_D = 8192
 _ROWS_TILE = 4096  # elements of one [BLOCK_T, BLOCK_D] step of the whole-row forward (16 per thread at 8 warps)
 _ROWS_ONE_ROW_MIN_D = 1024  # from this BLOCK_D on, one row per step (previous row kept, next row prefetched)
-_ROWS_ELEMS_PER_THREAD = 32  # warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step / (32 x this), 4 to 16
+# warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step of x over 32 x this many bytes, 4 to 16 (32 bf16 or 16
+# fp32 values per thread)
+_ROWS_BYTES_PER_THREAD = 64
+_PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step
+_REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
 _MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
+# one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
+# sums a stacked tensor in another order, which would break bitwise agreement with the bare kernel's y)
+_JOINT_SUMS: Optional[bool] = None
 
 
 class _FwdConfig(NamedTuple):
@@ -665,7 +709,7 @@ class _FwdConfig(NamedTuple):
     num_warps: int
 
 
-def _fwd_config(n_rows: int, dim: int, device: torch.device) -> _FwdConfig:
+def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device) -> _FwdConfig:
     """Tile rules of the forward (tests/test_triton_compile.py lowers these). The chunk shrinks (to BLOCK_T at
     least) until there are about four programs per multiprocessor, so small batches still fill the GPU."""
     block_d = max(16, triton.next_power_of_2(dim))
@@ -677,7 +721,7 @@ def _fwd_config(n_rows: int, dim: int, device: torch.device) -> _FwdConfig:
     chunk = _MAX_CHUNK
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
-    warps = min(16, max(4, block_t * block_d // (32 * _ROWS_ELEMS_PER_THREAD)))
+    warps = min(16, max(4, block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)))
     return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps)
 
 
@@ -696,10 +740,13 @@ class _Plan(NamedTuple):
     nseg: int
 
 
-def _plain_plan(rows: int, dim: int, device: torch.device, count: Optional[torch.Tensor] = None) -> _Plan:
-    """No statistics: consecutive chunks, no work list (the kernels derive each program's rows from its id).
-    ``count``: the [B, K] counts to return (no sequences or no segments), default [0, 1]."""
-    cfg = _fwd_config(rows, dim, device)
+def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
+    """No statistics: consecutive chunks of the [R, D] rows of ``x2d``, no work list (the kernels derive each
+    program's rows from its id). ``count``: the [B, K] counts to return (no sequences or no segments), default
+    [0, 1]."""
+    rows, dim = x2d.shape
+    device = x2d.device
+    cfg = _fwd_config(rows, dim, x2d.element_size(), device)
     empty = torch.empty(0, dtype=torch.int32, device=device)
     if count is None:
         count = torch.zeros(0, 1, dtype=torch.int32, device=device)
@@ -707,9 +754,9 @@ def _plain_plan(rows: int, dim: int, device: torch.device, count: Optional[torch
                  count.shape[1])
 
 
-def _stats_plan(rows: int, dim: int, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
+def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
                 token_index: Optional[torch.Tensor]) -> _Plan:
-    """Regions in row order, per sequence b: gap (rows in no sequence), [0, o_0), the K segments [o_k, o_k+1),
+    """Work list over the [R, D] rows of ``x2d``. Regions in row order, per sequence b: gap (rows in no sequence), [0, o_0), the K segments [o_k, o_k+1),
     [o_K, len_b); then the gap after the last sequence. Each region is cut into chunks of cfg.chunk rows, one per
     program of a grid of static size cdiv(rows, chunk) + B (K + 3) + 1 (a bound: spare programs get 0 rows);
     only segment chunks collect statistics. Built on the device by ``_plan_kernel`` (one launch, no host sync)."""
@@ -717,19 +764,21 @@ def _stats_plan(rows: int, dim: int, cu_seqlens: torch.Tensor, seg_offsets: Opti
     batch = cu_seqlens.numel() - 1
     nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
     if batch * nseg == 0:
-        return _plain_plan(rows, dim, dev, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
-    cfg = _fwd_config(rows, dim, dev)
+        return _plain_plan(x2d, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
+    rows, dim = x2d.shape
+    cfg = _fwd_config(rows, dim, x2d.element_size(), dev)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
+    block_b = min(256, max(16, triton.next_power_of_2(batch)))
     _plan_kernel[(1,)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=min(256, max(16, triton.next_power_of_2(batch))), BLOCK_I=1024,
+        BLOCK_B=block_b, BLOCK_C=_PLAN_TILE // block_b, BLOCK_I=1024,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 
@@ -759,15 +808,17 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         x2d, weight, y, rstd,
         plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
         part_sum, part_q, part_adj,
-        rows, dim, x2d.stride(0), x2d.stride(1), float(eps), cfg.chunk,
-        YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+        rows, dim, x2d.stride(0), float(eps), cfg.chunk,
+        YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda,
+        JOINT_SUMS=x2d.is_cuda if _JOINT_SUMS is None else _JOINT_SUMS, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps,
     )
     if stats:
-        block_d = max(16, min(256, triton.next_power_of_2(dim)))
+        block_c, block_d = _REDUCE_TILE
+        block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
         _reduce_kernel[(batch * nseg, triton.cdiv(dim, block_d))](
             part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
-            unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_D=block_d,
+            unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
         )
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
 
@@ -860,12 +911,14 @@ def rmsnorm_angle(
     """
     _check_args(x, weight, eps, cu_seqlens, seg_offsets, token_index, validate)
     dim = x.shape[-1]
-    x2d = x.reshape(-1, dim)  # a view whenever possible: the kernels take any strides
+    x2d = x.reshape(-1, dim)  # a view whenever possible: the kernels take any row stride
+    if x2d.stride(1) != 1 and dim > 1:  # column-strided rows cannot be read in vector loads: one copy
+        x2d = x2d.contiguous()
     stats = cu_seqlens is not None
     if stats:
-        plan = _stats_plan(x2d.shape[0], dim, cu_seqlens, seg_offsets, token_index)
+        plan = _stats_plan(x2d, cu_seqlens, seg_offsets, token_index)
     else:
-        plan = _plain_plan(x2d.shape[0], dim, x.device)
+        plan = _plain_plan(x2d)
     y, unit_sum, count, sq_norm, adjacent = _RMSNormAngleFn.apply(x2d, weight, float(eps), plan, stats)
     y = y.view(x.shape)
     return y, (AngleStats(unit_sum, count, sq_norm, adjacent) if stats else None)

@@ -63,7 +63,7 @@ def fwd_kernel(request, monkeypatch) -> str:
     else:
         monkeypatch.setattr(rmsnorm_module, "_ROWS_MAX_BLOCK_D", 0)
         monkeypatch.setattr(rmsnorm_module, "_SLICED_TILE", (8, 16, 4))
-    cfg = rmsnorm_module._fwd_config(64, DIM, torch.device(DEV))
+    cfg = rmsnorm_module._fwd_config(64, DIM, 4, torch.device(DEV))
     assert cfg.rows == (request.param != "sliced") and (cfg.block_t == 1) == (request.param == "one_row")
     return request.param
 
@@ -131,13 +131,33 @@ def test_default_segments_and_empty_batch(packed, fwd_kernel):
     torch.testing.assert_close(y1, y, rtol=0, atol=0)
 
 
-def test_long_sequence_crosses_chunks(fwd_kernel):
-    """One sequence spanning several chunks, segment cuts off the chunk grid, D = 136 (BLOCK_D 256 / 9 slices)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_row_sums(packed, dtype, monkeypatch):
+    """The compiled one-row path sums ||y_t||², y_t . y_{t-1} and the next row's x² in one stacked reduction
+    (``_row_sums3``); the interpreter runs it here only on request, as its order differs from ``tl.sum``'s."""
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
+    x = packed["x"].to(dtype)
+    w = weight_of(DIM, dtype)
+    y_sep, s_sep = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+    monkeypatch.setattr(rmsnorm_module, "_JOINT_SUMS", True)
+    y, stats = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+    torch.testing.assert_close(y, y_sep, **ulp_tol(dtype))  # rstd may move by an ulp
+    assert_stats_close(stats, angle_stats_reference(y, packed["cu"], packed["off"]))
+    for a, b in zip(stats, s_sep):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_long_sequence_crosses_chunks(fwd_kernel, monkeypatch):
+    """One sequence spanning several chunks, segment cuts off the chunk grid, D = 136 (BLOCK_D 256 / 9 slices);
+    the reduce kernel loads 2 chunks x 64 columns per step (a long segment takes several, the last one masked)."""
+    monkeypatch.setattr(rmsnorm_module, "_REDUCE_TILE", (2, 64))
     dim, length = 136, 75
     x = concentrated((length,), dim, seed=3).to(DEV, torch.bfloat16)
     w = weight_of(dim, torch.bfloat16)
     cu = cu_of([length])
     off = torch.tensor([[1, 31, 33, 70]], dtype=torch.int32, device=DEV)
+    plan = rmsnorm_module._stats_plan(x, cu, off, None)
+    assert max((plan.seg_hi - plan.seg_lo).tolist()) > 2 * rmsnorm_module._REDUCE_TILE[0]
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)
     torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
     assert_stats_close(stats, angle_stats_reference(y, cu, off))

@@ -96,24 +96,21 @@ def _rmsnorm_angle_cases():
     tl_dtype = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
     fwd_sig = dict(x_ptr="*{dt}", w_ptr="*{dt}", y_ptr="*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
                    item_nrows_ptr="*i32", item_seg_ptr="*i32", item_pair_end_ptr="*i32", part_sum_ptr="*fp32",
-                   part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32", D="i32", stride_r="i64", stride_d="i32",
-                   eps="fp32")
+                   part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32", D="i32", stride_r="i64", eps="fp32",
+                   chunk="i32")
     for dt in ("fp32", "bf16"):
-        # unit column stride: the launch specialises stride_d == 1 (16-byte loads); any stride: a runtime argument
-        cfgs = {(M._fwd_config(1 << 20, dim, torch.device("cpu")), unit) for dim in RMSNORM_DIMS for unit in (True, False)}
-        for cfg, unit in sorted(cfgs):
+        # no alignment hints: the worst case for registers (a launch with aligned rows gets vector loads)
+        size = 4 if dt == "fp32" else 2
+        for cfg in sorted({M._fwd_config(1 << 20, dim, size, torch.device("cpu")) for dim in RMSNORM_DIMS}):
             for stats in (False, True):
                 kind = "rows" if cfg.rows else "sliced"
-                sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
-                sig["chunk"] = "i32"
-                consts = dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, BLOCK_T=cfg.block_t,
-                              BLOCK_D=cfg.block_d)
-                if unit:
-                    consts["stride_d"] = 1  # compile_ptx marks it constexpr in place (argument order kept)
                 yield (
-                    f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}"
-                    f"-stride{'1' if unit else 'N'}",
-                    M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig, consts, cfg.num_warps,
+                    f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}",
+                    M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel,
+                    {k: v.format(dt=dt) for k, v in fwd_sig.items()},
+                    dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, BLOCK_T=cfg.block_t,
+                         BLOCK_D=cfg.block_d),
+                    cfg.num_warps,
                 )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
             kind = "blocked" if cfg.blocked else "rows"
@@ -125,19 +122,21 @@ def _rmsnorm_angle_cases():
                      sdy_r="i32", sdy_d="i32"),
                 dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d), cfg.num_warps,
             )
-    for n_seg, has_off, has_tok in ((1, False, False), (3, True, True)):
+    # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256)
+    for (n_seg, has_off, has_tok), block_b in zip(((1, False, False), (3, True, True)), (16, 256)):
         yield (
-            f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}", M._plan_kernel,
+            f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}", M._plan_kernel,
             dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
                  grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
                  item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32"),
-            dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=256, BLOCK_I=1024), 4,
+            dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=M._PLAN_TILE // block_b,
+                 BLOCK_I=1024), 4,
         )
     yield (
         "rmsnorm_reduce", M._reduce_kernel,
         dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", seg_lo_ptr="*i32", seg_hi_ptr="*i32",
              unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32"),
-        dict(BLOCK_D=256), 4,
+        dict(BLOCK_C=M._REDUCE_TILE[0], BLOCK_D=M._REDUCE_TILE[1]), 4,
     )
 
 
