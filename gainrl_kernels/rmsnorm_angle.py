@@ -756,10 +756,11 @@ def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Pla
 
 def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
                 token_index: Optional[torch.Tensor]) -> _Plan:
-    """Work list over the [R, D] rows of ``x2d``. Regions in row order, per sequence b: gap (rows in no sequence), [0, o_0), the K segments [o_k, o_k+1),
-    [o_K, len_b); then the gap after the last sequence. Each region is cut into chunks of cfg.chunk rows, one per
-    program of a grid of static size cdiv(rows, chunk) + B (K + 3) + 1 (a bound: spare programs get 0 rows);
-    only segment chunks collect statistics. Built on the device by ``_plan_kernel`` (one launch, no host sync)."""
+    """Work list over the [R, D] rows of ``x2d``. Regions in row order, per sequence b: gap (rows in no sequence),
+    [0, o_0), the K segments [o_k, o_k+1), [o_K, len_b); then the gap after the last sequence. Each region is cut
+    into chunks of cfg.chunk rows, one per program of a grid of static size cdiv(rows, chunk) + B (K + 3) + 1 (a
+    bound: spare programs get 0 rows); only segment chunks collect statistics. Built on the device by
+    ``_plan_kernel`` (one launch, no host sync)."""
     dev = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
     nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
@@ -778,7 +779,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=block_b, BLOCK_C=_PLAN_TILE // block_b, BLOCK_I=1024,
+        BLOCK_B=block_b, BLOCK_C=max(1, _PLAN_TILE // block_b), BLOCK_I=1024,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 

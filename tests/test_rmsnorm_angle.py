@@ -131,7 +131,7 @@ def test_default_segments_and_empty_batch(packed, fwd_kernel):
     torch.testing.assert_close(y1, y, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_joint_row_sums(packed, dtype, monkeypatch):
     """The compiled one-row path sums ||y_t||², y_t . y_{t-1} and the next row's x² in one stacked reduction
     (``_row_sums3``); the interpreter runs it here only on request, as its order differs from ``tl.sum``'s."""
