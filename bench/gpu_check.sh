@@ -235,6 +235,26 @@ elif [ "$DRY" = 1 ]; then
 else
     step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --out "$OUT/fused_variants.json"
 fi
+if [ -f "$OUT/fused_variants.json" ]; then
+    "$PY" - "$OUT/fused_variants.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import collections, json, sys
+shapes = collections.defaultdict(dict)
+for r in json.load(open(sys.argv[1]))["rows"]:
+    shapes[(r["B"], r["L"], r["D"])][r["variant"]] = r
+for (b, l, d), rows in shapes.items():
+    timed = {k: r for k, r in rows.items() if "ratio" in r}
+    bad = sorted(k for k, r in rows.items() if r.get("status", "ok").startswith("error"))
+    line = f"fused {b}x{l}x{d}:"
+    if "default" in timed:
+        line += f" default fused/bare {timed['default']['ratio']:.3f} ({timed['default']['fused_ms']:.3f} ms)"
+    if timed:
+        best = min(timed, key=lambda k: timed[k]["fused_ms"])
+        line += f", fastest {best} {timed[best]['fused_ms']:.3f} ms"
+    if "plan_only" in rows:
+        line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
+    print(line + (f", errors: {bad}" if bad else "") + ("" if timed else f" ({len(rows)} variants checked, not timed)"))
+EOF
+fi
 if ! want kernels; then
     :
 elif [ "$DRY" = 1 ]; then
