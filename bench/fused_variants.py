@@ -29,6 +29,8 @@ VARIANTS: dict[str, dict] = {
     "16_bytes_per_thread": {"_ROWS_BYTES_PER_THREAD": 16},  # 4x the warps (8 bf16 values per thread)
     "128_bytes_per_thread": {"_ROWS_BYTES_PER_THREAD": 128},  # half the warps (at least 4)
     "separate_sums": {"_JOINT_SUMS": False},  # three block reductions per row instead of one
+    "one_row_in_flight": {"_ROWS_DEEP_PREFETCH_MIN_D": 1 << 30},  # no deep prefetch at any D
+    "deep_prefetch_from_1024": {"_ROWS_DEEP_PREFETCH_MIN_D": 1024},  # two rows in flight from BLOCK_D = 1024
     "serial_reduce": {"_REDUCE_TILE": (1, 256)},  # the reduce kernel loads one chunk per step
     "serial_plan": {"_PLAN_TILE": 16},  # the work-list kernel writes one chunk per sequence per step
     "chunk_32": {"_MAX_CHUNK": 32},

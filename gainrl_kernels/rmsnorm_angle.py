@@ -34,9 +34,11 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     kernels derive consecutive chunks from the program id.
   * ``_fwd_rows_kernel`` (next_pow2(D) <= 8192): whole rows in registers, x read once. From BLOCK_D = 1024 on one
     row per step: y_{t-1} stays in registers (in x's dtype, exactly) for the adjacent term, and row t+2 is
-    prefetched while row t is computed; compiled, ||y_t||², y_t . y_{t-1} and row t+1's sum of squares share
-    one block reduction, so a step has the bare kernel's one shared-memory round, not three (the chunk's last
-    pair reaches the row after the chunk). Narrower rows take [BLOCK_T, BLOCK_D]
+    prefetched while row t is computed (from BLOCK_D = 4096 on, 16-bit 16-byte aligned rows, row t+3 as well: there
+    the statistics' registers leave one or two programs per multiprocessor and the extra row costs none);
+    compiled, ||y_t||², y_t . y_{t-1} and row t+1's sum of squares share one block reduction, so a step has the
+    bare kernel's one shared-memory round, not three (the chunk's last pair reaches the row after the chunk).
+    ``bench/fused_static.py`` reports registers, occupancy and barriers per step. Narrower rows take [BLOCK_T, BLOCK_D]
     steps and reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12),
     ||u||² and the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
@@ -377,7 +379,7 @@ def _fwd_rows_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr,
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEEP_PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -413,6 +415,9 @@ def _fwd_rows_kernel(
                 rstd = 1.0 / tl.sqrt_rn(tl.sum(x_cur * x_cur, axis=1) / D + eps)
                 x_next = tl.load(x_ptr + (row0 + t + 1).to(tl.int64)[:, None] * stride_r + dd[None, :],
                                  mask=d_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0)
+                if DEEP_PREFETCH:  # one more row in flight: row t+3 is loaded during step t
+                    x_next2 = tl.load(x_ptr + (row0 + t + 2).to(tl.int64)[:, None] * stride_r + dd[None, :],
+                                      mask=d_ok[None, :] & (row0 + t + 2 < load_end)[:, None], other=0.0)
                 y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=YT)  # y is a YT value: kept in YT, exactly
                 inv_prev = tl.zeros([BLOCK_T], dtype=tl.float32)
                 for r in range(row0, row_end):
@@ -421,8 +426,13 @@ def _fwd_rows_kernel(
                     y = _rms_out(x_cur, rstd, w, YT, NATIVE_CAST)
                     tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
                     x_cur = x_next.to(tl.float32)
-                    x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
-                                     mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0)
+                    if DEEP_PREFETCH:
+                        x_next = x_next2
+                        x_next2 = tl.load(x_ptr + (rows.to(tl.int64) + 3)[:, None] * stride_r + dd[None, :],
+                                          mask=d_ok[None, :] & (rows + 3 < load_end)[:, None], other=0.0)
+                    else:
+                        x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
+                                         mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0)
                     # one block reduction per row: ||y_r||², y_r . y_{r-1} (0 on the first row) and the next
                     # row's sum of squares, so its rstd is ready when the next step starts
                     nn, dot, ss = _row_sums3(y * y, y * y_prev.to(tl.float32), x_cur * x_cur, JOINT_SUMS)
@@ -482,7 +492,7 @@ def _fwd_sliced_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr,
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEEP_PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Any D: one chunk of BLOCK_T rows per program, three passes over BLOCK_D column slices (rows too wide for
     registers). Pass A sums x² (rows t and t+1), pass B writes y and sums ||y_t||², ||y_{t+1}||², y_t . y_{t+1},
@@ -687,6 +697,9 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 _ROWS_MAX_BLOCK_D = 8192
 _ROWS_TILE = 4096  # elements of one [BLOCK_T, BLOCK_D] step of the whole-row forward (16 per thread at 8 warps)
 _ROWS_ONE_ROW_MIN_D = 1024  # from this BLOCK_D on, one row per step (previous row kept, next row prefetched)
+# from this BLOCK_D on, a one-row step keeps two rows in flight: there the statistics' registers leave one or two
+# programs per multiprocessor (bench/fused_static.py), and the extra row costs no occupancy
+_ROWS_DEEP_PREFETCH_MIN_D = 4096
 # warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step of x over 32 x this many bytes, 4 to 16 (32 bf16 or 16
 # fp32 values per thread)
 _ROWS_BYTES_PER_THREAD = 64
@@ -707,6 +720,7 @@ class _FwdConfig(NamedTuple):
     block_t: int
     block_d: int
     num_warps: int
+    deep_prefetch: bool = False  # one-row steps: two rows in flight rather than one (16-byte aligned rows only)
 
 
 def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device) -> _FwdConfig:
@@ -722,7 +736,10 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device) -> 
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
     warps = min(16, max(4, block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)))
-    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps)
+    # 16-bit rows only: an fp32 row costs twice the registers (at D = 4096 sm_80 would drop to one program per
+    # SM; at D = 8192, 16 warps cap a thread at 128 registers, which the extra row passes)
+    deep = block_t == 1 and block_d >= _ROWS_DEEP_PREFETCH_MIN_D and elem_size == 2
+    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, deep)
 
 
 class _Plan(NamedTuple):
@@ -811,7 +828,9 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         part_sum, part_q, part_adj,
         rows, dim, x2d.stride(0), float(eps), cfg.chunk,
         YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda,
-        JOINT_SUMS=x2d.is_cuda if _JOINT_SUMS is None else _JOINT_SUMS, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+        JOINT_SUMS=x2d.is_cuda if _JOINT_SUMS is None else _JOINT_SUMS,
+        DEEP_PREFETCH=cfg.deep_prefetch and (not x2d.is_cuda or _vector_aligned(x2d, weight)),
+        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps,
     )
     if stats:
@@ -822,6 +841,15 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
             unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
         )
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
+
+
+def _vector_aligned(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether Triton's launch specialisation will see 16-byte aligned rows (pointers and the row stride and D
+    divisible by 16 elements): then rows are read in vector loads, which leaves the registers for a second row in
+    flight (tests/test_triton_compile.py lowers the deep configs with exactly these hints). The interpreter has no
+    registers to save: there the deep prefetch runs whatever the alignment."""
+    return (x2d.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and x2d.stride(0) % 16 == 0
+            and x2d.shape[1] % 16 == 0)
 
 
 class _BwdConfig(NamedTuple):

@@ -1,0 +1,117 @@
+"""Static cost of the fused RMSNorm + angle forward against the bare RMSNorm, read from the compiled code (no GPU).
+
+Lowers ``_fwd_rows_kernel`` for the launcher's configs (Triton's NVIDIA backend, then ptxas, as
+tests/test_triton_compile.py does) with the alignment a real launch sees (16-byte aligned pointers, row stride and
+D divisible by 16), and reports per config: registers per thread, resident programs per SM by registers, and per row
+step of the main loop the barriers (``bar.sync``), global loads and global stores. One row per step is the path from
+D = 513 on; the bare kernel's loop is the yardstick (one block reduction per row: two barriers).
+
+    python bench/fused_static.py                                  # table
+    python bench/fused_static.py --out bench/results/fused_static_sm90a.json
+    python bench/fused_static.py --separate-sums                  # the same with three reductions per row step
+
+A prediction aid, not a timing: the GPU figures come from ``bench/fused_variants.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # lowering needs real @triton.jit functions
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_triton_compile import PTXAS, TARGETS, compile_ptx, ptxas_report  # noqa: E402
+
+from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
+
+REGISTERS_PER_SM = 65536
+DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
+FWD_SIG = dict(x_ptr="*{dt}", w_ptr="*{dt}", y_ptr="*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
+               item_nrows_ptr="*i32", item_seg_ptr="*i32", item_pair_end_ptr="*i32", part_sum_ptr="*fp32",
+               part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32", D="i32", stride_r="i64", eps="fp32", chunk="i32")
+
+
+def lower(cfg: M._FwdConfig, dt: str, stats: bool, joint: bool, arch: str) -> tuple[str, str]:
+    """(PTX, ptxas report) of the forward kernel for one config, with a real launch's divisibility hints."""
+    fn = M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel
+    sig = {k: v.format(dt=dt) for k, v in FWD_SIG.items()}
+    consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=joint,
+                  DEEP_PREFETCH=cfg.deep_prefetch and stats, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+                  __aligned__=[k for k, v in sig.items() if v.startswith("*") or k in ("stride_r", "D")])
+    ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps)
+    return ptx, ptxas_report(ptx, arch)
+
+
+def programs_per_sm(regs: int, warps: int) -> int:
+    """Resident programs per SM (sm_80 / sm_90): registers (allocated per thread in steps of 8), 64 warps, 32 blocks."""
+    return min(REGISTERS_PER_SM // (-(-regs // 8) * 8 * 32 * warps), 64 // warps, 32)
+
+
+def loops(ptx: str) -> list[dict]:
+    """Per backward branch (a loop) of the PTX: its body's barriers, global loads and stores."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__\w+):", line.strip()))}
+    out = []
+    for i, line in enumerate(lines):
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = lines[labels[m.group(1)]:i]
+            out.append({k: sum(k in b for b in body) for k in ("bar.sync", "ld.global", "st.global")})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(TARGETS), default="sm_90a")
+    p.add_argument("--dims", type=int, nargs="+", default=[896, 2048, 4096, 5120, 8192])
+    p.add_argument("--separate-sums", action="store_true", help="JOINT_SUMS=False (three reductions per row)")
+    p.add_argument("--deep-prefetch-min-d", type=int, default=None,
+                   help="override _ROWS_DEEP_PREFETCH_MIN_D (two rows in flight from this BLOCK_D on)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if PTXAS is None:
+        print("no ptxas found (Triton's bundled one or CUDA's): nothing to report", file=sys.stderr)
+        return 1
+    if args.deep_prefetch_min_d is not None:
+        M._ROWS_DEEP_PREFETCH_MIN_D = args.deep_prefetch_min_d
+    rows = []
+    print(f"{args.arch}, joint sums: {not args.separate_sums}, Triton {triton.__version__}")
+    print("| dtype | D | BLOCK_D | warps | kernel | rows in flight | registers | programs/SM | bar.sync per row | loads | stores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for dt, (_, size) in DTYPES.items():
+        for dim in args.dims:
+            cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"))
+            for stats in (False, True):
+                ptx, report = lower(cfg, dt, stats, not args.separate_sums, args.arch)
+                regs = int(re.search(r"Used (\d+) registers", report).group(1))
+                spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
+                # the main loop: the one-row loop of a segment chunk with statistics, the only loop without
+                main = max(loops(ptx), key=lambda c: c["bar.sync"] + c["ld.global"]) if stats else loops(ptx)[0]
+                row = dict(dtype=dt, D=dim, block_d=cfg.block_d, warps=cfg.num_warps, block_t=cfg.block_t,
+                           kernel="fused" if stats else "bare", registers=regs, spill_bytes=spill,
+                           programs_per_sm=programs_per_sm(regs, cfg.num_warps), deep_prefetch=cfg.deep_prefetch,
+                           loop_bar_sync=main["bar.sync"], loop_loads=main["ld.global"],
+                           loop_stores=main["st.global"])
+                rows.append(row)
+                ahead = "-" if not stats or cfg.block_t > 1 else 2 if cfg.deep_prefetch else 1
+                print(f"| {dt} | {dim} | {cfg.block_d} | {cfg.num_warps} | {row['kernel']} | {ahead} | {regs}"
+                      f"{f' (spills {spill} B)' if spill else ''} | {row['programs_per_sm']} | "
+                      f"{row['loop_bar_sync']} | {row['loop_loads']} | {row['loop_stores']} |", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(arch=args.arch, joint_sums=not args.separate_sums, triton=triton.__version__,
+                    deep_prefetch_min_d=M._ROWS_DEEP_PREFETCH_MIN_D, command=" ".join(["python"] + sys.argv))
+        args.out.write_text(json.dumps(dict(meta, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
