@@ -24,3 +24,37 @@ def test_kernels_bench_script(tmp_path):
     assert run_kernels_bench.main(["--smoke", "--out", str(out)]) == 0
     kernels = {r["kernel"] for r in json.loads(out.read_text())["rows"]}
     assert kernels == {"rmsnorm", "angle_stats", "pairwise"}
+
+
+def test_fused_variants_script(tmp_path):
+    import fused_variants
+
+    out = tmp_path / "variants.json"
+    assert fused_variants.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["variant"] for r in rows} == set(fused_variants.VARIANTS)
+    assert all(r["status"].startswith("ok") for r in rows), rows
+
+
+def test_fused_static_script(tmp_path):
+    """Lowers the fused forward for real GPUs (needs Triton's ptxas; a subprocess, as TRITON_INTERPRET is set)."""
+    import os
+    import subprocess
+
+    import pytest
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from test_triton_compile import PTXAS
+
+    if PTXAS is None:
+        pytest.skip("Triton's bundled ptxas not found")
+    out = tmp_path / "static.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(BENCH / "fused_static.py"), "--dims", "4096", "--out", str(out)],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {(r["dtype"], r["kernel"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(dt, k) for dt in ("bf16", "fp32") for k in ("bare", "fused")}
+    assert all(r["spill_bytes"] == 0 for r in rows.values())
+    # the fused row step keeps the bare step's one block reduction
+    assert rows["bf16", "fused"]["loop_bar_sync"] == rows["bf16", "bare"]["loop_bar_sync"]
