@@ -28,21 +28,18 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_triton_compile import PTXAS, TARGETS, compile_ptx, ptxas_report  # noqa: E402
+from test_triton_compile import PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, ptxas_report  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 
 REGISTERS_PER_SM = 65536
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
-FWD_SIG = dict(x_ptr="*{dt}", w_ptr="*{dt}", y_ptr="*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
-               item_nrows_ptr="*i32", item_seg_ptr="*i32", item_pair_end_ptr="*i32", part_sum_ptr="*fp32",
-               part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32", D="i32", stride_r="i64", eps="fp32", chunk="i32")
 
 
 def lower(cfg: M._FwdConfig, dt: str, stats: bool, joint: bool, arch: str) -> tuple[str, str]:
     """(PTX, ptxas report) of the forward kernel for one config, with a real launch's divisibility hints."""
     fn = M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel
-    sig = {k: v.format(dt=dt) for k, v in FWD_SIG.items()}
+    sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
     consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=joint,
                   DEEP_PREFETCH=cfg.deep_prefetch and stats, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                   __aligned__=[k for k, v in sig.items() if v.startswith("*") or k in ("stride_r", "D")])

@@ -94,16 +94,20 @@ def _angle_cases():
 RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 8192, 16384)
 
 
+# runtime arguments of the fused forward kernels ({dt}: x's Triton type); bench/fused_static.py lowers them too
+RMSNORM_FWD_SIG = dict(x_ptr="*{dt}", w_ptr="*{dt}", y_ptr="*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
+                       item_nrows_ptr="*i32", item_seg_ptr="*i32", item_pair_end_ptr="*i32", part_sum_ptr="*fp32",
+                       part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32", D="i32", stride_r="i64", eps="fp32",
+                       chunk="i32")
+
+
 def _rmsnorm_angle_cases():
     import torch
 
     from gainrl_kernels import rmsnorm_angle as M
 
     tl_dtype = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
-    fwd_sig = dict(x_ptr="*{dt}", w_ptr="*{dt}", y_ptr="*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
-                   item_nrows_ptr="*i32", item_seg_ptr="*i32", item_pair_end_ptr="*i32", part_sum_ptr="*fp32",
-                   part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32", D="i32", stride_r="i64", eps="fp32",
-                   chunk="i32")
+    fwd_sig = RMSNORM_FWD_SIG
     for dt in ("fp32", "bf16"):
         size = 4 if dt == "fp32" else 2
         for cfg in sorted({M._fwd_config(1 << 20, dim, size, torch.device("cpu")) for dim in RMSNORM_DIMS}):
