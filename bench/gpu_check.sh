@@ -221,7 +221,8 @@ else
     # GAINRL_GPU_CHECK_TRITON_K: a pytest -k filter for this half (e.g. "not torch_compile_fullgraph", ~40 s)
     TRITON_K=${GAINRL_GPU_CHECK_TRITON_K:-}
     step tests_triton tests.log 240 "${PYTEST[@]}" tests/test_angle_stats.py tests/test_rmsnorm_angle.py \
-        tests/test_pairwise.py tests/test_angle_validation.py ${TRITON_K:+-k "$TRITON_K"}
+        tests/test_pairwise.py tests/test_angle_validation.py tests/test_concentration_triton.py \
+        ${TRITON_K:+-k "$TRITON_K"}
 fi
 grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log" 2>/dev/null | sed 's/^/pytest: /' \
     | tee -a "$SUMMARY" >/dev/null

@@ -172,8 +172,22 @@ def _pairwise_cases():
     )
 
 
+def _concentration_cases():
+    from gainrl_kernels import triton_concentration as C
+
+    for n_seg in (1, C.MAX_SEGMENTS):  # the extreme tiles: [2, 2, 1024] and [16, 16, 16]
+        block_k, block_d = C.block_sizes(n_seg)
+        yield (
+            f"concentration-BK{block_k}-BD{block_d}", C._concentration_kernel,
+            dict(unit_sum_ptr="*fp32", count_ptr="*i32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", out_ptr="*fp32",
+                 B="i32", K="i32", D="i32", inter_weight="fp32"),
+            dict(BLOCK_K=block_k, BLOCK_D=block_d), 4,
+        )
+
+
 def all_cases():
     yield from _angle_cases()
+    yield from _concentration_cases()
     yield from _rmsnorm_angle_cases()
     yield from _pairwise_cases()
 
