@@ -17,8 +17,9 @@
 #     env.log            nvidia-smi, nvcc, Python/torch/triton/... versions, CPU/memory
 #     build.log          python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0), ptxas -v register report
 #     tests.log          pytest -v: tests/test_cuda_backend.py (GPU part), then the Triton kernel tests on CUDA
-#     kernels_bench.log  bench/fused_variants.py then bench/run_kernels_bench.py tables;   kernels_cuda.json  the
-#                        kernel bench rows;   fused_variants.json  fused RMSNorm+angle launch variants (graph-timed)
+#     kernels_bench.log  bench/fused_variants.py, bench/run_kernels_bench.py, bench/eager_overhead.py tables;
+#                        kernels_cuda.json  the kernel bench rows;   fused_variants.json  fused RMSNorm+angle launch
+#                        variants (graph-timed);   eager_overhead.json  the fixed cost of one eager call
 #     angle_bench.log    bench/run_angle_bench.py --grid full table and per-case lines;   angle_cuda.json  its rows
 #     score_bench.log    (score step only) model build + bench/score_bench.py runs;   score_gpu.json  its record
 # More than 8 files (all steps at once): the step logs other than env.log are merged into logs.txt.
@@ -260,8 +261,17 @@ if ! want kernels; then
     :
 elif [ "$DRY" = 1 ]; then
     step kernels_bench kernels_bench.log 120 "$PY" bench/run_kernels_bench.py --smoke --out "$OUT/kernels_cuda.json"
+    step eager_overhead kernels_bench.log 60 "$PY" bench/eager_overhead.py --reps 5 --out "$OUT/eager_overhead.json"
 else
     step kernels_bench kernels_bench.log 150 "$PY" bench/run_kernels_bench.py --out "$OUT/kernels_cuda.json"
+    step eager_overhead kernels_bench.log 60 "$PY" bench/eager_overhead.py --out "$OUT/eager_overhead.json"
+fi
+if [ -f "$OUT/eager_overhead.json" ]; then
+    "$PY" - "$OUT/eager_overhead.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+rec = json.load(open(sys.argv[1]))
+print(f"eager {rec['shape']}: " + ", ".join(f"{r['call']} {r['latency_us']:.0f} us" for r in rec["rows"]))
+EOF
 fi
 
 # ---------------------------------------------------------------------------------------------------- 4b. score (opt-in)

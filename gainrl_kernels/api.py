@@ -44,6 +44,8 @@ def angle_stats(
     problem = ops.backend_problem(backend, hidden.device, hidden)
     if problem:
         raise ValueError(problem)
+    if not torch.compiler.is_compiling():  # eager: the op's body without the custom-op dispatch
+        return AngleStats(*ops.angle_stats_impl(hidden.detach(), cu_seqlens, seg_offsets, backend))
     return AngleStats(*torch.ops.gainrl.angle_stats(hidden.detach(), cu_seqlens, seg_offsets, backend))
 
 

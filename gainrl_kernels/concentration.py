@@ -5,8 +5,9 @@ import math
 
 import torch
 
-from .triton_concentration import MAX_SEGMENTS, concentration_triton
 from .types import AngleConcentration
+
+TRITON_MAX_SEGMENTS = 16  # triton_concentration's Gram tile limit; more segments take the PyTorch form
 
 
 def concentration_from_stats(
@@ -17,8 +18,10 @@ def concentration_from_stats(
     CUDA tensors with 1 to 16 segments: one Triton launch (``triton_concentration``). Otherwise PyTorch, written
     for few kernel launches: means are plain quotients whose empty cases (0/0, x/0) are replaced by NaN with one
     ``where`` each."""
-    if unit_sum.is_cuda and 1 <= unit_sum.shape[1] <= MAX_SEGMENTS:
+    if unit_sum.is_cuda and 1 <= unit_sum.shape[1] <= TRITON_MAX_SEGMENTS:
         # one launch instead of ~40 small ops (the eager cost of a short batch); float32 whatever autocast says
+        from .triton_concentration import concentration_triton  # deferred: importing triton costs ~1 s
+
         return concentration_triton(unit_sum.float(), count, sq_norm.float(), adjacent.float(), inter_weight)
     # Probes call this inside the model's forward, often under autocast, which would run bmm in bf16 (seen: C_causal
     # off by 5e-3 in a TRL loss forward): the metric is always computed in float32.

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .concentration import TRITON_MAX_SEGMENTS as MAX_SEGMENTS  # the Gram tile is [BLOCK_K, BLOCK_K, BLOCK_D]
 from .types import AngleConcentration
 
-MAX_SEGMENTS = 16  # the Gram tile is [BLOCK_K, BLOCK_K, BLOCK_D]; more segments take the PyTorch form
 _TILE = 4096  # elements of that tile (32 per thread at 4 warps)
 
 

@@ -58,3 +58,13 @@ def test_fused_static_script(tmp_path):
     assert all(r["spill_bytes"] == 0 for r in rows.values())
     # the fused row step keeps the bare step's one block reduction
     assert rows["bf16", "fused"]["loop_bar_sync"] == rows["bf16", "bare"]["loop_bar_sync"]
+
+
+def test_eager_overhead_script(tmp_path):
+    import eager_overhead
+
+    out = tmp_path / "eager.json"
+    assert eager_overhead.main(["--device", "cpu", "--shape", "2x16x8", "--reps", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["call"] for r in rows] == ["stats", "concentration", "both", "both_via_ops", "released"]
+    assert all(r["latency_us"] > 0 for r in rows)
