@@ -59,4 +59,5 @@ def angle_concentration(stats: AngleStats, inter_weight: float = 1.0) -> AngleCo
         raise ValueError(f"stats: inconsistent shapes unit_sum {tuple(unit_sum.shape)}, count {tuple(count.shape)}")
     if not torch.compiler.is_compiling():  # eager: the same function without the custom-op dispatch
         return concentration_from_stats(unit_sum, count, sq_norm, adjacent, float(inter_weight))
-    return AngleConcentration(*torch.ops.gainrl.angle_concentration(unit_sum, count, sq_norm, adjacent, float(inter_weight)))
+    out = torch.ops.gainrl.angle_concentration(unit_sum, count, sq_norm, adjacent, float(inter_weight))
+    return AngleConcentration(*out)
