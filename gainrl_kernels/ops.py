@@ -68,8 +68,8 @@ def angle_stats_op(
 def angle_stats_impl(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op's body: picks the backend and runs it. The functional API calls it directly in eager mode (the custom
-    op's Python dispatch costs ~60 µs a call on CPU, more than the kernel for short batches)."""
+    """The op's body: picks the backend and runs it. The functional API calls it directly in eager mode: the custom
+    op's Python dispatch costs more than the kernel for short batches (``bench/eager_overhead.py``, both_via_ops)."""
     problem = backend_problem(backend, hidden.device, hidden)
     if problem:
         raise ValueError(problem)
