@@ -1,4 +1,4 @@
-"""Triton angle_concentration (one launch, the CUDA path) against the PyTorch form and the float64 reference.
+"""Triton angle_concentration (one launch, the CUDA path) against the PyTorch form and explicit cosine matrices.
 
 Runs on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1); on a GPU, angle_concentration takes this
 kernel for every CUDA call with 1 to 16 segments, so tests/test_angle_stats.py covers it there too.
@@ -24,7 +24,8 @@ NAMES = ("intra", "inter", "score", "causal", "causal_ref")
 
 
 def random_stats(batch: int, n_seg: int, dim: int, seed: int, count_dtype=torch.int32):
-    """Stats of real unit vectors (so every mean is a true mean): counts 0..6 per segment, some sequences empty."""
+    """Stats of real unit vectors (so every mean is a true mean): counts 0..6 per segment, some sequences empty.
+    Also returns the vectors themselves, [b][k] -> [n_k, D] float64, for explicit pairwise means."""
     g = torch.Generator().manual_seed(seed)
     count = torch.randint(0, 7, (batch, n_seg), generator=g)
     if batch > 1:
@@ -35,6 +36,7 @@ def random_stats(batch: int, n_seg: int, dim: int, seed: int, count_dtype=torch.
     sq = torch.zeros(batch, n_seg, dtype=torch.float64)
     adjacent = torch.zeros(batch, dtype=torch.float64)
     base = torch.randn(dim, generator=g, dtype=torch.float64)
+    vectors = []
     for b in range(batch):
         us = [torch.nn.functional.normalize(base + torch.randn(int(c), dim, generator=g, dtype=torch.float64), dim=-1)
               for c in count[b]]
@@ -43,7 +45,17 @@ def random_stats(batch: int, n_seg: int, dim: int, seed: int, count_dtype=torch.
             sq[b, k] = (u * u).sum()
         allu = torch.cat(us)
         adjacent[b] = (allu[1:] * allu[:-1]).sum() if len(allu) > 1 else 0.0
-    return unit_sum, count.to(count_dtype), sq, adjacent
+        vectors.append(us)
+    return unit_sum, count.to(count_dtype), sq, adjacent, vectors
+
+
+def pair_mean(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """Mean cosine over distinct pairs of a (b None) or over all pairs of a x b (self pairs included when b is a),
+    read off the explicit cosine matrix; NaN without pairs."""
+    if b is not None:
+        return float((a @ b.T).mean()) if len(a) and len(b) else float("nan")
+    n = len(a)
+    return float(((a @ a.T).sum() - (a * a).sum()) / (n * (n - 1))) if n >= 2 else float("nan")
 
 
 def as_device(*ts, dtype=torch.float32):
@@ -52,7 +64,7 @@ def as_device(*ts, dtype=torch.float32):
 
 @pytest.mark.parametrize("n_seg", [1, 2, 3, 5, MAX_SEGMENTS])
 def test_matches_torch_form_and_float64(n_seg):
-    u64, count, sq64, adj64 = random_stats(6, n_seg, 37, seed=n_seg)
+    u64, count, sq64, adj64, vectors = random_stats(6, n_seg, 37, seed=n_seg)
     unit_sum, sq, adj = as_device(u64, sq64, adj64)
     count = count.to(DEV)
     got = concentration_triton(unit_sum, count, sq, adj, 0.7)
@@ -64,12 +76,22 @@ def test_matches_torch_form_and_float64(n_seg):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
         torch.testing.assert_close(g.cpu().double(), r, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
     assert torch.isnan(got.causal[1]) and torch.isnan(got.causal_ref[1])  # the empty sequence
+    # independent of the formulas: means read off the explicit cosine matrices
+    for b, us in enumerate(vectors):
+        explicit_causal = pair_mean(torch.cat(us))
+        torch.testing.assert_close(float(got.causal[b]), explicit_causal, rtol=1e-4, atol=1e-5, equal_nan=True)
+        for k in range(n_seg):
+            torch.testing.assert_close(float(got.intra[b, k]), pair_mean(us[k]), rtol=1e-4, atol=1e-5,
+                                       equal_nan=True)
+            for j in range(n_seg):
+                torch.testing.assert_close(float(got.inter[b, k, j]), pair_mean(us[k], us[j]), rtol=1e-4, atol=1e-5,
+                                           equal_nan=True)
 
 
 def test_wide_rows_int64_counts_and_strided_inputs():
     """D spans several column blocks; count int64; unit_sum a non-contiguous view."""
     n_seg = 3
-    u64, count, sq64, adj64 = random_stats(4, n_seg, 300, seed=9, count_dtype=torch.int64)
+    u64, count, sq64, adj64, _ = random_stats(4, n_seg, 300, seed=9, count_dtype=torch.int64)
     assert 300 > block_sizes(n_seg)[1]
     unit_sum, sq, adj = as_device(u64, sq64, adj64)
     wide = torch.zeros(4, n_seg, 600, device=DEV)
