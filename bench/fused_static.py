@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dt, (_, size) in DTYPES.items():
         for dim in args.dims:
-            cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"))
             for stats in (False, True):
+                cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats)
                 ptx, report = lower(cfg, dt, stats, not args.separate_sums, args.arch)
                 regs = int(re.search(r"Used (\d+) registers", report).group(1))
                 spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))

@@ -697,12 +697,20 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 _ROWS_MAX_BLOCK_D = 8192
 _ROWS_TILE = 4096  # elements of one [BLOCK_T, BLOCK_D] step of the whole-row forward (16 per thread at 8 warps)
 _ROWS_ONE_ROW_MIN_D = 1024  # from this BLOCK_D on, one row per step (previous row kept, next row prefetched)
-# from this BLOCK_D on, a one-row step keeps two rows in flight: there the statistics' registers leave one or two
-# programs per multiprocessor (bench/fused_static.py), and the extra row costs no occupancy
-_ROWS_DEEP_PREFETCH_MIN_D = 4096
-# warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step of x over 32 x this many bytes, 4 to 16 (32 bf16 or 16
-# fp32 values per thread)
+# from this BLOCK_D on, a one-row step keeps two rows in flight (16-bit rows). Off: at 16 values per thread the loop
+# does not wait on loads (H100, bench/results/fused_variants_h100.json: 64x4096x4096 1.651 ms with, 1.648 without;
+# 16x4096x5120 0.681 with, 0.677 without), and at 8 warps the extra row spills on sm_80
+_ROWS_DEEP_PREFETCH_MIN_D = 1 << 30
+# warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step of x over 32 x this many bytes, 4 to _ROWS_MAX_WARPS
+# (32 bf16 or 16 fp32 values per thread)
 _ROWS_BYTES_PER_THREAD = 64
+# ... and with statistics: a one-row step's loop is bound by its dependent chain (load, block reduction, rsqrt, the
+# accumulators), not by bandwidth, so more warps share a row: 16 values per thread (8 warps for a bf16 row of 4096),
+# at least 8 warps from BLOCK_D = 2048. H100, bf16: 64x4096x4096 fused 1.716 -> 1.651 ms, 16x4096x2048 0.222 ->
+# 0.216 ms (bench/results/fused_variants_h100.json; 16 warps at 4096 was slower, 2.06 ms)
+_ROWS_STATS_VALUES_PER_THREAD = 16
+_ROWS_STATS_MIN_WARPS = (2048, 8)  # (from this BLOCK_D on, at least this many warps)
+_ROWS_MAX_WARPS = 16
 _PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
 _MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x
@@ -723,9 +731,10 @@ class _FwdConfig(NamedTuple):
     deep_prefetch: bool = False  # one-row steps: two rows in flight rather than one (16-byte aligned rows only)
 
 
-def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device) -> _FwdConfig:
-    """Tile rules of the forward (tests/test_triton_compile.py lowers these). The chunk shrinks (to BLOCK_T at
-    least) until there are about four programs per multiprocessor, so small batches still fill the GPU."""
+def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool) -> _FwdConfig:
+    """Tile rules of the forward (tests/test_triton_compile.py lowers these), with or without the statistics. The
+    chunk shrinks (to BLOCK_T at least) until there are about four programs per multiprocessor, so small batches
+    still fill the GPU."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d > _ROWS_MAX_BLOCK_D:
         block_t, block_d, warps = _SLICED_TILE
@@ -735,9 +744,13 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device) -> 
     chunk = _MAX_CHUNK
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
-    warps = min(16, max(4, block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)))
-    # 16-bit rows only: an fp32 row costs twice the registers (at D = 4096 sm_80 would drop to one program per
-    # SM; at D = 8192, 16 warps cap a thread at 128 registers, which the extra row passes)
+    if stats and block_t == 1:
+        min_d, min_warps = _ROWS_STATS_MIN_WARPS
+        warps = max(block_d // (32 * _ROWS_STATS_VALUES_PER_THREAD), min_warps if block_d >= min_d else 4)
+    else:
+        warps = block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)
+    warps = min(_ROWS_MAX_WARPS, max(4, warps))
+    # 16-bit rows only: an fp32 row costs twice the registers
     deep = block_t == 1 and block_d >= _ROWS_DEEP_PREFETCH_MIN_D and elem_size == 2
     return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, deep)
 
@@ -763,7 +776,7 @@ def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Pla
     [0, 1]."""
     rows, dim = x2d.shape
     device = x2d.device
-    cfg = _fwd_config(rows, dim, x2d.element_size(), device)
+    cfg = _fwd_config(rows, dim, x2d.element_size(), device, stats=False)
     empty = torch.empty(0, dtype=torch.int32, device=device)
     if count is None:
         count = torch.zeros(0, 1, dtype=torch.int32, device=device)
@@ -784,7 +797,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     if batch * nseg == 0:
         return _plain_plan(x2d, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
     rows, dim = x2d.shape
-    cfg = _fwd_config(rows, dim, x2d.element_size(), dev)
+    cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)

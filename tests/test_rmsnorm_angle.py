@@ -66,7 +66,7 @@ def fwd_kernel(request, monkeypatch) -> str:
     else:
         monkeypatch.setattr(rmsnorm_module, "_ROWS_MAX_BLOCK_D", 0)
         monkeypatch.setattr(rmsnorm_module, "_SLICED_TILE", (8, 16, 4))
-    cfg = rmsnorm_module._fwd_config(64, DIM, 2, torch.device(DEV))  # deep prefetch: 16-bit rows only
+    cfg = rmsnorm_module._fwd_config(64, DIM, 2, torch.device(DEV), stats=True)  # deep: 16-bit rows only
     assert cfg.rows == (request.param != "sliced") and (cfg.block_t == 1) == request.param.startswith("one_row")
     assert cfg.deep_prefetch == (request.param == "one_row_deep")
     return request.param
@@ -161,7 +161,7 @@ def test_deep_prefetch_on_aligned_rows(dtype, monkeypatch):
     dim, lens = 64, [1, 2, 3, 17, 9]
     x = concentrated((sum(lens) + 2,), dim, seed=11).to(DEV, dtype)
     w = weight_of(dim, dtype)
-    assert rmsnorm_module._fwd_config(x.shape[0], dim, x.element_size(), x.device).deep_prefetch
+    assert rmsnorm_module._fwd_config(x.shape[0], dim, x.element_size(), x.device, stats=True).deep_prefetch
     assert rmsnorm_module._vector_aligned(x, w)
     cu = cu_of(lens)
     off = torch.tensor([[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 11, 16], [0, 4, 9]], dtype=torch.int32, device=DEV)

@@ -110,10 +110,12 @@ def _rmsnorm_angle_cases():
     fwd_sig = RMSNORM_FWD_SIG
     for dt in ("fp32", "bf16"):
         size = 4 if dt == "fp32" else 2
-        for cfg in sorted({M._fwd_config(1 << 20, dim, size, torch.device("cpu")) for dim in RMSNORM_DIMS}):
+        configs = {(M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats), stats)
+                   for dim in RMSNORM_DIMS for stats in (False, True)}
+        for cfg, stats in sorted(configs):
             # without alignment hints (the worst case for registers: scalar loads), and the deep prefetch, which the
             # launcher enables for 16-byte aligned rows only (M._vector_aligned), with the hints such a launch gets
-            for stats, deep in ((False, False), (True, False)) + (((True, True),) if cfg.deep_prefetch else ()):
+            for deep in (False, True) if stats and cfg.deep_prefetch else (False,):
                 kind = "rows" if cfg.rows else "sliced"
                 yield (
                     f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}{'-deep' if deep else ''}-T{cfg.block_t}"
