@@ -21,13 +21,19 @@
 #                        kernels_cuda.json  the kernel bench rows;   fused_variants.json  fused RMSNorm+angle launch
 #                        variants (graph-timed);   eager_overhead.json  the fixed cost of one eager call
 #     angle_bench.log    bench/run_angle_bench.py --grid full table and per-case lines;   angle_cuda.json  its rows
+#     profile.log        (profile step only) Nsight Compute sections of one bare and one fused forward launch
 #     score_bench.log    (score step only) model build + bench/score_bench.py runs;   score_gpu.json  its record
 # More than 8 files (all steps at once): the step logs other than env.log are merged into logs.txt.
 #
 # Steps (GAINRL_GPU_CHECK_STEPS, a comma list; default "env,build,tests,variants,kernels,angle" = everything above
-# except score; "default" stands for that list, "all" for it plus score). They run in the order env, build (with the
-# extension check), tests, variants, kernels, score, angle whatever the list's order; the angle grid takes what time
-# is left.
+# except profile and score; "default" stands for that list, "all" for it plus both). They run in the order env,
+# build (with the extension check), tests, variants, kernels, profile, score, angle whatever the list's order; the
+# angle grid takes what time is left.
+#
+# The optional `profile` step runs Nsight Compute (ncu, if the machine has it) on one bare and one fused forward
+# launch per shape (bench/profile_fused.py; GAINRL_GPU_CHECK_PROFILE_SHAPES, default "64x4096x4096 16x4096x2048")
+# into profile.log: stall reasons, occupancy and DRAM throughput, ~20-40 s a shape. Without ncu it records what
+# /usr/local/cuda/bin holds in env.log. E.g. GAINRL_GPU_CHECK_STEPS=env,variants,profile GAINRL_GPU_CHECK_BUDGET=240.
 #
 # The optional `score` step (issue 4: the whole `gainrl score` process against the released per-prompt way, on the
 # GPU, with a 0.5B model) needs nothing downloaded. Prepare once HERE (CPU machine; writes the git-ignored
@@ -73,11 +79,11 @@ DEFAULT_STEPS=env,build,tests,variants,kernels,angle
 STEPS=${GAINRL_GPU_CHECK_STEPS:-$DEFAULT_STEPS}
 STEPS=${STEPS// /}
 STEPS=${STEPS//default/$DEFAULT_STEPS}
-STEPS=${STEPS//all/$DEFAULT_STEPS,score}
+STEPS=${STEPS//all/$DEFAULT_STEPS,profile,score}
 for s in ${STEPS//,/ }; do
     case $s in
-        env | build | tests | variants | kernels | angle | score) ;;
-        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants kernels score angle, default, all)" >&2
+        env | build | tests | variants | kernels | profile | angle | score) ;;
+        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants kernels profile score angle, default, all)" >&2
            exit 2 ;;
     esac
 done
@@ -274,6 +280,30 @@ print(f"eager {rec['shape']}: " + ", ".join(f"{r['call']} {r['latency_us']:.0f} 
 EOF
 fi
 
+# ---------------------------------------------------------------------------------------------------- 4a. profile (opt-in)
+# Nsight Compute on one bare and one fused forward launch (bench/profile_fused.py): stall reasons, occupancy, DRAM
+# throughput of the fused RMSNorm + angle forward against the bare kernel. Shapes: GAINRL_GPU_CHECK_PROFILE_SHAPES.
+if want profile; then
+    if [ "$DRY" = 1 ]; then
+        step profile profile.log 60 "$PY" bench/profile_fused.py --smoke
+    else
+        NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+            /usr/local/cuda/nsight-compute*/ncu 2>/dev/null | head -1)
+        if [ -z "$NCU" ]; then
+            note "$(printf '%-16s rc=skipped  (no ncu on PATH, in /usr/local/cuda/bin or /opt/nvidia/nsight-compute)' profile)"
+            { echo "## /usr/local/cuda/bin (no ncu)"; ls /usr/local/cuda/bin 2>&1; } >>"$OUT/env.log"
+            FAILED=1
+        else
+            for shape in ${GAINRL_GPU_CHECK_PROFILE_SHAPES:-64x4096x4096 16x4096x2048}; do
+                step "profile_$shape" profile.log 150 "$NCU" -k regex:_fwd_rows_kernel --launch-skip 2 --launch-count 2 \
+                    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                    --section MemoryWorkloadAnalysis --section SchedulerStats \
+                    "$PY" bench/profile_fused.py --shape "$shape"
+            done
+        fi
+    fi
+fi
+
 # ---------------------------------------------------------------------------------------------------- 4b. score (opt-in)
 # Issue 4: whole `gainrl score` process vs the released per-prompt way (bench/score_bench.py) on a random-init
 # Qwen2.5-0.5B-shaped model; inputs carried in .gpu_carry/ (bench/make_gpu_carry.py). See the header.
@@ -358,11 +388,11 @@ fi
 nvidia-smi --query-gpu=temperature.gpu,clocks.sm,clocks_throttle_reasons.active --format=csv,noheader >>"$OUT/env.log" 2>&1
 # The `run` tool brings back 8 files: with more (all steps at once), merge the step logs other than env.log.
 if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
-    for f in build.log tests.log kernels_bench.log angle_bench.log score_bench.log; do
+    for f in build.log tests.log kernels_bench.log profile.log angle_bench.log score_bench.log; do
         [ -f "$OUT/$f" ] || continue
         { echo "################################################## $f"; cat "$OUT/$f"; } >>"$OUT/logs.txt" && rm "$OUT/$f"
     done
-    note "over 8 files: build/tests/kernels_bench/angle_bench/score_bench logs merged into logs.txt"
+    note "over 8 files: build/tests/kernels_bench/profile/angle_bench/score_bench logs merged into logs.txt"
 fi
 note "end=$(date -u +%FT%TZ)  total=$(($(date +%s) - START))s  all steps ok: $([ "$FAILED" = 0 ] && echo yes || echo NO)"
 note "files: $(cd "$OUT" && ls | tr '\n' ' ')"

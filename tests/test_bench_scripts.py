@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -68,3 +70,12 @@ def test_eager_overhead_script(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["call"] for r in rows] == ["stats", "concentration", "both", "both_via_ops", "released"]
     assert all(r["latency_us"] > 0 for r in rows)
+
+
+def test_profile_fused_script(capsys):
+    import profile_fused
+
+    assert profile_fused.main(["--smoke"]) == 0
+    assert "bare then fused" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        profile_fused.main(["--shape", "3x4"])
