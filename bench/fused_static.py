@@ -3,8 +3,10 @@
 Lowers ``_fwd_rows_kernel`` for the launcher's configs (Triton's NVIDIA backend, then ptxas, as
 tests/test_triton_compile.py does) with the alignment a real launch sees (16-byte aligned pointers, row stride and
 D divisible by 16), and reports per config: registers per thread, resident programs per SM by registers, and per row
-step of the main loop the barriers (``bar.sync``), global loads and global stores. One row per step is the path from
-D = 513 on; the bare kernel's loop is the yardstick (one block reduction per row: two barriers).
+step of the main loop the barriers (``bar.sync``), global loads and global stores, and its machine instructions
+(SASS via Triton's nvdisasm: per thread per step, and warp instructions per row, the issue slots a row costs an SM).
+One row per step is the path from D = 513 on; the bare kernel's loop is the yardstick (one block reduction per
+row: two barriers).
 
     python bench/fused_static.py                                  # table
     python bench/fused_static.py --out bench/results/fused_static_sm90a.json
@@ -18,8 +20,11 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 os.environ.pop("TRITON_INTERPRET", None)  # lowering needs real @triton.jit functions
 
@@ -33,6 +38,7 @@ from test_triton_compile import PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, pt
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 
 REGISTERS_PER_SM = 65536
+NVDISASM = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
 
 
@@ -41,7 +47,7 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, joint: bool, arch: str) -> tu
     fn = M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel
     sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
     consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=joint,
-                  DEEP_PREFETCH=cfg.deep_prefetch and stats, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+                  DEEP_PREFETCH=cfg.deep_prefetch and stats, RSQRT_INV=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                   __aligned__=[k for k, v in sig.items() if v.startswith("*") or k in ("stride_r", "D")])
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps)
     return ptx, ptxas_report(ptx, arch)
@@ -65,6 +71,36 @@ def loops(ptx: str) -> list[dict]:
     return out
 
 
+def sass_loop_instructions(ptx: str, arch: str) -> Optional[int]:
+    """Machine instructions (SASS, per thread) in the main loop of ``ptx`` assembled for ``arch``: the loop (backward
+    branch) with the most global loads and barriers. None where Triton ships no nvdisasm."""
+    if not NVDISASM.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        src.write_text(ptx)
+        subprocess.run([str(PTXAS), f"-arch={arch}", str(src), "-o", str(cubin)], check=True, capture_output=True)
+        sass = subprocess.run([str(NVDISASM), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+    ins: list[tuple[int, str]] = []
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    for line in sass.splitlines():
+        if m := re.match(r"\s*(\.L_x_\d+):", line):
+            pending.append(m.group(1))
+        elif m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line):
+            addr = int(m.group(1), 16)
+            labels.update({label: addr for label in pending})
+            pending = []
+            ins.append((addr, m.group(2)))
+    spans = [(labels[m.group(1)], addr) for addr, text in ins
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)) and labels.get(m.group(1), addr) < addr]
+    if not spans:
+        return None
+    body = lambda lo, hi: [t for a, t in ins if lo <= a <= hi]  # noqa: E731
+    lo, hi = max(spans, key=lambda span: sum(("LDG" in t) + ("BAR" in t) for t in body(*span)))
+    return len(body(lo, hi))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(TARGETS), default="sm_90a")
@@ -81,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         M._ROWS_DEEP_PREFETCH_MIN_D = args.deep_prefetch_min_d
     rows = []
     print(f"{args.arch}, joint sums: {not args.separate_sums}, Triton {triton.__version__}")
-    print("| dtype | D | BLOCK_D | warps | kernel | rows in flight | registers | programs/SM | bar.sync per row | loads | stores |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | D | BLOCK_D | warps | kernel | rows in flight | registers | programs/SM | bar.sync per row | loads "
+          "| stores | SASS per thread per step | warp instructions per row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dt, (_, size) in DTYPES.items():
         for dim in args.dims:
             for stats in (False, True):
@@ -96,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
                            kernel="fused" if stats else "bare", registers=regs, spill_bytes=spill,
                            programs_per_sm=programs_per_sm(regs, cfg.num_warps), deep_prefetch=cfg.deep_prefetch,
                            loop_bar_sync=main["bar.sync"], loop_loads=main["ld.global"],
-                           loop_stores=main["st.global"])
+                           loop_stores=main["st.global"], sass_per_step=sass_loop_instructions(ptx, args.arch))
+                # issue slots a row costs an SM (the schedulers issue one warp instruction each per cycle)
+                row["warp_instructions_per_row"] = (None if row["sass_per_step"] is None
+                                                    else row["sass_per_step"] * cfg.num_warps // cfg.block_t)
                 rows.append(row)
                 ahead = "-" if not stats or cfg.block_t > 1 else 2 if cfg.deep_prefetch else 1
                 print(f"| {dt} | {dim} | {cfg.block_d} | {cfg.num_warps} | {row['kernel']} | {ahead} | {regs}"
                       f"{f' (spills {spill} B)' if spill else ''} | {row['programs_per_sm']} | "
-                      f"{row['loop_bar_sync']} | {row['loop_loads']} | {row['loop_stores']} |", flush=True)
+                      f"{row['loop_bar_sync']} | {row['loop_loads']} | {row['loop_stores']} | {row['sass_per_step']} | "
+                      f"{row['warp_instructions_per_row']} |", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(arch=args.arch, joint_sums=not args.separate_sums, triton=triton.__version__,

@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "up_to_32_warps": {"_ROWS_MAX_WARPS": 32},
     "bare_16_values_per_thread": {"_ROWS_BYTES_PER_THREAD": 32},  # the bare kernel at the statistics' warps
     "separate_sums": {"_JOINT_SUMS": False},  # three block reductions per row instead of one
+    "exact_inverse_norm": {"_RSQRT_INV": False},  # 1 / ||y_t|| by IEEE sqrt and division, not the hardware rsqrt
     "deep_prefetch_from_4096": {"_ROWS_DEEP_PREFETCH_MIN_D": 4096},  # two rows in flight from BLOCK_D = 4096
     "deep_prefetch_from_1024": {"_ROWS_DEEP_PREFETCH_MIN_D": 1024},  # two rows in flight from BLOCK_D = 1024
     "serial_reduce": {"_REDUCE_TILE": (1, 256)},  # the reduce kernel loads one chunk per step

@@ -10,7 +10,8 @@ always has ``x``'s dtype and shape.
 
 Statistics (DESIGN.md §1, same definitions and types as ``angle_stats``) are of **y as the model sees it**, i.e.
 after the cast to ``x.dtype``: ``u_t = y_t / max(||y_t||, 1e-12)`` with the norm taken in fp32 of the rounded
-values. So ``rmsnorm_angle(x, ...)[1]`` equals ``angle_stats(y, ...)`` up to fp32 summation order.
+values (compiled, 1 / ||y_t|| is the hardware's rsqrt: relative error below 2**-22). So ``rmsnorm_angle(x, ...)[1]``
+equals ``angle_stats(y, ...)`` up to fp32 rounding and summation order.
     unit_sum [B, K, D] f32,  count [B, K] i32,  sq_norm [B, K] f32,  adjacent [B] f32   (``types.AngleStats``)
 
 Shapes and dtypes:
@@ -33,14 +34,15 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     cdiv(R, chunk) + B (K + 3) + 1; spare programs exit at once. Without statistics there is no work list: the
     kernels derive consecutive chunks from the program id.
   * ``_fwd_rows_kernel`` (next_pow2(D) <= 8192): whole rows in registers, x read once. From BLOCK_D = 1024 on one
-    row per step: y_{t-1} stays in registers (in x's dtype, exactly) for the adjacent term, and row t+2 is
-    prefetched while row t is computed (from BLOCK_D = 4096 on, 16-bit 16-byte aligned rows, row t+3 as well: there
-    the statistics' registers leave one or two programs per multiprocessor and the extra row costs none);
-    compiled, ||y_t||², y_t . y_{t-1} and row t+1's sum of squares share one block reduction, so a step has the
-    bare kernel's one shared-memory round, not three (the chunk's last pair reaches the row after the chunk).
-    ``bench/fused_static.py`` reports registers, occupancy and barriers per step. Narrower rows take [BLOCK_T, BLOCK_D]
-    steps and reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12),
-    ||u||² and the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
+    row per step: y_{t-1} stays in registers for the adjacent term, and row t+2 is prefetched while row t is
+    computed (``_ROWS_DEEP_PREFETCH_MIN_D``, off by default: row t+3 as well for 16-bit 16-byte aligned rows);
+    with statistics 16 values per thread and at least 8 warps from BLOCK_D = 2048 (the step is bound by its
+    dependent chain and instruction issue rather than bandwidth); compiled, ||y_t||², y_t . y_{t-1} and row t+1's
+    sum of squares share one block reduction, so a step has the bare kernel's one shared-memory round, not three
+    (the chunk's last pair reaches the row after the chunk). ``bench/fused_static.py`` reports registers,
+    occupancy, barriers and instructions per step. Narrower rows take [BLOCK_T, BLOCK_D] steps and reload row t+1
+    shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and the pairs (t,
+    t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -332,6 +334,17 @@ def _row_sums3(a, b, c, JOINT: tl.constexpr):
 
 
 @triton.jit
+def _inv_norm(sq, RSQRT: tl.constexpr):
+    """1 / max(sqrt(sq), 1e-12) for row sums of squares ``sq`` (fp32). RSQRT: the hardware's approximate reciprocal
+    square root (one instruction, relative error below 2**-22, on a clamp that keeps it off denormals), else the
+    IEEE square root and division (a software sequence with a slow path: ~20 instructions in a row step)."""
+    if RSQRT:
+        return tl.math.rsqrt(tl.maximum(sq, 1e-24))
+    else:
+        return 1.0 / tl.maximum(tl.sqrt_rn(sq), 1e-12)
+
+
+@triton.jit
 def _max_i64(a, b):
     return tl.maximum(a, b)
 
@@ -379,7 +392,7 @@ def _fwd_rows_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr,
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
-    DEEP_PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEEP_PREFETCH: tl.constexpr, RSQRT_INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -418,7 +431,7 @@ def _fwd_rows_kernel(
                 if DEEP_PREFETCH:  # one more row in flight: row t+3 is loaded during step t
                     x_next2 = tl.load(x_ptr + (row0 + t + 2).to(tl.int64)[:, None] * stride_r + dd[None, :],
                                       mask=d_ok[None, :] & (row0 + t + 2 < load_end)[:, None], other=0.0)
-                y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=YT)  # y is a YT value: kept in YT, exactly
+                y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # fp32: no unpacking per step
                 inv_prev = tl.zeros([BLOCK_T], dtype=tl.float32)
                 for r in range(row0, row_end):
                     rows = r + t
@@ -435,18 +448,18 @@ def _fwd_rows_kernel(
                                          mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0)
                     # one block reduction per row: ||y_r||², y_r . y_{r-1} (0 on the first row) and the next
                     # row's sum of squares, so its rstd is ready when the next step starts
-                    nn, dot, ss = _row_sums3(y * y, y * y_prev.to(tl.float32), x_cur * x_cur, JOINT_SUMS)
-                    inv = 1.0 / tl.maximum(tl.sqrt_rn(nn), 1e-12)
+                    nn, dot, ss = _row_sums3(y * y, y * y_prev, x_cur * x_cur, JOINT_SUMS)
+                    inv = _inv_norm(nn, RSQRT_INV)
                     acc += y * inv[:, None]
                     q_acc += nn * inv * inv
                     adj_acc += dot * inv_prev * inv
                     rstd = 1.0 / tl.sqrt_rn(ss / D + eps)
-                    y_prev = y.to(YT)
+                    y_prev = y
                     inv_prev = inv
                 if load_end > row_end:  # pair (last row, first row after the chunk): x_cur and rstd are its
                     y = _rms_out(x_cur, rstd, w, YT, NATIVE_CAST)
-                    inv = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(y * y, axis=1)), 1e-12)
-                    adj_acc += tl.sum(y * y_prev.to(tl.float32), axis=1) * inv_prev * inv
+                    inv = _inv_norm(tl.sum(y * y, axis=1), RSQRT_INV)
+                    adj_acc += tl.sum(y * y_prev, axis=1) * inv_prev * inv
             else:
                 for r0 in range(row0, row_end, BLOCK_T):
                     rows = r0 + t
@@ -464,8 +477,8 @@ def _fwd_rows_kernel(
                     tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=m)
                     y1 = _rms_out(x1, rstd1, w, YT, NATIVE_CAST)
                     nn = tl.sum(y * y, axis=1)
-                    inv = 1.0 / tl.maximum(tl.sqrt_rn(nn), 1e-12)
-                    inv1 = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(y1 * y1, axis=1)), 1e-12)
+                    inv = _inv_norm(nn, RSQRT_INV)
+                    inv1 = _inv_norm(tl.sum(y1 * y1, axis=1), RSQRT_INV)
                     acc += y * inv[:, None]  # masked rows are 0
                     q_acc += tl.where(r_ok, nn * inv * inv, 0.0)
                     adj_acc += tl.where(p_ok, tl.sum(y * y1, axis=1) * inv * inv1, 0.0)
@@ -492,7 +505,7 @@ def _fwd_sliced_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr,
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
-    DEEP_PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEEP_PREFETCH: tl.constexpr, RSQRT_INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Any D: one chunk of BLOCK_T rows per program, three passes over BLOCK_D column slices (rows too wide for
     registers). Pass A sums x² (rows t and t+1), pass B writes y and sums ||y_t||², ||y_{t+1}||², y_t . y_{t+1},
@@ -554,8 +567,8 @@ def _fwd_sliced_kernel(
 
         if seg >= 0:
             sq = tl.sum(nn, axis=1)
-            inv = 1.0 / tl.maximum(tl.sqrt_rn(sq), 1e-12)
-            inv1 = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(nn1, axis=1)), 1e-12)
+            inv = _inv_norm(sq, RSQRT_INV)
+            inv1 = _inv_norm(tl.sum(nn1, axis=1), RSQRT_INV)
             tl.store(part_adj_ptr + pid, tl.sum(tl.where(p_ok, tl.sum(dot, axis=1) * inv * inv1, 0.0), axis=0))
             tl.store(part_q_ptr + pid, tl.sum(tl.where(r_ok, sq * inv * inv, 0.0), axis=0))
             # pass C: the chunk's sum of unit vectors
@@ -718,6 +731,10 @@ _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced fo
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
 # sums a stacked tensor in another order, which would break bitwise agreement with the bare kernel's y)
 _JOINT_SUMS: Optional[bool] = None
+# 1 / ||y_t|| of the statistics by the hardware's rsqrt rather than an IEEE square root and division (_inv_norm):
+# ~20 fewer instructions per row step. None = in compiled code only (the interpreter keeps the IEEE form, which the
+# float64 references match to the last bits); True forces it on the interpreter too (tests)
+_RSQRT_INV: Optional[bool] = None
 
 
 class _FwdConfig(NamedTuple):
@@ -843,6 +860,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda,
         JOINT_SUMS=x2d.is_cuda if _JOINT_SUMS is None else _JOINT_SUMS,
         DEEP_PREFETCH=cfg.deep_prefetch and (not x2d.is_cuda or _vector_aligned(x2d, weight)),
+        RSQRT_INV=x2d.is_cuda if _RSQRT_INV is None else _RSQRT_INV,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps,
     )

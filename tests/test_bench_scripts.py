@@ -43,8 +43,6 @@ def test_fused_static_script(tmp_path):
     import os
     import subprocess
 
-    import pytest
-
     sys.path.insert(0, str(BENCH.parent / "tests"))
     from test_triton_compile import PTXAS
 
@@ -60,6 +58,9 @@ def test_fused_static_script(tmp_path):
     assert all(r["spill_bytes"] == 0 for r in rows.values())
     # the fused row step keeps the bare step's one block reduction
     assert rows["bf16", "fused"]["loop_bar_sync"] == rows["bf16", "bare"]["loop_bar_sync"]
+    # machine instructions per row step (None only without Triton's nvdisasm)
+    counts = [r["sass_per_step"] for r in rows.values()]
+    assert all(c is None for c in counts) or all(isinstance(c, int) and c > 0 for c in counts), counts
 
 
 def test_eager_overhead_script(tmp_path):

@@ -53,8 +53,8 @@ def weight_of(dim: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=["one_row", "one_row_deep", "row_tiles", "sliced"])
 def fwd_kernel(request, monkeypatch) -> str:
     """Run a forward test with each forward path: whole rows in registers one row per step (the default from
-    BLOCK_D = 1024 on: previous row kept, next prefetched; from BLOCK_D = 4096 on two rows of 16-bit x in flight:
-    "deep"), whole rows in 2-row steps (narrow rows; a chunk takes several steps and its last one may be partly
+    BLOCK_D = 1024 on: previous row kept, next prefetched; with ``_ROWS_DEEP_PREFETCH_MIN_D`` two rows of 16-bit x
+    in flight: "deep"), whole rows in 2-row steps (narrow rows; a chunk takes several steps and its last one may be partly
     masked), and the column-sliced kernel (D > 4096) forced at small D with 8-row chunks and 16-wide slices.
     Other test files run the default tiles."""
     if request.param.startswith("one_row"):
@@ -149,6 +149,23 @@ def test_joint_row_sums(packed, dtype, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, packed["cu"], packed["off"]))
     for a, b in zip(stats, s_sep):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inverse_norm_forms(packed, fwd_kernel, dtype, monkeypatch):
+    """1 / ||y_t|| of the statistics: the hardware rsqrt (compiled default) and the IEEE square root and division
+    (interpreter default) give the same y, bitwise, and statistics within fp32 rounding of each other and of the
+    float64 reference, on every forward path."""
+    x = packed["x"].to(dtype)
+    w = weight_of(DIM, dtype)
+    out = {}
+    for rsqrt in (False, True):
+        monkeypatch.setattr(rmsnorm_module, "_RSQRT_INV", rsqrt)
+        out[rsqrt] = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+        assert_stats_close(out[rsqrt][1], angle_stats_reference(out[rsqrt][0], packed["cu"], packed["off"]))
+    assert torch.equal(out[False][0], out[True][0])
+    for a, b in zip(out[False][1], out[True][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

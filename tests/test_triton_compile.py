@@ -123,6 +123,7 @@ def _rmsnorm_angle_cases():
                     M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel,
                     {k: v.format(dt=dt) for k, v in fwd_sig.items()},
                     dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, DEEP_PREFETCH=deep,
+                         RSQRT_INV=True,
                          BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                          __aligned__=("x_ptr", "w_ptr", "y_ptr", "stride_r", "D") if deep else ()),
                     cfg.num_warps,
