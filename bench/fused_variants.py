@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_angle_bench import make_input, time_it  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
+from gainrl_kernels.naive_rmsnorm_angle import rmsnorm_reference  # noqa: E402
 
 # name -> module constants to override (None: the defaults)
 VARIANTS: dict[str, dict] = {
@@ -80,6 +81,21 @@ def graph_time(fn: Callable[[], object], reps: int) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
+def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Tensor, reps: int) -> dict:
+    """The other bare RMSNorm a user would reach for: HF's RMSNorm formula through torch.compile (Inductor fuses it
+    into one kernel), graph-timed like the variants."""
+    row = dict(B=batch, L=length, D=dim, variant="torch_compile_bare")
+    try:
+        compiled = torch.compile(rmsnorm_reference, dynamic=False)
+        ms = graph_time(lambda: compiled(x, w, 1e-6), reps) * 1e3
+        row.update(status="ok", bare_ms=ms)
+        print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm (no stats) | {ms:.3f} | | | | | |", flush=True)
+    except Exception as e:  # noqa: BLE001 -- recorded, like a failing variant
+        row.update(status=f"error: {type(e).__name__}: {str(e).strip()[:160]}")
+        print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm | {row['status']} ||||||", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
@@ -105,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             plan_ms = graph_time(lambda: M._stats_plan(x, cu, None, None), args.reps) * 1e3
             rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
             print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | |", flush=True)
+            rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
         for name, settings in VARIANTS.items():
             row = dict(B=batch, L=length, D=dim, variant=name)
             try:

@@ -260,6 +260,8 @@ for (b, l, d), rows in shapes.items():
         line += f", fastest {best} {timed[best]['fused_ms']:.3f} ms"
     if "plan_only" in rows:
         line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
+    if "bare_ms" in rows.get("torch_compile_bare", {}):
+        line += f", torch.compile bare {rows['torch_compile_bare']['bare_ms']:.3f} ms"
     print(line + (f", errors: {bad}" if bad else "") + ("" if timed else f" ({len(rows)} variants checked, not timed)"))
 EOF
 fi

@@ -1,7 +1,8 @@
 """GPU benchmarks of the issue-3 kernels (prints a table, writes bench/results/kernels_<device>.json):
 
 * fused RMSNorm + angle statistics vs (PyTorch RMSNorm + angle_stats) vs the same Triton RMSNorm without
-  statistics vs PyTorch RMSNorm alone (goal: fused within 5% of the bare RMSNorm kernel);
+  statistics vs PyTorch RMSNorm alone, eager and through torch.compile (goal: fused within 5% of the bare RMSNorm
+  kernel);
 * angle_stats backends (Triton, CUDA extension when built) vs a device-to-device copy of the same bytes;
 * the tiled pairwise-cosine kernel in TFLOP/s (2·D FLOP per causal pair).
 
@@ -33,16 +34,20 @@ def torch_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.
 
 def rmsnorm_rows(shapes, device, args) -> list[dict]:
     rows = []
+    compiled = torch.compile(torch_rmsnorm, dynamic=False) if device == "cuda" else None
     for batch, length, dim in shapes:
         x, cu = make_input(batch, length, dim, torch.bfloat16, device)
         w = torch.rand(dim, device=device, dtype=torch.bfloat16) + 0.5
         cases = {
             "torch_rmsnorm": lambda: torch_rmsnorm(x, w),
+            # Inductor's one fused kernel (CUDA only: on CPU the compile would dominate a smoke run)
+            **({"torch_compile_rmsnorm": lambda: compiled(x, w)} if compiled is not None else {}),
             "torch_rmsnorm+angle_stats": lambda: angle_stats(torch_rmsnorm(x, w), cu, validate_values=False),
             "triton_rmsnorm (no stats)": lambda: rmsnorm_angle(x, w, 1e-6),
             "fused_rmsnorm_angle": lambda: rmsnorm_angle(x, w, 1e-6, cu, validate=False),
         }
         for name, fn in cases.items():
+            fn()  # warm-up outside the timing: compiles (Triton, Inductor)
             s = time_it(fn, device, args.min_time, args.max_reps)
             rows.append(dict(kernel="rmsnorm", method=name, B=batch, L=length, D=dim, ms=s * 1e3,
                              GBps=2 * x.numel() * x.element_size() / s / 1e9))
