@@ -34,6 +34,9 @@ VARIANTS: dict[str, dict] = {
     "8_values_per_thread": {"_ROWS_STATS_VALUES_PER_THREAD": 8},
     "4_warps_at_2048": {"_ROWS_STATS_MIN_WARPS": (1 << 30, 4)},
     "up_to_32_warps": {"_ROWS_MAX_WARPS": 32},
+    # 4 warps capped at 168 registers: 3 programs per SM at D = 4096 (sm_90a, no spills), fewer instructions a row
+    "4_warps_168_registers": {"_ROWS_STATS_VALUES_PER_THREAD": 32, "_ROWS_STATS_MIN_WARPS": (1 << 30, 4),
+                              "_ROWS_STATS_MAXNREG": 168},
     "bare_16_values_per_thread": {"_ROWS_BYTES_PER_THREAD": 32},  # the bare kernel at the statistics' warps
     "separate_sums": {"_JOINT_SUMS": False},  # three block reductions per row instead of one
     "exact_inverse_norm": {"_RSQRT_INV": False},  # 1 / ||y_t|| by IEEE sqrt and division, not the hardware rsqrt

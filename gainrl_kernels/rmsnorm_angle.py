@@ -723,6 +723,10 @@ _ROWS_BYTES_PER_THREAD = 64
 # 0.216 ms (bench/results/fused_variants_h100.json; 16 warps at 4096 was slower, 2.06 ms)
 _ROWS_STATS_VALUES_PER_THREAD = 16
 _ROWS_STATS_MIN_WARPS = (2048, 8)  # (from this BLOCK_D on, at least this many warps)
+# register cap (ptxas .maxnreg) of one-row steps with statistics, None: ptxas decides. E.g. 168 fits 4 warps at
+# BLOCK_D = 4096 bf16 (32 values per thread) into 3 programs per SM without spills at sm_90a (sm_80 spills): 2064
+# warp instructions per row against 2520 at the default 8 warps (variant 4_warps_168_registers; untimed)
+_ROWS_STATS_MAXNREG: Optional[int] = None
 _ROWS_MAX_WARPS = 16
 _PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
@@ -746,6 +750,7 @@ class _FwdConfig(NamedTuple):
     block_d: int
     num_warps: int
     deep_prefetch: bool = False  # one-row steps: two rows in flight rather than one (16-byte aligned rows only)
+    maxnreg: Optional[int] = None  # register cap of the compiled kernel (None: ptxas decides)
 
 
 def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool) -> _FwdConfig:
@@ -769,7 +774,8 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     warps = min(_ROWS_MAX_WARPS, max(4, warps))
     # 16-bit rows only: an fp32 row costs twice the registers
     deep = block_t == 1 and block_d >= _ROWS_DEEP_PREFETCH_MIN_D and elem_size == 2
-    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, deep)
+    maxnreg = _ROWS_STATS_MAXNREG if stats and block_t == 1 else None
+    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, deep, maxnreg)
 
 
 class _Plan(NamedTuple):
@@ -862,7 +868,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         DEEP_PREFETCH=cfg.deep_prefetch and (not x2d.is_cuda or _vector_aligned(x2d, weight)),
         RSQRT_INV=x2d.is_cuda if _RSQRT_INV is None else _RSQRT_INV,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
     if stats:
         block_c, block_d = _REDUCE_TILE

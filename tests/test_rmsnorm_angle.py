@@ -168,6 +168,22 @@ def test_inverse_norm_forms(packed, fwd_kernel, dtype, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_register_cap(packed, monkeypatch):
+    """A register cap for the one-row steps with statistics (``_ROWS_STATS_MAXNREG``, a launch option of the compiled
+    kernel; the interpreter ignores it) leaves every output as it was."""
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
+    x = packed["x"].to(torch.bfloat16)
+    w = weight_of(DIM, torch.bfloat16)
+    y0, s0 = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_STATS_MAXNREG", 168)
+    assert rmsnorm_module._fwd_config(x.shape[0], DIM, 2, x.device, stats=True).maxnreg == 168
+    assert rmsnorm_module._fwd_config(x.shape[0], DIM, 2, x.device, stats=False).maxnreg is None
+    y1, s1 = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+    assert torch.equal(y0, y1)
+    for a, b in zip(s0, s1):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_deep_prefetch_on_aligned_rows(dtype, monkeypatch):
     """Two rows in flight: 16-bit rows only, compiled only for 16-byte aligned rows (D = 64 here, so a GPU run takes
