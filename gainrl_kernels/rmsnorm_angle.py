@@ -337,7 +337,7 @@ def _row_sums3(a, b, c, JOINT: tl.constexpr):
 def _inv_norm(sq, RSQRT: tl.constexpr):
     """1 / max(sqrt(sq), 1e-12) for row sums of squares ``sq`` (fp32). RSQRT: the hardware's approximate reciprocal
     square root (one instruction, relative error below 2**-22, on a clamp that keeps it off denormals), else the
-    IEEE square root and division (a software sequence with a slow path: ~20 instructions in a row step)."""
+    IEEE square root and division (a software sequence with a slow path: 15-22 more instructions a row step)."""
     if RSQRT:
         return tl.math.rsqrt(tl.maximum(sq, 1e-24))
     else:
@@ -711,16 +711,17 @@ _ROWS_MAX_BLOCK_D = 8192
 _ROWS_TILE = 4096  # elements of one [BLOCK_T, BLOCK_D] step of the whole-row forward (16 per thread at 8 warps)
 _ROWS_ONE_ROW_MIN_D = 1024  # from this BLOCK_D on, one row per step (previous row kept, next row prefetched)
 # from this BLOCK_D on, a one-row step keeps two rows in flight (16-bit rows). Off: at 16 values per thread the loop
-# does not wait on loads (H100, bench/results/fused_variants_h100.json: 64x4096x4096 1.651 ms with, 1.648 without;
-# 16x4096x5120 0.681 with, 0.677 without), and at 8 warps the extra row spills on sm_80
+# does not wait on loads (H100, bench/results/fused_variants_h100.json: 64x4096x4096 1.654 ms with, 1.651 without;
+# 16x4096x5120 0.666 with, 0.660 without), and at 8 warps the extra row spills on sm_80
 _ROWS_DEEP_PREFETCH_MIN_D = 1 << 30
 # warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step of x over 32 x this many bytes, 4 to _ROWS_MAX_WARPS
 # (32 bf16 or 16 fp32 values per thread)
 _ROWS_BYTES_PER_THREAD = 64
 # ... and with statistics: a one-row step's loop is bound by its dependent chain (load, block reduction, rsqrt, the
 # accumulators), not by bandwidth, so more warps share a row: 16 values per thread (8 warps for a bf16 row of 4096),
-# at least 8 warps from BLOCK_D = 2048. H100, bf16: 64x4096x4096 fused 1.716 -> 1.651 ms, 16x4096x2048 0.222 ->
-# 0.216 ms (bench/results/fused_variants_h100.json; 16 warps at 4096 was slower, 2.06 ms)
+# at least 8 warps from BLOCK_D = 2048. H100, bf16, same run: 64x4096x4096 fused 1.708 -> 1.651 ms, 16x4096x2048
+# 0.221 -> 0.217 ms (bench/results/fused_variants_h100.json, variant 32_values_per_thread = the old rule; 16 warps
+# at 4096 was slower, 2.059 ms)
 _ROWS_STATS_VALUES_PER_THREAD = 16
 _ROWS_STATS_MIN_WARPS = (2048, 8)  # (from this BLOCK_D on, at least this many warps)
 # register cap (ptxas .maxnreg) of one-row steps with statistics, None: ptxas decides. E.g. 168 fits 4 warps at
@@ -736,8 +737,8 @@ _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced fo
 # sums a stacked tensor in another order, which would break bitwise agreement with the bare kernel's y)
 _JOINT_SUMS: Optional[bool] = None
 # 1 / ||y_t|| of the statistics by the hardware's rsqrt rather than an IEEE square root and division (_inv_norm):
-# ~20 fewer instructions per row step. None = in compiled code only (the interpreter keeps the IEEE form, which the
-# float64 references match to the last bits); True forces it on the interpreter too (tests)
+# 15-22 fewer machine instructions per thread and row step (bench/fused_static.py). None = in compiled code only
+# (the interpreter keeps the IEEE form); True / False force either form (tests, bench/fused_variants.py)
 _RSQRT_INV: Optional[bool] = None
 
 
