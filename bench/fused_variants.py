@@ -2,7 +2,7 @@
 RMSNorm kernel. Every variant's output is checked against the default's (y to a bf16 step, statistics to 1e-3)
 before it is timed; times are of CUDA-graph replays (kernels only, no Python or launch overhead), bare and fused
 alternately --rounds times (the minimum of each), and of eager calls. ``ratio`` is fused over the variant's own bare
-kernel, ``ratio_vs_default_bare`` over the default's (the first variant's) bare kernel.
+kernel, ``ratio_vs_default_bare`` over the first timed variant's (the default's, unless it failed) bare kernel.
 
     python bench/fused_variants.py --out bench/results/fused_variants_<gpu>.json
     python bench/fused_variants.py --smoke     # tiny shapes, any device (checks the script runs)
