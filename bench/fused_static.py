@@ -10,7 +10,7 @@ row: two barriers).
 
     python bench/fused_static.py                                  # table
     python bench/fused_static.py --out bench/results/fused_static_sm90a.json
-    python bench/fused_static.py --separate-sums                  # the same with three reductions per row step
+    python bench/fused_static.py --variant separate_sums          # a variant of bench/fused_variants.py instead
 
 A prediction aid, not a timing: the GPU figures come from ``bench/fused_variants.py``.
 """
@@ -35,6 +35,8 @@ import triton.language as tl  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_triton_compile import PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, ptxas_report  # noqa: E402
 
+from fused_variants import VARIANTS, overridden  # noqa: E402
+
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 
 REGISTERS_PER_SM = 65536
@@ -42,14 +44,16 @@ NVDISASM = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
 
 
-def lower(cfg: M._FwdConfig, dt: str, stats: bool, joint: bool, arch: str) -> tuple[str, str]:
-    """(PTX, ptxas report) of the forward kernel for one config, with a real launch's divisibility hints."""
+def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str]:
+    """(PTX, ptxas report) of the forward kernel for one config as a CUDA launch compiles it (the module's knobs,
+    a real launch's divisibility hints, the config's register cap)."""
     fn = M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel
     sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
-    consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=joint,
-                  DEEP_PREFETCH=cfg.deep_prefetch and stats, RSQRT_INV=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+    consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True,
+                  JOINT_SUMS=M._JOINT_SUMS is not False, RSQRT_INV=M._RSQRT_INV is not False,
+                  BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                   __aligned__=[k for k, v in sig.items() if v.startswith("*") or k in ("stride_r", "D")])
-    ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps)
+    ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)
     return ptx, ptxas_report(ptx, arch)
 
 
@@ -105,50 +109,53 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(TARGETS), default="sm_90a")
     p.add_argument("--dims", type=int, nargs="+", default=[896, 2048, 4096, 5120, 8192])
-    p.add_argument("--separate-sums", action="store_true", help="JOINT_SUMS=False (three reductions per row)")
-    p.add_argument("--deep-prefetch-min-d", type=int, default=None,
-                   help="override _ROWS_DEEP_PREFETCH_MIN_D (two rows in flight from this BLOCK_D on)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="default",
+                   help="the module settings of this bench/fused_variants.py variant")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if PTXAS is None:
         print("no ptxas found (Triton's bundled one or CUDA's): nothing to report", file=sys.stderr)
         return 1
-    if args.deep_prefetch_min_d is not None:
-        M._ROWS_DEEP_PREFETCH_MIN_D = args.deep_prefetch_min_d
+    with overridden(VARIANTS[args.variant]):
+        rows = table(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(arch=args.arch, variant=args.variant, triton=triton.__version__,
+                    command=" ".join(["python"] + sys.argv))
+        args.out.write_text(json.dumps(dict(meta, rows=rows), indent=1))
+    return 0
+
+
+def table(args: argparse.Namespace) -> list[dict]:
+    """Lower every (dtype, D, bare / fused) config under the current module settings; print and return the rows."""
     rows = []
-    print(f"{args.arch}, joint sums: {not args.separate_sums}, Triton {triton.__version__}")
-    print("| dtype | D | BLOCK_D | warps | kernel | rows in flight | registers | programs/SM | bar.sync per row | loads "
-          "| stores | SASS per thread per step | warp instructions per row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"{args.arch}, variant {args.variant}, Triton {triton.__version__}")
+    print("| dtype | D | BLOCK_D | warps | kernel | registers | programs/SM | bar.sync per row | loads | stores "
+          "| SASS per thread per step | warp instructions per row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dt, (_, size) in DTYPES.items():
         for dim in args.dims:
             for stats in (False, True):
                 cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats)
-                ptx, report = lower(cfg, dt, stats, not args.separate_sums, args.arch)
+                ptx, report = lower(cfg, dt, stats, args.arch)
                 regs = int(re.search(r"Used (\d+) registers", report).group(1))
                 spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
                 # the main loop: the one-row loop of a segment chunk with statistics, the only loop without
                 main = max(loops(ptx), key=lambda c: c["bar.sync"] + c["ld.global"]) if stats else loops(ptx)[0]
                 row = dict(dtype=dt, D=dim, block_d=cfg.block_d, warps=cfg.num_warps, block_t=cfg.block_t,
                            kernel="fused" if stats else "bare", registers=regs, spill_bytes=spill,
-                           programs_per_sm=programs_per_sm(regs, cfg.num_warps), deep_prefetch=cfg.deep_prefetch,
+                           programs_per_sm=programs_per_sm(regs, cfg.num_warps), maxnreg=cfg.maxnreg,
                            loop_bar_sync=main["bar.sync"], loop_loads=main["ld.global"],
                            loop_stores=main["st.global"], sass_per_step=sass_loop_instructions(ptx, args.arch))
                 # issue slots a row costs an SM (the schedulers issue one warp instruction each per cycle)
                 row["warp_instructions_per_row"] = (None if row["sass_per_step"] is None
                                                     else row["sass_per_step"] * cfg.num_warps // cfg.block_t)
                 rows.append(row)
-                ahead = "-" if not stats or cfg.block_t > 1 else 2 if cfg.deep_prefetch else 1
-                print(f"| {dt} | {dim} | {cfg.block_d} | {cfg.num_warps} | {row['kernel']} | {ahead} | {regs}"
+                print(f"| {dt} | {dim} | {cfg.block_d} | {cfg.num_warps} | {row['kernel']} | {regs}"
                       f"{f' (spills {spill} B)' if spill else ''} | {row['programs_per_sm']} | "
                       f"{row['loop_bar_sync']} | {row['loop_loads']} | {row['loop_stores']} | {row['sass_per_step']} | "
                       f"{row['warp_instructions_per_row']} |", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(arch=args.arch, joint_sums=not args.separate_sums, triton=triton.__version__,
-                    deep_prefetch_min_d=M._ROWS_DEEP_PREFETCH_MIN_D, command=" ".join(["python"] + sys.argv))
-        args.out.write_text(json.dumps(dict(meta, rows=rows), indent=1))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

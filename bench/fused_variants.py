@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_angle_bench import make_input, time_it  # noqa: E402
+from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
-from gainrl_kernels.naive_rmsnorm_angle import rmsnorm_reference  # noqa: E402
 
 # name -> module constants to override (None: the defaults)
 VARIANTS: dict[str, dict] = {
@@ -40,8 +40,6 @@ VARIANTS: dict[str, dict] = {
     "bare_16_values_per_thread": {"_ROWS_BYTES_PER_THREAD": 32},  # the bare kernel at the statistics' warps
     "separate_sums": {"_JOINT_SUMS": False},  # three block reductions per row instead of one
     "exact_inverse_norm": {"_RSQRT_INV": False},  # 1 / ||y_t|| by IEEE sqrt and division, not the hardware rsqrt
-    "deep_prefetch_from_4096": {"_ROWS_DEEP_PREFETCH_MIN_D": 4096},  # two rows in flight from BLOCK_D = 4096
-    "deep_prefetch_from_1024": {"_ROWS_DEEP_PREFETCH_MIN_D": 1024},  # two rows in flight from BLOCK_D = 1024
     "serial_reduce": {"_REDUCE_TILE": (1, 256)},  # the reduce kernel loads one chunk per step
     "serial_plan": {"_PLAN_TILE": 16},  # the work-list kernel writes one chunk per sequence per step
     "chunk_32": {"_MAX_CHUNK": 32},
@@ -85,12 +83,12 @@ def graph_time(fn: Callable[[], object], reps: int) -> float:
 
 
 def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Tensor, reps: int) -> dict:
-    """The other bare RMSNorm a user would reach for: HF's RMSNorm formula through torch.compile (Inductor fuses it
-    into one kernel), graph-timed like the variants."""
+    """The other bare RMSNorm a user would reach for: HF's RMSNorm formula (``run_kernels_bench.torch_rmsnorm``)
+    through torch.compile (Inductor fuses it into one kernel), graph-timed like the variants."""
     row = dict(B=batch, L=length, D=dim, variant="torch_compile_bare")
     try:
-        compiled = torch.compile(rmsnorm_reference, dynamic=False)
-        ms = graph_time(lambda: compiled(x, w, 1e-6), reps) * 1e3
+        compiled = torch.compile(torch_rmsnorm, dynamic=False)
+        ms = graph_time(lambda: compiled(x, w), reps) * 1e3
         row.update(status="ok", bare_ms=ms)
         print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm (no stats) | {ms:.3f} | | | | | |", flush=True)
     except Exception as e:  # noqa: BLE001 -- recorded, like a failing variant

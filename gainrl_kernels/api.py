@@ -41,11 +41,11 @@ def angle_stats(
     if seg_offsets is None:
         seg_offsets = whole_sequence_offsets(cu_seqlens)
     validate.check_seg_offsets(seg_offsets, cu_seqlens, values)
-    problem = ops.backend_problem(backend, hidden.device, hidden)
-    if problem:
-        raise ValueError(problem)
-    if not torch.compiler.is_compiling():  # eager: the op's body without the custom-op dispatch
+    if not torch.compiler.is_compiling():  # eager: the op's body (it checks the backend) without the dispatch
         return AngleStats(*ops.angle_stats_impl(hidden.detach(), cu_seqlens, seg_offsets, backend))
+    problem = ops.backend_problem(backend, hidden.device, hidden)
+    if problem:  # at trace time, not inside the compiled graph
+        raise ValueError(problem)
     return AngleStats(*torch.ops.gainrl.angle_stats(hidden.detach(), cu_seqlens, seg_offsets, backend))
 
 

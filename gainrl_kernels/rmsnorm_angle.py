@@ -35,14 +35,14 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     kernels derive consecutive chunks from the program id.
   * ``_fwd_rows_kernel`` (next_pow2(D) <= 8192): whole rows in registers, x read once. From BLOCK_D = 1024 on one
     row per step: y_{t-1} stays in registers for the adjacent term, and row t+2 is prefetched while row t is
-    computed (``_ROWS_DEEP_PREFETCH_MIN_D``, off by default: row t+3 as well for 16-bit 16-byte aligned rows);
-    with statistics 16 values per thread and at least 8 warps from BLOCK_D = 2048 (the step is bound by its
-    dependent chain and instruction issue rather than bandwidth); compiled, ||y_t||², y_t . y_{t-1} and row t+1's
-    sum of squares share one block reduction, so a step has the bare kernel's one shared-memory round, not three
-    (the chunk's last pair reaches the row after the chunk). ``bench/fused_static.py`` reports registers,
-    occupancy, barriers and instructions per step. Narrower rows take [BLOCK_T, BLOCK_D] steps and reload row t+1
-    shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and the pairs (t,
-    t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
+    computed (a third row in flight gained nothing on an H100 and was removed); with statistics 16 values per
+    thread and at least 8 warps from BLOCK_D = 2048 (the step is bound by its dependent chain and instruction
+    issue rather than bandwidth); compiled, ||y_t||², y_t . y_{t-1} and row t+1's sum of squares share one block
+    reduction, so a step has the bare kernel's one shared-memory round, not three (the chunk's last pair reaches
+    the row after the chunk). ``bench/fused_static.py`` reports registers, occupancy, barriers and instructions
+    per step. Narrower rows take [BLOCK_T, BLOCK_D] steps and reload row t+1 shifted by one (cache hits). A
+    segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and the pairs (t, t+1) with t + 1 < o_K into one
+    fp32 partial row + two scalars per chunk.
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -320,8 +320,12 @@ def _row_sums3(a, b, c, JOINT: tl.constexpr):
 
     JOINT: one reduction of the stacked tensors, so the three cross-warp exchanges share one shared-memory round
     (two barriers instead of six). Compiled, each row is summed in the same order as ``tl.sum`` (same per-thread
-    elements, same shuffles), so ``c``'s sum is bitwise the one the bare kernel computes. The interpreter's
-    ``np.sum`` orders a strided axis differently, so there three ``tl.sum`` keep that bitwise agreement.
+    elements, same shuffles), so ``c``'s sum is bitwise the one a separate ``tl.sum`` gives at the same warps. The
+    interpreter's ``np.sum`` orders a strided axis differently, so there three ``tl.sum`` are used.
+
+    With the same warps as the bare kernel (BLOCK_D <= 1024) y is therefore bitwise the bare kernel's. From
+    BLOCK_D = 2048 on the statistics run with more warps (``_ROWS_STATS_MIN_WARPS``): another split of Σx² over
+    threads, so rstd, and y with it, may differ from the bare kernel's by one rounding step.
     """
     if JOINT:
         s = tl.sum(tl.join(tl.join(a, b), tl.join(c, c)), axis=1)
@@ -392,7 +396,7 @@ def _fwd_rows_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr,
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
-    DEEP_PREFETCH: tl.constexpr, RSQRT_INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    RSQRT_INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -428,9 +432,6 @@ def _fwd_rows_kernel(
                 rstd = 1.0 / tl.sqrt_rn(tl.sum(x_cur * x_cur, axis=1) / D + eps)
                 x_next = tl.load(x_ptr + (row0 + t + 1).to(tl.int64)[:, None] * stride_r + dd[None, :],
                                  mask=d_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0)
-                if DEEP_PREFETCH:  # one more row in flight: row t+3 is loaded during step t
-                    x_next2 = tl.load(x_ptr + (row0 + t + 2).to(tl.int64)[:, None] * stride_r + dd[None, :],
-                                      mask=d_ok[None, :] & (row0 + t + 2 < load_end)[:, None], other=0.0)
                 y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # fp32: no unpacking per step
                 inv_prev = tl.zeros([BLOCK_T], dtype=tl.float32)
                 for r in range(row0, row_end):
@@ -439,13 +440,8 @@ def _fwd_rows_kernel(
                     y = _rms_out(x_cur, rstd, w, YT, NATIVE_CAST)
                     tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
                     x_cur = x_next.to(tl.float32)
-                    if DEEP_PREFETCH:
-                        x_next = x_next2
-                        x_next2 = tl.load(x_ptr + (rows.to(tl.int64) + 3)[:, None] * stride_r + dd[None, :],
-                                          mask=d_ok[None, :] & (rows + 3 < load_end)[:, None], other=0.0)
-                    else:
-                        x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
-                                         mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0)
+                    x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
+                                     mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0)
                     # one block reduction per row: ||y_r||², y_r . y_{r-1} (0 on the first row) and the next
                     # row's sum of squares, so its rstd is ready when the next step starts
                     nn, dot, ss = _row_sums3(y * y, y * y_prev, x_cur * x_cur, JOINT_SUMS)
@@ -505,7 +501,7 @@ def _fwd_sliced_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr,
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
-    DEEP_PREFETCH: tl.constexpr, RSQRT_INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    RSQRT_INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Any D: one chunk of BLOCK_T rows per program, three passes over BLOCK_D column slices (rows too wide for
     registers). Pass A sums x² (rows t and t+1), pass B writes y and sums ||y_t||², ||y_{t+1}||², y_t . y_{t+1},
@@ -710,10 +706,6 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 _ROWS_MAX_BLOCK_D = 8192
 _ROWS_TILE = 4096  # elements of one [BLOCK_T, BLOCK_D] step of the whole-row forward (16 per thread at 8 warps)
 _ROWS_ONE_ROW_MIN_D = 1024  # from this BLOCK_D on, one row per step (previous row kept, next row prefetched)
-# from this BLOCK_D on, a one-row step keeps two rows in flight (16-bit rows). Off: at 16 values per thread the loop
-# does not wait on loads (H100, bench/results/fused_variants_h100.json: 64x4096x4096 1.654 ms with, 1.651 without;
-# 16x4096x5120 0.666 with, 0.660 without), and at 8 warps the extra row spills on sm_80
-_ROWS_DEEP_PREFETCH_MIN_D = 1 << 30
 # warps of the whole-row forward: a [BLOCK_T, BLOCK_D] step of x over 32 x this many bytes, 4 to _ROWS_MAX_WARPS
 # (32 bf16 or 16 fp32 values per thread)
 _ROWS_BYTES_PER_THREAD = 64
@@ -734,7 +726,7 @@ _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (1
 _MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
-# sums a stacked tensor in another order, which would break bitwise agreement with the bare kernel's y)
+# sums a stacked tensor in another order than tl.sum)
 _JOINT_SUMS: Optional[bool] = None
 # 1 / ||y_t|| of the statistics by the hardware's rsqrt rather than an IEEE square root and division (_inv_norm):
 # 15-22 fewer machine instructions per thread and row step (bench/fused_static.py). None = in compiled code only
@@ -750,7 +742,6 @@ class _FwdConfig(NamedTuple):
     block_t: int
     block_d: int
     num_warps: int
-    deep_prefetch: bool = False  # one-row steps: two rows in flight rather than one (16-byte aligned rows only)
     maxnreg: Optional[int] = None  # register cap of the compiled kernel (None: ptxas decides)
 
 
@@ -773,10 +764,8 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     else:
         warps = block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)
     warps = min(_ROWS_MAX_WARPS, max(4, warps))
-    # 16-bit rows only: an fp32 row costs twice the registers
-    deep = block_t == 1 and block_d >= _ROWS_DEEP_PREFETCH_MIN_D and elem_size == 2
     maxnreg = _ROWS_STATS_MAXNREG if stats and block_t == 1 else None
-    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, deep, maxnreg)
+    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg)
 
 
 class _Plan(NamedTuple):
@@ -866,7 +855,6 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         rows, dim, x2d.stride(0), float(eps), cfg.chunk,
         YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda,
         JOINT_SUMS=x2d.is_cuda if _JOINT_SUMS is None else _JOINT_SUMS,
-        DEEP_PREFETCH=cfg.deep_prefetch and (not x2d.is_cuda or _vector_aligned(x2d, weight)),
         RSQRT_INV=x2d.is_cuda if _RSQRT_INV is None else _RSQRT_INV,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
@@ -879,15 +867,6 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
             unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
         )
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
-
-
-def _vector_aligned(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether Triton's launch specialisation will see 16-byte aligned rows (pointers and the row stride and D
-    divisible by 16 elements): then rows are read in vector loads, which leaves the registers for a second row in
-    flight (tests/test_triton_compile.py lowers the deep configs with exactly these hints). The interpreter has no
-    registers to save: there the deep prefetch runs whatever the alignment."""
-    return (x2d.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and x2d.stride(0) % 16 == 0
-            and x2d.shape[1] % 16 == 0)
 
 
 class _BwdConfig(NamedTuple):

@@ -50,10 +50,13 @@ def test_fused_static_script(tmp_path):
         pytest.skip("Triton's bundled ptxas not found")
     out = tmp_path / "static.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(BENCH / "fused_static.py"), "--dims", "4096", "--out", str(out)],
-                         env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = {(r["dtype"], r["kernel"]): r for r in json.loads(out.read_text())["rows"]}
+    def lowered(*variant: str) -> dict:
+        res = subprocess.run([sys.executable, str(BENCH / "fused_static.py"), "--dims", "4096", "--out", str(out),
+                              *variant], env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return {(r["dtype"], r["kernel"]): r for r in json.loads(out.read_text())["rows"]}
+
+    rows = lowered()
     assert set(rows) == {(dt, k) for dt in ("bf16", "fp32") for k in ("bare", "fused")}
     assert all(r["spill_bytes"] == 0 for r in rows.values())
     # the fused row step keeps the bare step's one block reduction
@@ -61,6 +64,9 @@ def test_fused_static_script(tmp_path):
     # machine instructions per row step (None only without Triton's nvdisasm)
     counts = [r["sass_per_step"] for r in rows.values()]
     assert all(c is None for c in counts) or all(isinstance(c, int) and c > 0 for c in counts), counts
+    # --variant applies a fused_variants.py variant: three block reductions per row step, three times the barriers
+    separate = lowered("--variant", "separate_sums")
+    assert separate["bf16", "fused"]["loop_bar_sync"] == 3 * rows["bf16", "fused"]["loop_bar_sync"]
 
 
 def test_eager_overhead_script(tmp_path):

@@ -50,25 +50,21 @@ def weight_of(dim: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
     return (1.0 + 0.2 * torch.randn(dim, generator=g)).to(DEV, dtype)
 
 
-@pytest.fixture(params=["one_row", "one_row_deep", "row_tiles", "sliced"])
+@pytest.fixture(params=["one_row", "row_tiles", "sliced"])
 def fwd_kernel(request, monkeypatch) -> str:
     """Run a forward test with each forward path: whole rows in registers one row per step (the default from
-    BLOCK_D = 1024 on: previous row kept, next prefetched; with ``_ROWS_DEEP_PREFETCH_MIN_D`` two rows of 16-bit x
-    in flight: "deep"), whole rows in 2-row steps (narrow rows; a chunk takes several steps and its last one may be partly
-    masked), and the column-sliced kernel (D > 4096) forced at small D with 8-row chunks and 16-wide slices.
-    Other test files run the default tiles."""
-    if request.param.startswith("one_row"):
+    BLOCK_D = 1024 on: previous row kept, next prefetched), whole rows in 2-row steps (narrow rows; a chunk takes
+    several steps and its last one may be partly masked), and the column-sliced kernel (D > 4096) forced at small D
+    with 8-row chunks and 16-wide slices. Other test files run the default tiles."""
+    if request.param == "one_row":
         monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
-        deep_from = 16 if request.param.endswith("deep") else 1 << 30
-        monkeypatch.setattr(rmsnorm_module, "_ROWS_DEEP_PREFETCH_MIN_D", deep_from)
     elif request.param == "row_tiles":
         monkeypatch.setattr(rmsnorm_module, "_ROWS_TILE", 128)
     else:
         monkeypatch.setattr(rmsnorm_module, "_ROWS_MAX_BLOCK_D", 0)
         monkeypatch.setattr(rmsnorm_module, "_SLICED_TILE", (8, 16, 4))
-    cfg = rmsnorm_module._fwd_config(64, DIM, 2, torch.device(DEV), stats=True)  # deep: 16-bit rows only
-    assert cfg.rows == (request.param != "sliced") and (cfg.block_t == 1) == request.param.startswith("one_row")
-    assert cfg.deep_prefetch == (request.param == "one_row_deep")
+    cfg = rmsnorm_module._fwd_config(64, DIM, 2, torch.device(DEV), stats=True)
+    assert cfg.rows == (request.param != "sliced") and (cfg.block_t == 1) == (request.param == "one_row")
     return request.param
 
 
@@ -185,17 +181,17 @@ def test_register_cap(packed, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_deep_prefetch_on_aligned_rows(dtype, monkeypatch):
-    """Two rows in flight: 16-bit rows only, compiled only for 16-byte aligned rows (D = 64 here, so a GPU run takes
-    that path too; the fixture's D = 40 runs it on the interpreter only). Chunks of 1 to 4 rows, a segment ending
-    mid-chunk."""
+def test_one_row_steps_on_aligned_rows(dtype, monkeypatch):
+    """One-row steps on 16-byte aligned 16-bit rows (D = 64: the vector loads a GPU run compiles), chunks of 1 to 4
+    rows, a segment ending mid-chunk. At BLOCK_D <= 1024 the statistics run with the bare kernel's warps, so y is
+    the bare kernel's, bitwise."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
-    monkeypatch.setattr(rmsnorm_module, "_ROWS_DEEP_PREFETCH_MIN_D", 16)
     dim, lens = 64, [1, 2, 3, 17, 9]
     x = concentrated((sum(lens) + 2,), dim, seed=11).to(DEV, dtype)
     w = weight_of(dim, dtype)
-    assert rmsnorm_module._fwd_config(x.shape[0], dim, x.element_size(), x.device, stats=True).deep_prefetch
-    assert rmsnorm_module._vector_aligned(x, w)
+    cfg = rmsnorm_module._fwd_config(x.shape[0], dim, x.element_size(), x.device, stats=True)
+    assert cfg.block_t == 1
+    assert cfg.num_warps == rmsnorm_module._fwd_config(x.shape[0], dim, x.element_size(), x.device, False).num_warps
     cu = cu_of(lens)
     off = torch.tensor([[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 11, 16], [0, 4, 9]], dtype=torch.int32, device=DEV)
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)

@@ -36,16 +36,17 @@ PTXAS = next(
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
 
 
-def compile_ptx(fn, signature: dict, constexprs: dict, target, num_warps: int) -> str:
+def compile_ptx(fn, signature: dict, constexprs: dict, target, num_warps: int, maxnreg: int | None = None) -> str:
     """PTX of ``fn``. Runtime arguments named in ``constexprs["__aligned__"]`` (if present; popped) get the hint a
-    launch gives pointers and integers divisible by 16; all others none (the worst case for registers)."""
+    launch gives pointers and integers divisible by 16; all others none (the worst case for registers). ``maxnreg``:
+    the launch option that caps registers per thread."""
     constexprs = dict(constexprs)
     aligned = constexprs.pop("__aligned__", ())
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=target,
-                            options={"num_warps": num_warps})
+                            options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
     return kernel.asm["ptx"]
 
 
@@ -113,21 +114,15 @@ def _rmsnorm_angle_cases():
         configs = {(M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats), stats)
                    for dim in RMSNORM_DIMS for stats in (False, True)}
         for cfg, stats in sorted(configs):
-            # without alignment hints (the worst case for registers: scalar loads), and the deep prefetch, which the
-            # launcher enables for 16-byte aligned rows only (M._vector_aligned), with the hints such a launch gets
-            for deep in (False, True) if stats and cfg.deep_prefetch else (False,):
-                kind = "rows" if cfg.rows else "sliced"
-                yield (
-                    f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}{'-deep' if deep else ''}-T{cfg.block_t}"
-                    f"-BD{cfg.block_d}-W{cfg.num_warps}",
-                    M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel,
-                    {k: v.format(dt=dt) for k, v in fwd_sig.items()},
-                    dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, DEEP_PREFETCH=deep,
-                         RSQRT_INV=True,
-                         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
-                         __aligned__=("x_ptr", "w_ptr", "y_ptr", "stride_r", "D") if deep else ()),
-                    cfg.num_warps,
-                )
+            kind = "rows" if cfg.rows else "sliced"
+            yield (
+                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}",
+                M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel,
+                {k: v.format(dt=dt) for k, v in fwd_sig.items()},
+                dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
+                     BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d),
+                cfg.num_warps,
+            )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
             kind = "blocked" if cfg.blocked else "rows"
             yield (
