@@ -51,6 +51,7 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str]
     sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
     consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True,
                   JOINT_SUMS=M._JOINT_SUMS is not False, RSQRT_INV=M._RSQRT_INV is not False,
+                  RSQRT_RSTD=M._RSQRT_RSTD is not False,
                   BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                   __aligned__=[k for k, v in sig.items() if v.startswith("*") or k in ("stride_r", "D")])
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)

@@ -164,6 +164,32 @@ def test_inverse_norm_forms(packed, fwd_kernel, dtype, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rstd_forms(packed, fwd_kernel, dtype, monkeypatch):
+    """rstd as sum(x²) * (1 / D) through the hardware rsqrt (compiled default, PyTorch's CUDA form) and as the IEEE
+    division, square root and reciprocal (interpreter default): y within one rounding step of the reference and of
+    each other, the statistics those of each y, the gradients through the saved rstd those of the reference."""
+    x = packed["x"].to(dtype).requires_grad_(True)
+    w = weight_of(DIM, dtype).requires_grad_(True)
+    dy = concentrated((x.shape[0],), DIM, seed=5).to(DEV, dtype)
+    y_ref = rmsnorm_reference(x, w, EPS)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, w), dy)
+    out = {}
+    for rsqrt in (False, True):
+        monkeypatch.setattr(rmsnorm_module, "_RSQRT_RSTD", rsqrt)
+        y, stats = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+        torch.testing.assert_close(y, y_ref, **ulp_tol(dtype))
+        assert_stats_close(stats, angle_stats_reference(y.detach(), packed["cu"], packed["off"]))
+        assert torch.equal(y, rmsnorm_angle(x, w, EPS)[0])  # the bare kernel, same form
+        gx, gw = torch.autograd.grad(y, (x, w), dy)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(gx, gx_ref, **tol)
+        torch.testing.assert_close(gw.float(), gw_ref.float(), rtol=tol["rtol"],
+                                   atol=tol["atol"] * float(gw_ref.abs().max()))
+        out[rsqrt] = y
+    torch.testing.assert_close(out[True], out[False], **ulp_tol(dtype))
+
+
 def test_register_cap(packed, monkeypatch):
     """A register cap for the one-row steps with statistics (``_ROWS_STATS_MAXNREG``, a launch option of the compiled
     kernel; the interpreter ignores it) leaves every output as it was."""

@@ -91,8 +91,9 @@ def _angle_cases():
 
 # D values whose launch configs the RMSNorm cases lower: the forward holds whole rows in registers up to
 # next_pow2(D) = 8192 and loops over 64-wide column slices beyond; the backward switches from whole rows
-# (D <= 4096) to two passes over column slices (any D)
-RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 8192, 16384)
+# (D <= 4096) to two passes over column slices (any D). The forward lowers D % 16 == 0 (every model width) with
+# the vector hints of a contiguous launch and 40, 4104 and 16392 without (scalar loads, masks per element)
+RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 8192, 16384, 16392)
 
 
 # runtime arguments of the fused forward kernels ({dt}: x's Triton type); bench/fused_static.py lowers them too
@@ -111,16 +112,19 @@ def _rmsnorm_angle_cases():
     fwd_sig = RMSNORM_FWD_SIG
     for dt in ("fp32", "bf16"):
         size = 4 if dt == "fp32" else 2
-        configs = {(M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats), stats)
+        # each D as a contiguous input of that D launches it: 16-byte vector hints where D % 16 == 0
+        configs = {(M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats), stats, dim % 16 == 0)
                    for dim in RMSNORM_DIMS for stats in (False, True)}
-        for cfg, stats in sorted(configs):
+        for cfg, stats, aligned in sorted(configs):
             kind = "rows" if cfg.rows else "sliced"
+            sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
+            hints = [k for k, v in sig.items() if v.startswith("*") or k in ("stride_r", "D")] if aligned else []
             yield (
-                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}",
-                M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel,
-                {k: v.format(dt=dt) for k, v in fwd_sig.items()},
+                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}"
+                f"-{'aligned' if aligned else 'unaligned'}",
+                M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
                 dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                     BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d),
+                     RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, __aligned__=hints),
                 cfg.num_warps,
             )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
