@@ -33,7 +33,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_triton_compile import PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, ptxas_report  # noqa: E402
+from test_triton_compile import (  # noqa: E402
+    PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, contiguous_launch_hints, ptxas_report,
+)
 
 from fused_variants import VARIANTS, overridden  # noqa: E402
 
@@ -53,7 +55,7 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str]
                   JOINT_SUMS=M._JOINT_SUMS is not False, RSQRT_INV=M._RSQRT_INV is not False,
                   RSQRT_RSTD=M._RSQRT_RSTD is not False,
                   BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
-                  __aligned__=[k for k, v in sig.items() if v.startswith("*") or k in ("stride_r", "D")])
+                  __aligned__=contiguous_launch_hints(sig))
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)
     return ptx, ptxas_report(ptx, arch)
 

@@ -166,9 +166,10 @@ def test_inverse_norm_forms(packed, fwd_kernel, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rstd_forms(packed, fwd_kernel, dtype, monkeypatch):
-    """rstd as sum(x²) * (1 / D) through the hardware rsqrt (compiled default, PyTorch's CUDA form) and as the IEEE
-    division, square root and reciprocal (interpreter default): y within one rounding step of the reference and of
-    each other, the statistics those of each y, the gradients through the saved rstd those of the reference."""
+    """rstd = rsqrt(sum(x²) / D + eps) by the hardware rsqrt (compiled default, as torch.rsqrt on CUDA) and by the
+    IEEE square root and reciprocal (interpreter default): y within one rounding step of the reference and of each
+    other and bitwise the bare kernel's, the statistics those of each y, the gradients through the saved rstd those
+    of the reference."""
     x = packed["x"].to(dtype).requires_grad_(True)
     w = weight_of(DIM, dtype).requires_grad_(True)
     dy = concentrated((x.shape[0],), DIM, seed=5).to(DEV, dtype)
