@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_angle_bench import make_input, sync  # noqa: E402
+from run_angle_bench import make_input, parse_shape, sync  # noqa: E402
 
 from gainrl_kernels import angle_concentration, angle_stats, whole_sequence_offsets  # noqa: E402
 from gainrl_kernels.naive import released_causal_angle  # noqa: E402
@@ -52,13 +52,14 @@ def per_call(fn: Callable[[], object], device: str, reps: int, sync_each: bool) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default="1x256x896", help="B x L x D")
+    p.add_argument("--shape", type=parse_shape, default="1x256x896", help="B x L x D")
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: steadier host timings)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    batch, length, dim = (int(v) for v in args.shape.lower().split("x"))
+    batch, length, dim = args.shape
+    shape = f"{batch}x{length}x{dim}"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     hidden, cu = make_input(batch, length, dim, dtype, args.device)
     stats = angle_stats(hidden, cu, validate_values=False)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "released": lambda: released_causal_angle(hidden, cu),
     }
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"device: {device_name}, B x L x D = {args.shape}, {dtype}")
+    print(f"device: {device_name}, B x L x D = {shape}, {dtype}")
     print("| call | latency (µs) | throughput (µs per call) |")
     print("|---|---|---|")
     rows = []
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(device=device_name, shape=args.shape, dtype=str(dtype), rows=rows,
+        args.out.write_text(json.dumps(dict(device=device_name, shape=shape, dtype=str(dtype), rows=rows,
                                             command=" ".join(["python"] + sys.argv)), indent=1))
     return 0
 

@@ -34,7 +34,7 @@ import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_triton_compile import (  # noqa: E402
-    PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, contiguous_launch_hints, ptxas_report,
+    PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, contiguous_launch_hints,
 )
 
 from fused_variants import VARIANTS, overridden  # noqa: E402
@@ -46,9 +46,9 @@ NVDISASM = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
 
 
-def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str]:
-    """(PTX, ptxas report) of the forward kernel for one config as a CUDA launch compiles it (the module's knobs,
-    a real launch's divisibility hints, the config's register cap)."""
+def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str, Optional[str]]:
+    """(PTX, ptxas report, SASS or None without Triton's nvdisasm) of the forward kernel for one config as a CUDA
+    launch compiles it (the module's knobs, a real launch's divisibility hints, the config's register cap)."""
     fn = M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel
     sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
     consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True,
@@ -57,7 +57,15 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str]
                   BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                   __aligned__=contiguous_launch_hints(sig))
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)
-    return ptx, ptxas_report(ptx, arch)
+    with tempfile.TemporaryDirectory() as tmp:  # one ptxas run: the -v report and the cubin nvdisasm reads
+        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        src.write_text(ptx)
+        res = subprocess.run([str(PTXAS), f"-arch={arch}", "-v", str(src), "-o", str(cubin)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        sass = (subprocess.run([str(NVDISASM), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+                if NVDISASM.exists() else None)
+    return ptx, res.stderr, sass
 
 
 def programs_per_sm(regs: int, warps: int) -> int:
@@ -78,16 +86,11 @@ def loops(ptx: str) -> list[dict]:
     return out
 
 
-def sass_loop_instructions(ptx: str, arch: str) -> Optional[int]:
-    """Machine instructions (SASS, per thread) in the main loop of ``ptx`` assembled for ``arch``: the loop (backward
-    branch) with the most global loads and barriers. None where Triton ships no nvdisasm."""
-    if not NVDISASM.exists():
+def sass_loop_instructions(sass: Optional[str]) -> Optional[int]:
+    """Machine instructions (per thread) in the main loop of disassembled ``sass``: the loop (backward branch) with
+    the most global loads and barriers. None without SASS (no nvdisasm)."""
+    if sass is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
-        src.write_text(ptx)
-        subprocess.run([str(PTXAS), f"-arch={arch}", str(src), "-o", str(cubin)], check=True, capture_output=True)
-        sass = subprocess.run([str(NVDISASM), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
     ins: list[tuple[int, str]] = []
     labels: dict[str, int] = {}
     pending: list[str] = []
@@ -140,7 +143,7 @@ def table(args: argparse.Namespace) -> list[dict]:
         for dim in args.dims:
             for stats in (False, True):
                 cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats)
-                ptx, report = lower(cfg, dt, stats, args.arch)
+                ptx, report, sass = lower(cfg, dt, stats, args.arch)
                 regs = int(re.search(r"Used (\d+) registers", report).group(1))
                 spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
                 # the main loop: the one-row loop of a segment chunk with statistics, the only loop without
@@ -149,7 +152,7 @@ def table(args: argparse.Namespace) -> list[dict]:
                            kernel="fused" if stats else "bare", registers=regs, spill_bytes=spill,
                            programs_per_sm=programs_per_sm(regs, cfg.num_warps), maxnreg=cfg.maxnreg,
                            loop_bar_sync=main["bar.sync"], loop_loads=main["ld.global"],
-                           loop_stores=main["st.global"], sass_per_step=sass_loop_instructions(ptx, args.arch))
+                           loop_stores=main["st.global"], sass_per_step=sass_loop_instructions(sass))
                 # issue slots a row costs an SM (the schedulers issue one warp instruction each per cycle)
                 row["warp_instructions_per_row"] = (None if row["sass_per_step"] is None
                                                     else row["sass_per_step"] * cfg.num_warps // cfg.block_t)

@@ -20,17 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_angle_bench import make_input  # noqa: E402
+from run_angle_bench import make_input, parse_shape  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
-
-
-def parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        batch, length, dim = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BxLxD, e.g. 64x4096x4096, got {text!r}") from None
-    return batch, length, dim
 
 
 def main(argv: list[str] | None = None) -> int:

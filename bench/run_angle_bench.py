@@ -76,6 +76,15 @@ def peak_bytes(fn, device: str) -> int:
     return peak
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"BxLxD" (e.g. 64x4096x4096) -> (B, L, D); an argparse ``type``."""
+    try:
+        batch, length, dim = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BxLxD, e.g. 64x4096x4096, got {text!r}") from None
+    return batch, length, dim
+
+
 def make_input(batch: int, length: int, dim: int, dtype: torch.dtype, device: str):
     g = torch.Generator(device=device).manual_seed(0)
     base = torch.randn(dim, device=device, generator=g)
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--grid", default=None, choices=sorted(GRIDS), help="default: full on CUDA, cpu on CPU")
-    p.add_argument("--cases", nargs="*", default=None, help="BxLxD cases instead of a grid, e.g. 8x2048x896")
+    p.add_argument("--cases", nargs="*", type=parse_shape, default=None, help="BxLxD cases instead of a grid, e.g. 8x2048x896")
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--min-time", type=float, default=0.5)
     p.add_argument("--max-reps", type=int, default=50)
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_released_flop = args.max_released_flop or (1e15 if cuda else 7e10)
     args.max_temp_gb = args.max_temp_gb or (40 if cuda else 4)
     if args.cases:
-        cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases]
+        cases = args.cases
     else:
         grid = GRIDS[args.grid or ("full" if cuda else "cpu")]
         cases = [HEADLINE] + [(b, l, d) for b in grid["batch"] for l in grid["length"] for d in grid["dim"]]

@@ -6,7 +6,8 @@ RMSNorm (HF ``LlamaRMSNorm`` semantics, computed in fp32):
     n = x.float() * rsqrt(mean(x.float()², -1) + eps);   y = (weight.float() * n.to(x.dtype).float()).to(x.dtype)
 When ``weight.dtype == x.dtype`` this is bit-for-bit HF's ``weight * n.to(input_dtype)`` (a 16-bit product is computed
 in fp32 and rounded once). HF would return fp32 for an fp32 weight and a 16-bit ``x`` (type promotion); here ``y``
-always has ``x``'s dtype and shape.
+always has ``x``'s dtype and shape. Compiled, rsqrt is the hardware's (as ``torch.rsqrt`` on CUDA); the
+interpreter uses the IEEE square root and reciprocal (``_rstd``).
 
 Statistics (DESIGN.md §1, same definitions and types as ``angle_stats``) are of **y as the model sees it**, i.e.
 after the cast to ``x.dtype``: ``u_t = y_t / max(||y_t||, 1e-12)`` with the norm taken in fp32 of the rounded
@@ -341,7 +342,8 @@ def _row_sums3(a, b, c, JOINT: tl.constexpr):
 def _inv_norm(sq, RSQRT: tl.constexpr):
     """1 / max(sqrt(sq), 1e-12) for row sums of squares ``sq`` (fp32). RSQRT: the hardware's approximate reciprocal
     square root (one instruction, relative error below 2**-22, on a clamp that keeps it off denormals), else the
-    IEEE square root and division (a software sequence with a slow path: 15-22 more instructions a row step)."""
+    IEEE square root and division (a software sequence with a slow path: 29 more instructions per thread and row step
+    at D = 4096 bf16, ``bench/fused_static.py --variant exact_inverse_norm``)."""
     if RSQRT:
         return tl.math.rsqrt(tl.maximum(sq, 1e-24))
     else:
@@ -741,7 +743,8 @@ _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced fo
 # sums a stacked tensor in another order than tl.sum)
 _JOINT_SUMS: Optional[bool] = None
 # 1 / ||y_t|| of the statistics by the hardware's rsqrt rather than an IEEE square root and division (_inv_norm):
-# 15-22 fewer machine instructions per thread and row step (bench/fused_static.py). None = in compiled code only
+# 285 against 314 machine instructions per thread and row step at D = 4096 bf16 (bench/fused_static.py, variant
+# exact_inverse_norm). None = in compiled code only
 # (the interpreter keeps the IEEE form); True / False force either form (tests, bench/fused_variants.py)
 _RSQRT_INV: Optional[bool] = None
 # rstd = rsqrt(mean(x²) + eps) by the hardware's rsqrt, as torch.rsqrt in HF's RMSNorm on CUDA, rather than an IEEE
