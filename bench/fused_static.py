@@ -142,7 +142,8 @@ def table(args: argparse.Namespace) -> list[dict]:
     for dt, (_, size) in DTYPES.items():
         for dim in args.dims:
             for stats in (False, True):
-                cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats)
+                cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats,
+                                    capability=TARGETS[args.arch].arch // 10)
                 ptx, report, sass = lower(cfg, dt, stats, args.arch)
                 regs = int(re.search(r"Used (\d+) registers", report).group(1))
                 spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))

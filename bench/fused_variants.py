@@ -28,18 +28,21 @@ from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 VARIANTS: dict[str, dict] = {
     "default": {},
     # not yet timed on a GPU (see README): first, so that a run cut short by its time cap still has them
+    "8_warps_at_4096": {"_ROWS_STATS_REGISTER_CAP": {}},  # no register cap: the statistics' warp rule everywhere
+    "4_warps_160_registers": {"_ROWS_STATS_REGISTER_CAP": {(9, 4096, 2): (4, 160)}},  # 3 per SM, fewer spare regs
+    "bare_chunk_32": {"_BARE_MAX_CHUNK": 32},  # the bare kernel's rows per program (the fused one keeps 128)
+    "bare_chunk_8": {"_BARE_MAX_CHUNK": 8},
+    "bare_chunk_1": {"_BARE_MAX_CHUNK": 1},  # one row per program, as Inductor's RMSNorm
     "exact_rstd": {"_RSQRT_RSTD": False},  # rstd by IEEE sqrt and reciprocal (bare and fused), not the hardware rsqrt
     "exact_inverse_norm": {"_RSQRT_INV": False},  # 1 / ||y_t|| by IEEE sqrt and division, not the hardware rsqrt
-    # 4 warps capped at 168 registers: 3 programs per SM at D = 4096 (sm_90a, no spills), fewer instructions a row
-    "4_warps_168_registers": {"_ROWS_STATS_VALUES_PER_THREAD": 32, "_ROWS_STATS_MIN_WARPS": (1 << 30, 4),
-                              "_ROWS_STATS_MAXNREG": 168},
     "row_tiles": {"_ROWS_ONE_ROW_MIN_D": 1 << 30},  # 2-D row tiles with the shifted reload of row t+1
     "row_tiles_2048": {"_ROWS_ONE_ROW_MIN_D": 1 << 30, "_ROWS_TILE": 2048},
-    # warps of a one-row step with statistics (the bare kernel keeps its own rule, _ROWS_BYTES_PER_THREAD)
-    "32_values_per_thread": {"_ROWS_STATS_VALUES_PER_THREAD": 32, "_ROWS_STATS_MIN_WARPS": (1 << 30, 4)},
-    "8_values_per_thread": {"_ROWS_STATS_VALUES_PER_THREAD": 8},
-    "4_warps_at_2048": {"_ROWS_STATS_MIN_WARPS": (1 << 30, 4)},
-    "up_to_32_warps": {"_ROWS_MAX_WARPS": 32},
+    # warps of a one-row step with statistics, uncapped (the bare kernel keeps its own rule, _ROWS_BYTES_PER_THREAD)
+    "32_values_per_thread": {"_ROWS_STATS_VALUES_PER_THREAD": 32, "_ROWS_STATS_MIN_WARPS": (1 << 30, 4),
+                             "_ROWS_STATS_REGISTER_CAP": {}},
+    "8_values_per_thread": {"_ROWS_STATS_VALUES_PER_THREAD": 8, "_ROWS_STATS_REGISTER_CAP": {}},
+    "4_warps_at_2048": {"_ROWS_STATS_MIN_WARPS": (1 << 30, 4), "_ROWS_STATS_REGISTER_CAP": {}},
+    "up_to_32_warps": {"_ROWS_MAX_WARPS": 32, "_ROWS_STATS_REGISTER_CAP": {}},
     "bare_16_values_per_thread": {"_ROWS_BYTES_PER_THREAD": 32},  # the bare kernel at the statistics' warps
     "separate_sums": {"_JOINT_SUMS": False},  # three block reductions per row instead of one
     "serial_reduce": {"_REDUCE_TILE": (1, 256)},  # the reduce kernel loads one chunk per step

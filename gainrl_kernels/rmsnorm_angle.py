@@ -730,14 +730,17 @@ _ROWS_BYTES_PER_THREAD = 64
 # at 4096 was slower, 2.059 ms)
 _ROWS_STATS_VALUES_PER_THREAD = 16
 _ROWS_STATS_MIN_WARPS = (2048, 8)  # (from this BLOCK_D on, at least this many warps)
-# register cap (ptxas .maxnreg) of one-row steps with statistics, None: ptxas decides. E.g. 168 fits 4 warps at
-# BLOCK_D = 4096 bf16 (32 values per thread) into 3 programs per SM without spills at sm_90a (sm_80 spills): 1940
-# warp instructions per row against 2280 at the default 8 warps (variant 4_warps_168_registers; untimed)
-_ROWS_STATS_MAXNREG: Optional[int] = None
+# one-row steps with statistics under a register cap: (compute capability major, BLOCK_D, bytes per element of x)
+# -> (warps, ptxas .maxnreg). At BLOCK_D = 4096, 16-bit, sm_90: 4 warps at 168 registers hold the row in 32 values
+# per thread with 3 programs (12 warps) per SM; the 8 uncapped warps of the rule above fit 2 (16 warps) and issue
+# 2280 against 1940 warp instructions a row (bench/fused_static.py). H100, 64x4096x4096 bf16: fused 1.629 -> 1.590
+# ms (variant 8_warps_at_4096 = without the cap). Not on sm_80 (64 bytes of spills) nor for fp32 (88 at sm_90a)
+_ROWS_STATS_REGISTER_CAP: dict[tuple[int, int, int], tuple[int, int]] = {(9, 4096, 2): (4, 168)}
 _ROWS_MAX_WARPS = 16
 _PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
 _MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x
+_BARE_MAX_CHUNK = 128  # ... and without statistics (no partial row)
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
 # sums a stacked tensor in another order than tl.sum)
@@ -765,26 +768,45 @@ class _FwdConfig(NamedTuple):
     maxnreg: Optional[int] = None  # register cap of the compiled kernel (None: ptxas decides)
 
 
-def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool) -> _FwdConfig:
+def _capability_major(device: torch.device) -> int:
+    """Compute capability major of a CUDA ``device`` (9 on H100 / H200), 0 for any other device."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+
+
+def _vector_aligned(x2d: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    """Whether a launch on the [R, D] rows ``x2d`` (and ``weight``) compiles 16-byte vector loads: Triton
+    specialises pointers that are 16-byte aligned and integers (D, the row stride) divisible by 16. Host-side
+    values only (no sync)."""
+    return (x2d.shape[1] % 16 == 0 and x2d.stride(0) % 16 == 0 and x2d.data_ptr() % 16 == 0
+            and (weight is None or weight.data_ptr() % 16 == 0))
+
+
+def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool,
+                capability: Optional[int] = None, aligned: bool = True) -> _FwdConfig:
     """Tile rules of the forward (tests/test_triton_compile.py lowers these), with or without the statistics. The
     chunk shrinks (to BLOCK_T at least) until there are about four programs per multiprocessor, so small batches
-    still fill the GPU."""
+    still fill the GPU. ``capability``: the compute capability major the rules assume (default: ``device``'s);
+    ``aligned``: the launch compiles vector loads (``_vector_aligned``), else no register cap (scalar loads take
+    more registers: a capped row of 4096 would spill ~400-500 bytes)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d > _ROWS_MAX_BLOCK_D:
         block_t, block_d, warps = _SLICED_TILE
         return _FwdConfig(False, block_t, block_t, block_d, warps)
     block_t = 1 if block_d >= _ROWS_ONE_ROW_MIN_D else max(1, min(16, _ROWS_TILE // block_d))
     target = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
-    chunk = _MAX_CHUNK
+    chunk = _MAX_CHUNK if stats else _BARE_MAX_CHUNK
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
+    maxnreg = None
     if stats and block_t == 1:
         min_d, min_warps = _ROWS_STATS_MIN_WARPS
         warps = max(block_d // (32 * _ROWS_STATS_VALUES_PER_THREAD), min_warps if block_d >= min_d else 4)
+        cap_key = (_capability_major(device) if capability is None else capability, block_d, elem_size)
+        if aligned:
+            warps, maxnreg = _ROWS_STATS_REGISTER_CAP.get(cap_key, (warps, None))
     else:
         warps = block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)
     warps = min(_ROWS_MAX_WARPS, max(4, warps))
-    maxnreg = _ROWS_STATS_MAXNREG if stats and block_t == 1 else None
     return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg)
 
 
@@ -818,19 +840,20 @@ def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Pla
 
 
 def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
-                token_index: Optional[torch.Tensor]) -> _Plan:
+                token_index: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None) -> _Plan:
     """Work list over the [R, D] rows of ``x2d``. Regions in row order, per sequence b: gap (rows in no sequence),
     [0, o_0), the K segments [o_k, o_k+1), [o_K, len_b); then the gap after the last sequence. Each region is cut
     into chunks of cfg.chunk rows, one per program of a grid of static size cdiv(rows, chunk) + B (K + 3) + 1 (a
     bound: spare programs get 0 rows); only segment chunks collect statistics. Built on the device by
-    ``_plan_kernel`` (one launch, no host sync)."""
+    ``_plan_kernel`` (one launch, no host sync). ``weight``: the [D] weight the forward reads (its alignment picks
+    the launch shape)."""
     dev = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
     nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
     if batch * nseg == 0:
         return _plain_plan(x2d, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
     rows, dim = x2d.shape
-    cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True)
+    cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
@@ -983,7 +1006,7 @@ def rmsnorm_angle(
         x2d = x2d.contiguous()
     stats = cu_seqlens is not None
     if stats:
-        plan = _stats_plan(x2d, cu_seqlens, seg_offsets, token_index)
+        plan = _stats_plan(x2d, cu_seqlens, seg_offsets, token_index, weight)
     else:
         plan = _plain_plan(x2d)
     y, unit_sum, count, sq_norm, adjacent = _RMSNormAngleFn.apply(x2d, weight, float(eps), plan, stats)

@@ -191,20 +191,67 @@ def test_rstd_forms(packed, fwd_kernel, dtype, monkeypatch):
     torch.testing.assert_close(out[True], out[False], **ulp_tol(dtype))
 
 
-def test_register_cap(packed, monkeypatch):
-    """A register cap for the one-row steps with statistics (``_ROWS_STATS_MAXNREG``, a launch option of the compiled
-    kernel; the interpreter ignores it) leaves every output as it was."""
+def test_register_cap(monkeypatch):
+    """A register cap on the one-row steps with statistics (``_ROWS_STATS_REGISTER_CAP``: warps and ptxas .maxnreg
+    per (compute capability, BLOCK_D, element size); the interpreter ignores the cap) leaves every output as it was.
+    It applies only where the launch compiles vector loads (``_vector_aligned``): 16-byte aligned x and weight, D
+    and the row stride divisible by 16."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
-    x = packed["x"].to(torch.bfloat16)
-    w = weight_of(DIM, torch.bfloat16)
-    y0, s0 = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
-    monkeypatch.setattr(rmsnorm_module, "_ROWS_STATS_MAXNREG", 168)
-    assert rmsnorm_module._fwd_config(x.shape[0], DIM, 2, x.device, stats=True).maxnreg == 168
-    assert rmsnorm_module._fwd_config(x.shape[0], DIM, 2, x.device, stats=False).maxnreg is None
-    y1, s1 = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])
+    dim, lens = 64, [3, 17, 1, 9]
+    x = concentrated((sum(lens) + 1,), dim, seed=5).to(DEV, torch.bfloat16)
+    w = weight_of(dim, torch.bfloat16)
+    cu = cu_of(lens)
+    off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 4, 9]], dtype=torch.int32, device=DEV)
+    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
+    cc = rmsnorm_module._capability_major(x.device)
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_STATS_REGISTER_CAP", {(cc, dim, 2): (4, 168)})
+    cfg = rmsnorm_module._stats_plan(x, cu, off, None, w).cfg
+    assert (cfg.num_warps, cfg.maxnreg) == (4, 168)
+    assert rmsnorm_module._plain_plan(x).cfg.maxnreg is None  # the bare kernel: never capped
+    y1, s1 = rmsnorm_angle(x, w, EPS, cu, off)
     assert torch.equal(y0, y1)
     for a, b in zip(s0, s1):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # no cap: another compute capability or element size, or a launch with scalar loads
+    assert rmsnorm_module._fwd_config(64, dim, 2, x.device, True, capability=cc + 1).maxnreg is None
+    assert rmsnorm_module._fwd_config(64, dim, 4, x.device, True).maxnreg is None
+    flat = torch.cat([x.new_zeros(1), x.flatten()])
+    shifted = flat[1:].view_as(x)  # 2 bytes past a 16-byte boundary
+    strided = torch.cat([x, x[:, :8]], dim=1)[:, :dim]  # row stride 72
+    for xv, wv in ((shifted, w), (strided, w), (x, torch.cat([w.new_zeros(1), w])[1:])):
+        assert not rmsnorm_module._vector_aligned(xv, wv)
+        assert rmsnorm_module._stats_plan(xv, cu, off, None, wv).cfg.maxnreg is None
+        y2, s2 = rmsnorm_angle(xv, wv, EPS, cu, off)
+        # compiled scalar loads may contract to FMAs differently: one rounding step of slack
+        torch.testing.assert_close(y2, y0, **ulp_tol(torch.bfloat16))
+        for a, b in zip(s2, s0):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="needs a GPU: the compiled launch shapes of model widths")
+@pytest.mark.parametrize("dim", [896, 2048, 3584, 4096, 5120])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_model_widths_compiled(dim, dtype):
+    """Model widths at their default launch shapes on a GPU (e.g. the register-capped 4 warps of a 16-bit row of
+    4096 on sm_90; 8 or 16 warps elsewhere): y, statistics and gradients against the float64 reference, ragged
+    sequences with an empty and a length-1 one, segments cut off the chunk grid."""
+    lens = [1, 0, 300, 77, 513]
+    x = concentrated((sum(lens) + 2,), dim, seed=3).to(DEV, dtype).requires_grad_(True)
+    w = weight_of(dim, dtype).requires_grad_(True)
+    cu = cu_of(lens)
+    off = torch.tensor([[0, 0, 1], [0, 0, 0], [5, 150, 299], [0, 1, 77], [2, 257, 400]], dtype=torch.int32,
+                       device=DEV)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    y_ref = rmsnorm_reference(x.detach(), w.detach(), EPS)
+    torch.testing.assert_close(y, y_ref, **ulp_tol(dtype))
+    assert_stats_close(stats, angle_stats_reference(y.detach(), cu, off), atol=1e-4)
+    dy = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    xr, wr = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    gx_ref, gw_ref = torch.autograd.grad(rmsnorm_reference(xr, wr, EPS), (xr, wr), dy.double())
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx.double(), gx_ref, **tol)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=tol["rtol"], atol=tol["atol"] * float(gw_ref.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

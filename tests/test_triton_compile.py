@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import pytest
 
@@ -50,6 +51,19 @@ def compile_ptx(fn, signature: dict, constexprs: dict, target, num_warps: int, m
     return kernel.asm["ptx"]
 
 
+class Case(NamedTuple):
+    """One kernel lowering: the kernel, its runtime signature, constexprs, warps, register cap (``maxnreg``) and the
+    targets (keys of TARGETS; None: all) whose launch uses this config."""
+
+    name: str
+    fn: Callable
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    maxnreg: Optional[int] = None
+    archs: Optional[tuple[str, ...]] = None
+
+
 def ptxas_report(ptx: str, arch: str) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
@@ -68,20 +82,20 @@ def _angle_cases():
     for dt in ("fp32", "bf16"):  # fp16 lowers like bf16
         for dim in (896, 4096, 8192):
             block_t, block_d, warps = A._tile_config(dim)
-            yield (
+            yield Case(
                 f"angle_chunk-{dt}-D{dim}", A._chunk_kernel,
                 dict(x_ptr=f"*{dt}", stride_t=i32, stride_d=i32, dim=i32, chunk=i32, n_total=i32, search_steps=i32,
                      seg_lo_ptr="*i32", seg_hi_ptr="*i32", span_hi_ptr="*i32", chunk_start_ptr="*i32",
                      part_sum_ptr="*fp32", part_sq_ptr="*fp32", part_adj_ptr="*fp32"),
                 dict(BLOCK_T=block_t, BLOCK_D=block_d), warps,
             )
-    yield (
+    yield Case(
         "angle_prep", A._segment_prep_kernel,
         dict(cu_ptr="*i32", off_ptr="*i32", n_tokens=i32, n_seq=i32, n_seg=i32, chunk=i32, seg_lo_ptr="*i32",
              seg_hi_ptr="*i32", span_hi_ptr="*i32", count_ptr="*i32", chunk_start_ptr="*i32"),
         dict(BLOCK=1024), 4,
     )
-    yield (
+    yield Case(
         "angle_reduce", A._reduce_kernel,
         dict(chunk_start_ptr="*i32", part_sum_ptr="*fp32", part_sq_ptr="*fp32", part_adj_ptr="*fp32", n_slots=i32,
              dim=i32, n_seg=i32, unit_sum_ptr="*fp32", sq_ptr="*fp32", adjacent_ptr="*fp32"),
@@ -118,24 +132,30 @@ def _rmsnorm_angle_cases():
     fwd_sig = RMSNORM_FWD_SIG
     for dt in ("fp32", "bf16"):
         size = 4 if dt == "fp32" else 2
-        # each D as a contiguous input of that D launches it: 16-byte vector hints where D % 16 == 0
-        configs = {(M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats), stats, dim % 16 == 0)
-                   for dim in RMSNORM_DIMS for stats in (False, True)}
-        for cfg, stats, aligned in sorted(configs):
+        # each D as a contiguous input of that D launches it: 16-byte vector hints where D % 16 == 0; the configs
+        # of each target (register caps depend on the compute capability)
+        configs: dict[tuple, list[str]] = {}
+        for arch, target in TARGETS.items():
+            for dim in RMSNORM_DIMS:
+                for stats in (False, True):
+                    cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats, capability=target.arch // 10)
+                    configs.setdefault((cfg, stats, dim % 16 == 0), []).append(arch)
+        for (cfg, stats, aligned), archs in sorted(configs.items(), key=repr):
             kind = "rows" if cfg.rows else "sliced"
             sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
             hints = contiguous_launch_hints(sig) if aligned else []
-            yield (
-                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}"
+            cap = f"-R{cfg.maxnreg}" if cfg.maxnreg else ""
+            yield Case(
+                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}{cap}"
                 f"-{'aligned' if aligned else 'unaligned'}",
                 M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
                 dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
                      RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, __aligned__=hints),
-                cfg.num_warps,
+                cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
             )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
             kind = "blocked" if cfg.blocked else "rows"
-            yield (
+            yield Case(
                 f"rmsnorm_bwd_{kind}-{dt}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}",
                 M._bwd_blocked_kernel if cfg.blocked else M._bwd_kernel,
                 dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", dy_ptr=f"*{dt}", rstd_ptr="*fp32", dx_ptr=f"*{dt}",
@@ -145,7 +165,7 @@ def _rmsnorm_angle_cases():
             )
     # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256)
     for (n_seg, has_off, has_tok), block_b in zip(((1, False, False), (3, True, True)), (16, 256)):
-        yield (
+        yield Case(
             f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}", M._plan_kernel,
             dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
                  grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
@@ -153,7 +173,7 @@ def _rmsnorm_angle_cases():
             dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=M._PLAN_TILE // block_b,
                  BLOCK_I=1024), 4,
         )
-    yield (
+    yield Case(
         "rmsnorm_reduce", M._reduce_kernel,
         dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", seg_lo_ptr="*i32", seg_hi_ptr="*i32",
              unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32"),
@@ -166,7 +186,7 @@ def _pairwise_cases():
 
     for dt, prec, block in (("fp32", "ieee", 32), ("bf16", "tf32", 64)):
         for n_seg, fn in ((1, 0), (3, 2)):
-            yield (
+            yield Case(
                 f"pairwise-{dt}-K{n_seg}-fn{fn}", P._pairwise_kernel,
                 dict(h_ptr=f"*{dt}", inv_ptr="*fp32", cu_ptr="*i32", off_ptr="*i32", item_seq_ptr="*i32",
                      item_tile_ptr="*i32", part_ptr="*fp32", T="i32", D="i32", stride_t="i32", stride_d="i32",
@@ -174,7 +194,7 @@ def _pairwise_cases():
                 dict(K=n_seg, FN=fn, UPCAST=False, PREC=prec, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block,
                      BLOCK_K=max(2, triton.next_power_of_2(n_seg))), 8,
             )
-    yield (
+    yield Case(
         "pairwise_sum", P._sum_items_kernel,
         dict(part_ptr="*fp32", out_ptr="*fp32", item_lo_ptr="*i32", item_hi_ptr="*i32", KK="i32"), dict(BLOCK=16), 4,
     )
@@ -185,7 +205,7 @@ def _concentration_cases():
 
     for n_seg in (1, C.MAX_SEGMENTS):  # the extreme tiles: [2, 2, 1024] and [16, 16, 16]
         block_k, block_d = C.block_sizes(n_seg)
-        yield (
+        yield Case(
             f"concentration-BK{block_k}-BD{block_d}", C._concentration_kernel,
             dict(unit_sum_ptr="*fp32", count_ptr="*i32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", out_ptr="*fp32",
                  B="i32", K="i32", D="i32", inter_weight="fp32"),
@@ -200,12 +220,17 @@ def all_cases():
     yield from _pairwise_cases()
 
 
+def case_archs(case: Case) -> tuple[str, ...]:
+    return case.archs or tuple(TARGETS)
+
+
 def compile_all() -> dict[str, str]:
-    """{case-arch: ptxas report} for every case; run in a process without TRITON_INTERPRET."""
+    """{case-arch: ptxas report} for every case and its targets; run in a process without TRITON_INTERPRET."""
     return {
-        f"{name}-{arch}": ptxas_report(compile_ptx(fn, sig, consts, target, warps), arch)
-        for name, fn, sig, consts, warps in all_cases()
-        for arch, target in TARGETS.items()
+        f"{c.name}-{arch}": ptxas_report(
+            compile_ptx(c.fn, c.signature, c.constexprs, TARGETS[arch], c.num_warps, c.maxnreg), arch)
+        for c in all_cases()
+        for arch in case_archs(c)
     }
 
 
@@ -220,7 +245,7 @@ def reports() -> dict[str, str]:
 
 @pytest.mark.skipif(PTXAS is None, reason="Triton's bundled ptxas not found")
 def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills(reports):
-    expected = {f"{c[0]}-{arch}" for c in all_cases() for arch in TARGETS}
+    expected = {f"{c.name}-{arch}" for c in all_cases() for arch in case_archs(c)}
     assert set(reports) == expected
     for name, report in reports.items():
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
