@@ -740,7 +740,11 @@ _ROWS_MAX_WARPS = 16
 _PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
 _MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x
-_BARE_MAX_CHUNK = 128  # ... and without statistics (no partial row)
+# ... and without statistics (no partial row to amortise): one row (one BLOCK_T step) per program, as Inductor's
+# RMSNorm. H100 bf16, bare kernel against 128 rows per program: 64x4096x4096 1.517 -> 1.440 ms (torch.compile
+# 1.436), 16x4096x5120 0.508 -> 0.446, 16x4096x2048 0.197 -> 0.182, 8x2048x896 0.0275 -> 0.0228 ms
+# (bench/results/fused_variants_h100.json, variants bare_chunk_*)
+_BARE_MAX_CHUNK = 1
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
 # sums a stacked tensor in another order than tl.sum)
