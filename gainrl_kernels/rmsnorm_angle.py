@@ -33,17 +33,19 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     sequence; each region cut into chunks of at most ``chunk`` rows (128, fewer when there are under ~4 chunks
     per multiprocessor), so a chunk lies inside one segment or outside all of them. The grid is the bound
     cdiv(R, chunk) + B (K + 3) + 1; spare programs exit at once. Without statistics there is no work list: the
-    kernels derive consecutive chunks from the program id.
+    kernels derive the rows from the program id, one row (one [BLOCK_T, BLOCK_D] step) per program, as Inductor's
+    RMSNorm does (no partial row to amortise).
   * ``_fwd_rows_kernel`` (next_pow2(D) <= 8192): whole rows in registers, x read once. From BLOCK_D = 1024 on one
     row per step: y_{t-1} stays in registers for the adjacent term, and row t+2 is prefetched while row t is
     computed (a third row in flight gained nothing on an H100 and was removed); with statistics 16 values per
     thread and at least 8 warps from BLOCK_D = 2048 (the step is bound by its dependent chain and instruction
-    issue rather than bandwidth); compiled, ||y_t||², y_t . y_{t-1} and row t+1's sum of squares share one block
-    reduction, so a step has the bare kernel's one shared-memory round, not three (the chunk's last pair reaches
-    the row after the chunk). ``bench/fused_static.py`` reports registers, occupancy, barriers and instructions
-    per step. Narrower rows take [BLOCK_T, BLOCK_D] steps and reload row t+1 shifted by one (cache hits). A
-    segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and the pairs (t, t+1) with t + 1 < o_K into one
-    fp32 partial row + two scalars per chunk.
+    issue rather than bandwidth), but on sm_90 a vector-aligned 16-bit row of BLOCK_D = 4096 takes 4 warps capped
+    at 168 registers (3 programs per SM, ``_ROWS_STATS_REGISTER_CAP``); compiled, ||y_t||², y_t . y_{t-1} and
+    row t+1's sum of squares share one block reduction, so a step has the bare kernel's one shared-memory round,
+    not three (the chunk's last pair reaches the row after the chunk). ``bench/fused_static.py`` reports
+    registers, occupancy, barriers and instructions per step. Narrower rows take [BLOCK_T, BLOCK_D] steps and
+    reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and
+    the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -726,15 +728,16 @@ _ROWS_BYTES_PER_THREAD = 64
 # ... and with statistics: a one-row step's loop is bound by its dependent chain (load, block reduction, rsqrt, the
 # accumulators), not by bandwidth, so more warps share a row: 16 values per thread (8 warps for a bf16 row of 4096),
 # at least 8 warps from BLOCK_D = 2048. H100, bf16, same run: 64x4096x4096 fused 1.708 -> 1.651 ms, 16x4096x2048
-# 0.221 -> 0.217 ms (bench/results/fused_variants_h100.json, variant 32_values_per_thread = the old rule; 16 warps
-# at 4096 was slower, 2.059 ms)
+# 0.221 -> 0.217 ms (bench/results/fused_variants_h100_706eee6.json, variant 32_values_per_thread = the old rule;
+# 16 warps at 4096 was slower, 2.059 ms)
 _ROWS_STATS_VALUES_PER_THREAD = 16
 _ROWS_STATS_MIN_WARPS = (2048, 8)  # (from this BLOCK_D on, at least this many warps)
 # one-row steps with statistics under a register cap: (compute capability major, BLOCK_D, bytes per element of x)
 # -> (warps, ptxas .maxnreg). At BLOCK_D = 4096, 16-bit, sm_90: 4 warps at 168 registers hold the row in 32 values
 # per thread with 3 programs (12 warps) per SM; the 8 uncapped warps of the rule above fit 2 (16 warps) and issue
-# 2280 against 1940 warp instructions a row (bench/fused_static.py). H100, 64x4096x4096 bf16: fused 1.629 -> 1.590
-# ms (variant 8_warps_at_4096 = without the cap). Not on sm_80 (64 bytes of spills) nor for fp32 (88 at sm_90a)
+# 2280 against 1940 warp instructions a row (bench/fused_static.py). H100, 64x4096x4096 bf16: fused 1.631 -> 1.605
+# ms (bench/results/fused_variants_h100.json, variant 8_warps_at_4096 = without the cap). Not on sm_80 (64 bytes of
+# spills) nor for fp32 (88 at sm_90a)
 _ROWS_STATS_REGISTER_CAP: dict[tuple[int, int, int], tuple[int, int]] = {(9, 4096, 2): (4, 168)}
 _ROWS_MAX_WARPS = 16
 _PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step
@@ -743,7 +746,7 @@ _MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chu
 # ... and without statistics (no partial row to amortise): one row (one BLOCK_T step) per program, as Inductor's
 # RMSNorm. H100 bf16, bare kernel against 128 rows per program: 64x4096x4096 1.517 -> 1.440 ms (torch.compile
 # 1.436), 16x4096x5120 0.508 -> 0.446, 16x4096x2048 0.197 -> 0.182, 8x2048x896 0.0275 -> 0.0228 ms
-# (bench/results/fused_variants_h100.json, variants bare_chunk_*)
+# (bench/results/fused_variants_h100_register_cap.json, variants bare_chunk_*; fused_variants_h100.json: today's)
 _BARE_MAX_CHUNK = 1
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
