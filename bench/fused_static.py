@@ -34,7 +34,7 @@ import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_triton_compile import (  # noqa: E402
-    PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, contiguous_launch_hints,
+    PTXAS, RMSNORM_FWD_SIG, TARGETS, compile_ptx, contiguous_launch_hints, ptxas_report,
 )
 
 from fused_variants import VARIANTS, overridden  # noqa: E402
@@ -58,14 +58,11 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str,
                   __aligned__=contiguous_launch_hints(sig))
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)
     with tempfile.TemporaryDirectory() as tmp:  # one ptxas run: the -v report and the cubin nvdisasm reads
-        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
-        src.write_text(ptx)
-        res = subprocess.run([str(PTXAS), f"-arch={arch}", "-v", str(src), "-o", str(cubin)],
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
+        cubin = Path(tmp) / "k.cubin"
+        report = ptxas_report(ptx, arch, cubin)
         sass = (subprocess.run([str(NVDISASM), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
                 if NVDISASM.exists() else None)
-    return ptx, res.stderr, sass
+    return ptx, report, sass
 
 
 def programs_per_sm(regs: int, warps: int) -> int:

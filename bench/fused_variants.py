@@ -27,7 +27,7 @@ from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 # name -> module constants to override (None: the defaults)
 VARIANTS: dict[str, dict] = {
     "default": {},
-    # not yet timed on a GPU (see README): first, so that a run cut short by its time cap still has them
+    # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them
     "8_warps_at_4096": {"_ROWS_STATS_REGISTER_CAP": {}},  # no register cap: the statistics' warp rule everywhere
     "4_warps_160_registers": {"_ROWS_STATS_REGISTER_CAP": {(9, 4096, 2): (4, 160)}},  # 3 per SM, fewer spare regs
     # the bare kernel's rows per program at most (default 1; the fused kernel's stay _MAX_CHUNK = 128)

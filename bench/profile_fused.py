@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.nvtx.range_pop()
     if device == "cuda":
         torch.cuda.synchronize()
-    cfg = M._fwd_config(x.shape[0], dim, x.element_size(), x.device, stats=True)
+    cfg = M._stats_plan(x, cu, None, None, w).cfg  # the launch shape the fused call above used
     print(f"profiled {batch}x{length}x{dim} bf16 on {device}: bare then fused; fused config {cfg}")
     return 0
 

@@ -754,8 +754,8 @@ _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced fo
 _JOINT_SUMS: Optional[bool] = None
 # 1 / ||y_t|| of the statistics by the hardware's rsqrt rather than an IEEE square root and division (_inv_norm):
 # 285 against 314 machine instructions per thread and row step at D = 4096 bf16 (bench/fused_static.py, variant
-# exact_inverse_norm). None = in compiled code only
-# (the interpreter keeps the IEEE form); True / False force either form (tests, bench/fused_variants.py)
+# exact_inverse_norm). None = in compiled code only (the interpreter keeps the IEEE form); True / False force either
+# form (tests, bench/fused_variants.py)
 _RSQRT_INV: Optional[bool] = None
 # rstd = rsqrt(mean(x²) + eps) by the hardware's rsqrt, as torch.rsqrt in HF's RMSNorm on CUDA, rather than an IEEE
 # square root and reciprocal (_rstd), in the bare and the fused kernels alike: 2520 -> 2280 warp instructions a row
@@ -811,9 +811,9 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     if stats and block_t == 1:
         min_d, min_warps = _ROWS_STATS_MIN_WARPS
         warps = max(block_d // (32 * _ROWS_STATS_VALUES_PER_THREAD), min_warps if block_d >= min_d else 4)
-        cap_key = (_capability_major(device) if capability is None else capability, block_d, elem_size)
         if aligned:
-            warps, maxnreg = _ROWS_STATS_REGISTER_CAP.get(cap_key, (warps, None))
+            major = _capability_major(device) if capability is None else capability
+            warps, maxnreg = _ROWS_STATS_REGISTER_CAP.get((major, block_d, elem_size), (warps, None))
     else:
         warps = block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)
     warps = min(_ROWS_MAX_WARPS, max(4, warps))

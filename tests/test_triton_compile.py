@@ -64,11 +64,13 @@ class Case(NamedTuple):
     archs: Optional[tuple[str, ...]] = None
 
 
-def ptxas_report(ptx: str, arch: str) -> str:
+def ptxas_report(ptx: str, arch: str, cubin: Optional[Path] = None) -> str:
+    """ptxas -v's resource report of ``ptx`` for ``arch``; the assembled code goes to ``cubin`` (default nowhere)."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        res = subprocess.run([str(PTXAS), f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        res = subprocess.run([str(PTXAS), f"-arch={arch}", "-v", f.name, "-o", str(cubin or os.devnull)],
+                             capture_output=True, text=True)
     finally:
         os.unlink(f.name)
     assert res.returncode == 0, res.stderr
@@ -138,7 +140,8 @@ def _rmsnorm_angle_cases():
         for arch, target in TARGETS.items():
             for dim in RMSNORM_DIMS:
                 for stats in (False, True):
-                    cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats, capability=target.arch // 10)
+                    cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats, capability=target.arch // 10,
+                                        aligned=dim % 16 == 0)
                     configs.setdefault((cfg, stats, dim % 16 == 0), []).append(arch)
         for (cfg, stats, aligned), archs in sorted(configs.items(), key=repr):
             kind = "rows" if cfg.rows else "sliced"
