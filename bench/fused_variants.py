@@ -6,6 +6,7 @@ kernel, ``ratio_vs_default_bare`` over the first timed variant's (the default's,
 
     python bench/fused_variants.py --out bench/results/fused_variants_<gpu>.json
     python bench/fused_variants.py --smoke     # tiny shapes, any device (checks the script runs)
+    python bench/fused_variants.py --variants prefetch_1,prefetch_2   # these and the default only
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ VARIANTS: dict[str, dict] = {
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them
     "8_warps_at_4096": {"_ROWS_STATS_REGISTER_CAP": {}},  # no register cap: the statistics' warp rule everywhere
     "4_warps_160_registers": {"_ROWS_STATS_REGISTER_CAP": {(9, 4096, 2): (4, 160)}},  # 3 per SM, fewer spare regs
+    # one-row steps with statistics: also an L2 prefetch of the row this many rows past the register-loaded one
+    "prefetch_1": {"_PREFETCH_ROWS": 1},
+    "prefetch_2": {"_PREFETCH_ROWS": 2},
+    "prefetch_4": {"_PREFETCH_ROWS": 4},
     # the bare kernel's rows per program at most (default 1; the fused kernel's stay _MAX_CHUNK = 128)
     "bare_chunk_128": {"_BARE_MAX_CHUNK": 128},
     "bare_chunk_8": {"_BARE_MAX_CHUNK": 8},
@@ -108,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3, help="bare and fused timed alternately this many times (min)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--variants", default="", help="comma list of variant names to run (default: all); 'default' "
+                   "always runs first, the yardstick of ratio_vs_default_bare")
     args = p.parse_args(argv)
+    wanted = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(wanted) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    variants = {k: v for k, v in VARIANTS.items() if not wanted or k == "default" or k in wanted}
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     # the goal shape first: a run cut short by its time cap still answers it
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
             print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | |", flush=True)
             rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
-        for name, settings in VARIANTS.items():
+        for name, settings in variants.items():
             row = dict(B=batch, L=length, D=dim, variant=name)
             try:
                 with overridden(settings):

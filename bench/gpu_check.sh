@@ -236,12 +236,15 @@ grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log
 
 # ---------------------------------------------------------------------------------------------------- 4. benchmarks
 # Launch-shape variants of the fused RMSNorm + angle forward (each checked against the default, CUDA-graph timed).
+# GAINRL_GPU_CHECK_VARIANTS: a comma list of variant names (default all; the default config always runs first).
 if ! want variants; then
     :
 elif [ "$DRY" = 1 ]; then
-    step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --smoke --out "$OUT/fused_variants.json"
+    step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --smoke --out "$OUT/fused_variants.json" \
+        ${GAINRL_GPU_CHECK_VARIANTS:+--variants "$GAINRL_GPU_CHECK_VARIANTS"}
 else
-    step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --out "$OUT/fused_variants.json"
+    step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --out "$OUT/fused_variants.json" \
+        ${GAINRL_GPU_CHECK_VARIANTS:+--variants "$GAINRL_GPU_CHECK_VARIANTS"}
 fi
 if [ -f "$OUT/fused_variants.json" ]; then
     "$PY" - "$OUT/fused_variants.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"

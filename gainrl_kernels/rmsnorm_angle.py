@@ -365,6 +365,17 @@ def _rstd(ss, D, eps, RSQRT: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_row_l2(x_ptr, row, stride_r, D, BLOCK_D: tl.constexpr, ELEM_BITS: tl.constexpr):
+    """Hint the L2 cache to fetch x's row ``row`` (int64 scalar): one ``prefetch.global.L2`` per 128-byte line
+    (threads beyond the line count repeat one; a line already cached costs no DRAM traffic). Nothing waits on it
+    and it holds no registers after it issues, unlike a load into registers. Compiled code only (inline PTX)."""
+    LINE: tl.constexpr = 1024 // ELEM_BITS  # elements per 128-byte line
+    cols = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, D - 1)
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [x_ptr + row * stride_r + cols],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _max_i64(a, b):
     return tl.maximum(a, b)
 
@@ -413,6 +424,7 @@ def _fwd_rows_kernel(
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREFETCH: tl.constexpr = 0,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -422,7 +434,9 @@ def _fwd_rows_kernel(
     (``_row_sums3``) and row t+2 is loaded during step t; past the chunk's end only the row after it is read, for
     the chunk's last pair. BLOCK_T > 1
     (narrow rows): row t+1 of each step is loaded shifted by one (cache hits but for the step's last row).
-    Writes one partial row per chunk.
+    Writes one partial row per chunk. PREFETCH > 0 (one-row steps with statistics, compiled code): step t also hints
+    the L2 to fetch row t + 2 + PREFETCH (``_prefetch_row_l2``), so more of the rows ahead are on their way without
+    holding registers.
     """
     pid = tl.program_id(0)
     row0, nrows = _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS)
@@ -458,6 +472,9 @@ def _fwd_rows_kernel(
                     x_cur = x_next.to(tl.float32)
                     x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
                                      mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0)
+                    if PREFETCH > 0:  # a row further ahead into L2 only (clamped to the rows this program reads)
+                        _prefetch_row_l2(x_ptr, tl.minimum(r + 2 + PREFETCH, load_end - 1).to(tl.int64), stride_r,
+                                         D, BLOCK_D, x_ptr.dtype.element_ty.primitive_bitwidth)
                     # one block reduction per row: ||y_r||², y_r . y_{r-1} (0 on the first row) and the next
                     # row's sum of squares, so its rstd is ready when the next step starts
                     nn, dot, ss = _row_sums3(y * y, y * y_prev, x_cur * x_cur, JOINT_SUMS)
@@ -762,6 +779,12 @@ _RSQRT_INV: Optional[bool] = None
 # of the fused step, 984 -> 888 of the bare one (bf16, D = 4096, sm_90a, bench/fused_static.py; variant exact_rstd
 # the old form). None = in compiled code only; True / False force either form
 _RSQRT_RSTD: Optional[bool] = None
+# one-row steps with statistics: besides the next row, which is loaded into registers a step ahead, hint the L2 to
+# fetch the row this many rows further ahead (0: off; compiled code only). More bytes in flight per program without
+# registers: the capped kernel keeps 3 programs (one row load each) per SM and waits on global loads in a third of
+# its stalls (bench/results/profile_fused_h100_register_cap.txt). Not yet timed on a GPU: variants prefetch_* of
+# bench/fused_variants.py
+_PREFETCH_ROWS = 0
 
 
 class _FwdConfig(NamedTuple):
@@ -911,6 +934,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         RSQRT_INV=x2d.is_cuda if _RSQRT_INV is None else _RSQRT_INV,
         RSQRT_RSTD=x2d.is_cuda if _RSQRT_RSTD is None else _RSQRT_RSTD,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+        **({"PREFETCH": _PREFETCH_ROWS} if cfg.rows and x2d.is_cuda and _PREFETCH_ROWS else {}),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
     if stats:
