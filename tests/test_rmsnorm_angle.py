@@ -517,6 +517,57 @@ def test_stats_not_differentiable(packed):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# torch.library ops and torch.compile
+# ----------------------------------------------------------------------------------------------------------------
+def test_library_ops_opcheck(packed):
+    """The forward and backward ops' schema, fake (meta) and autograd registrations (``torch.library.opcheck``):
+    with statistics (segments, a padded batch through token_index) and without."""
+    x = torch.cat([packed["x"][:14], packed["x"][:14, :8]], dim=1)[:, :DIM]  # row stride 48
+    x = x.to(torch.bfloat16).requires_grad_()
+    w = weight_of(DIM, torch.bfloat16).requires_grad_()
+    mask = torch.ones(2, 7, dtype=torch.long, device=DEV)
+    mask[0, :3] = 0
+    cu_pad, tok = padded_to_cu_seqlens(mask)
+    off = torch.tensor([[0, 1, 4], [2, 2, 6]], dtype=torch.int32, device=DEV)
+    for args in ((x, w, EPS, cu_pad, off, tok), (x, w, EPS, None, None, None)):
+        torch.library.opcheck(torch.ops.gainrl.rmsnorm_angle_fwd.default, args)
+    y, rstd, *_ = torch.ops.gainrl.rmsnorm_angle_fwd(x.detach(), w.detach(), EPS, None, None, None)
+    torch.library.opcheck(torch.ops.gainrl.rmsnorm_angle_bwd.default, (x.detach(), w.detach(), rstd, torch.ones_like(y)))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(packed, backend):
+    """Under torch.compile (fullgraph) the fused norm is the opaque op: y, the statistics and the gradients are
+    bitwise those of the eager call, for the function and for the module (which keeps its statistics)."""
+    x = packed["x"].to(torch.bfloat16)
+    w = weight_of(DIM, torch.bfloat16)
+
+    def loss_and_stats(x, w, cu, off):
+        y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+        return (y.float() ** 2).sum(), stats
+
+    eager_x, eager_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, stats = loss_and_stats(eager_x, eager_w, packed["cu"], packed["off"])
+    grads = torch.autograd.grad(loss, (eager_x, eager_w))
+    c_x, c_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    c_loss, c_stats = torch.compile(loss_and_stats, backend=backend, fullgraph=True)(c_x, c_w, packed["cu"],
+                                                                                     packed["off"])
+    torch.testing.assert_close(c_loss, loss, rtol=1e-6, atol=0)
+    for a, b in zip(c_stats, stats):
+        assert torch.equal(a, b)
+    for a, b in zip(torch.autograd.grad(c_loss, (c_x, c_w)), grads):
+        assert torch.equal(a, b)
+    module = FusedRMSNormAngle(DIM, eps=EPS, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    module.set_segments(packed["cu"], packed["off"])
+    y_c = torch.compile(module, backend=backend, fullgraph=True)(x)
+    assert torch.equal(y_c, rmsnorm_angle(x, w, EPS)[0])
+    for a, b in zip(module.stats, stats):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # module
 # ----------------------------------------------------------------------------------------------------------------
 class _LlamaLikeRMSNorm(nn.Module):
