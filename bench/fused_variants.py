@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "prefetch_1": {"_PREFETCH_ROWS": 1},
     "prefetch_2": {"_PREFETCH_ROWS": 2},
     "prefetch_4": {"_PREFETCH_ROWS": 4},
+    "prefetch_2_8_warps": {"_PREFETCH_ROWS": 2, "_ROWS_STATS_REGISTER_CAP": {}},  # 2 uncapped programs per SM
     # the bare kernel's rows per program at most (default 1; the fused kernel's stay _MAX_CHUNK = 128)
     "bare_chunk_128": {"_BARE_MAX_CHUNK": 128},
     "bare_chunk_8": {"_BARE_MAX_CHUNK": 8},
