@@ -54,7 +54,7 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str,
     consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True,
                   JOINT_SUMS=M._JOINT_SUMS is not False, RSQRT_INV=M._RSQRT_INV is not False,
                   RSQRT_RSTD=M._RSQRT_RSTD is not False,
-                  BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, **({"PREFETCH": M._PREFETCH_ROWS} if cfg.rows else {}),
+                  BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, **(M._rows_tuning(True) if cfg.rows else {}),
                   __aligned__=contiguous_launch_hints(sig))
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)
     with tempfile.TemporaryDirectory() as tmp:  # one ptxas run: the -v report and the cubin nvdisasm reads

@@ -36,6 +36,10 @@ VARIANTS: dict[str, dict] = {
     "prefetch_2": {"_PREFETCH_ROWS": 2},
     "prefetch_4": {"_PREFETCH_ROWS": 4},
     "prefetch_2_8_warps": {"_PREFETCH_ROWS": 2, "_ROWS_STATS_REGISTER_CAP": {}},  # 2 uncapped programs per SM
+    "prefetch_l1_1": {"_PREFETCH_ROWS": 1, "_PREFETCH_L1": True},  # into the L1 as well
+    "prefetch_l1_2": {"_PREFETCH_ROWS": 2, "_PREFETCH_L1": True},
+    "x_evict_first": {"_X_EVICTION": "evict_first"},  # x read once: its lines leave the L2 first
+    "prefetch_2_x_evict_first": {"_PREFETCH_ROWS": 2, "_X_EVICTION": "evict_first"},
     # the bare kernel's rows per program at most (default 1; the fused kernel's stay _MAX_CHUNK = 128)
     "bare_chunk_128": {"_BARE_MAX_CHUNK": 128},
     "bare_chunk_8": {"_BARE_MAX_CHUNK": 8},

@@ -365,14 +365,18 @@ def _rstd(ss, D, eps, RSQRT: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_row_l2(x_ptr, row, stride_r, D, BLOCK_D: tl.constexpr, ELEM_BITS: tl.constexpr):
-    """Hint the L2 cache to fetch x's row ``row`` (int64 scalar): one ``prefetch.global.L2`` per 128-byte line
-    (threads beyond the line count repeat one; a line already cached costs no DRAM traffic). Nothing waits on it
-    and it holds no registers after it issues, unlike a load into registers. Compiled code only (inline PTX)."""
+def _prefetch_row(x_ptr, row, stride_r, D, BLOCK_D: tl.constexpr, ELEM_BITS: tl.constexpr, L1: tl.constexpr):
+    """Hint the L2 cache (L1: the L1 too) to fetch x's row ``row`` (int64 scalar): one ``prefetch.global`` per
+    128-byte line (threads beyond the line count repeat one; a line already cached costs no DRAM traffic). Nothing
+    waits on it and it holds no registers after it issues, unlike a load into registers. Compiled code only (inline
+    PTX)."""
     LINE: tl.constexpr = 1024 // ELEM_BITS  # elements per 128-byte line
     cols = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, D - 1)
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [x_ptr + row * stride_r + cols],
-                              dtype=tl.int32, is_pure=False, pack=1)
+    if L1:
+        asm: tl.constexpr = "mov.u32 $0, 0;\n\tprefetch.global.L1 [$1];"
+    else:
+        asm: tl.constexpr = "mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];"
+    tl.inline_asm_elementwise(asm, "=r,l", [x_ptr + row * stride_r + cols], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -424,7 +428,7 @@ def _fwd_rows_kernel(
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREFETCH: tl.constexpr = 0,
+    PREFETCH: tl.constexpr = 0, PREFETCH_L1: tl.constexpr = False, X_EVICT: tl.constexpr = "",
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -435,8 +439,8 @@ def _fwd_rows_kernel(
     the chunk's last pair. BLOCK_T > 1
     (narrow rows): row t+1 of each step is loaded shifted by one (cache hits but for the step's last row).
     Writes one partial row per chunk. PREFETCH > 0 (one-row steps with statistics, compiled code): step t also hints
-    the L2 to fetch row t + 2 + PREFETCH (``_prefetch_row_l2``), so more of the rows ahead are on their way without
-    holding registers.
+    the L2 (PREFETCH_L1: and the L1) to fetch row t + 2 + PREFETCH (``_prefetch_row``), so more of the rows ahead
+    are on their way without holding registers. X_EVICT: eviction policy of those steps' x loads.
     """
     pid = tl.program_id(0)
     row0, nrows = _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS)
@@ -458,10 +462,11 @@ def _fwd_rows_kernel(
                 # rows loaded: the chunk's, then the next one if the chunk's last pair counts
                 load_end = tl.minimum(tl.where(row_end < pair_end, row_end + 1, row_end), R)
                 x_cur = tl.load(x_ptr + (row0 + t).to(tl.int64)[:, None] * stride_r + dd[None, :],
-                                mask=d_ok[None, :], other=0.0).to(tl.float32)
+                                mask=d_ok[None, :], other=0.0, eviction_policy=X_EVICT).to(tl.float32)
                 rstd = _rstd(tl.sum(x_cur * x_cur, axis=1), D, eps, RSQRT_RSTD)
                 x_next = tl.load(x_ptr + (row0 + t + 1).to(tl.int64)[:, None] * stride_r + dd[None, :],
-                                 mask=d_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0)
+                                 mask=d_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0,
+                                 eviction_policy=X_EVICT)
                 y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # fp32: no unpacking per step
                 inv_prev = tl.zeros([BLOCK_T], dtype=tl.float32)
                 for r in range(row0, row_end):
@@ -471,10 +476,11 @@ def _fwd_rows_kernel(
                     tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
                     x_cur = x_next.to(tl.float32)
                     x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
-                                     mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0)
-                    if PREFETCH > 0:  # a row further ahead into L2 only (clamped to the rows this program reads)
-                        _prefetch_row_l2(x_ptr, tl.minimum(r + 2 + PREFETCH, load_end - 1).to(tl.int64), stride_r,
-                                         D, BLOCK_D, x_ptr.dtype.element_ty.primitive_bitwidth)
+                                     mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0,
+                                     eviction_policy=X_EVICT)
+                    if PREFETCH > 0:  # a row further ahead into the cache only (clamped to the rows this program reads)
+                        _prefetch_row(x_ptr, tl.minimum(r + 2 + PREFETCH, load_end - 1).to(tl.int64), stride_r, D,
+                                      BLOCK_D, x_ptr.dtype.element_ty.primitive_bitwidth, PREFETCH_L1)
                     # one block reduction per row: ||y_r||², y_r . y_{r-1} (0 on the first row) and the next
                     # row's sum of squares, so its rstd is ready when the next step starts
                     nn, dot, ss = _row_sums3(y * y, y * y_prev, x_cur * x_cur, JOINT_SUMS)
@@ -785,6 +791,10 @@ _RSQRT_RSTD: Optional[bool] = None
 # its stalls (bench/results/profile_fused_h100_register_cap.txt). Not yet timed on a GPU: variants prefetch_* of
 # bench/fused_variants.py
 _PREFETCH_ROWS = 0
+_PREFETCH_L1 = False  # ... into the L1 as well (prefetch.global.L1)
+# eviction policy of the one-row steps' x loads with statistics ("" = the default; "evict_first": x is read once,
+# so its lines may leave the L2 first, before prefetched ones). Not yet timed: variant x_evict_first
+_X_EVICTION = ""
 
 
 class _FwdConfig(NamedTuple):
@@ -903,6 +913,13 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 
 
+def _rows_tuning(compiled: bool) -> dict:
+    """The cache constexprs of ``_fwd_rows_kernel`` from the module's knobs (the prefetch is inline PTX: compiled
+    code only)."""
+    prefetch = _PREFETCH_ROWS if compiled else 0
+    return dict(PREFETCH=prefetch, PREFETCH_L1=bool(prefetch and _PREFETCH_L1), X_EVICT=_X_EVICTION)
+
+
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, stats: bool):
     rows, dim = x2d.shape
     dev = x2d.device
@@ -934,7 +951,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         RSQRT_INV=x2d.is_cuda if _RSQRT_INV is None else _RSQRT_INV,
         RSQRT_RSTD=x2d.is_cuda if _RSQRT_RSTD is None else _RSQRT_RSTD,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
-        **({"PREFETCH": _PREFETCH_ROWS} if cfg.rows and x2d.is_cuda and _PREFETCH_ROWS else {}),
+        **(_rows_tuning(x2d.is_cuda) if cfg.rows else {}),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
     if stats:

@@ -228,12 +228,15 @@ def test_register_cap(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(DEV != "cuda", reason="the L2 prefetch is inline PTX: compiled code only (the interpreter skips it)")
-@pytest.mark.parametrize("rows_ahead", [1, 2, 4])
-def test_l2_prefetch_changes_nothing(rows_ahead, monkeypatch):
-    """An L2 prefetch of a row further ahead (``_PREFETCH_ROWS``) is a cache hint: y, rstd and the statistics stay
-    bitwise the same, with chunks shorter than the prefetch distance (clamped to the rows a program reads), a
-    ragged batch with empty and length-1 sequences, and a row stride that is not D."""
+@pytest.mark.skipif(DEV != "cuda", reason="the prefetch is inline PTX: compiled code only (the interpreter skips it)")
+@pytest.mark.parametrize("knobs", [dict(_PREFETCH_ROWS=1), dict(_PREFETCH_ROWS=2), dict(_PREFETCH_ROWS=4),
+                                   dict(_PREFETCH_ROWS=2, _PREFETCH_L1=True), dict(_X_EVICTION="evict_first")],
+                         ids=["ahead1", "ahead2", "ahead4", "ahead2_l1", "x_evict_first"])
+def test_cache_hints_change_nothing(knobs, monkeypatch):
+    """A prefetch of a row further ahead (``_PREFETCH_ROWS``, into the L2 or also the L1) and an eviction policy on
+    x's loads are cache hints: y and the statistics stay bitwise the same, with chunks shorter than the prefetch
+    distance (clamped to the rows a program reads), a ragged batch with empty and length-1 sequences, and a row
+    stride that is not D."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
     dim, lens = 96, [3, 17, 1, 0, 9, 2]
     x = concentrated((sum(lens) + 2,), dim, seed=6).to(DEV, torch.bfloat16)
@@ -243,7 +246,8 @@ def test_l2_prefetch_changes_nothing(rows_ahead, monkeypatch):
     off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2]], dtype=torch.int32,
                        device=DEV)
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
-    monkeypatch.setattr(rmsnorm_module, "_PREFETCH_ROWS", rows_ahead)
+    for name, value in knobs.items():
+        monkeypatch.setattr(rmsnorm_module, name, value)
     y1, s1 = rmsnorm_angle(x, w, EPS, cu, off)
     assert torch.equal(y0, y1)
     for a, b in zip(s0, s1):

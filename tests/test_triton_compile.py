@@ -154,7 +154,7 @@ def _rmsnorm_angle_cases():
                 M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
                 dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
                      RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, __aligned__=hints,
-                     **({"PREFETCH": 0} if cfg.rows else {})),
+                     **(M._rows_tuning(False) if cfg.rows else {})),
                 cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
             )
             if stats and cfg.rows and cfg.block_t == 1 and cfg.block_d == 4096 and aligned:
@@ -162,7 +162,8 @@ def _rmsnorm_angle_cases():
                 yield Case(
                     f"rmsnorm_fwd_rows-{dt}-prefetch2-BD{cfg.block_d}-W{cfg.num_warps}{cap}", M._fwd_rows_kernel, sig,
                     dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                         RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, PREFETCH=2, __aligned__=hints),
+                         RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, PREFETCH=2, PREFETCH_L1=False,
+                         X_EVICT="", __aligned__=hints),
                     cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
                 )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
