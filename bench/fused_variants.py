@@ -6,7 +6,7 @@ kernel, ``ratio_vs_default_bare`` over the first timed variant's (the default's,
 
     python bench/fused_variants.py --out bench/results/fused_variants_<gpu>.json
     python bench/fused_variants.py --smoke     # tiny shapes, any device (checks the script runs)
-    python bench/fused_variants.py --variants prefetch_1,prefetch_2   # these and the default only
+    python bench/fused_variants.py --variants pipeline_3,prefetch_2   # these and the default only
 """
 from __future__ import annotations
 
@@ -31,7 +31,17 @@ VARIANTS: dict[str, dict] = {
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them
     "8_warps_at_4096": {"_ROWS_STATS_REGISTER_CAP": {}},  # no register cap: the statistics' warp rule everywhere
     "4_warps_160_registers": {"_ROWS_STATS_REGISTER_CAP": {(9, 4096, 2): (4, 160)}},  # 3 per SM, fewer spare regs
-    # one-row steps with statistics: also an L2 prefetch of the row this many rows past the register-loaded one
+    # not yet timed (written without a GPU): row t+1 loaded where it is used, the loop software-pipelined with this
+    # many stages (cp.async into shared memory, S - 1 rows in flight per program)
+    "pipeline_2": {"_PIPELINE_STAGES": 2},
+    "pipeline_3": {"_PIPELINE_STAGES": 3},
+    "pipeline_4": {"_PIPELINE_STAGES": 4},
+    "pipeline_3_8_warps": {"_PIPELINE_STAGES": 3, "_ROWS_STATS_REGISTER_CAP": {}},  # 80 registers, 3 per SM
+    "pipeline_4_8_warps": {"_PIPELINE_STAGES": 4, "_ROWS_STATS_REGISTER_CAP": {}},
+    "pipeline_3_128_registers": {"_PIPELINE_STAGES": 3,  # 4 programs per SM, 12 bytes of spills (sm_90a)
+                                 "_ROWS_STATS_REGISTER_CAP": {(9, 4096, 2): (4, 128)}},
+    # not yet timed: cache hints on the default loop, e.g. an L2 prefetch of the row this many rows past the one
+    # loaded into registers
     "prefetch_1": {"_PREFETCH_ROWS": 1},
     "prefetch_2": {"_PREFETCH_ROWS": 2},
     "prefetch_4": {"_PREFETCH_ROWS": 4},

@@ -429,6 +429,7 @@ def _fwd_rows_kernel(
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFETCH: tl.constexpr = 0, PREFETCH_L1: tl.constexpr = False, X_EVICT: tl.constexpr = "",
+    PIPELINE: tl.constexpr = 0,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -440,7 +441,9 @@ def _fwd_rows_kernel(
     (narrow rows): row t+1 of each step is loaded shifted by one (cache hits but for the step's last row).
     Writes one partial row per chunk. PREFETCH > 0 (one-row steps with statistics, compiled code): step t also hints
     the L2 (PREFETCH_L1: and the L1) to fetch row t + 2 + PREFETCH (``_prefetch_row``), so more of the rows ahead
-    are on their way without holding registers. X_EVICT: eviction policy of those steps' x loads.
+    are on their way without holding registers. X_EVICT: eviction policy of those steps' x loads. PIPELINE >= 2:
+    instead of the register prefetch, step t loads row t+1 where it uses it, in a loop Triton software-pipelines
+    with PIPELINE stages (cp.async into shared memory, PIPELINE - 1 rows ahead; the interpreter runs it in order).
     """
     pid = tl.program_id(0)
     row0, nrows = _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS)
@@ -464,23 +467,29 @@ def _fwd_rows_kernel(
                 x_cur = tl.load(x_ptr + (row0 + t).to(tl.int64)[:, None] * stride_r + dd[None, :],
                                 mask=d_ok[None, :], other=0.0, eviction_policy=X_EVICT).to(tl.float32)
                 rstd = _rstd(tl.sum(x_cur * x_cur, axis=1), D, eps, RSQRT_RSTD)
-                x_next = tl.load(x_ptr + (row0 + t + 1).to(tl.int64)[:, None] * stride_r + dd[None, :],
-                                 mask=d_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0,
-                                 eviction_policy=X_EVICT)
+                if PIPELINE == 0:
+                    x_next = tl.load(x_ptr + (row0 + t + 1).to(tl.int64)[:, None] * stride_r + dd[None, :],
+                                     mask=d_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0,
+                                     eviction_policy=X_EVICT)
                 y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # fp32: no unpacking per step
                 inv_prev = tl.zeros([BLOCK_T], dtype=tl.float32)
-                for r in range(row0, row_end):
+                for r in tl.range(row0, row_end, num_stages=PIPELINE if PIPELINE > 0 else None):
                     rows = r + t
                     tl.store(rstd_ptr + rows, rstd)
                     y = _rms_out(x_cur, rstd, w, YT, NATIVE_CAST)
                     tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
-                    x_cur = x_next.to(tl.float32)
-                    x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
-                                     mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0,
-                                     eviction_policy=X_EVICT)
-                    if PREFETCH > 0:  # a row further ahead into the cache only (clamped to the rows this program reads)
-                        _prefetch_row(x_ptr, tl.minimum(r + 2 + PREFETCH, load_end - 1).to(tl.int64), stride_r, D,
-                                      BLOCK_D, x_ptr.dtype.element_ty.primitive_bitwidth, PREFETCH_L1)
+                    if PIPELINE > 0:  # row r+1 loaded where it is used; Triton's pipeliner issues it ahead (cp.async)
+                        x_cur = tl.load(x_ptr + (rows.to(tl.int64) + 1)[:, None] * stride_r + dd[None, :],
+                                        mask=d_ok[None, :] & (rows + 1 < load_end)[:, None], other=0.0,
+                                        eviction_policy=X_EVICT).to(tl.float32)
+                    else:
+                        x_cur = x_next.to(tl.float32)
+                        x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
+                                         mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0,
+                                         eviction_policy=X_EVICT)
+                        if PREFETCH > 0:  # a row further ahead into the cache only (clamped to this program's rows)
+                            _prefetch_row(x_ptr, tl.minimum(r + 2 + PREFETCH, load_end - 1).to(tl.int64), stride_r,
+                                          D, BLOCK_D, x_ptr.dtype.element_ty.primitive_bitwidth, PREFETCH_L1)
                     # one block reduction per row: ||y_r||², y_r . y_{r-1} (0 on the first row) and the next
                     # row's sum of squares, so its rstd is ready when the next step starts
                     nn, dot, ss = _row_sums3(y * y, y * y_prev, x_cur * x_cur, JOINT_SUMS)
@@ -792,6 +801,11 @@ _RSQRT_RSTD: Optional[bool] = None
 # bench/fused_variants.py
 _PREFETCH_ROWS = 0
 _PREFETCH_L1 = False  # ... into the L1 as well (prefetch.global.L1)
+# one-row steps with statistics: 0 = row t+2 loaded into registers during step t (above); S >= 2 = row t+1 loaded
+# where step t uses it, in a loop Triton's software pipeliner runs with S stages: the load becomes a cp.async into
+# shared memory issued S - 1 steps ahead (S - 1 rows in flight per program, none of them in registers). The
+# interpreter runs the same loop without pipelining. Not yet timed: variants pipeline_*
+_PIPELINE_STAGES = 0
 # eviction policy of the one-row steps' x loads with statistics ("" = the default; "evict_first": x is read once,
 # so its lines may leave the L2 first, before prefetched ones). Not yet timed: variant x_evict_first
 _X_EVICTION = ""
@@ -917,7 +931,8 @@ def _rows_tuning(compiled: bool) -> dict:
     """The cache constexprs of ``_fwd_rows_kernel`` from the module's knobs (the prefetch is inline PTX: compiled
     code only)."""
     prefetch = _PREFETCH_ROWS if compiled else 0
-    return dict(PREFETCH=prefetch, PREFETCH_L1=bool(prefetch and _PREFETCH_L1), X_EVICT=_X_EVICTION)
+    return dict(PREFETCH=prefetch, PREFETCH_L1=bool(prefetch and _PREFETCH_L1), X_EVICT=_X_EVICTION,
+                PIPELINE=_PIPELINE_STAGES)
 
 
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, stats: bool):

@@ -254,6 +254,31 @@ def test_cache_hints_change_nothing(knobs, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_row_loop(stages, monkeypatch):
+    """The one-row loop that loads row t+1 where step t uses it (``_PIPELINE_STAGES``; compiled, Triton's pipeliner
+    issues those loads ahead as cp.async into shared memory) gives y and the statistics of the default loop
+    bitwise: ragged sequences, an empty and a length-1 one, chunks of one row and longer than the stages, a pair
+    across a chunk's end, a row stride that is not D."""
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
+    dim, lens = 96, [3, 17, 1, 0, 9, 2]
+    x = concentrated((sum(lens) + 2,), dim, seed=7).to(DEV, torch.bfloat16)
+    x = torch.cat([x, x[:, :8]], dim=1)[:, :dim]  # row stride 104
+    w = weight_of(dim, torch.bfloat16)
+    cu = cu_of(lens)
+    off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2]], dtype=torch.int32,
+                       device=DEV)
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 4)  # several chunks per segment: pairs across chunk ends
+    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
+    monkeypatch.setattr(rmsnorm_module, "_PIPELINE_STAGES", stages)
+    assert rmsnorm_module._rows_tuning(DEV == "cuda")["PIPELINE"] == stages
+    y1, s1 = rmsnorm_angle(x, w, EPS, cu, off)
+    assert torch.equal(y0, y1)
+    for a, b in zip(s0, s1):
+        assert torch.equal(a, b)
+    assert_stats_close(s1, angle_stats_reference(y1, cu, off))
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 128])
 def test_bare_rows_per_program(chunk, monkeypatch):
     """The bare kernel (no statistics) at most 1 row per program (the default), 4 or 128 (the chunk rule then gives

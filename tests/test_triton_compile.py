@@ -158,14 +158,16 @@ def _rmsnorm_angle_cases():
                 cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
             )
             if stats and cfg.rows and cfg.block_t == 1 and cfg.block_d == 4096 and aligned:
-                # the L2 prefetch variant (_PREFETCH_ROWS, inline PTX) at the goal width: lowers, no spills
-                yield Case(
-                    f"rmsnorm_fwd_rows-{dt}-prefetch2-BD{cfg.block_d}-W{cfg.num_warps}{cap}", M._fwd_rows_kernel, sig,
-                    dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                         RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, PREFETCH=2, PREFETCH_L1=False,
-                         X_EVICT="", __aligned__=hints),
-                    cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
-                )
+                # the cache variants at the goal width: the prefetch (_PREFETCH_ROWS, inline PTX) and the
+                # software-pipelined loop (_PIPELINE_STAGES, cp.async) lower without spills
+                for tag, tuning in (("prefetch2", dict(PREFETCH=2)), ("pipeline3", dict(PIPELINE=3))):
+                    yield Case(
+                        f"rmsnorm_fwd_rows-{dt}-{tag}-BD{cfg.block_d}-W{cfg.num_warps}{cap}", M._fwd_rows_kernel, sig,
+                        dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
+                             RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, __aligned__=hints,
+                             **{**M._rows_tuning(False), **tuning}),
+                        cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
+                    )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
             kind = "blocked" if cfg.blocked else "rows"
             yield Case(
