@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gainrl-setup
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers for make test: one per core (about 3.5 min on 2 cores, 6 min with TEST_WORKERS=0)
+TEST_WORKERS ?= auto
 
 .PHONY: setup test train demo bench clean
 
@@ -20,7 +22,7 @@ $(STAMP): setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh)
 setup: $(STAMP)
 
 test: setup
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 train: setup
 	$(BIN)/gainrl train --out runs/default
