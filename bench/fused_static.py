@@ -54,7 +54,8 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str,
     consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True,
                   JOINT_SUMS=M._JOINT_SUMS is not False, RSQRT_INV=M._RSQRT_INV is not False,
                   RSQRT_RSTD=M._RSQRT_RSTD is not False,
-                  BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, **(M._rows_tuning(True) if cfg.rows else {}),
+                  BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+                  **(dict(M._rows_tuning(True), BLOCK_D2=cfg.block_d2) if cfg.rows else {}),
                   __aligned__=contiguous_launch_hints(sig))
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)
     with tempfile.TemporaryDirectory() as tmp:  # one ptxas run: the -v report and the cubin nvdisasm reads
@@ -79,13 +80,15 @@ def loops(ptx: str) -> list[dict]:
         m = re.search(r"bra(?:\.uni)?\s+(\$L__\w+);", line)
         if m and labels.get(m.group(1), i) < i:
             body = lines[labels[m.group(1)]:i]
-            out.append({k: sum(k in b for b in body) for k in ("bar.sync", "ld.global", "st.global")})
+            counts = {k: sum(k in b for b in body) for k in ("bar.sync", "ld.global", "st.global")}
+            out.append({"lines": len(body), **counts})
     return out
 
 
 def sass_loop_instructions(sass: Optional[str]) -> Optional[int]:
     """Machine instructions (per thread) in the main loop of disassembled ``sass``: the loop (backward branch) with
-    the most global loads and barriers. None without SASS (no nvdisasm)."""
+    the most instructions (in the fused kernel the one-row loop of segment chunks, longer than the loop over rows
+    in no segment). None without SASS (no nvdisasm)."""
     if sass is None:
         return None
     ins: list[tuple[int, str]] = []
@@ -104,7 +107,7 @@ def sass_loop_instructions(sass: Optional[str]) -> Optional[int]:
     if not spans:
         return None
     body = lambda lo, hi: [t for a, t in ins if lo <= a <= hi]  # noqa: E731
-    lo, hi = max(spans, key=lambda span: sum(("LDG" in t) + ("BAR" in t) for t in body(*span)))
+    lo, hi = max(spans, key=lambda span: len(body(*span)))
     return len(body(lo, hi))
 
 
@@ -145,8 +148,9 @@ def table(args: argparse.Namespace) -> list[dict]:
                 regs = int(re.search(r"Used (\d+) registers", report).group(1))
                 spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
                 # the main loop: the one-row loop of a segment chunk with statistics, the only loop without
-                main = max(loops(ptx), key=lambda c: c["bar.sync"] + c["ld.global"]) if stats else loops(ptx)[0]
-                row = dict(dtype=dt, D=dim, block_d=cfg.block_d, warps=cfg.num_warps, block_t=cfg.block_t,
+                main = max(loops(ptx), key=lambda c: c["lines"]) if stats else loops(ptx)[0]
+                row = dict(dtype=dt, D=dim, block_d=cfg.block_d, block_d2=cfg.block_d2, warps=cfg.num_warps,
+                           block_t=cfg.block_t,
                            kernel="fused" if stats else "bare", registers=regs, spill_bytes=spill,
                            programs_per_sm=programs_per_sm(regs, cfg.num_warps), maxnreg=cfg.maxnreg,
                            loop_bar_sync=main["bar.sync"], loop_loads=main["ld.global"],
@@ -155,7 +159,8 @@ def table(args: argparse.Namespace) -> list[dict]:
                 row["warp_instructions_per_row"] = (None if row["sass_per_step"] is None
                                                     else row["sass_per_step"] * cfg.num_warps // cfg.block_t)
                 rows.append(row)
-                print(f"| {dt} | {dim} | {cfg.block_d} | {cfg.num_warps} | {row['kernel']} | {regs}"
+                block = f"{cfg.block_d}+{cfg.block_d2}" if cfg.block_d2 else cfg.block_d
+                print(f"| {dt} | {dim} | {block} | {cfg.num_warps} | {row['kernel']} | {regs}"
                       f"{f' (spills {spill} B)' if spill else ''} | {row['programs_per_sm']} | "
                       f"{row['loop_bar_sync']} | {row['loop_loads']} | {row['loop_stores']} | {row['sass_per_step']} | "
                       f"{row['warp_instructions_per_row']} |", flush=True)

@@ -39,6 +39,9 @@ VARIANTS: dict[str, dict] = {
     # 8 uncapped warps at 4096: 80 registers with Triton 3.9 (3 programs per SM), 108 with 3.6 (2 per SM)
     "pipeline_3_8_warps": {"_PIPELINE_STAGES": 3, "_ROWS_STATS_REGISTER_CAP": {}},
     "pipeline_4_8_warps": {"_PIPELINE_STAGES": 4, "_ROWS_STATS_REGISTER_CAP": {}},
+    # not yet timed: D = 5120 (6144) as two tiles, 4096 + 1024 (2048) values on 8 warps, 2 programs per SM in bf16
+    # (127 registers with Triton 3.6 at sm_90a), instead of a padded 8192 on 16 warps, one program per SM
+    "split_tail": {"_ROWS_SPLIT_TAIL": True},
     # not yet timed: cache hints on the default loop, e.g. an L2 prefetch of the row this many rows past the one
     # loaded into registers
     "prefetch_1": {"_PREFETCH_ROWS": 1},

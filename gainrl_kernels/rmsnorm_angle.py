@@ -429,7 +429,7 @@ def _fwd_rows_kernel(
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFETCH: tl.constexpr = 0, PREFETCH_L1: tl.constexpr = False, X_EVICT: tl.constexpr = "",
-    PIPELINE: tl.constexpr = 0,
+    PIPELINE: tl.constexpr = 0, BLOCK_D2: tl.constexpr = 0,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -444,6 +444,8 @@ def _fwd_rows_kernel(
     are on their way without holding registers. X_EVICT: eviction policy of those steps' x loads. PIPELINE >= 2:
     instead of the register prefetch, step t loads row t+1 where it uses it, in a loop Triton software-pipelines
     with PIPELINE stages (cp.async into shared memory, PIPELINE - 1 rows ahead; the interpreter runs it in order).
+    BLOCK_D2 > 0 (one-row steps only): a row is two tiles, columns [0, BLOCK_D) and a tail [BLOCK_D, BLOCK_D +
+    BLOCK_D2), with BLOCK_D < D <= BLOCK_D + BLOCK_D2, so a row of 5120 takes 4096 + 1024 values, not a padded 8192.
     """
     pid = tl.program_id(0)
     row0, nrows = _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS)
@@ -451,8 +453,14 @@ def _fwd_rows_kernel(
         row_end = row0 + nrows
         t = tl.arange(0, BLOCK_T)
         dd = tl.arange(0, BLOCK_D)
-        d_ok = dd < D
+        # with a tail the first tile lies inside the row: a mask the compiler folds away
+        d_ok = dd < (BLOCK_D if BLOCK_D2 > 0 else D)
         w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
+        tl.static_assert(BLOCK_D2 == 0 or BLOCK_T == 1, "a row tail needs one-row steps")
+        TAIL: tl.constexpr = BLOCK_D2 if BLOCK_D2 > 0 else 1  # the tail's tile shape (unused without a tail)
+        d2 = BLOCK_D + tl.arange(0, TAIL)
+        d2_ok = d2 < (D if BLOCK_D2 > 0 else 0)
+        w2 = tl.load(w_ptr + d2, mask=d2_ok, other=0.0).to(tl.float32)
         seg = -1
         if STATS:
             seg = tl.load(item_seg_ptr + pid)
@@ -466,11 +474,25 @@ def _fwd_rows_kernel(
                 load_end = tl.minimum(tl.where(row_end < pair_end, row_end + 1, row_end), R)
                 x_cur = tl.load(x_ptr + (row0 + t).to(tl.int64)[:, None] * stride_r + dd[None, :],
                                 mask=d_ok[None, :], other=0.0, eviction_policy=X_EVICT).to(tl.float32)
-                rstd = _rstd(tl.sum(x_cur * x_cur, axis=1), D, eps, RSQRT_RSTD)
+                ss = tl.sum(x_cur * x_cur, axis=1)
+                # the tail's tiles (suffix 2) follow the first tile's through the loop
+                acc2 = tl.zeros([BLOCK_T, TAIL], dtype=tl.float32)
+                y_prev2 = tl.zeros([BLOCK_T, TAIL], dtype=tl.float32)
+                x_cur2 = tl.zeros([BLOCK_T, TAIL], dtype=tl.float32)
+                x_next2 = tl.zeros([BLOCK_T, TAIL], dtype=x_ptr.dtype.element_ty)
+                if BLOCK_D2 > 0:
+                    x_cur2 = tl.load(x_ptr + (row0 + t).to(tl.int64)[:, None] * stride_r + d2[None, :],
+                                     mask=d2_ok[None, :], other=0.0, eviction_policy=X_EVICT).to(tl.float32)
+                    ss += tl.sum(x_cur2 * x_cur2, axis=1)
+                rstd = _rstd(ss, D, eps, RSQRT_RSTD)
                 if PIPELINE == 0:
                     x_next = tl.load(x_ptr + (row0 + t + 1).to(tl.int64)[:, None] * stride_r + dd[None, :],
                                      mask=d_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0,
                                      eviction_policy=X_EVICT)
+                    if BLOCK_D2 > 0:
+                        x_next2 = tl.load(x_ptr + (row0 + t + 1).to(tl.int64)[:, None] * stride_r + d2[None, :],
+                                          mask=d2_ok[None, :] & (row0 + t + 1 < load_end)[:, None], other=0.0,
+                                          eviction_policy=X_EVICT)
                 y_prev = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # fp32: no unpacking per step
                 inv_prev = tl.zeros([BLOCK_T], dtype=tl.float32)
                 for r in tl.range(row0, row_end, num_stages=PIPELINE if PIPELINE > 0 else None):
@@ -478,32 +500,62 @@ def _fwd_rows_kernel(
                     tl.store(rstd_ptr + rows, rstd)
                     y = _rms_out(x_cur, rstd, w, YT, NATIVE_CAST)
                     tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
+                    y2 = y_prev2
+                    if BLOCK_D2 > 0:
+                        y2 = _rms_out(x_cur2, rstd, w2, YT, NATIVE_CAST)
+                        tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + d2[None, :], y2.to(YT),
+                                 mask=d2_ok[None, :])
                     if PIPELINE > 0:  # row r+1 loaded where it is used; Triton's pipeliner issues it ahead (cp.async)
                         x_cur = tl.load(x_ptr + (rows.to(tl.int64) + 1)[:, None] * stride_r + dd[None, :],
                                         mask=d_ok[None, :] & (rows + 1 < load_end)[:, None], other=0.0,
                                         eviction_policy=X_EVICT).to(tl.float32)
+                        if BLOCK_D2 > 0:
+                            x_cur2 = tl.load(x_ptr + (rows.to(tl.int64) + 1)[:, None] * stride_r + d2[None, :],
+                                             mask=d2_ok[None, :] & (rows + 1 < load_end)[:, None], other=0.0,
+                                             eviction_policy=X_EVICT).to(tl.float32)
                     else:
                         x_cur = x_next.to(tl.float32)
                         x_next = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + dd[None, :],
                                          mask=d_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0,
                                          eviction_policy=X_EVICT)
+                        if BLOCK_D2 > 0:
+                            x_cur2 = x_next2.to(tl.float32)
+                            x_next2 = tl.load(x_ptr + (rows.to(tl.int64) + 2)[:, None] * stride_r + d2[None, :],
+                                              mask=d2_ok[None, :] & (rows + 2 < load_end)[:, None], other=0.0,
+                                              eviction_policy=X_EVICT)
                         if PREFETCH > 0:  # a row further ahead into the cache only (clamped to this program's rows)
                             _prefetch_row(x_ptr, tl.minimum(r + 2 + PREFETCH, load_end - 1).to(tl.int64), stride_r,
-                                          D, BLOCK_D, x_ptr.dtype.element_ty.primitive_bitwidth, PREFETCH_L1)
+                                          D, BLOCK_D if BLOCK_D2 == 0 else 2 * BLOCK_D,
+                                          x_ptr.dtype.element_ty.primitive_bitwidth, PREFETCH_L1)
                     # one block reduction per row: ||y_r||², y_r . y_{r-1} (0 on the first row) and the next
-                    # row's sum of squares, so its rstd is ready when the next step starts
+                    # row's sum of squares, so its rstd is ready when the next step starts (a tail adds its own)
                     nn, dot, ss = _row_sums3(y * y, y * y_prev, x_cur * x_cur, JOINT_SUMS)
+                    if BLOCK_D2 > 0:
+                        nn2, dot2, ss2 = _row_sums3(y2 * y2, y2 * y_prev2, x_cur2 * x_cur2, JOINT_SUMS)
+                        nn += nn2
+                        dot += dot2
+                        ss += ss2
                     inv = _inv_norm(nn, RSQRT_INV)
                     acc += y * inv[:, None]
+                    if BLOCK_D2 > 0:
+                        acc2 += y2 * inv[:, None]
                     q_acc += nn * inv * inv
                     adj_acc += dot * inv_prev * inv
                     rstd = _rstd(ss, D, eps, RSQRT_RSTD)
                     y_prev = y
+                    y_prev2 = y2
                     inv_prev = inv
                 if load_end > row_end:  # pair (last row, first row after the chunk): x_cur and rstd are its
                     y = _rms_out(x_cur, rstd, w, YT, NATIVE_CAST)
-                    inv = _inv_norm(tl.sum(y * y, axis=1), RSQRT_INV)
-                    adj_acc += tl.sum(y * y_prev, axis=1) * inv_prev * inv
+                    nn = tl.sum(y * y, axis=1)
+                    dot = tl.sum(y * y_prev, axis=1)
+                    if BLOCK_D2 > 0:
+                        y2 = _rms_out(x_cur2, rstd, w2, YT, NATIVE_CAST)
+                        nn += tl.sum(y2 * y2, axis=1)
+                        dot += tl.sum(y2 * y_prev2, axis=1)
+                    adj_acc += dot * inv_prev * _inv_norm(nn, RSQRT_INV)
+                if BLOCK_D2 > 0:
+                    tl.store(part_sum_ptr + pid.to(tl.int64) * D + d2, tl.sum(acc2, axis=0), mask=d2_ok)
             else:
                 for r0 in range(row0, row_end, BLOCK_T):
                     rows = r0 + t
@@ -536,10 +588,20 @@ def _fwd_rows_kernel(
                 m = r_ok[:, None] & d_ok[None, :]
                 x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + dd[None, :], mask=m,
                             other=0.0).to(tl.float32)
-                rstd = _rstd(tl.sum(x * x, axis=1), D, eps, RSQRT_RSTD)
+                ss = tl.sum(x * x, axis=1)
+                m2 = r_ok[:, None] & d2_ok[None, :]
+                x2 = tl.zeros([BLOCK_T, TAIL], dtype=tl.float32)
+                if BLOCK_D2 > 0:
+                    x2 = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + d2[None, :], mask=m2,
+                                 other=0.0).to(tl.float32)
+                    ss += tl.sum(x2 * x2, axis=1)
+                rstd = _rstd(ss, D, eps, RSQRT_RSTD)
                 tl.store(rstd_ptr + rows, rstd, mask=r_ok)
                 y = _rms_out(x, rstd, w, YT, NATIVE_CAST)
                 tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], y.to(YT), mask=m)
+                if BLOCK_D2 > 0:
+                    y2 = _rms_out(x2, rstd, w2, YT, NATIVE_CAST)
+                    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + d2[None, :], y2.to(YT), mask=m2)
 
 
 @triton.jit
@@ -809,6 +871,15 @@ _PIPELINE_STAGES = 0
 # eviction policy of the one-row steps' x loads with statistics ("" = the default; "evict_first": x is read once,
 # so its lines may leave the L2 first, before prefetched ones). Not yet timed: variant x_evict_first
 _X_EVICTION = ""
+# one-row steps with statistics: a row whose width D lies strictly between powers of two P and 2P, with P +
+# next_pow2(D - P) < 2P, held as two tiles, [P] and a tail [next_pow2(D - P)], instead of one padded [2P]: D = 5120
+# as 4096 + 1024 values on 8 warps (114 registers, 2 programs per SM) in place of 8192 on 16 warps (95, one per
+# SM), 4656 -> 3152 warp instructions a row in bf16, 4512 -> 2912 in fp32 (sm_90a, Triton 3.9, bench/fused_static.py
+# --variant split_tail). Costs a second block reduction per row, which outweighs the padding below 2P = 8192 (D =
+# 3072 bf16: 1940 -> 2352 against the capped 4-warp row of 4096), hence only from a padded width of _ROWS_SPLIT_FROM
+# on. Not yet timed: variant split_tail
+_ROWS_SPLIT_TAIL = False
+_ROWS_SPLIT_FROM = 8192
 
 
 class _FwdConfig(NamedTuple):
@@ -820,6 +891,7 @@ class _FwdConfig(NamedTuple):
     block_d: int
     num_warps: int
     maxnreg: Optional[int] = None  # register cap of the compiled kernel (None: ptxas decides)
+    block_d2: int = 0  # rows kernel, one-row steps: a second tile of the row, columns [block_d, block_d + block_d2)
 
 
 def _capability_major(device: torch.device) -> int:
@@ -855,16 +927,20 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
     maxnreg = None
+    block_d2 = 0
     if stats and block_t == 1:
+        tail = max(16, triton.next_power_of_2(max(dim - block_d // 2, 1)))
+        if _ROWS_SPLIT_TAIL and block_d >= _ROWS_SPLIT_FROM and block_d // 2 + tail < block_d:
+            block_d, block_d2 = block_d // 2, tail
         min_d, min_warps = _ROWS_STATS_MIN_WARPS
         warps = max(block_d // (32 * _ROWS_STATS_VALUES_PER_THREAD), min_warps if block_d >= min_d else 4)
-        if aligned:
+        if aligned and not block_d2:
             major = _capability_major(device) if capability is None else capability
             warps, maxnreg = _ROWS_STATS_REGISTER_CAP.get((major, block_d, elem_size), (warps, None))
     else:
         warps = block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)
     warps = min(_ROWS_MAX_WARPS, max(4, warps))
-    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg)
+    return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg, block_d2)
 
 
 class _Plan(NamedTuple):
@@ -966,7 +1042,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         RSQRT_INV=x2d.is_cuda if _RSQRT_INV is None else _RSQRT_INV,
         RSQRT_RSTD=x2d.is_cuda if _RSQRT_RSTD is None else _RSQRT_RSTD,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
-        **(_rows_tuning(x2d.is_cuda) if cfg.rows else {}),
+        **(dict(_rows_tuning(x2d.is_cuda), BLOCK_D2=cfg.block_d2) if cfg.rows else {}),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
     if stats:

@@ -279,6 +279,44 @@ def test_pipelined_row_loop(stages, monkeypatch):
     assert_stats_close(s1, angle_stats_reference(y1, cu, off))
 
 
+@pytest.mark.parametrize("dim,dtype", [(40, torch.float32), (40, torch.bfloat16), (40, torch.float16),
+                                       (48, torch.bfloat16)])
+def test_split_tail_rows(dim, dtype, monkeypatch):
+    """One-row steps over a row held as two tiles (``_ROWS_SPLIT_TAIL``, as D = 5120 is 4096 + 1024 columns): 40 as
+    32 + 16 (the tail partly masked) and 48 as 32 + 16. y within a rounding step of the reference and the same for a
+    row stride that is not D, the statistics those of y and of the one-tile row within fp32 rounding, the pipelined
+    loop bitwise the default one; ragged sequences with an empty and a length-1 one, rows in no segment, pairs across
+    chunk ends. The bare kernel keeps the padded row."""
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 4)  # several chunks per segment: pairs across chunk ends
+    lens = [3, 17, 1, 0, 9, 2]
+    cu = cu_of(lens)
+    off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2]], dtype=torch.int32,
+                       device=DEV)
+    x = concentrated((sum(lens) + 2,), dim, seed=9).to(DEV, dtype)  # 2 trailing rows in no sequence
+    w = weight_of(dim, dtype)
+    y_one, s_one = rmsnorm_angle(x, w, EPS, cu, off)
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", True)
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_FROM", 64)
+    cfg = rmsnorm_module._fwd_config(64, dim, x.element_size(), torch.device(DEV), stats=True)
+    assert (cfg.block_t, cfg.block_d, cfg.block_d2) == (1, 32, 16)
+    assert rmsnorm_module._fwd_config(64, dim, x.element_size(), torch.device(DEV), stats=False).block_d2 == 0
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
+    torch.testing.assert_close(y, y_one, **ulp_tol(dtype))
+    assert_stats_close(stats, angle_stats_reference(y, cu, off))
+    for a, b in zip(stats, s_one):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    strided = torch.cat([x, x[:, :8]], dim=1)[:, :dim]
+    y_s, s_s = rmsnorm_angle(strided, w, EPS, cu, off)
+    assert torch.equal(y_s, y)
+    monkeypatch.setattr(rmsnorm_module, "_PIPELINE_STAGES", 2)
+    y_p, s_p = rmsnorm_angle(x, w, EPS, cu, off)
+    assert torch.equal(y_p, y)
+    for a, b, c in zip(stats, s_s, s_p):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 128])
 def test_bare_rows_per_program(chunk, monkeypatch):
     """The bare kernel (no statistics) at most 1 row per program (the default), 4 or 128 (the chunk rule then gives
@@ -300,12 +338,16 @@ def test_bare_rows_per_program(chunk, monkeypatch):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="needs a GPU: the compiled launch shapes of model widths")
-@pytest.mark.parametrize("dim", [896, 2048, 3584, 4096, 5120])
+@pytest.mark.parametrize("dim,split", [(896, False), (2048, False), (3584, False), (4096, False), (5120, False),
+                                       (5120, True), (6144, True)], ids=lambda v: {True: "split", False: "one_tile"}.get(v, v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_model_widths_compiled(dim, dtype):
+def test_model_widths_compiled(dim, split, dtype, monkeypatch):
     """Model widths at their default launch shapes on a GPU (e.g. the register-capped 4 warps of a 16-bit row of
-    4096 on sm_90; 8 or 16 warps elsewhere): y, statistics and gradients against the float64 reference, ragged
-    sequences with an empty and a length-1 one, segments cut off the chunk grid."""
+    4096 on sm_90; 8 or 16 warps elsewhere), and ``split``: with a row as two tiles (``_ROWS_SPLIT_TAIL``, 4096 +
+    1024 or 2048 columns): y, statistics and gradients against the float64 reference, ragged sequences with an
+    empty and a length-1 one, segments cut off the chunk grid."""
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", split)
+    assert (rmsnorm_module._fwd_config(1 << 20, dim, 2, torch.device(DEV), True).block_d2 > 0) == split
     lens = [1, 0, 300, 77, 513]
     x = concentrated((sum(lens) + 2,), dim, seed=3).to(DEV, dtype).requires_grad_(True)
     w = weight_of(dim, dtype).requires_grad_(True)

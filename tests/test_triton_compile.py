@@ -110,6 +110,7 @@ def _angle_cases():
 # (D <= 4096) to two passes over column slices (any D). The forward lowers D % 16 == 0 (every model width) with
 # the vector hints of a contiguous launch and 40, 4104 and 16392 without (scalar loads, masks per element)
 RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 8192, 16384, 16392)
+RMSNORM_SPLIT_DIMS = (5120, 6144)  # 4096 + 1024 and 4096 + 2048
 
 
 # runtime arguments of the fused forward kernels ({dt}: x's Triton type); bench/fused_static.py lowers them too
@@ -154,7 +155,7 @@ def _rmsnorm_angle_cases():
                 M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
                 dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
                      RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, __aligned__=hints,
-                     **(M._rows_tuning(False) if cfg.rows else {})),
+                     **(dict(M._rows_tuning(False), BLOCK_D2=cfg.block_d2) if cfg.rows else {})),
                 cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
             )
             if stats and cfg.rows and cfg.block_t == 1 and cfg.block_d == 4096 and aligned:
@@ -164,10 +165,25 @@ def _rmsnorm_angle_cases():
                     yield Case(
                         f"rmsnorm_fwd_rows-{dt}-{tag}-BD{cfg.block_d}-W{cfg.num_warps}{cap}", M._fwd_rows_kernel, sig,
                         dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                             RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, __aligned__=hints,
+                             RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, BLOCK_D2=0, __aligned__=hints,
                              **{**M._rows_tuning(False), **tuning}),
                         cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
                     )
+        for dim in RMSNORM_SPLIT_DIMS:  # a row as two tiles (_ROWS_SPLIT_TAIL), not yet the default
+            saved, M._ROWS_SPLIT_TAIL = M._ROWS_SPLIT_TAIL, True
+            try:
+                cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), True, capability=9)
+            finally:
+                M._ROWS_SPLIT_TAIL = saved
+            assert cfg.block_d2 and cfg.block_d < dim <= cfg.block_d + cfg.block_d2, cfg
+            sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
+            yield Case(
+                f"rmsnorm_fwd_rows-{dt}-split-BD{cfg.block_d}+{cfg.block_d2}-W{cfg.num_warps}", M._fwd_rows_kernel,
+                sig, dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
+                          RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, BLOCK_D2=cfg.block_d2,
+                          __aligned__=contiguous_launch_hints(sig), **M._rows_tuning(False)),
+                cfg.num_warps,
+            )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
             kind = "blocked" if cfg.blocked else "rows"
             yield Case(
