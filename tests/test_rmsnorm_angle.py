@@ -228,6 +228,18 @@ def test_register_cap(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def ragged_rows(dim: int, dtype: torch.dtype, seed: int, strided: bool = True):
+    """(x, w, cu_seqlens, seg_offsets) of a ragged batch for the one-row loop's options: 6 sequences (an empty and a
+    length-1 one), K = 2 segments, 2 trailing rows in no sequence; ``strided``: x's row stride is dim + 8."""
+    lens = [3, 17, 1, 0, 9, 2]
+    x = concentrated((sum(lens) + 2,), dim, seed=seed).to(DEV, dtype)
+    if strided:
+        x = torch.cat([x, x[:, :8]], dim=1)[:, :dim]
+    off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2]], dtype=torch.int32,
+                       device=DEV)
+    return x, weight_of(dim, dtype), cu_of(lens), off
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="the prefetch is inline PTX: compiled code only (the interpreter skips it)")
 @pytest.mark.parametrize("knobs", [dict(_PREFETCH_ROWS=1), dict(_PREFETCH_ROWS=2), dict(_PREFETCH_ROWS=4),
                                    dict(_PREFETCH_ROWS=2, _PREFETCH_L1=True), dict(_X_EVICTION="evict_first")],
@@ -238,13 +250,7 @@ def test_cache_hints_change_nothing(knobs, monkeypatch):
     distance (clamped to the rows a program reads), a ragged batch with empty and length-1 sequences, and a row
     stride that is not D."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
-    dim, lens = 96, [3, 17, 1, 0, 9, 2]
-    x = concentrated((sum(lens) + 2,), dim, seed=6).to(DEV, torch.bfloat16)
-    x = torch.cat([x, x[:, :8]], dim=1)[:, :dim]  # row stride 104
-    w = weight_of(dim, torch.bfloat16)
-    cu = cu_of(lens)
-    off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2]], dtype=torch.int32,
-                       device=DEV)
+    x, w, cu, off = ragged_rows(96, torch.bfloat16, seed=6)  # row stride 104
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
     for name, value in knobs.items():
         monkeypatch.setattr(rmsnorm_module, name, value)
@@ -261,13 +267,7 @@ def test_pipelined_row_loop(stages, monkeypatch):
     bitwise: ragged sequences, an empty and a length-1 one, chunks of one row and longer than the stages, a pair
     across a chunk's end, a row stride that is not D."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
-    dim, lens = 96, [3, 17, 1, 0, 9, 2]
-    x = concentrated((sum(lens) + 2,), dim, seed=7).to(DEV, torch.bfloat16)
-    x = torch.cat([x, x[:, :8]], dim=1)[:, :dim]  # row stride 104
-    w = weight_of(dim, torch.bfloat16)
-    cu = cu_of(lens)
-    off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2]], dtype=torch.int32,
-                       device=DEV)
+    x, w, cu, off = ragged_rows(96, torch.bfloat16, seed=7)  # row stride 104
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 4)  # several chunks per segment: pairs across chunk ends
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
     monkeypatch.setattr(rmsnorm_module, "_PIPELINE_STAGES", stages)
@@ -289,12 +289,7 @@ def test_split_tail_rows(dim, dtype, monkeypatch):
     chunk ends. The bare kernel keeps the padded row."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 4)  # several chunks per segment: pairs across chunk ends
-    lens = [3, 17, 1, 0, 9, 2]
-    cu = cu_of(lens)
-    off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2]], dtype=torch.int32,
-                       device=DEV)
-    x = concentrated((sum(lens) + 2,), dim, seed=9).to(DEV, dtype)  # 2 trailing rows in no sequence
-    w = weight_of(dim, dtype)
+    x, w, cu, off = ragged_rows(dim, dtype, seed=9, strided=False)
     y_one, s_one = rmsnorm_angle(x, w, EPS, cu, off)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", True)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_FROM", 64)
@@ -307,7 +302,7 @@ def test_split_tail_rows(dim, dtype, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, cu, off))
     for a, b in zip(stats, s_one):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
-    strided = torch.cat([x, x[:, :8]], dim=1)[:, :dim]
+    strided = ragged_rows(dim, dtype, seed=9)[0]  # the same rows, row stride dim + 8
     y_s, s_s = rmsnorm_angle(strided, w, EPS, cu, off)
     assert torch.equal(y_s, y)
     monkeypatch.setattr(rmsnorm_module, "_PIPELINE_STAGES", 2)
