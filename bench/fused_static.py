@@ -147,7 +147,8 @@ def table(args: argparse.Namespace) -> list[dict]:
                 ptx, report, sass = lower(cfg, dt, stats, args.arch)
                 regs = int(re.search(r"Used (\d+) registers", report).group(1))
                 spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
-                # the main loop: the one-row loop of a segment chunk with statistics, the only loop without
+                # the main loop: with statistics the one-row loop of a segment chunk (the kernel's longest), without
+                # them the only loop
                 main = max(loops(ptx), key=lambda c: c["lines"]) if stats else loops(ptx)[0]
                 row = dict(dtype=dt, D=dim, block_d=cfg.block_d, block_d2=cfg.block_d2, warps=cfg.num_warps,
                            block_t=cfg.block_t,
