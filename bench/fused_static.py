@@ -55,7 +55,7 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str,
                   JOINT_SUMS=M._JOINT_SUMS is not False, RSQRT_INV=M._RSQRT_INV is not False,
                   RSQRT_RSTD=M._RSQRT_RSTD is not False,
                   BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
-                  **(dict(M._rows_tuning(True), BLOCK_D2=cfg.block_d2) if cfg.rows else {}),
+                  **(M._rows_tuning(cfg, True) if cfg.rows else {}),
                   __aligned__=contiguous_launch_hints(sig))
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)
     with tempfile.TemporaryDirectory() as tmp:  # one ptxas run: the -v report and the cubin nvdisasm reads

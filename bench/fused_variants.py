@@ -42,6 +42,9 @@ VARIANTS: dict[str, dict] = {
     # not yet timed: D = 5120 (6144) as two tiles, 4096 + 1024 (2048) values on 8 warps, 2 programs per SM in bf16
     # (127 registers with Triton 3.6 at sm_90a), instead of a padded 8192 on 16 warps, one program per SM
     "split_tail": {"_ROWS_SPLIT_TAIL": True},
+    # ... and from a padded 4096 on (D = 2560, 3072), where the static counts say the second reduction costs more
+    # than the padding saves (the reason for _ROWS_SPLIT_FROM = 8192)
+    "split_tail_from_4096": {"_ROWS_SPLIT_TAIL": True, "_ROWS_SPLIT_FROM": 4096},
     # not yet timed: cache hints on the default loop, e.g. an L2 prefetch of the row this many rows past the one
     # loaded into registers
     "prefetch_1": {"_PREFETCH_ROWS": 1},

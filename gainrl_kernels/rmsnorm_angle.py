@@ -457,10 +457,10 @@ def _fwd_rows_kernel(
         d_ok = dd < (BLOCK_D if BLOCK_D2 > 0 else D)
         w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
         tl.static_assert(BLOCK_D2 == 0 or BLOCK_T == 1, "a row tail needs one-row steps")
-        TAIL: tl.constexpr = BLOCK_D2 if BLOCK_D2 > 0 else 1  # the tail's tile shape (unused without a tail)
-        d2 = BLOCK_D + tl.arange(0, TAIL)
-        d2_ok = d2 < (D if BLOCK_D2 > 0 else 0)
-        w2 = tl.load(w_ptr + d2, mask=d2_ok, other=0.0).to(tl.float32)
+        if BLOCK_D2 > 0:  # the tail's columns (names with suffix 2 exist only with a tail)
+            d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            d2_ok = d2 < D
+            w2 = tl.load(w_ptr + d2, mask=d2_ok, other=0.0).to(tl.float32)
         seg = -1
         if STATS:
             seg = tl.load(item_seg_ptr + pid)
@@ -478,8 +478,8 @@ def _fwd_rows_kernel(
                 # the tail's tiles (suffix 2) follow the first tile's through the loop; defined only with a tail,
                 # so that a one-tile loop carries nothing more (dummies would cost registers and moves)
                 if BLOCK_D2 > 0:
-                    acc2 = tl.zeros([BLOCK_T, TAIL], dtype=tl.float32)
-                    y_prev2 = tl.zeros([BLOCK_T, TAIL], dtype=tl.float32)
+                    acc2 = tl.zeros([BLOCK_T, BLOCK_D2], dtype=tl.float32)
+                    y_prev2 = tl.zeros([BLOCK_T, BLOCK_D2], dtype=tl.float32)
                     x_cur2 = tl.load(x_ptr + (row0 + t).to(tl.int64)[:, None] * stride_r + d2[None, :],
                                      mask=d2_ok[None, :], other=0.0, eviction_policy=X_EVICT).to(tl.float32)
                     ss += tl.sum(x_cur2 * x_cur2, axis=1)
@@ -876,8 +876,8 @@ _X_EVICTION = ""
 # as 4096 + 1024 values on 8 warps (114 registers, 2 programs per SM) in place of 8192 on 16 warps (95, one per
 # SM), 4656 -> 3152 warp instructions a row in bf16, 4512 -> 2912 in fp32 (sm_90a, Triton 3.9, bench/fused_static.py
 # --variant split_tail). Costs a second block reduction per row, which outweighs the padding below 2P = 8192 (D =
-# 3072 bf16: 1940 -> 2352 against the capped 4-warp row of 4096), hence only from a padded width of _ROWS_SPLIT_FROM
-# on. Not yet timed: variant split_tail
+# 3072 bf16: 1940 -> 2352 against the capped 4-warp row of 4096, variant split_tail_from_4096), hence only from a
+# padded width of _ROWS_SPLIT_FROM on. Not yet timed: variant split_tail
 _ROWS_SPLIT_TAIL = False
 _ROWS_SPLIT_FROM = 8192
 
@@ -911,12 +911,14 @@ def _vector_aligned(x2d: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
 
 
 def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool,
-                capability: Optional[int] = None, aligned: bool = True) -> _FwdConfig:
+                capability: Optional[int] = None, aligned: bool = True,
+                split: Optional[bool] = None) -> _FwdConfig:
     """Tile rules of the forward (tests/test_triton_compile.py lowers these), with or without the statistics. The
     chunk shrinks (to BLOCK_T at least) until there are about four programs per multiprocessor, so small batches
     still fill the GPU. ``capability``: the compute capability major the rules assume (default: ``device``'s);
     ``aligned``: the launch compiles vector loads (``_vector_aligned``), else no register cap (scalar loads take
-    more registers: a capped row of 4096 would spill ~400-500 bytes)."""
+    more registers: a capped row of 4096 would spill ~400-500 bytes). ``split``: hold a row as two tiles where
+    ``_ROWS_SPLIT_FROM`` allows (default: ``_ROWS_SPLIT_TAIL``)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d > _ROWS_MAX_BLOCK_D:
         block_t, block_d, warps = _SLICED_TILE
@@ -929,9 +931,10 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     maxnreg = None
     block_d2 = 0
     if stats and block_t == 1:
-        tail = max(16, triton.next_power_of_2(max(dim - block_d // 2, 1)))
-        if _ROWS_SPLIT_TAIL and block_d >= _ROWS_SPLIT_FROM and block_d // 2 + tail < block_d:
-            block_d, block_d2 = block_d // 2, tail
+        if (_ROWS_SPLIT_TAIL if split is None else split) and block_d >= _ROWS_SPLIT_FROM:
+            tail = max(16, triton.next_power_of_2(dim - block_d // 2))  # dim > block_d / 2 >= 8
+            if block_d // 2 + tail < block_d:
+                block_d, block_d2 = block_d // 2, tail
         min_d, min_warps = _ROWS_STATS_MIN_WARPS
         warps = max(block_d // (32 * _ROWS_STATS_VALUES_PER_THREAD), min_warps if block_d >= min_d else 4)
         if aligned and not block_d2:
@@ -1003,12 +1006,13 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 
 
-def _rows_tuning(compiled: bool) -> dict:
-    """The cache constexprs of ``_fwd_rows_kernel`` from the module's knobs (the prefetch is inline PTX: compiled
-    code only)."""
+def _rows_tuning(cfg: _FwdConfig, compiled: bool) -> dict:
+    """The constexprs of ``_fwd_rows_kernel`` beyond the tile: the row's tail (``cfg.block_d2``) and the cache
+    options from the module's knobs (the prefetch is inline PTX: compiled code only). The launcher,
+    bench/fused_static.py and tests/test_triton_compile.py all lower the kernel with these."""
     prefetch = _PREFETCH_ROWS if compiled else 0
     return dict(PREFETCH=prefetch, PREFETCH_L1=bool(prefetch and _PREFETCH_L1), X_EVICT=_X_EVICTION,
-                PIPELINE=_PIPELINE_STAGES)
+                PIPELINE=_PIPELINE_STAGES, BLOCK_D2=cfg.block_d2)
 
 
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, stats: bool):
@@ -1042,7 +1046,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         RSQRT_INV=x2d.is_cuda if _RSQRT_INV is None else _RSQRT_INV,
         RSQRT_RSTD=x2d.is_cuda if _RSQRT_RSTD is None else _RSQRT_RSTD,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
-        **(dict(_rows_tuning(x2d.is_cuda), BLOCK_D2=cfg.block_d2) if cfg.rows else {}),
+        **(_rows_tuning(cfg, x2d.is_cuda) if cfg.rows else {}),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
     if stats:

@@ -271,7 +271,8 @@ def test_pipelined_row_loop(stages, monkeypatch):
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 4)  # several chunks per segment: pairs across chunk ends
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
     monkeypatch.setattr(rmsnorm_module, "_PIPELINE_STAGES", stages)
-    assert rmsnorm_module._rows_tuning(DEV == "cuda")["PIPELINE"] == stages
+    cfg = rmsnorm_module._fwd_config(64, 96, 2, torch.device(DEV), stats=True)
+    assert rmsnorm_module._rows_tuning(cfg, DEV == "cuda")["PIPELINE"] == stages
     y1, s1 = rmsnorm_angle(x, w, EPS, cu, off)
     assert torch.equal(y0, y1)
     for a, b in zip(s0, s1):
@@ -334,7 +335,8 @@ def test_bare_rows_per_program(chunk, monkeypatch):
 
 @pytest.mark.skipif(DEV != "cuda", reason="needs a GPU: the compiled launch shapes of model widths")
 @pytest.mark.parametrize("dim,split", [(896, False), (2048, False), (3584, False), (4096, False), (5120, False),
-                                       (5120, True), (6144, True)], ids=lambda v: {True: "split", False: "one_tile"}.get(v, v))
+                                       (5120, True), (6144, True)],
+                         ids=lambda v: {True: "split", False: "one_tile"}.get(v, v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_model_widths_compiled(dim, split, dtype, monkeypatch):
     """Model widths at their default launch shapes on a GPU (e.g. the register-capped 4 warps of a 16-bit row of
@@ -342,7 +344,7 @@ def test_model_widths_compiled(dim, split, dtype, monkeypatch):
     1024 or 2048 columns): y, statistics and gradients against the float64 reference, ragged sequences with an
     empty and a length-1 one, segments cut off the chunk grid."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", split)
-    assert (rmsnorm_module._fwd_config(1 << 20, dim, 2, torch.device(DEV), True).block_d2 > 0) == split
+    assert (rmsnorm_module._fwd_config(1 << 20, dim, dtype.itemsize, torch.device(DEV), True).block_d2 > 0) == split
     lens = [1, 0, 300, 77, 513]
     x = concentrated((sum(lens) + 2,), dim, seed=3).to(DEV, dtype).requires_grad_(True)
     w = weight_of(dim, dtype).requires_grad_(True)

@@ -155,7 +155,7 @@ def _rmsnorm_angle_cases():
                 M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
                 dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
                      RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, __aligned__=hints,
-                     **(dict(M._rows_tuning(False), BLOCK_D2=cfg.block_d2) if cfg.rows else {})),
+                     **(M._rows_tuning(cfg, False) if cfg.rows else {})),
                 cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
             )
             if stats and cfg.rows and cfg.block_t == 1 and cfg.block_d == 4096 and aligned:
@@ -165,23 +165,19 @@ def _rmsnorm_angle_cases():
                     yield Case(
                         f"rmsnorm_fwd_rows-{dt}-{tag}-BD{cfg.block_d}-W{cfg.num_warps}{cap}", M._fwd_rows_kernel, sig,
                         dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                             RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, BLOCK_D2=0, __aligned__=hints,
-                             **{**M._rows_tuning(False), **tuning}),
+                             RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, __aligned__=hints,
+                             **{**M._rows_tuning(cfg, False), **tuning}),
                         cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
                     )
         for dim in RMSNORM_SPLIT_DIMS:  # a row as two tiles (_ROWS_SPLIT_TAIL), not yet the default
-            saved, M._ROWS_SPLIT_TAIL = M._ROWS_SPLIT_TAIL, True
-            try:
-                cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), True, capability=9)
-            finally:
-                M._ROWS_SPLIT_TAIL = saved
+            cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), True, capability=9, split=True)
             assert cfg.block_d2 and cfg.block_d < dim <= cfg.block_d + cfg.block_d2, cfg
             sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
             yield Case(
                 f"rmsnorm_fwd_rows-{dt}-split-BD{cfg.block_d}+{cfg.block_d2}-W{cfg.num_warps}", M._fwd_rows_kernel,
                 sig, dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                          RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, BLOCK_D2=cfg.block_d2,
-                          __aligned__=contiguous_launch_hints(sig), **M._rows_tuning(False)),
+                          RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d,
+                          __aligned__=contiguous_launch_hints(sig), **M._rows_tuning(cfg, False)),
                 cfg.num_warps,
             )
         for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
