@@ -24,10 +24,18 @@ from run_angle_bench import make_input, time_it  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
+from gainrl_kernels.extension import has_cuda_rows_kernel  # noqa: E402
 
 # name -> module constants to override (None: the defaults)
 VARIANTS: dict[str, dict] = {
     "default": {},
+    # not yet timed: the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built
+    # with CUDA): a cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
+    "cuda_rows": {"_CUDA_ROWS": True},  # 16 values, 3 stages
+    "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2},
+    "cuda_rows_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 4},
+    "cuda_rows_32": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 32},
+    "cuda_rows_32_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 32, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them
     "8_warps_at_4096": {"_ROWS_STATS_REGISTER_CAP": {}},  # no register cap: the statistics' warp rule everywhere
     "4_warps_160_registers": {"_ROWS_STATS_REGISTER_CAP": {(9, 4096, 2): (4, 160)}},  # 3 per SM, fewer spare regs
@@ -163,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
         for name, settings in variants.items():
             row = dict(B=batch, L=length, D=dim, variant=name)
+            if cuda and settings.get("_CUDA_ROWS") and not has_cuda_rows_kernel():
+                row.update(status="skipped: the extension has no CUDA rows kernel (build it with CUDA)")
+                rows.append(row)
+                print(f"| {batch} | {length} | {dim} | {name} | {row['status']} ||||||", flush=True)
+                continue
             try:
                 with overridden(settings):
                     y, s = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)

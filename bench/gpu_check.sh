@@ -16,7 +16,8 @@
 #     summary.txt        one line per step: name, exit code, seconds; key result lines; read this first
 #     env.log            nvidia-smi, nvcc, Python/torch/triton/... versions, CPU/memory
 #     build.log          python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0), ptxas -v register report
-#     tests.log          pytest -v: tests/test_cuda_backend.py (GPU part), then the Triton kernel tests on CUDA
+#     tests.log          pytest -v: tests/test_cuda_backend.py and tests/test_rmsnorm_angle_cuda.py (GPU part: the
+#                        extension's CUDA kernels), then the Triton kernel tests on CUDA
 #     kernels_bench.log  bench/fused_variants.py, bench/run_kernels_bench.py, bench/eager_overhead.py tables;
 #                        kernels_cuda.json  the kernel bench rows;   fused_variants.json  fused RMSNorm+angle launch
 #                        variants (graph-timed);   eager_overhead.json  the fixed cost of one eager call
@@ -223,7 +224,8 @@ else
     # The GPU half of test_cuda_backend.py; its CPU emulator tests are CPU-only (opt in with the knob).
     CUDA_K="not emulated"
     [ "${GAINRL_GPU_CHECK_EMULATOR:-0}" = 1 ] && CUDA_K=""
-    step tests_cuda tests.log 150 "${PYTEST[@]}" tests/test_cuda_backend.py ${CUDA_K:+-k "$CUDA_K"}
+    step tests_cuda tests.log 150 "${PYTEST[@]}" tests/test_cuda_backend.py tests/test_rmsnorm_angle_cuda.py \
+        ${CUDA_K:+-k "$CUDA_K"}
     # Separate process: a CUDA fault in the extension cannot poison the Triton run.
     # GAINRL_GPU_CHECK_TRITON_K: a pytest -k filter for this half (e.g. "not torch_compile_fullgraph", ~40 s)
     TRITON_K=${GAINRL_GPU_CHECK_TRITON_K:-}

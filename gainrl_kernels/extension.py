@@ -28,6 +28,15 @@ def has_ext_kernel(device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("gainrl::angle_stats_ext", key)
 
 
+@functools.cache
+def has_cuda_rows_kernel() -> bool:
+    """Whether the extension was built with the CUDA rows kernel of the fused RMSNorm + angle forward
+    (``torch.ops.gainrl.rmsnorm_angle_rows_ext``, csrc/rmsnorm_angle_cuda_binding.cpp; CUDA builds only)."""
+    if EXTENSION_ERROR is not None or not hasattr(torch.ops.gainrl, "rmsnorm_angle_rows_ext"):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gainrl::rmsnorm_angle_rows_ext", "CUDA")
+
+
 def warn_fallback() -> None:
     global _warned
     if not _warned:

@@ -78,6 +78,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from .extension import has_cuda_rows_kernel
 from .types import AngleStats
 from .validate import (
     check_cu_seqlens_meta,
@@ -880,6 +881,15 @@ _X_EVICTION = ""
 # padded width of _ROWS_SPLIT_FROM on. Not yet timed: variant split_tail
 _ROWS_SPLIT_TAIL = False
 _ROWS_SPLIT_FROM = 8192
+# rows with statistics through the hand-written CUDA rows kernel of the extension (csrc/rmsnorm_angle_kernels.cuh:
+# a cp.async ring of _CUDA_ROWS_STAGES rows in shared memory, one barrier per row, the weight in shared memory,
+# _CUDA_ROWS_VALUES columns per thread) instead of _fwd_rows_kernel, where it takes the rows (``_cuda_rows_take``:
+# the extension built with CUDA, 16-byte vectors, D <= 8192). Same work list, outputs and reduce kernel. Checked in
+# the CPU emulator (tests/test_rmsnorm_angle_cuda.py); not yet timed on a GPU: variants cuda_rows_* of
+# bench/fused_variants.py. Off until timed
+_CUDA_ROWS = False
+_CUDA_ROWS_VALUES = 16  # 16 or 32 columns per thread (fp32 rows: always 8)
+_CUDA_ROWS_STAGES = 3  # 2 to 4 rows in the ring (stages - 1 loaded ahead)
 
 
 class _FwdConfig(NamedTuple):
@@ -1006,6 +1016,22 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 
 
+def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the CUDA rows kernel takes these [R, D] rows (mirrors ``supported`` of csrc/rmsnorm_angle_launch.h):
+    D a multiple of 16 bytes and at most 8192, unit column stride, 16-byte aligned rows and weight (host values
+    only, no sync; y is allocated aligned)."""
+    dim = x2d.shape[1]
+    vec = 16 // x2d.element_size()
+    return (0 < dim <= _ROWS_MAX_BLOCK_D and dim % vec == 0 and x2d.stride(1) == 1 and x2d.stride(0) % vec == 0
+            and x2d.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0
+            and (dim * weight.element_size()) % 16 == 0)
+
+
+def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``_CUDA_ROWS`` is on, the extension has the CUDA rows kernel and it takes these rows."""
+    return _CUDA_ROWS and x2d.is_cuda and has_cuda_rows_kernel() and _cuda_rows_supported(x2d, weight)
+
+
 def _rows_tuning(cfg: _FwdConfig, compiled: bool) -> dict:
     """The constexprs of ``_fwd_rows_kernel`` beyond the tile: the row's tail (``cfg.block_d2``) and the cache
     options from the module's knobs (the prefetch is inline PTX: compiled code only). The launcher,
@@ -1035,6 +1061,12 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     else:
         part_sum = part_q = part_adj = rstd  # never touched
     cfg = plan.cfg
+    if stats and cfg.rows and _cuda_rows_take(x2d, weight):
+        torch.ops.gainrl.rmsnorm_angle_rows_ext(
+            x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, _CUDA_ROWS_STAGES)
+        _reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
+        return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
     kernel = _fwd_rows_kernel if cfg.rows else _fwd_sliced_kernel
     kernel[(plan.grid,)](
         x2d, weight, y, rstd,
@@ -1050,13 +1082,21 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
     if stats:
-        block_c, block_d = _REDUCE_TILE
-        block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
-        _reduce_kernel[(batch * nseg, triton.cdiv(dim, block_d))](
-            part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
-            unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
-        )
+        _reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
+
+
+def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, part_adj: torch.Tensor,
+                     unit_sum: torch.Tensor, sq_norm: torch.Tensor, adjacent: torch.Tensor) -> None:
+    """Sums the forward's per-chunk partials (part_sum [G, D], part_q / part_adj [G] f32) of each segment, in chunk
+    order, into unit_sum [B, K, D], sq_norm [B, K] and adjacent [B] (f32, written in place)."""
+    batch, nseg, dim = unit_sum.shape
+    block_c, block_d = _REDUCE_TILE
+    block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
+    _reduce_kernel[(batch * nseg, triton.cdiv(dim, block_d))](
+        part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
+        unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
+    )
 
 
 class _BwdConfig(NamedTuple):

@@ -1,0 +1,103 @@
+"""Static cost of the hand-written CUDA rows kernel of the fused RMSNorm + angle forward (csrc/rmsnorm_angle_kernels.cuh),
+read from the compiled code (no GPU): per instantiation (dtype, vectors per thread NV, ring stages S) its registers,
+spills and machine instructions in the row loop (SASS via Triton's nvdisasm), and per row width D the block size,
+resident blocks per SM (by registers and by shared memory) and warp instructions per row.
+
+    python bench/cuda_rows_static.py                      # sm_90a table
+    python bench/cuda_rows_static.py --arch sm_80 --out bench/results/cuda_rows_static_sm80.json
+
+The loop count is an upper bound of what a row step issues: it includes the per-warp sum unrolled for up to 16 warps
+and the slow path of the IEEE division. Compare with bench/fused_static.py (the Triton kernel); GPU timings come
+from bench/fused_variants.py (variants cuda_rows_*).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from test_csrc_compile import ARCHS, NVCC, SETUP_NVCC_FLAGS, demangle, parse_ptxas, torch_flags  # noqa: E402
+
+REGISTERS_PER_SM = 65536
+SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 228 * 1024}  # usable by blocks, 1 KiB reserved per block
+SRC = ROOT / "csrc" / "rmsnorm_angle_cuda.cu"
+ELEM = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
+
+
+def compile_kernels(arch: str) -> tuple[dict[str, dict], str]:
+    """({kernel name: ptxas figures}, SASS) of every instantiation in csrc/rmsnorm_angle_cuda.cu for ``arch``."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cmd = [NVCC, "-cubin", "-gencode", ARCHS[arch], "-Xptxas=-v", *SETUP_NVCC_FLAGS,
+               *torch_flags(Path(tmp) / "shim"), "-o", str(cubin), str(SRC)]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+        sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+    funcs = parse_ptxas(p.stdout + p.stderr, arch)
+    names = demangle(list(funcs))
+    return {names[k]: dict(v, mangled=k) for k, v in funcs.items()}, sass
+
+
+def loop_instructions(sass: str, mangled: str) -> int:
+    from fused_static import sass_loop_instructions
+
+    part = sass.split(f".text.{mangled}:", 1)[1]
+    part = re.split(r"\n\s*\.text\.\S+:", part, maxsplit=1)[0]
+    return sass_loop_instructions(part) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="sm_90a")
+    p.add_argument("--dims", type=int, nargs="+", default=[896, 2048, 4096, 5120, 8192])
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if NVCC is None:
+        print("nvcc not found: nothing to report", file=sys.stderr)
+        return 1
+    funcs, sass = compile_kernels(args.arch)
+    rows = []
+    print("| dtype | NV | S | values/thread | registers | spills | loop SASS | D | threads | blocks/SM (regs, smem) "
+          "| warps/SM | warp instr / row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, f in sorted(funcs.items()):
+        m = re.search(r"rows_kernel<(\w+), (\d+), (\d+)>", name)
+        if not m:
+            continue
+        dt, nv, stages = m.group(1), int(m.group(2)), int(m.group(3))
+        vec = 16 // ELEM[dt]
+        loop = loop_instructions(sass, f["mangled"])
+        for dim in args.dims:
+            threads = max(32, -(-(-(-dim // vec) // nv) // 32) * 32)
+            if threads > 512:
+                continue
+            smem = stages * threads * nv * 16 + threads * nv * vec * 4 + 512 + 1024
+            by_regs = REGISTERS_PER_SM // (threads * max(f["registers"], 1))
+            by_smem = SMEM_PER_SM[args.arch] // smem
+            blocks = min(by_regs, by_smem, 2048 // threads)
+            row = dict(dtype=dt, nv=nv, stages=stages, values_per_thread=nv * vec, registers=f["registers"],
+                       spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0), loop_sass=loop, D=dim,
+                       threads=threads, blocks_by_registers=by_regs, blocks_by_smem=by_smem, blocks_per_sm=blocks,
+                       warps_per_sm=blocks * threads // 32, warp_instructions_per_row=loop * threads // 32)
+            rows.append(row)
+            print(f"| {dt} | {nv} | {stages} | {nv * vec} | {row['registers']} | {row['spill_bytes']} | {loop} | "
+                  f"{dim} | {threads} | {blocks} ({by_regs}, {by_smem}) | {row['warps_per_sm']} | "
+                  f"{row['warp_instructions_per_row']} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(arch=args.arch, command=" ".join(["python"] + sys.argv), rows=rows),
+                                       indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,465 @@
+// Hand-written CUDA forward of the fused RMSNorm + angle statistics: the rows kernel and its inline launcher.
+// Header-light on purpose (CUDA headers only, no torch): tests/test_csrc_compile.py checks it with ptxas and the
+// g++ CPU emulator of tests/cuda_emulator.py runs it (under GAINRL_CUDA_EMULATOR) without a GPU.
+//
+// What it computes, per work item (a chunk of rows of x [R, D], from the plan kernel of
+// gainrl_kernels/rmsnorm_angle.py; see csrc/rmsnorm_angle_launch.h), exactly the Triton _fwd_rows_kernel's outputs:
+//   rstd_t = rsqrt(Σ x_t² / D + eps),  y_t = round(w · round(x_t · rstd_t))  (round: to x's dtype, HF LlamaRMSNorm)
+// and, for a chunk inside a segment, of y as stored: Σ y_t / ‖y_t‖ (one fp32 partial row), Σ ‖y_t‖² / ‖y_t‖² and
+// Σ (y_t · y_{t+1}) / (‖y_t‖ ‖y_{t+1}‖) over the pairs with t + 1 < pair_end (the chunk's last pair reads the row
+// after it), with 1 / ‖y‖ = rsqrt(max(‖y‖², 1e-24)).
+//
+// Why a CUDA kernel beside the Triton one: an H100 profile of the Triton kernel at 64x4096x4096 bf16
+// (bench/results/profile_fused_h100_register_cap.txt) spends a third of its stalls waiting on global loads and a
+// third at block barriers, with 3 programs (12 warps) per SM. Here:
+//   * rows arrive through a ring of `S` row buffers in shared memory filled by cp.async (16 bytes a copy), S - 1
+//     rows ahead, so bytes in flight cost no registers; every thread copies and later reads only its own 16-byte
+//     vectors, so the ring needs no barrier, only cp.async.wait_group;
+//   * one block reduction per row (‖y_t‖², y_t · y_{t-1} and the next row's Σ x², warp shuffles then one
+//     __syncthreads on a double-buffered per-warp slot): one barrier a row, where Triton's reduction takes two;
+//   * the weight lives in shared memory as fp32 (each thread its own columns), y_{t-1} in registers packed in x's
+//     dtype (y is stored rounded, so nothing is lost): about 64 registers at 16 values per thread.
+// Thread i holds columns of vectors j * blockDim.x + i (coalesced), V = 16 / sizeof(T) values per vector, NV
+// vectors. Deterministic: fixed summation orders, no atomics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#ifdef GAINRL_CUDA_EMULATOR
+#include <vector>
+#endif
+
+#include "rmsnorm_angle_launch.h"
+
+namespace gainrl {
+namespace rmsnorm_angle {
+
+constexpr float kMinSquaredNorm = 1e-24f;  // (1e-12)², the F.normalize clamp on the squared norm
+
+// ------------------------------------------------------------------------------------------------ device helpers
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Two values of T in one register (one for fp32: a float2): pack = round both to T in one instruction on sm_80+
+// (F2FP), unpack = back to fp32 (one shift or mask per value). Values are handled in pairs so that a rounding costs
+// half an instruction and no byte shuffling.
+template <typename T>
+struct Pair;
+template <>
+struct Pair<float> {
+  using type = float2;
+  static __device__ __forceinline__ float2 unpack(float2 p) { return p; }
+  static __device__ __forceinline__ float2 pack(float a, float b) { return make_float2(a, b); }
+};
+template <>
+struct Pair<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ float2 unpack(__half2 p) { return __half22float2(p); }
+  static __device__ __forceinline__ __half2 pack(float a, float b) { return __floats2half2_rn(a, b); }
+};
+// bf16 pairs as raw bits: unpacking is a shift (low value) and a mask (high value), one instruction each, where
+// __bfloat1622float2 extracts and shifts each half (and the compiler re-joins halves after every pack)
+template <>
+struct Pair<__nv_bfloat16> {
+  using type = unsigned;
+  static __device__ __forceinline__ float bits_to_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static __device__ __forceinline__ float2 unpack(unsigned p) {
+    return make_float2(bits_to_float(p << 16), bits_to_float(p & 0xffff0000u));
+  }
+  static __device__ __forceinline__ unsigned pack(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);  // a in the low half, one F2FP on sm_80+
+    unsigned u;
+    std::memcpy(&u, &h, 4);
+    return u;
+  }
+};
+
+// 16 bytes of T as P = 16 / sizeof(T) / 2 pairs: one vector load / store / cp.async.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int P = 8 / sizeof(T);
+  typename Pair<T>::type p[P];
+};
+
+__device__ __forceinline__ float fast_rsqrt(float v) {
+#ifdef GAINRL_CUDA_EMULATOR
+  return 1.f / sqrtf(v);
+#else
+  return rsqrtf(v);  // the hardware's approximate rsqrt, as torch.rsqrt on CUDA and the Triton kernel
+#endif
+}
+
+__device__ __forceinline__ float div_rn(float a, float b) {
+#ifdef GAINRL_CUDA_EMULATOR
+  return a / b;
+#else
+  return __fdiv_rn(a, b);  // IEEE division even under --use_fast_math (the mean of rstd, as in the Triton kernel)
+#endif
+}
+
+#ifdef GAINRL_CUDA_EMULATOR
+// The emulator's cp.async: each CUDA thread queues its copies by commit group and performs them when a wait covers
+// their group (lazy, the default: a read of a slot before its wait sees stale bytes) or at once (eager: a copy into a
+// slot a thread still reads shows). tests/test_rmsnorm_angle_cuda.py runs both.
+struct EmuCopy {
+  unsigned group;
+  void* dst;
+  unsigned char bytes[16];
+};
+inline bool g_emu_cp_async_eager = false;
+inline std::vector<std::vector<EmuCopy>> g_emu_copies;  // per thread of the running block
+inline std::vector<unsigned> g_emu_groups;              // committed groups per thread
+
+inline void emu_cp_async_reset(unsigned threads) {
+  g_emu_copies.assign(threads, {});
+  g_emu_groups.assign(threads, 0);
+}
+#endif
+
+// 16-byte asynchronous copy global -> shared (sm_80+), grouped by commit and waited for by count.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+#ifdef GAINRL_CUDA_EMULATOR
+  if (g_emu_cp_async_eager) {
+    std::memcpy(smem_dst, gmem_src, 16);
+    return;
+  }
+  EmuCopy c{g_emu_groups[threadIdx.x], smem_dst, {}};
+  std::memcpy(c.bytes, gmem_src, 16);
+  g_emu_copies[threadIdx.x].push_back(c);
+#else
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef GAINRL_CUDA_EMULATOR
+  ++g_emu_groups[threadIdx.x];
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most N of this thread's committed groups are still pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef GAINRL_CUDA_EMULATOR
+  auto& q = g_emu_copies[threadIdx.x];
+  const unsigned committed = g_emu_groups[threadIdx.x];
+  std::vector<EmuCopy> keep;
+  for (const EmuCopy& c : q) {
+    if (c.group + N < committed) std::memcpy(c.dst, c.bytes, 16); else keep.push_back(c);
+  }
+  q.swap(keep);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float load_weight(const void* w, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat16: return to_f32(static_cast<const __half*>(w)[i]);
+    case DType::kBFloat16: return to_f32(static_cast<const __nv_bfloat16*>(w)[i]);
+    default: return static_cast<const float*>(w)[i];
+  }
+}
+
+// Block sums of (a, b, c), the same in every thread: warp shuffles, then one barrier on slot red[buf] (double
+// buffered: slot buf is written again two calls later, after the next call's barrier, by which time every thread has
+// read it). Warps are summed in a fixed order.
+__device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (*red)[kMaxThreads / 32], int& buf) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  c = warp_sum(c);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  if (lane == 0) red[buf][warp] = make_float4(a, b, c, 0.f);
+  __syncthreads();
+  float4 s = red[buf][0];
+  for (int w = 1; w < n_warps; ++w) {
+    const float4 p = red[buf][w];
+    s.x += p.x;
+    s.y += p.y;
+    s.z += p.z;
+  }
+  buf ^= 1;
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------ the rows kernel
+
+// One block per work item. Dynamic shared memory: the ring [S][blockDim.x * NV] of 16-byte vectors, then the weight
+// [blockDim.x * NV * V] fp32.
+template <typename T, int NV, int S>
+__global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 4 ? 1 : 0)
+    rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
+                T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
+                const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
+                const int* __restrict__ item_pair_end, float* __restrict__ part_sum, float* __restrict__ part_q,
+                float* __restrict__ part_adj, int64_t R, int D, float eps) {
+  constexpr int V = 16 / sizeof(T);
+  using Vec = Vec16<T>;
+  using PairT = Pair<T>;
+  constexpr int P = Vec::P;  // pairs per vector
+  // 16 values per thread: row i + 1's fp32 values stay in registers from step i's sum of squares to step i + 1
+  // (one ring read and unpack per value fewer); 32 values per thread read the ring again (registers: spills)
+  constexpr bool kCarryX = NV * V <= 16;
+#ifdef GAINRL_CUDA_EMULATOR
+  unsigned char* smem = gainrl_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+#endif
+  __shared__ float4 red[2][kMaxThreads / 32];
+
+  const int item = blockIdx.x;
+  const int nrows = item_nrows[item];
+  if (nrows <= 0) return;  // spare work item (block-uniform)
+  const int64_t row0 = item_row0[item];
+  const bool stats = item_seg[item] >= 0;
+  const int64_t row_end = row0 + nrows;
+  int64_t load_end = row_end;  // rows read: the chunk's, then the next one when the chunk's last pair counts
+  if (stats && row_end < static_cast<int64_t>(item_pair_end[item])) load_end = row_end + 1;
+  if (load_end > R) load_end = R;
+  const int n = static_cast<int>(load_end - row0);
+
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const int n_vec = D / V;
+  Vec* ring = reinterpret_cast<Vec*>(smem);
+  float* w_s = reinterpret_cast<float*>(smem + static_cast<size_t>(S) * threads * NV * sizeof(Vec));
+
+  // this thread's weight columns, fp32 (read back only by this thread: no barrier)
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int vi = j * threads + tid;
+#pragma unroll
+    for (int e = 0; e < V; ++e) w_s[vi * V + e] = vi < n_vec ? load_weight(weight, w_dtype, int64_t(vi) * V + e) : 0.f;
+  }
+
+  // ring slot of row i (0-based in the chunk): i % S; issue() copies this thread's vectors of row i (if any) and
+  // commits one group either way, so that group g always holds row g
+  const auto issue = [&](int i) {
+    if (i < n) {
+      const T* src = x + (row0 + i) * stride_r;
+      Vec* dst = ring + (i % S) * threads * NV;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int vi = j * threads + tid;
+        if (vi < n_vec) cp_async16(dst + j * threads + tid, src + int64_t(vi) * V);
+      }
+    }
+    cp_async_commit();
+  };
+  // x of row i from the ring as fp32 pairs (0 beyond D)
+  const auto load_row = [&](int i, float2 (&v)[NV][P]) {
+    const Vec* src = ring + (i % S) * threads * NV;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int vi = j * threads + tid;
+      if (vi < n_vec) {
+        const Vec p = src[j * threads + tid];
+#pragma unroll
+        for (int e = 0; e < P; ++e) v[j][e] = PairT::unpack(p.p[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < P; ++e) v[j][e] = make_float2(0.f, 0.f);
+      }
+    }
+  };
+  const auto sum_squares = [&](const float2 (&v)[NV][P]) {
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < NV; ++j)
+#pragma unroll
+      for (int e = 0; e < P; ++e) s = fmaf(v[j][e].y, v[j][e].y, fmaf(v[j][e].x, v[j][e].x, s));
+    return s;
+  };
+
+#pragma unroll
+  for (int i = 0; i < S; ++i) issue(i);
+
+  float2 acc[NV][P];  // Σ y_t / ‖y_t‖ over the chunk's rows, this thread's columns
+  Vec y_prev[NV];     // y_{t-1} as stored
+#pragma unroll
+  for (int j = 0; j < NV; ++j)
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      acc[j][e] = make_float2(0.f, 0.f);
+      y_prev[j].p[e] = PairT::pack(0.f, 0.f);
+    }
+  float inv_prev = 0.f, q = 0.f, adj = 0.f;
+  int buf = 0;
+  float2 xv[NV][P];
+
+  // rstd of row 0; afterwards step i computes row i + 1's inside its one reduction
+  cp_async_wait<S - 1>();
+  load_row(0, xv);
+  float rstd = fast_rsqrt(div_rn(block_sum3(0.f, 0.f, sum_squares(xv), red, buf).z, float(D)) + eps);
+
+  for (int i = 0; i < n; ++i) {
+    const bool own = i < nrows;  // else the row after the chunk: its pair with the chunk's last row only
+    if constexpr (!kCarryX) load_row(i, xv);  // else xv holds row i since the previous step's sum of squares
+    Vec yv[NV];
+    float nn = 0.f, dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int vi = j * threads + tid;
+      const float4* wj = reinterpret_cast<const float4*>(w_s + vi * V);
+#pragma unroll
+      for (int e = 0; e < P; e += 2) {  // two pairs per float4 of weights
+        const float4 w4 = wj[e / 2];
+        const float2 n0 = PairT::unpack(PairT::pack(xv[j][e].x * rstd, xv[j][e].y * rstd));
+        const float2 n1 = PairT::unpack(PairT::pack(xv[j][e + 1].x * rstd, xv[j][e + 1].y * rstd));
+        yv[j].p[e] = PairT::pack(w4.x * n0.x, w4.y * n0.y);
+        yv[j].p[e + 1] = PairT::pack(w4.z * n1.x, w4.w * n1.y);
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const float2 f = PairT::unpack(yv[j].p[e + k]);
+          const float2 g = PairT::unpack(y_prev[j].p[e + k]);
+          nn = fmaf(f.y, f.y, fmaf(f.x, f.x, nn));
+          dot = fmaf(f.y, g.y, fmaf(f.x, g.x, dot));
+        }
+      }
+    }
+    if (own) {
+      T* dst = y + (row0 + i) * int64_t(D);
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int vi = j * threads + tid;
+        if (vi < n_vec) *reinterpret_cast<Vec*>(dst + int64_t(vi) * V) = yv[j];
+      }
+      if (tid == 0) rstd_out[row0 + i] = rstd;
+    }
+    // row i + 1 (committed groups: S + i; groups 0 .. i + 1 done leaves S - 2 pending)
+    float ss = 0.f;
+    cp_async_wait<S - 2>();
+    if (i + 1 < n) {
+      load_row(i + 1, xv);
+      ss = sum_squares(xv);
+    }
+    const float4 s = block_sum3(nn, dot, ss, red, buf);
+    issue(i + S);  // into row i's slot: every thread read its own vectors of row i before the barrier
+    const float inv = fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
+    if (stats) {
+      if (own) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j)
+#pragma unroll
+          for (int e = 0; e < P; ++e) {
+            const float2 f = PairT::unpack(yv[j].p[e]);
+            acc[j][e] = make_float2(fmaf(f.x, inv, acc[j][e].x), fmaf(f.y, inv, acc[j][e].y));
+          }
+        q += s.x * inv * inv;
+      }
+      adj += s.y * inv_prev * inv;
+    }
+    rstd = fast_rsqrt(div_rn(s.z, float(D)) + eps);
+#pragma unroll
+    for (int j = 0; j < NV; ++j) y_prev[j] = yv[j];
+    inv_prev = inv;
+  }
+  cp_async_wait<0>();  // no copy may outlive the block
+
+  if (stats) {
+    float* out = part_sum + int64_t(item) * D;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int vi = j * threads + tid;
+      if (vi < n_vec) {
+#pragma unroll
+        for (int e = 0; e < P; e += 2)
+          *reinterpret_cast<float4*>(out + int64_t(vi) * V + 2 * e) =
+              make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
+      }
+    }
+    if (tid == 0) {
+      part_q[item] = q;
+      part_adj[item] = adj;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ host launcher
+
+template <typename T, int NV, int S>
+inline size_t smem_bytes(unsigned threads) {
+  return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (16 / sizeof(T)) * sizeof(float);
+}
+
+template <typename T, int NV, int S>
+inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t n_vec = a.D / V;
+  const int64_t need = (n_vec + NV - 1) / NV;
+  const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
+  if (threads > unsigned(kMaxThreads)) return cudaErrorInvalidValue;
+  const size_t smem = smem_bytes<T, NV, S>(threads);
+  auto* kernel = &rows_kernel<T, NV, S>;
+  const auto* x = static_cast<const T*>(a.x);
+  auto* y = static_cast<T*>(a.y);
+  const int D = static_cast<int>(a.D);
+#ifdef GAINRL_CUDA_EMULATOR
+  (void)stream;
+  emu_cp_async_reset(threads);
+  gainrl_emu::launch_smem(smem, kernel, dim3(static_cast<unsigned>(a.grid)), dim3(threads), x, a.stride_r,
+                          a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
+                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
+  return cudaSuccess;
+#else
+  if (smem > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(static_cast<unsigned>(a.grid)), dim3(threads), smem, stream>>>(
+      x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
+      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
+  return cudaGetLastError();
+#endif
+}
+
+template <typename T, int NV>
+inline cudaError_t dispatch_stages(const Args& a, DType w_dtype, cudaStream_t stream) {
+  switch (a.stages) {
+    case 2: return launch_rows<T, NV, 2>(a, w_dtype, stream);
+    case 3: return launch_rows<T, NV, 3>(a, w_dtype, stream);
+    default: return launch_rows<T, NV, 4>(a, w_dtype, stream);
+  }
+}
+
+template <typename T>
+inline cudaError_t dispatch_values(const Args& a, DType w_dtype, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  if constexpr (sizeof(T) == 2) {
+    if (a.values_per_thread == 32) return dispatch_stages<T, 32 / V>(a, w_dtype, stream);
+  }
+  return dispatch_stages<T, sizeof(T) == 2 ? 16 / V : 2>(a, w_dtype, stream);
+}
+
+// Enqueues the kernel (nothing when a.grid == 0); no synchronisation, no exceptions.
+inline cudaError_t launch_rmsnorm_angle_rows(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
+  if (!supported(a, x_dtype, w_dtype)) return cudaErrorInvalidValue;
+  if (a.grid <= 0) return cudaSuccess;
+  switch (x_dtype) {
+    case DType::kFloat16: return dispatch_values<__half>(a, w_dtype, stream);
+    case DType::kBFloat16: return dispatch_values<__nv_bfloat16>(a, w_dtype, stream);
+    default: return dispatch_values<float>(a, w_dtype, stream);
+  }
+}
+
+}  // namespace rmsnorm_angle
+}  // namespace gainrl

@@ -1,0 +1,65 @@
+// Host-side interface of the hand-written CUDA forward of the fused RMSNorm + angle statistics (the rows kernel of
+// csrc/rmsnorm_angle_kernels.cuh): plain C++, no CUDA device syntax, no torch, so that both compilers include it:
+//   * g++:  csrc/rmsnorm_angle_cuda_binding.cpp (argument checks, stream, registration of the torch op);
+//   * nvcc: csrc/rmsnorm_angle_kernels.cuh and csrc/rmsnorm_angle_cuda.cu (defines launch() below).
+// Nothing declared here throws (see csrc/angle_stats_launch.h for why the split).
+//
+// The kernel replaces the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py for a work list built by that
+// module's plan kernel: one block per work item (a chunk of consecutive rows, inside one segment or outside all),
+// the same outputs (y, rstd, one fp32 partial row + two scalars per segment chunk), reduced by the same Triton
+// reduce kernel.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace gainrl {
+namespace rmsnorm_angle {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+constexpr int kMaxDim = 8192;     // widest row (elements) the kernel holds: every thread keeps its columns
+constexpr int kMaxThreads = 512;  // block size bound (kMaxDim / 16 values per thread)
+
+struct Args {
+  const void* x;       // [R, D] element type x_dtype, unit column stride, 16-byte aligned rows
+  int64_t stride_r;    // row stride of x in elements
+  const void* weight;  // [D] element type w_dtype, contiguous
+  void* y;             // [R, D] contiguous, x_dtype
+  float* rstd;         // [R]
+  // work list [grid] int32 (gainrl_kernels/rmsnorm_angle.py, _plan_kernel): first row, rows (0: spare item),
+  // segment slot (-1: rows in no segment, no statistics), pairs (t, t+1) counted while t + 1 < pair_end
+  const int* item_row0;
+  const int* item_nrows;
+  const int* item_seg;
+  const int* item_pair_end;
+  int64_t grid;
+  // per item with statistics: part_sum [grid, D] f32, part_q [grid], part_adj [grid]
+  float* part_sum;
+  float* part_q;
+  float* part_adj;
+  int64_t R, D;
+  float eps;
+  int values_per_thread;  // 16 or 32 (columns each thread holds)
+  int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
+};
+
+inline int element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
+// Whether the kernel takes these rows: unit column stride is the caller's; D a multiple of the 16-byte vector,
+// 16-byte aligned x / y rows and weight, D <= kMaxDim, a known tuning.
+inline bool supported(const Args& a, DType x_dtype, DType w_dtype) {
+  const int vec = 16 / element_size(x_dtype);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return a.D > 0 && a.D <= kMaxDim && a.D % vec == 0 && (a.stride_r * element_size(x_dtype)) % 16 == 0 &&
+         aligned(a.x) && aligned(a.y) && aligned(a.weight) && (a.D * element_size(w_dtype)) % 16 == 0 &&
+         (a.values_per_thread == 16 || a.values_per_thread == 32) && a.stages >= 2 && a.stages <= 4;
+}
+
+// Enqueues the rows kernel on `stream` and returns cudaGetLastError() (cudaErrorInvalidValue, launching nothing,
+// when !supported). Never throws, never synchronises (CUDA-graph safe). Defined in csrc/rmsnorm_angle_cuda.cu.
+cudaError_t launch(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) noexcept;
+
+}  // namespace rmsnorm_angle
+}  // namespace gainrl

@@ -1,0 +1,291 @@
+"""The hand-written CUDA rows kernel of the fused RMSNorm + angle forward (csrc/rmsnorm_angle_kernels.cuh), against
+the float64 reference and the Triton forward, on the work list of the Triton plan kernel.
+
+Two runners:
+  * `emulated`: the kernel header compiled by g++ against the CPU emulation of tests/cuda_emulator.py (one fiber per
+    CUDA thread; cp.async is a copy there), with the plan and the reduce kernels run by the Triton interpreter. It
+    checks the ring indexing, the one-barrier reduction, pairs across chunk ends, rows in no segment, strided rows,
+    mixed weight dtypes and every tuning (values per thread, ring stages). No GPU-only effects (alignment faults,
+    asynchronous copies in flight, fast-math).
+  * `cuda`: the extension's op through ``rmsnorm_angle`` with ``_CUDA_ROWS`` on (skipped without a GPU or without
+    the CUDA build of the extension), against the Triton kernel and the reference, model widths included.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import cuda_emulator  # noqa: E402
+from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
+from gainrl_kernels.extension import has_cuda_rows_kernel  # noqa: E402
+from gainrl_kernels.naive_rmsnorm_angle import angle_stats_reference, rmsnorm_reference  # noqa: E402
+from gainrl_kernels.rmsnorm_angle import padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
+
+EPS = 1e-6
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # DType of csrc/rmsnorm_angle_launch.h
+
+EMULATOR_BODY = r"""
+#include "rmsnorm_angle_kernels.cuh"
+
+namespace ra = gainrl::rmsnorm_angle;
+
+extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
+                        float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
+                        int64_t grid, float* part_sum, float* part_q, float* part_adj, int64_t R, int64_t D,
+                        float eps, int values_per_thread, int stages) {
+  ra::Args a{};
+  a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
+  a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
+  a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
+  a.values_per_thread = values_per_thread; a.stages = stages;
+  try {
+    return static_cast<int>(ra::launch_rmsnorm_angle_rows(a, static_cast<ra::DType>(x_dtype),
+                                                          static_cast<ra::DType>(w_dtype), nullptr));
+  } catch (...) {
+    return -1;
+  }
+}
+
+extern "C" void emu_set_eager_copies(int eager) { ra::g_emu_cp_async_eager = eager != 0; }
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    lib = cuda_emulator.build(tmp_path_factory.mktemp("emu_rows"), EMULATOR_BODY)
+    lib.emu_rows.restype = ctypes.c_int
+    lib.emu_rows.argtypes = (
+        [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        + [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+        + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    )
+    lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
+    return lib
+
+
+@pytest.fixture(params=["lazy", "eager"])
+def copies(request, emulator):
+    """The emulator's cp.async: performed when a wait covers it (lazy: a read before its wait sees the poisoned ring)
+    or at once (eager: a copy into a slot still being read shows)."""
+    emulator.emu_set_eager_copies(int(request.param == "eager"))
+    yield request.param
+    emulator.emu_set_eager_copies(0)
+
+
+def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: int = 16, stages: int = 3):
+    """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
+    emulated kernel on outputs poisoned with NaN, the Triton reduce. Raises RuntimeError when the launcher refuses."""
+    plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
+    rows, dim = x2d.shape
+    y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
+    rstd = torch.full((rows,), float("nan"))
+    part_sum = torch.full((plan.grid, dim), float("nan"))
+    part_q = torch.full((plan.grid,), float("nan"))
+    part_adj = torch.full((plan.grid,), float("nan"))
+    items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
+    rc = lib.emu_rows(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
+                      y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(),
+                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages)
+    if rc != 0:
+        raise RuntimeError(f"emulated launch refused: {rc}")
+    batch, nseg = plan.count.shape
+    unit_sum = torch.empty(batch, nseg, dim)
+    sq_norm = torch.empty(batch, nseg)
+    adjacent = torch.empty(batch)
+    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
+    return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
+
+
+def concentrated(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """Shared direction + noise (no zero rows), float32."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, generator=g) + 0.8 * torch.randn(rows, dim, generator=g)
+
+
+def batch(dim: int, dtype: torch.dtype, seed: int, strided: bool = False, w_dtype: torch.dtype | None = None,
+          device: str = "cpu"):
+    """(x [R, D], w, cu_seqlens, seg_offsets) on ``device``: 7 sequences (an empty and a length-1 one, one long
+    enough to span several chunks), K = 2 segments with rows before, between and after them, 3 trailing rows in no
+    sequence. ``strided``: x's row stride is dim + 16."""
+    lens = [3, 40, 1, 0, 9, 2, 13]
+    x = concentrated(sum(lens) + 3, dim, seed).to(device, dtype)
+    if strided:
+        x = torch.cat([x, x[:, :16]], dim=1)[:, :dim]
+    off = torch.tensor([[0, 1, 3], [2, 9, 37], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2], [5, 5, 13]],
+                       dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(w_dtype or dtype)
+    return x, w.to(device), cu.to(device), off.to(device)
+
+
+def ulp_tol(dtype: torch.dtype) -> dict:
+    return {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.bfloat16: dict(rtol=2**-8, atol=0.0),
+            torch.float16: dict(rtol=2**-11, atol=0.0)}[dtype]
+
+
+def assert_stats(stats, y, cu, off, token_index=None) -> None:
+    """The statistics are those of y as stored (float64 reference), counts exact."""
+    ref = angle_stats_reference(y, cu, off, token_index)
+    torch.testing.assert_close(stats.count, ref.count, rtol=0, atol=0)
+    for name in ("unit_sum", "sq_norm", "adjacent"):
+        torch.testing.assert_close(getattr(stats, name).double(), getattr(ref, name), rtol=1e-5, atol=2e-5,
+                                   msg=name)
+
+
+@pytest.fixture(autouse=True)
+def short_chunks(monkeypatch):
+    """Chunks of at most 4 rows: segments span several chunks, so pairs cross chunk ends."""
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [64, 200, 1040])
+def test_emulated_matches_reference_and_triton(emulator, dim, dtype):
+    """y within a rounding step of the reference (rstd's sum of squares is added in another order than Triton's),
+    rstd of every row, the statistics those of y, and close to the Triton kernel's. 1040 columns take several warps
+    (the cross-warp reduction); 200 leaves threads without columns."""
+    x, w, cu, off = batch(dim, dtype, seed=dim)
+    y, rstd, stats = emulated_forward(emulator, x, w, cu, off)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
+    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + EPS), rtol=1e-6, atol=0)
+    assert_stats(stats, y, cu, off)
+    plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
+    y_t, rstd_t, stats_t = rmsnorm_module._forward(x, w, EPS, plan, True)
+    torch.testing.assert_close(y, y_t, **ulp_tol(dtype))
+    for a, b in zip(stats, stats_t):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("values,stages", [(16, 2), (16, 3), (16, 4), (32, 2), (32, 3), (32, 4)])
+def test_emulated_tunings(emulator, values, stages, copies):
+    """Every values-per-thread x ring depth gives the same y bitwise and the same statistics (bf16, strided rows),
+    with the asynchronous copies performed as late and as early as they may be."""
+    x, w, cu, off = batch(256, torch.bfloat16, seed=3, strided=True)
+    y0, r0, s0 = emulated_forward(emulator, x, w, cu, off)
+    y1, r1, s1 = emulated_forward(emulator, x, w, cu, off, values=values, stages=stages)
+    assert torch.equal(y0, y1) and torch.equal(r0, r1)
+    for a, b in zip(s0, s1):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert_stats(s1, y1, cu, off)
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_emulated_long_chunks(emulator, stages, copies, monkeypatch):
+    """Chunks of 32 rows (the ring wraps many times inside a chunk) over two long sequences, K = 2."""
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 128)
+    x = concentrated(610, 64, seed=17).to(torch.bfloat16)
+    w = torch.linspace(0.5, 1.5, 64).to(torch.bfloat16)
+    cu = torch.tensor([0, 333, 600], dtype=torch.int32)
+    off = torch.tensor([[10, 100, 330], [0, 267, 267]], dtype=torch.int32)
+    plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
+    assert plan.cfg.chunk == 32
+    y, _, stats = emulated_forward(emulator, x, w, cu, off, stages=stages)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
+    assert_stats(stats, y, cu, off)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float32, torch.bfloat16)])
+def test_emulated_weight_dtypes_and_strides(emulator, x_dtype, w_dtype):
+    """A weight in another dtype than x (read as fp32 into shared memory) and rows with a stride that is not D."""
+    x, w, cu, off = batch(96, x_dtype, seed=5, strided=True, w_dtype=w_dtype)
+    y, _, stats = emulated_forward(emulator, x, w, cu, off)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(x_dtype))
+    assert_stats(stats, y, cu, off)
+
+
+def test_emulated_padded_batch_and_default_segments(emulator):
+    """A padded [N, L, D] batch (left and right padding: rows in no sequence between sequences) through its token
+    index, and the default one segment per sequence."""
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    x = concentrated(mask.numel(), 64, seed=11).to(torch.bfloat16)
+    w = torch.ones(64, dtype=torch.bfloat16)
+    cu, tok = padded_to_cu_seqlens(mask)
+    y, _, stats = emulated_forward(emulator, x, w, cu, None, tok)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
+    assert_stats(stats, y, cu, None, tok)
+
+
+def test_emulated_nan_row(emulator):
+    """A NaN in x makes its row, its segment's statistics and its sequence's adjacent term NaN, and nothing else."""
+    x, w, cu, off = batch(64, torch.float32, seed=13)
+    x[cu[1] + 5, 7] = float("nan")  # sequence 1, segment 0 ([2, 9))
+    y, _, stats = emulated_forward(emulator, x, w, cu, off)
+    assert torch.isnan(y[cu[1] + 5]).all() and not torch.isnan(y[cu[1] + 6]).any()
+    assert torch.isnan(stats.unit_sum[1, 0]).all() and torch.isnan(stats.adjacent[1])
+    assert not torch.isnan(stats.unit_sum[1, 1]).any() and not torch.isnan(stats.sq_norm[1, 1])
+    keep = torch.ones(len(cu) - 1, dtype=torch.bool)
+    keep[1] = False
+    assert not torch.isnan(stats.adjacent[keep]).any() and not torch.isnan(stats.unit_sum[keep]).any()
+
+
+def test_emulated_refuses_unsupported_rows(emulator):
+    """D not a multiple of the 16-byte vector, a row stride that breaks the alignment, rows wider than 8192: the
+    launcher refuses (launches nothing); ``_cuda_rows_supported`` agrees, so ``rmsnorm_angle`` keeps Triton."""
+    for dim, dtype, pad in [(60, torch.bfloat16, 0), (64, torch.bfloat16, 4), (8200, torch.float32, 0)]:
+        x, w, cu, off = batch(dim, dtype, seed=1)
+        if pad:
+            x = torch.cat([x, x[:, :pad]], dim=1)[:, :dim]
+        assert not rmsnorm_module._cuda_rows_supported(x, w)
+        with pytest.raises(RuntimeError, match="refused"):
+            emulated_forward(emulator, x, w, cu, off)
+    x, w, _, _ = batch(64, torch.bfloat16, seed=1)
+    assert rmsnorm_module._cuda_rows_supported(x, w)
+
+
+# ---------------------------------------------------------------------------------------------------- on a GPU
+
+needs_cuda_rows = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") not in (None, "", "0")
+    or not has_cuda_rows_kernel(),
+    reason="needs a GPU, compiled Triton and the CUDA build of the extension (rmsnorm_angle_rows_ext)",
+)
+
+
+GPU_CASES = (  # (D, dtype, values per thread, stages): every tuning in bf16, every dtype at the default tuning
+    [(d, torch.bfloat16, v, s) for d in (64, 896, 2048, 4096, 5120, 8192) for v in (16, 32) for s in (2, 3, 4)]
+    + [(d, t, 16, 3) for d in (64, 896, 4096, 5120, 8192) for t in (torch.float32, torch.float16)]
+)
+
+
+@needs_cuda_rows
+@pytest.mark.parametrize("dim,dtype,values,stages", GPU_CASES, ids=str)
+def test_cuda_rows_match_triton(dim, dtype, values, stages, monkeypatch):
+    """On the GPU, through ``rmsnorm_angle``: y within a rounding step of the reference and of the Triton kernel,
+    the statistics those of y, model widths included (5120 is no power of two: 320 threads)."""
+    x, w, cu, off = batch(dim, dtype, seed=dim, strided=True, device="cuda")
+    assert x.stride(0) == dim + 16
+    y_t, s_t = rmsnorm_angle(x, w, EPS, cu, off)
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS", True)
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_VALUES", values)
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_STAGES", stages)
+    assert rmsnorm_module._cuda_rows_take(x.reshape(-1, dim), w)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
+    torch.testing.assert_close(y, y_t, **ulp_tol(dtype))
+    assert_stats(type(stats)(*(t.cpu() for t in stats)), y.cpu(), cu.cpu(), off.cpu())
+    for a, b in zip(stats, s_t):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@needs_cuda_rows
+def test_cuda_rows_deterministic_and_graph_capture(monkeypatch):
+    """Bitwise the same twice, and the same replayed from a CUDA graph (no host sync in the op)."""
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS", True)
+    x, w, cu, off = batch(4096, torch.bfloat16, seed=2, device="cuda")
+    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+    y1, s1 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y2, s2 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y0, y2) and all(torch.equal(a, b) for a, b in zip(s0, s2))
