@@ -1,5 +1,5 @@
 """Static cost of the hand-written CUDA rows kernel of the fused RMSNorm + angle forward (csrc/rmsnorm_angle_kernels.cuh),
-read from the compiled code (no GPU): per instantiation (dtype, vectors per thread NV, ring stages S) its registers,
+read from the compiled code (no GPU): per instantiation (dtype, vectors per thread NV, ring stages S, weight in x's dtype) its registers,
 spills and machine instructions in the row loop (SASS via Triton's nvdisasm), and per row width D the block size,
 resident blocks per SM (by registers and by shared memory) and warp instructions per row.
 
@@ -66,30 +66,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     funcs, sass = compile_kernels(args.arch)
     rows = []
-    print("| dtype | NV | S | values/thread | registers | spills | loop SASS | D | threads | blocks/SM (regs, smem) "
+    print("| dtype | NV | S | native w | values/thread | registers | spills | loop SASS | D | threads | blocks/SM (regs, smem) "
           "| warps/SM | warp instr / row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, f in sorted(funcs.items()):
-        m = re.search(r"rows_kernel<(\w+), (\d+), (\d+)>", name)
+        m = re.search(r"rows_kernel<(\w+), (\d+), (\d+), (true|false)>", name)
         if not m:
             continue
-        dt, nv, stages = m.group(1), int(m.group(2)), int(m.group(3))
+        dt, nv, stages, w_native = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4) == "true"
         vec = 16 // ELEM[dt]
         loop = loop_instructions(sass, f["mangled"])
         for dim in args.dims:
             threads = max(32, -(-(-(-dim // vec) // nv) // 32) * 32)
             if threads > 512:
                 continue
-            smem = stages * threads * nv * 16 + threads * nv * vec * 4 + 512 + 1024
+            smem = stages * threads * nv * 16 + threads * nv * (16 if w_native else vec * 4) + 512 + 1024
             by_regs = REGISTERS_PER_SM // (threads * max(f["registers"], 1))
             by_smem = SMEM_PER_SM[args.arch] // smem
             blocks = min(by_regs, by_smem, 2048 // threads)
-            row = dict(dtype=dt, nv=nv, stages=stages, values_per_thread=nv * vec, registers=f["registers"],
+            row = dict(dtype=dt, nv=nv, stages=stages, w_native=w_native, values_per_thread=nv * vec, registers=f["registers"],
                        spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0), loop_sass=loop, D=dim,
                        threads=threads, blocks_by_registers=by_regs, blocks_by_smem=by_smem, blocks_per_sm=blocks,
                        warps_per_sm=blocks * threads // 32, warp_instructions_per_row=loop * threads // 32)
             rows.append(row)
-            print(f"| {dt} | {nv} | {stages} | {nv * vec} | {row['registers']} | {row['spill_bytes']} | {loop} | "
+            print(f"| {dt} | {nv} | {stages} | {w_native} | {nv * vec} | {row['registers']} | {row['spill_bytes']} | {loop} | "
                   f"{dim} | {threads} | {blocks} ({by_regs}, {by_smem}) | {row['warps_per_sm']} | "
                   f"{row['warp_instructions_per_row']} |")
     if args.out:

@@ -56,12 +56,14 @@ struct Pair<float> {
   using type = float2;
   static __device__ __forceinline__ float2 unpack(float2 p) { return p; }
   static __device__ __forceinline__ float2 pack(float a, float b) { return make_float2(a, b); }
+  static __device__ __forceinline__ float2 mul(float2 a, float2 b) { return make_float2(a.x * b.x, a.y * b.y); }
 };
 template <>
 struct Pair<__half> {
   using type = __half2;
   static __device__ __forceinline__ float2 unpack(__half2 p) { return __half22float2(p); }
   static __device__ __forceinline__ __half2 pack(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ __half2 mul(__half2 a, __half2 b) { return __hmul2(a, b); }
 };
 // bf16 pairs as raw bits: unpacking is a shift (low value) and a mask (high value), one instruction each, where
 // __bfloat1622float2 extracts and shifts each half (and the compiler re-joins halves after every pack)
@@ -80,6 +82,17 @@ struct Pair<__nv_bfloat16> {
     const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);  // a in the low half, one F2FP on sm_80+
     unsigned u;
     std::memcpy(&u, &h, 4);
+    return u;
+  }
+  // both products rounded once to bf16 (one bf16x2 FMA with -0 on sm_80+): the product of two bf16 values is exact
+  // in fp32, so this is round(float(a) * float(b)), what PyTorch's bf16 multiply gives
+  static __device__ __forceinline__ unsigned mul(unsigned a, unsigned b) {
+    __nv_bfloat162 ha, hb;
+    std::memcpy(&ha, &a, 4);
+    std::memcpy(&hb, &b, 4);
+    const __nv_bfloat162 r = __hmul2(ha, hb);
+    unsigned u;
+    std::memcpy(&u, &r, 4);
     return u;
   }
 };
@@ -204,9 +217,10 @@ __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (
 // ------------------------------------------------------------------------------------------------ the rows kernel
 
 // One block per work item. Dynamic shared memory: the ring [S][blockDim.x * NV] of 16-byte vectors, then the weight
-// [blockDim.x * NV * V] fp32.
-template <typename T, int NV, int S>
-__global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 4 ? 1 : 0)
+// [blockDim.x * NV * V]: fp32, or with W_NATIVE (16-bit x and a weight of the same dtype) in x's dtype, and then
+// y = round(w * n) is one packed multiply per pair of values instead of an unpack, a multiply and a pack per value.
+template <typename T, int NV, int S, bool W_NATIVE>
+__global__ void __launch_bounds__(kMaxThreads, 1)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
@@ -239,15 +253,27 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 4 ? 1 : 0)
 
   const int tid = threadIdx.x, threads = blockDim.x;
   const int n_vec = D / V;
+  static_assert(!W_NATIVE || sizeof(T) == 2, "a native weight is a 16-bit one");
   Vec* ring = reinterpret_cast<Vec*>(smem);
-  float* w_s = reinterpret_cast<float*>(smem + static_cast<size_t>(S) * threads * NV * sizeof(Vec));
+  unsigned char* w_base = smem + static_cast<size_t>(S) * threads * NV * sizeof(Vec);
+  float* w_s = reinterpret_cast<float*>(w_base);  // fp32 weight
+  Vec* w_v = reinterpret_cast<Vec*>(w_base);      // W_NATIVE: the weight's own 16-byte vectors
 
-  // this thread's weight columns, fp32 (read back only by this thread: no barrier)
+  // this thread's weight columns (read back only by this thread: no barrier)
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
     const int vi = j * threads + tid;
+    if constexpr (W_NATIVE) {
+      Vec wv;
 #pragma unroll
-    for (int e = 0; e < V; ++e) w_s[vi * V + e] = vi < n_vec ? load_weight(weight, w_dtype, int64_t(vi) * V + e) : 0.f;
+      for (int e = 0; e < P; ++e) wv.p[e] = PairT::pack(0.f, 0.f);  // columns past D: 0, as x there
+      if (vi < n_vec) wv = static_cast<const Vec*>(weight)[vi];
+      w_v[vi] = wv;
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        w_s[vi * V + e] = vi < n_vec ? load_weight(weight, w_dtype, int64_t(vi) * V + e) : 0.f;
+    }
   }
 
   // ring slot of row i (0-based in the chunk): i % S; issue() copies this thread's vectors of row i (if any) and
@@ -319,13 +345,21 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 4 ? 1 : 0)
     for (int j = 0; j < NV; ++j) {
       const int vi = j * threads + tid;
       const float4* wj = reinterpret_cast<const float4*>(w_s + vi * V);
+      Vec wn;
+      if constexpr (W_NATIVE) wn = w_v[vi];
 #pragma unroll
-      for (int e = 0; e < P; e += 2) {  // two pairs per float4 of weights
-        const float4 w4 = wj[e / 2];
-        const float2 n0 = PairT::unpack(PairT::pack(xv[j][e].x * rstd, xv[j][e].y * rstd));
-        const float2 n1 = PairT::unpack(PairT::pack(xv[j][e + 1].x * rstd, xv[j][e + 1].y * rstd));
-        yv[j].p[e] = PairT::pack(w4.x * n0.x, w4.y * n0.y);
-        yv[j].p[e + 1] = PairT::pack(w4.z * n1.x, w4.w * n1.y);
+      for (int e = 0; e < P; e += 2) {  // two pairs per float4 of fp32 weights
+        if constexpr (W_NATIVE) {
+#pragma unroll
+          for (int k = 0; k < 2; ++k)
+            yv[j].p[e + k] = PairT::mul(wn.p[e + k], PairT::pack(xv[j][e + k].x * rstd, xv[j][e + k].y * rstd));
+        } else {
+          const float4 w4 = wj[e / 2];
+          const float2 n0 = PairT::unpack(PairT::pack(xv[j][e].x * rstd, xv[j][e].y * rstd));
+          const float2 n1 = PairT::unpack(PairT::pack(xv[j][e + 1].x * rstd, xv[j][e + 1].y * rstd));
+          yv[j].p[e] = PairT::pack(w4.x * n0.x, w4.y * n0.y);
+          yv[j].p[e + 1] = PairT::pack(w4.z * n1.x, w4.w * n1.y);
+        }
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           const float2 f = PairT::unpack(yv[j].p[e + k]);
@@ -395,20 +429,20 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 4 ? 1 : 0)
 
 // ------------------------------------------------------------------------------------------------ host launcher
 
-template <typename T, int NV, int S>
+template <typename T, int NV, int S, bool W_NATIVE>
 inline size_t smem_bytes(unsigned threads) {
-  return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (16 / sizeof(T)) * sizeof(float);
+  return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (W_NATIVE ? 16 : (16 / sizeof(T)) * sizeof(float));
 }
 
-template <typename T, int NV, int S>
+template <typename T, int NV, int S, bool W_NATIVE>
 inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const int64_t n_vec = a.D / V;
   const int64_t need = (n_vec + NV - 1) / NV;
   const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
   if (threads > unsigned(kMaxThreads)) return cudaErrorInvalidValue;
-  const size_t smem = smem_bytes<T, NV, S>(threads);
-  auto* kernel = &rows_kernel<T, NV, S>;
+  const size_t smem = smem_bytes<T, NV, S, W_NATIVE>(threads);
+  auto* kernel = &rows_kernel<T, NV, S, W_NATIVE>;
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
   const int D = static_cast<int>(a.D);
@@ -432,22 +466,31 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
 #endif
 }
 
-template <typename T, int NV>
+template <typename T, int NV, bool W_NATIVE>
 inline cudaError_t dispatch_stages(const Args& a, DType w_dtype, cudaStream_t stream) {
   switch (a.stages) {
-    case 2: return launch_rows<T, NV, 2>(a, w_dtype, stream);
-    case 3: return launch_rows<T, NV, 3>(a, w_dtype, stream);
-    default: return launch_rows<T, NV, 4>(a, w_dtype, stream);
+    case 2: return launch_rows<T, NV, 2, W_NATIVE>(a, w_dtype, stream);
+    case 3: return launch_rows<T, NV, 3, W_NATIVE>(a, w_dtype, stream);
+    default: return launch_rows<T, NV, 4, W_NATIVE>(a, w_dtype, stream);
   }
 }
 
+template <typename T, int NV>
+inline cudaError_t dispatch_weight(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (w_dtype == x_dtype) return dispatch_stages<T, NV, true>(a, w_dtype, stream);
+  }
+  (void)x_dtype;
+  return dispatch_stages<T, NV, false>(a, w_dtype, stream);
+}
+
 template <typename T>
-inline cudaError_t dispatch_values(const Args& a, DType w_dtype, cudaStream_t stream) {
+inline cudaError_t dispatch_values(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   if constexpr (sizeof(T) == 2) {
-    if (a.values_per_thread == 32) return dispatch_stages<T, 32 / V>(a, w_dtype, stream);
+    if (a.values_per_thread == 32) return dispatch_weight<T, 32 / V>(a, x_dtype, w_dtype, stream);
   }
-  return dispatch_stages<T, sizeof(T) == 2 ? 16 / V : 2>(a, w_dtype, stream);
+  return dispatch_weight<T, sizeof(T) == 2 ? 16 / V : 2>(a, x_dtype, w_dtype, stream);
 }
 
 // Enqueues the kernel (nothing when a.grid == 0); no synchronisation, no exceptions.
@@ -455,9 +498,9 @@ inline cudaError_t launch_rmsnorm_angle_rows(const Args& a, DType x_dtype, DType
   if (!supported(a, x_dtype, w_dtype)) return cudaErrorInvalidValue;
   if (a.grid <= 0) return cudaSuccess;
   switch (x_dtype) {
-    case DType::kFloat16: return dispatch_values<__half>(a, w_dtype, stream);
-    case DType::kBFloat16: return dispatch_values<__nv_bfloat16>(a, w_dtype, stream);
-    default: return dispatch_values<float>(a, w_dtype, stream);
+    case DType::kFloat16: return dispatch_values<__half>(a, x_dtype, w_dtype, stream);
+    case DType::kBFloat16: return dispatch_values<__nv_bfloat16>(a, x_dtype, w_dtype, stream);
+    default: return dispatch_values<float>(a, x_dtype, w_dtype, stream);
   }
 }
 
