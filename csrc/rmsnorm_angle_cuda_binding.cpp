@@ -3,7 +3,8 @@
 //                          part_adj!, eps, values_per_thread, stages) -> ()
 // fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
 // plan kernel (that module allocates everything and reduces the partials). x [R, D] fp32 / fp16 / bf16 CUDA with
-// unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192; weight [D] contiguous.
+// unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
+// contiguous.
 //
 // g++ only, CUDA build only (setup.py: *_cuda*.cpp). Every check and exception lives here; the nvcc-compiled
 // csrc/rmsnorm_angle_cuda.cu only returns a cudaError_t (see csrc/angle_stats_cuda_binding.cpp for why). No host
@@ -87,7 +88,8 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
   a.stages = static_cast<int>(stages);
   GAINRL_CHECK(ra::supported(a, xt, wt),
                "rmsnorm_angle_rows_ext: unsupported rows (D = " + std::to_string(D) +
-                   ": needs D a multiple of 16 bytes, D <= " + std::to_string(ra::kMaxDim) +
+                   ": needs D a multiple of 16 bytes, D <= " +
+                   std::to_string(ra::max_dim(xt, static_cast<int>(values_per_thread))) +
                    ", 16-byte aligned x, y and weight, values_per_thread 16 or 32, stages 2 to 4)");
   if (grid == 0 || R == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());

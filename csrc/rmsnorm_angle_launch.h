@@ -41,18 +41,28 @@ struct Args {
   float* part_adj;
   int64_t R, D;
   float eps;
-  int values_per_thread;  // 16 or 32 (columns each thread holds)
+  int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
 };
 
 inline int element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
+// Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.
+inline int values_per_thread(DType x_dtype, int requested) { return x_dtype == DType::kFloat32 ? 8 : requested; }
+
+// Widest row: kMaxThreads threads of values_per_thread columns, at most kMaxDim (fp32: 4096).
+inline int64_t max_dim(DType x_dtype, int requested) {
+  const int64_t d = int64_t(kMaxThreads) * values_per_thread(x_dtype, requested);
+  return d < kMaxDim ? d : kMaxDim;
+}
+
 // Whether the kernel takes these rows: unit column stride is the caller's; D a multiple of the 16-byte vector,
-// 16-byte aligned x / y rows and weight, D <= kMaxDim, a known tuning.
+// 16-byte aligned x / y rows and weight, D <= max_dim, a known tuning.
 inline bool supported(const Args& a, DType x_dtype, DType w_dtype) {
   const int vec = 16 / element_size(x_dtype);
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return a.D > 0 && a.D <= kMaxDim && a.D % vec == 0 && (a.stride_r * element_size(x_dtype)) % 16 == 0 &&
+  return a.D > 0 && a.D <= max_dim(x_dtype, a.values_per_thread) && a.D % vec == 0 &&
+         (a.stride_r * element_size(x_dtype)) % 16 == 0 &&
          aligned(a.x) && aligned(a.y) && aligned(a.weight) && (a.D * element_size(w_dtype)) % 16 == 0 &&
          (a.values_per_thread == 16 || a.values_per_thread == 32) && a.stages >= 2 && a.stages <= 4;
 }

@@ -888,7 +888,7 @@ _ROWS_SPLIT_FROM = 8192
 # the CPU emulator (tests/test_rmsnorm_angle_cuda.py); not yet timed on a GPU: variants cuda_rows_* of
 # bench/fused_variants.py. Off until timed
 _CUDA_ROWS = False
-_CUDA_ROWS_VALUES = 16  # 16 or 32 columns per thread (fp32 rows: always 8)
+_CUDA_ROWS_VALUES = 16  # 16 or 32 columns per thread in 16-bit rows (fp32 rows: always 8, so D <= 4096)
 _CUDA_ROWS_STAGES = 3  # 2 to 4 rows in the ring (stages - 1 loaded ahead)
 
 
@@ -1018,11 +1018,12 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the CUDA rows kernel takes these [R, D] rows (mirrors ``supported`` of csrc/rmsnorm_angle_launch.h):
-    D a multiple of 16 bytes and at most 8192, unit column stride, 16-byte aligned rows and weight (host values
-    only, no sync; y is allocated aligned)."""
+    D a multiple of 16 bytes and at most 8192 (fp32: 4096, 8 columns on each of 512 threads), unit column stride,
+    16-byte aligned rows and weight (host values only, no sync; y is allocated aligned)."""
     dim = x2d.shape[1]
     vec = 16 // x2d.element_size()
-    return (0 < dim <= _ROWS_MAX_BLOCK_D and dim % vec == 0 and x2d.stride(1) == 1 and x2d.stride(0) % vec == 0
+    values = 8 if x2d.dtype == torch.float32 else _CUDA_ROWS_VALUES
+    return (0 < dim <= min(_ROWS_MAX_BLOCK_D, 512 * values) and dim % vec == 0 and x2d.stride(1) == 1 and x2d.stride(0) % vec == 0
             and x2d.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0
             and (dim * weight.element_size()) % 16 == 0)
 

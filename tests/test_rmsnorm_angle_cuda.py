@@ -227,9 +227,11 @@ def test_emulated_nan_row(emulator):
 
 
 def test_emulated_refuses_unsupported_rows(emulator):
-    """D not a multiple of the 16-byte vector, a row stride that breaks the alignment, rows wider than 8192: the
-    launcher refuses (launches nothing); ``_cuda_rows_supported`` agrees, so ``rmsnorm_angle`` keeps Triton."""
-    for dim, dtype, pad in [(60, torch.bfloat16, 0), (64, torch.bfloat16, 4), (8200, torch.float32, 0)]:
+    """D not a multiple of the 16-byte vector, a row stride that breaks the alignment, rows wider than 8192 (fp32:
+    4096): the launcher refuses (launches nothing); ``_cuda_rows_supported`` agrees, so ``rmsnorm_angle`` keeps
+    Triton."""
+    for dim, dtype, pad in [(60, torch.bfloat16, 0), (64, torch.bfloat16, 4), (8200, torch.bfloat16, 0),
+                            (4100, torch.float32, 0)]:
         x, w, cu, off = batch(dim, dtype, seed=1)
         if pad:
             x = torch.cat([x, x[:, :pad]], dim=1)[:, :dim]
@@ -249,18 +251,23 @@ needs_cuda_rows = pytest.mark.skipif(
 )
 
 
-GPU_CASES = (  # (D, dtype, values per thread, stages): every tuning in bf16, every dtype at the default tuning
-    [(d, torch.bfloat16, v, s) for d in (64, 896, 2048, 4096, 5120, 8192) for v in (16, 32) for s in (2, 3, 4)]
-    + [(d, t, 16, 3) for d in (64, 896, 4096, 5120, 8192) for t in (torch.float32, torch.float16)]
+GPU_CASES = (  # (D, x dtype, weight dtype, values per thread, stages): every tuning in bf16 (weight in bf16: the
+    # packed product; in fp32: the fp32 weight), every dtype at the default tuning
+    [(d, torch.bfloat16, torch.bfloat16, v, s) for d in (64, 896, 2048, 4096, 5120, 8192) for v in (16, 32)
+     for s in (2, 3, 4)]
+    + [(d, torch.bfloat16, torch.float32, v, 3) for d in (896, 4096, 5120) for v in (16, 32)]
+    + [(d, t, t, 16, 3) for d in (64, 896, 4096, 5120, 8192) for t in (torch.float32, torch.float16)
+       if t != torch.float32 or d <= 4096]
+    + [(4096, torch.float16, torch.bfloat16, 32, 3), (4096, torch.float32, torch.bfloat16, 16, 3)]
 )
 
 
 @needs_cuda_rows
-@pytest.mark.parametrize("dim,dtype,values,stages", GPU_CASES, ids=str)
-def test_cuda_rows_match_triton(dim, dtype, values, stages, monkeypatch):
+@pytest.mark.parametrize("dim,dtype,w_dtype,values,stages", GPU_CASES, ids=str)
+def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, monkeypatch):
     """On the GPU, through ``rmsnorm_angle``: y within a rounding step of the reference and of the Triton kernel,
     the statistics those of y, model widths included (5120 is no power of two: 320 threads)."""
-    x, w, cu, off = batch(dim, dtype, seed=dim, strided=True, device="cuda")
+    x, w, cu, off = batch(dim, dtype, seed=dim, strided=True, w_dtype=w_dtype, device="cuda")
     assert x.stride(0) == dim + 16
     y_t, s_t = rmsnorm_angle(x, w, EPS, cu, off)
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS", True)
