@@ -55,7 +55,8 @@
 # only ~3 device minutes are left: then use GAINRL_GPU_CHECK_BUDGET=150 GAINRL_GPU_CHECK_SCORE_REPEATS=1, timeout_s
 # 200, or shorten the first call (GAINRL_GPU_CHECK_BUDGET=380, timeout_s 470).
 #
-# Knobs (environment): GAINRL_GPU_CHECK_BUDGET (seconds, default 470); GAINRL_GPU_CHECK_EMULATOR=1 also runs the
+# Knobs (environment): GAINRL_GPU_CHECK_BUDGET (seconds, default 470); GAINRL_GPU_CHECK_VARIANTS_CAP (seconds of the
+# variants step, default 120; the JSON is rewritten after every variant, goal shape first); GAINRL_GPU_CHECK_EMULATOR=1 also runs the
 # CPU emulator tests of test_cuda_backend.py (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python,
 # default python3); GAINRL_GPU_CHECK_DRY=1: CPU dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast
 # tests, --smoke / tiny benchmark shapes, default python .venv/bin/python), e.g.
@@ -245,7 +246,8 @@ elif [ "$DRY" = 1 ]; then
     step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --smoke --out "$OUT/fused_variants.json" \
         ${GAINRL_GPU_CHECK_VARIANTS:+--variants "$GAINRL_GPU_CHECK_VARIANTS"}
 else
-    step variants kernels_bench.log 120 "$PY" bench/fused_variants.py --out "$OUT/fused_variants.json" \
+    step variants kernels_bench.log "${GAINRL_GPU_CHECK_VARIANTS_CAP:-120}" "$PY" bench/fused_variants.py \
+        --out "$OUT/fused_variants.json" \
         ${GAINRL_GPU_CHECK_VARIANTS:+--variants "$GAINRL_GPU_CHECK_VARIANTS"}
 fi
 if [ -f "$OUT/fused_variants.json" ]; then
