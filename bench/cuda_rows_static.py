@@ -6,9 +6,10 @@ resident blocks per SM (by registers and by shared memory) and warp instructions
     python bench/cuda_rows_static.py                      # sm_90a table
     python bench/cuda_rows_static.py --arch sm_80 --out bench/results/cuda_rows_static_sm80.json
 
-The loop count is an upper bound of what a row step issues: it includes the per-warp sum unrolled for up to 16 warps
-and the slow path of the IEEE division. Compare with bench/fused_static.py (the Triton kernel); GPU timings come
-from bench/fused_variants.py (variants cuda_rows_*).
+"loop SASS (any block)" is the shipped kernel's row loop, which unrolls its per-warp sum for every warp count;
+"loop SASS (this block)" is the loop compiled for the block size of that D (GAINRL_STATIC_WARPS), what a row step
+issues but for the IEEE division's slow path; warp instructions per row use the latter. Compare with
+bench/fused_static.py (the Triton kernel); GPU timings come from bench/fused_variants.py (variants cuda_rows_*).
 """
 from __future__ import annotations
 
@@ -31,14 +32,17 @@ SRC = ROOT / "csrc" / "rmsnorm_angle_cuda.cu"
 ELEM = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
 
 
-def compile_kernels(arch: str) -> tuple[dict[str, dict], str]:
-    """({kernel name: ptxas figures}, SASS) of every instantiation in csrc/rmsnorm_angle_cuda.cu for ``arch``."""
+def compile_kernels(arch: str, warps: int | None = None) -> tuple[dict[str, dict], str]:
+    """({kernel name: ptxas figures}, SASS) of every instantiation in csrc/rmsnorm_angle_cuda.cu for ``arch``.
+    ``warps``: compile the block reduction for this many warps (GAINRL_STATIC_WARPS), so that the loop holds only
+    the code a block of that size runs (the shipped kernel unrolls its per-warp sum for every warp count)."""
     import triton
 
     nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
-        cmd = [NVCC, "-cubin", "-gencode", ARCHS[arch], "-Xptxas=-v", *SETUP_NVCC_FLAGS,
+        define = [f"-DGAINRL_STATIC_WARPS={warps}"] if warps else []
+        cmd = [NVCC, "-cubin", "-gencode", ARCHS[arch], "-Xptxas=-v", *SETUP_NVCC_FLAGS, *define,
                *torch_flags(Path(tmp) / "shim"), "-o", str(cubin), str(SRC)]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
         sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
@@ -65,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         print("nvcc not found: nothing to report", file=sys.stderr)
         return 1
     funcs, sass = compile_kernels(args.arch)
+    at_warps: dict[int, str] = {}  # warps -> SASS compiled for exactly that block size
     rows = []
-    print("| dtype | NV | S | native w | values/thread | registers | spills | loop SASS | D | threads | blocks/SM (regs, smem) "
-          "| warps/SM | warp instr / row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | NV | S | native w | values/thread | registers | spills | loop SASS (any block) | D | threads "
+          "| loop SASS (this block) | blocks/SM (regs, smem) | warps/SM | warp instr / row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, f in sorted(funcs.items()):
         m = re.search(r"rows_kernel<(\w+), (\d+), (\d+), (true|false)>", name)
         if not m:
@@ -81,17 +86,21 @@ def main(argv: list[str] | None = None) -> int:
             if threads > 512:
                 continue
             smem = stages * threads * nv * 16 + threads * nv * (16 if w_native else vec * 4) + 512 + 1024
+            if threads // 32 not in at_warps:
+                at_warps[threads // 32] = compile_kernels(args.arch, threads // 32)[1]
+            loop_here = loop_instructions(at_warps[threads // 32], f["mangled"])
             by_regs = REGISTERS_PER_SM // (threads * max(f["registers"], 1))
             by_smem = SMEM_PER_SM[args.arch] // smem
             blocks = min(by_regs, by_smem, 2048 // threads)
             row = dict(dtype=dt, nv=nv, stages=stages, w_native=w_native, values_per_thread=nv * vec, registers=f["registers"],
-                       spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0), loop_sass=loop, D=dim,
-                       threads=threads, blocks_by_registers=by_regs, blocks_by_smem=by_smem, blocks_per_sm=blocks,
-                       warps_per_sm=blocks * threads // 32, warp_instructions_per_row=loop * threads // 32)
+                       spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0), loop_sass_any_block=loop,
+                       D=dim, threads=threads, loop_sass=loop_here, blocks_by_registers=by_regs,
+                       blocks_by_smem=by_smem, blocks_per_sm=blocks, warps_per_sm=blocks * threads // 32,
+                       warp_instructions_per_row=loop_here * threads // 32)
             rows.append(row)
-            print(f"| {dt} | {nv} | {stages} | {w_native} | {nv * vec} | {row['registers']} | {row['spill_bytes']} | {loop} | "
-                  f"{dim} | {threads} | {blocks} ({by_regs}, {by_smem}) | {row['warps_per_sm']} | "
-                  f"{row['warp_instructions_per_row']} |")
+            print(f"| {dt} | {nv} | {stages} | {w_native} | {nv * vec} | {row['registers']} | {row['spill_bytes']} | "
+                  f"{loop} | {dim} | {threads} | {loop_here} | {blocks} ({by_regs}, {by_smem}) | "
+                  f"{row['warps_per_sm']} | {row['warp_instructions_per_row']} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(arch=args.arch, command=" ".join(["python"] + sys.argv), rows=rows),

@@ -200,7 +200,11 @@ __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (
   a = warp_sum(a);
   b = warp_sum(b);
   c = warp_sum(c);
+#ifdef GAINRL_STATIC_WARPS  // bench/cuda_rows_static.py only: the loop's code for one known block size
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = GAINRL_STATIC_WARPS;
+#else
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#endif
   if (lane == 0) red[buf][warp] = make_float4(a, b, c, 0.f);
   __syncthreads();
   float4 s = red[buf][0];
@@ -276,34 +280,41 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     }
   }
 
-  // ring slot of row i (0-based in the chunk): i % S; issue() copies this thread's vectors of row i (if any) and
-  // commits one group either way, so that group g always holds row g
-  const auto issue = [&](int i) {
-    if (i < n) {
-      const T* src = x + (row0 + i) * stride_r;
-      Vec* dst = ring + (i % S) * threads * NV;
+  // This thread's vectors in a ring slot: mine + slot * slot_stride + j * threads. Vectors past D are never
+  // copied into: they are zeroed once here, so ring reads need no bounds check (each thread reads only its own).
+  Vec* const mine = ring + tid;
+  const int slot_stride = threads * NV;
 #pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        const int vi = j * threads + tid;
-        if (vi < n_vec) cp_async16(dst + j * threads + tid, src + int64_t(vi) * V);
-      }
+  for (int j = 0; j < NV; ++j) {
+    if (j * threads + tid >= n_vec) {
+      Vec z;
+#pragma unroll
+      for (int e = 0; e < P; ++e) z.p[e] = PairT::pack(0.f, 0.f);
+#pragma unroll
+      for (int k = 0; k < S; ++k) mine[k * slot_stride + j * threads] = z;
+    }
+  }
+  // issue(i, slot): copy this thread's vectors of row i (if i < n) into ring slot `slot` (= i % S) and commit one
+  // group either way, so that group g always holds row g. x_next: row i's first element for this thread.
+  const T* x_next = x + row0 * stride_r + int64_t(tid) * V;
+  const auto issue = [&](int i, int slot) {
+    if (i < n) {
+      Vec* dst = mine + slot * slot_stride;
+#pragma unroll
+      for (int j = 0; j < NV; ++j)
+        if (j * threads + tid < n_vec) cp_async16(dst + j * threads, x_next + int64_t(j) * threads * V);
+      x_next += stride_r;
     }
     cp_async_commit();
   };
-  // x of row i from the ring as fp32 pairs (0 beyond D)
-  const auto load_row = [&](int i, float2 (&v)[NV][P]) {
-    const Vec* src = ring + (i % S) * threads * NV;
+  // x of the row in ring slot `slot` as fp32 pairs (0 past D)
+  const auto load_row = [&](int slot, float2 (&v)[NV][P]) {
+    const Vec* src = mine + slot * slot_stride;
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
-      const int vi = j * threads + tid;
-      if (vi < n_vec) {
-        const Vec p = src[j * threads + tid];
+      const Vec p = src[j * threads];
 #pragma unroll
-        for (int e = 0; e < P; ++e) v[j][e] = PairT::unpack(p.p[e]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < P; ++e) v[j][e] = make_float2(0.f, 0.f);
-      }
+      for (int e = 0; e < P; ++e) v[j][e] = PairT::unpack(p.p[e]);
     }
   };
   const auto sum_squares = [&](const float2 (&v)[NV][P]) {
@@ -316,7 +327,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   };
 
 #pragma unroll
-  for (int i = 0; i < S; ++i) issue(i);
+  for (int i = 0; i < S; ++i) issue(i, i);
 
   float2 acc[NV][P];  // Σ y_t / ‖y_t‖ over the chunk's rows, this thread's columns
   Vec y_prev[NV];     // y_{t-1} as stored
@@ -334,11 +345,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   // rstd of row 0; afterwards step i computes row i + 1's inside its one reduction
   cp_async_wait<S - 1>();
   load_row(0, xv);
+  int slot = 0;  // ring slot of row i
+  T* y_row = y + row0 * int64_t(D) + int64_t(tid) * V;
   float rstd = fast_rsqrt(div_rn(block_sum3(0.f, 0.f, sum_squares(xv), red, buf).z, float(D)) + eps);
 
   for (int i = 0; i < n; ++i) {
     const bool own = i < nrows;  // else the row after the chunk: its pair with the chunk's last row only
-    if constexpr (!kCarryX) load_row(i, xv);  // else xv holds row i since the previous step's sum of squares
+    const int slot_next = slot + 1 == S ? 0 : slot + 1;
+    if constexpr (!kCarryX) load_row(slot, xv);  // else xv holds row i since the previous step's sum of squares
     Vec yv[NV];
     float nn = 0.f, dot = 0.f;
 #pragma unroll
@@ -366,39 +380,32 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
           const float2 g = PairT::unpack(y_prev[j].p[e + k]);
           nn = fmaf(f.y, f.y, fmaf(f.x, f.x, nn));
           dot = fmaf(f.y, g.y, fmaf(f.x, g.x, dot));
+          // row i - 1's unit vector, added here where y_{i-1} is unpacked anyway (row i - 1 is always one of the
+          // chunk's own rows; at i = 0 both factors are 0; outside a segment acc is never stored)
+          acc[j][e + k] = make_float2(fmaf(g.x, inv_prev, acc[j][e + k].x), fmaf(g.y, inv_prev, acc[j][e + k].y));
         }
       }
     }
     if (own) {
-      T* dst = y + (row0 + i) * int64_t(D);
 #pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        const int vi = j * threads + tid;
-        if (vi < n_vec) *reinterpret_cast<Vec*>(dst + int64_t(vi) * V) = yv[j];
-      }
+      for (int j = 0; j < NV; ++j)
+        if (j * threads + tid < n_vec) *reinterpret_cast<Vec*>(y_row + int64_t(j) * threads * V) = yv[j];
       if (tid == 0) rstd_out[row0 + i] = rstd;
     }
+    y_row += D;
     // row i + 1 (committed groups: S + i; groups 0 .. i + 1 done leaves S - 2 pending)
     float ss = 0.f;
     cp_async_wait<S - 2>();
     if (i + 1 < n) {
-      load_row(i + 1, xv);
+      load_row(slot_next, xv);
       ss = sum_squares(xv);
     }
     const float4 s = block_sum3(nn, dot, ss, red, buf);
-    issue(i + S);  // into row i's slot: every thread read its own vectors of row i before the barrier
+    issue(i + S, slot);  // into row i's slot: every thread read its own vectors of row i before the barrier
+    slot = slot_next;
     const float inv = fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
     if (stats) {
-      if (own) {
-#pragma unroll
-        for (int j = 0; j < NV; ++j)
-#pragma unroll
-          for (int e = 0; e < P; ++e) {
-            const float2 f = PairT::unpack(yv[j].p[e]);
-            acc[j][e] = make_float2(fmaf(f.x, inv, acc[j][e].x), fmaf(f.y, inv, acc[j][e].y));
-          }
-        q += s.x * inv * inv;
-      }
+      if (own) q += s.x * inv * inv;
       adj += s.y * inv_prev * inv;
     }
     rstd = fast_rsqrt(div_rn(s.z, float(D)) + eps);
@@ -409,6 +416,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   cp_async_wait<0>();  // no copy may outlive the block
 
   if (stats) {
+    if (n == nrows) {  // the last row read is the chunk's own: its unit vector is still to add
+#pragma unroll
+      for (int j = 0; j < NV; ++j)
+#pragma unroll
+        for (int e = 0; e < P; ++e) {
+          const float2 g = PairT::unpack(y_prev[j].p[e]);
+          acc[j][e] = make_float2(fmaf(g.x, inv_prev, acc[j][e].x), fmaf(g.y, inv_prev, acc[j][e].y));
+        }
+    }
     float* out = part_sum + int64_t(item) * D;
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
