@@ -31,11 +31,11 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     # not yet timed: the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built
     # with CUDA): a cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
-    "cuda_rows": {"_CUDA_ROWS": True},  # 16 values, 3 stages
+    "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, 3 stages
     "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2},
     "cuda_rows_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 4},
-    "cuda_rows_32": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 32},
-    "cuda_rows_32_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 32, "_CUDA_ROWS_STAGES": 4},
+    "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16},
+    "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them
     "8_warps_at_4096": {"_ROWS_STATS_REGISTER_CAP": {}},  # no register cap: the statistics' warp rule everywhere
     "4_warps_160_registers": {"_ROWS_STATS_REGISTER_CAP": {(9, 4096, 2): (4, 160)}},  # 3 per SM, fewer spare regs

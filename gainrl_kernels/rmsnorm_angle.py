@@ -46,6 +46,9 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     registers, occupancy, barriers and instructions per step. Narrower rows take [BLOCK_T, BLOCK_D] steps and
     reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and
     the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
+  * or, with ``_CUDA_ROWS`` (off until timed on a GPU), the hand-written CUDA rows kernel of the extension on the
+    same work list (csrc/rmsnorm_angle_kernels.cuh: rows through a cp.async ring in shared memory, one barrier a
+    row), where it takes the rows (``_cuda_rows_supported``).
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -888,7 +891,10 @@ _ROWS_SPLIT_FROM = 8192
 # the CPU emulator (tests/test_rmsnorm_angle_cuda.py); not yet timed on a GPU: variants cuda_rows_* of
 # bench/fused_variants.py. Off until timed
 _CUDA_ROWS = False
-_CUDA_ROWS_VALUES = 16  # 16 or 32 columns per thread in 16-bit rows (fp32 rows: always 8, so D <= 4096)
+# 32 or 16 columns per thread in 16-bit rows (fp32 rows: always 8, so D <= 4096). 32: at D = 4096 bf16 a row
+# costs 1996 warp instructions on 4 blocks of 4 warps per SM, 16: 2352 on 2 blocks of 8 warps (sm_90a,
+# bench/cuda_rows_static.py; Triton's: 1940 on 3 programs of 4 warps)
+_CUDA_ROWS_VALUES = 32
 _CUDA_ROWS_STAGES = 3  # 2 to 4 rows in the ring (stages - 1 loaded ahead)
 
 
