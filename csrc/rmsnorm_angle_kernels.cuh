@@ -30,6 +30,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #ifdef GAINRL_CUDA_EMULATOR
@@ -448,6 +449,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
 // ------------------------------------------------------------------------------------------------ host launcher
 
+constexpr int kMaxDevices = 64;  // devices whose shared-memory opt-in is remembered (others: set every launch)
+
 template <typename T, int NV, int S, bool W_NATIVE>
 inline size_t smem_bytes(unsigned threads) {
   return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (W_NATIVE ? 16 : (16 / sizeof(T)) * sizeof(float));
@@ -473,10 +476,16 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
                           a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
   return cudaSuccess;
 #else
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (smem > 48 * 1024) {  // opt in to more dynamic shared memory, once per device and size (then graph-capture safe)
+    static std::atomic<size_t> granted[kMaxDevices];
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return e;
+    if (dev >= kMaxDevices || granted[dev].load() < smem) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+      if (dev < kMaxDevices) granted[dev].store(smem);  // a race only repeats the call
+    }
   }
   kernel<<<dim3(static_cast<unsigned>(a.grid)), dim3(threads), smem, stream>>>(
       x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
