@@ -239,6 +239,9 @@ trainer.train()
 rank = trainer.accelerator.process_index
 (out / f"rank{rank}.json").write_text(json.dumps(
     {"world": trainer.accelerator.num_processes, "history": trainer.gainrl.history, "calls": recorder.calls}))
+# an undestroyed gloo group can abort the interpreter at exit ("terminate called without an active exception")
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 
