@@ -34,6 +34,8 @@ VARIANTS: dict[str, dict] = {
     "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, 3 stages
     "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2},
     "cuda_rows_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 4},
+    "cuda_rows_carry": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True},  # 3 blocks of 4 warps, fewer instructions
+    "cuda_rows_carry_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True, "_CUDA_ROWS_STAGES": 4},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them

@@ -227,8 +227,11 @@ __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (
 // One block per work item. Dynamic shared memory: the ring [S][blockDim.x * NV] of 16-byte vectors, then the weight
 // [blockDim.x * NV * V]: fp32, or with W_NATIVE (16-bit x and a weight of the same dtype) in x's dtype, and then
 // y = round(w * n) is one packed multiply per pair of values instead of an unpack, a multiply and a pack per value.
-template <typename T, int NV, int S, bool W_NATIVE>
-__global__ void __launch_bounds__(kMaxThreads, 1)
+// CARRY: row i + 1's fp32 values stay in registers from step i's sum of squares to step i + 1 (one ring read and
+// unpack per value fewer, 32 more registers at 32 values per thread: those blocks are bounded at 256 threads, i.e.
+// 32 values x 256 = 8192 columns, so that ptxas may take ~160 registers: 3 blocks of 4 warps per SM at D = 4096).
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
+__global__ void __launch_bounds__(CARRY && NV * 16 / sizeof(T) >= 32 ? 256 : kMaxThreads, 1)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
@@ -238,9 +241,6 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   using Vec = Vec16<T>;
   using PairT = Pair<T>;
   constexpr int P = Vec::P;  // pairs per vector
-  // 16 values per thread: row i + 1's fp32 values stay in registers from step i's sum of squares to step i + 1
-  // (one ring read and unpack per value fewer); 32 values per thread read the ring again (registers: spills)
-  constexpr bool kCarryX = NV * V <= 16;
 #ifdef GAINRL_CUDA_EMULATOR
   unsigned char* smem = gainrl_emu::dynamic_smem();
 #else
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   for (int i = 0; i < n; ++i) {
     const bool own = i < nrows;  // else the row after the chunk: its pair with the chunk's last row only
     const int slot_next = slot + 1 == S ? 0 : slot + 1;
-    if constexpr (!kCarryX) load_row(slot, xv);  // else xv holds row i since the previous step's sum of squares
+    if constexpr (!CARRY) load_row(slot, xv);  // else xv holds row i since the previous step's sum of squares
     Vec yv[NV];
     float nn = 0.f, dot = 0.f;
 #pragma unroll
@@ -451,20 +451,20 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
 constexpr int kMaxDevices = 64;  // devices whose shared-memory opt-in is remembered (others: set every launch)
 
-template <typename T, int NV, int S, bool W_NATIVE>
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
 inline size_t smem_bytes(unsigned threads) {
   return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (W_NATIVE ? 16 : (16 / sizeof(T)) * sizeof(float));
 }
 
-template <typename T, int NV, int S, bool W_NATIVE>
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
 inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const int64_t n_vec = a.D / V;
   const int64_t need = (n_vec + NV - 1) / NV;
   const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
-  if (threads > unsigned(kMaxThreads)) return cudaErrorInvalidValue;
-  const size_t smem = smem_bytes<T, NV, S, W_NATIVE>(threads);
-  auto* kernel = &rows_kernel<T, NV, S, W_NATIVE>;
+  if (threads > unsigned(CARRY && NV * V >= 32 ? 256 : kMaxThreads)) return cudaErrorInvalidValue;
+  const size_t smem = smem_bytes<T, NV, S, CARRY, W_NATIVE>(threads);
+  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE>;
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
   const int D = static_cast<int>(a.D);
@@ -494,31 +494,35 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
 #endif
 }
 
-template <typename T, int NV, bool W_NATIVE>
+template <typename T, int NV, bool CARRY, bool W_NATIVE>
 inline cudaError_t dispatch_stages(const Args& a, DType w_dtype, cudaStream_t stream) {
   switch (a.stages) {
-    case 2: return launch_rows<T, NV, 2, W_NATIVE>(a, w_dtype, stream);
-    case 3: return launch_rows<T, NV, 3, W_NATIVE>(a, w_dtype, stream);
-    default: return launch_rows<T, NV, 4, W_NATIVE>(a, w_dtype, stream);
+    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE>(a, w_dtype, stream);
+    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE>(a, w_dtype, stream);
+    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE>(a, w_dtype, stream);
   }
 }
 
-template <typename T, int NV>
+template <typename T, int NV, bool CARRY>
 inline cudaError_t dispatch_weight(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
-    if (w_dtype == x_dtype) return dispatch_stages<T, NV, true>(a, w_dtype, stream);
+    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true>(a, w_dtype, stream);
   }
   (void)x_dtype;
-  return dispatch_stages<T, NV, false>(a, w_dtype, stream);
+  return dispatch_stages<T, NV, CARRY, false>(a, w_dtype, stream);
 }
 
 template <typename T>
 inline cudaError_t dispatch_values(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   if constexpr (sizeof(T) == 2) {
-    if (a.values_per_thread == 32) return dispatch_weight<T, 32 / V>(a, x_dtype, w_dtype, stream);
+    if (a.values_per_thread == 32) {
+      if (a.carry) return dispatch_weight<T, 32 / V, true>(a, x_dtype, w_dtype, stream);
+      return dispatch_weight<T, 32 / V, false>(a, x_dtype, w_dtype, stream);
+    }
   }
-  return dispatch_weight<T, sizeof(T) == 2 ? 16 / V : 2>(a, x_dtype, w_dtype, stream);
+  // 16 (16-bit) or 8 (fp32) values per thread: the row is carried in registers either way
+  return dispatch_weight<T, sizeof(T) == 2 ? 16 / V : 2, true>(a, x_dtype, w_dtype, stream);
 }
 
 // Enqueues the kernel (nothing when a.grid == 0); no synchronisation, no exceptions.

@@ -43,6 +43,7 @@ struct Args {
   float eps;
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
+  bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
 };
 
 inline int element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
