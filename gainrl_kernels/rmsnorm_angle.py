@@ -887,9 +887,9 @@ _ROWS_SPLIT_FROM = 8192
 # rows with statistics through the hand-written CUDA rows kernel of the extension (csrc/rmsnorm_angle_kernels.cuh:
 # a cp.async ring of _CUDA_ROWS_STAGES rows in shared memory, one barrier per row, the weight in shared memory,
 # _CUDA_ROWS_VALUES columns per thread) instead of _fwd_rows_kernel, where it takes the rows (``_cuda_rows_take``:
-# the extension built with CUDA, 16-byte vectors, D <= 8192). Same work list, outputs and reduce kernel. Checked in
-# the CPU emulator (tests/test_rmsnorm_angle_cuda.py); not yet timed on a GPU: variants cuda_rows_* of
-# bench/fused_variants.py. Off until timed
+# the extension built with CUDA, 16-byte vectors, D <= 8192, fp32 <= 4096). Same work list, outputs and reduce
+# kernel. Checked in the CPU emulator (tests/test_rmsnorm_angle_cuda.py); not yet timed on a GPU: variants
+# cuda_rows_* of bench/fused_variants.py. Off until timed
 _CUDA_ROWS = False
 # 32 or 16 columns per thread in 16-bit rows (fp32 rows: always 8, so D <= 4096). 32: at D = 4096 bf16 a row
 # costs 1996 warp instructions on 4 blocks of 4 warps per SM, 16: 2352 on 2 blocks of 8 warps (sm_90a,
@@ -897,7 +897,7 @@ _CUDA_ROWS = False
 _CUDA_ROWS_VALUES = 32
 _CUDA_ROWS_STAGES = 3  # 2 to 4 rows in the ring (stages - 1 loaded ahead)
 # 32 values per thread: keep the next row's fp32 values in registers rather than reading the ring twice. At D =
-# 4096 bf16: 1812 warp instructions a row on 3 blocks of 4 warps per SM (~160 registers), against 1992 on 4 blocks
+# 4096 bf16: 1812 warp instructions a row on 3 blocks of 4 warps per SM (156 registers), against 1996 on 4 blocks
 # (126); the 16-value tuning always carries
 _CUDA_ROWS_CARRY = False
 
@@ -1033,9 +1033,9 @@ def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     dim = x2d.shape[1]
     vec = 16 // x2d.element_size()
     values = 8 if x2d.dtype == torch.float32 else _CUDA_ROWS_VALUES
-    return (0 < dim <= min(_ROWS_MAX_BLOCK_D, 512 * values) and dim % vec == 0 and x2d.stride(1) == 1 and x2d.stride(0) % vec == 0
-            and x2d.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0
-            and (dim * weight.element_size()) % 16 == 0)
+    return (0 < dim <= min(_ROWS_MAX_BLOCK_D, 512 * values) and dim % vec == 0 and x2d.stride(1) == 1
+            and x2d.stride(0) % vec == 0 and x2d.data_ptr() % 16 == 0 and weight.is_contiguous()
+            and weight.data_ptr() % 16 == 0 and (dim * weight.element_size()) % 16 == 0)
 
 
 def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
