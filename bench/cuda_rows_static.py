@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             by_smem = SMEM_PER_SM[args.arch] // smem
             blocks = min(by_regs, by_smem, 2048 // threads)
             row = dict(dtype=dt, nv=nv, stages=stages, carry=carry, w_native=w_native, values_per_thread=nv * vec,
-                       registers=f["registers"], spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0), loop_sass_any_block=loop,
-                       D=dim, threads=threads, loop_sass=loop_here, blocks_by_registers=by_regs,
-                       blocks_by_smem=by_smem, blocks_per_sm=blocks, warps_per_sm=blocks * threads // 32,
-                       warp_instructions_per_row=loop_here * threads // 32)
+                       registers=f["registers"], spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0),
+                       loop_sass_any_block=loop, D=dim, threads=threads, loop_sass=loop_here,
+                       blocks_by_registers=by_regs, blocks_by_smem=by_smem, blocks_per_sm=blocks,
+                       warps_per_sm=blocks * threads // 32, warp_instructions_per_row=loop_here * threads // 32)
             rows.append(row)
             print(f"| {dt} | {nv} | {stages} | {carry} | {w_native} | {nv * vec} | {row['registers']} | "
-                  f"{row['spill_bytes']} | {loop} | {dim} | {threads} | {loop_here} | {blocks} ({by_regs}, {by_smem}) | "
-                  f"{row['warps_per_sm']} | {row['warp_instructions_per_row']} |")
+                  f"{row['spill_bytes']} | {loop} | {dim} | {threads} | {loop_here} | "
+                  f"{blocks} ({by_regs}, {by_smem}) | {row['warps_per_sm']} | {row['warp_instructions_per_row']} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(arch=args.arch, command=" ".join(["python"] + sys.argv), rows=rows),
