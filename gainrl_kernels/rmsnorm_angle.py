@@ -30,7 +30,7 @@ Shapes and dtypes:
 Forward algorithm (three launches with statistics, one without; no host sync, no atomics):
   * ``_plan_kernel`` (one program) builds the work list on the device: per sequence the regions gap (rows in no
     sequence, e.g. padding), [0, o_0), the K segments [o_k, o_k+1), [o_K, len), then the gap after the last
-    sequence; each region cut into chunks of at most ``chunk`` rows (128, fewer when there are under ~4 chunks
+    sequence; each region cut into chunks of at most ``chunk`` rows (256, fewer when there are under ~4 chunks
     per multiprocessor), so a chunk lies inside one segment or outside all of them. The grid is the bound
     cdiv(R, chunk) + B (K + 3) + 1; spare programs exit at once. Without statistics there is no work list: the
     kernels derive the rows from the program id, one row (one [BLOCK_T, BLOCK_D] step) per program, as Inductor's
@@ -840,7 +840,10 @@ _ROWS_STATS_REGISTER_CAP: dict[tuple[int, int, int], tuple[int, int]] = {(9, 409
 _ROWS_MAX_WARPS = 16
 _PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
-_MAX_CHUNK = 128  # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x
+# rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x (and the reduce reads it
+# back). 128 -> 256, H100 bf16, two runs (variant chunk_256 of bench/results/fused_variants_h100.json and
+# _h100_register_cap.json): 64x4096x4096 1.605 -> 1.597 and 1.601 -> 1.597 ms, the other shapes within +-0.3%
+_MAX_CHUNK = 256
 # ... and without statistics (no partial row to amortise): one row (one BLOCK_T step) per program, as Inductor's
 # RMSNorm. H100 bf16, bare kernel against 128 rows per program: 64x4096x4096 1.517 -> 1.440 ms (torch.compile
 # 1.436), 16x4096x5120 0.508 -> 0.446, 16x4096x2048 0.197 -> 0.182, 8x2048x896 0.0275 -> 0.0228 ms
