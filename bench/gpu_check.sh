@@ -264,7 +264,9 @@ for (b, l, d), rows in shapes.items():
         line += f" default fused/bare {timed['default']['ratio']:.3f} ({timed['default']['fused_ms']:.3f} ms)"
     if timed:
         best = min(timed, key=lambda k: timed[k]["fused_ms"])
-        line += f", fastest {best} {timed[best]['fused_ms']:.3f} ms"
+        ratio = timed[best]["ratio_vs_default_bare"]
+        line += (f", fastest {best} {timed[best]['fused_ms']:.3f} ms = {ratio:.3f} x the default bare kernel"
+                 f" (goal <= 1.05: {'met' if ratio <= 1.05 else 'not met'})")
     if "plan_only" in rows:
         line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
     if "bare_ms" in rows.get("torch_compile_bare", {}):
