@@ -199,6 +199,33 @@ def test_emulated_long_chunks(emulator, stages, copies, monkeypatch):
     assert_stats(stats, y, cu, off)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_emulated_random_batches(emulator, seed, monkeypatch):
+    """Random ragged batches: dtype, D (a multiple of the vector), sequence lengths (empty ones included), segment
+    offsets anywhere in [0, len] (rows before, between and after the segments), chunk size, tuning and ring depth
+    drawn from the seed; y, rstd and the statistics against the float64 reference."""
+    g = torch.Generator().manual_seed(100 + seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    dtype = pick(DTYPES)
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    dim = vec * int(torch.randint(1, 40, (1,), generator=g))
+    values = pick([16, 32])  # fp32 rows take 8 either way
+    carry = bool(torch.randint(2, (1,), generator=g))  # a 32-value option
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", pick([1, 2, 4, 8, 16]))
+    n_seq, n_seg = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+    lens = torch.randint(0, 30, (n_seq,), generator=g)
+    off = torch.sort(torch.randint(0, 31, (n_seq, n_seg + 1), generator=g), dim=1).values
+    off = torch.minimum(off, lens[:, None]).to(torch.int32)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+    rows = int(cu[-1]) + int(torch.randint(0, 3, (1,), generator=g))
+    x = concentrated(rows, dim, seed).to(dtype)
+    w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(pick([dtype, torch.float32]))
+    y, rstd, stats = emulated_forward(emulator, x, w, cu, off, values=values, stages=pick([2, 3, 4]), carry=carry)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
+    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + EPS), rtol=1e-6, atol=0)
+    assert_stats(stats, y, cu, off)
+
+
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                              (torch.float32, torch.bfloat16)])
 def test_emulated_weight_dtypes_and_strides(emulator, x_dtype, w_dtype):
