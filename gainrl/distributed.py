@@ -9,6 +9,7 @@ folder, which keeps every rank's work resumable on its own.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -49,9 +50,18 @@ class ProcessGroup:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Destroy the group if we created it. ``finished`` (every rank got here normally): first a barrier, so that
+        no rank tears down while another still has collective work in flight. After an error there is no barrier
+        (the other ranks may be gone: it could hang). The garbage collection frees the collectives' work objects
+        while the interpreter is fully alive: left to interpreter shutdown, gloo's threads could release their
+        tensors after the interpreter was torn down and abort the process ("terminate called without an active
+        exception"), turning a finished run into a failed exit."""
         if self.owned and torch.distributed.is_initialized():
+            if finished:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+            gc.collect()
 
 
 def join_from_env(device: torch.device) -> ProcessGroup | None:

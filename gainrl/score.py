@@ -606,10 +606,14 @@ def run_score(opts: ScoreOptions) -> dict[str, Any]:
     device = resolve_device(opts.device)
     group = join_from_env(device)
     try:
-        return _run_score(opts, device, group, t_start)
-    finally:
+        summary = _run_score(opts, device, group, t_start)
+    except BaseException:
         if group is not None:
-            group.close()
+            group.close(finished=False)
+        raise
+    if group is not None:
+        group.close()
+    return summary
 
 
 def _run_score(opts: ScoreOptions, device: Any, group: ProcessGroup | None, t_start: float) -> dict[str, Any]:
