@@ -8,8 +8,9 @@ Two runners share the cases:
   * `cuda`: torch.ops.gainrl.angle_stats_ext on a GPU (skipped without CUDA or without the extension's CUDA kernel);
   * `emulator`: the very same kernel header compiled by g++ against a small CPU emulation of the CUDA execution
     model (tests/cuda_emulator.py, shared with tests/test_rmsnorm_angle_cuda.py: one fiber per CUDA thread,
-    barriers for __syncthreads and warp shuffles, blocks one after the other), called through ctypes. It checks the work decomposition, indexing, prev-row/adjacent handling, empty
-    segments, NaN handling and the launcher's kernel choice on machines without a GPU (skipped without g++ or the
+    barriers for __syncthreads and warp shuffles, blocks one after the other), called through ctypes. It checks
+    the work decomposition, indexing, prev-row/adjacent handling, empty segments, NaN handling and the launcher's
+    kernel choice on machines without a GPU (skipped without g++ or the
     CUDA headers). It cannot see GPU-only problems (alignment faults, races the barriers hide, fast-math). It
     includes angle_stats_kernels.cuh (which pulls in angle_stats_launch.h) from csrc/ and calls the inline
     launch_angle_stats directly; the binding's checks are not part of it.
