@@ -143,9 +143,17 @@ inline void emu_cp_async_reset(unsigned threads) {
 }
 #endif
 
+// Before sm_80 (no cp.async: a build whose TORCH_CUDA_ARCH_LIST includes older GPUs) the copies are plain 16-byte
+// loads and stores, done at once; the commits and waits are then no-ops.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define GAINRL_SYNC_COPIES 1
+#endif
+
 // 16-byte asynchronous copy global -> shared (sm_80+), grouped by commit and waited for by count.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-#ifdef GAINRL_CUDA_EMULATOR
+#if defined(GAINRL_SYNC_COPIES)
+  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
+#elif defined(GAINRL_CUDA_EMULATOR)
   if (g_emu_cp_async_eager) {
     std::memcpy(smem_dst, gmem_src, 16);
     return;
@@ -160,7 +168,8 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#ifdef GAINRL_CUDA_EMULATOR
+#if defined(GAINRL_SYNC_COPIES)
+#elif defined(GAINRL_CUDA_EMULATOR)
   ++g_emu_groups[threadIdx.x];
 #else
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -170,7 +179,8 @@ __device__ __forceinline__ void cp_async_commit() {
 // Wait until at most N of this thread's committed groups are still pending.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#ifdef GAINRL_CUDA_EMULATOR
+#if defined(GAINRL_SYNC_COPIES)
+#elif defined(GAINRL_CUDA_EMULATOR)
   auto& q = g_emu_copies[threadIdx.x];
   const unsigned committed = g_emu_groups[threadIdx.x];
   std::vector<EmuCopy> keep;
