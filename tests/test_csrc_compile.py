@@ -4,6 +4,8 @@
   * every CUDA-only binding csrc/*_cuda*.cpp compiles with g++ (-fsyntax-only, -Wall -Wextra) against torch's
     include paths plus the CUDA include dir, so a typo in the host binding is caught on CPU machines (needs g++,
     the CUDA headers and torch's c10/cuda headers; skipped with the reason otherwise);
+  * every op registered in csrc/*.cpp (``m.impl``) has the C++ argument and return types of its ``m.def`` schema
+    (a mismatch throws when the extension loads, on GPU machines only for the CUDA bindings);
   * the layout rule of setup.py holds: no .cu (nor a csrc/ header it includes) contains code that can throw or
     touches torch (TORCH_CHECK, C10_CUDA_CHECK, throw, at::/c10::/torch::, torch headers): a c10::Error thrown
     from nvcc-compiled host code crashed the process on a GPU, so all of that lives in the g++-compiled bindings;
@@ -345,3 +347,52 @@ def test_cuda_binding_compiles_with_gxx(tmp_path, src):
     assert p.returncode == 0, f"{' '.join(cmd)}\n{(p.stdout + p.stderr)[-6000:]}"
     ours = [ln for ln in (p.stdout + p.stderr).splitlines() if "warning" in ln and ("csrc/" in ln or str(CSRC) in ln)]
     assert not ours, "\n".join(ours)
+
+
+# ---------------------------------------------------------------------------------------------------- op schemas
+
+SCHEMA_TYPES = {"Tensor": "Tensor", "float": "double", "int": "int64_t", "bool": "bool"}
+
+
+def registered_ops() -> list[tuple[str, str, str, str]]:
+    """(op name, schema, implementing function, file) of every ``m.impl`` in csrc/*.cpp, with the ``m.def`` schema
+    it implements (adjacent string literals joined)."""
+    schemas: dict[str, str] = {}
+    impls: list[tuple[str, str, str]] = []
+    for src in sorted(CSRC.glob("*.cpp")):
+        code = re.sub(r"//[^\n]*", "", src.read_text())
+        for m in re.finditer(r"m\.def\(\s*((?:\"(?:\\.|[^\"\\])*\"\s*)+)\)", code):
+            schema = "".join(re.findall(r"\"((?:\\.|[^\"\\])*)\"", m.group(1)))
+            schemas[schema.split("(", 1)[0]] = schema
+        impls += [(m.group(1), m.group(2), src.name) for m in re.finditer(r"m\.impl\(\"(\w+)\",\s*&(\w+)\)", code)]
+    return [(name, schemas.get(name, ""), func, file) for name, func, file in impls]
+
+
+def cpp_signature(func: str) -> tuple[str, list[str]]:
+    """(return type, parameter types) of the definition of ``func`` in csrc/*.cpp, types without const/&/names."""
+    for src in sorted(CSRC.glob("*.cpp")):
+        code = re.sub(r"//[^\n]*", "", src.read_text())
+        m = re.search(r"([\w:<>, ]+?)\s+" + func + r"\(([^)]*)\)\s*\{", code)
+        if m:
+            params = [re.sub(r"\bconst\b|&", "", p).split() for p in m.group(2).split(",") if p.strip()]
+            norm = lambda t: t.replace("at::", "").replace("std::", "").replace(" ", "")  # noqa: E731
+            return norm(m.group(1).split()[-1] if "<" not in m.group(1) else m.group(1).strip()), [
+                norm(" ".join(p[:-1])) for p in params]
+    raise AssertionError(f"no definition of {func} in csrc/*.cpp")
+
+
+@pytest.mark.parametrize("op", registered_ops(), ids=lambda op: op[0] + "@" + op[3])
+def test_op_schema_matches_cpp_signature(op):
+    """Every ``m.impl`` function has the argument and return types of its ``m.def`` schema (Tensor / float / int /
+    bool -> at::Tensor / double / int64_t / bool). A mismatch throws when the extension is loaded, and only a
+    machine that builds that file (the CUDA bindings: a GPU machine) would see it, with every op of the extension
+    lost."""
+    name, schema, func, file = op
+    assert schema, f"{file}: m.impl of {name} without an m.def schema in csrc/*.cpp"
+    args_text, ret_text = re.match(r"\w+\((.*)\)\s*->\s*(.*)", schema).groups()
+    args = [SCHEMA_TYPES[a.split()[0].split("(")[0]] for a in args_text.split(",") if a.strip()]
+    rets = [SCHEMA_TYPES[r.strip()] for r in ret_text.strip("()").split(",") if r.strip()]
+    ret, params = cpp_signature(func)
+    assert params == args, f"{file}: {func}{params} against the schema {schema}"
+    expected_ret = "void" if not rets else rets[0] if len(rets) == 1 else "tuple<" + ",".join(rets) + ">"
+    assert ret == expected_ret, f"{file}: {func} returns {ret}, the schema {ret_text}"
