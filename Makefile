@@ -10,7 +10,7 @@ TEST_WORKERS ?= auto
 
 .PHONY: setup test train demo bench clean
 
-$(STAMP): setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh)
+$(STAMP): setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"

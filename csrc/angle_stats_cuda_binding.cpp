@@ -42,15 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cuda(cons
   TORCH_CHECK(hidden_in.is_cuda() && cu_seqlens_in.device() == hidden_in.device() &&
                   seg_offsets_in.device() == hidden_in.device(),
               "hidden, cu_seqlens, seg_offsets: expected tensors on the same CUDA device");
-  as::DType dt;
-  switch (hidden_in.scalar_type()) {
-    case at::kFloat: dt = as::DType::kFloat32; break;
-    case at::kHalf: dt = as::DType::kFloat16; break;
-    case at::kBFloat16: dt = as::DType::kBFloat16; break;
-    default:
-      GAINRL_CHECK(false, std::string("hidden: expected float32, float16 or bfloat16, got ") +
-                              c10::toString(hidden_in.scalar_type()));
-  }
+  const as::DType dt = gainrl::dtype_of(hidden_in, "hidden");
 
   const c10::cuda::CUDAGuard guard(hidden_in.device());
   const int64_t T = hidden_in.size(0), D = hidden_in.size(1);

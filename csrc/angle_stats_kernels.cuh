@@ -48,6 +48,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda_helpers.cuh"     // to_float, warp_sum
 #include "angle_stats_launch.h"  // kChunkRows, kMaxThreads, DType, Args, max_chunks, vectorizable, ...
 
 namespace gainrl {
@@ -58,10 +59,6 @@ constexpr int kReduceThreads = 256;
 constexpr float kEps = 1e-12f;
 
 // ------------------------------------------------------------------------------------------------ device helpers
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 __device__ __forceinline__ T zero_value();
@@ -82,12 +79,6 @@ template <typename T, int N>
 __device__ __forceinline__ void set_zero(RawVec<T, N>& x) {
 #pragma unroll
   for (int e = 0; e < N; ++e) x.v[e] = zero_value<T>();
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
 }
 
 __device__ __forceinline__ int clamp_int(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }

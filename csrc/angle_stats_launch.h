@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace gainrl {
 namespace angle_stats {
 
@@ -21,7 +23,8 @@ constexpr int kChunkRows = 64;    // rows per chunk (work item of chunk_kernel)
 constexpr int kMaxThreads = 512;  // chunk_kernel block size limit; launch bounds (512, 2) for NT <= 2 cap the
                                   // registers at 64 (two blocks per SM), (512, 1) for NT >= 4 at 128
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using ::gainrl::DType;  // csrc/dtype.h
+using ::gainrl::element_size;
 
 // Upper bound on the number of chunks: Σ_s cdiv(n_s, C) <= Σ_s (n_s / C + 1) <= T / C + B*K.
 inline int64_t max_chunks(int64_t T, int64_t BK) { return (T + kChunkRows - 1) / kChunkRows + BK; }
@@ -43,8 +46,6 @@ struct Args {
   float* part_sq;
   float* part_adj;
 };
-
-inline int element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
 // The fast path needs unit column stride, 16-byte aligned rows and D a multiple of the vector width.
 inline bool vectorizable(const Args& a, DType dt) {

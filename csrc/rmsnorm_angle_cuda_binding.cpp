@@ -24,18 +24,6 @@ namespace {
 
 namespace ra = gainrl::rmsnorm_angle;
 
-ra::DType to_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ra::DType::kFloat32;
-    case at::kHalf: return ra::DType::kFloat16;
-    case at::kBFloat16: return ra::DType::kBFloat16;
-    default:
-      GAINRL_CHECK(false, std::string(name) + ": expected float32, float16 or bfloat16, got " +
-                              c10::toString(t.scalar_type()));
-  }
-  return ra::DType::kFloat32;
-}
-
 void check_on(const at::Tensor& t, const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
   GAINRL_CHECK(t.device() == x.device(), std::string(name) + ": expected a tensor on x's device");
   GAINRL_CHECK(t.scalar_type() == dtype, std::string(name) + ": expected dtype " + c10::toString(dtype) + ", got " +
@@ -54,8 +42,8 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
                                                 " dims on " + x.device().str());
   GAINRL_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x: expected unit column stride");
   const int64_t R = x.size(0), D = x.size(1), grid = item_row0.numel();
-  const ra::DType xt = to_dtype(x, "x");
-  const ra::DType wt = to_dtype(weight, "weight");
+  const ra::DType xt = gainrl::dtype_of(x, "x");
+  const ra::DType wt = gainrl::dtype_of(weight, "weight");
   check_on(weight, x, "weight", weight.scalar_type(), D);
   check_on(y, x, "y", x.scalar_type(), R * D);
   check_on(rstd, x, "rstd", at::kFloat, R);

@@ -37,6 +37,7 @@
 #include <vector>
 #endif
 
+#include "cuda_helpers.cuh"  // to_float, warp_sum
 #include "rmsnorm_angle_launch.h"
 
 namespace gainrl {
@@ -45,10 +46,6 @@ namespace rmsnorm_angle {
 constexpr float kMinSquaredNorm = 1e-24f;  // (1e-12)², the F.normalize clamp on the squared norm
 
 // ------------------------------------------------------------------------------------------------ device helpers
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Two values of T in one register (one for fp32: a float2): pack = round both to T in one instruction on sm_80+
 // (F2FP), unpack = back to fp32 (one shift or mask per value). Values are handled in pairs so that a rounding costs
@@ -193,16 +190,10 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 __device__ __forceinline__ float load_weight(const void* w, DType dt, int64_t i) {
   switch (dt) {
-    case DType::kFloat16: return to_f32(static_cast<const __half*>(w)[i]);
-    case DType::kBFloat16: return to_f32(static_cast<const __nv_bfloat16*>(w)[i]);
+    case DType::kFloat16: return to_float(static_cast<const __half*>(w)[i]);
+    case DType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(w)[i]);
     default: return static_cast<const float*>(w)[i];
   }
 }

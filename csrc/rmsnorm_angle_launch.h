@@ -14,10 +14,13 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace gainrl {
 namespace rmsnorm_angle {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using ::gainrl::DType;  // csrc/dtype.h
+using ::gainrl::element_size;
 
 constexpr int kMaxDim = 8192;     // widest row (elements) the kernel holds: every thread keeps its columns
 constexpr int kMaxThreads = 512;  // block size bound (kMaxDim / 16 values per thread)
@@ -45,8 +48,6 @@ struct Args {
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
 };
-
-inline int element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.
 inline int values_per_thread(DType x_dtype, int requested) { return x_dtype == DType::kFloat32 ? 8 : requested; }
