@@ -24,7 +24,7 @@ from run_angle_bench import make_input, time_it  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
-from gainrl_kernels.extension import has_cuda_rows_kernel  # noqa: E402
+from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 
 # name -> module constants to override (None: the defaults)
 VARIANTS: dict[str, dict] = {
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
         for name, settings in variants.items():
             row = dict(B=batch, L=length, D=dim, variant=name)
-            if cuda and settings.get("_CUDA_ROWS") and not has_cuda_rows_kernel():
+            if cuda and settings.get("_CUDA_ROWS") and not has_ext_kernel("cuda", "rmsnorm_angle_rows_ext"):
                 row.update(status="skipped: the extension has no CUDA rows kernel (build it with CUDA)")
                 rows.append(row)
                 print(f"| {batch} | {length} | {dim} | {name} | {row['status']} ||||||", flush=True)

@@ -20,21 +20,14 @@ _warned = False
 
 
 @functools.cache  # the registrations are fixed once _C is imported: one dispatcher query, not one per call
-def has_ext_kernel(device_type: str) -> bool:
-    """Whether the compiled ``angle_stats_ext`` has a kernel for ``device_type`` ("cpu" or "cuda")."""
-    if EXTENSION_ERROR is not None:
+def has_ext_kernel(device_type: str, op: str = "angle_stats_ext") -> bool:
+    """Whether the compiled extension has a ``device_type`` ("cpu" or "cuda") kernel for ``torch.ops.gainrl.<op>``:
+    ``angle_stats_ext`` (C++ on CPU, CUDA when built with CUDA), ``rmsnorm_angle_rows_ext`` (the CUDA rows kernel
+    of the fused RMSNorm + angle forward; CUDA builds only, the op is not even defined otherwise)."""
+    if EXTENSION_ERROR is not None or not hasattr(torch.ops.gainrl, op):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("gainrl::angle_stats_ext", key)
-
-
-@functools.cache
-def has_cuda_rows_kernel() -> bool:
-    """Whether the extension was built with the CUDA rows kernel of the fused RMSNorm + angle forward
-    (``torch.ops.gainrl.rmsnorm_angle_rows_ext``, csrc/rmsnorm_angle_cuda_binding.cpp; CUDA builds only)."""
-    if EXTENSION_ERROR is not None or not hasattr(torch.ops.gainrl, "rmsnorm_angle_rows_ext"):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("gainrl::rmsnorm_angle_rows_ext", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gainrl::{op}", key)
 
 
 def warn_fallback() -> None:

@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from .extension import has_cuda_rows_kernel
+from .extension import has_ext_kernel
 from .types import AngleStats
 from .validate import (
     check_cu_seqlens_meta,
@@ -1043,7 +1043,8 @@ def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """``_CUDA_ROWS`` is on, the extension has the CUDA rows kernel and it takes these rows."""
-    return _CUDA_ROWS and x2d.is_cuda and has_cuda_rows_kernel() and _cuda_rows_supported(x2d, weight)
+    return (_CUDA_ROWS and x2d.is_cuda and has_ext_kernel("cuda", "rmsnorm_angle_rows_ext")
+            and _cuda_rows_supported(x2d, weight))
 
 
 def _rows_tuning(cfg: _FwdConfig, compiled: bool) -> dict:
@@ -1079,8 +1080,20 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
             part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, _CUDA_ROWS_STAGES, _CUDA_ROWS_CARRY)
+    else:
+        _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
+    if stats:
         _reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
-        return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
+    return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
+
+
+def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor,
+                           plan: _Plan, stats: bool, eps: float, part_sum: torch.Tensor, part_q: torch.Tensor,
+                           part_adj: torch.Tensor) -> None:
+    """One launch of the Triton forward the plan's config picks (whole rows or column slices), into y, rstd and the
+    partials."""
+    rows, dim = x2d.shape
+    cfg = plan.cfg
     kernel = _fwd_rows_kernel if cfg.rows else _fwd_sliced_kernel
     kernel[(plan.grid,)](
         x2d, weight, y, rstd,
@@ -1095,9 +1108,6 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         **(_rows_tuning(cfg, x2d.is_cuda) if cfg.rows else {}),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
     )
-    if stats:
-        _reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
-    return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
 
 
 def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, part_adj: torch.Tensor,

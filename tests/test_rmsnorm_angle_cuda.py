@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 import cuda_emulator  # noqa: E402
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
-from gainrl_kernels.extension import has_cuda_rows_kernel  # noqa: E402
+from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 from gainrl_kernels.naive_rmsnorm_angle import angle_stats_reference, rmsnorm_reference  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
 
@@ -284,7 +284,7 @@ def test_emulated_refuses_unsupported_rows(emulator):
 
 needs_cuda_rows = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") not in (None, "", "0")
-    or not has_cuda_rows_kernel(),
+    or not has_ext_kernel("cuda", "rmsnorm_angle_rows_ext"),
     reason="needs a GPU, compiled Triton and the CUDA build of the extension (rmsnorm_angle_rows_ext)",
 )
 
