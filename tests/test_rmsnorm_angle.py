@@ -19,6 +19,7 @@ from gainrl_kernels.naive_rmsnorm_angle import (  # noqa: E402
     rmsnorm_reference,
 )
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
+from rmsnorm_inputs import assert_stats_close, concentrated, ulp_tol  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -32,13 +33,6 @@ DIM = 40  # not a power of two: exercises the D masks
 LENS = [5, 0, 1, 41, 23]  # ragged, with an empty and a length-1 sequence
 # offsets: o_0 > 0, o_K < len, empty segments, an empty sequence, a length-1 sequence
 SEG = [[0, 1, 3, 5], [0, 0, 0, 0], [0, 0, 1, 1], [2, 9, 30, 40], [0, 10, 10, 23]]
-
-
-def concentrated(shape: tuple[int, ...], dim: int, noise: float = 0.8, seed: int = 0) -> torch.Tensor:
-    """Shared direction + noise (mean pairwise cosine ~0.4; no zero rows), float32 on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(dim, generator=g)
-    return base + noise * torch.randn(*shape, dim, generator=g) + 0.1 * torch.randn(dim, generator=g)
 
 
 def cu_of(lens: list[int], device: str = DEV) -> torch.Tensor:
@@ -73,19 +67,6 @@ def packed() -> dict:
     cu = cu_of(LENS)
     rows = int(cu[-1]) + 3  # 3 trailing rows in no sequence: normalised, not counted
     return {"x": concentrated((rows,), DIM).to(DEV), "cu": cu, "off": torch.tensor(SEG, dtype=torch.int32, device=DEV)}
-
-
-def ulp_tol(dtype: torch.dtype) -> dict:
-    return {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.bfloat16: dict(rtol=2**-8, atol=0.0),
-            torch.float16: dict(rtol=2**-11, atol=0.0)}[dtype]
-
-
-def assert_stats_close(stats, ref, atol: float = 2e-5) -> None:
-    torch.testing.assert_close(stats.count.cpu(), ref.count, rtol=0, atol=0)
-    for name in ("unit_sum", "sq_norm", "adjacent"):
-        got = getattr(stats, name)
-        assert got.dtype == torch.float32, name
-        torch.testing.assert_close(got.cpu().double(), getattr(ref, name), rtol=1e-5, atol=atol, msg=name)
 
 
 def test_input_generator_is_concentrated(packed):

@@ -21,9 +21,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import cuda_emulator  # noqa: E402
+from rmsnorm_inputs import assert_stats_close, concentrated, ulp_tol  # noqa: E402
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
-from gainrl_kernels.naive_rmsnorm_angle import angle_stats_reference, rmsnorm_reference  # noqa: E402
+from gainrl_kernels.naive_rmsnorm_angle import angle_stats_reference  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
 
 EPS = 1e-6
@@ -103,19 +104,13 @@ def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: i
     return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
 
 
-def concentrated(rows: int, dim: int, seed: int) -> torch.Tensor:
-    """Shared direction + noise (no zero rows), float32."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, generator=g) + 0.8 * torch.randn(rows, dim, generator=g)
-
-
 def batch(dim: int, dtype: torch.dtype, seed: int, strided: bool = False, w_dtype: torch.dtype | None = None,
           device: str = "cpu"):
     """(x [R, D], w, cu_seqlens, seg_offsets) on ``device``: 7 sequences (an empty and a length-1 one, one long
     enough to span several chunks), K = 2 segments with rows before, between and after them, 3 trailing rows in no
     sequence. ``strided``: x's row stride is dim + 16."""
     lens = [3, 40, 1, 0, 9, 2, 13]
-    x = concentrated(sum(lens) + 3, dim, seed).to(device, dtype)
+    x = concentrated((sum(lens) + 3,), dim, seed=seed).to(device, dtype)
     if strided:
         x = torch.cat([x, x[:, :16]], dim=1)[:, :dim]
     off = torch.tensor([[0, 1, 3], [2, 9, 37], [0, 0, 1], [0, 0, 0], [0, 4, 9], [0, 1, 2], [5, 5, 13]],
@@ -126,18 +121,22 @@ def batch(dim: int, dtype: torch.dtype, seed: int, strided: bool = False, w_dtyp
     return x, w.to(device), cu.to(device), off.to(device)
 
 
-def ulp_tol(dtype: torch.dtype) -> dict:
-    return {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.bfloat16: dict(rtol=2**-8, atol=0.0),
-            torch.float16: dict(rtol=2**-11, atol=0.0)}[dtype]
+def assert_rms(y, rstd, x, w, rtol: float = 1e-6) -> None:
+    """rstd within fp32 rounding of torch's (another summation order), and y exactly HF's formula on that rstd,
+    round(w * round(x * rstd)). A reference with its own rstd is not exact: an ulp of rstd can move round(x * rstd)
+    by a step, and y by two."""
+    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + EPS), rtol=rtol, atol=0)
+    assert torch.equal(y, (w.float() * (x.float() * rstd[:, None]).to(x.dtype).float()).to(x.dtype))
+
+
+def two_steps(dtype: torch.dtype) -> dict:
+    """Tolerance against a forward with its own rstd (see ``assert_rms``)."""
+    return {k: 2 * v for k, v in ulp_tol(dtype).items()}
 
 
 def assert_stats(stats, y, cu, off, token_index=None) -> None:
     """The statistics are those of y as stored (float64 reference), counts exact."""
-    ref = angle_stats_reference(y, cu, off, token_index)
-    torch.testing.assert_close(stats.count, ref.count, rtol=0, atol=0)
-    for name in ("unit_sum", "sq_norm", "adjacent"):
-        torch.testing.assert_close(getattr(stats, name).double(), getattr(ref, name), rtol=1e-5, atol=2e-5,
-                                   msg=name)
+    assert_stats_close(stats, angle_stats_reference(y, cu, off, token_index))
 
 
 @pytest.fixture(autouse=True)
@@ -149,17 +148,16 @@ def short_chunks(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dim", [64, 200, 1040])
 def test_emulated_matches_reference_and_triton(emulator, dim, dtype):
-    """y within a rounding step of the reference (rstd's sum of squares is added in another order than Triton's),
-    rstd of every row, the statistics those of y, and close to the Triton kernel's. 1040 columns take several warps
+    """rstd of every row and y exactly HF's formula on it (``assert_rms``), the statistics those of y, and close to
+    the Triton kernel's. 1040 columns take several warps
     (the cross-warp reduction); 200 leaves threads without columns."""
     x, w, cu, off = batch(dim, dtype, seed=dim)
     y, rstd, stats = emulated_forward(emulator, x, w, cu, off)
-    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
-    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + EPS), rtol=1e-6, atol=0)
+    assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, off)
     plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
     y_t, rstd_t, stats_t = rmsnorm_module._forward(x, w, EPS, plan, True)
-    torch.testing.assert_close(y, y_t, **ulp_tol(dtype))
+    torch.testing.assert_close(y, y_t, **two_steps(dtype))
     for a, b in zip(stats, stats_t):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
@@ -178,7 +176,7 @@ def test_emulated_tunings(emulator, values, stages, carry, copies):
     assert all(torch.equal(a, b) for a, b in zip(s0, s1))
     assert_stats(s1, y1, cu, off)
     y2, r2, s2 = emulated_forward(emulator, x, w, cu, off, values=48 - values)
-    torch.testing.assert_close(y2, y1, **ulp_tol(torch.bfloat16))
+    torch.testing.assert_close(y2, y1, **two_steps(torch.bfloat16))
     torch.testing.assert_close(r2, r1, rtol=1e-6, atol=0)
     for a, b in zip(s2, s1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
@@ -188,14 +186,14 @@ def test_emulated_tunings(emulator, values, stages, carry, copies):
 def test_emulated_long_chunks(emulator, stages, copies, monkeypatch):
     """Chunks of 32 rows (the ring wraps many times inside a chunk) over two long sequences, K = 2."""
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 128)
-    x = concentrated(610, 64, seed=17).to(torch.bfloat16)
+    x = concentrated((610,), 64, seed=17).to(torch.bfloat16)
     w = torch.linspace(0.5, 1.5, 64).to(torch.bfloat16)
     cu = torch.tensor([0, 333, 600], dtype=torch.int32)
     off = torch.tensor([[10, 100, 330], [0, 267, 267]], dtype=torch.int32)
     plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
     assert plan.cfg.chunk == 32
-    y, _, stats = emulated_forward(emulator, x, w, cu, off, stages=stages)
-    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
+    y, rstd, stats = emulated_forward(emulator, x, w, cu, off, stages=stages)
+    assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, off)
 
 
@@ -218,14 +216,10 @@ def test_emulated_random_batches(emulator, seed, monkeypatch):
     off = torch.minimum(off, lens[:, None]).to(torch.int32)
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
     rows = int(cu[-1]) + int(torch.randint(0, 3, (1,), generator=g))
-    x = concentrated(rows, dim, seed).to(dtype)
+    x = concentrated((rows,), dim, seed=seed).to(dtype)
     w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(pick([dtype, torch.float32]))
     y, rstd, stats = emulated_forward(emulator, x, w, cu, off, values=values, stages=pick([2, 3, 4]), carry=carry)
-    # rstd within fp32 rounding of torch's (another summation order); y exactly HF's formula on that rstd (an ulp
-    # of rstd can move round(x * rstd) by a step, and y by two, against a reference with its own rstd)
-    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + EPS), rtol=1e-6, atol=0)
-    n = (x.float() * rstd[:, None]).to(dtype).float()
-    assert torch.equal(y, (w.float() * n).to(dtype))
+    assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, off)
 
 
@@ -234,8 +228,8 @@ def test_emulated_random_batches(emulator, seed, monkeypatch):
 def test_emulated_weight_dtypes_and_strides(emulator, x_dtype, w_dtype):
     """A weight in another dtype than x (read as fp32 into shared memory) and rows with a stride that is not D."""
     x, w, cu, off = batch(96, x_dtype, seed=5, strided=True, w_dtype=w_dtype)
-    y, _, stats = emulated_forward(emulator, x, w, cu, off)
-    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(x_dtype))
+    y, rstd, stats = emulated_forward(emulator, x, w, cu, off)
+    assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, off)
 
 
@@ -243,11 +237,11 @@ def test_emulated_padded_batch_and_default_segments(emulator):
     """A padded [N, L, D] batch (left and right padding: rows in no sequence between sequences) through its token
     index, and the default one segment per sequence."""
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
-    x = concentrated(mask.numel(), 64, seed=11).to(torch.bfloat16)
+    x = concentrated((mask.numel(),), 64, seed=11).to(torch.bfloat16)
     w = torch.ones(64, dtype=torch.bfloat16)
     cu, tok = padded_to_cu_seqlens(mask)
-    y, _, stats = emulated_forward(emulator, x, w, cu, None, tok)
-    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
+    y, rstd, stats = emulated_forward(emulator, x, w, cu, None, tok)
+    assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, None, tok)
 
 
@@ -316,13 +310,11 @@ def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, monk
     assert rmsnorm_module._cuda_rows_take(x, w)
     plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
     y, rstd, stats = rmsnorm_module._forward(x, w, EPS, plan, True)
-    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + EPS), rtol=2e-6, atol=0)
-    assert torch.equal(y, (w.float() * (x.float() * rstd[:, None]).to(dtype).float()).to(dtype))
+    assert_rms(y, rstd, x, w, rtol=2e-6)  # the hardware's approximate rsqrt
     y_api, s_api = rmsnorm_angle(x, w, EPS, cu, off)
     assert torch.equal(y_api, y) and all(torch.equal(a, b) for a, b in zip(s_api, stats))
-    two_steps = {k: 2 * v for k, v in ulp_tol(dtype).items()}  # an ulp of rstd: a step of n, two of y
-    torch.testing.assert_close(y, y_t, **two_steps)
-    assert_stats(type(s_api)(*(t.cpu() for t in stats)), y.cpu(), cu.cpu(), off.cpu())
+    torch.testing.assert_close(y, y_t, **two_steps(dtype))
+    assert_stats(type(s_api)(*stats), y.cpu(), cu.cpu(), off.cpu())
     for a, b in zip(stats, s_t):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
