@@ -240,12 +240,9 @@ rank = trainer.accelerator.process_index
 (out / f"rank{rank}.json").write_text(json.dumps(
     {"world": trainer.accelerator.num_processes, "history": trainer.gainrl.history, "calls": recorder.calls}))
 # an undestroyed gloo group can abort the interpreter at exit ("terminate called without an active exception"):
-# as gainrl.distributed.ProcessGroup.close, a barrier, the teardown, and the collectives' objects freed before exit
-if torch.distributed.is_initialized():
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    import gc
-    gc.collect()
+# the teardown gainrl score does
+from gainrl.distributed import ProcessGroup
+ProcessGroup(rank, trainer.accelerator.num_processes, owned=True).close()
 """
 
 
