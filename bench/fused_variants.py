@@ -141,6 +141,25 @@ def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: tor
     return row
 
 
+def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: torch.Tensor, s_ref, cuda: bool,
+                   device: str, args: argparse.Namespace) -> dict:
+    """Row fields of the module settings in force: the fused output checked against the default's, then (on a GPU)
+    bare and fused graph times (ms), their ratio and the eager fused time."""
+    y, s = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)
+    # another reduction order may move rstd by an ulp: y by one bf16 step now and then
+    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+    for a, b in zip(s, s_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    if not cuda:
+        return dict(status="ok (smoke: checked, not timed)")
+    bare, fused = float("inf"), float("inf")
+    for _ in range(args.rounds):  # alternated: clock and temperature drift hits both alike
+        bare = min(bare, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, validate=False), args.reps))
+        fused = min(fused, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), args.reps))
+    eager = time_it(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), device, 0.2, args.reps)
+    return dict(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare, eager_ms=eager * 1e3)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
@@ -179,32 +198,17 @@ def main(argv: list[str] | None = None) -> int:
             row = dict(B=batch, L=length, D=dim, variant=name)
             if cuda and settings.get("_CUDA_ROWS") and not has_ext_kernel("cuda", "rmsnorm_angle_rows_ext"):
                 row.update(status="skipped: the extension has no CUDA rows kernel (build it with CUDA)")
-                rows.append(row)
-                print(f"| {batch} | {length} | {dim} | {name} | {row['status']} ||||||", flush=True)
-                continue
-            try:
-                with overridden(settings):
-                    y, s = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)
-                    # another reduction order may move rstd by an ulp: y by one bf16 step now and then
-                    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
-                    for a, b in zip(s, s_ref):
-                        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-                    if cuda:
-                        bare, fused = float("inf"), float("inf")
-                        for _ in range(args.rounds):  # alternated: clock and temperature drift hits both alike
-                            bare = min(bare, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, validate=False),
-                                                        args.reps))
-                            fused = min(fused, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False),
-                                                          args.reps))
-                        bare0 = bare if bare0 is None else bare0
-                        eager = time_it(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), device, 0.2, args.reps)
-                        row.update(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare,
-                                   ratio_vs_default_bare=fused / bare0,
-                                   eager_ms=eager * 1e3, bw_frac_of_copy=copy_s / fused)
-                    else:
-                        row.update(status="ok (smoke: checked, not timed)")
-            except Exception as e:  # noqa: BLE001 -- a failing variant is a result, not a crash
-                row.update(status=f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+            else:
+                try:
+                    with overridden(settings):
+                        row.update(check_and_time(x, w, cu, y_ref, s_ref, cuda, device, args))
+                    bare0 = row["bare_ms"] if bare0 is None and "bare_ms" in row else bare0
+                    if "fused_ms" in row:
+                        row.update(ratio_vs_default_bare=row["fused_ms"] / bare0,
+                                   bw_frac_of_copy=copy_s * 1e3 / row["fused_ms"])
+                except Exception as e:  # noqa: BLE001 -- a failing variant is a result, not a crash
+                    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                    row.update(status=f"error: {type(e).__name__}: {first}")
             rows.append(row)
             if "fused_ms" in row:
                 print(f"| {batch} | {length} | {dim} | {name} | {row['bare_ms']:.3f} | {row['fused_ms']:.3f} | "
