@@ -225,6 +225,12 @@ __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (
 
 // ------------------------------------------------------------------------------------------------ the rows kernel
 
+// Block size bound of an instantiation: carried 32-value blocks 256 threads (see CARRY below), others kMaxThreads.
+template <typename T, int NV, bool CARRY>
+constexpr int max_block_threads() {
+  return CARRY && NV * 16 / sizeof(T) >= 32 ? 256 : kMaxThreads;
+}
+
 // One block per work item. Dynamic shared memory: the ring [S][blockDim.x * NV] of 16-byte vectors, then the weight
 // [blockDim.x * NV * V]: fp32, or with W_NATIVE (16-bit x and a weight of the same dtype) in x's dtype, and then
 // y = round(w * n) is one packed multiply per pair of values instead of an unpack, a multiply and a pack per value.
@@ -232,7 +238,7 @@ __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (
 // unpack per value fewer, 32 more registers at 32 values per thread: those blocks are bounded at 256 threads, i.e.
 // 32 values x 256 = 8192 columns, so that ptxas may take ~160 registers: 3 blocks of 4 warps per SM at D = 4096).
 template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
-__global__ void __launch_bounds__(CARRY && NV * 16 / sizeof(T) >= 32 ? 256 : kMaxThreads, 1)
+__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
@@ -463,7 +469,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   const int64_t n_vec = a.D / V;
   const int64_t need = (n_vec + NV - 1) / NV;
   const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
-  if (threads > unsigned(CARRY && NV * V >= 32 ? 256 : kMaxThreads)) return cudaErrorInvalidValue;
+  if (threads > unsigned(max_block_threads<T, NV, CARRY>())) return cudaErrorInvalidValue;
   const size_t smem = smem_bytes<T, NV, S, CARRY, W_NATIVE>(threads);
   auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE>;
   const auto* x = static_cast<const T*>(a.x);
