@@ -26,12 +26,20 @@ from run_kernels_bench import torch_rmsnorm  # noqa: E402
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 
-# name -> module constants to override (None: the defaults)
+# name -> module constants to override ({}: the defaults). A variant that sets no _CUDA_ROWS* knob is one of the
+# Triton rows kernel and runs with _CUDA_ROWS = False (``rows_kernel_settings``): the CUDA rows kernel, the default
+# where the extension has it, would otherwise take its rows.
 VARIANTS: dict[str, dict] = {
     "default": {},
-    # not yet timed: the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built
-    # with CUDA): a cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
+    "triton_rows": {"_CUDA_ROWS": False},  # the Triton rows kernel at its defaults (the default before session 17)
+    # the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built with CUDA): a
+    # cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
     "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, 3 stages
+    # launch bounds without a minimum of blocks per SM (ptxas' own count, 99 registers, 5 blocks of 4 warps per SM
+    # at D = 4096 bf16 instead of 4, fewer instructions; bench/cuda_rows_static.py): no faster on an H200
+    "cuda_rows_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0},
+    "cuda_rows_s2_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0, "_CUDA_ROWS_STAGES": 2},
+    "cuda_rows_s4_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0, "_CUDA_ROWS_STAGES": 4},
     "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2},
     "cuda_rows_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 4},
     "cuda_rows_carry": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True},  # 3 blocks of 4 warps, fewer instructions
@@ -90,6 +98,14 @@ VARIANTS: dict[str, dict] = {
     "chunk_512": {"_MAX_CHUNK": 512},
     "sliced": {"_ROWS_MAX_BLOCK_D": 0},  # the column-sliced kernel (the default above D = 8192)
 }
+
+
+def rows_kernel_settings(name: str, settings: dict) -> dict:
+    """``settings`` with ``_CUDA_ROWS = False`` added where the variant tunes the Triton rows kernel (no _CUDA_ROWS*
+    knob of its own; the default variant stays as it is)."""
+    if name == "default" or any(k.startswith("_CUDA_ROWS") for k in settings):
+        return settings
+    return {"_CUDA_ROWS": False, **settings}
 
 
 @contextmanager
@@ -195,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | |", flush=True)
             rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
         for name, settings in variants.items():
+            settings = rows_kernel_settings(name, settings)
             row = dict(B=batch, L=length, D=dim, variant=name)
             if cuda and settings.get("_CUDA_ROWS") and not has_ext_kernel("cuda", "rmsnorm_angle_rows_ext"):
                 row.update(status="skipped: the extension has no CUDA rows kernel (build it with CUDA)")

@@ -306,7 +306,7 @@ if want profile; then
             FAILED=1
         else
             for shape in ${GAINRL_GPU_CHECK_PROFILE_SHAPES:-64x4096x4096 16x4096x2048}; do
-                step "profile_$shape" profile.log 150 "$NCU" -k regex:_fwd_rows_kernel --launch-skip 2 --launch-count 2 \
+                step "profile_$shape" profile.log 150 "$NCU" -k regex:rows_kernel --launch-skip 2 --launch-count 2 \
                     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                     --section MemoryWorkloadAnalysis --section SchedulerStats \
                     "$PY" bench/profile_fused.py --shape "$shape"

@@ -3,12 +3,13 @@
 Nsight Compute reads why the fused forward's row steps are slower than the bare kernel's (stall reasons, achieved
 occupancy, DRAM throughput) where CUDA-graph timings (``bench/fused_variants.py``) only say by how much:
 
-    ncu -k regex:_fwd_rows_kernel --launch-skip 2 --launch-count 2 \\
+    ncu -k regex:rows_kernel --launch-skip 2 --launch-count 2 \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \\
         python bench/profile_fused.py --shape 64x4096x4096
 
-The warm-up runs each path once (compiles; 2 launches of ``_fwd_rows_kernel``), then the profiled pair follows:
-bare first, fused second. ``bench/gpu_check.sh`` runs this in its opt-in ``profile`` step. ``--smoke`` runs a tiny
+The warm-up runs each path once (compiles; 2 launches of a rows kernel: Triton's ``_fwd_rows_kernel`` for the bare
+RMSNorm, for the fused forward the CUDA ``rows_kernel`` where the extension has it, else Triton's), then the profiled
+pair follows: bare first, fused second. ``bench/gpu_check.sh`` runs this in its opt-in ``profile`` step. ``--smoke`` runs a tiny
 shape on any device (with TRITON_INTERPRET=1 on CPU) to check the script itself.
 """
 from __future__ import annotations

@@ -237,8 +237,12 @@ constexpr int max_block_threads() {
 // CARRY: row i + 1's fp32 values stay in registers from step i's sum of squares to step i + 1 (one ring read and
 // unpack per value fewer, 32 more registers at 32 values per thread: those blocks are bounded at 256 threads, i.e.
 // 32 values x 256 = 8192 columns, so that ptxas may take ~160 registers: 3 blocks of 4 warps per SM at D = 4096).
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
-__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
+// MIN_BLOCKS: the launch bounds' minimum of blocks per SM. 1 lets ptxas take 65536 / max_block_threads registers
+// (126 at 32 values without carry, bf16, sm_90a: 4 blocks of 4 warps per SM at D = 4096); 0 sets no minimum and
+// leaves the count to ptxas' own occupancy rule (99, no spills: 5 blocks, and fewer instructions a row). Only the
+// 32-value rows without carry are built with 0: elsewhere ptxas' rule spills (bench/cuda_rows_static.py).
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, int MIN_BLOCKS>
+__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), MIN_BLOCKS)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
@@ -463,7 +467,7 @@ inline size_t smem_bytes(unsigned threads) {
   return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (W_NATIVE ? 16 : (16 / sizeof(T)) * sizeof(float));
 }
 
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, int MIN_BLOCKS>
 inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const int64_t n_vec = a.D / V;
@@ -471,7 +475,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
   if (threads > unsigned(max_block_threads<T, NV, CARRY>())) return cudaErrorInvalidValue;
   const size_t smem = smem_bytes<T, NV, S, CARRY, W_NATIVE>(threads);
-  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE>;
+  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE, MIN_BLOCKS>;
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
   const int D = static_cast<int>(a.D);
@@ -483,7 +487,10 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
                           a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
   return cudaSuccess;
 #else
-  if (smem > 48 * 1024) {  // opt in to more dynamic shared memory, once per device and size (then graph-capture safe)
+  // Opt in to this much dynamic shared memory, once per device and size (then graph-capture safe), whatever the
+  // size: the 48 KB a launch gets without it bound static and dynamic memory together, and the reduction slots are
+  // static (ring and weight of exactly 48 KB, D = 8192 on 2 stages, failed without it).
+  {
     static std::atomic<size_t> granted[kMaxDevices];
     int dev = 0;
     cudaError_t e = cudaGetDevice(&dev);
@@ -501,22 +508,22 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
 #endif
 }
 
-template <typename T, int NV, bool CARRY, bool W_NATIVE>
+template <typename T, int NV, bool CARRY, bool W_NATIVE, int MIN_BLOCKS>
 inline cudaError_t dispatch_stages(const Args& a, DType w_dtype, cudaStream_t stream) {
   switch (a.stages) {
-    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE>(a, w_dtype, stream);
-    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE>(a, w_dtype, stream);
-    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE>(a, w_dtype, stream);
+    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE, MIN_BLOCKS>(a, w_dtype, stream);
+    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE, MIN_BLOCKS>(a, w_dtype, stream);
+    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE, MIN_BLOCKS>(a, w_dtype, stream);
   }
 }
 
-template <typename T, int NV, bool CARRY>
+template <typename T, int NV, bool CARRY, int MIN_BLOCKS = 1>
 inline cudaError_t dispatch_weight(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
-    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true>(a, w_dtype, stream);
+    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true, MIN_BLOCKS>(a, w_dtype, stream);
   }
   (void)x_dtype;
-  return dispatch_stages<T, NV, CARRY, false>(a, w_dtype, stream);
+  return dispatch_stages<T, NV, CARRY, false, MIN_BLOCKS>(a, w_dtype, stream);
 }
 
 template <typename T>
@@ -525,6 +532,7 @@ inline cudaError_t dispatch_values(const Args& a, DType x_dtype, DType w_dtype, 
   if constexpr (sizeof(T) == 2) {
     if (a.values_per_thread == 32) {
       if (a.carry) return dispatch_weight<T, 32 / V, true>(a, x_dtype, w_dtype, stream);
+      if (a.min_blocks == 0) return dispatch_weight<T, 32 / V, false, 0>(a, x_dtype, w_dtype, stream);
       return dispatch_weight<T, 32 / V, false>(a, x_dtype, w_dtype, stream);
     }
   }

@@ -46,9 +46,10 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     registers, occupancy, barriers and instructions per step. Narrower rows take [BLOCK_T, BLOCK_D] steps and
     reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and
     the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
-  * or, with ``_CUDA_ROWS`` (off until timed on a GPU), the hand-written CUDA rows kernel of the extension on the
-    same work list (csrc/rmsnorm_angle_kernels.cuh: rows through a cp.async ring in shared memory, one barrier a
-    row), where it takes the rows (``_cuda_rows_supported``).
+  * or, where the extension is built with CUDA and takes the rows (``_cuda_rows_take``: 16-bit rows, 16-byte
+    vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
+    rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel at every
+    timed shape (H200, bench/results/fused_variants_h200_cuda_rows.json).
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -891,18 +892,30 @@ _ROWS_SPLIT_FROM = 8192
 # a cp.async ring of _CUDA_ROWS_STAGES rows in shared memory, one barrier per row, the weight in shared memory,
 # _CUDA_ROWS_VALUES columns per thread) instead of _fwd_rows_kernel, where it takes the rows (``_cuda_rows_take``:
 # the extension built with CUDA, 16-byte vectors, D <= 8192, fp32 <= 4096). Same work list, outputs and reduce
-# kernel. Checked in the CPU emulator (tests/test_rmsnorm_angle_cuda.py); not yet timed on a GPU: variants
-# cuda_rows_* of bench/fused_variants.py. Off until timed
-_CUDA_ROWS = False
+# kernel. Checked in the CPU emulator and on GPUs (tests/test_rmsnorm_angle_cuda.py). Timed on an H200 (graph
+# replays, bf16, bench/results/fused_variants_h200_cuda_rows.json, Triton rows -> CUDA rows): 64x4096x4096
+# 1.224 -> 1.176 ms (bare 1.053), 16x4096x2048 0.173 -> 0.159, 16x4096x5120 0.530 -> 0.401, 8x2048x896 0.033 ->
+# 0.033; again as the default in bench/results/fused_variants_h200_cuda_default.json (1.178 ms)
+_CUDA_ROWS = True
+# fp32 rows too (8 values per thread, D <= 4096): checked, not timed on a GPU, so they keep Triton for now
+_CUDA_ROWS_FP32 = False
 # 32 or 16 columns per thread in 16-bit rows (fp32 rows: always 8, so D <= 4096). 32: at D = 4096 bf16 a row
 # costs 1996 warp instructions on 4 blocks of 4 warps per SM, 16: 2352 on 2 blocks of 8 warps (sm_90a,
 # bench/cuda_rows_static.py; Triton's: 1940 on 3 programs of 4 warps)
 _CUDA_ROWS_VALUES = 32
-_CUDA_ROWS_STAGES = 3  # 2 to 4 rows in the ring (stages - 1 loaded ahead)
+# 2 to 4 rows in the ring (stages - 1 loaded ahead). H200, 2 / 3 / 4 stages: 64x4096x4096 1.170 / 1.176 / 1.189 ms,
+# 16x4096x5120 0.423 / 0.401 / 0.391, 8x2048x896 0.036 / 0.033 / 0.033 (16 values: 1.183 at 4096, 0.477 at 5120)
+_CUDA_ROWS_STAGES = 3
 # 32 values per thread: keep the next row's fp32 values in registers rather than reading the ring twice. At D =
 # 4096 bf16: 1812 warp instructions a row on 3 blocks of 4 warps per SM (156 registers), against 1996 on 4 blocks
-# (126); the 16-value tuning always carries
+# (126); the 16-value tuning always carries. H200: faster only at D = 5120 (0.379 against 0.401 ms), slower at
+# 4096 (1.210 against 1.176) and 2048 (0.182 against 0.159): off
 _CUDA_ROWS_CARRY = False
+# the launch bounds' minimum of blocks per SM of the 32-value rows without carry: 1 (ptxas may take 128 registers:
+# 4 blocks of 4 warps per SM at D = 4096 bf16, 1996 warp instructions a row) or 0 (ptxas' own count, 99 registers:
+# 5 blocks, 1952 instructions; bench/cuda_rows_static.py, sm_90a). H200 (variant cuda_rows_mb0): no gain, 1.184
+# against 1.178 ms at 64x4096x4096, 0.403 against 0.402 at 16x4096x5120: occupancy is not what holds it back
+_CUDA_ROWS_MIN_BLOCKS = 1
 
 
 class _FwdConfig(NamedTuple):
@@ -1043,8 +1056,8 @@ def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """``_CUDA_ROWS`` is on, the extension has the CUDA rows kernel and it takes these rows."""
-    return (_CUDA_ROWS and x2d.is_cuda and has_ext_kernel("cuda", "rmsnorm_angle_rows_ext")
-            and _cuda_rows_supported(x2d, weight))
+    return (_CUDA_ROWS and x2d.is_cuda and (_CUDA_ROWS_FP32 or x2d.dtype != torch.float32)
+            and has_ext_kernel("cuda", "rmsnorm_angle_rows_ext") and _cuda_rows_supported(x2d, weight))
 
 
 def _rows_tuning(cfg: _FwdConfig, compiled: bool) -> dict:
@@ -1079,7 +1092,8 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     if stats and cfg.rows and _cuda_rows_take(x2d, weight):
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, _CUDA_ROWS_STAGES, _CUDA_ROWS_CARRY)
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, _CUDA_ROWS_STAGES, _CUDA_ROWS_CARRY,
+            _CUDA_ROWS_MIN_BLOCKS)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:

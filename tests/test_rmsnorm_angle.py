@@ -44,6 +44,13 @@ def weight_of(dim: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
     return (1.0 + 0.2 * torch.randn(dim, generator=g)).to(DEV, dtype)
 
 
+@pytest.fixture(autouse=True)
+def triton_rows(monkeypatch) -> None:
+    """The Triton rows kernel on GPUs too: where the extension has the CUDA rows kernel it takes 16-bit rows by
+    default; tests/test_rmsnorm_angle_cuda.py checks that one."""
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS", False)
+
+
 @pytest.fixture(params=["one_row", "row_tiles", "sliced"])
 def fwd_kernel(request, monkeypatch) -> str:
     """Run a forward test with each forward path: whole rows in registers one row per step (the default from
