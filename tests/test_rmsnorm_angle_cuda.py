@@ -55,6 +55,14 @@ extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_
 }
 
 extern "C" void emu_set_eager_copies(int eager) { ra::g_emu_cp_async_eager = eager != 0; }
+
+extern "C" int emu_supported(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight,
+                             void* y, int64_t D, int values_per_thread) {
+  ra::Args a{};
+  a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.D = D;
+  a.values_per_thread = values_per_thread; a.stages = 3; a.min_blocks = 1;
+  return ra::supported(a, static_cast<ra::DType>(x_dtype), static_cast<ra::DType>(w_dtype)) ? 1 : 0;
+}
 """
 
 
@@ -68,6 +76,9 @@ def emulator(tmp_path_factory):
         + [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     )
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
+    lib.emu_supported.restype = ctypes.c_int
+    lib.emu_supported.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
     return lib
 
 
@@ -279,6 +290,30 @@ def test_emulated_refuses_unsupported_rows(emulator):
     assert rmsnorm_module._cuda_rows_supported(x, w)
     with pytest.raises(RuntimeError, match="refused"):
         emulated_forward(emulator, x, w, cu, off, min_blocks=2)  # a launch bound the kernel is not built with
+
+
+@pytest.mark.parametrize("values", [16, 32])
+def test_python_supported_mirrors_launcher(emulator, values, monkeypatch):
+    """``_cuda_rows_supported`` (which rows ``rmsnorm_angle`` sends to the CUDA kernel) agrees with the launcher's
+    ``supported`` (csrc/rmsnorm_angle_launch.h) over widths, dtypes, row strides and misaligned x or weight: a row
+    the Python side sends must not be refused on the device, and one it keeps on Triton must be one the kernel
+    refuses."""
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_VALUES", values)
+    y = torch.empty(4, dtype=torch.float32)  # only its address is read: 16-byte aligned, as the op allocates y
+    checked = 0
+    for dim in (8, 16, 24, 40, 64, 1000, 1024, 2056, 4096, 4100, 5120, 8192, 8200, 16384):
+        for dtype in DTYPES:
+            for w_dtype in {dtype, torch.float32}:
+                for pad, x_shift, w_shift in ((0, 0, 0), (8, 0, 0), (1, 0, 0), (16, 1, 0), (0, 0, 1)):
+                    base = torch.ones(2, dim + pad + x_shift, dtype=dtype)
+                    x = base[:, x_shift:x_shift + dim]
+                    w = torch.ones(dim + w_shift, dtype=w_dtype)[w_shift:]
+                    ours = rmsnorm_module._cuda_rows_supported(x, w)
+                    theirs = emulator.emu_supported(CODE[dtype], CODE[w_dtype], x.data_ptr(), x.stride(0),
+                                                    w.data_ptr(), y.data_ptr(), dim, values)  # as _forward passes
+                    assert ours == bool(theirs), (dim, dtype, w_dtype, pad, x_shift, w_shift)
+                    checked += ours
+    assert checked > 20  # both answers occur
 
 
 # ---------------------------------------------------------------------------------------------------- on a GPU
