@@ -9,8 +9,8 @@ occupancy, DRAM throughput) where CUDA-graph timings (``bench/fused_variants.py`
 
 The warm-up runs each path once (compiles; 2 launches of a rows kernel: Triton's ``_fwd_rows_kernel`` for the bare
 RMSNorm, for the fused forward the CUDA ``rows_kernel`` where the extension has it, else Triton's), then the profiled
-pair follows: bare first, fused second. ``bench/gpu_check.sh`` runs this in its opt-in ``profile`` step. ``--smoke`` runs a tiny
-shape on any device (with TRITON_INTERPRET=1 on CPU) to check the script itself.
+pair follows: bare first, fused second. ``bench/gpu_check.sh`` runs this in its opt-in ``profile`` step.
+``--smoke`` runs a tiny shape on any device (with TRITON_INTERPRET=1 on CPU) to check the script itself.
 """
 from __future__ import annotations
 

@@ -1055,7 +1055,8 @@ def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
-    """``_CUDA_ROWS`` is on, the extension has the CUDA rows kernel and it takes these rows."""
+    """``_CUDA_ROWS`` is on (for fp32 rows ``_CUDA_ROWS_FP32`` too), the extension has the CUDA rows kernel and it
+    takes these rows."""
     return (_CUDA_ROWS and x2d.is_cuda and (_CUDA_ROWS_FP32 or x2d.dtype != torch.float32)
             and has_ext_kernel("cuda", "rmsnorm_angle_rows_ext") and _cuda_rows_supported(x2d, weight))
 
