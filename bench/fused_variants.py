@@ -40,6 +40,11 @@ VARIANTS: dict[str, dict] = {
     "cuda_rows_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0},
     "cuda_rows_s2_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0, "_CUDA_ROWS_STAGES": 2},
     "cuda_rows_s4_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0, "_CUDA_ROWS_STAGES": 4},
+    # the row sums (‖y‖², y·y_{t-1}, the next row's Σx²) on the tensor cores from the packed values: 17% fewer
+    # instructions a row, no faster on an H200
+    "cuda_rows_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True},
+    "cuda_rows_s2_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_STAGES": 2},
+    "cuda_rows_s4_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_STAGES": 4},
     "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2},
     "cuda_rows_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 4},
     "cuda_rows_carry": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True},  # 3 blocks of 4 warps, fewer instructions

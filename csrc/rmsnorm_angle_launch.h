@@ -48,6 +48,7 @@ struct Args {
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
   int min_blocks;         // 1, or 0: ptxas' own register count (32 values without carry; elsewhere taken as 1)
+  bool mma;               // ‖y‖², y·y_{t-1}, Σx² on the tensor cores (16-bit, 32 values, no carry, min_blocks 1)
 };
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.

@@ -916,6 +916,14 @@ _CUDA_ROWS_CARRY = False
 # 5 blocks, 1952 instructions; bench/cuda_rows_static.py, sm_90a). H200 (variant cuda_rows_mb0): no gain, 1.184
 # against 1.178 ms at 64x4096x4096, 0.403 against 0.402 at 16x4096x5120: occupancy is not what holds it back
 _CUDA_ROWS_MIN_BLOCKS = 1
+# 16-bit rows, 32 values, no carry, min blocks 1: ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
+# (mma.m16n8k8 on the packed values: exact products, fp32 sums) instead of unpacking x twice and y once and three
+# FMAs per value: at D = 4096 bf16 1996 -> 1652 warp instructions a row, same 126 registers and 4 blocks per SM, no
+# spills (bench/cuda_rows_static.py, sm_90a). Checked on an H200 (tests/test_rmsnorm_angle_cuda.py), but no
+# faster there (variant cuda_rows_mma, bench/results/fused_variants_h200_mma.json): 1.181 against 1.172 ms at
+# 64x4096x4096, 0.159 against 0.158 at 16x4096x2048. So issue is not what bounds the row step; its dependent chain
+# (here two chains of 8 mma per sum) likely is. Off
+_CUDA_ROWS_MMA = False
 
 
 class _FwdConfig(NamedTuple):
@@ -1094,7 +1102,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
             part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, _CUDA_ROWS_STAGES, _CUDA_ROWS_CARRY,
-            _CUDA_ROWS_MIN_BLOCKS)
+            _CUDA_ROWS_MIN_BLOCKS, _CUDA_ROWS_MMA)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:
