@@ -35,7 +35,7 @@ VARIANTS: dict[str, dict] = {
     # the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built with CUDA): a
     # cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
     "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, 3 stages
-    # launch bounds without a minimum of blocks per SM (ptxas' own count, 99 registers, 5 blocks of 4 warps per SM
+    # launch bounds without a minimum of blocks per SM (ptxas' own count, ~100 registers, 5 blocks of 4 warps per SM
     # at D = 4096 bf16 instead of 4, fewer instructions; bench/cuda_rows_static.py): no faster on an H200
     "cuda_rows_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0},
     "cuda_rows_s2_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0, "_CUDA_ROWS_STAGES": 2},
@@ -162,6 +162,19 @@ def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: tor
     return row
 
 
+def no_segment_row(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor,
+                   reps: int) -> dict:
+    """The fused call with every row in no segment (empty segments): the same work list, rows kernel and launches,
+    but the rows kernel's loop without the statistics. Against the bare kernel it prices the chunked row walk itself;
+    against the default fused time, the statistics' work."""
+    row = dict(B=batch, L=length, D=dim, variant="no_segments")
+    off = torch.zeros(batch, 2, dtype=torch.int32, device=x.device)
+    ms = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, off, validate=False), reps) * 1e3
+    row.update(status="ok", fused_ms=ms)
+    print(f"| {batch} | {length} | {dim} | fused call, rows in no segment | | {ms:.3f} | | | | |", flush=True)
+    return row
+
+
 def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: torch.Tensor, s_ref, cuda: bool,
                    device: str, args: argparse.Namespace) -> dict:
     """Row fields of the module settings in force: the fused output checked against the default's, then (on a GPU)
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
             print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | |", flush=True)
             rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
+            rows.append(no_segment_row(batch, length, dim, x, w, cu, args.reps))
         for name, settings in variants.items():
             settings = rows_kernel_settings(name, settings)
             row = dict(B=batch, L=length, D=dim, variant=name)

@@ -21,7 +21,8 @@
 //     dtype, so that y = round(w * n) is one bf16x2 / half2 multiply per pair; y_{t-1} stays in registers packed
 //     in x's dtype (y is stored rounded: nothing is lost), and row t-1's unit vector is added to the sum where
 //     y_{t-1} is unpacked for the pair dot. At D = 4096 bf16, 32 values per thread: 126 registers, 4 blocks of 4
-//     warps per SM, ~2000 warp instructions a row step (bench/cuda_rows_static.py).
+//     warps per SM, ~2000 warp instructions a row step (bench/cuda_rows_static.py);
+//   * a chunk in no segment takes a second copy of the row loop without the statistics (y and rstd only).
 // Thread i holds columns of vectors j * blockDim.x + i (coalesced), V = 16 / sizeof(T) values per vector, NV
 // vectors. Deterministic: fixed summation orders, no atomics.
 #pragma once
@@ -201,10 +202,13 @@ __device__ __forceinline__ float load_weight(const void* w, DType dt, int64_t i)
 
 // Block sums of (a, b, c), the same in every thread: warp shuffles, then one barrier on slot red[buf] (double
 // buffered: slot buf is written again two calls later, after the next call's barrier, by which time every thread has
-// read it). Warps are summed in a fixed order.
+// read it). Warps are summed in a fixed order. ONLY_C: a and b are 0 in every thread (not shuffled).
+template <bool ONLY_C = false>
 __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (*red)[kMaxThreads / 32], int& buf) {
-  a = warp_sum(a);
-  b = warp_sum(b);
+  if constexpr (!ONLY_C) {
+    a = warp_sum(a);
+    b = warp_sum(b);
+  }
   c = warp_sum(c);
 #ifdef GAINRL_STATIC_WARPS  // bench/cuda_rows_static.py only: the loop's code for one known block size
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = GAINRL_STATIC_WARPS;
@@ -296,7 +300,7 @@ constexpr int max_block_threads() {
 // 32 values x 256 = 8192 columns, so that ptxas may take ~160 registers: 3 blocks of 4 warps per SM at D = 4096).
 // MIN_BLOCKS: the launch bounds' minimum of blocks per SM. 1 lets ptxas take 65536 / max_block_threads registers
 // (126 at 32 values without carry, bf16, sm_90a: 4 blocks of 4 warps per SM at D = 4096); 0 sets no minimum and
-// leaves the count to ptxas' own occupancy rule (99, no spills: 5 blocks, and fewer instructions a row). Only the
+// leaves the count to ptxas' own occupancy rule (~100, no spills: 5 blocks, and fewer instructions a row). Only the
 // 32-value rows without carry are built with 0: elsewhere ptxas' rule spills (bench/cuda_rows_static.py).
 // MMA (16-bit rows, 32 values, no carry): ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
 // (warp_dot_share) from the packed values, instead of unpacking x twice and y once and three FMAs per value.
@@ -404,16 +408,6 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), MIN_BLOCKS)
 #pragma unroll
   for (int i = 0; i < S; ++i) issue(i, i);
 
-  float2 acc[NV][P];  // Σ y_t / ‖y_t‖ over the chunk's rows, this thread's columns
-  Vec y_prev[NV];     // y_{t-1} as stored
-#pragma unroll
-  for (int j = 0; j < NV; ++j)
-#pragma unroll
-    for (int e = 0; e < P; ++e) {
-      acc[j][e] = make_float2(0.f, 0.f);
-      y_prev[j].p[e] = PairT::pack(0.f, 0.f);
-    }
-  float inv_prev = 0.f, q = 0.f, adj = 0.f;
   int buf = 0;
   float2 xv[NV][P];
 
@@ -422,113 +416,136 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), MIN_BLOCKS)
   load_row(0, xv);
   int slot = 0;  // ring slot of row i
   T* y_row = y + row0 * int64_t(D) + int64_t(tid) * V;
-  float rstd = fast_rsqrt(div_rn(block_sum3(0.f, 0.f, sum_squares(xv), red, buf).z, float(D)) + eps);
+  float rstd = fast_rsqrt(div_rn(block_sum3<true>(0.f, 0.f, sum_squares(xv), red, buf).z, float(D)) + eps);
 
-  for (int i = 0; i < n; ++i) {
-    const bool own = i < nrows;  // else the row after the chunk: its pair with the chunk's last row only
-    const int slot_next = slot + 1 == S ? 0 : slot + 1;
-    if constexpr (!CARRY) load_row(slot, xv);  // else xv holds row i since the previous step's sum of squares
-    Vec yv[NV];
-    float nn = 0.f, dot = 0.f;
+  // The row loop, compiled twice: with the statistics (a chunk inside a segment) and without them (a chunk in no
+  // segment: y and rstd only, the bare RMSNorm's work, one value in the block reduction). The accumulators live in
+  // the loop's scope, so the copy without statistics holds none of them.
+  const auto walk = [&](auto with_stats) {
+    constexpr bool ST = decltype(with_stats)::value;
+    float2 acc[NV][P];  // Σ y_t / ‖y_t‖ over the chunk's rows, this thread's columns
+    Vec y_prev[NV];     // y_{t-1} as stored
 #pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      const int vi = j * threads + tid;
-      const float4* wj = reinterpret_cast<const float4*>(w_s + vi * V);
-      Vec wn;
-      if constexpr (W_NATIVE) wn = w_v[vi];
+    for (int j = 0; j < NV; ++j)
 #pragma unroll
-      for (int e = 0; e < P; e += 2) {  // two pairs per float4 of fp32 weights
-        if constexpr (W_NATIVE) {
+      for (int e = 0; e < P; ++e) {
+        acc[j][e] = make_float2(0.f, 0.f);
+        y_prev[j].p[e] = PairT::pack(0.f, 0.f);
+      }
+    float inv_prev = 0.f, q = 0.f, adj = 0.f;
+    for (int i = 0; i < n; ++i) {
+      const bool own = i < nrows;  // else the row after the chunk: its pair with the chunk's last row only
+      const int slot_next = slot + 1 == S ? 0 : slot + 1;
+      if constexpr (!CARRY) load_row(slot, xv);  // else xv holds row i since the previous step's sum of squares
+      Vec yv[NV];
+      float nn = 0.f, dot = 0.f;
 #pragma unroll
-          for (int k = 0; k < 2; ++k)
-            yv[j].p[e + k] = PairT::mul(wn.p[e + k], PairT::pack(xv[j][e + k].x * rstd, xv[j][e + k].y * rstd));
-        } else {
-          const float4 w4 = wj[e / 2];
-          const float2 n0 = PairT::unpack(PairT::pack(xv[j][e].x * rstd, xv[j][e].y * rstd));
-          const float2 n1 = PairT::unpack(PairT::pack(xv[j][e + 1].x * rstd, xv[j][e + 1].y * rstd));
-          yv[j].p[e] = PairT::pack(w4.x * n0.x, w4.y * n0.y);
-          yv[j].p[e + 1] = PairT::pack(w4.z * n1.x, w4.w * n1.y);
-        }
+      for (int j = 0; j < NV; ++j) {
+        const int vi = j * threads + tid;
+        [[maybe_unused]] const float4* wj = reinterpret_cast<const float4*>(w_s + vi * V);  // fp32 weight
+        [[maybe_unused]] Vec wn;                                                              // W_NATIVE
+        if constexpr (W_NATIVE) wn = w_v[vi];
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const float2 g = PairT::unpack(y_prev[j].p[e + k]);
-          if constexpr (!MMA) {
-            const float2 f = PairT::unpack(yv[j].p[e + k]);
-            nn = fmaf(f.y, f.y, fmaf(f.x, f.x, nn));
-            dot = fmaf(f.y, g.y, fmaf(f.x, g.x, dot));
+        for (int e = 0; e < P; e += 2) {  // two pairs per float4 of fp32 weights
+          if constexpr (W_NATIVE) {
+#pragma unroll
+            for (int k = 0; k < 2; ++k)
+              yv[j].p[e + k] = PairT::mul(wn.p[e + k], PairT::pack(xv[j][e + k].x * rstd, xv[j][e + k].y * rstd));
+          } else {
+            const float4 w4 = wj[e / 2];
+            const float2 n0 = PairT::unpack(PairT::pack(xv[j][e].x * rstd, xv[j][e].y * rstd));
+            const float2 n1 = PairT::unpack(PairT::pack(xv[j][e + 1].x * rstd, xv[j][e + 1].y * rstd));
+            yv[j].p[e] = PairT::pack(w4.x * n0.x, w4.y * n0.y);
+            yv[j].p[e + 1] = PairT::pack(w4.z * n1.x, w4.w * n1.y);
           }
-          // row i - 1's unit vector, added here where y_{i-1} is unpacked anyway (row i - 1 is always one of the
-          // chunk's own rows; at i = 0 both factors are 0; outside a segment acc is never stored)
-          acc[j][e + k] = make_float2(fmaf(g.x, inv_prev, acc[j][e + k].x), fmaf(g.y, inv_prev, acc[j][e + k].y));
+          if constexpr (ST) {
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const float2 g = PairT::unpack(y_prev[j].p[e + k]);
+              if constexpr (!MMA) {
+                const float2 f = PairT::unpack(yv[j].p[e + k]);
+                nn = fmaf(f.y, f.y, fmaf(f.x, f.x, nn));
+                dot = fmaf(f.y, g.y, fmaf(f.x, g.x, dot));
+              }
+              // row i - 1's unit vector, added here where y_{i-1} is unpacked anyway (row i - 1 is always one of the
+              // chunk's own rows; at i = 0 both factors are 0)
+              acc[j][e + k] =
+                  make_float2(fmaf(g.x, inv_prev, acc[j][e + k].x), fmaf(g.y, inv_prev, acc[j][e + k].y));
+            }
+          }
         }
       }
-    }
-    if constexpr (MMA) {
-      nn = warp_dot_share<T, NV>(yv, yv);
-      dot = warp_dot_share<T, NV>(yv, y_prev);
-    }
-    if (own) {
+      if constexpr (MMA && ST) {
+        nn = warp_dot_share<T, NV>(yv, yv);
+        dot = warp_dot_share<T, NV>(yv, y_prev);
+      }
+      if (own) {
 #pragma unroll
-      for (int j = 0; j < NV; ++j)
-        if (j * threads + tid < n_vec) *reinterpret_cast<Vec*>(y_row + int64_t(j) * threads * V) = yv[j];
-      if (tid == 0) rstd_out[row0 + i] = rstd;
-    }
-    y_row += D;
-    // row i + 1 (committed groups: S + i; groups 0 .. i + 1 done leaves S - 2 pending)
-    float ss = 0.f;
-    cp_async_wait<S - 2>();
-    if (i + 1 < n) {  // block-uniform: every lane of a warp reaches the mma
-      if constexpr (MMA) {
-        Vec xr[NV];
+        for (int j = 0; j < NV; ++j)
+          if (j * threads + tid < n_vec) *reinterpret_cast<Vec*>(y_row + int64_t(j) * threads * V) = yv[j];
+        if (tid == 0) rstd_out[row0 + i] = rstd;
+      }
+      y_row += D;
+      // row i + 1 (committed groups: S + i; groups 0 .. i + 1 done leaves S - 2 pending)
+      float ss = 0.f;
+      cp_async_wait<S - 2>();
+      if (i + 1 < n) {  // block-uniform: every lane of a warp reaches the mma
+        if constexpr (MMA) {
+          Vec xr[NV];
 #pragma unroll
-        for (int j = 0; j < NV; ++j) xr[j] = mine[slot_next * slot_stride + j * threads];
-        ss = warp_dot_share<T, NV>(xr, xr);
-      } else {
-        load_row(slot_next, xv);
-        ss = sum_squares(xv);
+          for (int j = 0; j < NV; ++j) xr[j] = mine[slot_next * slot_stride + j * threads];
+          ss = warp_dot_share<T, NV>(xr, xr);
+        } else {
+          load_row(slot_next, xv);
+          ss = sum_squares(xv);
+        }
+      }
+      const float4 s = block_sum3<!ST>(nn, dot, ss, red, buf);
+      issue(i + S, slot);  // into row i's slot: every thread read its own vectors of row i before the barrier
+      slot = slot_next;
+      rstd = fast_rsqrt(div_rn(s.z, float(D)) + eps);
+      if constexpr (ST) {
+        const float inv = fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
+        if (own) q += s.x * inv * inv;
+        adj += s.y * inv_prev * inv;
+#pragma unroll
+        for (int j = 0; j < NV; ++j) y_prev[j] = yv[j];
+        inv_prev = inv;
       }
     }
-    const float4 s = block_sum3(nn, dot, ss, red, buf);
-    issue(i + S, slot);  // into row i's slot: every thread read its own vectors of row i before the barrier
-    slot = slot_next;
-    const float inv = fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
-    if (stats) {
-      if (own) q += s.x * inv * inv;
-      adj += s.y * inv_prev * inv;
-    }
-    rstd = fast_rsqrt(div_rn(s.z, float(D)) + eps);
+    if constexpr (ST) {  // the chunk's partials
+      if (n == nrows) {  // the last row read is the chunk's own: its unit vector is still to add
 #pragma unroll
-    for (int j = 0; j < NV; ++j) y_prev[j] = yv[j];
-    inv_prev = inv;
+        for (int j = 0; j < NV; ++j)
+#pragma unroll
+          for (int e = 0; e < P; ++e) {
+            const float2 g = PairT::unpack(y_prev[j].p[e]);
+            acc[j][e] = make_float2(fmaf(g.x, inv_prev, acc[j][e].x), fmaf(g.y, inv_prev, acc[j][e].y));
+          }
+      }
+      float* out = part_sum + int64_t(item) * D;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int vi = j * threads + tid;
+        if (vi < n_vec) {
+#pragma unroll
+          for (int e = 0; e < P; e += 2)
+            *reinterpret_cast<float4*>(out + int64_t(vi) * V + 2 * e) =
+                make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
+        }
+      }
+      if (tid == 0) {
+        part_q[item] = q;
+        part_adj[item] = adj;
+      }
+    }
+  };
+  if (stats) {
+    walk(std::true_type{});
+  } else {
+    walk(std::false_type{});
   }
   cp_async_wait<0>();  // no copy may outlive the block
-
-  if (stats) {
-    if (n == nrows) {  // the last row read is the chunk's own: its unit vector is still to add
-#pragma unroll
-      for (int j = 0; j < NV; ++j)
-#pragma unroll
-        for (int e = 0; e < P; ++e) {
-          const float2 g = PairT::unpack(y_prev[j].p[e]);
-          acc[j][e] = make_float2(fmaf(g.x, inv_prev, acc[j][e].x), fmaf(g.y, inv_prev, acc[j][e].y));
-        }
-    }
-    float* out = part_sum + int64_t(item) * D;
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      const int vi = j * threads + tid;
-      if (vi < n_vec) {
-#pragma unroll
-        for (int e = 0; e < P; e += 2)
-          *reinterpret_cast<float4*>(out + int64_t(vi) * V + 2 * e) =
-              make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
-      }
-    }
-    if (tid == 0) {
-      part_q[item] = q;
-      part_adj[item] = adj;
-    }
-  }
 }
 
 // ------------------------------------------------------------------------------------------------ host launcher

@@ -912,14 +912,15 @@ _CUDA_ROWS_STAGES = 3
 # 4096 (1.210 against 1.176) and 2048 (0.182 against 0.159): off
 _CUDA_ROWS_CARRY = False
 # the launch bounds' minimum of blocks per SM of the 32-value rows without carry: 1 (ptxas may take 128 registers:
-# 4 blocks of 4 warps per SM at D = 4096 bf16, 1996 warp instructions a row) or 0 (ptxas' own count, 99 registers:
-# 5 blocks, 1952 instructions; bench/cuda_rows_static.py, sm_90a). H200 (variant cuda_rows_mb0): no gain, 1.184
-# against 1.178 ms at 64x4096x4096, 0.403 against 0.402 at 16x4096x5120: occupancy is not what holds it back
+# 4 blocks of 4 warps per SM at D = 4096 bf16, ~1995 warp instructions a row) or 0 (ptxas' own count, ~100
+# registers: 5 blocks, ~1970 instructions; bench/cuda_rows_static.py, sm_90a). H200 (variant cuda_rows_mb0): no
+# gain, 1.184 against 1.178 ms at 64x4096x4096, 0.403 against 0.402 at 16x4096x5120: occupancy is not what holds it
+# back
 _CUDA_ROWS_MIN_BLOCKS = 1
 # 16-bit rows, 32 values, no carry, min blocks 1: ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
 # (mma.m16n8k8 on the packed values: exact products, fp32 sums) instead of unpacking x twice and y once and three
-# FMAs per value: at D = 4096 bf16 1996 -> 1652 warp instructions a row, same 126 registers and 4 blocks per SM, no
-# spills (bench/cuda_rows_static.py, sm_90a). Checked on an H200 (tests/test_rmsnorm_angle_cuda.py), but no
+# FMAs per value: at D = 4096 bf16 ~1995 -> ~1640 warp instructions a row, same ~127 registers and 4 blocks per SM,
+# no spills (bench/cuda_rows_static.py, sm_90a). Checked on an H200 (tests/test_rmsnorm_angle_cuda.py), but no
 # faster there (variant cuda_rows_mma, bench/results/fused_variants_h200_mma.json): 1.181 against 1.172 ms at
 # 64x4096x4096, 0.159 against 0.158 at 16x4096x2048. So issue is not what bounds the row step; its dependent chain
 # (here two chains of 8 mma per sum) likely is. Off

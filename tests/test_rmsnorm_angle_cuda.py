@@ -266,6 +266,18 @@ def test_emulated_padded_batch_and_default_segments(emulator):
     assert_stats(stats, y, cu, None, tok)
 
 
+@pytest.mark.parametrize("values,carry,mma", [(32, False, False), (32, False, True), (16, True, False)])
+def test_emulated_rows_in_no_segment(emulator, values, carry, mma):
+    """Chunks in no segment run the loop without statistics: y and rstd bitwise those of the same rows inside
+    segments, and no statistics (every segment empty)."""
+    x, w, cu, off = batch(256, torch.bfloat16, seed=5, strided=True)
+    y0, r0, _ = emulated_forward(emulator, x, w, cu, off, values=values, carry=carry, mma=mma)
+    empty = torch.zeros_like(off)
+    y1, r1, s1 = emulated_forward(emulator, x, w, cu, empty, values=values, carry=carry, mma=mma)
+    assert torch.equal(y0, y1) and torch.equal(r0, r1)
+    assert int(s1.count.sum()) == 0 and not s1.unit_sum.any() and not s1.sq_norm.any() and not s1.adjacent.any()
+
+
 def test_emulated_nan_row(emulator):
     """A NaN in x makes its row, its segment's statistics and its sequence's adjacent term NaN, and nothing else."""
     x, w, cu, off = batch(64, torch.float32, seed=13)
