@@ -35,11 +35,6 @@ VARIANTS: dict[str, dict] = {
     # the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built with CUDA): a
     # cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
     "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, 3 stages
-    # launch bounds without a minimum of blocks per SM (ptxas' own count, ~100 registers, 5 blocks of 4 warps per SM
-    # at D = 4096 bf16 instead of 4, fewer instructions; bench/cuda_rows_static.py): no faster on an H200
-    "cuda_rows_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0},
-    "cuda_rows_s2_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0, "_CUDA_ROWS_STAGES": 2},
-    "cuda_rows_s4_mb0": {"_CUDA_ROWS": True, "_CUDA_ROWS_MIN_BLOCKS": 0, "_CUDA_ROWS_STAGES": 4},
     # the row sums (‖y‖², y·y_{t-1}, the next row's Σx²) on the tensor cores from the packed values: 17% fewer
     # instructions a row, no faster on an H200
     "cuda_rows_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True},

@@ -58,8 +58,9 @@
 # Knobs (environment): GAINRL_GPU_CHECK_BUDGET (seconds, default 470); GAINRL_GPU_CHECK_VARIANTS_CAP (seconds of
 # the variants step, default 120; the JSON is rewritten after every variant, goal shape first);
 # GAINRL_GPU_CHECK_EMULATOR=1 also runs the CPU emulator tests of test_cuda_backend.py and test_rmsnorm_angle_cuda.py
-# (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python, default python3); GAINRL_GPU_CHECK_DRY=1: CPU dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast
-# tests, --smoke / tiny benchmark shapes, default python .venv/bin/python), e.g.
+# (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python, default python3); GAINRL_GPU_CHECK_DRY=1: CPU
+# dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast tests, --smoke / tiny benchmark shapes, default
+# python .venv/bin/python), e.g.
 #     OUT=$(mktemp -d) GAINRL_GPU_CHECK_DRY=1 bash bench/gpu_check.sh
 #     OUT=$(mktemp -d) GAINRL_GPU_CHECK_DRY=1 GAINRL_GPU_CHECK_STEPS=env,score bash bench/gpu_check.sh
 # Score step knobs: GAINRL_GPU_CHECK_SCORE_SIZE (0.5b, 1.5b; dry: tiny), _SCORE_LIMIT (questions, default 512; dry

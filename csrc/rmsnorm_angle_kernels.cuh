@@ -298,14 +298,13 @@ constexpr int max_block_threads() {
 // CARRY: row i + 1's fp32 values stay in registers from step i's sum of squares to step i + 1 (one ring read and
 // unpack per value fewer, 32 more registers at 32 values per thread: those blocks are bounded at 256 threads, i.e.
 // 32 values x 256 = 8192 columns, so that ptxas may take ~160 registers: 3 blocks of 4 warps per SM at D = 4096).
-// MIN_BLOCKS: the launch bounds' minimum of blocks per SM. 1 lets ptxas take 65536 / max_block_threads registers
-// (126 at 32 values without carry, bf16, sm_90a: 4 blocks of 4 warps per SM at D = 4096); 0 sets no minimum and
-// leaves the count to ptxas' own occupancy rule (~100, no spills: 5 blocks, and fewer instructions a row). Only the
-// 32-value rows without carry are built with 0: elsewhere ptxas' rule spills (bench/cuda_rows_static.py).
+// Launch bounds (block size bound, 1 block per SM): ptxas may take 65536 / max_block_threads registers (126 at 32
+// values without carry, bf16, sm_90a: 4 blocks of 4 warps per SM at D = 4096). Without the minimum of 1 ptxas
+// keeps ~100 (5 blocks) there but spills elsewhere; that was no faster on an H200 (session 17, commit 2eddb47).
 // MMA (16-bit rows, 32 values, no carry): ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
 // (warp_dot_share) from the packed values, instead of unpacking x twice and y once and three FMAs per value.
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, int MIN_BLOCKS, bool MMA>
-__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), MIN_BLOCKS)
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, bool MMA>
+__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
@@ -552,20 +551,20 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), MIN_BLOCKS)
 
 constexpr int kMaxDevices = 64;  // devices whose shared-memory opt-in is remembered (others: set every launch)
 
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
+template <typename T, int NV, int S, bool W_NATIVE>
 inline size_t smem_bytes(unsigned threads) {
   return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (W_NATIVE ? 16 : (16 / sizeof(T)) * sizeof(float));
 }
 
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, int MIN_BLOCKS, bool MMA>
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, bool MMA>
 inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const int64_t n_vec = a.D / V;
   const int64_t need = (n_vec + NV - 1) / NV;
   const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
   if (threads > unsigned(max_block_threads<T, NV, CARRY>())) return cudaErrorInvalidValue;
-  const size_t smem = smem_bytes<T, NV, S, CARRY, W_NATIVE>(threads);
-  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE, MIN_BLOCKS, MMA>;
+  const size_t smem = smem_bytes<T, NV, S, W_NATIVE>(threads);
+  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE, MMA>;
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
   const int D = static_cast<int>(a.D);
@@ -598,22 +597,22 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
 #endif
 }
 
-template <typename T, int NV, bool CARRY, bool W_NATIVE, int MIN_BLOCKS, bool MMA>
+template <typename T, int NV, bool CARRY, bool W_NATIVE, bool MMA>
 inline cudaError_t dispatch_stages(const Args& a, DType w_dtype, cudaStream_t stream) {
   switch (a.stages) {
-    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE, MIN_BLOCKS, MMA>(a, w_dtype, stream);
-    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE, MIN_BLOCKS, MMA>(a, w_dtype, stream);
-    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE, MIN_BLOCKS, MMA>(a, w_dtype, stream);
+    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE, MMA>(a, w_dtype, stream);
+    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE, MMA>(a, w_dtype, stream);
+    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE, MMA>(a, w_dtype, stream);
   }
 }
 
-template <typename T, int NV, bool CARRY, int MIN_BLOCKS = 1, bool MMA = false>
+template <typename T, int NV, bool CARRY, bool MMA = false>
 inline cudaError_t dispatch_weight(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
-    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true, MIN_BLOCKS, MMA>(a, w_dtype, stream);
+    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true, MMA>(a, w_dtype, stream);
   }
   (void)x_dtype;
-  return dispatch_stages<T, NV, CARRY, false, MIN_BLOCKS, MMA>(a, w_dtype, stream);
+  return dispatch_stages<T, NV, CARRY, false, MMA>(a, w_dtype, stream);
 }
 
 template <typename T>
@@ -622,8 +621,7 @@ inline cudaError_t dispatch_values(const Args& a, DType x_dtype, DType w_dtype, 
   if constexpr (sizeof(T) == 2) {
     if (a.values_per_thread == 32) {
       if (a.carry) return dispatch_weight<T, 32 / V, true>(a, x_dtype, w_dtype, stream);
-      if (a.min_blocks == 0) return dispatch_weight<T, 32 / V, false, 0>(a, x_dtype, w_dtype, stream);
-      if (a.mma) return dispatch_weight<T, 32 / V, false, 1, true>(a, x_dtype, w_dtype, stream);
+      if (a.mma) return dispatch_weight<T, 32 / V, false, true>(a, x_dtype, w_dtype, stream);
       return dispatch_weight<T, 32 / V, false>(a, x_dtype, w_dtype, stream);
     }
   }

@@ -47,8 +47,7 @@ struct Args {
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
-  int min_blocks;         // 1, or 0: ptxas' own register count (32 values without carry; elsewhere taken as 1)
-  bool mma;               // ‖y‖², y·y_{t-1}, Σx² on the tensor cores (16-bit, 32 values, no carry, min_blocks 1)
+  bool mma;               // ‖y‖², y·y_{t-1}, Σx² on the tensor cores (16-bit rows, 32 values, no carry; else unused)
 };
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.
@@ -68,8 +67,7 @@ inline bool supported(const Args& a, DType x_dtype, DType w_dtype) {
   return a.D > 0 && a.D <= max_dim(x_dtype, a.values_per_thread) && a.D % vec == 0 &&
          (a.stride_r * element_size(x_dtype)) % 16 == 0 &&
          aligned(a.x) && aligned(a.y) && aligned(a.weight) && (a.D * element_size(w_dtype)) % 16 == 0 &&
-         (a.values_per_thread == 16 || a.values_per_thread == 32) && a.stages >= 2 && a.stages <= 4 &&
-         (a.min_blocks == 0 || a.min_blocks == 1);
+         (a.values_per_thread == 16 || a.values_per_thread == 32) && a.stages >= 2 && a.stages <= 4;
 }
 
 // Enqueues the rows kernel on `stream` and returns cudaGetLastError() (cudaErrorInvalidValue, launching nothing,

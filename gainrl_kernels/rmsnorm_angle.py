@@ -897,27 +897,22 @@ _ROWS_SPLIT_FROM = 8192
 # 1.224 -> 1.176 ms (bare 1.053), 16x4096x2048 0.173 -> 0.159, 16x4096x5120 0.530 -> 0.401, 8x2048x896 0.033 ->
 # 0.033; again as the default in bench/results/fused_variants_h200_cuda_default.json (1.178 ms)
 _CUDA_ROWS = True
+_CUDA_ROWS_MAX_DIM, _CUDA_ROWS_MAX_THREADS = 8192, 512  # kMaxDim, kMaxThreads of csrc/rmsnorm_angle_launch.h
 # fp32 rows too (8 values per thread, D <= 4096): checked, not timed on a GPU, so they keep Triton for now
 _CUDA_ROWS_FP32 = False
 # 32 or 16 columns per thread in 16-bit rows (fp32 rows: always 8, so D <= 4096). 32: at D = 4096 bf16 a row
-# costs 1996 warp instructions on 4 blocks of 4 warps per SM, 16: 2352 on 2 blocks of 8 warps (sm_90a,
+# costs 1992 warp instructions on 4 blocks of 4 warps per SM, 16: 2416 on 2 blocks of 8 warps (sm_90a,
 # bench/cuda_rows_static.py; Triton's: 1940 on 3 programs of 4 warps)
 _CUDA_ROWS_VALUES = 32
 # 2 to 4 rows in the ring (stages - 1 loaded ahead). H200, 2 / 3 / 4 stages: 64x4096x4096 1.170 / 1.176 / 1.189 ms,
 # 16x4096x5120 0.423 / 0.401 / 0.391, 8x2048x896 0.036 / 0.033 / 0.033 (16 values: 1.183 at 4096, 0.477 at 5120)
 _CUDA_ROWS_STAGES = 3
 # 32 values per thread: keep the next row's fp32 values in registers rather than reading the ring twice. At D =
-# 4096 bf16: 1812 warp instructions a row on 3 blocks of 4 warps per SM (156 registers), against 1996 on 4 blocks
+# 4096 bf16: 1840 warp instructions a row on 3 blocks of 4 warps per SM (156 registers), against 1992 on 4 blocks
 # (126); the 16-value tuning always carries. H200: faster only at D = 5120 (0.379 against 0.401 ms), slower at
 # 4096 (1.210 against 1.176) and 2048 (0.182 against 0.159): off
 _CUDA_ROWS_CARRY = False
-# the launch bounds' minimum of blocks per SM of the 32-value rows without carry: 1 (ptxas may take 128 registers:
-# 4 blocks of 4 warps per SM at D = 4096 bf16, ~1995 warp instructions a row) or 0 (ptxas' own count, ~100
-# registers: 5 blocks, ~1970 instructions; bench/cuda_rows_static.py, sm_90a). H200 (variant cuda_rows_mb0): no
-# gain, 1.184 against 1.178 ms at 64x4096x4096, 0.403 against 0.402 at 16x4096x5120: occupancy is not what holds it
-# back
-_CUDA_ROWS_MIN_BLOCKS = 1
-# 16-bit rows, 32 values, no carry, min blocks 1: ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
+# 16-bit rows, 32 values, no carry: ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
 # (mma.m16n8k8 on the packed values: exact products, fp32 sums) instead of unpacking x twice and y once and three
 # FMAs per value: at D = 4096 bf16 ~1995 -> ~1640 warp instructions a row, same ~127 registers and 4 blocks per SM,
 # no spills (bench/cuda_rows_static.py, sm_90a). Checked on an H200 (tests/test_rmsnorm_angle_cuda.py), but no
@@ -1058,9 +1053,9 @@ def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     dim = x2d.shape[1]
     vec = 16 // x2d.element_size()
     values = 8 if x2d.dtype == torch.float32 else _CUDA_ROWS_VALUES
-    return (0 < dim <= min(_ROWS_MAX_BLOCK_D, 512 * values) and dim % vec == 0 and x2d.stride(1) == 1
-            and x2d.stride(0) % vec == 0 and x2d.data_ptr() % 16 == 0 and weight.is_contiguous()
-            and weight.data_ptr() % 16 == 0 and (dim * weight.element_size()) % 16 == 0)
+    return (0 < dim <= min(_CUDA_ROWS_MAX_DIM, _CUDA_ROWS_MAX_THREADS * values) and dim % vec == 0
+            and x2d.stride(1) == 1 and x2d.stride(0) % vec == 0 and x2d.data_ptr() % 16 == 0
+            and weight.is_contiguous() and weight.data_ptr() % 16 == 0 and (dim * weight.element_size()) % 16 == 0)
 
 
 def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1103,7 +1098,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
             part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, _CUDA_ROWS_STAGES, _CUDA_ROWS_CARRY,
-            _CUDA_ROWS_MIN_BLOCKS, _CUDA_ROWS_MMA)
+            _CUDA_ROWS_MMA)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:

@@ -111,7 +111,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def parse_ptxas(log: str, arch: str) -> dict[str, dict[str, int]]:
-    """{mangled kernel: {registers, stack, spill_stores, spill_loads}} from `-Xptxas -v` output for one arch."""
+    """{mangled kernel: {registers, stack, spill_stores, spill_loads, smem}} from `-Xptxas -v` output for one arch
+    (smem: static shared memory in bytes, 0 when the report names none)."""
     funcs: dict[str, dict[str, int]] = {}
     current = None
     for line in log.splitlines():
@@ -133,6 +134,8 @@ def parse_ptxas(log: str, arch: str) -> dict[str, dict[str, int]]:
         m = re.search(r"Used (\d+) registers", line)
         if m:
             funcs[current]["registers"] = int(m[1])
+            s = re.search(r"(\d+) bytes smem", line)
+            funcs[current]["smem"] = int(s[1]) if s else 0
     return funcs
 
 

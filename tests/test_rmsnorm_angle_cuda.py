@@ -40,12 +40,12 @@ namespace ra = gainrl::rmsnorm_angle;
 extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
                         float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
                         int64_t grid, float* part_sum, float* part_q, float* part_adj, int64_t R, int64_t D,
-                        float eps, int values_per_thread, int stages, int carry, int min_blocks, int mma) {
+                        float eps, int values_per_thread, int stages, int carry, int mma) {
   ra::Args a{};
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
   a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
   a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
-  a.values_per_thread = values_per_thread; a.stages = stages; a.carry = carry != 0; a.min_blocks = min_blocks;
+  a.values_per_thread = values_per_thread; a.stages = stages; a.carry = carry != 0;
   a.mma = mma != 0;
   try {
     return static_cast<int>(ra::launch_rmsnorm_angle_rows(a, static_cast<ra::DType>(x_dtype),
@@ -61,7 +61,7 @@ extern "C" int emu_supported(int x_dtype, int w_dtype, const void* x, int64_t st
                              void* y, int64_t D, int values_per_thread) {
   ra::Args a{};
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.D = D;
-  a.values_per_thread = values_per_thread; a.stages = 3; a.min_blocks = 1;
+  a.values_per_thread = values_per_thread; a.stages = 3;
   return ra::supported(a, static_cast<ra::DType>(x_dtype), static_cast<ra::DType>(w_dtype)) ? 1 : 0;
 }
 """
@@ -74,7 +74,7 @@ def emulator(tmp_path_factory):
     lib.emu_rows.argtypes = (
         [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         + [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-        + [ctypes.c_float] + [ctypes.c_int] * 5
+        + [ctypes.c_float] + [ctypes.c_int] * 4
     )
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_supported.restype = ctypes.c_int
@@ -93,7 +93,7 @@ def copies(request, emulator):
 
 
 def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: int = 32, stages: int = 3,
-                     carry: bool = False, min_blocks: int = 1, mma: bool = False):
+                     carry: bool = False, mma: bool = False):
     """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
     emulated kernel on outputs poisoned with NaN, the Triton reduce. Raises RuntimeError when the launcher refuses."""
     plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
@@ -106,8 +106,7 @@ def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: i
     items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
     rc = lib.emu_rows(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
                       y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(),
-                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry), min_blocks,
-                      int(mma))
+                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry), int(mma))
     if rc != 0:
         raise RuntimeError(f"emulated launch refused: {rc}")
     batch, nseg = plan.count.shape
@@ -178,12 +177,11 @@ def test_emulated_matches_reference_and_triton(emulator, dim, dtype):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("values,stages,carry,min_blocks,mma", [
-    (16, 2, True, 1, False), (16, 4, True, 1, False), (32, 2, False, 1, False), (32, 4, False, 1, False),
-    (32, 3, True, 1, False), (32, 2, True, 1, False), (32, 3, False, 0, False), (16, 3, True, 0, False),
-    (32, 3, False, 1, True), (32, 2, False, 1, True), (16, 3, True, 1, True)])
-def test_emulated_tunings(emulator, values, stages, carry, min_blocks, mma, copies):
-    """Every ring depth, carried or not, either launch bound, the row sums on the tensor cores or not (the emulator
+@pytest.mark.parametrize("values,stages,carry,mma", [
+    (16, 2, True, False), (16, 4, True, False), (32, 2, False, False), (32, 4, False, False), (32, 3, True, False),
+    (32, 2, True, False), (32, 3, False, True), (32, 2, False, True), (16, 3, True, True)])
+def test_emulated_tunings(emulator, values, stages, carry, mma, copies):
+    """Every ring depth, carried or not, the row sums on the tensor cores or not (the emulator
     sums each thread's products in the FMA order: the mma's fragment layout is checked on GPUs only), gives bitwise
     the default's y, rstd and statistics at the same values per thread (16 values always carry; ``carry`` is a
     32-value option; ``mma`` applies to 32 values without carry and is ignored elsewhere); the other
@@ -192,7 +190,7 @@ def test_emulated_tunings(emulator, values, stages, carry, min_blocks, mma, copi
     x, w, cu, off = batch(256, torch.bfloat16, seed=3, strided=True)
     y0, r0, s0 = emulated_forward(emulator, x, w, cu, off, values=values)
     y1, r1, s1 = emulated_forward(emulator, x, w, cu, off, values=values, stages=stages, carry=carry,
-                                  min_blocks=min_blocks, mma=mma)
+                                  mma=mma)
     assert torch.equal(y0, y1) and torch.equal(r0, r1)
     assert all(torch.equal(a, b) for a, b in zip(s0, s1))
     assert_stats(s1, y1, cu, off)
@@ -306,7 +304,7 @@ def test_emulated_refuses_unsupported_rows(emulator):
     x, w, cu, off = batch(64, torch.bfloat16, seed=1)
     assert rmsnorm_module._cuda_rows_supported(x, w)
     with pytest.raises(RuntimeError, match="refused"):
-        emulated_forward(emulator, x, w, cu, off, min_blocks=2)  # a launch bound the kernel is not built with
+        emulated_forward(emulator, x, w, cu, off, stages=5)  # a ring depth the kernel is not built with
 
 
 @pytest.mark.parametrize("values", [16, 32])
@@ -342,23 +340,22 @@ needs_cuda_rows = pytest.mark.skipif(
 )
 
 
-GPU_CASES = (  # (D, x dtype, weight dtype, values per thread, stages, carry, min blocks, mma): every tuning in
-    # bf16 (weight in bf16: the packed product; in fp32: the fp32 weight), every dtype at the default tuning
-    [(d, torch.bfloat16, torch.bfloat16, v, s, c, mb, m) for d in (64, 896, 2048, 4096, 5120, 8192)
-     for v, c, mb, m in ((16, True, 1, False), (32, False, 1, False), (32, False, 0, False), (32, True, 1, False),
-                         (32, False, 1, True)) for s in (2, 3, 4)]
-    + [(d, torch.bfloat16, torch.float32, v, 3, False, 1, m) for d in (896, 4096, 5120) for v in (16, 32)
+GPU_CASES = (  # (D, x dtype, weight dtype, values per thread, stages, carry, mma): every tuning in bf16 (weight in
+    # bf16: the packed product; in fp32: the fp32 weight), every dtype at the default tuning and with mma
+    [(d, torch.bfloat16, torch.bfloat16, v, s, c, m) for d in (64, 896, 2048, 4096, 5120, 8192)
+     for v, c, m in ((16, True, False), (32, False, False), (32, True, False), (32, False, True)) for s in (2, 3, 4)]
+    + [(d, torch.bfloat16, torch.float32, v, 3, False, m) for d in (896, 4096, 5120) for v in (16, 32)
        for m in (False, True) if v == 32 or not m]
-    + [(d, t, t, 32, 3, False, mb, m) for d in (64, 896, 4096, 5120, 8192) for t in (torch.float32, torch.float16)
-       for mb, m in ((0, False), (1, False), (1, True)) if t != torch.float32 or (d <= 4096 and (mb, m) == (1, False))]
-    + [(4096, torch.float16, torch.bfloat16, 32, 3, True, 1, False),
-       (4096, torch.float32, torch.bfloat16, 16, 3, False, 1, False)]
+    + [(d, t, t, 32, 3, False, m) for d in (64, 896, 4096, 5120, 8192) for t in (torch.float32, torch.float16)
+       for m in (False, True) if t != torch.float32 or (d <= 4096 and not m)]
+    + [(4096, torch.float16, torch.bfloat16, 32, 3, True, False),
+       (4096, torch.float32, torch.bfloat16, 16, 3, False, False)]
 )
 
 
 @needs_cuda_rows
-@pytest.mark.parametrize("dim,dtype,w_dtype,values,stages,carry,min_blocks,mma", GPU_CASES, ids=str)
-def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, min_blocks, mma, monkeypatch):
+@pytest.mark.parametrize("dim,dtype,w_dtype,values,stages,carry,mma", GPU_CASES, ids=str)
+def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, mma, monkeypatch):
     """On the GPU: rstd within fp32 rounding of torch's and y exactly HF's formula on that rstd (``_forward``, the
     kernel's own rstd), ``rmsnorm_angle`` bitwise the same, the statistics those of y and close to the Triton
     kernel's; model widths included (5120 is no power of two: 160 or 320 threads)."""
@@ -371,7 +368,6 @@ def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, min_
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_VALUES", values)
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_STAGES", stages)
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_CARRY", carry)
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_MIN_BLOCKS", min_blocks)
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_MMA", mma)
     assert rmsnorm_module._cuda_rows_take(x, w)
     plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
