@@ -34,20 +34,33 @@ VARIANTS: dict[str, dict] = {
     "triton_rows": {"_CUDA_ROWS": False},  # the Triton rows kernel at its defaults (the default before session 17)
     # the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built with CUDA): a
     # cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
-    "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, 3 stages
+    "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, stages and carry by width (_cuda_rows_tuning)
     # the row sums (‖y‖², y·y_{t-1}, the next row's Σx²) on the tensor cores from the packed values: 17% fewer
     # instructions a row, no faster on an H200
-    "cuda_rows_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True},
-    "cuda_rows_s2_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_STAGES": 2},
-    "cuda_rows_s4_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_STAGES": 4},
-    "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2},
-    "cuda_rows_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 4},
-    "cuda_rows_carry": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True},  # 3 blocks of 4 warps, fewer instructions
+    "cuda_rows_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_CARRY": False},
+    "cuda_rows_s2_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_STAGES": 2, "_CUDA_ROWS_CARRY": False},
+    "cuda_rows_s4_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_STAGES": 4, "_CUDA_ROWS_CARRY": False},
+    # fixed stages and carry at every width (the default before session 18: cuda_rows_s3)
+    "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2, "_CUDA_ROWS_CARRY": False},
+    "cuda_rows_s3": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 3, "_CUDA_ROWS_CARRY": False},
+    "cuda_rows_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 4, "_CUDA_ROWS_CARRY": False},
+    # 3 blocks of 4 warps at 4096, fewer instructions
+    "cuda_rows_carry": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_carry_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True, "_CUDA_ROWS_STAGES": 4},
     # ... with 512-row chunks (the default is 256): half the partial-row traffic again
     "cuda_rows_chunk_512": {"_CUDA_ROWS": True, "_MAX_CHUNK": 512},
-    "cuda_rows_carry_chunk_512": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True, "_MAX_CHUNK": 512},
-    "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16},
+    "cuda_rows_carry_chunk_512": {"_CUDA_ROWS": True, "_CUDA_ROWS_CARRY": True, "_CUDA_ROWS_STAGES": 3,
+                                  "_MAX_CHUNK": 512},
+    # ... and shorter chunks: more blocks (a shorter tail of the last wave), more partial rows
+    "cuda_rows_chunk_128": {"_CUDA_ROWS": True, "_MAX_CHUNK": 128},
+    "cuda_rows_chunk_64": {"_CUDA_ROWS": True, "_MAX_CHUNK": 64},
+    # copies of row t + stages queued before y_t's stores (not after the step's barrier)
+    "cuda_rows_early": {"_CUDA_ROWS": True, "_CUDA_ROWS_EARLY": True},
+    "cuda_rows_early_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_EARLY": True, "_CUDA_ROWS_STAGES": 2,
+                           "_CUDA_ROWS_CARRY": False},
+    "cuda_rows_early_s3": {"_CUDA_ROWS": True, "_CUDA_ROWS_EARLY": True, "_CUDA_ROWS_STAGES": 3,
+                           "_CUDA_ROWS_CARRY": False},
+    "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them
     "8_warps_at_4096": {"_ROWS_STATS_REGISTER_CAP": {}},  # no register cap: the statistics' warp rule everywhere
@@ -150,10 +163,10 @@ def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: tor
         compiled = torch.compile(torch_rmsnorm, dynamic=False)
         ms = graph_time(lambda: compiled(x, w), reps) * 1e3
         row.update(status="ok", bare_ms=ms)
-        print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm (no stats) | {ms:.3f} | | | | | |", flush=True)
+        print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm (no stats) | {ms:.3f} | | | | | | |", flush=True)
     except Exception as e:  # noqa: BLE001 -- recorded, like a failing variant
         row.update(status=f"error: {type(e).__name__}: {str(e).strip()[:160]}")
-        print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm | {row['status']} ||||||", flush=True)
+        print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm | {row['status']} |||||||", flush=True)
     return row
 
 
@@ -166,7 +179,7 @@ def no_segment_row(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.
     off = torch.zeros(batch, 2, dtype=torch.int32, device=x.device)
     ms = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, off, validate=False), reps) * 1e3
     row.update(status="ok", fused_ms=ms)
-    print(f"| {batch} | {length} | {dim} | fused call, rows in no segment | | {ms:.3f} | | | | |", flush=True)
+    print(f"| {batch} | {length} | {dim} | fused call, rows in no segment | | {ms:.3f} | | | | | |", flush=True)
     return row
 
 
@@ -186,7 +199,11 @@ def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: to
         bare = min(bare, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, validate=False), args.reps))
         fused = min(fused, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), args.reps))
     eager = time_it(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), device, 0.2, args.reps)
-    return dict(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare, eager_ms=eager * 1e3)
+    # the same launches with every row in no segment: the variant's chunked walk without the statistics
+    off = torch.zeros(cu.numel() - 1, 2, dtype=torch.int32, device=x.device)
+    no_seg = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, off, validate=False), args.reps)
+    return dict(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare, eager_ms=eager * 1e3,
+                no_segments_ms=no_seg * 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--variants", default="", help="comma list of variant names to run (default: all); 'default' "
                    "always runs first, the yardstick of ratio_vs_default_bare")
+    p.add_argument("--shapes", default="64x4096x4096,16x4096x2048,16x4096x5120,8x2048x896",
+                   help="comma list of BxLxD (GPU only; the first is the goal shape)")
     args = p.parse_args(argv)
     wanted = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(wanted) - set(VARIANTS))
@@ -206,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     # the goal shape first: a run cut short by its time cap still answers it
-    shapes = [(64, 4096, 4096), (16, 4096, 2048), (16, 4096, 5120), (8, 2048, 896)] if cuda else [(2, 16, 40)]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if cuda else [(2, 16, 40)]
     rows: list[dict] = []
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
     print("| B | L | D | variant | bare graph ms | fused graph ms | fused / bare | fused / default bare "
-          "| fused eager ms | copy GB/s frac |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| fused eager ms | copy GB/s frac | no segments ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, length, dim in shapes:
         x, cu = make_input(batch, length, dim, torch.bfloat16, device)
         w = torch.rand(dim, device=device, dtype=torch.bfloat16) + 0.5
@@ -221,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:  # the device-side work list alone (one launch)
             plan_ms = graph_time(lambda: M._stats_plan(x, cu, None, None), args.reps) * 1e3
             rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
-            print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | |", flush=True)
+            print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | | |", flush=True)
             rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
             rows.append(no_segment_row(batch, length, dim, x, w, cu, args.reps))
         for name, settings in variants.items():
@@ -244,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             if "fused_ms" in row:
                 print(f"| {batch} | {length} | {dim} | {name} | {row['bare_ms']:.3f} | {row['fused_ms']:.3f} | "
                       f"{row['ratio']:.3f} | {row['ratio_vs_default_bare']:.3f} | {row['eager_ms']:.3f} | "
-                      f"{row['bw_frac_of_copy']:.2f} |", flush=True)
+                      f"{row['bw_frac_of_copy']:.2f} | {row['no_segments_ms']:.3f} |", flush=True)
             else:
-                print(f"| {batch} | {length} | {dim} | {name} | {row['status']} ||||||", flush=True)
+                print(f"| {batch} | {length} | {dim} | {name} | {row['status']} |||||||", flush=True)
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu",

@@ -240,7 +240,8 @@ grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log
 
 # ---------------------------------------------------------------------------------------------------- 4. benchmarks
 # Launch-shape variants of the fused RMSNorm + angle forward (each checked against the default, CUDA-graph timed).
-# GAINRL_GPU_CHECK_VARIANTS: a comma list of variant names (default all; the default config always runs first).
+# GAINRL_GPU_CHECK_VARIANTS: a comma list of variant names (default all; the default config always runs first);
+# GAINRL_GPU_CHECK_VARIANT_SHAPES: a comma list of BxLxD (default the script's four, goal shape first).
 if ! want variants; then
     :
 elif [ "$DRY" = 1 ]; then
@@ -249,7 +250,8 @@ elif [ "$DRY" = 1 ]; then
 else
     step variants kernels_bench.log "${GAINRL_GPU_CHECK_VARIANTS_CAP:-120}" "$PY" bench/fused_variants.py \
         --out "$OUT/fused_variants.json" \
-        ${GAINRL_GPU_CHECK_VARIANTS:+--variants "$GAINRL_GPU_CHECK_VARIANTS"}
+        ${GAINRL_GPU_CHECK_VARIANTS:+--variants "$GAINRL_GPU_CHECK_VARIANTS"} \
+        ${GAINRL_GPU_CHECK_VARIANT_SHAPES:+--shapes "$GAINRL_GPU_CHECK_VARIANT_SHAPES"}
 fi
 if [ -f "$OUT/fused_variants.json" ]; then
     "$PY" - "$OUT/fused_variants.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"

@@ -895,7 +895,8 @@ _ROWS_SPLIT_FROM = 8192
 # kernel. Checked in the CPU emulator and on GPUs (tests/test_rmsnorm_angle_cuda.py). Timed on an H200 (graph
 # replays, bf16, bench/results/fused_variants_h200_cuda_rows.json, Triton rows -> CUDA rows): 64x4096x4096
 # 1.224 -> 1.176 ms (bare 1.053), 16x4096x2048 0.173 -> 0.159, 16x4096x5120 0.530 -> 0.401, 8x2048x896 0.033 ->
-# 0.033; again as the default in bench/results/fused_variants_h200_cuda_default.json (1.178 ms)
+# 0.033; again as the default in bench/results/fused_variants_h200_cuda_default.json (1.178 ms); with stages and
+# carry by width (_cuda_rows_tuning, session 18) 1.155 ms (bench/results/fused_variants_h200_width_rule.json)
 _CUDA_ROWS = True
 _CUDA_ROWS_MAX_DIM, _CUDA_ROWS_MAX_THREADS = 8192, 512  # kMaxDim, kMaxThreads of csrc/rmsnorm_angle_launch.h
 # fp32 rows too (8 values per thread, D <= 4096): checked, not timed on a GPU, so they keep Triton for now
@@ -904,14 +905,23 @@ _CUDA_ROWS_FP32 = False
 # costs 1992 warp instructions on 4 blocks of 4 warps per SM, 16: 2416 on 2 blocks of 8 warps (sm_90a,
 # bench/cuda_rows_static.py; Triton's: 1940 on 3 programs of 4 warps)
 _CUDA_ROWS_VALUES = 32
-# 2 to 4 rows in the ring (stages - 1 loaded ahead). H200, 2 / 3 / 4 stages: 64x4096x4096 1.170 / 1.176 / 1.189 ms,
-# 16x4096x5120 0.423 / 0.401 / 0.391, 8x2048x896 0.036 / 0.033 / 0.033 (16 values: 1.183 at 4096, 0.477 at 5120)
-_CUDA_ROWS_STAGES = 3
+# 2 to 4 rows in the ring (stages - 1 loaded ahead); None: the per-width rule of ``_cuda_rows_tuning``.
+_CUDA_ROWS_STAGES: Optional[int] = None
 # 32 values per thread: keep the next row's fp32 values in registers rather than reading the ring twice. At D =
 # 4096 bf16: 1840 warp instructions a row on 3 blocks of 4 warps per SM (156 registers), against 1992 on 4 blocks
-# (126); the 16-value tuning always carries. H200: faster only at D = 5120 (0.379 against 0.401 ms), slower at
-# 4096 (1.210 against 1.176) and 2048 (0.182 against 0.159): off
-_CUDA_ROWS_CARRY = False
+# (126); the 16-value tuning always carries. None: the per-width rule of ``_cuda_rows_tuning``.
+_CUDA_ROWS_CARRY: Optional[bool] = None
+# (stages, carry) by width: the fastest of 2 / 3 / 4 stages and carry on an H200, graph-timed bf16 fused forward
+# (bench/fused_variants.py; bench/results/fused_variants_h200_cuda_rows.json, _cuda_default.json, _mma.json,
+# _no_segments.json, _width_rule.json: up to five runs a width), ms as 3 stages / 2 stages / carry on 3 stages:
+#   8x2048x896    0.032-0.033 / 0.036       / 0.031-0.032   (5 runs)
+#   16x4096x1536  0.127       / 0.130       / 0.159         (1 run)
+#   16x4096x2048  0.158-0.159 / 0.155-0.157 / 0.179-0.182   (5 runs)
+#   16x4096x3584  0.273       / 0.280       / 0.276         (1 run)
+#   64x4096x4096  1.172-1.178 / 1.154-1.171 / 1.205-1.214   (5 runs)
+#   16x4096x5120  0.398-0.402 / 0.412-0.423 / 0.374-0.379   (5 runs)
+_CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
+    896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True)}
 # 16-bit rows, 32 values, no carry: ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
 # (mma.m16n8k8 on the packed values: exact products, fp32 sums) instead of unpacking x twice and y once and three
 # FMAs per value: at D = 4096 bf16 ~1995 -> ~1640 warp instructions a row, same ~127 registers and 4 blocks per SM,
@@ -920,6 +930,13 @@ _CUDA_ROWS_CARRY = False
 # 64x4096x4096, 0.159 against 0.158 at 16x4096x2048. So issue is not what bounds the row step; its dependent chain
 # (here two chains of 8 mma per sum) likely is. Off
 _CUDA_ROWS_MMA = False
+# Each thread queues the copy of row t + stages into row t's ring slot as soon as it holds row t (it alone reads its
+# vectors there), before y_t's stores, instead of after the step's barrier: the copies get more lead and do not
+# queue behind the stores. Bitwise the same outputs (tests/test_rmsnorm_angle_cuda.py). H200 (variants
+# cuda_rows_early*, bench/results/fused_variants_h200_width_rule.json), early against not, each at the width's
+# tuning: 64x4096x4096 1.173 against 1.155 ms, 16x4096x2048 0.159 / 0.155, 16x4096x5120 0.382 / 0.376; within a
+# percent elsewhere (896: 0.031 / 0.032, 1536: 0.126 / 0.127, 3584: 0.271 / 0.273). Off
+_CUDA_ROWS_EARLY = False
 
 
 class _FwdConfig(NamedTuple):
@@ -1065,6 +1082,19 @@ def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
             and has_ext_kernel("cuda", "rmsnorm_angle_rows_ext") and _cuda_rows_supported(x2d, weight))
 
 
+def _cuda_rows_tuning(dim: int) -> tuple[int, bool]:
+    """(ring stages, carry) of the CUDA rows kernel for 16-bit rows of width ``dim`` at 32 values per thread: the
+    knobs ``_CUDA_ROWS_STAGES`` / ``_CUDA_ROWS_CARRY`` where set, else the width's entry in ``_CUDA_ROWS_TUNED``,
+    else 3 stages, carried when a block is one warp (D <= 1024) or wider than 4 warps (D > 4096), as the timed
+    widths have it. (fp32 rows and 16 values per thread always carry: the flag is unused there.)"""
+    stages, carry = _CUDA_ROWS_TUNED.get(dim, (3, dim <= 1024 or dim > 4096))
+    if _CUDA_ROWS_CARRY is not None:
+        carry = _CUDA_ROWS_CARRY
+    if _CUDA_ROWS_STAGES is not None:
+        stages = _CUDA_ROWS_STAGES
+    return stages, carry
+
+
 def _rows_tuning(cfg: _FwdConfig, compiled: bool) -> dict:
     """The constexprs of ``_fwd_rows_kernel`` beyond the tile: the row's tail (``cfg.block_d2``) and the cache
     options from the module's knobs (the prefetch is inline PTX: compiled code only). The launcher,
@@ -1095,10 +1125,11 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         part_sum = part_q = part_adj = rstd  # never touched
     cfg = plan.cfg
     if stats and cfg.rows and _cuda_rows_take(x2d, weight):
+        stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, _CUDA_ROWS_STAGES, _CUDA_ROWS_CARRY,
-            _CUDA_ROWS_MMA)
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, _CUDA_ROWS_MMA,
+            _CUDA_ROWS_EARLY)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:

@@ -38,6 +38,16 @@ def test_fused_variants_script(tmp_path):
     assert all(r["status"].startswith("ok") for r in rows), rows
 
 
+def test_walk_order_script(tmp_path):
+    """Every row order of bench/walk_order.py gives HF's RMSNorm (checked inside the script, interpreter, tiny)."""
+    import walk_order
+
+    out = tmp_path / "walk.json"
+    assert walk_order.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["order"] for r in rows} == set(walk_order.orders(40, 2))
+
+
 def test_fused_static_script(tmp_path):
     """Lowers the fused forward for real GPUs (needs Triton's ptxas; a subprocess, as TRITON_INTERPRET is set)."""
     import os

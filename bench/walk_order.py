@@ -1,0 +1,163 @@
+"""Which row orders a persistent RMSNorm walk can take at the bare kernel's speed (a diagnostic for issue 3).
+
+The fused RMSNorm + angle forward walks each chunk of rows in one block (the statistics need a chunk's rows in
+order), and on an H200 that walk costs ~9% over the bare kernel's one row per program even with the statistics
+compiled out (``bench/fused_variants.py``, column "no segments ms"). This script times the same plain RMSNorm
+(HF's formula, bf16) in one Triton kernel whose programs walk rows in different orders:
+
+    program p = q * group + j walks rows  q * group * rows + j + group * i,   i = 0 .. rows - 1
+
+* ``c{rows}``: group 1, contiguous chunks of ``rows`` rows per program (c1 is the bare kernel's order);
+* ``g{group}_c{rows}``: ``group`` programs share a chunk of group * rows rows, interleaved row by row, so programs
+  that run at the same time touch neighbouring rows (what a thread-block cluster walking one chunk would do);
+* ``strided_{P}``: one group of P programs (a persistent grid), grid-strided rows;
+* ``_w``: the weight reloaded each row rather than held in registers; ``_ahead``: the next row loaded into
+  registers before this row's store; ``_s{S}``: the row loop software-pipelined with S stages (loads issued S - 1
+  rows ahead, as the CUDA rows kernel's cp.async ring).
+
+Graph-timed; each order's y is checked against the torch formula first. H200, 2026-11-27 (bench/results/
+walk_order_h200*.json, README "session 18"): at 64x4096x4096 every walk is 7-12% slower than c1, interleaved and
+strided orders included, at the same registers and bytes; at D = 2048 and 5120 walks keep up.
+
+    PYTHONPATH=. python bench/walk_order.py --out bench/results/walk_order_<gpu>.json
+    PYTHONPATH=. python bench/walk_order.py --dims 4096 --orders c1,c8 --no-time   # once each, under a profiler
+    python bench/walk_order.py --smoke     # tiny shapes, TRITON_INTERPRET=1 on a CPU: checks the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_kernels_bench import torch_rmsnorm  # noqa: E402
+
+
+@triton.jit
+def _walk_kernel(x_ptr, w_ptr, y_ptr, R, D, eps, rows, group, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+                 W_EACH_ROW: tl.constexpr, AHEAD: tl.constexpr):
+    pid = tl.program_id(0)
+    q = pid // group
+    j = pid - q * group
+    base = q.to(tl.int64) * group * rows + j
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    x_next = tl.load(x_ptr + base * D + cols, mask=cm & (base + cols * 0 < R), other=0.0)
+    for i in tl.range(0, rows, num_stages=STAGES):
+        if W_EACH_ROW:  # reloaded (an L1 hit) rather than held in registers across rows
+            w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        row = base + i * group
+        m = cm & (row + cols * 0 < R)
+        if AHEAD:  # row i + 1 loaded into registers before row i's store is issued
+            x = x_next.to(tl.float32)
+            nxt = row + group
+            x_next = tl.load(x_ptr + nxt * D + cols, mask=cm & (nxt + cols * 0 < R) & (i + 1 + cols * 0 < rows),
+                             other=0.0)
+        else:
+            x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        yt = y_ptr.dtype.element_ty
+        y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)  # HF: w * round(x * rstd), rounded once
+        tl.store(y_ptr + row * D + cols, y, mask=m)
+
+
+class Order(NamedTuple):
+    rows: int  # rows per program
+    group: int  # programs sharing a chunk, interleaved row by row
+    programs: int
+    stages: int = 1  # software-pipelining stages of the row loop
+    w_each_row: bool = False  # the weight reloaded each row (else held in registers)
+    ahead: bool = False  # the next row loaded into registers before this row's store
+
+
+def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, eps: float = 1e-6) -> object:
+    """y [R, D] = RMSNorm(x [R, D]) * w [D] (same dtype), programs walking rows in order ``o`` (see the module
+    docstring; 4 warps, the whole row in one tile). Returns the launched compiled kernel (None in the
+    interpreter)."""
+    R, D = x.shape
+    return _walk_kernel[(o.programs,)](x, w, y, R, D, eps, o.rows, o.group, BLOCK_D=triton.next_power_of_2(D),
+                                       STAGES=o.stages, W_EACH_ROW=o.w_each_row, AHEAD=o.ahead, num_warps=4)
+
+
+def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
+    out: dict[str, Order] = {}
+    cdiv = triton.cdiv
+    for w_each in (False, True):
+        tag = "_w" if w_each else ""
+        for c in (1, 8, 64, 256) if not w_each else (8, 64, 256):
+            out[f"c{c}{tag}"] = Order(c, 1, cdiv(n_rows, c), 1, w_each)
+        for stages in (2, 3):
+            out[f"c256_s{stages}{tag}"] = Order(256, 1, cdiv(n_rows, 256), stages, w_each)
+        for g, c in ((8, 32), (64, 32)):
+            out[f"g{g}_c{c}{tag}"] = Order(c, g, cdiv(n_rows, g * c) * g, 1, w_each)
+        for per_sm in (4, 8):
+            p = per_sm * n_sm
+            out[f"strided_{p}{tag}"] = Order(cdiv(n_rows, p), p, p, 1, w_each)
+    for c in (8, 64, 256):
+        out[f"c{c}_ahead"] = Order(c, 1, cdiv(n_rows, c), ahead=True)
+    for per_sm in (4, 8):
+        p = per_sm * n_sm
+        out[f"strided_{p}_ahead"] = Order(cdiv(n_rows, p), p, p, ahead=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--dims", default="4096,2048,5120", help="comma list of widths (GPU shapes: 64x4096 rows at 4096, "
+                   "16x4096 otherwise)")
+    p.add_argument("--orders", default="", help="comma list of order names (default: all)")
+    p.add_argument("--no-time", action="store_true", help="run and check each order once, untimed (for a profiler)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    dims = [int(d) for d in args.dims.split(",")]
+    shapes = [((64 if d == 4096 else 16) * 4096, d) for d in dims] if cuda else [(40, 48)]
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 2
+    if cuda:
+        from fused_variants import graph_time  # CUDA only (torch.cuda graphs)
+    rows_out: list[dict] = []
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
+    print("| R | D | order | rows/program | group | programs | stages | registers | graph ms | / c1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n_rows, dim in shapes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n_rows, dim, device=device, generator=gen).to(torch.bfloat16)
+        w = (torch.rand(dim, device=device, generator=gen) + 0.5).to(torch.bfloat16)
+        ref = torch_rmsnorm(x, w, 1e-6)
+        c1 = None
+        for name, o in orders(n_rows, n_sm).items():
+            if args.orders and name not in args.orders.split(","):
+                continue
+            y = torch.empty_like(x)
+            k = walk(x, w, y, o)
+            torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
+            row = dict(R=n_rows, D=dim, order=name, **o._asdict(), registers=getattr(k, "n_regs", None))
+            if cuda and not args.no_time:
+                ms = graph_time(lambda: walk(x, w, y, o), args.reps) * 1e3
+                c1 = ms if c1 is None else c1
+                row.update(ms=ms, vs_c1=ms / c1)
+                print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | "
+                      f"{row['registers']} | {ms:.3f} | {ms / c1:.3f} |", flush=True)
+            else:
+                print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | | checked "
+                      "| |")
+            rows_out.append(row)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu",
+                                                    rows=rows_out), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
