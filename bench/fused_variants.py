@@ -54,12 +54,6 @@ VARIANTS: dict[str, dict] = {
     # ... and shorter chunks: more blocks (a shorter tail of the last wave), more partial rows
     "cuda_rows_chunk_128": {"_CUDA_ROWS": True, "_MAX_CHUNK": 128},
     "cuda_rows_chunk_64": {"_CUDA_ROWS": True, "_MAX_CHUNK": 64},
-    # copies of row t + stages queued before y_t's stores (not after the step's barrier)
-    "cuda_rows_early": {"_CUDA_ROWS": True, "_CUDA_ROWS_EARLY": True},
-    "cuda_rows_early_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_EARLY": True, "_CUDA_ROWS_STAGES": 2,
-                           "_CUDA_ROWS_CARRY": False},
-    "cuda_rows_early_s3": {"_CUDA_ROWS": True, "_CUDA_ROWS_EARLY": True, "_CUDA_ROWS_STAGES": 3,
-                           "_CUDA_ROWS_CARRY": False},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them

@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
                 const int* __restrict__ item_pair_end, float* __restrict__ part_sum, float* __restrict__ part_q,
-                float* __restrict__ part_adj, int64_t R, int D, float eps, bool early) {
+                float* __restrict__ part_adj, int64_t R, int D, float eps) {
   constexpr int V = 16 / sizeof(T);
   using Vec = Vec16<T>;
   using PairT = Pair<T>;
@@ -436,8 +436,6 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
       const bool own = i < nrows;  // else the row after the chunk: its pair with the chunk's last row only
       const int slot_next = slot + 1 == S ? 0 : slot + 1;
       if constexpr (!CARRY) load_row(slot, xv);  // else xv holds row i since the previous step's sum of squares
-      // this thread holds row i: its own vectors of row i's slot may take row i + S (no other thread reads them)
-      if (early) issue(i + S, slot);
       Vec yv[NV];
       float nn = 0.f, dot = 0.f;
 #pragma unroll
@@ -487,14 +485,9 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
         if (tid == 0) rstd_out[row0 + i] = rstd;
       }
       y_row += D;
-      // row i + 1 (committed groups: S + i, early S + i + 1; groups 0 .. i + 1 done leaves S - 2, early S - 1
-      // pending)
+      // row i + 1 (committed groups: S + i; groups 0 .. i + 1 done leaves S - 2 pending)
       float ss = 0.f;
-      if (early) {
-        cp_async_wait<S - 1>();
-      } else {
-        cp_async_wait<S - 2>();
-      }
+      cp_async_wait<S - 2>();
       if (i + 1 < n) {  // block-uniform: every lane of a warp reaches the mma
         if constexpr (MMA) {
           Vec xr[NV];
@@ -507,7 +500,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
         }
       }
       const float4 s = block_sum3<!ST>(nn, dot, ss, red, buf);
-      if (!early) issue(i + S, slot);  // into row i's slot: every thread read its own vectors of row i
+      issue(i + S, slot);  // into row i's slot: every thread read its own vectors of row i before the barrier
       slot = slot_next;
       rstd = fast_rsqrt(div_rn(s.z, float(D)) + eps);
       if constexpr (ST) {
@@ -580,7 +573,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   emu_cp_async_reset(threads);
   gainrl_emu::launch_smem(smem, kernel, dim3(static_cast<unsigned>(a.grid)), dim3(threads), x, a.stride_r,
                           a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.early);
+                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
   return cudaSuccess;
 #else
   // Opt in to this much dynamic shared memory, once per device and size (then graph-capture safe), whatever the
@@ -599,7 +592,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   }
   kernel<<<dim3(static_cast<unsigned>(a.grid)), dim3(threads), smem, stream>>>(
       x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.early);
+      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
   return cudaGetLastError();
 #endif
 }

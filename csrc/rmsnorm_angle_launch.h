@@ -48,8 +48,6 @@ struct Args {
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
   bool mma;               // ‖y‖², y·y_{t-1}, Σx² on the tensor cores (16-bit rows, 32 values, no carry; else unused)
-  bool early;             // each thread queues row t + stages's copy into row t's slot as soon as it holds row t
-                          // (before y_t's stores), not after the step's barrier: more lead, loads not behind stores
 };
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.

@@ -930,13 +930,6 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 # 64x4096x4096, 0.159 against 0.158 at 16x4096x2048. So issue is not what bounds the row step; its dependent chain
 # (here two chains of 8 mma per sum) likely is. Off
 _CUDA_ROWS_MMA = False
-# Each thread queues the copy of row t + stages into row t's ring slot as soon as it holds row t (it alone reads its
-# vectors there), before y_t's stores, instead of after the step's barrier: the copies get more lead and do not
-# queue behind the stores. Bitwise the same outputs (tests/test_rmsnorm_angle_cuda.py). H200 (variants
-# cuda_rows_early*, bench/results/fused_variants_h200_width_rule.json), early against not, each at the width's
-# tuning: 64x4096x4096 1.173 against 1.155 ms, 16x4096x2048 0.159 / 0.155, 16x4096x5120 0.382 / 0.376; within a
-# percent elsewhere (896: 0.031 / 0.032, 1536: 0.126 / 0.127, 3584: 0.271 / 0.273). Off
-_CUDA_ROWS_EARLY = False
 
 
 class _FwdConfig(NamedTuple):
@@ -1128,8 +1121,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, _CUDA_ROWS_MMA,
-            _CUDA_ROWS_EARLY)
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, _CUDA_ROWS_MMA)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:

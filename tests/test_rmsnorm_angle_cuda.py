@@ -40,14 +40,13 @@ namespace ra = gainrl::rmsnorm_angle;
 extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
                         float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
                         int64_t grid, float* part_sum, float* part_q, float* part_adj, int64_t R, int64_t D,
-                        float eps, int values_per_thread, int stages, int carry, int mma, int early) {
+                        float eps, int values_per_thread, int stages, int carry, int mma) {
   ra::Args a{};
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
   a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
   a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
   a.values_per_thread = values_per_thread; a.stages = stages; a.carry = carry != 0;
   a.mma = mma != 0;
-  a.early = early != 0;
   try {
     return static_cast<int>(ra::launch_rmsnorm_angle_rows(a, static_cast<ra::DType>(x_dtype),
                                                           static_cast<ra::DType>(w_dtype), nullptr));
@@ -75,7 +74,7 @@ def emulator(tmp_path_factory):
     lib.emu_rows.argtypes = (
         [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         + [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-        + [ctypes.c_float] + [ctypes.c_int] * 5
+        + [ctypes.c_float] + [ctypes.c_int] * 4
     )
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_supported.restype = ctypes.c_int
@@ -94,7 +93,7 @@ def copies(request, emulator):
 
 
 def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: int = 32, stages: int = 3,
-                     carry: bool = False, mma: bool = False, early: bool = False):
+                     carry: bool = False, mma: bool = False):
     """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
     emulated kernel on outputs poisoned with NaN, the Triton reduce. Raises RuntimeError when the launcher refuses."""
     plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
@@ -107,8 +106,7 @@ def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: i
     items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
     rc = lib.emu_rows(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
                       y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(),
-                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry), int(mma),
-                      int(early))
+                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry), int(mma))
     if rc != 0:
         raise RuntimeError(f"emulated launch refused: {rc}")
     batch, nseg = plan.count.shape
@@ -179,22 +177,20 @@ def test_emulated_matches_reference_and_triton(emulator, dim, dtype):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("values,stages,carry,mma,early", [
-    (16, 2, True, False, False), (16, 4, True, False, True), (32, 2, False, False, False),
-    (32, 4, False, False, False), (32, 3, True, False, False), (32, 2, True, False, True),
-    (32, 3, False, True, False), (32, 2, False, True, True), (16, 3, True, True, False), (32, 2, False, False, True),
-    (32, 3, False, False, True), (32, 4, True, False, True)])
-def test_emulated_tunings(emulator, values, stages, carry, mma, early, copies):
-    """Every ring depth, carried or not, copies queued early or not, the row sums on the tensor cores or not (the
-    emulator sums each thread's products in the FMA order: the mma's fragment layout is checked on GPUs only),
-    gives bitwise the default's y, rstd and statistics at the same values per thread (16 values always carry;
-    ``carry`` is a 32-value option; ``mma`` applies to 32 values without carry and is ignored elsewhere); the other
+@pytest.mark.parametrize("values,stages,carry,mma", [
+    (16, 2, True, False), (16, 4, True, False), (32, 2, False, False), (32, 4, False, False), (32, 3, True, False),
+    (32, 2, True, False), (32, 3, False, True), (32, 2, False, True), (16, 3, True, True)])
+def test_emulated_tunings(emulator, values, stages, carry, mma, copies):
+    """Every ring depth, carried or not, the row sums on the tensor cores or not (the emulator
+    sums each thread's products in the FMA order: the mma's fragment layout is checked on GPUs only), gives bitwise
+    the default's y, rstd and statistics at the same values per thread (16 values always carry; ``carry`` is a
+    32-value option; ``mma`` applies to 32 values without carry and is ignored elsewhere); the other
     values per thread (another split of the sums over threads) within a rounding step. bf16, strided rows, the
     asynchronous copies performed as late and as early as they may be."""
     x, w, cu, off = batch(256, torch.bfloat16, seed=3, strided=True)
     y0, r0, s0 = emulated_forward(emulator, x, w, cu, off, values=values)
     y1, r1, s1 = emulated_forward(emulator, x, w, cu, off, values=values, stages=stages, carry=carry,
-                                  mma=mma, early=early)
+                                  mma=mma)
     assert torch.equal(y0, y1) and torch.equal(r0, r1)
     assert all(torch.equal(a, b) for a, b in zip(s0, s1))
     assert_stats(s1, y1, cu, off)
@@ -205,11 +201,9 @@ def test_emulated_tunings(emulator, values, stages, carry, mma, early, copies):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("stages", [2, 4])
-def test_emulated_long_chunks(emulator, stages, early, copies, monkeypatch):
-    """Chunks of 32 rows (the ring wraps many times inside a chunk) over two long sequences, K = 2; copies queued
-    after each step's barrier or as soon as a thread holds the row whose slot they take."""
+def test_emulated_long_chunks(emulator, stages, copies, monkeypatch):
+    """Chunks of 32 rows (the ring wraps many times inside a chunk) over two long sequences, K = 2."""
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 128)
     x = concentrated((610,), 64, seed=17).to(torch.bfloat16)
     w = torch.linspace(0.5, 1.5, 64).to(torch.bfloat16)
@@ -217,7 +211,7 @@ def test_emulated_long_chunks(emulator, stages, early, copies, monkeypatch):
     off = torch.tensor([[10, 100, 330], [0, 267, 267]], dtype=torch.int32)
     plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
     assert plan.cfg.chunk == 32
-    y, rstd, stats = emulated_forward(emulator, x, w, cu, off, stages=stages, early=early)
+    y, rstd, stats = emulated_forward(emulator, x, w, cu, off, stages=stages)
     assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, off)
 
@@ -243,8 +237,7 @@ def test_emulated_random_batches(emulator, seed, monkeypatch):
     rows = int(cu[-1]) + int(torch.randint(0, 3, (1,), generator=g))
     x = concentrated((rows,), dim, seed=seed).to(dtype)
     w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(pick([dtype, torch.float32]))
-    y, rstd, stats = emulated_forward(emulator, x, w, cu, off, values=values, stages=pick([2, 3, 4]), carry=carry,
-                                      early=pick([False, True]))
+    y, rstd, stats = emulated_forward(emulator, x, w, cu, off, values=values, stages=pick([2, 3, 4]), carry=carry)
     assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, off)
 
@@ -409,22 +402,6 @@ def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, mma,
     dy = float((y.float() - y_t.float()).abs().max())
     for a, b in zip(stats, s_t):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 + dy)
-
-
-@needs_cuda_rows
-@pytest.mark.parametrize("dim,stages,carry", [(896, 3, True), (2048, 2, False), (4096, 2, False), (4096, 3, False),
-                                              (5120, 3, True), (8192, 4, True)])
-def test_cuda_rows_early_copies_bitwise(dim, stages, carry, monkeypatch):
-    """Copies queued as soon as a thread holds the row whose slot they take (``_CUDA_ROWS_EARLY``) change only when
-    the bytes arrive: y, rstd and the statistics bitwise those of the copies queued after the step's barrier."""
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_STAGES", stages)
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_CARRY", carry)
-    x, w, cu, off = batch(dim, torch.bfloat16, seed=5, strided=True, device="cuda")
-    assert rmsnorm_module._cuda_rows_take(x, w)
-    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_EARLY", True)
-    y1, s1 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
-    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
 
 
 @needs_cuda_rows
