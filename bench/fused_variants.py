@@ -127,6 +127,14 @@ def overridden(settings: dict) -> Iterator[None]:
             setattr(M, k, v)
 
 
+def write_rows(out: Path | None, rows: list[dict], cuda: bool) -> None:
+    """Rewrite the record {device, rows} at ``out`` (nothing when None): called after every row, so that a run cut
+    short keeps what it timed."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu", rows=rows), indent=1))
+
+
 def graph_time(fn: Callable[[], object], reps: int) -> float:
     """Seconds per call of fn replayed from a CUDA graph (the plan's small torch ops included)."""
     stream = torch.cuda.Stream()
@@ -260,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['bw_frac_of_copy']:.2f} | {row['no_segments_ms']:.3f} |", flush=True)
             else:
                 print(f"| {batch} | {length} | {dim} | {name} | {row['status']} |||||||", flush=True)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu",
-                                                    rows=rows), indent=1))
+            write_rows(args.out, rows, cuda)
     return 0
 
 

@@ -26,7 +26,6 @@ strided orders included, at the same registers and bytes; at D = 2048 and 5120 w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +35,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_variants import graph_time, write_rows  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
 
@@ -123,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
     shapes = [((64 if d == 4096 else 16) * 4096, d) for d in dims] if cuda else [(40, 48)]
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 2
-    if cuda:
-        from fused_variants import graph_time  # CUDA only (torch.cuda graphs)
     rows_out: list[dict] = []
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
     print("| R | D | order | rows/program | group | programs | stages | registers | graph ms | / c1 |")
@@ -152,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | | checked "
                       "| |")
             rows_out.append(row)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu",
-                                                    rows=rows_out), indent=1))
+            write_rows(args.out, rows_out, cuda)
     return 0
 
 

@@ -913,13 +913,13 @@ _CUDA_ROWS_STAGES: Optional[int] = None
 _CUDA_ROWS_CARRY: Optional[bool] = None
 # (stages, carry) by width: the fastest of 2 / 3 / 4 stages and carry on an H200, graph-timed bf16 fused forward
 # (bench/fused_variants.py; bench/results/fused_variants_h200_cuda_rows.json, _cuda_default.json, _mma.json,
-# _no_segments.json, _width_rule.json: up to five runs a width), ms as 3 stages / 2 stages / carry on 3 stages:
-#   8x2048x896    0.032-0.033 / 0.036       / 0.031-0.032   (5 runs)
-#   16x4096x1536  0.127       / 0.130       / 0.159         (1 run)
-#   16x4096x2048  0.158-0.159 / 0.155-0.157 / 0.179-0.182   (5 runs)
-#   16x4096x3584  0.273       / 0.280       / 0.276         (1 run)
-#   64x4096x4096  1.172-1.178 / 1.154-1.171 / 1.205-1.214   (5 runs)
-#   16x4096x5120  0.398-0.402 / 0.412-0.423 / 0.374-0.379   (5 runs)
+# _no_segments.json, _width_rule.json, _width_rule_2.json), ms as 3 stages / 2 stages / carry on 3 stages:
+#   8x2048x896    0.032-0.033 / 0.036       / 0.031-0.032   (6 runs)
+#   16x4096x1536  0.127       / 0.130       / 0.155-0.159   (2 runs)
+#   16x4096x2048  0.158-0.159 / 0.155-0.157 / 0.179-0.182   (6 runs)
+#   16x4096x3584  0.269-0.273 / 0.280       / 0.273-0.276   (2 runs)
+#   64x4096x4096  1.172-1.178 / 1.154-1.171 / 1.205-1.214   (6 runs)
+#   16x4096x5120  0.398-0.402 / 0.412-0.423 / 0.374-0.379   (6 runs)
 _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
     896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True)}
 # 16-bit rows, 32 values, no carry: ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
