@@ -35,11 +35,6 @@ VARIANTS: dict[str, dict] = {
     # the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built with CUDA): a
     # cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
     "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, stages and carry by width (_cuda_rows_tuning)
-    # the row sums (‖y‖², y·y_{t-1}, the next row's Σx²) on the tensor cores from the packed values: 17% fewer
-    # instructions a row, no faster on an H200
-    "cuda_rows_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_CARRY": False},
-    "cuda_rows_s2_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_STAGES": 2, "_CUDA_ROWS_CARRY": False},
-    "cuda_rows_s4_mma": {"_CUDA_ROWS": True, "_CUDA_ROWS_MMA": True, "_CUDA_ROWS_STAGES": 4, "_CUDA_ROWS_CARRY": False},
     # fixed stages and carry at every width (the default before session 18: cuda_rows_s3)
     "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2, "_CUDA_ROWS_CARRY": False},
     "cuda_rows_s3": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 3, "_CUDA_ROWS_CARRY": False},
@@ -172,19 +167,6 @@ def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: tor
     return row
 
 
-def no_segment_row(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor,
-                   reps: int) -> dict:
-    """The fused call with every row in no segment (empty segments): the same work list, rows kernel and launches,
-    but the rows kernel's loop without the statistics. Against the bare kernel it prices the chunked row walk itself;
-    against the default fused time, the statistics' work."""
-    row = dict(B=batch, L=length, D=dim, variant="no_segments")
-    off = torch.zeros(batch, 2, dtype=torch.int32, device=x.device)
-    ms = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, off, validate=False), reps) * 1e3
-    row.update(status="ok", fused_ms=ms)
-    print(f"| {batch} | {length} | {dim} | fused call, rows in no segment | | {ms:.3f} | | | | | |", flush=True)
-    return row
-
-
 def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: torch.Tensor, s_ref, cuda: bool,
                    device: str, args: argparse.Namespace) -> dict:
     """Row fields of the module settings in force: the fused output checked against the default's, then (on a GPU)
@@ -201,7 +183,8 @@ def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: to
         bare = min(bare, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, validate=False), args.reps))
         fused = min(fused, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), args.reps))
     eager = time_it(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, validate=False), device, 0.2, args.reps)
-    # the same launches with every row in no segment: the variant's chunked walk without the statistics
+    # the same launches with every segment empty: each chunk takes the rows kernel's loop without statistics, so this
+    # against the bare time prices the chunked walk itself, and the fused time against this the statistics' work
     off = torch.zeros(cu.numel() - 1, 2, dtype=torch.int32, device=x.device)
     no_seg = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, off, validate=False), args.reps)
     return dict(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare, eager_ms=eager * 1e3,
@@ -244,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
             print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | | |", flush=True)
             rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
-            rows.append(no_segment_row(batch, length, dim, x, w, cu, args.reps))
         for name, settings in variants.items():
             settings = rows_kernel_settings(name, settings)
             row = dict(B=batch, L=length, D=dim, variant=name)

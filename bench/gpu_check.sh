@@ -274,8 +274,8 @@ for (b, l, d), rows in shapes.items():
         line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
     if "bare_ms" in rows.get("torch_compile_bare", {}):
         line += f", torch.compile bare {rows['torch_compile_bare']['bare_ms']:.3f} ms"
-    if "fused_ms" in rows.get("no_segments", {}):
-        line += f", rows in no segment {rows['no_segments']['fused_ms']:.3f} ms"
+    if "no_segments_ms" in timed.get("default", {}):
+        line += f", rows in no segment {timed['default']['no_segments_ms']:.3f} ms"
     print(line + (f", errors: {bad}" if bad else "") + ("" if timed else f" ({len(rows)} variants checked, not timed)"))
 EOF
 fi

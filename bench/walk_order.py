@@ -87,6 +87,7 @@ def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, eps: float
 
 
 def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
+    """The timed orders (names as in the module docstring) for ``n_rows`` rows on ``n_sm`` multiprocessors."""
     out: dict[str, Order] = {}
     cdiv = triton.cdiv
     for w_each in (False, True):

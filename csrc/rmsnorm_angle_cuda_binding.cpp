@@ -1,6 +1,6 @@
 // Torch binding of the CUDA rows kernel of the fused RMSNorm + angle forward (csrc/rmsnorm_angle_kernels.cuh):
 //   rmsnorm_angle_rows_ext(x, weight, y!, rstd!, item_row0, item_nrows, item_seg, item_pair_end, part_sum!, part_q!,
-//                          part_adj!, eps, values_per_thread, stages, carry, mma) -> ()
+//                          part_adj!, eps, values_per_thread, stages, carry) -> ()
 // fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
 // plan kernel (that module allocates everything and reduces the partials). x [R, D] fp32 / fp16 / bf16 CUDA with
 // unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 
 #include "check.h"
@@ -24,10 +25,13 @@ namespace {
 
 namespace ra = gainrl::rmsnorm_angle;
 
-void check_on(const at::Tensor& t, const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
+// `t` on x's device, contiguous with `numel` elements and, where `dtype` is given, of that dtype.
+void check_on(const at::Tensor& t, const at::Tensor& x, const char* name, std::optional<at::ScalarType> dtype,
+              int64_t numel) {
   GAINRL_CHECK(t.device() == x.device(), std::string(name) + ": expected a tensor on x's device");
-  GAINRL_CHECK(t.scalar_type() == dtype, std::string(name) + ": expected dtype " + c10::toString(dtype) + ", got " +
-                                             c10::toString(t.scalar_type()));
+  GAINRL_CHECK(!dtype || t.scalar_type() == *dtype, std::string(name) + ": expected dtype " +
+                                                        c10::toString(dtype.value_or(t.scalar_type())) + ", got " +
+                                                        c10::toString(t.scalar_type()));
   GAINRL_CHECK(t.is_contiguous() && t.numel() == numel,
                std::string(name) + ": expected a contiguous tensor of " + std::to_string(numel) + " elements, got " +
                    std::to_string(t.numel()));
@@ -37,14 +41,14 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
                              const at::Tensor& item_row0, const at::Tensor& item_nrows, const at::Tensor& item_seg,
                              const at::Tensor& item_pair_end, at::Tensor& part_sum, at::Tensor& part_q,
                              at::Tensor& part_adj, double eps, int64_t values_per_thread, int64_t stages,
-                             bool carry, bool mma) {
+                             bool carry) {
   GAINRL_CHECK(x.is_cuda() && x.dim() == 2, "x: expected a 2-D [R, D] CUDA tensor, got " + std::to_string(x.dim()) +
                                                 " dims on " + x.device().str());
   GAINRL_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x: expected unit column stride");
   const int64_t R = x.size(0), D = x.size(1), grid = item_row0.numel();
   const ra::DType xt = gainrl::dtype_of(x, "x");
   const ra::DType wt = gainrl::dtype_of(weight, "weight");
-  check_on(weight, x, "weight", weight.scalar_type(), D);
+  check_on(weight, x, "weight", std::nullopt, D);  // any of the three dtypes: dtype_of above
   check_on(y, x, "y", x.scalar_type(), R * D);
   check_on(rstd, x, "rstd", at::kFloat, R);
   check_on(item_row0, x, "item_row0", at::kInt, grid);
@@ -76,7 +80,6 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
   a.values_per_thread = static_cast<int>(values_per_thread);
   a.stages = static_cast<int>(stages);
   a.carry = carry;
-  a.mma = mma;
   GAINRL_CHECK(ra::supported(a, xt, wt),
                "rmsnorm_angle_rows_ext: unsupported rows (D = " + std::to_string(D) +
                    ": needs D a multiple of 16 bytes, D <= " +
@@ -94,7 +97,7 @@ TORCH_LIBRARY_FRAGMENT(gainrl, m) {
   m.def(
       "rmsnorm_angle_rows_ext(Tensor x, Tensor weight, Tensor(a!) y, Tensor(b!) rstd, Tensor item_row0, "
       "Tensor item_nrows, Tensor item_seg, Tensor item_pair_end, Tensor(c!) part_sum, Tensor(d!) part_q, "
-      "Tensor(e!) part_adj, float eps, int values_per_thread, int stages, bool carry, bool mma) -> ()");
+      "Tensor(e!) part_adj, float eps, int values_per_thread, int stages, bool carry) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gainrl, CUDA, m) { m.impl("rmsnorm_angle_rows_ext", &rmsnorm_angle_rows_cuda); }

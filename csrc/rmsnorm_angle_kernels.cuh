@@ -228,62 +228,6 @@ __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (
   return s;
 }
 
-// The bits of a pair of 16-bit values (the A / B operand registers of mma).
-template <typename T>
-__device__ __forceinline__ unsigned pair_bits(typename Pair<T>::type p) {
-  static_assert(sizeof(p) == 4, "16-bit pairs only");
-  unsigned u;
-  std::memcpy(&u, &p, 4);
-  return u;
-}
-
-// This lane's share of Σ a_e · b_e over the warp, for 16-bit vectors a, b [NV] (products exact in fp32, sums fp32),
-// on the tensor cores. mma.m16n8k8 with A = {a_k, a_k+1} (an aligned register pair: no moves) and B = b_k adds
-// a_k · b_k of the 4 lanes of group g = lane / 4 to D[g][g], and with B = b_k+1 adds a_k+1 · b_k+1 to D[g + 8][g];
-// the other entries get cross products and are dropped. D[g][g] and D[g + 8][g] are held by lane 4g + g / 2: c0 and
-// c2 for even g (column 2t = g, t = lane % 4), c1 and c3 for odd g. So the warp sum of the shares is Σ a·b: one mma
-// per pair of values instead of two unpacks and two FMAs. Two accumulators, one per parity of k. In the emulator,
-// and before sm_80, the lane's own products in fp32 (the same warp sum).
-template <typename T, int NV>
-__device__ __forceinline__ float warp_dot_share(const Vec16<T> (&a)[NV], const Vec16<T> (&b)[NV]) {
-  constexpr int P = Vec16<T>::P;
-  static_assert(sizeof(T) == 2 && P % 2 == 0, "16-bit vectors of an even number of pairs");
-#if defined(GAINRL_CUDA_EMULATOR) || defined(GAINRL_SYNC_COPIES)
-  float s = 0.f;
-#pragma unroll
-  for (int j = 0; j < NV; ++j)
-#pragma unroll
-    for (int e = 0; e < P; ++e) {
-      const float2 f = Pair<T>::unpack(a[j].p[e]), g = Pair<T>::unpack(b[j].p[e]);
-      s = fmaf(f.y, g.y, fmaf(f.x, g.x, s));
-    }
-  return s;
-#else
-  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-  for (int j = 0; j < NV; ++j)
-#pragma unroll
-    for (int e = 0; e < P; e += 2) {
-      const unsigned a0 = pair_bits<T>(a[j].p[e]), a1 = pair_bits<T>(a[j].p[e + 1]);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const unsigned b0 = pair_bits<T>(b[j].p[e + h]);
-        if constexpr (std::is_same_v<T, __half>) {
-          asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-              : "+f"(c[h][0]), "+f"(c[h][1]), "+f"(c[h][2]), "+f"(c[h][3])
-              : "r"(a0), "r"(a1), "r"(b0));
-        } else {
-          asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-              : "+f"(c[h][0]), "+f"(c[h][1]), "+f"(c[h][2]), "+f"(c[h][3])
-              : "r"(a0), "r"(a1), "r"(b0));
-        }
-      }
-    }
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  return g == 2 * t ? c[0][0] + c[1][2] : (g == 2 * t + 1 ? c[0][1] + c[1][3] : 0.f);
-#endif
-}
-
 // ------------------------------------------------------------------------------------------------ the rows kernel
 
 // Block size bound of an instantiation: carried 32-value blocks 256 threads (see CARRY below), others kMaxThreads.
@@ -301,9 +245,7 @@ constexpr int max_block_threads() {
 // Launch bounds (block size bound, 1 block per SM): ptxas may take 65536 / max_block_threads registers (126 at 32
 // values without carry, bf16, sm_90a: 4 blocks of 4 warps per SM at D = 4096). Without the minimum of 1 ptxas
 // keeps ~100 (5 blocks) there but spills elsewhere; that was no faster on an H200 (session 17, commit 2eddb47).
-// MMA (16-bit rows, 32 values, no carry): ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
-// (warp_dot_share) from the packed values, instead of unpacking x twice and y once and three FMAs per value.
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, bool MMA>
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
 __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
@@ -335,7 +277,6 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
   const int tid = threadIdx.x, threads = blockDim.x;
   const int n_vec = D / V;
   static_assert(!W_NATIVE || sizeof(T) == 2, "a native weight is a 16-bit one");
-  static_assert(!MMA || (sizeof(T) == 2 && !CARRY), "tensor-core sums: 16-bit rows read from the ring");
   Vec* ring = reinterpret_cast<Vec*>(smem);
   unsigned char* w_base = smem + static_cast<size_t>(S) * threads * NV * sizeof(Vec);
   float* w_s = reinterpret_cast<float*>(w_base);  // fp32 weight
@@ -460,12 +401,10 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
           if constexpr (ST) {
 #pragma unroll
             for (int k = 0; k < 2; ++k) {
+              const float2 f = PairT::unpack(yv[j].p[e + k]);
               const float2 g = PairT::unpack(y_prev[j].p[e + k]);
-              if constexpr (!MMA) {
-                const float2 f = PairT::unpack(yv[j].p[e + k]);
-                nn = fmaf(f.y, f.y, fmaf(f.x, f.x, nn));
-                dot = fmaf(f.y, g.y, fmaf(f.x, g.x, dot));
-              }
+              nn = fmaf(f.y, f.y, fmaf(f.x, f.x, nn));
+              dot = fmaf(f.y, g.y, fmaf(f.x, g.x, dot));
               // row i - 1's unit vector, added here where y_{i-1} is unpacked anyway (row i - 1 is always one of the
               // chunk's own rows; at i = 0 both factors are 0)
               acc[j][e + k] =
@@ -473,10 +412,6 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
             }
           }
         }
-      }
-      if constexpr (MMA && ST) {
-        nn = warp_dot_share<T, NV>(yv, yv);
-        dot = warp_dot_share<T, NV>(yv, y_prev);
       }
       if (own) {
 #pragma unroll
@@ -488,16 +423,9 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
       // row i + 1 (committed groups: S + i; groups 0 .. i + 1 done leaves S - 2 pending)
       float ss = 0.f;
       cp_async_wait<S - 2>();
-      if (i + 1 < n) {  // block-uniform: every lane of a warp reaches the mma
-        if constexpr (MMA) {
-          Vec xr[NV];
-#pragma unroll
-          for (int j = 0; j < NV; ++j) xr[j] = mine[slot_next * slot_stride + j * threads];
-          ss = warp_dot_share<T, NV>(xr, xr);
-        } else {
-          load_row(slot_next, xv);
-          ss = sum_squares(xv);
-        }
+      if (i + 1 < n) {
+        load_row(slot_next, xv);
+        ss = sum_squares(xv);
       }
       const float4 s = block_sum3<!ST>(nn, dot, ss, red, buf);
       issue(i + S, slot);  // into row i's slot: every thread read its own vectors of row i before the barrier
@@ -556,7 +484,7 @@ inline size_t smem_bytes(unsigned threads) {
   return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (W_NATIVE ? 16 : (16 / sizeof(T)) * sizeof(float));
 }
 
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, bool MMA>
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
 inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const int64_t n_vec = a.D / V;
@@ -564,7 +492,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
   if (threads > unsigned(max_block_threads<T, NV, CARRY>())) return cudaErrorInvalidValue;
   const size_t smem = smem_bytes<T, NV, S, W_NATIVE>(threads);
-  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE, MMA>;
+  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE>;
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
   const int D = static_cast<int>(a.D);
@@ -597,22 +525,22 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
 #endif
 }
 
-template <typename T, int NV, bool CARRY, bool W_NATIVE, bool MMA>
+template <typename T, int NV, bool CARRY, bool W_NATIVE>
 inline cudaError_t dispatch_stages(const Args& a, DType w_dtype, cudaStream_t stream) {
   switch (a.stages) {
-    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE, MMA>(a, w_dtype, stream);
-    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE, MMA>(a, w_dtype, stream);
-    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE, MMA>(a, w_dtype, stream);
+    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE>(a, w_dtype, stream);
+    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE>(a, w_dtype, stream);
+    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE>(a, w_dtype, stream);
   }
 }
 
-template <typename T, int NV, bool CARRY, bool MMA = false>
+template <typename T, int NV, bool CARRY>
 inline cudaError_t dispatch_weight(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
-    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true, MMA>(a, w_dtype, stream);
+    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true>(a, w_dtype, stream);
   }
   (void)x_dtype;
-  return dispatch_stages<T, NV, CARRY, false, MMA>(a, w_dtype, stream);
+  return dispatch_stages<T, NV, CARRY, false>(a, w_dtype, stream);
 }
 
 template <typename T>
@@ -620,9 +548,8 @@ inline cudaError_t dispatch_values(const Args& a, DType x_dtype, DType w_dtype, 
   constexpr int V = 16 / sizeof(T);
   if constexpr (sizeof(T) == 2) {
     if (a.values_per_thread == 32) {
-      if (a.carry) return dispatch_weight<T, 32 / V, true>(a, x_dtype, w_dtype, stream);
-      if (a.mma) return dispatch_weight<T, 32 / V, false, true>(a, x_dtype, w_dtype, stream);
-      return dispatch_weight<T, 32 / V, false>(a, x_dtype, w_dtype, stream);
+      return a.carry ? dispatch_weight<T, 32 / V, true>(a, x_dtype, w_dtype, stream)
+                     : dispatch_weight<T, 32 / V, false>(a, x_dtype, w_dtype, stream);
     }
   }
   // 16 (16-bit) or 8 (fp32) values per thread: the row is carried in registers either way

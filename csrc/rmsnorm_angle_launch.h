@@ -47,7 +47,6 @@ struct Args {
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
-  bool mma;               // ‖y‖², y·y_{t-1}, Σx² on the tensor cores (16-bit rows, 32 values, no carry; else unused)
 };
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.

@@ -48,8 +48,8 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
   * or, where the extension is built with CUDA and takes the rows (``_cuda_rows_take``: 16-bit rows, 16-byte
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
-    rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel at every
-    timed shape (H200, bench/results/fused_variants_h200_cuda_rows.json).
+    rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from
+    D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json).
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -922,14 +922,6 @@ _CUDA_ROWS_CARRY: Optional[bool] = None
 #   16x4096x5120  0.398-0.402 / 0.412-0.423 / 0.374-0.379   (6 runs)
 _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
     896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True)}
-# 16-bit rows, 32 values, no carry: ‖y_t‖², y_t · y_{t-1} and the next row's Σ x² on the tensor cores
-# (mma.m16n8k8 on the packed values: exact products, fp32 sums) instead of unpacking x twice and y once and three
-# FMAs per value: at D = 4096 bf16 ~1995 -> ~1640 warp instructions a row, same ~127 registers and 4 blocks per SM,
-# no spills (bench/cuda_rows_static.py, sm_90a). Checked on an H200 (tests/test_rmsnorm_angle_cuda.py), but no
-# faster there (variant cuda_rows_mma, bench/results/fused_variants_h200_mma.json): 1.181 against 1.172 ms at
-# 64x4096x4096, 0.159 against 0.158 at 16x4096x2048. So issue is not what bounds the row step; its dependent chain
-# (here two chains of 8 mma per sum) likely is. Off
-_CUDA_ROWS_MMA = False
 
 
 class _FwdConfig(NamedTuple):
@@ -1121,7 +1113,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, _CUDA_ROWS_MMA)
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:

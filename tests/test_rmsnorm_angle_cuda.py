@@ -40,13 +40,12 @@ namespace ra = gainrl::rmsnorm_angle;
 extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
                         float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
                         int64_t grid, float* part_sum, float* part_q, float* part_adj, int64_t R, int64_t D,
-                        float eps, int values_per_thread, int stages, int carry, int mma) {
+                        float eps, int values_per_thread, int stages, int carry) {
   ra::Args a{};
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
   a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
   a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
   a.values_per_thread = values_per_thread; a.stages = stages; a.carry = carry != 0;
-  a.mma = mma != 0;
   try {
     return static_cast<int>(ra::launch_rmsnorm_angle_rows(a, static_cast<ra::DType>(x_dtype),
                                                           static_cast<ra::DType>(w_dtype), nullptr));
@@ -74,7 +73,7 @@ def emulator(tmp_path_factory):
     lib.emu_rows.argtypes = (
         [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         + [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-        + [ctypes.c_float] + [ctypes.c_int] * 4
+        + [ctypes.c_float] + [ctypes.c_int] * 3
     )
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_supported.restype = ctypes.c_int
@@ -93,7 +92,7 @@ def copies(request, emulator):
 
 
 def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: int = 32, stages: int = 3,
-                     carry: bool = False, mma: bool = False):
+                     carry: bool = False):
     """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
     emulated kernel on outputs poisoned with NaN, the Triton reduce. Raises RuntimeError when the launcher refuses."""
     plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
@@ -106,7 +105,7 @@ def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: i
     items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
     rc = lib.emu_rows(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
                       y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(),
-                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry), int(mma))
+                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry))
     if rc != 0:
         raise RuntimeError(f"emulated launch refused: {rc}")
     batch, nseg = plan.count.shape
@@ -177,20 +176,16 @@ def test_emulated_matches_reference_and_triton(emulator, dim, dtype):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("values,stages,carry,mma", [
-    (16, 2, True, False), (16, 4, True, False), (32, 2, False, False), (32, 4, False, False), (32, 3, True, False),
-    (32, 2, True, False), (32, 3, False, True), (32, 2, False, True), (16, 3, True, True)])
-def test_emulated_tunings(emulator, values, stages, carry, mma, copies):
-    """Every ring depth, carried or not, the row sums on the tensor cores or not (the emulator
-    sums each thread's products in the FMA order: the mma's fragment layout is checked on GPUs only), gives bitwise
-    the default's y, rstd and statistics at the same values per thread (16 values always carry; ``carry`` is a
-    32-value option; ``mma`` applies to 32 values without carry and is ignored elsewhere); the other
-    values per thread (another split of the sums over threads) within a rounding step. bf16, strided rows, the
-    asynchronous copies performed as late and as early as they may be."""
+@pytest.mark.parametrize("values,stages,carry", [
+    (16, 2, True), (16, 4, True), (32, 2, False), (32, 4, False), (32, 3, True), (32, 2, True)])
+def test_emulated_tunings(emulator, values, stages, carry, copies):
+    """Every ring depth, carried or not, gives bitwise the default's y, rstd and statistics at the same values per
+    thread (16 values always carry; ``carry`` is a 32-value option); the other values per thread (another split of
+    the sums over threads) within a rounding step. bf16, strided rows, the asynchronous copies performed as late and
+    as early as they may be."""
     x, w, cu, off = batch(256, torch.bfloat16, seed=3, strided=True)
     y0, r0, s0 = emulated_forward(emulator, x, w, cu, off, values=values)
-    y1, r1, s1 = emulated_forward(emulator, x, w, cu, off, values=values, stages=stages, carry=carry,
-                                  mma=mma)
+    y1, r1, s1 = emulated_forward(emulator, x, w, cu, off, values=values, stages=stages, carry=carry)
     assert torch.equal(y0, y1) and torch.equal(r0, r1)
     assert all(torch.equal(a, b) for a, b in zip(s0, s1))
     assert_stats(s1, y1, cu, off)
@@ -264,14 +259,14 @@ def test_emulated_padded_batch_and_default_segments(emulator):
     assert_stats(stats, y, cu, None, tok)
 
 
-@pytest.mark.parametrize("values,carry,mma", [(32, False, False), (32, False, True), (16, True, False)])
-def test_emulated_rows_in_no_segment(emulator, values, carry, mma):
+@pytest.mark.parametrize("values,carry", [(32, False), (32, True), (16, True)])
+def test_emulated_rows_in_no_segment(emulator, values, carry):
     """Chunks in no segment run the loop without statistics: y and rstd bitwise those of the same rows inside
     segments, and no statistics (every segment empty)."""
     x, w, cu, off = batch(256, torch.bfloat16, seed=5, strided=True)
-    y0, r0, _ = emulated_forward(emulator, x, w, cu, off, values=values, carry=carry, mma=mma)
+    y0, r0, _ = emulated_forward(emulator, x, w, cu, off, values=values, carry=carry)
     empty = torch.zeros_like(off)
-    y1, r1, s1 = emulated_forward(emulator, x, w, cu, empty, values=values, carry=carry, mma=mma)
+    y1, r1, s1 = emulated_forward(emulator, x, w, cu, empty, values=values, carry=carry)
     assert torch.equal(y0, y1) and torch.equal(r0, r1)
     assert int(s1.count.sum()) == 0 and not s1.unit_sum.any() and not s1.sq_norm.any() and not s1.adjacent.any()
 
@@ -360,22 +355,20 @@ needs_cuda_rows = pytest.mark.skipif(
 )
 
 
-GPU_CASES = (  # (D, x dtype, weight dtype, values per thread, stages, carry, mma): every tuning in bf16 (weight in
-    # bf16: the packed product; in fp32: the fp32 weight), every dtype at the default tuning and with mma
-    [(d, torch.bfloat16, torch.bfloat16, v, s, c, m) for d in (64, 896, 2048, 4096, 5120, 8192)
-     for v, c, m in ((16, True, False), (32, False, False), (32, True, False), (32, False, True)) for s in (2, 3, 4)]
-    + [(d, torch.bfloat16, torch.float32, v, 3, False, m) for d in (896, 4096, 5120) for v in (16, 32)
-       for m in (False, True) if v == 32 or not m]
-    + [(d, t, t, 32, 3, False, m) for d in (64, 896, 4096, 5120, 8192) for t in (torch.float32, torch.float16)
-       for m in (False, True) if t != torch.float32 or (d <= 4096 and not m)]
-    + [(4096, torch.float16, torch.bfloat16, 32, 3, True, False),
-       (4096, torch.float32, torch.bfloat16, 16, 3, False, False)]
+GPU_CASES = (  # (D, x dtype, weight dtype, values per thread, stages, carry): every tuning in bf16 (weight in
+    # bf16: the packed product; in fp32: the fp32 weight), every dtype at 3 stages without carry
+    [(d, torch.bfloat16, torch.bfloat16, v, s, c) for d in (64, 896, 2048, 4096, 5120, 8192)
+     for v, c in ((16, True), (32, False), (32, True)) for s in (2, 3, 4)]
+    + [(d, torch.bfloat16, torch.float32, v, 3, False) for d in (896, 4096, 5120) for v in (16, 32)]
+    + [(d, t, t, 32, 3, False) for d in (64, 896, 4096, 5120, 8192) for t in (torch.float32, torch.float16)
+       if t != torch.float32 or d <= 4096]
+    + [(4096, torch.float16, torch.bfloat16, 32, 3, True), (4096, torch.float32, torch.bfloat16, 16, 3, False)]
 )
 
 
 @needs_cuda_rows
-@pytest.mark.parametrize("dim,dtype,w_dtype,values,stages,carry,mma", GPU_CASES, ids=str)
-def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, mma, monkeypatch):
+@pytest.mark.parametrize("dim,dtype,w_dtype,values,stages,carry", GPU_CASES, ids=str)
+def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, monkeypatch):
     """On the GPU: rstd within fp32 rounding of torch's and y exactly HF's formula on that rstd (``_forward``, the
     kernel's own rstd), ``rmsnorm_angle`` bitwise the same, the statistics those of y and close to the Triton
     kernel's; model widths included (5120 is no power of two: 160 or 320 threads)."""
@@ -388,7 +381,6 @@ def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, mma,
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_VALUES", values)
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_STAGES", stages)
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_CARRY", carry)
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_MMA", mma)
     assert rmsnorm_module._cuda_rows_take(x, w)
     plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
     y, rstd, stats = rmsnorm_module._forward(x, w, EPS, plan, True)
@@ -405,13 +397,11 @@ def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, mma,
 
 
 @needs_cuda_rows
-@pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("dim", [4096, 8192])
-def test_cuda_rows_deterministic_and_graph_capture(dim, mma, monkeypatch):
+def test_cuda_rows_deterministic_and_graph_capture(dim):
     """Bitwise the same twice, and the same replayed from a CUDA graph (no host sync in the op), by default (the CUDA
     rows kernel takes 16-bit rows). At 8192 the block takes 64 KB of shared memory, past the 48 KB default: the
     opt-in happens on the first call, not in the graph."""
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_MMA", mma)
     x, w, cu, off = batch(dim, torch.bfloat16, seed=2, device="cuda")
     assert rmsnorm_module._cuda_rows_take(x, w)
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
