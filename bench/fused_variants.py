@@ -49,6 +49,10 @@ VARIANTS: dict[str, dict] = {
     # ... and shorter chunks: more blocks (a shorter tail of the last wave), more partial rows
     "cuda_rows_chunk_128": {"_CUDA_ROWS": True, "_MAX_CHUNK": 128},
     "cuda_rows_chunk_64": {"_CUDA_ROWS": True, "_MAX_CHUNK": 64},
+    # not yet timed: odd chunks, so that blocks running together are not a power-of-two number of bytes apart (256 rows
+    # of 8 KiB are 2 MiB); bench/walk_order.py's c7 / c9 / c255 / _pad orders ask the same of a plain RMSNorm
+    "cuda_rows_chunk_255": {"_CUDA_ROWS": True, "_MAX_CHUNK": 255},
+    "cuda_rows_chunk_257": {"_CUDA_ROWS": True, "_MAX_CHUNK": 257},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them

@@ -28,8 +28,12 @@
 #
 # Steps (GAINRL_GPU_CHECK_STEPS, a comma list; default "env,build,tests,variants,kernels,angle" = everything above
 # except profile and score; "default" stands for that list, "all" for it plus both). They run in the order env,
-# build (with the extension check), tests, variants, kernels, profile, score, angle whatever the list's order; the
-# angle grid takes what time is left.
+# build (with the extension check), tests, variants, walk, kernels, profile, score, angle whatever the list's order;
+# the angle grid takes what time is left.
+#
+# The optional `walk` step times bench/walk_order.py (a plain RMSNorm whose programs walk rows in different orders)
+# into walk_order.json, logged in kernels_bench.log: GAINRL_GPU_CHECK_WALK_ORDERS (a comma list, default all ~40
+# orders, c1 first), GAINRL_GPU_CHECK_WALK_DIMS (default 4096), ~3-4 s an order at 64x4096x4096.
 #
 # The optional `profile` step runs Nsight Compute (ncu, if the machine has it) on one bare and one fused forward
 # launch per shape (bench/profile_fused.py; GAINRL_GPU_CHECK_PROFILE_SHAPES, default "64x4096x4096 16x4096x2048")
@@ -85,8 +89,8 @@ STEPS=${STEPS//default/$DEFAULT_STEPS}
 STEPS=${STEPS//all/$DEFAULT_STEPS,profile,score}
 for s in ${STEPS//,/ }; do
     case $s in
-        env | build | tests | variants | kernels | profile | angle | score) ;;
-        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants kernels profile score angle, default, all)" >&2
+        env | build | tests | variants | walk | kernels | profile | angle | score) ;;
+        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants walk kernels profile score angle, default, all)" >&2
            exit 2 ;;
     esac
 done
@@ -277,6 +281,26 @@ for (b, l, d), rows in shapes.items():
     if "no_segments_ms" in timed.get("default", {}):
         line += f", rows in no segment {timed['default']['no_segments_ms']:.3f} ms"
     print(line + (f", errors: {bad}" if bad else "") + ("" if timed else f" ({len(rows)} variants checked, not timed)"))
+EOF
+fi
+# Row orders of a plain RMSNorm (bench/walk_order.py): which walks keep the one-row-per-program kernel's speed.
+if want walk; then
+    WALK_ARGS=(--out "$OUT/walk_order.json" ${GAINRL_GPU_CHECK_WALK_ORDERS:+--orders "$GAINRL_GPU_CHECK_WALK_ORDERS"})
+    if [ "$DRY" = 1 ]; then
+        step walk kernels_bench.log 120 "$PY" bench/walk_order.py --smoke "${WALK_ARGS[@]}"
+    else
+        step walk kernels_bench.log 200 "$PY" bench/walk_order.py --dims "${GAINRL_GPU_CHECK_WALK_DIMS:-4096}" \
+            "${WALK_ARGS[@]}"
+    fi
+fi
+if [ -f "$OUT/walk_order.json" ]; then
+    "$PY" - "$OUT/walk_order.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+for d in sorted({r["D"] for r in rows}):
+    timed = [r for r in rows if r["D"] == d and r.get("ms") is not None]
+    print(f"walk D={d}: " + (", ".join(f"{r['order']} {r['ms']:.3f}" for r in timed) if timed
+                             else f"{sum(r['D'] == d for r in rows)} orders checked, not timed"))
 EOF
 fi
 if ! want kernels; then

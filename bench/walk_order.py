@@ -14,6 +14,10 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
 * ``_w``: the weight reloaded each row rather than held in registers; ``_ahead``: the next row loaded into
   registers before this row's store; ``_s{S}``: the row loop software-pipelined with S stages (loads issued S - 1
   rows ahead, as the CUDA rows kernel's cp.async ring).
+* ``c{rows}_pad``: x's row pitch is D + 64 elements, so rows are not a power-of-two number of bytes apart;
+* ``t{T}_c{rows}``: T of the program's rows loaded together per step (4 warps a row), rows / T steps;
+* ``ticket_{P}``: a persistent grid of P programs taking rows one at a time from an atomic counter (the order the
+  hardware block scheduler hands out c1's programs, without its block launches).
 
 Graph-timed; each order's y is checked against the torch formula first. H200, 2026-11-27 (bench/results/
 walk_order_h200*.json, README "session 18"): at 64x4096x4096 every walk is 7-12% slower than c1, interleaved and
@@ -28,7 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -40,8 +44,17 @@ from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
 
 @triton.jit
-def _walk_kernel(x_ptr, w_ptr, y_ptr, R, D, eps, rows, group, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
-                 W_EACH_ROW: tl.constexpr, AHEAD: tl.constexpr):
+def _norm_store(x, w, y_ptr, row, D, cols, m, eps):
+    """Stores HF's RMSNorm of the loaded rows x ([BLOCK_D] or [TILE_R, BLOCK_D], f32) at rows ``row`` of y."""
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=-1, keep_dims=True) / D + eps)
+    yt = y_ptr.dtype.element_ty
+    y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)  # HF: w * round(x * rstd), rounded once
+    tl.store(y_ptr + row * D + cols, y, mask=m)
+
+
+@triton.jit
+def _walk_kernel(x_ptr, w_ptr, y_ptr, R, D, pitch, eps, rows, group, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+                 W_EACH_ROW: tl.constexpr, AHEAD: tl.constexpr, TILE_R: tl.constexpr):
     pid = tl.program_id(0)
     q = pid // group
     j = pid - q * group
@@ -49,41 +62,76 @@ def _walk_kernel(x_ptr, w_ptr, y_ptr, R, D, eps, rows, group, BLOCK_D: tl.conste
     cols = tl.arange(0, BLOCK_D)
     cm = cols < D
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    x_next = tl.load(x_ptr + base * D + cols, mask=cm & (base + cols * 0 < R), other=0.0)  # AHEAD only (else dead)
-    for i in tl.range(0, rows, num_stages=STAGES):
-        if W_EACH_ROW:  # reloaded (an L1 hit) rather than held in registers across rows
-            w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-        row = base + i * group
-        m = cm & (row + cols * 0 < R)
-        if AHEAD:  # row i + 1 loaded into registers before row i's store is issued
-            x = x_next.to(tl.float32)
-            nxt = row + group
-            x_next = tl.load(x_ptr + nxt * D + cols, mask=cm & (nxt + cols * 0 < R) & (i + 1 + cols * 0 < rows),
-                             other=0.0)
-        else:
-            x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        yt = y_ptr.dtype.element_ty
-        y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)  # HF: w * round(x * rstd), rounded once
-        tl.store(y_ptr + row * D + cols, y, mask=m)
+    if TILE_R > 1:  # TILE_R of the program's rows per step, loaded together (rows = steps * TILE_R)
+        k = tl.arange(0, TILE_R)[:, None]
+        for i in tl.range(0, rows // TILE_R, num_stages=STAGES):
+            row = base + (i * TILE_R + k) * group
+            m = cm[None, :] & (row < R)
+            x = tl.load(x_ptr + row * pitch + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            _norm_store(x, w[None, :], y_ptr, row, D, cols[None, :], m, eps)
+    else:
+        x_next = tl.load(x_ptr + base * pitch + cols, mask=cm & (base + cols * 0 < R), other=0.0)  # AHEAD only
+        for i in tl.range(0, rows, num_stages=STAGES):
+            if W_EACH_ROW:  # reloaded (an L1 hit) rather than held in registers across rows
+                w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            row = base + i * group
+            m = cm & (row + cols * 0 < R)
+            if AHEAD:  # row i + 1 loaded into registers before row i's store is issued
+                x = x_next.to(tl.float32)
+                nxt = row + group
+                x_next = tl.load(x_ptr + nxt * pitch + cols,
+                                 mask=cm & (nxt + cols * 0 < R) & (i + 1 + cols * 0 < rows), other=0.0)
+            else:
+                x = tl.load(x_ptr + row * pitch + cols, mask=m, other=0.0).to(tl.float32)
+            _norm_store(x, w, y_ptr, row, D, cols, m, eps)
+
+
+@triton.jit
+def _ticket_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, R, D, pitch, eps, BLOCK_D: tl.constexpr):
+    """A persistent grid whose programs take rows in the order the counter hands them out (the hardware block
+    scheduler's order, one row at a time); the next ticket is taken before this row is loaded."""
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    row = tl.atomic_add(counter_ptr, 1, sem="relaxed").to(tl.int64)
+    while row < R:
+        nxt = tl.atomic_add(counter_ptr, 1, sem="relaxed").to(tl.int64)
+        x = tl.load(x_ptr + row * pitch + cols, mask=cm, other=0.0).to(tl.float32)
+        _norm_store(x, w, y_ptr, row, D, cols, cm, eps)
+        row = nxt
+
+
+_PAD = 64  # elements added to x's row pitch by the _pad orders (128 bytes in bf16)
 
 
 class Order(NamedTuple):
-    rows: int  # rows per program
+    rows: int  # rows per program (ticket: the grid is persistent and rows come from the counter)
     group: int  # programs sharing a chunk, interleaved row by row
     programs: int
     stages: int = 1  # software-pipelining stages of the row loop
     w_each_row: bool = False  # the weight reloaded each row (else held in registers)
     ahead: bool = False  # the next row loaded into registers before this row's store
+    tile_r: int = 1  # rows loaded together per step (rows is a multiple), 4 warps per row
+    ticket: bool = False  # rows handed out by an atomic counter, one at a time
+    pad: int = 0  # x's row pitch is D + pad elements (no power-of-two strides between rows)
 
 
-def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, eps: float = 1e-6) -> object:
-    """y [R, D] = RMSNorm(x [R, D]) * w [D] (same dtype), programs walking rows in order ``o`` (see the module
-    docstring; 4 warps, the whole row in one tile). Returns the launched compiled kernel (None in the
-    interpreter)."""
+def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, counter: Optional[torch.Tensor] = None,
+         eps: float = 1e-6) -> object:
+    """y [R, D] = RMSNorm(x [R, D], rows of any pitch) * w [D] (same dtype), programs walking rows in order ``o``
+    (see the module docstring; 4 warps per row, the whole row in one tile). ``counter`` (int32 [1], zeroed here)
+    is the ticket order's. Returns the launched compiled kernel (None in the interpreter)."""
     R, D = x.shape
-    return _walk_kernel[(o.programs,)](x, w, y, R, D, eps, o.rows, o.group, BLOCK_D=triton.next_power_of_2(D),
-                                       STAGES=o.stages, W_EACH_ROW=o.w_each_row, AHEAD=o.ahead, num_warps=4)
+    assert x.stride(1) == 1 and y.is_contiguous()
+    block_d = triton.next_power_of_2(D)
+    if o.ticket:
+        counter.zero_()
+        return _ticket_kernel[(o.programs,)](x, w, y, counter, R, D, x.stride(0), eps, BLOCK_D=block_d,
+                                             num_warps=4)
+    assert o.rows % o.tile_r == 0 and not (o.ahead and o.tile_r > 1)
+    return _walk_kernel[(o.programs,)](x, w, y, R, D, x.stride(0), eps, o.rows, o.group, BLOCK_D=block_d,
+                                       STAGES=o.stages, W_EACH_ROW=o.w_each_row, AHEAD=o.ahead, TILE_R=o.tile_r,
+                                       num_warps=4 * o.tile_r)
 
 
 def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
@@ -106,6 +154,17 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
     for per_sm in (4, 8):
         p = per_sm * n_sm
         out[f"strided_{p}_ahead"] = Order(cdiv(n_rows, p), p, p, ahead=True)
+    # session 19: how the loss grows with the chunk, and whether it is the power-of-two stride between the rows that
+    # programs running together touch (odd chunks, a padded row pitch), the spread of those rows (ticket order: the
+    # block scheduler's, persistent programs) or one row in flight per program (tiles of rows loaded together)
+    for c in (2, 3, 4, 7, 9, 255, 257):
+        out[f"c{c}"] = Order(c, 1, cdiv(n_rows, c))
+    for c in (1, 8, 256):
+        out[f"c{c}_pad"] = Order(c, 1, cdiv(n_rows, c), pad=_PAD)
+    for t, c in ((2, 2), (2, 8), (4, 8)):
+        out[f"t{t}_c{c}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t)
+    for per_sm in (4, 8):
+        out[f"ticket_{per_sm * n_sm}"] = Order(0, 1, per_sm * n_sm, ticket=True)
     return out
 
 
@@ -133,16 +192,19 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(n_rows, dim, device=device, generator=gen).to(torch.bfloat16)
         w = (torch.rand(dim, device=device, generator=gen) + 0.5).to(torch.bfloat16)
         ref = torch_rmsnorm(x, w, 1e-6)
+        x_pad = torch.empty(n_rows, dim + _PAD, dtype=x.dtype, device=device)[:, :dim].copy_(x)  # pitch D + _PAD
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
         c1 = None
         for name, o in orders(n_rows, n_sm).items():
             if args.orders and name not in args.orders.split(","):
                 continue
             y = torch.empty_like(x)
-            k = walk(x, w, y, o)
+            xo = x_pad if o.pad else x
+            k = walk(xo, w, y, o, counter)
             torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
             row = dict(R=n_rows, D=dim, order=name, **o._asdict(), registers=getattr(k, "n_regs", None))
             if cuda and not args.no_time:
-                ms = graph_time(lambda: walk(x, w, y, o), args.reps) * 1e3
+                ms = graph_time(lambda: walk(xo, w, y, o, counter), args.reps) * 1e3
                 c1 = ms if name == "c1" else c1
                 row.update(ms=ms, vs_c1=ms / c1 if c1 else None)
                 ratio = f"{ms / c1:.3f}" if c1 else ""  # c1 runs first when --orders has it

@@ -301,6 +301,29 @@ def test_split_tail_rows(dim, dtype, monkeypatch):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("chunk", [3, 7])
+@pytest.mark.parametrize("one_row_min_d", [16, 1 << 30], ids=["one_row_steps", "row_tiles"])
+def test_odd_chunks(chunk, one_row_min_d, monkeypatch):
+    """Chunks of an odd number of rows (``_MAX_CHUNK`` 3 or 7, as the 255-row variant of bench/fused_variants.py):
+    in one-row steps and in 2-row tiles (a chunk ends mid-tile), y is the default chunks' bitwise and the statistics
+    those of y; ragged sequences with an empty and a length-1 one, pairs across chunk ends, a row stride not D."""
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", one_row_min_d)
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_TILE", 128)  # 2-row tiles of 64 columns
+    lens = [1, 0, 40, 77, 2]  # 122 rows with the 2 in no sequence: chunks of 7 stay 7 (16 programs wanted on a CPU)
+    x = concentrated((sum(lens) + 2,), 56, seed=5).to(DEV, torch.bfloat16)
+    x = torch.cat([x, x[:, :8]], dim=1)[:, :56]  # row stride 64
+    w = weight_of(56, torch.bfloat16)
+    cu = cu_of(lens)
+    off = torch.tensor([[0, 0, 1], [0, 0, 0], [2, 19, 40], [0, 30, 77], [0, 1, 2]], dtype=torch.int32, device=DEV)
+    y0, _ = rmsnorm_angle(x, w, EPS, cu, off)
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", chunk)
+    cfg = rmsnorm_module._stats_plan(x, cu, off, None, w).cfg
+    assert cfg.chunk == chunk and cfg.block_t == (1 if one_row_min_d == 16 else 2)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    assert torch.equal(y, y0)
+    assert_stats_close(stats, angle_stats_reference(y, cu, off))
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 128])
 def test_bare_rows_per_program(chunk, monkeypatch):
     """The bare kernel (no statistics) at most 1 row per program (the default), 4 or 128 (the chunk rule then gives

@@ -223,7 +223,7 @@ def test_emulated_random_batches(emulator, seed, monkeypatch):
     dim = vec * int(torch.randint(1, 40, (1,), generator=g))
     values = pick([16, 32])  # fp32 rows take 8 either way
     carry = bool(torch.randint(2, (1,), generator=g))  # a 32-value option
-    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", pick([1, 2, 4, 8, 16]))
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", pick([1, 2, 3, 4, 7, 8, 16]))
     n_seq, n_seg = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
     lens = torch.randint(0, 30, (n_seq,), generator=g)
     off = torch.sort(torch.randint(0, 31, (n_seq, n_seg + 1), generator=g), dim=1).values
