@@ -7,6 +7,10 @@ kernel, ``ratio_vs_default_bare`` over the first timed variant's (the default's,
     python bench/fused_variants.py --out bench/results/fused_variants_<gpu>.json
     python bench/fused_variants.py --smoke     # tiny shapes, any device (checks the script runs)
     python bench/fused_variants.py --variants pipeline_3,prefetch_2   # these and the default only
+
+Per shape it also times the device-side work list alone (``plan_only``), torch.compile's RMSNorm
+(``torch_compile_bare``) and the unfused pair the fused call replaces: our bare RMSNorm, then ``angle_stats`` on its
+y (``bare_then_angle_stats_<backend>``, with ``angle_stats`` alone).
 """
 from __future__ import annotations
 
@@ -171,6 +175,38 @@ def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: tor
     return row
 
 
+def unfused_rows(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, s_ref,
+                 cuda: bool, reps: int) -> list[dict]:
+    """What the fused forward replaces: our bare RMSNorm, then ``angle_stats`` reading its y back (one row per
+    backend the machine has; graph-timed on a GPU, the statistics checked against the fused call's), and
+    ``angle_stats`` alone. Where this beats the fused call, small shapes pay more in fixed launches than in bytes."""
+    from gainrl_kernels.api import angle_stats, whole_sequence_offsets
+
+    off = whole_sequence_offsets(cu)
+    backends = ["triton"] + (["cuda"] if cuda and has_ext_kernel("cuda") else [])
+    rows = []
+    for backend in backends:
+        row = dict(B=batch, L=length, D=dim, variant=f"bare_then_angle_stats_{backend}")
+        try:
+            def unfused():
+                y, _ = M.rmsnorm_angle(x, w, 1e-6, validate=False)
+                return angle_stats(y, cu, off, backend=backend, validate_values=False)
+            for a, b in zip(unfused(), s_ref):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+            row.update(status="ok" if cuda else "ok (smoke: checked, not timed)")
+            if cuda:
+                y, _ = M.rmsnorm_angle(x, w, 1e-6, validate=False)
+                row.update(unfused_ms=graph_time(unfused, reps) * 1e3, angle_stats_ms=graph_time(
+                    lambda: angle_stats(y, cu, off, backend=backend, validate_values=False), reps) * 1e3)
+                print(f"| {batch} | {length} | {dim} | bare, then angle_stats ({backend}) | | "
+                      f"{row['unfused_ms']:.3f} | | | | | | angle_stats alone {row['angle_stats_ms']:.3f} ms",
+                      flush=True)
+        except Exception as e:  # noqa: BLE001 -- recorded, like a failing variant
+            row.update(status=f"error: {type(e).__name__}: {str(e).strip()[:160]}")
+        rows.append(row)
+    return rows
+
+
 def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: torch.Tensor, s_ref, cuda: bool,
                    device: str, args: argparse.Namespace) -> dict:
     """Row fields of the module settings in force: the fused output checked against the default's, then (on a GPU)
@@ -231,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
             print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | | |", flush=True)
             rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
+        rows.extend(unfused_rows(batch, length, dim, x, w, cu, s_ref, cuda, args.reps))
         for name, settings in variants.items():
             settings = rows_kernel_settings(name, settings)
             row = dict(B=batch, L=length, D=dim, variant=name)

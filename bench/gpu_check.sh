@@ -280,6 +280,9 @@ for (b, l, d), rows in shapes.items():
         line += f", torch.compile bare {rows['torch_compile_bare']['bare_ms']:.3f} ms"
     if "no_segments_ms" in timed.get("default", {}):
         line += f", rows in no segment {timed['default']['no_segments_ms']:.3f} ms"
+    for k in ("bare_then_angle_stats_triton", "bare_then_angle_stats_cuda"):
+        if "unfused_ms" in rows.get(k, {}):
+            line += f", bare + angle_stats ({k.rsplit('_', 1)[1]}) {rows[k]['unfused_ms']:.3f} ms"
     print(line + (f", errors: {bad}" if bad else "") + ("" if timed else f" ({len(rows)} variants checked, not timed)"))
 EOF
 fi
