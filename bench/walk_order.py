@@ -20,7 +20,7 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   hardware block scheduler hands out c1's programs, without its block launches).
 
 Graph-timed; each order's y is checked against the torch formula first. H200, 2026-11-27 (bench/results/
-walk_order_h200*.json, README "session 18"): at 64x4096x4096 every walk is 7-12% slower than c1, interleaved and
+walk_order_h200*.json, docs/fused_forward.md "session 18"): at 64x4096x4096 every walk is 7-12% slower than c1, interleaved and
 strided orders included, at the same registers and bytes; at D = 2048 and 5120 walks keep up.
 
     PYTHONPATH=. python bench/walk_order.py --out bench/results/walk_order_<gpu>.json
