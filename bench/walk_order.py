@@ -16,7 +16,7 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   rows ahead, as the CUDA rows kernel's cp.async ring).
 * ``c{rows}_pad``: x's row pitch is D + 64 elements, so rows are not a power-of-two number of bytes apart;
 * ``t{T}_c{rows}``: T of the program's rows loaded together per step (4 warps a row), rows / T steps;
-* ``ticket_{P}``: a persistent grid of P programs taking rows one at a time from an atomic counter (the order the
+* ``ticket_sm{N}``: a persistent grid of N programs per SM taking rows one at a time from an atomic counter (the order the
   hardware block scheduler hands out c1's programs, without its block launches).
 
 Graph-timed; each order's y is checked against the torch formula first. H200, 2026-11-27 (bench/results/
@@ -164,7 +164,7 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
     for t, c in ((2, 2), (2, 8), (4, 8)):
         out[f"t{t}_c{c}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t)
     for per_sm in (4, 8):
-        out[f"ticket_{per_sm * n_sm}"] = Order(0, 1, per_sm * n_sm, ticket=True)
+        out[f"ticket_sm{per_sm}"] = Order(0, 1, per_sm * n_sm, ticket=True)
     return out
 
 
@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
     shapes = [((64 if d == 4096 else 16) * 4096, d) for d in dims] if cuda else [(40, 48)]
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 2
+    unknown = sorted(set(filter(None, args.orders.split(","))) - set(orders(64, n_sm)))
+    if unknown:
+        p.error(f"--orders: unknown {unknown}; known: {', '.join(orders(64, n_sm))}")
     rows_out: list[dict] = []
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
     print("| R | D | order | rows/program | group | programs | stages | registers | graph ms | / c1 |")
