@@ -33,7 +33,8 @@
 #
 # The optional `walk` step times bench/walk_order.py (a plain RMSNorm whose programs walk rows in different orders)
 # into walk_order.json, logged in kernels_bench.log: GAINRL_GPU_CHECK_WALK_ORDERS (a comma list, default all ~40
-# orders, c1 first), GAINRL_GPU_CHECK_WALK_DIMS (default 4096), ~3-4 s an order at 64x4096x4096.
+# orders, c1 first), GAINRL_GPU_CHECK_WALK_DIMS (default 4096) or GAINRL_GPU_CHECK_WALK_SHAPES (RxD list, e.g.
+# 262144x4096,65536x4096), ~3-4 s an order at 262144x4096.
 #
 # The optional `profile` step runs Nsight Compute (ncu, if the machine has it) on one bare and one fused forward
 # launch per shape (bench/profile_fused.py; GAINRL_GPU_CHECK_PROFILE_SHAPES, default "64x4096x4096 16x4096x2048")
@@ -293,7 +294,7 @@ if want walk; then
         step walk kernels_bench.log 120 "$PY" bench/walk_order.py --smoke "${WALK_ARGS[@]}"
     else
         step walk kernels_bench.log 200 "$PY" bench/walk_order.py --dims "${GAINRL_GPU_CHECK_WALK_DIMS:-4096}" \
-            "${WALK_ARGS[@]}"
+            ${GAINRL_GPU_CHECK_WALK_SHAPES:+--shapes "$GAINRL_GPU_CHECK_WALK_SHAPES"} "${WALK_ARGS[@]}"
     fi
 fi
 if [ -f "$OUT/walk_order.json" ]; then
@@ -302,7 +303,7 @@ import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 for d in sorted({r["D"] for r in rows}):
     timed = [r for r in rows if r["D"] == d and r.get("ms") is not None]
-    print(f"walk D={d}: " + (", ".join(f"{r['order']} {r['ms']:.3f}" for r in timed) if timed
+    print(f"walk D={d}: " + (", ".join(f"{r['order']}@{r['R']} {r['ms']:.3f}" for r in timed) if timed
                              else f"{sum(r['D'] == d for r in rows)} orders checked, not timed"))
 EOF
 fi

@@ -25,6 +25,7 @@ strided orders included, at the same registers and bytes; at D = 2048 and 5120 w
 
     PYTHONPATH=. python bench/walk_order.py --out bench/results/walk_order_<gpu>.json
     PYTHONPATH=. python bench/walk_order.py --dims 4096 --orders c1,c8 --no-time   # once each, under a profiler
+    PYTHONPATH=. python bench/walk_order.py --shapes 262144x4096,65536x4096 --orders c1,c8,c256   # size dependence
     python bench/walk_order.py --smoke     # tiny shapes, TRITON_INTERPRET=1 on a CPU: checks the script runs
 """
 from __future__ import annotations
@@ -175,13 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--dims", default="4096,2048,5120", help="comma list of widths (GPU shapes: 64x4096 rows at 4096, "
                    "16x4096 otherwise)")
+    p.add_argument("--shapes", default="", help="comma list of RxD (rows x width; GPU only), instead of --dims: e.g. "
+                   "65536x4096 asks whether the loss at 262144x4096 depends on the tensor's size")
     p.add_argument("--orders", default="", help="comma list of order names (default: all)")
     p.add_argument("--no-time", action="store_true", help="run and check each order once, untimed (for a profiler)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     dims = [int(d) for d in args.dims.split(",")]
-    shapes = [((64 if d == 4096 else 16) * 4096, d) for d in dims] if cuda else [(40, 48)]
+    shapes = [((64 if d == 4096 else 16) * 4096, d) for d in dims]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+    if not cuda:
+        shapes = [(40, 48)]
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 2
     unknown = sorted(set(filter(None, args.orders.split(","))) - set(orders(64, n_sm)))
     if unknown:
