@@ -28,13 +28,17 @@
 #
 # Steps (GAINRL_GPU_CHECK_STEPS, a comma list; default "env,build,tests,variants,kernels,angle" = everything above
 # except profile and score; "default" stands for that list, "all" for it plus both). They run in the order env,
-# build (with the extension check), tests, variants, walk, kernels, profile, score, angle whatever the list's order;
-# the angle grid takes what time is left.
+# build (with the extension check), tests, variants, walk, backward, kernels, profile, score, angle whatever the
+# list's order; the angle grid takes what time is left.
 #
 # The optional `walk` step times bench/walk_order.py (a plain RMSNorm whose programs walk rows in different orders)
 # into walk_order.json, logged in kernels_bench.log: GAINRL_GPU_CHECK_WALK_ORDERS (a comma list, default all ~40
 # orders, c1 first), GAINRL_GPU_CHECK_WALK_DIMS (default 4096) or GAINRL_GPU_CHECK_WALK_SHAPES (RxD list, e.g.
 # 262144x4096,65536x4096), ~3-4 s an order at 262144x4096.
+#
+# The optional `backward` step times forward + backward (bench/fused_backward.py: fused, bare, torch.compile, HF
+# eager, our backward alone; graph-timed, dx and dw checked first) into fused_backward.json, logged in
+# kernels_bench.log: GAINRL_GPU_CHECK_BACKWARD_SHAPES (BxLxD list, default the script's four), ~40-60 s.
 #
 # The optional `profile` step runs Nsight Compute (ncu, if the machine has it) on one bare and one fused forward
 # launch per shape (bench/profile_fused.py; GAINRL_GPU_CHECK_PROFILE_SHAPES, default "64x4096x4096 16x4096x2048")
@@ -90,8 +94,8 @@ STEPS=${STEPS//default/$DEFAULT_STEPS}
 STEPS=${STEPS//all/$DEFAULT_STEPS,profile,score}
 for s in ${STEPS//,/ }; do
     case $s in
-        env | build | tests | variants | walk | kernels | profile | angle | score) ;;
-        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants walk kernels profile score angle, default, all)" >&2
+        env | build | tests | variants | walk | backward | kernels | profile | angle | score) ;;
+        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants walk backward kernels profile score angle, default, all)" >&2
            exit 2 ;;
     esac
 done
@@ -305,6 +309,28 @@ for d in sorted({r["D"] for r in rows}):
     timed = [r for r in rows if r["D"] == d and r.get("ms") is not None]
     print(f"walk D={d}: " + (", ".join(f"{r['order']}@{r['R']} {r['ms']:.3f}" for r in timed) if timed
                              else f"{sum(r['D'] == d for r in rows)} orders checked, not timed"))
+EOF
+fi
+# Forward + backward of the fused op against our bare RMSNorm, torch.compile and HF eager (bench/fused_backward.py).
+if want backward; then
+    if [ "$DRY" = 1 ]; then
+        step backward kernels_bench.log 120 "$PY" bench/fused_backward.py --smoke --out "$OUT/fused_backward.json"
+    else
+        step backward kernels_bench.log 150 "$PY" bench/fused_backward.py --out "$OUT/fused_backward.json" \
+            ${GAINRL_GPU_CHECK_BACKWARD_SHAPES:+--shapes "$GAINRL_GPU_CHECK_BACKWARD_SHAPES"}
+    fi
+fi
+if [ -f "$OUT/fused_backward.json" ]; then
+    "$PY" - "$OUT/fused_backward.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import collections, json, sys
+shapes = collections.defaultdict(dict)
+for r in json.load(open(sys.argv[1]))["rows"]:
+    shapes[(r["B"], r["L"], r["D"])][r["method"]] = r
+for (b, l, d), rows in shapes.items():
+    timed = ", ".join(f"{k} {r['ms']:.3f}" for k, r in rows.items() if "ms" in r)
+    bad = sorted(k for k, r in rows.items() if not r["status"].startswith("ok"))
+    print(f"fwd+bwd {b}x{l}x{d} ms: " + (timed or f"{len(rows)} methods checked, not timed")
+          + (f", errors: {bad}" if bad else ""))
 EOF
 fi
 if ! want kernels; then

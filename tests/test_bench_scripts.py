@@ -38,6 +38,17 @@ def test_fused_variants_script(tmp_path):
     assert all(r["status"].startswith("ok") for r in rows), rows
 
 
+def test_fused_backward_script(tmp_path):
+    """bench/fused_backward.py: every method's dx and dw match the float64 autograd of HF's RMSNorm (interpreter,
+    tiny; torch.compile is GPU-only there)."""
+    import fused_backward
+
+    out = tmp_path / "backward.json"
+    assert fused_backward.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"fused", "bare", "hf_eager", "backward_only"}
+    assert all(r["status"].startswith("ok") for r in rows), rows
+
 def test_walk_order_script(tmp_path):
     """Every row order of bench/walk_order.py gives HF's RMSNorm (checked inside the script, interpreter, tiny)."""
     import walk_order

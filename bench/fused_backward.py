@@ -1,0 +1,143 @@
+"""Forward + backward of the fused RMSNorm + angle op on a GPU: what a training step pays for the patched layer.
+
+``bench/fused_variants.py`` times the forward alone; a GRPO step also runs the RMSNorm backward (dx and dw; the
+statistics are not differentiated). Per shape this script times, as CUDA-graph replays (kernels only, no Python or
+launch overhead; the minimum of --rounds rounds, methods alternated):
+
+* ``fused``: ``rmsnorm_angle`` with statistics, then ``torch.autograd.grad`` for x and the weight;
+* ``bare``: the same op without statistics (our RMSNorm kernels, forward and backward);
+* ``torch_compile``: HF's RMSNorm formula through ``torch.compile`` (Inductor's forward and backward kernels);
+* ``hf_eager``: HF's formula in eager PyTorch (~10 kernels each way);
+* ``backward_only``: our backward launch alone (dx and the dw partials, then their sum), from saved x, rstd and dy;
+
+and a device copy of x, so that ``floor_ms`` = (4 + 6 bytes per bf16 element: forward reads x and writes y, the
+backward reads x and dy and writes dx) / the copy's bandwidth. Every method's dx and dw are checked against the
+float64 autograd of HF's formula first.
+
+    python bench/fused_backward.py --out bench/results/fused_backward_<gpu>.json
+    python bench/fused_backward.py --smoke     # tiny shapes, any device, TRITON_INTERPRET=1 on a CPU: checks only
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_variants import graph_time, write_rows  # noqa: E402
+from run_angle_bench import make_input  # noqa: E402
+from run_kernels_bench import torch_rmsnorm  # noqa: E402
+
+from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
+
+EPS = 1e-6
+# bytes moved per element of x (bf16) by a method that reads and writes each tensor once: forward + backward reads
+# x, writes y, reads x and dy, writes dx; the backward alone the last three
+BYTES_PER_ELEMENT = {"backward_only": 6}
+BYTES_PER_ELEMENT_FWD_BWD = 10
+
+
+def step_fns(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, cu: torch.Tensor,
+             cuda: bool) -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    """name -> a call returning (dx, dw) of one forward + backward (x and w are leaves that require grad)."""
+    def through(forward: Callable[[], torch.Tensor]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        def step():
+            return torch.autograd.grad(forward(), (x, w), dy)
+        return step
+
+    fns = {
+        "fused": through(lambda: M.rmsnorm_angle(x, w, EPS, cu, validate=False)[0]),
+        "bare": through(lambda: M.rmsnorm_angle(x, w, EPS, validate=False)[0]),
+        "hf_eager": through(lambda: torch_rmsnorm(x, w, EPS)),
+    }
+    if cuda:  # Inductor on a CPU would compile for minutes in a smoke run
+        compiled = torch.compile(torch_rmsnorm, dynamic=False)
+        fns["torch_compile"] = through(lambda: compiled(x, w, EPS))
+    x2d = x.detach()
+    rstd = M._forward(x2d, w.detach(), EPS, M._plain_plan(x2d), stats=False)[1]
+    fns["backward_only"] = lambda: M._backward(x2d, w.detach(), rstd, dy)
+    return fns
+
+
+def reference_grads(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor,
+                    rows: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx [R, D] (fp32) and dw [D] (fp64) of HF's formula by float64 autograd, ``rows`` rows at a time (a float64
+    graph of the whole goal shape would take tens of GB)."""
+    dxs, dw = [], torch.zeros(w.shape, dtype=torch.float64, device=w.device)
+    wr = w.detach().double().requires_grad_(True)
+    for xc, dyc in zip(x.detach().split(rows), dy.split(rows)):
+        xr = xc.double().requires_grad_(True)
+        gx, gw = torch.autograd.grad(torch_rmsnorm(xr, wr, EPS), (xr, wr), dyc.double())
+        dxs.append(gx.float())
+        dw += gw
+    return torch.cat(dxs), dw
+
+
+def check_grads(dx: torch.Tensor, dw: torch.Tensor, dx_ref: torch.Tensor, dw_ref: torch.Tensor,
+                rows: int = 16384) -> None:
+    """bf16 tolerances (as the tests'), dx compared ``rows`` rows at a time."""
+    for a, b in zip(dx.split(rows), dx_ref.split(rows)):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=2e-2, atol=2e-2 * float(dw_ref.abs().max()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3, help="each method timed this many times, alternated (min)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--shapes", default="64x4096x4096,16x4096x2048,16x4096x5120,8x2048x896",
+                   help="comma list of BxLxD (GPU only)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if cuda else [(2, 16, 40)]
+    rows: list[dict] = []
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
+    print("| B | L | D | method | graph ms | / bare | / floor | dx, dw checked |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch, length, dim in shapes:
+        x, cu = make_input(batch, length, dim, torch.bfloat16, device)
+        x.requires_grad_(True)
+        w = (torch.rand(dim, device=device) + 0.5).to(torch.bfloat16).requires_grad_(True)
+        dy = torch.randn(x.shape, device=device).to(torch.bfloat16)
+        dx_ref, dw_ref = reference_grads(x, w, dy)
+        fns = step_fns(x, w, dy, cu, cuda)
+        shape_rows = {}
+        for name, fn in fns.items():
+            row = dict(B=batch, L=length, D=dim, method=name)
+            try:
+                check_grads(*fn(), dx_ref, dw_ref)
+                row.update(status="ok" if cuda else "ok (smoke: checked, not timed)")
+            except Exception as e:  # noqa: BLE001 -- a failing method is a result, not a crash
+                row.update(status=f"error: {type(e).__name__}: {str(e).strip()[:160]}")
+            shape_rows[name] = row
+        if cuda:
+            copy_ms = graph_time(lambda: x.detach().clone(), args.reps) * 1e3  # 4 bytes per bf16 element
+            best = {k: float("inf") for k, r in shape_rows.items() if r["status"] == "ok"}
+            for _ in range(args.rounds):
+                for name in best:
+                    best[name] = min(best[name], graph_time(fns[name], args.reps) * 1e3)
+            for name, ms in best.items():
+                floor_ms = copy_ms * BYTES_PER_ELEMENT.get(name, BYTES_PER_ELEMENT_FWD_BWD) / 4
+                shape_rows[name].update(ms=ms, floor_ms=floor_ms, vs_floor=ms / floor_ms)
+                if best.get("bare") and name != "backward_only":
+                    shape_rows[name].update(vs_bare=ms / best["bare"])
+        for name, r in shape_rows.items():
+            timed = "ms" in r
+            vs_bare = f"{r['vs_bare']:.3f}" if "vs_bare" in r else ""
+            print(f"| {batch} | {length} | {dim} | {name} | {r['ms']:.3f} | {vs_bare} | {r['vs_floor']:.2f} | "
+                  f"{r['status']} |" if timed else
+                  f"| {batch} | {length} | {dim} | {name} | | | | {r['status']} |", flush=True)
+            rows.append(r)
+        write_rows(args.out, rows, cuda)
+        del fns, dx_ref, dw_ref
+    return 0 if all(r["status"].startswith("ok") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
