@@ -16,6 +16,10 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   rows ahead, as the CUDA rows kernel's cp.async ring).
 * ``c{rows}_pad``: x's row pitch is D + 64 elements, so rows are not a power-of-two number of bytes apart;
 * ``t{T}_c{rows}``: T of the program's rows loaded together per step (4 warps a row), rows / T steps;
+* ``c1_norm``: one row per program that also stores 1 / ||y_t|| (a second block reduction); ``c1_norm_count``: and
+  counts each group of 64 rows done (one atomic per program); ``trail_{C}``: and the
+  program that completes each group of C rows sums the group's unit vectors from the L2 (the statistics without a
+  walk: DRAM traffic of the bare kernel plus one fp32 row per C rows);
 * ``ticket_sm{N}``: a persistent grid of N programs per SM taking rows one at a time from an atomic counter (the order the
   hardware block scheduler hands out c1's programs, without its block launches).
 
@@ -102,7 +106,53 @@ def _ticket_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, R, D, pitch, eps, BLOCK_D: 
         row = nxt
 
 
+@triton.jit
+def _trail_kernel(x_ptr, w_ptr, y_ptr, inv_ptr, part_ptr, done_ptr, R, D, pitch, eps, C, BLOCK_D: tl.constexpr,
+                  TRAIL: tl.constexpr, REDUCE: tl.constexpr, RT: tl.constexpr, SLICE: tl.constexpr,
+                  STAGES: tl.constexpr):
+    """One row per program (c1's order) that also stores 1 / ||y_t|| (a second block reduction). TRAIL: the program
+    that completes a group of C rows (an atomic count per group, no waiting) sums that group's unit vectors
+    y_t / ||y_t|| into one fp32 partial row, re-reading the group's y from the L2 (written microseconds before) in
+    [RT, SLICE] tiles: a fused forward whose DRAM traffic is the bare kernel's plus one partial row per C rows.
+    REDUCE = False: the count alone (its atomics' cost)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * pitch + cols, mask=cm, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    yt = y_ptr.dtype.element_ty
+    y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)
+    tl.store(y_ptr + row * D + cols, y, mask=cm)
+    yf = y.to(tl.float32)
+    tl.store(inv_ptr + row, 1.0 / tl.maximum(tl.sqrt(tl.sum(yf * yf, axis=0)), 1e-12))
+    if TRAIL:
+        g = row // C
+        n_g = tl.minimum(C, R - g * C)
+        tl.debug_barrier()  # every thread's y and 1 / ||y|| stores precede the release below
+        last = tl.atomic_add(done_ptr + g, 1, sem="acq_rel") == n_g - 1
+        if REDUCE and last:
+            r0 = g * C
+            for s in range(0, D, SLICE):
+                cs = s + tl.arange(0, SLICE)
+                sm = cs < D
+                acc = tl.zeros([SLICE], dtype=tl.float32)
+                for t0 in tl.range(0, n_g, RT, num_stages=STAGES):
+                    k = t0 + tl.arange(0, RT)
+                    rm = k < n_g
+                    rr = r0 + k
+                    ys = tl.load(y_ptr + rr[:, None] * D + cs[None, :], mask=rm[:, None] & sm[None, :], other=0.0,
+                                 cache_modifier=".cg").to(tl.float32)
+                    iv = tl.load(inv_ptr + rr, mask=rm, other=0.0, cache_modifier=".cg")
+                    acc += tl.sum(ys * iv[:, None], axis=0)
+                tl.store(part_ptr + g * D + cs, acc, mask=sm)
+
+
 _PAD = 64  # elements added to x's row pitch by the _pad orders (128 bytes in bf16)
+_MIN_TRAIL = 32  # smallest group of the trail orders
+# RT rows x SLICE columns per step of the trail sum (16 values per thread), pipeline stages: 64 registers at sm_90a
+# (c1's), where (8, 512, 3) takes 80 and spills
+_TRAIL_TILE = (8, 256, 3)
 
 
 class Order(NamedTuple):
@@ -115,24 +165,62 @@ class Order(NamedTuple):
     tile_r: int = 1  # rows loaded together per step (rows is a multiple), 4 warps per row
     ticket: bool = False  # rows handed out by an atomic counter, one at a time
     pad: int = 0  # x's row pitch is D + pad elements (no power-of-two strides between rows)
+    norm: bool = False  # one row per program that also stores 1 / ||y_t|| (_trail_kernel)
+    trail: int = 0  # ... and sums each group of this many rows' unit vectors from the L2 (the group's last program)
+    reduce: bool = True  # trail: the sum itself (False: the per-group count alone)
 
 
-def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, counter: Optional[torch.Tensor] = None,
+class Scratch(NamedTuple):
+    """Buffers of the ticket and trail orders for R rows of width D (rows is the largest R)."""
+
+    counter: torch.Tensor  # int32 [1]
+    inv_norm: torch.Tensor  # f32 [R]
+    part: torch.Tensor  # f32 [cdiv(R, _MIN_TRAIL), D]
+    done: torch.Tensor  # int32 [cdiv(R, _MIN_TRAIL)]
+
+    @staticmethod
+    def make(rows: int, dim: int, device: str) -> "Scratch":
+        groups = triton.cdiv(rows, _MIN_TRAIL)
+        i32, f32 = torch.int32, torch.float32
+        return Scratch(torch.zeros(1, dtype=i32, device=device), torch.empty(rows, dtype=f32, device=device),
+                       torch.empty(groups, dim, dtype=f32, device=device), torch.zeros(groups, dtype=i32, device=device))
+
+
+def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: Optional[Scratch] = None,
          eps: float = 1e-6) -> object:
     """y [R, D] = RMSNorm(x [R, D], rows of any pitch) * w [D] (same dtype), programs walking rows in order ``o``
-    (see the module docstring; 4 warps per row, the whole row in one tile). ``counter`` (int32 [1], zeroed here)
-    is the ticket order's. Returns the launched compiled kernel (None in the interpreter)."""
+    (see the module docstring; 4 warps per row, the whole row in one tile). ``scratch``: the ticket and trail
+    orders' buffers (counters zeroed here). Returns the launched compiled kernel (None in the interpreter)."""
     R, D = x.shape
     assert x.stride(1) == 1 and y.is_contiguous()
     block_d = triton.next_power_of_2(D)
     if o.ticket:
-        counter.zero_()
-        return _ticket_kernel[(o.programs,)](x, w, y, counter, R, D, x.stride(0), eps, BLOCK_D=block_d,
+        scratch.counter.zero_()
+        return _ticket_kernel[(o.programs,)](x, w, y, scratch.counter, R, D, x.stride(0), eps, BLOCK_D=block_d,
                                              num_warps=4)
+    if o.norm:
+        if o.trail:
+            scratch.done[:triton.cdiv(R, o.trail)].zero_()
+        rt, sl, st = _TRAIL_TILE
+        return _trail_kernel[(R,)](x, w, y, scratch.inv_norm, scratch.part, scratch.done, R, D, x.stride(0), eps,
+                                   max(o.trail, 1), BLOCK_D=block_d, TRAIL=o.trail > 0, REDUCE=o.reduce, RT=rt,
+                                   SLICE=min(sl, block_d), STAGES=st, num_warps=4)
     assert o.rows % o.tile_r == 0 and not (o.ahead and o.tile_r > 1)
     return _walk_kernel[(o.programs,)](x, w, y, R, D, x.stride(0), eps, o.rows, o.group, BLOCK_D=block_d,
                                        STAGES=o.stages, W_EACH_ROW=o.w_each_row, AHEAD=o.ahead, TILE_R=o.tile_r,
                                        num_warps=4 * o.tile_r)
+
+
+def check_trail(y: torch.Tensor, o: Order, scratch: Scratch) -> None:
+    """The trail orders' 1 / ||y_t|| and group sums of y_t / ||y_t|| against torch (fp32 sums: 1e-4 relative)."""
+    yf = y.float()
+    inv = 1.0 / yf.norm(dim=1).clamp_min(1e-12)
+    torch.testing.assert_close(scratch.inv_norm[:y.shape[0]], inv, rtol=1e-5, atol=0)
+    if o.trail and o.reduce:
+        n_g = triton.cdiv(y.shape[0], o.trail)
+        u = torch.nn.functional.pad(yf * inv[:, None], (0, 0, 0, n_g * o.trail - y.shape[0]))
+        ref = u.view(n_g, o.trail, -1).sum(1)
+        torch.testing.assert_close(scratch.part[:n_g], ref, rtol=1e-4, atol=1e-4)
 
 
 def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
@@ -166,6 +254,12 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
         out[f"t{t}_c{c}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t)
     for per_sm in (4, 8):
         out[f"ticket_sm{per_sm}"] = Order(0, 1, per_sm * n_sm, ticket=True)
+    # one row per program plus the unit-vector statistics without a walk: 1 / ||y_t|| per row (c1_norm), and each
+    # group's sum re-read from the L2 by the group's last program (trail_{C})
+    out["c1_norm"] = Order(1, 1, n_rows, norm=True)
+    out["c1_norm_count"] = Order(1, 1, n_rows, norm=True, trail=64, reduce=False)
+    for c in (_MIN_TRAIL, 64, 128, 256):
+        out[f"trail_{c}"] = Order(1, 1, n_rows, norm=True, trail=c)
     return out
 
 
@@ -178,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                    "16x4096 otherwise)")
     p.add_argument("--shapes", default="", help="comma list of RxD (rows x width; GPU only), instead of --dims: e.g. "
                    "65536x4096 asks whether the loss at 262144x4096 depends on the tensor's size")
-    p.add_argument("--orders", default="", help="comma list of order names (default: all)")
+    p.add_argument("--orders", default="", help="comma list of order names, run in this order, c1 first for the "
+                   "/ c1 column (default: all)")
     p.add_argument("--no-time", action="store_true", help="run and check each order once, untimed (for a profiler)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -203,21 +298,23 @@ def main(argv: list[str] | None = None) -> int:
         w = (torch.rand(dim, device=device, generator=gen) + 0.5).to(torch.bfloat16)
         ref = torch_rmsnorm(x, w, 1e-6)
         x_pad = torch.empty(n_rows, dim + _PAD, dtype=x.dtype, device=device)[:, :dim].copy_(x)  # pitch D + _PAD
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        scratch = Scratch.make(n_rows, dim, device)
         c1 = None
-        for name, o in orders(n_rows, n_sm).items():
-            if args.orders and name not in args.orders.split(","):
-                continue
+        every = orders(n_rows, n_sm)
+        for name in [n for n in args.orders.split(",") if n] or list(every):  # in --orders' order (c1 first!)
+            o = every[name]
             y = torch.empty_like(x)
             xo = x_pad if o.pad else x
-            k = walk(xo, w, y, o, counter)
+            k = walk(xo, w, y, o, scratch)
             torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
+            if o.norm:
+                check_trail(y, o, scratch)
             row = dict(R=n_rows, D=dim, order=name, **o._asdict(), registers=getattr(k, "n_regs", None))
             if cuda and not args.no_time:
-                ms = graph_time(lambda: walk(xo, w, y, o, counter), args.reps) * 1e3
+                ms = graph_time(lambda: walk(xo, w, y, o, scratch), args.reps) * 1e3
                 c1 = ms if name == "c1" else c1
                 row.update(ms=ms, vs_c1=ms / c1 if c1 else None)
-                ratio = f"{ms / c1:.3f}" if c1 else ""  # c1 runs first when --orders has it
+                ratio = f"{ms / c1:.3f}" if c1 else ""  # c1 runs first when --orders names it first
                 print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | "
                       f"{row['registers']} | {ms:.3f} | {ratio} |", flush=True)
             else:
