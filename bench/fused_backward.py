@@ -120,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             copy_ms = graph_time(lambda: x.detach().clone(), args.reps) * 1e3  # 4 bytes per bf16 element
             best = {k: float("inf") for k, r in shape_rows.items() if r["status"] == "ok"}
             for _ in range(args.rounds):
-                for name in best:
-                    best[name] = min(best[name], graph_time(fns[name], args.reps) * 1e3)
+                for name in list(best):
+                    try:
+                        best[name] = min(best[name], graph_time(fns[name], args.reps) * 1e3)
+                    except Exception as e:  # noqa: BLE001 -- e.g. a method that cannot be graph-captured
+                        shape_rows[name].update(status=f"error timing: {type(e).__name__}: {str(e).strip()[:160]}")
+                        del best[name]
             for name, ms in best.items():
                 floor_ms = copy_ms * BYTES_PER_ELEMENT.get(name, BYTES_PER_ELEMENT_FWD_BWD) / 4
                 shape_rows[name].update(ms=ms, floor_ms=floor_ms, vs_floor=ms / floor_ms)

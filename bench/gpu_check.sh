@@ -307,8 +307,10 @@ import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 for d in sorted({r["D"] for r in rows}):
     timed = [r for r in rows if r["D"] == d and r.get("ms") is not None]
+    bad = [r["order"] for r in rows if r["D"] == d and r.get("status", "ok") != "ok"]
     print(f"walk D={d}: " + (", ".join(f"{r['order']}@{r['R']} {r['ms']:.3f}" for r in timed) if timed
-                             else f"{sum(r['D'] == d for r in rows)} orders checked, not timed"))
+                             else f"{sum(r['D'] == d for r in rows)} orders checked, not timed")
+          + (f", errors: {bad}" if bad else ""))
 EOF
 fi
 # Forward + backward of the fused op against our bare RMSNorm, torch.compile and HF eager (bench/fused_backward.py).

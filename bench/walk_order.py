@@ -303,26 +303,29 @@ def main(argv: list[str] | None = None) -> int:
         every = orders(n_rows, n_sm)
         for name in [n for n in args.orders.split(",") if n] or list(every):  # in --orders' order (c1 first!)
             o = every[name]
-            y = torch.empty_like(x)
-            xo = x_pad if o.pad else x
-            k = walk(xo, w, y, o, scratch)
-            torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
-            if o.norm:
-                check_trail(y, o, scratch)
-            row = dict(R=n_rows, D=dim, order=name, **o._asdict(), registers=getattr(k, "n_regs", None))
-            if cuda and not args.no_time:
-                ms = graph_time(lambda: walk(xo, w, y, o, scratch), args.reps) * 1e3
-                c1 = ms if name == "c1" else c1
-                row.update(ms=ms, vs_c1=ms / c1 if c1 else None)
-                ratio = f"{ms / c1:.3f}" if c1 else ""  # c1 runs first when --orders names it first
-                print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | "
-                      f"{row['registers']} | {ms:.3f} | {ratio} |", flush=True)
-            else:
-                print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | | checked "
-                      "| |")
+            row = dict(R=n_rows, D=dim, order=name, **o._asdict())
+            try:  # a failing order is a result (recorded), not the end of the run
+                y = torch.empty_like(x)
+                xo = x_pad if o.pad else x
+                k = walk(xo, w, y, o, scratch)
+                torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
+                if o.norm:
+                    check_trail(y, o, scratch)
+                row.update(status="ok", registers=getattr(k, "n_regs", None))
+                if cuda and not args.no_time:
+                    ms = graph_time(lambda: walk(xo, w, y, o, scratch), args.reps) * 1e3
+                    c1 = ms if name == "c1" else c1
+                    row.update(ms=ms, vs_c1=ms / c1 if c1 else None)
+            except Exception as e:  # noqa: BLE001
+                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                row.update(status=f"error: {type(e).__name__}: {first}")
+            timed = f"{row['ms']:.3f} | {row['ms'] / c1:.3f}" if "ms" in row and c1 else (
+                f"{row['ms']:.3f} |" if "ms" in row else f"{'checked' if row['status'] == 'ok' else row['status']} |")
+            print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | "
+                  f"{row.get('registers') or ''} | {timed} |", flush=True)
             rows_out.append(row)
             write_rows(args.out, rows_out, cuda)
-    return 0
+    return 0 if all(r["status"] == "ok" for r in rows_out) else 1
 
 
 if __name__ == "__main__":
