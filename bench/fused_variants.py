@@ -57,6 +57,12 @@ VARIANTS: dict[str, dict] = {
     # of 8 KiB are 2 MiB); bench/walk_order.py's c7 / c9 / c255 / _pad orders ask the same of a plain RMSNorm
     "cuda_rows_chunk_255": {"_CUDA_ROWS": True, "_MAX_CHUNK": 255},
     "cuda_rows_chunk_257": {"_CUDA_ROWS": True, "_MAX_CHUNK": 257},
+    # not yet timed: the forward without a walk (gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each
+    # work item of this many rows summed from the L2 by the program that completes it
+    "trail_64": {"_TRAIL": True, "_TRAIL_CHUNK": 64},
+    "trail_128": {"_TRAIL": True, "_TRAIL_CHUNK": 128},
+    "trail_256": {"_TRAIL": True, "_TRAIL_CHUNK": 256},
+    "trail_32": {"_TRAIL": True, "_TRAIL_CHUNK": 32},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them

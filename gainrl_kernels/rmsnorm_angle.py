@@ -924,6 +924,14 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
     896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True)}
 
 
+# The forward without a walk (gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each work item's
+# statistics summed from the L2 by the program that completes it, over items of at most _TRAIL_CHUNK rows. Off: not
+# yet timed on a GPU (bench/fused_variants.py variants trail_*; docs/fused_forward.md, session 19). Takes the whole-
+# row forward's rows (D <= _ROWS_MAX_BLOCK_D) ahead of the CUDA rows kernel.
+_TRAIL = False
+_TRAIL_CHUNK = 64
+
+
 class _FwdConfig(NamedTuple):
     """Forward launch shape: which kernel, rows per program (chunk), its [BLOCK_T, BLOCK_D] tile and warps."""
 
@@ -1032,6 +1040,8 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         return _plain_plan(x2d, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
     rows, dim = x2d.shape
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
+    if _trail_on(cfg):
+        cfg = cfg._replace(chunk=_TRAIL_CHUNK)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
@@ -1046,6 +1056,11 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         BLOCK_B=block_b, BLOCK_C=max(1, _PLAN_TILE // block_b), BLOCK_I=1024,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
+
+
+def _trail_on(cfg: _FwdConfig) -> bool:
+    """Whether the forward with statistics takes the trailing-sum kernel (``_TRAIL``, whole-row configs)."""
+    return _TRAIL and cfg.rows
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1109,7 +1124,11 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     else:
         part_sum = part_q = part_adj = rstd  # never touched
     cfg = plan.cfg
-    if stats and cfg.rows and _cuda_rows_take(x2d, weight):
+    if stats and _trail_on(cfg):
+        from .rmsnorm_angle_trail import trail_forward
+
+        trail_forward(x2d, weight, y, rstd, plan, eps, part_sum, part_q, part_adj)
+    elif stats and cfg.rows and _cuda_rows_take(x2d, weight):
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,

@@ -324,6 +324,49 @@ def test_odd_chunks(chunk, one_row_min_d, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, cu, off))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_trail_forward(dtype, chunk, monkeypatch):
+    """The forward without a walk (``_TRAIL``, gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each
+    item's statistics summed by the program that completes it (items of 1, 3 or 8 rows: single-row items, items
+    ending mid-tile, pairs across item ends recomputed from x). y within a rounding step of the reference and rstd
+    the default's, the statistics those of y and the default forward's within fp32 rounding; ragged sequences with
+    an empty and a length-1 one, rows in no segment, a row stride that is not D."""
+    x, w, cu, off = ragged_rows(48, dtype, seed=13)
+    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
+    monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
+    monkeypatch.setattr(rmsnorm_module, "_TRAIL_CHUNK", chunk)
+    assert rmsnorm_module._stats_plan(x, cu, off, None, w).cfg.chunk == chunk
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
+    torch.testing.assert_close(y, y0, **ulp_tol(dtype))
+    assert_stats_close(stats, angle_stats_reference(y, cu, off))
+    for a, b in zip(stats, s0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dim", [600, *(pytest.param(d, marks=pytest.mark.skipif(DEV != "cuda", reason="GPU widths"))
+                                       for d in (896, 2048, 4096, 5120))])
+def test_trail_forward_wide_rows(dim, monkeypatch):
+    """The trailing sums over several column slices (D = 600: three 256-wide slices, the last partly masked; on a GPU
+    also model widths, compiled with the register cap) and items longer than a tile (64 rows: eight 8-row steps),
+    segments cut off the item grid; deterministic (two calls bitwise equal)."""
+    monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
+    lens = [1, 0, 140, 77, 2]
+    x = concentrated((sum(lens) + 2,), dim, seed=21).to(DEV, torch.bfloat16)
+    w = weight_of(dim, torch.bfloat16)
+    cu = cu_of(lens)
+    off = torch.tensor([[0, 0, 1], [0, 0, 0], [2, 70, 140], [0, 30, 77], [0, 1, 2]], dtype=torch.int32, device=DEV)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    if DEV == "cuda":  # the hardware rsqrt may move round(x * rstd) by a step, and w * that by one more
+        torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), rtol=2**-6, atol=0)
+    else:
+        torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
+    assert_stats_close(stats, angle_stats_reference(y, cu, off), atol=1e-4)
+    y2, stats2 = rmsnorm_angle(x, w, EPS, cu, off)
+    assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(stats, stats2))
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 128])
 def test_bare_rows_per_program(chunk, monkeypatch):
     """The bare kernel (no statistics) at most 1 row per program (the default), 4 or 128 (the chunk rule then gives

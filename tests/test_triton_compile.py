@@ -240,10 +240,34 @@ def _concentration_cases():
         )
 
 
+def _rmsnorm_trail_cases():
+    """The forward without a walk (``rmsnorm_angle._TRAIL``, not the default) at its launch shapes, fp32 and bf16,
+    model widths and the widest whole row."""
+    from gainrl_kernels import rmsnorm_angle as M
+    from gainrl_kernels import rmsnorm_angle_trail as T
+
+    for dt, size in (("fp32", 4), ("bf16", 2)):
+        sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
+        sig = dict(x_ptr=sig["x_ptr"], w_ptr=sig["w_ptr"], y_ptr=sig["y_ptr"], rstd_ptr="*fp32", inv_ptr="*fp32",
+                   done_ptr="*i32", **{k: v for k, v in sig.items() if k not in ("x_ptr", "w_ptr", "y_ptr", "rstd_ptr")})
+        for dim in (896, 2048, 4096, 8192):
+            cfg = T.trail_config(dim, size)
+            yield Case(
+                f"rmsnorm_fwd_trail-{dt}-BD{cfg.block_d}-W{cfg.num_warps}{f'-R{cfg.maxnreg}' if cfg.maxnreg else ''}",
+                T._fwd_trail_kernel, sig,
+                dict(YT=tl.bfloat16 if dt == "bf16" else tl.float32, NATIVE_CAST=True, RSQRT_INV=True,
+                     RSQRT_RSTD=True, BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, STAGES=cfg.stages,
+                     __aligned__=contiguous_launch_hints(sig)),
+                cfg.num_warps, cfg.maxnreg,
+            )
+    assert M._TRAIL is False  # an experiment: the default forward is the one lowered above
+
+
 def all_cases():
     yield from _angle_cases()
     yield from _concentration_cases()
     yield from _rmsnorm_angle_cases()
+    yield from _rmsnorm_trail_cases()
     yield from _pairwise_cases()
 
 

@@ -1,0 +1,152 @@
+"""The fused RMSNorm + angle forward without a walk (an opt-in experiment: ``rmsnorm_angle._TRAIL``).
+
+The default forward (``rmsnorm_angle._fwd_rows_kernel`` or the CUDA rows kernel) walks each work item's rows in one
+program, because a chunk's statistics are one fp32 partial row. On an H200 at D = 4096 any walk of rows loses 7-12%
+against one row per program (``bench/walk_order.py``, docs/fused_forward.md). Here every program normalises one row,
+as the bare kernel does, and the statistics come from a trailing pass:
+
+* program p takes row ``item_row0[i] + j`` of work item i = p // chunk, j = p % chunk (programs past the item's
+  rows exit at once), writes y, rstd and, in an item with statistics, 1 / ||y_t|| (a second block reduction);
+* a count per item (one atomic per row program; nothing waits) tells the program that completes the item to sum
+  the item's u_t = y_t / ||y_t||, ||u_t||² and the pairs u_t . u_{t+1} (t + 1 < pair_end) into the item's partial
+  row and scalars, re-reading the item's y from the L2 (written microseconds before) in [RT, SLICE] tiles, column
+  slice by column slice, in a fixed order: the statistics do not depend on which program completes the item;
+* the item's last pair (its last row and the row after the item, which belongs to the next item and may not be
+  written yet) recomputes that row's y from x, with the row programs' own code, so bitwise the y that row gets.
+
+The partials are the rows kernel's (one fp32 row and two scalars per item) and ``rmsnorm_angle._reduce_kernel`` sums
+them. DRAM traffic: the bare kernel's plus the partial rows. Not yet timed on a GPU (``bench/fused_variants.py``
+variants ``trail_*``; ``bench/walk_order.py`` orders ``trail_*`` time a stripped-down prototype).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import rmsnorm_angle as _ra
+from .rmsnorm_angle import _inv_norm, _rms_out, _rstd
+
+# RT rows x SLICE columns per step of the trailing sums (16 values per thread at 4 warps), pipeline stages
+_TILE = (8, 256, 3)
+# register cap of 16-bit rows on CUDA: the bare kernel's occupancy (8 blocks of 4 warps per SM at D = 4096). Uncapped,
+# ptxas takes 80 at sm_90a (6 blocks); capped, no spills at sm_80 / sm_90a (tests/test_triton_compile.py)
+_MAXNREG_16BIT = 64
+
+
+class TrailConfig(NamedTuple):
+    """Launch shape of ``_fwd_trail_kernel`` (the launcher and tests/test_triton_compile.py lower these)."""
+
+    block_d: int
+    num_warps: int
+    maxnreg: Optional[int]
+    rt: int
+    slice_d: int
+    stages: int
+
+
+def trail_config(dim: int, elem_size: int, cuda: bool = True) -> TrailConfig:
+    """The bare kernel's warps for one row of ``dim`` values (``rmsnorm_angle._ROWS_BYTES_PER_THREAD`` per
+    thread), the register cap for 16-bit rows on CUDA, the trailing sums' tile."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    warps = min(_ra._ROWS_MAX_WARPS, max(4, block_d * elem_size // (32 * _ra._ROWS_BYTES_PER_THREAD)))
+    rt, slice_d, stages = _TILE
+    return TrailConfig(block_d, warps, _MAXNREG_16BIT if cuda and elem_size == 2 else None, rt,
+                       min(slice_d, block_d), stages)
+
+
+@triton.jit
+def _row_y(x_ptr, w_ptr, row, D, stride_r, eps, dd, d_ok, YT: tl.constexpr, NATIVE_CAST: tl.constexpr,
+           RSQRT_RSTD: tl.constexpr):
+    """(y [1, BLOCK_D] fp32 of the rounded values, rstd [1]) of one row, as the bare kernel's one-row step."""
+    w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_r + dd[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
+    rstd = _rstd(tl.sum(x * x, axis=1), D, eps, RSQRT_RSTD)
+    return _rms_out(x, rstd, w, YT, NATIVE_CAST), rstd
+
+
+@triton.jit
+def _fwd_trail_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr, inv_ptr, done_ptr,
+    item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
+    part_sum_ptr, part_q_ptr, part_adj_ptr,
+    R, D, stride_r, eps, chunk,
+    YT: tl.constexpr, NATIVE_CAST: tl.constexpr, RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr,
+    BLOCK_D: tl.constexpr, RT: tl.constexpr, SLICE: tl.constexpr, STAGES: tl.constexpr,
+):
+    """One row per program; the program completing an item with statistics sums its partials (module docstring)."""
+    pid = tl.program_id(0)
+    item = pid // chunk
+    nrows = tl.load(item_nrows_ptr + item)
+    j = pid - item * chunk
+    if j < nrows:
+        row = tl.load(item_row0_ptr + item) + j
+        dd = tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        y, rstd = _row_y(x_ptr, w_ptr, row, D, stride_r, eps, dd, d_ok, YT, NATIVE_CAST, RSQRT_RSTD)
+        tl.store(rstd_ptr + row + tl.arange(0, 1), rstd)
+        tl.store(y_ptr + row.to(tl.int64) * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
+        if tl.load(item_seg_ptr + item) >= 0:
+            tl.store(inv_ptr + row + tl.arange(0, 1), _inv_norm(tl.sum(y * y, axis=1), RSQRT_INV))
+            tl.debug_barrier()  # every thread's y and 1 / ||y|| stores precede the release below
+            if tl.atomic_add(done_ptr + item, 1, sem="acq_rel") == nrows - 1:
+                row0 = row - j
+                pair_end = tl.load(item_pair_end_ptr + item)
+                q = tl.zeros([1], dtype=tl.float32)
+                adj = tl.zeros([1], dtype=tl.float32)
+                k0 = tl.arange(0, RT)
+                for s in range(0, D, SLICE):
+                    cs = s + tl.arange(0, SLICE)
+                    c_ok = cs < D
+                    acc = tl.zeros([SLICE], dtype=tl.float32)
+                    for t0 in tl.range(0, nrows, RT, num_stages=STAGES):
+                        k = t0 + k0
+                        r_ok = k < nrows
+                        p_ok = (k + 1 < nrows) & (row0 + k + 1 < pair_end)  # pairs inside the item
+                        rr = (row0 + k).to(tl.int64)
+                        u = tl.load(y_ptr + rr[:, None] * D + cs[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                                    other=0.0).to(tl.float32)
+                        u = u * tl.load(inv_ptr + rr, mask=r_ok, other=0.0)[:, None]
+                        # the next rows (shifted by one: the L1 holds all but one of them)
+                        u1 = tl.load(y_ptr + (rr + 1)[:, None] * D + cs[None, :], mask=p_ok[:, None] & c_ok[None, :],
+                                     other=0.0).to(tl.float32)
+                        u1 = u1 * tl.load(inv_ptr + rr + 1, mask=p_ok, other=0.0)[:, None]
+                        acc += tl.sum(u, axis=0)
+                        q += tl.sum(tl.sum(u * u, axis=1), axis=0)
+                        adj += tl.sum(tl.sum(u * u1, axis=1), axis=0)
+                    tl.store(part_sum_ptr + item.to(tl.int64) * D + cs, acc, mask=c_ok)
+                last = row0 + nrows - 1
+                if (last + 1 < pair_end) & (last + 1 < R):  # the pair reaching into the next item
+                    y1, _ = _row_y(x_ptr, w_ptr, last + 1, D, stride_r, eps, dd, d_ok, YT, NATIVE_CAST, RSQRT_RSTD)
+                    y0 = tl.load(y_ptr + last.to(tl.int64) * D + dd[None, :], mask=d_ok[None, :],
+                                 other=0.0).to(tl.float32)
+                    inv0 = tl.load(inv_ptr + last + tl.arange(0, 1))
+                    adj += tl.sum(y0 * y1, axis=1) * inv0 * _inv_norm(tl.sum(y1 * y1, axis=1), RSQRT_INV)
+                tl.store(part_q_ptr + item + tl.arange(0, 1), q)
+                tl.store(part_adj_ptr + item + tl.arange(0, 1), adj)
+
+
+def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, plan, eps: float,
+                  part_sum: torch.Tensor, part_q: torch.Tensor, part_adj: torch.Tensor) -> None:
+    """One launch of ``_fwd_trail_kernel`` over the plan's work items (chunks of at most plan.cfg.chunk rows) into
+    y [R, D], rstd [R] and the per-item partials (part_sum [G, D] f32, part_q / part_adj [G] f32; items without
+    statistics leave theirs untouched, as the rows kernel does). Two scratch buffers: 1 / ||y_t|| [R] f32 and the
+    per-item counts [G] int32 (zeroed: one memset)."""
+    rows, dim = x2d.shape
+    inv = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    done = torch.zeros(plan.grid, dtype=torch.int32, device=x2d.device)
+    cuda = x2d.is_cuda
+    cfg = trail_config(dim, x2d.element_size(), cuda)
+    _fwd_trail_kernel[(plan.grid * plan.cfg.chunk,)](
+        x2d, weight, y, rstd, inv, done,
+        plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
+        part_sum, part_q, part_adj,
+        rows, dim, x2d.stride(0), float(eps), plan.cfg.chunk,
+        YT=_ra._TL_DTYPE[x2d.dtype], NATIVE_CAST=cuda,
+        RSQRT_INV=cuda if _ra._RSQRT_INV is None else _ra._RSQRT_INV,
+        RSQRT_RSTD=cuda if _ra._RSQRT_RSTD is None else _ra._RSQRT_RSTD,
+        BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, STAGES=cfg.stages,
+        num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+    )
