@@ -27,7 +27,7 @@ Shapes and dtypes:
                  by :func:`padded_to_cu_seqlens` for padded [N, L, D] batches. Each sequence must occupy
                  consecutive rows in order (left or right padding). None: packed token t is row t.
 
-Forward algorithm (three launches with statistics, one without; no host sync, no atomics):
+Forward algorithm (three launches with statistics, one without; no host sync, no atomics but in the _TRAIL option):
   * ``_plan_kernel`` (one program) builds the work list on the device: per sequence the regions gap (rows in no
     sequence, e.g. padding), [0, o_0), the K segments [o_k, o_k+1), [o_K, len), then the gap after the last
     sequence; each region cut into chunks of at most ``chunk`` rows (256, fewer when there are under ~4 chunks
@@ -50,6 +50,9 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
     rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from
     D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json).
+  * or, with ``_TRAIL`` (off: an experiment not yet timed on a GPU), ``rmsnorm_angle_trail._fwd_trail_kernel`` on
+    work items of at most ``_TRAIL_CHUNK`` rows: one row per program, as the bare kernel, and each item's partials
+    summed from the L2 by the program that completes it (no walk; docs/fused_forward.md, session 19).
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
