@@ -216,6 +216,16 @@ def test_register_cap(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def assert_matches_default(y, stats, y0, s0, x, w, cu, off) -> None:
+    """A forward variant's y within a rounding step of the reference and of the default forward's y0, its
+    statistics those of y and the default's s0 within fp32 rounding."""
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(x.dtype))
+    torch.testing.assert_close(y, y0, **ulp_tol(x.dtype))
+    assert_stats_close(stats, angle_stats_reference(y, cu, off))
+    for a, b in zip(stats, s0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
 def ragged_rows(dim: int, dtype: torch.dtype, seed: int, strided: bool = True):
     """(x, w, cu_seqlens, seg_offsets) of a ragged batch for the one-row loop's options: 6 sequences (an empty and a
     length-1 one), K = 2 segments, 2 trailing rows in no sequence; ``strided``: x's row stride is dim + 8."""
@@ -286,11 +296,7 @@ def test_split_tail_rows(dim, dtype, monkeypatch):
     assert (cfg.block_t, cfg.block_d, cfg.block_d2) == (1, 32, 16)
     assert rmsnorm_module._fwd_config(64, dim, x.element_size(), torch.device(DEV), stats=False).block_d2 == 0
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)
-    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
-    torch.testing.assert_close(y, y_one, **ulp_tol(dtype))
-    assert_stats_close(stats, angle_stats_reference(y, cu, off))
-    for a, b in zip(stats, s_one):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    assert_matches_default(y, stats, y_one, s_one, x, w, cu, off)
     strided = ragged_rows(dim, dtype, seed=9)[0]  # the same rows, row stride dim + 8
     y_s, s_s = rmsnorm_angle(strided, w, EPS, cu, off)
     assert torch.equal(y_s, y)
@@ -338,11 +344,7 @@ def test_trail_forward(dtype, chunk, monkeypatch):
     monkeypatch.setattr(rmsnorm_module, "_TRAIL_CHUNK", chunk)
     assert rmsnorm_module._stats_plan(x, cu, off, None, w).cfg.chunk == chunk
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)
-    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(dtype))
-    torch.testing.assert_close(y, y0, **ulp_tol(dtype))
-    assert_stats_close(stats, angle_stats_reference(y, cu, off))
-    for a, b in zip(stats, s0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    assert_matches_default(y, stats, y0, s0, x, w, cu, off)
 
 
 @pytest.mark.parametrize("dim", [600, *(pytest.param(d, marks=pytest.mark.skipif(DEV != "cuda", reason="GPU widths"))
