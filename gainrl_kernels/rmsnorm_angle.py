@@ -231,15 +231,26 @@ def _rms_out(x, rstd, w, YT: tl.constexpr, NATIVE_CAST: tl.constexpr):
 
 
 @triton.jit
+def _map_rows(map_ptr, item, row0, nrows, ok, MAP_BLOCK: tl.constexpr, MAP_Q: tl.constexpr):
+    """Row map entries of items ``item`` (rows [row0, row0 + nrows), any shape, masked by ``ok``): map[b] = item
+    for each block b of MAP_BLOCK rows whose first row the item holds (at most MAP_Q blocks per item)."""
+    first = (row0 + MAP_BLOCK - 1) // MAP_BLOCK
+    for q in tl.static_range(MAP_Q):
+        b = first + q
+        tl.store(map_ptr + b, item, mask=ok & (b * MAP_BLOCK < row0 + nrows))
+
+
+@triton.jit
 def _plan_kernel(
     cu_ptr, off_ptr, tok_ptr, n_packed, B, R, chunk, grid,
-    item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr,
+    item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr, map_ptr,
     K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    BLOCK_I: tl.constexpr, MAP_BLOCK: tl.constexpr = 0, MAP_Q: tl.constexpr = 0,
 ):
     """The forward's work list in one program (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the
     last sequence end and the chunk count across blocks, each region's chunks written BLOCK_C at a time; then
-    spare items (0 rows) up to ``grid``."""
+    spare items (0 rows) up to ``grid``. MAP_BLOCK > 0: also the row map (``_map_rows``; the items tile the rows
+    in order, so a row's item is its block's entry or one of the next few)."""
     zero = tl.zeros([BLOCK_B], dtype=tl.int64)
     prev_max = tl.zeros([], dtype=tl.int64)  # largest sequence end so far
     n_items = tl.zeros([], dtype=tl.int64)  # chunks written so far
@@ -295,6 +306,8 @@ def _plan_kernel(
                 tl.store(item_nrows_ptr + item, tl.minimum(hi32[:, None] - row0, chunk), mask=w_ok)
                 tl.store(item_seg_ptr + item, seg32[:, None] + c * 0, mask=w_ok)
                 tl.store(item_pair_end_ptr + item, pair_end32[:, None] + c * 0, mask=w_ok)
+                if MAP_BLOCK > 0:
+                    _map_rows(map_ptr, item, row0, tl.minimum(hi32[:, None] - row0, chunk), w_ok, MAP_BLOCK, MAP_Q)
             base += n_reg
     # the gap after the last sequence, then spare programs
     tail_lo = tl.minimum(tl.maximum(prev_max, 0), R)
@@ -307,6 +320,9 @@ def _plan_kernel(
         tl.store(item_nrows_ptr + item, tl.minimum(tl.maximum(R - row0, 0), chunk).to(tl.int32), mask=mine)
         tl.store(item_seg_ptr + item, tl.full([BLOCK_I], -1, tl.int32), mask=mine)
         tl.store(item_pair_end_ptr + item, tl.zeros([BLOCK_I], dtype=tl.int32), mask=mine)
+        if MAP_BLOCK > 0:
+            _map_rows(map_ptr, item.to(tl.int32), row0.to(tl.int32),
+                      tl.minimum(tl.maximum(R - row0, 0), chunk).to(tl.int32), mine, MAP_BLOCK, MAP_Q)
 
 
 @triton.jit
@@ -933,6 +949,7 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 # row forward's rows (D <= _ROWS_MAX_BLOCK_D) ahead of the CUDA rows kernel.
 _TRAIL = False
 _TRAIL_CHUNK = 64
+_TRAIL_MAP_BLOCK = 64  # rows per entry of the plan's row map (a row finds its item from its block's entry)
 
 
 class _FwdConfig(NamedTuple):
@@ -1012,6 +1029,8 @@ class _Plan(NamedTuple):
     seg_hi: torch.Tensor  # [B * K] int32 one past its last chunk
     count: torch.Tensor  # [B, K] int32
     nseg: int
+    # [cdiv(R, _TRAIL_MAP_BLOCK)] int32, the trail forward's: the item holding each block's first row (else None)
+    row_map: Optional[torch.Tensor] = None
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1051,14 +1070,18 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
+    trail = _trail_on(cfg)
+    row_map = torch.empty(triton.cdiv(rows, _TRAIL_MAP_BLOCK) if trail else 0, dtype=torch.int32, device=dev)
     _plan_kernel[(1,)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
-        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
+        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, row_map,
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
         BLOCK_B=block_b, BLOCK_C=max(1, _PLAN_TILE // block_b), BLOCK_I=1024,
+        MAP_BLOCK=_TRAIL_MAP_BLOCK if trail else 0, MAP_Q=cfg.chunk // _TRAIL_MAP_BLOCK + 2 if trail else 0,
     )
-    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
+    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg,
+                 row_map if trail else None)
 
 
 def _trail_on(cfg: _FwdConfig) -> bool:

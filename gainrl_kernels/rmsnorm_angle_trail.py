@@ -5,8 +5,9 @@ program, because a chunk's statistics are one fp32 partial row. On an H200 at D 
 against one row per program (``bench/walk_order.py``, docs/fused_forward.md). Here every program normalises one row,
 as the bare kernel does, and the statistics come from a trailing pass:
 
-* program p takes row ``item_row0[i] + j`` of work item i = p // chunk, j = p % chunk (programs past the item's
-  rows exit at once), writes y, rstd and, in an item with statistics, 1 / ||y_t|| (a second block reduction);
+* program p normalises row p (as the bare kernel: no spare programs) and finds its work item from the plan's row
+  map (the item holding the first row of each 64-row block; the items tile the rows in order), then writes y, rstd
+  and, in an item with statistics, 1 / ||y_t|| (a second block reduction);
 * a count per item (one atomic per row program; nothing waits) tells the program that completes the item to sum
   the item's u_t = y_t / ||y_t||, ||u_t||² and the pairs u_t . u_{t+1} (t + 1 < pair_end) into the item's partial
   row and scalars, re-reading the item's y from the L2 (written microseconds before) in [RT, SLICE] tiles, column
@@ -53,46 +54,71 @@ def trail_config(dim: int, elem_size: int, cuda: bool = True) -> TrailConfig:
     block_d = max(16, triton.next_power_of_2(dim))
     warps = min(_ra._ROWS_MAX_WARPS, max(4, block_d * elem_size // (32 * _ra._ROWS_BYTES_PER_THREAD)))
     rt, slice_d, stages = _TILE
+    if warps == 16:  # fp32 rows of 8192: 8-row steps spill 8 bytes at sm_80 (ptxas takes 64 registers there)
+        rt //= 2
     return TrailConfig(block_d, warps, _MAXNREG_16BIT if cuda and elem_size == 2 else None, rt,
                        min(slice_d, block_d), stages)
 
 
 @triton.jit
-def _row_y(x_ptr, w_ptr, row, D, stride_r, eps, dd, d_ok, YT: tl.constexpr, NATIVE_CAST: tl.constexpr,
-           RSQRT_RSTD: tl.constexpr):
-    """(y [1, BLOCK_D] fp32 of the rounded values, rstd [1]) of one row, as the bare kernel's one-row step."""
+def _load_row(x_ptr, w_ptr, row, stride_r, dd, d_ok):
+    """(x [1, BLOCK_D], w [BLOCK_D]) of one row, fp32."""
     w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row.to(tl.int64) * stride_r + dd[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
+    return x, w
+
+
+@triton.jit
+def _row_out(x, w, D, eps, YT: tl.constexpr, NATIVE_CAST: tl.constexpr, RSQRT_RSTD: tl.constexpr):
+    """(y [1, BLOCK_D] fp32 of the rounded values, rstd [1]) of a loaded row, as the bare kernel's one-row step."""
     rstd = _rstd(tl.sum(x * x, axis=1), D, eps, RSQRT_RSTD)
     return _rms_out(x, rstd, w, YT, NATIVE_CAST), rstd
 
 
 @triton.jit
+def _item_of(row, map_ptr, item_row0_ptr, item_nrows_ptr, grid, MAP_BLOCK: tl.constexpr):
+    """(item, its first row, its rows) of work item holding ``row``: the item of the row's block (the plan's row
+    map), then the next ones while they end at or before ``row`` (at most MAP_BLOCK steps: the items tile the rows in
+    order). Item indices are clamped into [0, grid), so a map left unwritten by a plan of unvalidated indices costs
+    statistics, never an access out of bounds; such a row is found in no item (0 rows)."""
+    item = tl.minimum(tl.maximum(tl.load(map_ptr + row // MAP_BLOCK), 0), grid - 1)
+    row0 = tl.load(item_row0_ptr + item)
+    nrows = tl.load(item_nrows_ptr + item)
+    steps = 0
+    while (row0 + nrows <= row) & (item + 1 < grid) & (steps < MAP_BLOCK):
+        item += 1
+        row0 = tl.load(item_row0_ptr + item)
+        nrows = tl.load(item_nrows_ptr + item)
+        steps += 1
+    inside = (row0 <= row) & (row < row0 + nrows)
+    return item, row0, tl.where(inside, nrows, 0)
+
+
+@triton.jit
 def _fwd_trail_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr, inv_ptr, done_ptr,
+    x_ptr, w_ptr, y_ptr, rstd_ptr, inv_ptr, done_ptr, map_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
     part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, eps, chunk,
+    R, D, stride_r, eps, grid,
     YT: tl.constexpr, NATIVE_CAST: tl.constexpr, RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr,
-    BLOCK_D: tl.constexpr, RT: tl.constexpr, SLICE: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_D: tl.constexpr, RT: tl.constexpr, SLICE: tl.constexpr, STAGES: tl.constexpr, MAP_BLOCK: tl.constexpr,
 ):
-    """One row per program; the program completing an item with statistics sums its partials (module docstring)."""
-    pid = tl.program_id(0)
-    item = pid // chunk
-    nrows = tl.load(item_nrows_ptr + item)
-    j = pid - item * chunk
-    if j < nrows:
-        row = tl.load(item_row0_ptr + item) + j
-        dd = tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        y, rstd = _row_y(x_ptr, w_ptr, row, D, stride_r, eps, dd, d_ok, YT, NATIVE_CAST, RSQRT_RSTD)
-        tl.store(rstd_ptr + row + tl.arange(0, 1), rstd)
-        tl.store(y_ptr + row.to(tl.int64) * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
+    """Program p normalises row p; the program completing an item with statistics sums its partials (module
+    docstring)."""
+    row = tl.program_id(0)
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    x, w = _load_row(x_ptr, w_ptr, row, stride_r, dd, d_ok)
+    # the item lookup's dependent loads, issued while the row's are in flight
+    item, row0, nrows = _item_of(row, map_ptr, item_row0_ptr, item_nrows_ptr, grid, MAP_BLOCK)
+    y, rstd = _row_out(x, w, D, eps, YT, NATIVE_CAST, RSQRT_RSTD)
+    tl.store(rstd_ptr + row + tl.arange(0, 1), rstd)
+    tl.store(y_ptr + row.to(tl.int64) * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
+    if nrows > 0:
         if tl.load(item_seg_ptr + item) >= 0:
             tl.store(inv_ptr + row + tl.arange(0, 1), _inv_norm(tl.sum(y * y, axis=1), RSQRT_INV))
             tl.debug_barrier()  # every thread's y and 1 / ||y|| stores precede the release below
             if tl.atomic_add(done_ptr + item, 1, sem="acq_rel") == nrows - 1:
-                row0 = row - j
                 pair_end = tl.load(item_pair_end_ptr + item)
                 q = tl.zeros([1], dtype=tl.float32)
                 adj = tl.zeros([1], dtype=tl.float32)
@@ -119,7 +145,8 @@ def _fwd_trail_kernel(
                     tl.store(part_sum_ptr + item.to(tl.int64) * D + cs, acc, mask=c_ok)
                 last = row0 + nrows - 1
                 if (last + 1 < pair_end) & (last + 1 < R):  # the pair reaching into the next item
-                    y1, _ = _row_y(x_ptr, w_ptr, last + 1, D, stride_r, eps, dd, d_ok, YT, NATIVE_CAST, RSQRT_RSTD)
+                    x1, w1 = _load_row(x_ptr, w_ptr, last + 1, stride_r, dd, d_ok)
+                    y1, _ = _row_out(x1, w1, D, eps, YT, NATIVE_CAST, RSQRT_RSTD)
                     y0 = tl.load(y_ptr + last.to(tl.int64) * D + dd[None, :], mask=d_ok[None, :],
                                  other=0.0).to(tl.float32)
                     inv0 = tl.load(inv_ptr + last + tl.arange(0, 1))
@@ -139,14 +166,14 @@ def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd
     done = torch.zeros(plan.grid, dtype=torch.int32, device=x2d.device)
     cuda = x2d.is_cuda
     cfg = trail_config(dim, x2d.element_size(), cuda)
-    _fwd_trail_kernel[(plan.grid * plan.cfg.chunk,)](
-        x2d, weight, y, rstd, inv, done,
+    _fwd_trail_kernel[(rows,)](
+        x2d, weight, y, rstd, inv, done, plan.row_map,
         plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
         part_sum, part_q, part_adj,
-        rows, dim, x2d.stride(0), float(eps), plan.cfg.chunk,
+        rows, dim, x2d.stride(0), float(eps), plan.grid,
         YT=_ra._TL_DTYPE[x2d.dtype], NATIVE_CAST=cuda,
         RSQRT_INV=cuda if _ra._RSQRT_INV is None else _ra._RSQRT_INV,
         RSQRT_RSTD=cuda if _ra._RSQRT_RSTD is None else _ra._RSQRT_RSTD,
-        BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, STAGES=cfg.stages,
+        BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, STAGES=cfg.stages, MAP_BLOCK=_ra._TRAIL_MAP_BLOCK,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )

@@ -51,16 +51,20 @@ def triton_rows(monkeypatch) -> None:
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS", False)
 
 
-@pytest.fixture(params=["one_row", "row_tiles", "sliced"])
+@pytest.fixture(params=["one_row", "row_tiles", "sliced", "trail"])
 def fwd_kernel(request, monkeypatch) -> str:
     """Run a forward test with each forward path: whole rows in registers one row per step (the default from
     BLOCK_D = 1024 on: previous row kept, next prefetched), whole rows in 2-row steps (narrow rows; a chunk takes
-    several steps and its last one may be partly masked), and the column-sliced kernel (D > 4096) forced at small D
-    with 8-row chunks and 16-wide slices. Other test files run the default tiles."""
+    several steps and its last one may be partly masked), the column-sliced kernel (D > 4096) forced at small D
+    with 8-row chunks and 16-wide slices, and the opt-in forward without a walk (``_TRAIL``) on 3-row items. Other
+    test files run the default tiles."""
     if request.param == "one_row":
         monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
-    elif request.param == "row_tiles":
+    elif request.param in ("row_tiles", "trail"):
         monkeypatch.setattr(rmsnorm_module, "_ROWS_TILE", 128)
+        if request.param == "trail":
+            monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
+            monkeypatch.setattr(rmsnorm_module, "_TRAIL_CHUNK", 3)
     else:
         monkeypatch.setattr(rmsnorm_module, "_ROWS_MAX_BLOCK_D", 0)
         monkeypatch.setattr(rmsnorm_module, "_SLICED_TILE", (8, 16, 4))
@@ -331,18 +335,24 @@ def test_odd_chunks(chunk, one_row_min_d, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("chunk", [1, 3, 8])
-def test_trail_forward(dtype, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk,map_block", [(1, 64), (3, 4), (8, 4), (8, 64)])
+def test_trail_forward(dtype, chunk, map_block, monkeypatch):
     """The forward without a walk (``_TRAIL``, gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each
     item's statistics summed by the program that completes it (items of 1, 3 or 8 rows: single-row items, items
-    ending mid-tile, pairs across item ends recomputed from x). y within a rounding step of the reference and rstd
-    the default's, the statistics those of y and the default forward's within fp32 rounding; ragged sequences with
-    an empty and a length-1 one, rows in no segment, a row stride that is not D."""
+    ending mid-tile, pairs across item ends recomputed from x; rows find their item from a map of 4-row blocks,
+    several items per block, or of one 64-row block). y within a rounding step of the reference and of the default
+    forward's, the statistics those of y and the default's within fp32 rounding; ragged sequences with an empty and
+    a length-1 one, rows in no segment, a row stride that is not D."""
     x, w, cu, off = ragged_rows(48, dtype, seed=13)
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
     monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
     monkeypatch.setattr(rmsnorm_module, "_TRAIL_CHUNK", chunk)
-    assert rmsnorm_module._stats_plan(x, cu, off, None, w).cfg.chunk == chunk
+    monkeypatch.setattr(rmsnorm_module, "_TRAIL_MAP_BLOCK", map_block)
+    plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
+    assert plan.cfg.chunk == chunk
+    row0, nrows, row_map = plan.item_row0.tolist(), plan.item_nrows.tolist(), plan.row_map.tolist()
+    for b, item in enumerate(row_map):  # each block's first row lies in its item
+        assert row0[item] <= b * map_block < row0[item] + nrows[item]
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)
     assert_matches_default(y, stats, y0, s0, x, w, cu, off)
 
