@@ -10,8 +10,9 @@ as the bare kernel does, and the statistics come from a trailing pass:
   and, in an item with statistics, 1 / ||y_t|| (a second block reduction);
 * a count per item (one atomic per row program; nothing waits) tells the program that completes the item to sum
   the item's u_t = y_t / ||y_t||, ||u_t||² and the pairs u_t . u_{t+1} (t + 1 < pair_end) into the item's partial
-  row and scalars, re-reading the item's y from the L2 (written microseconds before) in [RT, SLICE] tiles, column
-  slice by column slice, in a fixed order: the statistics do not depend on which program completes the item;
+  row and scalars, re-reading the item's y and 1 / ||y|| from the L2 (written microseconds before; loads that skip
+  the L1, which may hold a stale line shared with an earlier item) in [RT, SLICE] tiles, column slice by column
+  slice, in a fixed order: the statistics do not depend on which program completes the item;
 * the item's last pair (its last row and the row after the item, which belongs to the next item and may not be
   written yet) recomputes that row's y from x, with the row programs' own code, so bitwise the y that row gets.
 
@@ -54,10 +55,10 @@ def trail_config(dim: int, elem_size: int, cuda: bool = True) -> TrailConfig:
     block_d = max(16, triton.next_power_of_2(dim))
     warps = min(_ra._ROWS_MAX_WARPS, max(4, block_d * elem_size // (32 * _ra._ROWS_BYTES_PER_THREAD)))
     rt, slice_d, stages = _TILE
-    if warps == 16:  # fp32 rows of 8192: 8-row steps spill 8 bytes at sm_80 (ptxas takes 64 registers there)
-        rt //= 2
-    return TrailConfig(block_d, warps, _MAXNREG_16BIT if cuda and elem_size == 2 else None, rt,
-                       min(slice_d, block_d), stages)
+    maxnreg = _MAXNREG_16BIT if cuda and elem_size == 2 else None
+    if warps == 16:  # fp32 rows of 8192: ptxas aims at 2 blocks per SM (64 registers) and spills; 128 lets it take
+        rt, maxnreg = rt // 2, 128 if cuda else None  # what it needs (~88, no spills at sm_80 / sm_90a)
+    return TrailConfig(block_d, warps, maxnreg, rt, min(slice_d, block_d), stages)
 
 
 @triton.jit
@@ -99,7 +100,7 @@ def _fwd_trail_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr, inv_ptr, done_ptr, map_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
     part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, eps, grid,
+    R, D, stride_r, eps, grid, inv_stride,
     YT: tl.constexpr, NATIVE_CAST: tl.constexpr, RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr,
     BLOCK_D: tl.constexpr, RT: tl.constexpr, SLICE: tl.constexpr, STAGES: tl.constexpr, MAP_BLOCK: tl.constexpr,
 ):
@@ -116,7 +117,9 @@ def _fwd_trail_kernel(
     tl.store(y_ptr + row.to(tl.int64) * D + dd[None, :], y.to(YT), mask=d_ok[None, :])
     if nrows > 0:
         if tl.load(item_seg_ptr + item) >= 0:
-            tl.store(inv_ptr + row + tl.arange(0, 1), _inv_norm(tl.sum(y * y, axis=1), RSQRT_INV))
+            # 1 / ||y_t|| at [item, t - row0]: an item's values share no cache line with another item's (below)
+            inv_item = inv_ptr + item.to(tl.int64) * inv_stride
+            tl.store(inv_item + (row - row0) + tl.arange(0, 1), _inv_norm(tl.sum(y * y, axis=1), RSQRT_INV))
             tl.debug_barrier()  # every thread's y and 1 / ||y|| stores precede the release below
             if tl.atomic_add(done_ptr + item, 1, sem="acq_rel") == nrows - 1:
                 pair_end = tl.load(item_pair_end_ptr + item)
@@ -132,13 +135,16 @@ def _fwd_trail_kernel(
                         r_ok = k < nrows
                         p_ok = (k + 1 < nrows) & (row0 + k + 1 < pair_end)  # pairs inside the item
                         rr = (row0 + k).to(tl.int64)
+                        # other programs' stores: read from the L2 (.cg), never from this SM's L1, which may
+                        # hold a line of them from before they were written (an earlier item sharing the line)
                         u = tl.load(y_ptr + rr[:, None] * D + cs[None, :], mask=r_ok[:, None] & c_ok[None, :],
-                                    other=0.0).to(tl.float32)
-                        u = u * tl.load(inv_ptr + rr, mask=r_ok, other=0.0)[:, None]
-                        # the next rows (shifted by one: the L1 holds all but one of them)
+                                    other=0.0, cache_modifier=".cg").to(tl.float32)
+                        # the item's own lines (a 4-byte cp.async goes through the L1 whatever the modifier)
+                        u = u * tl.load(inv_item + k, mask=r_ok, other=0.0)[:, None]
+                        # the next rows, shifted by one (L2 hits)
                         u1 = tl.load(y_ptr + (rr + 1)[:, None] * D + cs[None, :], mask=p_ok[:, None] & c_ok[None, :],
-                                     other=0.0).to(tl.float32)
-                        u1 = u1 * tl.load(inv_ptr + rr + 1, mask=p_ok, other=0.0)[:, None]
+                                     other=0.0, cache_modifier=".cg").to(tl.float32)
+                        u1 = u1 * tl.load(inv_item + k + 1, mask=p_ok, other=0.0)[:, None]
                         acc += tl.sum(u, axis=0)
                         q += tl.sum(tl.sum(u * u, axis=1), axis=0)
                         adj += tl.sum(tl.sum(u * u1, axis=1), axis=0)
@@ -147,9 +153,9 @@ def _fwd_trail_kernel(
                 if (last + 1 < pair_end) & (last + 1 < R):  # the pair reaching into the next item
                     x1, w1 = _load_row(x_ptr, w_ptr, last + 1, stride_r, dd, d_ok)
                     y1, _ = _row_out(x1, w1, D, eps, YT, NATIVE_CAST, RSQRT_RSTD)
-                    y0 = tl.load(y_ptr + last.to(tl.int64) * D + dd[None, :], mask=d_ok[None, :],
-                                 other=0.0).to(tl.float32)
-                    inv0 = tl.load(inv_ptr + last + tl.arange(0, 1))
+                    y0 = tl.load(y_ptr + last.to(tl.int64) * D + dd[None, :], mask=d_ok[None, :], other=0.0,
+                                 cache_modifier=".cg").to(tl.float32)
+                    inv0 = tl.load(inv_item + (nrows - 1) + tl.arange(0, 1))
                     adj += tl.sum(y0 * y1, axis=1) * inv0 * _inv_norm(tl.sum(y1 * y1, axis=1), RSQRT_INV)
                 tl.store(part_q_ptr + item + tl.arange(0, 1), q)
                 tl.store(part_adj_ptr + item + tl.arange(0, 1), adj)
@@ -162,7 +168,10 @@ def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd
     statistics leave theirs untouched, as the rows kernel does). Two scratch buffers: 1 / ||y_t|| [R] f32 and the
     per-item counts [G] int32 (zeroed: one memset)."""
     rows, dim = x2d.shape
-    inv = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    # 1 / ||y_t|| per item, rows padded to whole 128-byte lines: the completing program may read them through its
+    # SM's L1, which then never holds a line of another item's values from before they were written
+    inv_stride = triton.cdiv(plan.cfg.chunk, 32) * 32
+    inv = torch.empty(plan.grid * inv_stride, dtype=torch.float32, device=x2d.device)
     done = torch.zeros(plan.grid, dtype=torch.int32, device=x2d.device)
     cuda = x2d.is_cuda
     cfg = trail_config(dim, x2d.element_size(), cuda)
@@ -170,10 +179,13 @@ def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd
         x2d, weight, y, rstd, inv, done, plan.row_map,
         plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
         part_sum, part_q, part_adj,
-        rows, dim, x2d.stride(0), float(eps), plan.grid,
+        rows, dim, x2d.stride(0), float(eps), plan.grid, inv_stride,
         YT=_ra._TL_DTYPE[x2d.dtype], NATIVE_CAST=cuda,
         RSQRT_INV=cuda if _ra._RSQRT_INV is None else _ra._RSQRT_INV,
         RSQRT_RSTD=cuda if _ra._RSQRT_RSTD is None else _ra._RSQRT_RSTD,
-        BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, STAGES=cfg.stages, MAP_BLOCK=_ra._TRAIL_MAP_BLOCK,
+        BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, MAP_BLOCK=_ra._TRAIL_MAP_BLOCK,
+        # pipelined (cp.async) only where the y tiles' copies are 16-byte ones, which skip the L1 (.cg); smaller
+        # copies would go through it, and rows that share a line with another item's could be read stale
+        STAGES=cfg.stages if _ra._vector_aligned(x2d, weight) and (dim * x2d.element_size()) % 16 == 0 else 1,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )

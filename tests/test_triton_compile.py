@@ -254,7 +254,7 @@ def _rmsnorm_trail_cases():
         sig = dict(x_ptr=sig["x_ptr"], w_ptr=sig["w_ptr"], y_ptr=sig["y_ptr"], rstd_ptr="*fp32", inv_ptr="*fp32",
                    done_ptr="*i32", map_ptr="*i32",
                    **{k: v for k, v in sig.items() if k not in ("x_ptr", "w_ptr", "y_ptr", "rstd_ptr", "chunk")},
-                   grid="i32")
+                   grid="i32", inv_stride="i32")
         for dim in (896, 2048, 4096, 8192):
             cfg = T.trail_config(dim, size)
             yield Case(
