@@ -114,7 +114,9 @@ def _trail_kernel(x_ptr, w_ptr, y_ptr, inv_ptr, part_ptr, done_ptr, R, D, pitch,
     that completes a group of C rows (an atomic count per group, no waiting) sums that group's unit vectors
     y_t / ||y_t|| into one fp32 partial row, re-reading the group's y from the L2 (written microseconds before) in
     [RT, SLICE] tiles: a fused forward whose DRAM traffic is the bare kernel's plus one partial row per C rows.
-    REDUCE = False: the count alone (its atomics' cost)."""
+    REDUCE = False: the count alone (its atomics' cost). The group's 1 / ||y_t|| loads may go through the L1 (4-byte
+    cp.async): groups of a multiple of 32 rows keep each group's values on lines of their own, so no stale line of
+    another group's can be there."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cm = cols < D
