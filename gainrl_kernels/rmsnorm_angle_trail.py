@@ -165,8 +165,9 @@ def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd
                   part_sum: torch.Tensor, part_q: torch.Tensor, part_adj: torch.Tensor) -> None:
     """One launch of ``_fwd_trail_kernel`` over the plan's work items (chunks of at most plan.cfg.chunk rows) into
     y [R, D], rstd [R] and the per-item partials (part_sum [G, D] f32, part_q / part_adj [G] f32; items without
-    statistics leave theirs untouched, as the rows kernel does). Two scratch buffers: 1 / ||y_t|| [R] f32 and the
-    per-item counts [G] int32 (zeroed: one memset)."""
+    statistics leave theirs untouched, as the rows kernel does). Two scratch buffers: 1 / ||y_t|| per item row
+    ([G, chunk rounded up to 32] f32) and the per-item counts [G] int32 (zeroed: one memset). Needs the plan's
+    row map (``_stats_plan`` writes it when ``_TRAIL`` is on)."""
     rows, dim = x2d.shape
     # 1 / ||y_t|| per item, rows padded to whole 128-byte lines: the completing program may read them through its
     # SM's L1, which then never holds a line of another item's values from before they were written
