@@ -11,8 +11,9 @@ as the bare kernel does, and the statistics come from a trailing pass:
 * a count per item (one atomic per row program; nothing waits) tells the program that completes the item to sum
   the item's u_t = y_t / ||y_t||, ||u_t||² and the pairs u_t . u_{t+1} (t + 1 < pair_end) into the item's partial
   row and scalars, re-reading the item's y and 1 / ||y|| from the L2 (written microseconds before; loads that skip
-  the L1, which may hold a stale line shared with an earlier item) in [RT, SLICE] tiles, column slice by column
-  slice, in a fixed order: the statistics do not depend on which program completes the item;
+  the L1, which may hold a stale line shared with an earlier item) RT rows of a column slice per step, each row
+  once (the pair (t - 1, t) from the row carried over), in a fixed order: the statistics do not depend on which
+  program completes the item;
 * the item's last pair (its last row and the row after the item, which belongs to the next item and may not be
   written yet) recomputes that row's y from x, with the row programs' own code, so bitwise the y that row gets.
 
@@ -31,10 +32,12 @@ import triton.language as tl
 from . import rmsnorm_angle as _ra
 from .rmsnorm_angle import _inv_norm, _rms_out, _rstd
 
-# RT rows x SLICE columns per step of the trailing sums (16 values per thread at 4 warps), pipeline stages
-_TILE = (8, 256, 3)
-# register cap of 16-bit rows on CUDA: the bare kernel's occupancy (8 blocks of 4 warps per SM at D = 4096). Uncapped,
-# ptxas takes 80 at sm_90a (6 blocks); capped, no spills at sm_80 / sm_90a (tests/test_triton_compile.py)
+# rows per step of the trailing sums (each its own row-slice load) and pipeline stages. A slice is one 16-byte copy
+# per thread (1024 bf16 values at 4 warps), the size cp.async can take past the L1: 4 KB of a bf16 item's y per
+# step, 12 KB in flight, 16 KB of shared memory (8 programs of 4 warps per SM keep fitting)
+_ROWS_PER_STEP, _STAGES = 2, 4
+# register cap of 16-bit rows on CUDA: the bare kernel's occupancy (8 blocks of 4 warps per SM at D = 4096); no
+# spills at sm_80 / sm_90a (tests/test_triton_compile.py)
 _MAXNREG_16BIT = 64
 
 
@@ -49,16 +52,20 @@ class TrailConfig(NamedTuple):
     stages: int
 
 
-def trail_config(dim: int, elem_size: int, cuda: bool = True) -> TrailConfig:
+def trail_config(dim: int, elem_size: int, cuda: bool = True, aligned: bool = True) -> TrailConfig:
     """The bare kernel's warps for one row of ``dim`` values (``rmsnorm_angle._ROWS_BYTES_PER_THREAD`` per
-    thread), the register cap for 16-bit rows on CUDA, the trailing sums' tile."""
+    thread), the register cap for 16-bit rows on CUDA, the trailing sums' step. ``aligned``: the launch compiles
+    16-byte vectors (``rmsnorm_angle._vector_aligned``). The sums are pipelined (cp.async) only where each thread's
+    copy of a row slice is 16 bytes, which cp.async takes past the L1 (.cg); smaller copies would go through it,
+    and a line shared with another item's rows could be read stale, so those load from the L2 unpipelined."""
     block_d = max(16, triton.next_power_of_2(dim))
     warps = min(_ra._ROWS_MAX_WARPS, max(4, block_d * elem_size // (32 * _ra._ROWS_BYTES_PER_THREAD)))
-    rt, slice_d, stages = _TILE
+    slice_d = 16 * 32 * warps // elem_size
+    stages = _STAGES if aligned and slice_d <= block_d else 1
     maxnreg = _MAXNREG_16BIT if cuda and elem_size == 2 else None
-    if warps == 16:  # fp32 rows of 8192: ptxas aims at 2 blocks per SM (64 registers) and spills; 128 lets it take
-        rt, maxnreg = rt // 2, 128 if cuda else None  # what it needs (~88, no spills at sm_80 / sm_90a)
-    return TrailConfig(block_d, warps, maxnreg, rt, min(slice_d, block_d), stages)
+    if warps == 16 and cuda:  # fp32 rows of 8192: ptxas aims at 2 blocks per SM (64 registers) and spills
+        maxnreg = 128
+    return TrailConfig(block_d, warps, maxnreg, _ROWS_PER_STEP, min(slice_d, block_d), stages)
 
 
 @triton.jit
@@ -123,31 +130,27 @@ def _fwd_trail_kernel(
             tl.debug_barrier()  # every thread's y and 1 / ||y|| stores precede the release below
             if tl.atomic_add(done_ptr + item, 1, sem="acq_rel") == nrows - 1:
                 pair_end = tl.load(item_pair_end_ptr + item)
-                q = tl.zeros([1], dtype=tl.float32)
-                adj = tl.zeros([1], dtype=tl.float32)
-                k0 = tl.arange(0, RT)
+                q = tl.zeros([], dtype=tl.float32)
+                adj = tl.zeros([], dtype=tl.float32)
                 for s in range(0, D, SLICE):
                     cs = s + tl.arange(0, SLICE)
                     c_ok = cs < D
                     acc = tl.zeros([SLICE], dtype=tl.float32)
+                    prev = tl.zeros([SLICE], dtype=tl.float32)  # u of the row before, for the pair (t - 1, t)
                     for t0 in tl.range(0, nrows, RT, num_stages=STAGES):
-                        k = t0 + k0
-                        r_ok = k < nrows
-                        p_ok = (k + 1 < nrows) & (row0 + k + 1 < pair_end)  # pairs inside the item
-                        rr = (row0 + k).to(tl.int64)
-                        # other programs' stores: read from the L2 (.cg), never from this SM's L1, which may
-                        # hold a line of them from before they were written (an earlier item sharing the line)
-                        u = tl.load(y_ptr + rr[:, None] * D + cs[None, :], mask=r_ok[:, None] & c_ok[None, :],
-                                    other=0.0, cache_modifier=".cg").to(tl.float32)
-                        # the item's own lines (a 4-byte cp.async goes through the L1 whatever the modifier)
-                        u = u * tl.load(inv_item + k, mask=r_ok, other=0.0)[:, None]
-                        # the next rows, shifted by one (L2 hits)
-                        u1 = tl.load(y_ptr + (rr + 1)[:, None] * D + cs[None, :], mask=p_ok[:, None] & c_ok[None, :],
-                                     other=0.0, cache_modifier=".cg").to(tl.float32)
-                        u1 = u1 * tl.load(inv_item + k + 1, mask=p_ok, other=0.0)[:, None]
-                        acc += tl.sum(u, axis=0)
-                        q += tl.sum(tl.sum(u * u, axis=1), axis=0)
-                        adj += tl.sum(tl.sum(u * u1, axis=1), axis=0)
+                        for r in tl.static_range(RT):  # RT rows a step, each its own [SLICE] load: y read once
+                            t = t0 + r
+                            ok = t < nrows
+                            # another program's row: read from the L2 (.cg), never from this SM's L1, which may
+                            # hold a line of it from before it was written (an earlier item sharing the line); its
+                            # 1 / ||y|| from the item's own lines (a 4-byte cp.async goes through the L1 anyway)
+                            u = tl.load(y_ptr + (row0 + t).to(tl.int64) * D + cs, mask=c_ok & (t + cs * 0 < nrows),
+                                        other=0.0, cache_modifier=".cg").to(tl.float32)
+                            u = u * tl.load(inv_item + tl.minimum(t, nrows - 1))  # u is 0 past the item
+                            acc += u
+                            q += tl.sum(u * u, axis=0)
+                            adj += tl.where((t >= 1) & ok & (row0 + t < pair_end), tl.sum(prev * u, axis=0), 0.0)
+                            prev = u
                     tl.store(part_sum_ptr + item.to(tl.int64) * D + cs, acc, mask=c_ok)
                 last = row0 + nrows - 1
                 if (last + 1 < pair_end) & (last + 1 < R):  # the pair reaching into the next item
@@ -156,9 +159,10 @@ def _fwd_trail_kernel(
                     y0 = tl.load(y_ptr + last.to(tl.int64) * D + dd[None, :], mask=d_ok[None, :], other=0.0,
                                  cache_modifier=".cg").to(tl.float32)
                     inv0 = tl.load(inv_item + (nrows - 1) + tl.arange(0, 1))
-                    adj += tl.sum(y0 * y1, axis=1) * inv0 * _inv_norm(tl.sum(y1 * y1, axis=1), RSQRT_INV)
-                tl.store(part_q_ptr + item + tl.arange(0, 1), q)
-                tl.store(part_adj_ptr + item + tl.arange(0, 1), adj)
+                    adj += tl.sum(tl.sum(y0 * y1, axis=1) * inv0 * _inv_norm(tl.sum(y1 * y1, axis=1), RSQRT_INV),
+                                  axis=0)
+                tl.store(part_q_ptr + item, q)
+                tl.store(part_adj_ptr + item, adj)
 
 
 def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, plan, eps: float,
@@ -175,7 +179,7 @@ def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd
     inv = torch.empty(plan.grid * inv_stride, dtype=torch.float32, device=x2d.device)
     done = torch.zeros(plan.grid, dtype=torch.int32, device=x2d.device)
     cuda = x2d.is_cuda
-    cfg = trail_config(dim, x2d.element_size(), cuda)
+    cfg = trail_config(dim, x2d.element_size(), cuda, _ra._vector_aligned(x2d, weight))
     _fwd_trail_kernel[(rows,)](
         x2d, weight, y, rstd, inv, done, plan.row_map,
         plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
@@ -184,9 +188,6 @@ def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd
         YT=_ra._TL_DTYPE[x2d.dtype], NATIVE_CAST=cuda,
         RSQRT_INV=cuda if _ra._RSQRT_INV is None else _ra._RSQRT_INV,
         RSQRT_RSTD=cuda if _ra._RSQRT_RSTD is None else _ra._RSQRT_RSTD,
-        BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, MAP_BLOCK=_ra._TRAIL_MAP_BLOCK,
-        # pipelined (cp.async) only where the y tiles' copies are 16-byte ones, which skip the L1 (.cg); smaller
-        # copies would go through it, and rows that share a line with another item's could be read stale
-        STAGES=cfg.stages if _ra._vector_aligned(x2d, weight) and (dim * x2d.element_size()) % 16 == 0 else 1,
+        BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, STAGES=cfg.stages, MAP_BLOCK=_ra._TRAIL_MAP_BLOCK,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
