@@ -1071,17 +1071,18 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     cu = cu_seqlens  # int32, checked
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
     trail = _trail_on(cfg)
-    row_map = torch.empty(triton.cdiv(rows, _TRAIL_MAP_BLOCK) if trail else 0, dtype=torch.int32, device=dev)
+    row_map = torch.empty(triton.cdiv(rows, _TRAIL_MAP_BLOCK), dtype=torch.int32, device=dev) if trail else None
     _plan_kernel[(1,)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
-        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, row_map,
+        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
+        row_map if trail else cu,  # a valid pointer the kernel never touches without the map (as the others)
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
         BLOCK_B=block_b, BLOCK_C=max(1, _PLAN_TILE // block_b), BLOCK_I=1024,
         MAP_BLOCK=_TRAIL_MAP_BLOCK if trail else 0, MAP_Q=cfg.chunk // _TRAIL_MAP_BLOCK + 2 if trail else 0,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg,
-                 row_map if trail else None)
+                 row_map)
 
 
 def _trail_on(cfg: _FwdConfig) -> bool:
