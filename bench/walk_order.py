@@ -152,9 +152,10 @@ def _trail_kernel(x_ptr, w_ptr, y_ptr, inv_ptr, part_ptr, done_ptr, R, D, pitch,
 
 _PAD = 64  # elements added to x's row pitch by the _pad orders (128 bytes in bf16)
 _MIN_TRAIL = 32  # smallest group of the trail orders
-# RT rows x SLICE columns per step of the trail sum (16 values per thread), pipeline stages: 64 registers at sm_90a
-# (c1's), where (8, 512, 3) takes 80 and spills
-_TRAIL_TILE = (8, 256, 3)
+# RT rows x SLICE columns per step of the trail sum (16 values per thread; a thread's share of a row slice is one
+# 16-byte copy), pipeline stages, as the full forward's (gainrl_kernels/rmsnorm_angle_trail.py): 63 registers at
+# sm_90a (c1's 64), where (8, 512, 3) takes 80 and spills
+_TRAIL_TILE = (2, 1024, 4)
 
 
 class Order(NamedTuple):
