@@ -7,6 +7,7 @@ kernel, ``ratio_vs_default_bare`` over the first timed variant's (the default's,
     python bench/fused_variants.py --out bench/results/fused_variants_<gpu>.json
     python bench/fused_variants.py --smoke     # tiny shapes, any device (checks the script runs)
     python bench/fused_variants.py --variants pipeline_3,prefetch_2   # these and the default only
+    python bench/fused_variants.py --dtype fp32 --variants cuda_rows_fp32   # fp32 rows: CUDA rows against Triton
 
 Per shape it also times the device-side work list alone (``plan_only``), torch.compile's RMSNorm
 (``torch_compile_bare``) and the unfused pair the fused call replaces: our bare RMSNorm, then ``angle_stats`` on its
@@ -63,6 +64,9 @@ VARIANTS: dict[str, dict] = {
     "trail_128": {"_TRAIL": True, "_TRAIL_CHUNK": 128},
     "trail_256": {"_TRAIL": True, "_TRAIL_CHUNK": 256},
     "trail_32": {"_TRAIL": True, "_TRAIL_CHUNK": 32},
+    # not yet timed: fp32 rows in the CUDA rows kernel (8 values per thread; run with --dtype fp32, where the default
+    # takes the Triton rows kernel); with 16-bit rows the same as cuda_rows
+    "cuda_rows_fp32": {"_CUDA_ROWS": True, "_CUDA_ROWS_FP32": True},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them
@@ -114,6 +118,9 @@ VARIANTS: dict[str, dict] = {
     "chunk_512": {"_MAX_CHUNK": 512},
     "sliced": {"_ROWS_MAX_BLOCK_D": 0},  # the column-sliced kernel (the default above D = 8192)
 }
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def rows_kernel_settings(name: str, settings: dict) -> dict:
@@ -245,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--variants", default="", help="comma list of variant names to run (default: all); 'default' "
                    "always runs first, the yardstick of ratio_vs_default_bare")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="x and the weight (fp32 with --variants cuda_rows_fp32 times the CUDA rows kernel on fp32 rows)")
     p.add_argument("--shapes", default="64x4096x4096,16x4096x2048,16x4096x5120,8x2048x896",
                    help="comma list of BxLxD (GPU only; the first is the goal shape)")
     args = p.parse_args(argv)
@@ -263,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
           "| fused eager ms | copy GB/s frac | no segments ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, length, dim in shapes:
-        x, cu = make_input(batch, length, dim, torch.bfloat16, device)
-        w = torch.rand(dim, device=device, dtype=torch.bfloat16) + 0.5
+        x, cu = make_input(batch, length, dim, DTYPES[args.dtype], device)
+        w = torch.rand(dim, device=device, dtype=DTYPES[args.dtype]) + 0.5
         copy_s = graph_time(lambda: x.clone(), args.reps) if cuda else None
         bare0 = None  # the yardstick every variant is also compared with: the default's bare RMSNorm
         y_ref, s_ref = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)

@@ -250,7 +250,8 @@ grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log
 # ---------------------------------------------------------------------------------------------------- 4. benchmarks
 # Launch-shape variants of the fused RMSNorm + angle forward (each checked against the default, CUDA-graph timed).
 # GAINRL_GPU_CHECK_VARIANTS: a comma list of variant names (default all; the default config always runs first);
-# GAINRL_GPU_CHECK_VARIANT_SHAPES: a comma list of BxLxD (default the script's four, goal shape first).
+# GAINRL_GPU_CHECK_VARIANT_SHAPES: a comma list of BxLxD (default the script's four, goal shape first);
+# GAINRL_GPU_CHECK_VARIANT_DTYPE: bf16 (default), fp16 or fp32 (e.g. fp32 with the variant cuda_rows_fp32).
 if ! want variants; then
     :
 elif [ "$DRY" = 1 ]; then
@@ -260,7 +261,8 @@ else
     step variants kernels_bench.log "${GAINRL_GPU_CHECK_VARIANTS_CAP:-120}" "$PY" bench/fused_variants.py \
         --out "$OUT/fused_variants.json" \
         ${GAINRL_GPU_CHECK_VARIANTS:+--variants "$GAINRL_GPU_CHECK_VARIANTS"} \
-        ${GAINRL_GPU_CHECK_VARIANT_SHAPES:+--shapes "$GAINRL_GPU_CHECK_VARIANT_SHAPES"}
+        ${GAINRL_GPU_CHECK_VARIANT_SHAPES:+--shapes "$GAINRL_GPU_CHECK_VARIANT_SHAPES"} \
+        ${GAINRL_GPU_CHECK_VARIANT_DTYPE:+--dtype "$GAINRL_GPU_CHECK_VARIANT_DTYPE"}
 fi
 if [ -f "$OUT/fused_variants.json" ]; then
     "$PY" - "$OUT/fused_variants.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
