@@ -17,15 +17,16 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
 * ``c{rows}_pad``: x's row pitch is D + 64 elements, so rows are not a power-of-two number of bytes apart;
 * ``t{T}_c{rows}``: T of the program's rows loaded together per step (4 warps a row), rows / T steps;
 * ``c1_norm``: one row per program that also stores 1 / ||y_t|| (a second block reduction); ``c1_norm_count``: and
-  counts each group of 64 rows done (one atomic per program); ``trail_{C}``: and the
-  program that completes each group of C rows sums the group's unit vectors from the L2 (the statistics without a
-  walk: DRAM traffic of the bare kernel plus one fp32 row per C rows);
-* ``ticket_sm{N}``: a persistent grid of N programs per SM taking rows one at a time from an atomic counter (the order the
-  hardware block scheduler hands out c1's programs, without its block launches).
+  counts each group of 64 rows done (one atomic per program); ``trail_{C}``: and the program that completes each
+  group of C rows sums the group's unit vectors from the L2 (the statistics without a walk: DRAM traffic of the
+  bare kernel plus one fp32 row per C rows; a prototype of gainrl_kernels/rmsnorm_angle_trail.py);
+* ``ticket_sm{N}``: a persistent grid of N programs per SM taking rows one at a time from an atomic counter (the
+  order the hardware block scheduler hands out c1's programs, without its block launches).
 
-Graph-timed; each order's y is checked against the torch formula first. H200, 2026-11-27 (bench/results/
-walk_order_h200*.json, docs/fused_forward.md "session 18"): at 64x4096x4096 every walk is 7-12% slower than c1, interleaved and
-strided orders included, at the same registers and bytes; at D = 2048 and 5120 walks keep up.
+Graph-timed; each order's y (and the trail orders' sums) is checked against torch first. H200, 2026-11-27
+(bench/results/walk_order_h200*.json, docs/fused_forward.md "session 18"): at 64x4096x4096 every walk is 7-12%
+slower than c1, interleaved and strided orders included, at the same registers and bytes; at D = 2048 and 5120
+walks keep up. The orders after ``_ahead`` were added in session 19 without a GPU (docs/fused_forward.md).
 
     PYTHONPATH=. python bench/walk_order.py --out bench/results/walk_order_<gpu>.json
     PYTHONPATH=. python bench/walk_order.py --dims 4096 --orders c1,c8 --no-time   # once each, under a profiler
