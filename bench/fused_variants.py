@@ -54,8 +54,9 @@ VARIANTS: dict[str, dict] = {
     # ... and shorter chunks: more blocks (a shorter tail of the last wave), more partial rows
     "cuda_rows_chunk_128": {"_CUDA_ROWS": True, "_MAX_CHUNK": 128},
     "cuda_rows_chunk_64": {"_CUDA_ROWS": True, "_MAX_CHUNK": 64},
-    # not yet timed: odd chunks, so that blocks running together are not a power-of-two number of bytes apart (256 rows
-    # of 8 KiB are 2 MiB); bench/walk_order.py's c7 / c9 / c255 / _pad orders ask the same of a plain RMSNorm
+    # not yet timed: odd chunks, so that blocks running together are not a power-of-two number of bytes apart
+    # (256 rows of 8 KiB are 2 MiB); bench/walk_order.py's c7 / c9 / c255 / _pad orders ask the same of a plain
+    # RMSNorm
     "cuda_rows_chunk_255": {"_CUDA_ROWS": True, "_MAX_CHUNK": 255},
     "cuda_rows_chunk_257": {"_CUDA_ROWS": True, "_MAX_CHUNK": 257},
     # not yet timed: the forward without a walk (gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="comma list of variant names to run (default: all); 'default' "
                    "always runs first, the yardstick of ratio_vs_default_bare")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                   help="x and the weight (fp32 with --variants cuda_rows_fp32 times the CUDA rows kernel on fp32 rows)")
+                   help="x and the weight (fp32 with --variants cuda_rows_fp32: the CUDA rows kernel on fp32 rows)")
     p.add_argument("--shapes", default="64x4096x4096,16x4096x2048,16x4096x5120,8x2048x896",
                    help="comma list of BxLxD (GPU only; the first is the goal shape)")
     args = p.parse_args(argv)

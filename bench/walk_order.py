@@ -187,7 +187,8 @@ class Scratch(NamedTuple):
         groups = triton.cdiv(rows, _MIN_TRAIL)
         i32, f32 = torch.int32, torch.float32
         return Scratch(torch.zeros(1, dtype=i32, device=device), torch.empty(rows, dtype=f32, device=device),
-                       torch.empty(groups, dim, dtype=f32, device=device), torch.zeros(groups, dtype=i32, device=device))
+                       torch.empty(groups, dim, dtype=f32, device=device),
+                       torch.zeros(groups, dtype=i32, device=device))
 
 
 def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: Optional[Scratch] = None,
