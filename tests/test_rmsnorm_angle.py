@@ -379,6 +379,43 @@ def test_trail_forward_wide_rows(dim, monkeypatch):
     assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(stats, stats2))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_trail_forward_random_batches(seed, monkeypatch):
+    """The forward without a walk on random ragged batches: dtype, D, sequence lengths (empty ones included), segment
+    offsets anywhere in [0, len] (rows before, between and after the segments), rows in no sequence, packed or
+    padded (``token_index``), item size and row-map block drawn from the seed; y against the reference and the bare
+    kernel's, the statistics those of y."""
+    g = torch.Generator().manual_seed(200 + seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    dtype = pick([torch.bfloat16, torch.float16, torch.float32])
+    dim = int(torch.randint(8, 80, (1,), generator=g))
+    monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
+    monkeypatch.setattr(rmsnorm_module, "_TRAIL_CHUNK", pick([1, 2, 5, 16]))
+    monkeypatch.setattr(rmsnorm_module, "_TRAIL_MAP_BLOCK", pick([1, 4, 64]))
+    n_seq, n_seg = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+    lens = torch.randint(0, 30, (n_seq,), generator=g)
+    off = torch.sort(torch.randint(0, 31, (n_seq, n_seg + 1), generator=g), dim=1).values
+    off = torch.minimum(off, lens[:, None]).to(torch.int32).to(DEV)
+    if seed % 2:  # padded: each sequence right-aligned in its row of a [N, L] batch
+        length = int(lens.max()) + 2
+        mask = (torch.arange(length)[None, :] >= length - lens[:, None]).long()
+        cu, tok = padded_to_cu_seqlens(mask.to(DEV))
+        x = concentrated((n_seq, length), dim, seed=seed).to(DEV, dtype)
+    else:
+        cu, tok = cu_of(lens.tolist()), None
+        rows = int(lens.sum()) + int(torch.randint(0, 3, (1,), generator=g))
+        x = concentrated((rows,), dim, seed=seed).to(DEV, dtype)
+    w = weight_of(dim, dtype, seed)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off, tok)
+    # rstd a step off moves round(x * rstd) by one and w times that by one more: two steps, up to 4x ulp_tol's
+    # relative bound low in a binade (seed 0: 2 of 3363 values in fp16, the default forward's alike)
+    tol = ulp_tol(dtype)
+    torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), rtol=4 * tol["rtol"], atol=tol["atol"])
+    if DEV == "cpu":  # the bare kernel's y, bitwise (on a GPU its warps may sum x² in another order)
+        assert torch.equal(y, rmsnorm_angle(x, w, EPS)[0])
+    assert_stats_close(stats, angle_stats_reference(y, cu, off, tok))
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 128])
 def test_bare_rows_per_program(chunk, monkeypatch):
     """The bare kernel (no statistics) at most 1 row per program (the default), 4 or 128 (the chunk rule then gives
