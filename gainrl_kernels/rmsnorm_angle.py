@@ -964,6 +964,19 @@ class _FwdConfig(NamedTuple):
     block_d2: int = 0  # rows kernel, one-row steps: a second tile of the row, columns [block_d, block_d + block_d2)
 
 
+def _row_warps(tile: int, elem_size: int) -> int:
+    """Warps of a step without statistics over ``tile`` values of ``elem_size`` bytes: ``_ROWS_BYTES_PER_THREAD``
+    of x per thread, 4 to ``_ROWS_MAX_WARPS`` (the bare kernel's rule; the trail forward's row programs too)."""
+    return min(_ROWS_MAX_WARPS, max(4, tile * elem_size // (32 * _ROWS_BYTES_PER_THREAD)))
+
+
+def _rsqrt_forms(cuda: bool) -> dict:
+    """The RSQRT_INV / RSQRT_RSTD constexprs of a forward launch: the hardware rsqrt on CUDA, IEEE forms in the
+    interpreter, unless ``_RSQRT_INV`` / ``_RSQRT_RSTD`` force one."""
+    return dict(RSQRT_INV=cuda if _RSQRT_INV is None else _RSQRT_INV,
+                RSQRT_RSTD=cuda if _RSQRT_RSTD is None else _RSQRT_RSTD)
+
+
 def _capability_major(device: torch.device) -> int:
     """Compute capability major of a CUDA ``device`` (9 on H100 / H200), 0 for any other device."""
     return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
@@ -1011,7 +1024,7 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
             major = _capability_major(device) if capability is None else capability
             warps, maxnreg = _ROWS_STATS_REGISTER_CAP.get((major, block_d, elem_size), (warps, None))
     else:
-        warps = block_t * block_d * elem_size // (32 * _ROWS_BYTES_PER_THREAD)
+        warps = _row_warps(block_t * block_d, elem_size)
     warps = min(_ROWS_MAX_WARPS, max(4, warps))
     return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg, block_d2)
 
@@ -1029,7 +1042,8 @@ class _Plan(NamedTuple):
     seg_hi: torch.Tensor  # [B * K] int32 one past its last chunk
     count: torch.Tensor  # [B, K] int32
     nseg: int
-    # [cdiv(R, _TRAIL_MAP_BLOCK)] int32, the trail forward's: the item holding each block's first row (else None)
+    # [cdiv(R, _TRAIL_MAP_BLOCK)] int32, the item holding each block's first row: only in a plan for the forward
+    # without a walk (``_TRAIL``), which takes the plan's rows when it has one
     row_map: Optional[torch.Tensor] = None
 
 
@@ -1062,7 +1076,8 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         return _plain_plan(x2d, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
     rows, dim = x2d.shape
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
-    if _trail_on(cfg):
+    trail = _TRAIL and cfg.rows  # the forward without a walk (its items and the row map it needs)
+    if trail:
         cfg = cfg._replace(chunk=_TRAIL_CHUNK)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
@@ -1070,7 +1085,6 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
-    trail = _trail_on(cfg)
     row_map = torch.empty(triton.cdiv(rows, _TRAIL_MAP_BLOCK), dtype=torch.int32, device=dev) if trail else None
     _plan_kernel[(1,)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
@@ -1079,15 +1093,11 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         row_map if trail else cu,  # a valid pointer the kernel never touches without the map (as the others)
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
         BLOCK_B=block_b, BLOCK_C=max(1, _PLAN_TILE // block_b), BLOCK_I=1024,
-        MAP_BLOCK=_TRAIL_MAP_BLOCK if trail else 0, MAP_Q=cfg.chunk // _TRAIL_MAP_BLOCK + 2 if trail else 0,
+        # an item of at most chunk rows holds at most cdiv(chunk, MAP_BLOCK) block starts
+        MAP_BLOCK=_TRAIL_MAP_BLOCK if trail else 0, MAP_Q=triton.cdiv(cfg.chunk, _TRAIL_MAP_BLOCK) if trail else 0,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg,
                  row_map)
-
-
-def _trail_on(cfg: _FwdConfig) -> bool:
-    """Whether the forward with statistics takes the trailing-sum kernel (``_TRAIL``, whole-row configs)."""
-    return _TRAIL and cfg.rows
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1151,7 +1161,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     else:
         part_sum = part_q = part_adj = rstd  # never touched
     cfg = plan.cfg
-    if stats and _trail_on(cfg):
+    if stats and plan.row_map is not None:  # a plan for the forward without a walk (``_TRAIL``)
         from .rmsnorm_angle_trail import trail_forward
 
         trail_forward(x2d, weight, y, rstd, plan, eps, part_sum, part_q, part_adj)
@@ -1182,8 +1192,7 @@ def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Ten
         rows, dim, x2d.stride(0), float(eps), cfg.chunk,
         YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda,
         JOINT_SUMS=x2d.is_cuda if _JOINT_SUMS is None else _JOINT_SUMS,
-        RSQRT_INV=x2d.is_cuda if _RSQRT_INV is None else _RSQRT_INV,
-        RSQRT_RSTD=x2d.is_cuda if _RSQRT_RSTD is None else _RSQRT_RSTD,
+        **_rsqrt_forms(x2d.is_cuda),
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
         **(_rows_tuning(cfg, x2d.is_cuda) if cfg.rows else {}),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),

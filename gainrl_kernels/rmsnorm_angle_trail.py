@@ -10,10 +10,10 @@ as the bare kernel does, and the statistics come from a trailing pass:
   and, in an item with statistics, 1 / ||y_t|| (a second block reduction);
 * a count per item (one atomic per row program; nothing waits) tells the program that completes the item to sum
   the item's u_t = y_t / ||y_t||, ||u_t||² and the pairs u_t . u_{t+1} (t + 1 < pair_end) into the item's partial
-  row and scalars, re-reading the item's y and 1 / ||y|| from the L2 (written microseconds before; loads that skip
-  the L1, which may hold a stale line shared with an earlier item) RT rows of a column slice per step, each row
-  once (the pair (t - 1, t) from the row carried over), in a fixed order: the statistics do not depend on which
-  program completes the item;
+  row and scalars, re-reading the item's y from the L2 (written microseconds before; loads that skip the L1, which
+  may hold a stale line shared with an earlier item's rows) and its 1 / ||y|| (on lines of the item's own), RT rows
+  of a column slice per step, each row once (the pair (t - 1, t) from the row carried over), in a fixed order: the
+  statistics do not depend on which program completes the item;
 * the item's last pair (its last row and the row after the item, which belongs to the next item and may not be
   written yet) recomputes that row's y from x, with the row programs' own code, so bitwise the y that row gets.
 
@@ -53,13 +53,13 @@ class TrailConfig(NamedTuple):
 
 
 def trail_config(dim: int, elem_size: int, cuda: bool = True, aligned: bool = True) -> TrailConfig:
-    """The bare kernel's warps for one row of ``dim`` values (``rmsnorm_angle._ROWS_BYTES_PER_THREAD`` per
-    thread), the register cap for 16-bit rows on CUDA, the trailing sums' step. ``aligned``: the launch compiles
-    16-byte vectors (``rmsnorm_angle._vector_aligned``). The sums are pipelined (cp.async) only where each thread's
-    copy of a row slice is 16 bytes, which cp.async takes past the L1 (.cg); smaller copies would go through it,
-    and a line shared with another item's rows could be read stale, so those load from the L2 unpipelined."""
+    """The bare kernel's warps for one row of ``dim`` values (``rmsnorm_angle._row_warps``), the register cap for
+    16-bit rows on CUDA, the trailing sums' step. ``aligned``: the launch compiles 16-byte vectors
+    (``rmsnorm_angle._vector_aligned``). The sums are pipelined (cp.async) only where each thread's copy of a row
+    slice is 16 bytes, which cp.async takes past the L1 (.cg); smaller copies would go through it, and a line shared
+    with another item's rows could be read stale, so those load from the L2 unpipelined."""
     block_d = max(16, triton.next_power_of_2(dim))
-    warps = min(_ra._ROWS_MAX_WARPS, max(4, block_d * elem_size // (32 * _ra._ROWS_BYTES_PER_THREAD)))
+    warps = _ra._row_warps(block_d, elem_size)
     slice_d = 16 * 32 * warps // elem_size
     stages = _STAGES if aligned and slice_d <= block_d else 1
     maxnreg = _MAXNREG_16BIT if cuda and elem_size == 2 else None
@@ -186,8 +186,7 @@ def trail_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd
         part_sum, part_q, part_adj,
         rows, dim, x2d.stride(0), float(eps), plan.grid, inv_stride,
         YT=_ra._TL_DTYPE[x2d.dtype], NATIVE_CAST=cuda,
-        RSQRT_INV=cuda if _ra._RSQRT_INV is None else _ra._RSQRT_INV,
-        RSQRT_RSTD=cuda if _ra._RSQRT_RSTD is None else _ra._RSQRT_RSTD,
+        **_ra._rsqrt_forms(cuda),
         BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, STAGES=cfg.stages, MAP_BLOCK=_ra._TRAIL_MAP_BLOCK,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
