@@ -1,8 +1,8 @@
 """Static cost of the hand-written CUDA rows kernel of the fused RMSNorm + angle forward
 (csrc/rmsnorm_angle_kernels.cuh), read from the compiled code (no GPU): per instantiation (dtype, vectors per thread
-NV, ring stages S, next row carried in registers, weight in x's dtype) its registers,
-spills and machine instructions in the row loop (SASS via Triton's nvdisasm), and per row width D the block size,
-resident blocks per SM (by registers and by shared memory) and warp instructions per row.
+NV, ring stages S, next row carried in registers, weight in x's dtype) its registers, spills and machine
+instructions in the row loop (SASS via Triton's nvdisasm), and per row width D the block size, resident blocks per
+SM (by registers and by shared memory) and warp instructions per row.
 
     python bench/cuda_rows_static.py                      # sm_90a table
     python bench/cuda_rows_static.py --arch sm_80 --out bench/results/cuda_rows_static_sm80.json
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     funcs, sass = compile_kernels(args.arch)
     at_warps: dict[int, str] = {}  # warps -> SASS compiled for exactly that block size
     rows = []
-    print("| dtype | NV | S | carry | native w | values/thread | registers | spills "
-          "| loop SASS (any block) | D "
+    print("| dtype | NV | S | carry | native w | values/thread | registers | spills | loop SASS (any block) | D "
           "| threads | loop SASS (this block) | blocks/SM (regs, smem) | warps/SM | warp instr / row |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, f in sorted(funcs.items()):
@@ -96,15 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             by_regs = REGISTERS_PER_SM // (threads * max(f["registers"], 1))
             by_smem = SMEM_PER_SM[args.arch] // smem
             blocks = min(by_regs, by_smem, 2048 // threads)
-            row = dict(dtype=dt, nv=nv, stages=stages, carry=carry, w_native=w_native,
-                       values_per_thread=nv * vec,
+            row = dict(dtype=dt, nv=nv, stages=stages, carry=carry, w_native=w_native, values_per_thread=nv * vec,
                        registers=f["registers"], spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0),
                        loop_sass_any_block=loop, D=dim, threads=threads, loop_sass=loop_here,
                        blocks_by_registers=by_regs, blocks_by_smem=by_smem, blocks_per_sm=blocks,
                        warps_per_sm=blocks * threads // 32, warp_instructions_per_row=loop_here * threads // 32)
             rows.append(row)
-            print(f"| {dt} | {nv} | {stages} | {carry} | {w_native} | {nv * vec} | "
-                  f"{row['registers']} | "
+            print(f"| {dt} | {nv} | {stages} | {carry} | {w_native} | {nv * vec} | {row['registers']} | "
                   f"{row['spill_bytes']} | {loop} | {dim} | {threads} | {loop_here} | "
                   f"{blocks} ({by_regs}, {by_smem}) | {row['warps_per_sm']} | {row['warp_instructions_per_row']} |")
     if args.out:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_variants import graph_time, write_rows  # noqa: E402
+from fused_variants import error_status, graph_time, parse_shapes, write_rows  # noqa: E402
 from run_angle_bench import make_input  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if cuda else [(2, 16, 40)]
+    shapes = parse_shapes(args.shapes) if cuda else [(2, 16, 40)]
     rows: list[dict] = []
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
     print("| B | L | D | method | graph ms | / bare | / floor | dx, dw checked |")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_grads(*fn(), dx_ref, dw_ref)
                 row.update(status="ok" if cuda else "ok (smoke: checked, not timed)")
             except Exception as e:  # noqa: BLE001 -- a failing method is a result, not a crash
-                row.update(status=f"error: {type(e).__name__}: {str(e).strip()[:160]}")
+                row.update(status=error_status(e))
             shape_rows[name] = row
         if cuda:
             copy_ms = graph_time(lambda: x.detach().clone(), args.reps) * 1e3  # 4 bytes per bf16 element
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         best[name] = min(best[name], graph_time(fns[name], args.reps) * 1e3)
                     except Exception as e:  # noqa: BLE001 -- e.g. a method that cannot be graph-captured
-                        shape_rows[name].update(status=f"error timing: {type(e).__name__}: {str(e).strip()[:160]}")
+                        shape_rows[name].update(status=error_status(e, "error timing"))
                         del best[name]
             for name, ms in best.items():
                 floor_ms = copy_ms * BYTES_PER_ELEMENT.get(name, BYTES_PER_ELEMENT_FWD_BWD) / 4

@@ -31,9 +31,9 @@ from run_kernels_bench import torch_rmsnorm  # noqa: E402
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 
-# name -> module constants to override ({}: the defaults). A variant that sets no _CUDA_ROWS* knob is one of the
-# Triton rows kernel and runs with _CUDA_ROWS = False (``rows_kernel_settings``): the CUDA rows kernel, the default
-# where the extension has it, would otherwise take its rows.
+# name -> module constants to override ({}: the defaults). A variant that sets no _CUDA_ROWS* or _TRAIL* knob is one
+# of the Triton rows kernel and runs with _CUDA_ROWS = False (``rows_kernel_settings``): the CUDA rows kernel, the
+# default where the extension has it, would otherwise take its rows.
 VARIANTS: dict[str, dict] = {
     "default": {},
     "triton_rows": {"_CUDA_ROWS": False},  # the Triton rows kernel at its defaults (the default before session 17)
@@ -124,10 +124,21 @@ VARIANTS: dict[str, dict] = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def error_status(e: Exception, what: str = "error") -> str:
+    """A failure recorded as a row's status: ``what``, the exception's type and its first line (160 characters)."""
+    text = str(e).strip()
+    return f"{what}: {type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"
+
+
+def parse_shapes(spec: str) -> list[tuple[int, ...]]:
+    """``"64x4096x4096,8x2048x896"`` -> [(64, 4096, 4096), (8, 2048, 896)] (any number of dimensions)."""
+    return [tuple(int(v) for v in s.split("x")) for s in spec.split(",") if s]
+
+
 def rows_kernel_settings(name: str, settings: dict) -> dict:
     """``settings`` with ``_CUDA_ROWS = False`` added where the variant tunes the Triton rows kernel (no _CUDA_ROWS*
-    knob of its own; the default variant stays as it is)."""
-    if name == "default" or any(k.startswith("_CUDA_ROWS") for k in settings):
+    or _TRAIL* knob of its own; the default variant stays as it is)."""
+    if name == "default" or any(k.startswith(("_CUDA_ROWS", "_TRAIL")) for k in settings):
         return settings
     return {"_CUDA_ROWS": False, **settings}
 
@@ -184,7 +195,7 @@ def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: tor
         row.update(status="ok", bare_ms=ms)
         print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm (no stats) | {ms:.3f} | | | | | | |", flush=True)
     except Exception as e:  # noqa: BLE001 -- recorded, like a failing variant
-        row.update(status=f"error: {type(e).__name__}: {str(e).strip()[:160]}")
+        row.update(status=error_status(e))
         print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm | {row['status']} |||||||", flush=True)
     return row
 
@@ -216,7 +227,7 @@ def unfused_rows(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Te
                       f"{row['unfused_ms']:.3f} | | | | | | angle_stats alone {row['angle_stats_ms']:.3f} ms",
                       flush=True)
         except Exception as e:  # noqa: BLE001 -- recorded, like a failing variant
-            row.update(status=f"error: {type(e).__name__}: {str(e).strip()[:160]}")
+            row.update(status=error_status(e))
         rows.append(row)
     return rows
 
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     # the goal shape first: a run cut short by its time cap still answers it
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if cuda else [(2, 16, 40)]
+    shapes = parse_shapes(args.shapes) if cuda else [(2, 16, 40)]
     rows: list[dict] = []
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
     print("| B | L | D | variant | bare graph ms | fused graph ms | fused / bare | fused / default bare "
@@ -298,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                         row.update(ratio_vs_default_bare=row["fused_ms"] / bare0,
                                    bw_frac_of_copy=copy_s * 1e3 / row["fused_ms"])
                 except Exception as e:  # noqa: BLE001 -- a failing variant is a result, not a crash
-                    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                    row.update(status=f"error: {type(e).__name__}: {first}")
+                    row.update(status=error_status(e))
             rows.append(row)
             if "fused_ms" in row:
                 print(f"| {batch} | {length} | {dim} | {name} | {row['bare_ms']:.3f} | {row['fused_ms']:.3f} | "

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_variants import graph_time, write_rows  # noqa: E402
+from fused_variants import error_status, graph_time, parse_shapes, write_rows  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
     shapes = [((64 if d == 4096 else 16) * 4096, d) for d in dims]
     if args.shapes:
-        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+        shapes = parse_shapes(args.shapes)
     if not cuda:
         shapes = [(40, 48)]
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 2
@@ -322,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                     c1 = ms if name == "c1" else c1
                     row.update(ms=ms, vs_c1=ms / c1 if c1 else None)
             except Exception as e:  # noqa: BLE001
-                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                row.update(status=f"error: {type(e).__name__}: {first}")
+                row.update(status=error_status(e))
             timed = f"{row['ms']:.3f} | {row['ms'] / c1:.3f}" if "ms" in row and c1 else (
                 f"{row['ms']:.3f} |" if "ms" in row else f"{'checked' if row['status'] == 'ok' else row['status']} |")
             print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | "

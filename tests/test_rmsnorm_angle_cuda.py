@@ -330,7 +330,7 @@ def test_python_supported_mirrors_launcher(emulator, values, monkeypatch):
     refuses."""
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_VALUES", values)
     y = torch.empty(4, dtype=torch.float32)  # only its address is read: 16-byte aligned, as the op allocates y
-    checked = 0
+    checked = total = 0
     for dim in (8, 16, 24, 40, 64, 1000, 1024, 2056, 4096, 4100, 5120, 8192, 8200, 16384):
         for dtype in DTYPES:
             for w_dtype in {dtype, torch.float32}:
@@ -343,7 +343,8 @@ def test_python_supported_mirrors_launcher(emulator, values, monkeypatch):
                                                     w.data_ptr(), y.data_ptr(), dim, values)  # as _forward passes
                     assert ours == bool(theirs), (dim, dtype, w_dtype, pad, x_shift, w_shift)
                     checked += ours
-    assert checked > 20  # both answers occur
+                    total += 1
+    assert 20 < checked < total - 20  # both answers occur, each many times
 
 
 # ---------------------------------------------------------------------------------------------------- on a GPU
