@@ -151,12 +151,104 @@ def _trail_kernel(x_ptr, w_ptr, y_ptr, inv_ptr, part_ptr, done_ptr, R, D, pitch,
                 tl.store(part_ptr + g * D + cs, acc, mask=sm)
 
 
+@triton.jit
+def _sync_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, sums_ptr, bar_ptr, err_ptr, R, D, pitch, eps, C, G, n_iter,
+                 spin_limit, BLOCK_D: tl.constexpr, TILE_R: tl.constexpr, SL: tl.constexpr, P_BLOCK: tl.constexpr,
+                 SLOTS: tl.constexpr, SYNC: tl.constexpr):
+    """A persistent grid of P programs, all resident, moving through the rows in lock step: in iteration i program
+    p normalises chunk i * P + p (C rows, TILE_R rows a step) and sums its unit vectors y_t / ||y_t|| into one fp32
+    partial row, written to slot i % SLOTS (an L2-resident ring of SLOTS x P rows). Then it waits until every
+    program has finished iteration i - 1 (a counter, one release-add per program and iteration), and adds
+    iteration i - 1's partials, for its own column slice [p SL, p SL + SL), into the sums of the segments (G rows
+    each, G % C == 0) they belong to, in chunk order (deterministic). So the rows in flight span P chunks at any
+    time (no program can run ahead of the rest by more than an iteration) and the partials never reach the DRAM.
+    Slot i % SLOTS is last read in iteration i - 2 (the combine of i - 3), which every program has finished before
+    any passes the wait of iteration i - 1: 3 slots suffice. SYNC = False: the partials are written, nothing
+    waits or is combined (prices the wait). A program that has polled the counter spin_limit times in all sets
+    err_ptr and waits no more (programs that are not all resident would otherwise hang the GPU)."""
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    k = tl.arange(0, TILE_R)[:, None]
+    cs = p * SL + tl.arange(0, SL)  # this program's column slice of the combine
+    c_ok = cs < D
+    ch = tl.arange(0, P_BLOCK)
+    n = 0  # polls of the counter so far (a program that gave up waits no more)
+    for i in range(0, n_iter + 1):
+        if i < n_iter:
+            r0 = (i * P + p).to(tl.int64) * C
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for s in range(0, C // TILE_R):
+                row = r0 + s * TILE_R + k
+                m = cm[None, :] & (row < R)
+                w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)  # an L1 hit, not held across steps
+                x = tl.load(x_ptr + row * pitch + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                rstd = tl.math.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
+                yt = y_ptr.dtype.element_ty
+                y = (w[None, :] * (x * rstd).to(yt).to(tl.float32)).to(yt)
+                tl.store(y_ptr + row * D + cols[None, :], y, mask=m)
+                yf = y.to(tl.float32)
+                inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(yf * yf, axis=1, keep_dims=True)), 1e-12)
+                acc += tl.sum(yf * inv, axis=0)
+            tl.store(slot_ptr + ((i % SLOTS) * P + p).to(tl.int64) * D + cols, acc, mask=cm)
+        if SYNC:
+            if i > 0:  # every program's partial of iteration i - 1 is written once all have arrived i times
+                target = P * i
+                cnt = tl.atomic_add(bar_ptr, 0, sem="acquire")
+                while (cnt < target) & (n < spin_limit):
+                    cnt = tl.atomic_add(bar_ptr, 0, sem="acquire")
+                    n += 1
+                if cnt < target:
+                    tl.atomic_max(err_ptr, 1)
+                j = i - 1
+                kc = j * P + ch  # chunks of iteration j
+                kr = kc.to(tl.int64) * C
+                seg = kr // G
+                v = tl.load(slot_ptr + ((j % SLOTS) * P + ch).to(tl.int64)[:, None] * D + cs[None, :],
+                            mask=((ch < P) & (kr < R))[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
+                seg_lo = (j * P).to(tl.int64) * C // G
+                seg_hi = tl.minimum((j * P + P).to(tl.int64) * C, R) - 1
+                for sg in range(seg_lo, seg_hi // G + 1):
+                    part = tl.sum(tl.where((seg == sg)[:, None], v, 0.0), axis=0)
+                    sp = sums_ptr + sg * D + cs
+                    tl.store(sp, tl.load(sp, mask=c_ok, other=0.0, cache_modifier=".cg") + part, mask=c_ok)
+            tl.debug_barrier()  # every thread's slot and sum stores precede the release below
+            tl.atomic_add(bar_ptr, 1, sem="release")
+
+
 _PAD = 64  # elements added to x's row pitch by the _pad orders (128 bytes in bf16)
 _MIN_TRAIL = 32  # smallest group of the trail orders
 # RT rows x SLICE columns per step of the trail sum (16 values per thread; a thread's share of a row slice is one
 # 16-byte copy), pipeline stages, as the full forward's (gainrl_kernels/rmsnorm_angle_trail.py): 63 registers at
 # sm_90a (c1's 64), where (8, 512, 3) takes 80 and spills
 _TRAIL_TILE = (2, 1024, 4)
+_SYNC_SLOTS = 3  # partial rows per program in the sync orders' ring (see _sync_kernel)
+_SYNC_MAX_PER_SM = 2
+_SYNC_SEG = (4096, 32)  # rows per segment of the sync orders' sums: on a GPU (one sequence of the goal shape), CPU
+_SYNC_SPIN_LIMIT = 1 << 22  # polls per program and launch (~0.5 µs each; a launch needs a few an iteration)
+
+
+def sync_segment(x: torch.Tensor) -> int:
+    """Rows per segment of the sync orders' sums for x (a multiple of every sync chunk)."""
+    return _SYNC_SEG[0] if x.is_cuda else _SYNC_SEG[1]
+
+
+def _check_resident(k: object, programs: int, warps: int) -> None:
+    """Raises unless ``programs`` programs of the compiled kernel ``k`` fit on the GPU at once (a lock-step grid
+    whose programs do not all run would wait forever; the spin limit would end it with wrong sums)."""
+    try:
+        getattr(k, "_init_handles", lambda: None)()
+        n_regs, shared = int(k.n_regs), int(k.metadata.shared)
+    except Exception:  # noqa: BLE001 - a Triton without these fields: the spin limit is the only guard
+        return
+    props = torch.cuda.get_device_properties(0)
+    regs = -(-max(n_regs, 1) // 8) * 8
+    per_sm = min(65536 // (regs * 32 * warps), 2048 // (32 * warps),
+                 props.shared_memory_per_multiprocessor // max(shared, 1))
+    if per_sm * props.multi_processor_count < programs:
+        raise RuntimeError(f"{programs} programs of {warps} warps, {n_regs} registers, {shared} B "
+                           f"shared do not fit at once ({per_sm} per SM)")
 
 
 class Order(NamedTuple):
@@ -172,23 +264,31 @@ class Order(NamedTuple):
     norm: bool = False  # one row per program that also stores 1 / ||y_t|| (_trail_kernel)
     trail: int = 0  # ... and sums each group of this many rows' unit vectors from the L2 (the group's last program)
     reduce: bool = True  # trail: the sum itself (False: the per-group count alone)
+    sync: str = ""  # "sync": a persistent grid in lock step, partials combined in the L2 (_sync_kernel); "nosync":
+    # the same partials written, nothing waits or is combined
 
 
 class Scratch(NamedTuple):
-    """Buffers of the ticket and trail orders for R rows of width D (rows is the largest R)."""
+    """Buffers of the ticket, trail and sync orders for R rows of width D (rows is the largest R)."""
 
     counter: torch.Tensor  # int32 [1]
     inv_norm: torch.Tensor  # f32 [R]
     part: torch.Tensor  # f32 [cdiv(R, _MIN_TRAIL), D]
     done: torch.Tensor  # int32 [cdiv(R, _MIN_TRAIL)]
+    slots: torch.Tensor  # f32 [_SYNC_SLOTS * _SYNC_MAX_PER_SM * n_sm, D]: the sync orders' partials
+    sums: torch.Tensor  # f32 [cdiv(R, _SYNC_SEG[-1]), D]: their segment sums
+    err: torch.Tensor  # int32 [1]: set by a sync wait that gave up
 
     @staticmethod
-    def make(rows: int, dim: int, device: str) -> "Scratch":
+    def make(rows: int, dim: int, device: str, n_sm: int = 1) -> "Scratch":
         groups = triton.cdiv(rows, _MIN_TRAIL)
         i32, f32 = torch.int32, torch.float32
         return Scratch(torch.zeros(1, dtype=i32, device=device), torch.empty(rows, dtype=f32, device=device),
                        torch.empty(groups, dim, dtype=f32, device=device),
-                       torch.zeros(groups, dtype=i32, device=device))
+                       torch.zeros(groups, dtype=i32, device=device),
+                       torch.empty(_SYNC_SLOTS * _SYNC_MAX_PER_SM * n_sm, dim, dtype=f32, device=device),
+                       torch.zeros(triton.cdiv(rows, _SYNC_SEG[-1]), dim, dtype=f32, device=device),
+                       torch.zeros(1, dtype=i32, device=device))
 
 
 def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: Optional[Scratch] = None,
@@ -203,6 +303,8 @@ def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: O
         scratch.counter.zero_()
         return _ticket_kernel[(o.programs,)](x, w, y, scratch.counter, R, D, x.stride(0), eps, BLOCK_D=block_d,
                                              num_warps=4)
+    if o.sync:
+        return _sync_launch(x, w, y, o, scratch, eps)
     if o.norm:
         if o.trail:
             scratch.done[:triton.cdiv(R, o.trail)].zero_()
@@ -214,6 +316,48 @@ def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: O
     return _walk_kernel[(o.programs,)](x, w, y, R, D, x.stride(0), eps, o.rows, o.group, BLOCK_D=block_d,
                                        STAGES=o.stages, W_EACH_ROW=o.w_each_row, AHEAD=o.ahead, TILE_R=o.tile_r,
                                        num_warps=4 * o.tile_r)
+
+
+def _sync_launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: Scratch,
+                 eps: float) -> object:
+    """The sync orders' launch (o.rows rows a chunk, o.tile_r a step, o.programs programs; one program in the
+    interpreter, where programs run one after another and could not wait for each other)."""
+    R, D = x.shape
+    block_d = triton.next_power_of_2(D)
+    programs = o.programs if x.is_cuda else 1
+    assert o.rows % o.tile_r == 0 and programs <= scratch.slots.shape[0] // _SYNC_SLOTS
+    seg = sync_segment(x)
+    assert seg % o.rows == 0
+    sl = triton.next_power_of_2(triton.cdiv(D, programs))
+    scratch.counter.zero_()
+    scratch.sums[:triton.cdiv(R, seg)].zero_()
+    args = (x, w, y, scratch.slots, scratch.sums, scratch.counter, scratch.err, R, D, x.stride(0), eps, o.rows, seg,
+            triton.cdiv(triton.cdiv(R, o.rows), programs), _SYNC_SPIN_LIMIT)
+    meta = dict(BLOCK_D=block_d, TILE_R=o.tile_r, SL=sl, P_BLOCK=triton.next_power_of_2(programs),
+                SLOTS=_SYNC_SLOTS, SYNC=o.sync == "sync", num_warps=4 * o.tile_r)
+    if x.is_cuda and o.sync == "sync":
+        _check_resident(_sync_kernel.warmup(*args, grid=(programs,), **meta), programs, 4 * o.tile_r)
+    return _sync_kernel[(programs,)](*args, **meta)
+
+
+def check_sync(y: torch.Tensor, o: Order, scratch: Scratch) -> str:
+    """The sync orders' segment sums of y_t / ||y_t|| against torch (fp32 sums: 1e-4 relative): "ok" or what
+    differs (recorded; the order is timed either way, its bytes do not depend on it). Raises if a wait gave up.
+    The nosync orders combine nothing: "not combined"."""
+    if scratch.err.item():
+        raise RuntimeError("a sync wait gave up (err flag set)")
+    if o.sync != "sync":
+        return "not combined"
+    seg = sync_segment(y)
+    yf = y.float()
+    u = yf / yf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n_s = triton.cdiv(y.shape[0], seg)
+    ref = torch.nn.functional.pad(u, (0, 0, 0, n_s * seg - y.shape[0])).view(n_s, seg, -1).sum(1)
+    try:
+        torch.testing.assert_close(scratch.sums[:n_s], ref, rtol=1e-4, atol=1e-3)
+    except AssertionError as e:
+        return "differs: " + " ".join(str(e).split())[:300]
+    return "ok"
 
 
 def check_trail(y: torch.Tensor, o: Order, scratch: Scratch) -> None:
@@ -259,6 +403,17 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
         out[f"t{t}_c{c}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t)
     for per_sm in (4, 8):
         out[f"ticket_sm{per_sm}"] = Order(0, 1, per_sm * n_sm, ticket=True)
+    # session 20: is it the window of rows in flight (programs in flight x chunk) or the regions per SM? Fat
+    # programs with long chunks (few regions per SM, a wide window) tell them apart
+    for t, c in ((8, 8), (8, 16), (8, 32), (4, 32), (4, 64), (8, 64)):
+        out[f"t{t}_c{c}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t)
+    # a persistent grid in lock step (_sync_kernel): the window is P chunks, partials combined in the L2. At sm_90a
+    # 16 warps (t4) take 128 registers and 32 warps (t8) 64 with a few spilled: one program per SM either way (sm2
+    # orders are refused before launch unless a build fits two)
+    for t, c, per_sm in ((8, 8, 1), (8, 16, 1), (8, 32, 1), (4, 8, 1), (4, 16, 1), (4, 16, 2)):
+        out[f"sync{t}_c{c}_sm{per_sm}"] = Order(c, 1, per_sm * n_sm, tile_r=t, sync="sync")
+    for t, c, per_sm in ((8, 8, 1), (8, 16, 1), (4, 16, 1)):
+        out[f"nosync{t}_c{c}_sm{per_sm}"] = Order(c, 1, per_sm * n_sm, tile_r=t, sync="nosync")
     # one row per program plus the unit-vector statistics without a walk: 1 / ||y_t|| per row (c1_norm), and each
     # group's sum re-read from the L2 by the group's last program (trail_{C})
     out["c1_norm"] = Order(1, 1, n_rows, norm=True)
@@ -303,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         w = (torch.rand(dim, device=device, generator=gen) + 0.5).to(torch.bfloat16)
         ref = torch_rmsnorm(x, w, 1e-6)
         x_pad = torch.empty(n_rows, dim + _PAD, dtype=x.dtype, device=device)[:, :dim].copy_(x)  # pitch D + _PAD
-        scratch = Scratch.make(n_rows, dim, device)
+        scratch = Scratch.make(n_rows, dim, device, n_sm)
         c1 = None
         every = orders(n_rows, n_sm)
         for name in [n for n in args.orders.split(",") if n] or list(every):  # in --orders' order (c1 first!)
@@ -316,16 +471,22 @@ def main(argv: list[str] | None = None) -> int:
                 torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
                 if o.norm:
                     check_trail(y, o, scratch)
+                if o.sync:
+                    row.update(sums=check_sync(y, o, scratch))
                 row.update(status="ok", registers=getattr(k, "n_regs", None))
                 if cuda and not args.no_time:
                     ms = graph_time(lambda: walk(xo, w, y, o, scratch), args.reps) * 1e3
                     c1 = ms if name == "c1" else c1
                     row.update(ms=ms, vs_c1=ms / c1 if c1 else None)
+                    if o.sync and scratch.err.item():
+                        raise RuntimeError("a sync wait gave up while timed (err flag set)")
             except Exception as e:  # noqa: BLE001
                 row.update(status=error_status(e))
             timed = f"{row['ms']:.3f} | {row['ms'] / c1:.3f}" if "ms" in row and c1 else (
                 f"{row['ms']:.3f} |" if "ms" in row else f"{'checked' if row['status'] == 'ok' else row['status']} |")
-            print(f"| {n_rows} | {dim} | {name} | {o.rows} | {o.group} | {o.programs} | {o.stages} | "
+            sums = row.get("sums", "ok")
+            shown = name if sums in ("ok", "not combined") else f"{name} (sums {sums})"
+            print(f"| {n_rows} | {dim} | {shown} | {o.rows} | {o.group} | {o.programs} | {o.stages} | "
                   f"{row.get('registers') or ''} | {timed} |", flush=True)
             rows_out.append(row)
             write_rows(args.out, rows_out, cuda)
