@@ -65,9 +65,10 @@ non-differentiable). With g = dy·w and n = x·rstd (fp32, the casts treated as 
     dx = rstd · (g − n · mean(g·n)),     dw = Σ_rows dy · n.to(x.dtype)
 Each program walks a contiguous range of rows (grid <= 4 x SMs) and owns one fp32 partial row of dw; the
 [programs, D] partials are summed by torch (deterministic, no atomics). Two kernels, by D:
-  * D <= 4096 (``_bwd_kernel``): whole rows in registers (BLOCK_D = next_pow2(D)), one pass per row tile, the dw
-    partial kept in registers and stored once.
-  * D > 4096 (``_bwd_blocked_kernel``, any D): 4-row tiles, two passes over 512-wide column slices: pass 1 sums
+  * D <= 8192 (``_bwd_kernel``): whole rows in registers (BLOCK_D = next_pow2(D); past 4096 one row a step as a
+    4096-wide tile and a power-of-two tail, 5120 = 4096 + 1024), one pass per row tile, the dw partial kept in
+    registers and stored once.
+  * D > 8192 (``_bwd_blocked_kernel``, any D): 4-row tiles, two passes over 512-wide column slices: pass 1 sums
     dy·w·x per row, pass 2 re-reads the tile (just loaded: usually cached), writes dx and adds the tile's dw into
     the program's partial row in global memory (read-modify-write behind a barrier; same order every run).
 Both are spill-free at sm_80 / sm_90a (tests/test_triton_compile.py lowers the launcher's configs up to D = 16384).
@@ -764,14 +765,21 @@ def _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d):
 def _bwd_kernel(
     x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, part_dw_ptr,
     R, D, rows_per_prog, sx_r, sx_d, sdy_r, sdy_d,
-    XT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    XT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr = 0,
 ):
-    """Single pass, whole rows in registers (BLOCK_D >= D): dx of each row tile, dw partial of the program."""
+    """Single pass, whole rows in registers (BLOCK_D + BLOCK_D2 >= D): dx of each row tile, dw partial of the
+    program. BLOCK_D2 > 0: a row is two tiles, columns [0, BLOCK_D) and a tail [BLOCK_D, BLOCK_D + BLOCK_D2) with
+    BLOCK_D < D, so a row of 5120 holds 4096 + 1024 values, not a padded 8192 (names with suffix 2: the tail's)."""
     pid = tl.program_id(0)
     dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < D
+    d_ok = dd < (BLOCK_D if BLOCK_D2 > 0 else D)  # with a tail the first tile lies inside the row
     w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d2_ok = d2 < D
+        w2 = tl.load(w_ptr + d2, mask=d2_ok, other=0.0).to(tl.float32)
+        dw2 = tl.zeros([BLOCK_D2], dtype=tl.float32)
     r_begin = pid * rows_per_prog
     r_end = tl.minimum(r_begin + rows_per_prog, R)
     for r0 in range(r_begin, r_end, BLOCK_T):
@@ -783,11 +791,24 @@ def _bwd_kernel(
         x, dy = _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d)
         n = x * rstd[:, None]
         g = dy * w[None, :]
-        c = tl.sum(g * n, axis=1) / D
+        gn = tl.sum(g * n, axis=1)
+        if BLOCK_D2 > 0:
+            m2 = r_ok[:, None] & d2_ok[None, :]
+            x2, dy2 = _load_x_dy(x_ptr, dy_ptr, rows64, d2, m2, sx_r, sx_d, sdy_r, sdy_d)
+            n2 = x2 * rstd[:, None]
+            g2 = dy2 * w2[None, :]
+            gn += tl.sum(g2 * n2, axis=1)
+        c = gn / D
         dx = rstd[:, None] * (g - n * c[:, None])
         tl.store(dx_ptr + rows64[:, None] * D + dd[None, :], _round_to(dx, XT).to(XT), mask=m)
         dw += tl.sum(dy * _round_to(n, XT), axis=0)
+        if BLOCK_D2 > 0:
+            dx2 = rstd[:, None] * (g2 - n2 * c[:, None])
+            tl.store(dx_ptr + rows64[:, None] * D + d2[None, :], _round_to(dx2, XT).to(XT), mask=m2)
+            dw2 += tl.sum(dy2 * _round_to(n2, XT), axis=0)
     tl.store(part_dw_ptr + pid.to(tl.int64) * D + dd, dw, mask=d_ok)
+    if BLOCK_D2 > 0:
+        tl.store(part_dw_ptr + pid.to(tl.int64) * D + d2, dw2, mask=d2_ok)
 
 
 @triton.jit
@@ -1219,15 +1240,22 @@ class _BwdConfig(NamedTuple):
     block_t: int
     block_d: int
     num_warps: int
+    block_d2: int = 0  # whole rows as two tiles: the tail's width (0: one tile)
 
 
 _BWD_ROW_MAX = 4096  # widest row (next_pow2(D)) the single-pass kernel holds in registers without spills
+# ... as one tile; up to this next_pow2(D) as two, _BWD_ROW_MAX columns and a power-of-two tail (5120 = 4096 + 1024),
+# one row a step
+_BWD_SPLIT_MAX = 8192
 _BWD_BLOCKED_TILE = (4, 512, 8)  # BLOCK_T, BLOCK_D, warps of the blocked kernel: 8 values per thread, <= 48 registers
 
 
 def _bwd_config(dim: int) -> _BwdConfig:
     """Tile rules of the backward (the compile test lowers exactly these for its D list)."""
     block_d = max(16, triton.next_power_of_2(dim))
+    if _BWD_ROW_MAX < block_d <= _BWD_SPLIT_MAX:
+        tail = max(16, triton.next_power_of_2(dim - _BWD_ROW_MAX))
+        return _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail)
     if block_d > _BWD_ROW_MAX:
         block_t, block_d, warps = _BWD_BLOCKED_TILE
         return _BwdConfig(True, block_t, block_d, warps)
@@ -1262,6 +1290,7 @@ def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: t
         x2d, weight, dy, rstd, dx, part_dw,
         rows, dim, rows_per_prog, x2d.stride(0), x2d.stride(1), dy.stride(0), dy.stride(1),
         XT=_TL_DTYPE[x2d.dtype], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        **({"BLOCK_D2": cfg.block_d2} if cfg.block_d2 else {}),
     )
     return dx, part_dw.sum(0).to(weight.dtype)
 

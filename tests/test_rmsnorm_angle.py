@@ -622,8 +622,24 @@ def test_grads_non_contiguous_3d_and_fp32_weight():
 def small_blocked_backward(monkeypatch):
     """Force the two-pass (column-blocked) backward at small D: 16-wide slices, 4-row tiles."""
     monkeypatch.setattr(rmsnorm_module, "_BWD_ROW_MAX", 16)
+    monkeypatch.setattr(rmsnorm_module, "_BWD_SPLIT_MAX", 16)
     monkeypatch.setattr(rmsnorm_module, "_BWD_BLOCKED_TILE", (4, 16, 4))
     assert rmsnorm_module._bwd_config(DIM).blocked
+
+
+@pytest.fixture
+def small_split_backward(monkeypatch):
+    """Force the two-tile whole-row backward at small D: D = 40 as a 32-wide tile and a 16-wide tail, one row a
+    step (as 5120 = 4096 + 1024 on a GPU)."""
+    monkeypatch.setattr(rmsnorm_module, "_BWD_ROW_MAX", 32)
+    cfg = rmsnorm_module._bwd_config(DIM)
+    assert not cfg.blocked and (cfg.block_t, cfg.block_d, cfg.block_d2) == (1, 32, 16)
+
+
+@pytest.fixture(params=["blocked", "split"])
+def narrow_backward(request):
+    """The backward kernels for rows wider than one tile, forced at D = 40."""
+    return request.getfixturevalue(f"small_{request.param}_backward")
 
 
 def _float64_grads(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor):
@@ -632,8 +648,9 @@ def _float64_grads(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-5)),
                                        (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))])
-def test_blocked_backward_matches_reference(packed, small_blocked_backward, dtype, tol):
-    """D = 40 over three 16-wide slices (the last one masked), 77 rows over 4 programs of several row tiles."""
+def test_blocked_backward_matches_reference(packed, narrow_backward, dtype, tol):
+    """D = 40 over three 16-wide slices (the last one masked), or a 32-wide tile and a masked 16-wide tail; 77 rows
+    over 4 programs of several row tiles."""
     x = packed["x"].to(dtype)
     w = weight_of(DIM, dtype)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(12)).to(DEV, dtype)
@@ -650,7 +667,7 @@ def test_blocked_backward_matches_reference(packed, small_blocked_backward, dtyp
     assert torch.equal(gx, gx2) and torch.equal(gw, gw2)
 
 
-def test_blocked_backward_non_contiguous_3d(small_blocked_backward):
+def test_blocked_backward_non_contiguous_3d(narrow_backward):
     x = concentrated((2, 9), DIM, seed=14).to(DEV).transpose(0, 1)  # [9, 2, D], strided rows
     w = weight_of(DIM, torch.float32)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(DEV)
@@ -660,11 +677,12 @@ def test_blocked_backward_non_contiguous_3d(small_blocked_backward):
     torch.testing.assert_close(gw.double(), dw64, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dim,blocked", [(5120, False), (8192, False), (8200, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_large_dim_backward(dtype):
-    """D = 8192 with the launcher's own tiles (blocked: 16 slices of 512) against float64 / fp32 references."""
-    dim = 8192
-    assert rmsnorm_module._bwd_config(dim).blocked
+def test_large_dim_backward(dtype, dim, blocked):
+    """Wide rows with the launcher's own tiles against float64 / fp32 references: 5120 = 4096 + 1024 and 8192 =
+    4096 + 4096 in two tiles, one pass; 8200 blocked (17 slices of 512, two passes)."""
+    assert rmsnorm_module._bwd_config(dim).blocked == blocked
     x = concentrated((18,), dim, seed=21).to(DEV, dtype)  # 3 programs of 2 row tiles: partial dw re-read
     w = weight_of(dim, dtype)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(22)).to(DEV, dtype)

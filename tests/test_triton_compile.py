@@ -180,15 +180,17 @@ def _rmsnorm_angle_cases():
                           __aligned__=contiguous_launch_hints(sig), **M._rows_tuning(cfg, False)),
                 cfg.num_warps,
             )
-        for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS}):
+        for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS + RMSNORM_SPLIT_DIMS}):
             kind = "blocked" if cfg.blocked else "rows"
             yield Case(
-                f"rmsnorm_bwd_{kind}-{dt}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}",
+                f"rmsnorm_bwd_{kind}-{dt}-T{cfg.block_t}-BD{cfg.block_d}"
+                f"{f'+{cfg.block_d2}' if cfg.block_d2 else ''}-W{cfg.num_warps}",
                 M._bwd_blocked_kernel if cfg.blocked else M._bwd_kernel,
                 dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", dy_ptr=f"*{dt}", rstd_ptr="*fp32", dx_ptr=f"*{dt}",
                      part_dw_ptr="*fp32", R="i32", D="i32", rows_per_prog="i32", sx_r="i32", sx_d="i32",
                      sdy_r="i32", sdy_d="i32"),
-                dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d), cfg.num_warps,
+                dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+                     **({} if cfg.blocked else {"BLOCK_D2": cfg.block_d2})), cfg.num_warps,
             )
     # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256); the second
     # also with the trail forward's row map (64-row blocks, items of up to 64 rows)
