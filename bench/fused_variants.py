@@ -54,19 +54,20 @@ VARIANTS: dict[str, dict] = {
     # ... and shorter chunks: more blocks (a shorter tail of the last wave), more partial rows
     "cuda_rows_chunk_128": {"_CUDA_ROWS": True, "_MAX_CHUNK": 128},
     "cuda_rows_chunk_64": {"_CUDA_ROWS": True, "_MAX_CHUNK": 64},
-    # not yet timed: odd chunks, so that blocks running together are not a power-of-two number of bytes apart
-    # (256 rows of 8 KiB are 2 MiB); bench/walk_order.py's c7 / c9 / c255 / _pad orders ask the same of a plain
-    # RMSNorm
+    # odd chunks, so that blocks running together are not a power-of-two number of bytes apart (256 rows of 8 KiB
+    # are 2 MiB); bench/walk_order.py's c7 / c9 / c255 / _pad orders ask the same of a plain RMSNorm. H200, session
+    # 20 (results/fused_variants_h200_trail.json): as fast as the default (1.168-1.173 against 1.165 ms)
     "cuda_rows_chunk_255": {"_CUDA_ROWS": True, "_MAX_CHUNK": 255},
     "cuda_rows_chunk_257": {"_CUDA_ROWS": True, "_MAX_CHUNK": 257},
-    # not yet timed: the forward without a walk (gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each
-    # work item of this many rows summed from the L2 by the program that completes it
+    # the forward without a walk (gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each work item of
+    # this many rows summed from the L2 by the program that completes it. H200, session 20: 1.6-4.6x the bare kernel
     "trail_64": {"_TRAIL": True, "_TRAIL_CHUNK": 64},
     "trail_128": {"_TRAIL": True, "_TRAIL_CHUNK": 128},
     "trail_256": {"_TRAIL": True, "_TRAIL_CHUNK": 256},
     "trail_32": {"_TRAIL": True, "_TRAIL_CHUNK": 32},
-    # not yet timed: fp32 rows in the CUDA rows kernel (8 values per thread; run with --dtype fp32, where the default
-    # takes the Triton rows kernel); with 16-bit rows the same as cuda_rows
+    # fp32 rows in the CUDA rows kernel (8 values per thread; run with --dtype fp32, where the default takes the
+    # Triton rows kernel); with 16-bit rows the same as cuda_rows. H200, session 20 (results/fused_variants_h200_
+    # fp32.json): slower than Triton's, 0.387 / 0.831 against 0.308 / 0.587 ms at 16x4096x2048 / 4096
     "cuda_rows_fp32": {"_CUDA_ROWS": True, "_CUDA_ROWS_FP32": True},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},

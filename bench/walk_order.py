@@ -22,11 +22,19 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   bare kernel plus one fp32 row per C rows; a prototype of gainrl_kernels/rmsnorm_angle_trail.py);
 * ``ticket_sm{N}``: a persistent grid of N programs per SM taking rows one at a time from an atomic counter (the
   order the hardware block scheduler hands out c1's programs, without its block launches).
+* ``sync{T}_c{C}_sm{k}``: a persistent grid of k programs per SM in lock step (``_sync_kernel``): iteration i's
+  program p sums chunk i * P + p (C rows, T a step) into an fp32 partial row in an L2 ring, waits until every
+  program has finished iteration i - 1 and adds that iteration's partials, for its own column slice, into
+  segment sums (checked against torch); ``nosync...``: the partials written, no wait and no combine. GPU only with
+  more than one program (the interpreter runs programs one after another, so it runs one).
 
 Graph-timed; each order's y (and the trail orders' sums) is checked against torch first. H200, 2026-11-27
 (bench/results/walk_order_h200*.json, docs/fused_forward.md "session 18"): at 64x4096x4096 every walk is 7-12%
 slower than c1, interleaved and strided orders included, at the same registers and bytes; at D = 2048 and 5120
-walks keep up. The orders after ``_ahead`` were added in session 19 without a GPU (docs/fused_forward.md).
+walks keep up. Session 20 (bench/results/walk_order_h200_causes.json, _sync.json; docs/fused_forward.md "session
+20"): the loss follows the window of rows in flight (programs in flight x chunk: +1.3% for c2, +5% for c8, +7.5%
+for c256, fat programs alike), odd chunks and a padded pitch do not help, the ticket order keeps up (+0.6-1.2%),
+the trail orders lose 48-70% and the sync orders, correct, 85-226% in Triton.
 
     PYTHONPATH=. python bench/walk_order.py --out bench/results/walk_order_<gpu>.json
     PYTHONPATH=. python bench/walk_order.py --dims 4096 --orders c1,c8 --no-time   # once each, under a profiler

@@ -50,9 +50,10 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
     rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from
     D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json).
-  * or, with ``_TRAIL`` (off: an experiment not yet timed on a GPU), ``rmsnorm_angle_trail._fwd_trail_kernel`` on
-    work items of at most ``_TRAIL_CHUNK`` rows: one row per program, as the bare kernel, and each item's partials
-    summed from the L2 by the program that completes it (no walk; docs/fused_forward.md, session 19).
+  * or, with ``_TRAIL`` (off: an experiment that lost on an H200, 1.6-4.6x the bare kernel),
+    ``rmsnorm_angle_trail._fwd_trail_kernel`` on work items of at most ``_TRAIL_CHUNK`` rows: one row per program,
+    as the bare kernel, and each item's partials summed from the L2 by the program that completes it (no walk;
+    docs/fused_forward.md, sessions 19-20).
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -939,7 +940,9 @@ _ROWS_SPLIT_FROM = 8192
 # carry by width (_cuda_rows_tuning, session 18) 1.155 ms (bench/results/fused_variants_h200_width_rule.json)
 _CUDA_ROWS = True
 _CUDA_ROWS_MAX_DIM, _CUDA_ROWS_MAX_THREADS = 8192, 512  # kMaxDim, kMaxThreads of csrc/rmsnorm_angle_launch.h
-# fp32 rows too (8 values per thread, D <= 4096): checked, not timed on a GPU, so they keep Triton for now
+# fp32 rows too (8 values per thread, D <= 4096): checked, and slower than the Triton rows kernel on an H200 (graph
+# replays, fp32, bench/results/fused_variants_h200_fp32.json, Triton -> CUDA rows): 16x4096x2048 0.308 -> 0.387 ms,
+# 16x4096x4096 0.587 -> 0.831 ms (bare 0.263 / 0.527), so fp32 rows keep Triton
 _CUDA_ROWS_FP32 = False
 # 32 or 16 columns per thread in 16-bit rows (fp32 rows: always 8, so D <= 4096). 32: at D = 4096 bf16 a row
 # costs 1992 warp instructions on 4 blocks of 4 warps per SM, 16: 2416 on 2 blocks of 8 warps (sm_90a,
@@ -965,9 +968,11 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 
 
 # The forward without a walk (gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each work item's
-# statistics summed from the L2 by the program that completes it, over items of at most _TRAIL_CHUNK rows. Off: not
-# yet timed on a GPU (bench/fused_variants.py variants trail_*; docs/fused_forward.md, session 19). Takes the whole-
-# row forward's rows (D <= _ROWS_MAX_BLOCK_D) ahead of the CUDA rows kernel.
+# statistics summed from the L2 by the program that completes it, over items of at most _TRAIL_CHUNK rows. Off: an
+# experiment that lost on an H200 (bf16 graph replays, bench/results/fused_variants_h200_trail.json; default 1.165 ms
+# at 64x4096x4096, trail_32..256 1.86-2.21 ms; 16x4096x2048 0.156 against 0.36-0.60; docs/fused_forward.md, session
+# 20): each item's sum runs serially in one program. Takes the whole-row forward's rows (D <= _ROWS_MAX_BLOCK_D)
+# ahead of the CUDA rows kernel.
 _TRAIL = False
 _TRAIL_CHUNK = 64
 _TRAIL_MAP_BLOCK = 64  # rows per entry of the plan's row map (a row finds its item from its block's entry)

@@ -1,4 +1,4 @@
-"""The fused RMSNorm + angle forward without a walk (an opt-in experiment: ``rmsnorm_angle._TRAIL``).
+"""The fused RMSNorm + angle forward without a walk (an opt-in experiment: ``rmsnorm_angle._TRAIL``, off).
 
 The default forward (``rmsnorm_angle._fwd_rows_kernel`` or the CUDA rows kernel) walks each work item's rows in one
 program, because a chunk's statistics are one fp32 partial row. On an H200 at D = 4096 any walk of rows loses 7-12%
@@ -18,8 +18,11 @@ as the bare kernel does, and the statistics come from a trailing pass:
   written yet) recomputes that row's y from x, with the row programs' own code, so bitwise the y that row gets.
 
 The partials are the rows kernel's (one fp32 row and two scalars per item) and ``rmsnorm_angle._reduce_kernel`` sums
-them. DRAM traffic: the bare kernel's plus the partial rows. Not yet timed on a GPU (``bench/fused_variants.py``
-variants ``trail_*``; ``bench/walk_order.py`` orders ``trail_*`` time a stripped-down prototype).
+them. DRAM traffic: the bare kernel's plus the partial rows. On an H200 it lost (bf16 graph replays, session 20,
+``bench/results/fused_variants_h200_trail.json``): 1.86 ms with 64-row items at 64 x 4096 x 4096 against the
+walking forward's 1.165 and the bare kernel's 1.05 ms; 2.5-4.6x the bare kernel at 16 x 4096 x 2048 and 5120. The
+stripped-down prototype (``bench/walk_order.py`` orders ``trail_*``) loses as much (1.48-1.70x), while its parts
+without the sum cost 0.8% (1 / ||y||) and 6% (the count): the completing programs' serial sums are the cost.
 """
 from __future__ import annotations
 
