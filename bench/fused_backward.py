@@ -9,12 +9,14 @@ launch overhead; the minimum of --rounds rounds, methods alternated):
 * ``torch_compile``: HF's RMSNorm formula through ``torch.compile`` (Inductor's forward and backward kernels);
 * ``hf_eager``: HF's formula in eager PyTorch (~10 kernels each way);
 * ``backward_only``: our backward launch alone (dx and the dw partials, then their sum), from saved x, rstd and dy;
+* ``backward_only:<variant>`` (``--variants``): the same with the backward's tuning knobs set as in BWD_VARIANTS;
 
 and a device copy of x, so that ``floor_ms`` = (4 + 6 bytes per bf16 element: forward reads x and writes y, the
 backward reads x and dy and writes dx) / the copy's bandwidth. Every method's dx and dw are checked against the
 float64 autograd of HF's formula first.
 
     python bench/fused_backward.py --out bench/results/fused_backward_<gpu>.json
+    python bench/fused_backward.py --variants one_row_cap_64,cap_64 --shapes 64x4096x4096,16x4096x5120
     python bench/fused_backward.py --smoke     # tiny shapes, any device, TRITON_INTERPRET=1 on a CPU: checks only
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_variants import error_status, graph_time, parse_shapes, write_rows  # noqa: E402
+from fused_variants import error_status, graph_time, overridden, parse_shapes, write_rows  # noqa: E402
 from run_angle_bench import make_input  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
@@ -38,11 +40,23 @@ EPS = 1e-6
 # x, writes y, reads x and dy, writes dx; the backward alone the last three
 BYTES_PER_ELEMENT = {"backward_only": 6}
 BYTES_PER_ELEMENT_FWD_BWD = 10
+# the backward's tuning knobs (gainrl_kernels.rmsnorm_angle._BWD_*), timed as backward_only:<name>. At sm_90a, 16-bit:
+# one row a step on 16 warps capped at 64 registers lowers without spills at 4096 and 5120 (two programs per SM
+# instead of one); the 2-row tile capped at 64 spills ~290 bytes at 4096
+BWD_VARIANTS = {
+    "one_row_cap_64": {"_BWD_ROW_STEP": 1, "_BWD_MAXNREG": 64},
+    "one_row": {"_BWD_ROW_STEP": 1},
+    "cap_64": {"_BWD_MAXNREG": 64},
+    "cap_80": {"_BWD_MAXNREG": 80},
+    "8_per_sm": {"_BWD_PROGRAMS_PER_SM": 8},
+    "one_row_cap_64_8_per_sm": {"_BWD_ROW_STEP": 1, "_BWD_MAXNREG": 64, "_BWD_PROGRAMS_PER_SM": 8},
+}
 
 
-def step_fns(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, cu: torch.Tensor,
-             cuda: bool) -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
-    """name -> a call returning (dx, dw) of one forward + backward (x and w are leaves that require grad)."""
+def step_fns(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, cu: torch.Tensor, cuda: bool,
+             variants: tuple[str, ...] = ()) -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    """name -> a call returning (dx, dw) of one forward + backward (x and w are leaves that require grad), or of the
+    backward alone (``backward_only``, and ``backward_only:<v>`` for each of ``variants``, BWD_VARIANTS' names)."""
     def through(forward: Callable[[], torch.Tensor]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         def step():
             return torch.autograd.grad(forward(), (x, w), dy)
@@ -59,6 +73,15 @@ def step_fns(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, cu: torch.Tenso
     x2d = x.detach()
     rstd = M._forward(x2d, w.detach(), EPS, M._plain_plan(x2d), stats=False)[1]
     fns["backward_only"] = lambda: M._backward(x2d, w.detach(), rstd, dy)
+
+    def backward_with(settings: dict) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        def step():
+            with overridden(settings):  # read at launch: a graph captured in here keeps the variant's kernel
+                return M._backward(x2d, w.detach(), rstd, dy)
+        return step
+
+    for v in variants:
+        fns[f"backward_only:{v}"] = backward_with(BWD_VARIANTS[v])
     return fns
 
 
@@ -92,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--shapes", default="64x4096x4096,16x4096x2048,16x4096x5120,8x2048x896",
                    help="comma list of BxLxD (GPU only)")
+    p.add_argument("--variants", default="", help=f"comma list of backward variants to time beside backward_only "
+                   f"(known: {', '.join(BWD_VARIANTS)})")
     args = p.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = sorted(set(variants) - set(BWD_VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {', '.join(BWD_VARIANTS)}")
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     shapes = parse_shapes(args.shapes) if cuda else [(2, 16, 40)]
@@ -106,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         w = (torch.rand(dim, device=device) + 0.5).to(torch.bfloat16).requires_grad_(True)
         dy = torch.randn(x.shape, device=device).to(torch.bfloat16)
         dx_ref, dw_ref = reference_grads(x, w, dy)
-        fns = step_fns(x, w, dy, cu, cuda)
+        fns = step_fns(x, w, dy, cu, cuda, variants)
         shape_rows = {}
         for name, fn in fns.items():
             row = dict(B=batch, L=length, D=dim, method=name)
@@ -127,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                         shape_rows[name].update(status=error_status(e, "error timing"))
                         del best[name]
             for name, ms in best.items():
-                floor_ms = copy_ms * BYTES_PER_ELEMENT.get(name, BYTES_PER_ELEMENT_FWD_BWD) / 4
+                method = name.split(":")[0]  # a variant's bytes are its method's
+                floor_ms = copy_ms * BYTES_PER_ELEMENT.get(method, BYTES_PER_ELEMENT_FWD_BWD) / 4
                 shape_rows[name].update(ms=ms, floor_ms=floor_ms, vs_floor=ms / floor_ms)
-                if best.get("bare") and name != "backward_only":
+                if best.get("bare") and method != "backward_only":
                     shape_rows[name].update(vs_bare=ms / best["bare"])
         for name, r in shape_rows.items():
             timed = "ms" in r

@@ -38,7 +38,8 @@
 #
 # The optional `backward` step times forward + backward (bench/fused_backward.py: fused, bare, torch.compile, HF
 # eager, our backward alone; graph-timed, dx and dw checked first) into fused_backward.json, logged in
-# kernels_bench.log: GAINRL_GPU_CHECK_BACKWARD_SHAPES (BxLxD list, default the script's four), ~40-60 s.
+# kernels_bench.log: GAINRL_GPU_CHECK_BACKWARD_SHAPES (BxLxD list, default the script's four),
+# GAINRL_GPU_CHECK_BACKWARD_VARIANTS (comma list of the script's BWD_VARIANTS, timed beside backward_only), ~40-60 s.
 #
 # The optional `profile` step runs Nsight Compute (ncu, if the machine has it) on one bare and one fused forward
 # launch per shape (bench/profile_fused.py; GAINRL_GPU_CHECK_PROFILE_SHAPES, default "64x4096x4096 16x4096x2048")
@@ -321,7 +322,8 @@ if want backward; then
         step backward kernels_bench.log 120 "$PY" bench/fused_backward.py --smoke --out "$OUT/fused_backward.json"
     else
         step backward kernels_bench.log 150 "$PY" bench/fused_backward.py --out "$OUT/fused_backward.json" \
-            ${GAINRL_GPU_CHECK_BACKWARD_SHAPES:+--shapes "$GAINRL_GPU_CHECK_BACKWARD_SHAPES"}
+            ${GAINRL_GPU_CHECK_BACKWARD_SHAPES:+--shapes "$GAINRL_GPU_CHECK_BACKWARD_SHAPES"} \
+            ${GAINRL_GPU_CHECK_BACKWARD_VARIANTS:+--variants "$GAINRL_GPU_CHECK_BACKWARD_VARIANTS"}
     fi
 fi
 if [ -f "$OUT/fused_backward.json" ]; then

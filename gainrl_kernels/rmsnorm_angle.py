@@ -1246,12 +1246,19 @@ class _BwdConfig(NamedTuple):
     block_d: int
     num_warps: int
     block_d2: int = 0  # whole rows as two tiles: the tail's width (0: one tile)
+    maxnreg: Optional[int] = None  # register cap of the compiled whole-row kernel (None: ptxas decides)
 
 
 _BWD_ROW_MAX = 4096  # widest row (next_pow2(D)) the single-pass kernel holds in registers without spills
 # ... as one tile; up to this next_pow2(D) as two, _BWD_ROW_MAX columns and a power-of-two tail (5120 = 4096 + 1024),
 # one row a step
 _BWD_SPLIT_MAX = 8192
+# Tuning knobs of the whole-row backward, for bench/fused_backward.py's variants (defaults: the rules below). On an
+# H200 the default holds one 16-warp program per SM at 4096 and 5120 (114-128 registers); one row a step capped at
+# 64 registers lowers without spills for 16-bit rows (sm_90a) and fits two. Not timed yet, so not the default.
+_BWD_ROW_STEP: Optional[int] = None  # rows per step of one-tile rows (None: up to 4096 elements a step, >= 2)
+_BWD_MAXNREG: Optional[int] = None  # register cap of whole-row launches (None: uncapped)
+_BWD_PROGRAMS_PER_SM = 4  # grid cap: each program walks a contiguous range of rows
 _BWD_BLOCKED_TILE = (4, 512, 8)  # BLOCK_T, BLOCK_D, warps of the blocked kernel: 8 values per thread, <= 48 registers
 
 
@@ -1260,12 +1267,12 @@ def _bwd_config(dim: int) -> _BwdConfig:
     block_d = max(16, triton.next_power_of_2(dim))
     if _BWD_ROW_MAX < block_d <= _BWD_SPLIT_MAX:
         tail = max(16, triton.next_power_of_2(dim - _BWD_ROW_MAX))
-        return _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail)
+        return _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail, _BWD_MAXNREG)
     if block_d > _BWD_ROW_MAX:
         block_t, block_d, warps = _BWD_BLOCKED_TILE
         return _BwdConfig(True, block_t, block_d, warps)
-    block_t = max(2, min(16, 4096 // block_d))  # >= 2 rows keeps the aranges non-trivial
-    return _BwdConfig(False, block_t, block_d, _bwd_warps(block_t * block_d))
+    block_t = _BWD_ROW_STEP or max(2, min(16, 4096 // block_d))
+    return _BwdConfig(False, block_t, block_d, _bwd_warps(max(block_t * block_d, 2 * block_d)), 0, _BWD_MAXNREG)
 
 
 def _bwd_warps(tile: int) -> int:
@@ -1282,7 +1289,7 @@ def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: t
         return dx, torch.zeros_like(weight)
     cfg = _bwd_config(dim)
     if x2d.is_cuda:
-        max_progs = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
+        max_progs = _BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count
     else:
         max_progs = 4
     grid = min(triton.cdiv(rows, cfg.block_t), max_progs)
@@ -1296,6 +1303,7 @@ def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: t
         rows, dim, rows_per_prog, x2d.stride(0), x2d.stride(1), dy.stride(0), dy.stride(1),
         XT=_TL_DTYPE[x2d.dtype], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
         **({"BLOCK_D2": cfg.block_d2} if cfg.block_d2 else {}),
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None and x2d.is_cuda else {}),
     )
     return dx, part_dw.sum(0).to(weight.dtype)
 

@@ -44,10 +44,21 @@ def test_fused_backward_script(tmp_path):
     import fused_backward
 
     out = tmp_path / "backward.json"
-    assert fused_backward.main(["--smoke", "--out", str(out)]) == 0
+    variants = list(fused_backward.BWD_VARIANTS)
+    assert fused_backward.main(["--smoke", "--out", str(out), "--variants", ",".join(variants)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"fused", "bare", "hf_eager", "backward_only"}
+    assert {r["method"] for r in rows} == {"fused", "bare", "hf_eager", "backward_only",
+                                           *(f"backward_only:{v}" for v in variants)}
     assert all(r["status"].startswith("ok") for r in rows), rows
+    assert rmsnorm_module_knobs_restored()
+
+
+def rmsnorm_module_knobs_restored() -> bool:
+    """The variants' knobs are back at their defaults after the script (it sets them around each call only)."""
+    from gainrl_kernels import rmsnorm_angle as M
+
+    return M._BWD_ROW_STEP is None and M._BWD_MAXNREG is None and M._BWD_PROGRAMS_PER_SM == 4
+
 
 def test_walk_order_script(tmp_path):
     """Every row order of bench/walk_order.py gives HF's RMSNorm (checked inside the script, interpreter, tiny)."""
