@@ -147,6 +147,9 @@ step() {
 
 note "gpu_check.sh  mode=$([ "$DRY" = 1 ] && echo DRY-cpu || echo gpu)  start=$(date -u +%FT%TZ)  budget=${BUDGET}s  python=$PY$([ "$STEPS" != "$DEFAULT_STEPS" ] && echo "  steps=$STEPS")"
 note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo ' (+local changes)')"
+# the machine's .git may lag the tree copied there: the source fingerprint names the code that ran (match it with
+# `bash bench/source_fingerprint.sh COMMIT` on the development machine)
+note "source: $(bash bench/source_fingerprint.sh 2>/dev/null || echo unknown)"
 
 # ---------------------------------------------------------------------------------------------------- 1. environment
 env_report() {

@@ -118,3 +118,23 @@ def test_profile_fused_script(capsys):
     assert "bare then fused" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         profile_fused.main(["--shape", "3x4"])
+
+
+def test_source_fingerprint_matches_head():
+    """bench/source_fingerprint.sh gives the working tree's fingerprint that it gives HEAD's files, where the tree
+    is clean (a fresh clone: CI), so a GPU run's summary line can be matched to a commit."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("no git checkout")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "gainrl_kernels", "gainrl", "csrc", "bench",
+                            "tests"], cwd=root, capture_output=True, text=True).stdout
+    if dirty.strip():
+        pytest.skip("uncommitted changes in the fingerprinted directories")
+    script = str(root / "bench" / "source_fingerprint.sh")
+    here = subprocess.run(["bash", script], capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(["bash", script, "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert len(here) == 12 and here == head
+
