@@ -31,7 +31,7 @@ from run_kernels_bench import torch_rmsnorm  # noqa: E402
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 
-# name -> module constants to override ({}: the defaults). A variant that sets no _CUDA_ROWS* or _TRAIL* knob is one
+# name -> module constants to override ({}: the defaults). A variant that sets no _CUDA_ROWS* knob is one
 # of the Triton rows kernel and runs with _CUDA_ROWS = False (``rows_kernel_settings``): the CUDA rows kernel, the
 # default where the extension has it, would otherwise take its rows.
 VARIANTS: dict[str, dict] = {
@@ -59,12 +59,6 @@ VARIANTS: dict[str, dict] = {
     # 20 (results/fused_variants_h200_trail.json): as fast as the default (1.168-1.173 against 1.165 ms)
     "cuda_rows_chunk_255": {"_CUDA_ROWS": True, "_MAX_CHUNK": 255},
     "cuda_rows_chunk_257": {"_CUDA_ROWS": True, "_MAX_CHUNK": 257},
-    # the forward without a walk (gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each work item of
-    # this many rows summed from the L2 by the program that completes it. H200, session 20: 1.6-4.6x the bare kernel
-    "trail_64": {"_TRAIL": True, "_TRAIL_CHUNK": 64},
-    "trail_128": {"_TRAIL": True, "_TRAIL_CHUNK": 128},
-    "trail_256": {"_TRAIL": True, "_TRAIL_CHUNK": 256},
-    "trail_32": {"_TRAIL": True, "_TRAIL_CHUNK": 32},
     # fp32 rows in the CUDA rows kernel (8 values per thread; run with --dtype fp32, where the default takes the
     # Triton rows kernel); with 16-bit rows the same as cuda_rows. H200, session 20 (results/fused_variants_h200_
     # fp32.json): slower than Triton's, 0.387 / 0.831 against 0.308 / 0.587 ms at 16x4096x2048 / 4096
@@ -138,8 +132,8 @@ def parse_shapes(spec: str) -> list[tuple[int, ...]]:
 
 def rows_kernel_settings(name: str, settings: dict) -> dict:
     """``settings`` with ``_CUDA_ROWS = False`` added where the variant tunes the Triton rows kernel (no _CUDA_ROWS*
-    or _TRAIL* knob of its own; the default variant stays as it is)."""
-    if name == "default" or any(k.startswith(("_CUDA_ROWS", "_TRAIL")) for k in settings):
+    knob of its own; the default variant stays as it is)."""
+    if name == "default" or any(k.startswith("_CUDA_ROWS") for k in settings):
         return settings
     return {"_CUDA_ROWS": False, **settings}
 

@@ -19,7 +19,7 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
 * ``c1_norm``: one row per program that also stores 1 / ||y_t|| (a second block reduction); ``c1_norm_count``: and
   counts each group of 64 rows done (one atomic per program); ``trail_{C}``: and the program that completes each
   group of C rows sums the group's unit vectors from the L2 (the statistics without a walk: DRAM traffic of the
-  bare kernel plus one fp32 row per C rows; a prototype of gainrl_kernels/rmsnorm_angle_trail.py);
+  bare kernel plus one fp32 row per C rows; a prototype of the trail forward, removed in session 20 after it lost);
 * ``ticket_sm{N}``: a persistent grid of N programs per SM taking rows one at a time from an atomic counter (the
   order the hardware block scheduler hands out c1's programs, without its block launches).
 * ``sync{T}_c{C}_sm{k}``: a persistent grid of k programs per SM in lock step (``_sync_kernel``): iteration i's
@@ -228,8 +228,8 @@ def _sync_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, sums_ptr, bar_ptr, err_ptr, R, D
 _PAD = 64  # elements added to x's row pitch by the _pad orders (128 bytes in bf16)
 _MIN_TRAIL = 32  # smallest group of the trail orders
 # RT rows x SLICE columns per step of the trail sum (16 values per thread; a thread's share of a row slice is one
-# 16-byte copy), pipeline stages, as the full forward's (gainrl_kernels/rmsnorm_angle_trail.py): 63 registers at
-# sm_90a (c1's 64), where (8, 512, 3) takes 80 and spills
+# 16-byte copy), pipeline stages, as the full forward's (removed; e176011:gainrl_kernels/rmsnorm_angle_trail.py):
+# 63 registers at sm_90a (c1's 64), where (8, 512, 3) takes 80 and spills
 _TRAIL_TILE = (2, 1024, 4)
 _SYNC_SLOTS = 3  # partial rows per program in the sync orders' ring (see _sync_kernel)
 _SYNC_MAX_PER_SM = 2

@@ -27,7 +27,7 @@ Shapes and dtypes:
                  by :func:`padded_to_cu_seqlens` for padded [N, L, D] batches. Each sequence must occupy
                  consecutive rows in order (left or right padding). None: packed token t is row t.
 
-Forward algorithm (three launches with statistics, one without; no host sync, no atomics but in the _TRAIL option):
+Forward algorithm (three launches with statistics, one without; no host sync, no atomics):
   * ``_plan_kernel`` (one program) builds the work list on the device: per sequence the regions gap (rows in no
     sequence, e.g. padding), [0, o_0), the K segments [o_k, o_k+1), [o_K, len), then the gap after the last
     sequence; each region cut into chunks of at most ``chunk`` rows (256, fewer when there are under ~4 chunks
@@ -50,10 +50,6 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
     rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from
     D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json).
-  * or, with ``_TRAIL`` (off: an experiment that lost on an H200, 1.6-4.6x the bare kernel),
-    ``rmsnorm_angle_trail._fwd_trail_kernel`` on work items of at most ``_TRAIL_CHUNK`` rows: one row per program,
-    as the bare kernel, and each item's partials summed from the L2 by the program that completes it (no walk;
-    docs/fused_forward.md, sessions 19-20).
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -233,26 +229,15 @@ def _rms_out(x, rstd, w, YT: tl.constexpr, NATIVE_CAST: tl.constexpr):
 
 
 @triton.jit
-def _map_rows(map_ptr, item, row0, nrows, ok, MAP_BLOCK: tl.constexpr, MAP_Q: tl.constexpr):
-    """Row map entries of items ``item`` (rows [row0, row0 + nrows), any shape, masked by ``ok``): map[b] = item
-    for each block b of MAP_BLOCK rows whose first row the item holds (at most MAP_Q blocks per item)."""
-    first = (row0 + MAP_BLOCK - 1) // MAP_BLOCK
-    for q in tl.static_range(MAP_Q):
-        b = first + q
-        tl.store(map_ptr + b, item, mask=ok & (b * MAP_BLOCK < row0 + nrows))
-
-
-@triton.jit
 def _plan_kernel(
     cu_ptr, off_ptr, tok_ptr, n_packed, B, R, chunk, grid,
-    item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr, map_ptr,
+    item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr,
     K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_I: tl.constexpr, MAP_BLOCK: tl.constexpr = 0, MAP_Q: tl.constexpr = 0,
+    BLOCK_I: tl.constexpr,
 ):
     """The forward's work list in one program (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the
     last sequence end and the chunk count across blocks, each region's chunks written BLOCK_C at a time; then
-    spare items (0 rows) up to ``grid``. MAP_BLOCK > 0: also the row map (``_map_rows``; the items tile the rows
-    in order, so a row's item is its block's entry or one of the next few)."""
+    spare items (0 rows) up to ``grid``."""
     zero = tl.zeros([BLOCK_B], dtype=tl.int64)
     prev_max = tl.zeros([], dtype=tl.int64)  # largest sequence end so far
     n_items = tl.zeros([], dtype=tl.int64)  # chunks written so far
@@ -308,8 +293,6 @@ def _plan_kernel(
                 tl.store(item_nrows_ptr + item, tl.minimum(hi32[:, None] - row0, chunk), mask=w_ok)
                 tl.store(item_seg_ptr + item, seg32[:, None] + c * 0, mask=w_ok)
                 tl.store(item_pair_end_ptr + item, pair_end32[:, None] + c * 0, mask=w_ok)
-                if MAP_BLOCK > 0:
-                    _map_rows(map_ptr, item, row0, tl.minimum(hi32[:, None] - row0, chunk), w_ok, MAP_BLOCK, MAP_Q)
             base += n_reg
     # the gap after the last sequence, then spare programs
     tail_lo = tl.minimum(tl.maximum(prev_max, 0), R)
@@ -322,9 +305,6 @@ def _plan_kernel(
         tl.store(item_nrows_ptr + item, tl.minimum(tl.maximum(R - row0, 0), chunk).to(tl.int32), mask=mine)
         tl.store(item_seg_ptr + item, tl.full([BLOCK_I], -1, tl.int32), mask=mine)
         tl.store(item_pair_end_ptr + item, tl.zeros([BLOCK_I], dtype=tl.int32), mask=mine)
-        if MAP_BLOCK > 0:
-            _map_rows(map_ptr, item.to(tl.int32), row0.to(tl.int32),
-                      tl.minimum(tl.maximum(R - row0, 0), chunk).to(tl.int32), mine, MAP_BLOCK, MAP_Q)
 
 
 @triton.jit
@@ -967,17 +947,6 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
     896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True)}
 
 
-# The forward without a walk (gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each work item's
-# statistics summed from the L2 by the program that completes it, over items of at most _TRAIL_CHUNK rows. Off: an
-# experiment that lost on an H200 (bf16 graph replays, bench/results/fused_variants_h200_trail.json; default 1.165 ms
-# at 64x4096x4096, trail_32..256 1.86-2.21 ms; 16x4096x2048 0.156 against 0.36-0.60; docs/fused_forward.md, session
-# 20): each item's sum runs serially in one program. Takes the whole-row forward's rows (D <= _ROWS_MAX_BLOCK_D)
-# ahead of the CUDA rows kernel.
-_TRAIL = False
-_TRAIL_CHUNK = 64
-_TRAIL_MAP_BLOCK = 64  # rows per entry of the plan's row map (a row finds its item from its block's entry)
-
-
 class _FwdConfig(NamedTuple):
     """Forward launch shape: which kernel, rows per program (chunk), its [BLOCK_T, BLOCK_D] tile and warps."""
 
@@ -992,7 +961,7 @@ class _FwdConfig(NamedTuple):
 
 def _row_warps(tile: int, elem_size: int) -> int:
     """Warps of a step without statistics over ``tile`` values of ``elem_size`` bytes: ``_ROWS_BYTES_PER_THREAD``
-    of x per thread, 4 to ``_ROWS_MAX_WARPS`` (the bare kernel's rule; the trail forward's row programs too)."""
+    of x per thread, 4 to ``_ROWS_MAX_WARPS`` (the bare kernel's rule)."""
     return min(_ROWS_MAX_WARPS, max(4, tile * elem_size // (32 * _ROWS_BYTES_PER_THREAD)))
 
 
@@ -1068,9 +1037,6 @@ class _Plan(NamedTuple):
     seg_hi: torch.Tensor  # [B * K] int32 one past its last chunk
     count: torch.Tensor  # [B, K] int32
     nseg: int
-    # [cdiv(R, _TRAIL_MAP_BLOCK)] int32, the item holding each block's first row: only in a plan for the forward
-    # without a walk (``_TRAIL``), which takes the plan's rows when it has one
-    row_map: Optional[torch.Tensor] = None
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1102,28 +1068,20 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         return _plain_plan(x2d, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
     rows, dim = x2d.shape
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
-    trail = _TRAIL and cfg.rows  # the forward without a walk (its items and the row map it needs)
-    if trail:
-        cfg = cfg._replace(chunk=_TRAIL_CHUNK)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
-    row_map = torch.empty(triton.cdiv(rows, _TRAIL_MAP_BLOCK), dtype=torch.int32, device=dev) if trail else None
     _plan_kernel[(1,)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
-        row_map if trail else cu,  # a valid pointer the kernel never touches without the map (as the others)
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
         BLOCK_B=block_b, BLOCK_C=max(1, _PLAN_TILE // block_b), BLOCK_I=1024,
-        # an item of at most chunk rows holds at most cdiv(chunk, MAP_BLOCK) block starts
-        MAP_BLOCK=_TRAIL_MAP_BLOCK if trail else 0, MAP_Q=triton.cdiv(cfg.chunk, _TRAIL_MAP_BLOCK) if trail else 0,
     )
-    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg,
-                 row_map)
+    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1187,11 +1145,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     else:
         part_sum = part_q = part_adj = rstd  # never touched
     cfg = plan.cfg
-    if stats and plan.row_map is not None:  # a plan for the forward without a walk (``_TRAIL``)
-        from .rmsnorm_angle_trail import trail_forward
-
-        trail_forward(x2d, weight, y, rstd, plan, eps, part_sum, part_q, part_adj)
-    elif stats and cfg.rows and _cuda_rows_take(x2d, weight):
+    if stats and cfg.rows and _cuda_rows_take(x2d, weight):
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,

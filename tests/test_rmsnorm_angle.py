@@ -51,20 +51,16 @@ def triton_rows(monkeypatch) -> None:
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS", False)
 
 
-@pytest.fixture(params=["one_row", "row_tiles", "sliced", "trail"])
+@pytest.fixture(params=["one_row", "row_tiles", "sliced"])
 def fwd_kernel(request, monkeypatch) -> str:
     """Run a forward test with each forward path: whole rows in registers one row per step (the default from
     BLOCK_D = 1024 on: previous row kept, next prefetched), whole rows in 2-row steps (narrow rows; a chunk takes
     several steps and its last one may be partly masked), the column-sliced kernel (D > 4096) forced at small D
-    with 8-row chunks and 16-wide slices, and the opt-in forward without a walk (``_TRAIL``) on 3-row items. Other
-    test files run the default tiles."""
+    with 8-row chunks and 16-wide slices. Other test files run the default tiles."""
     if request.param == "one_row":
         monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
-    elif request.param in ("row_tiles", "trail"):
+    elif request.param == "row_tiles":
         monkeypatch.setattr(rmsnorm_module, "_ROWS_TILE", 128)
-        if request.param == "trail":
-            monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
-            monkeypatch.setattr(rmsnorm_module, "_TRAIL_CHUNK", 3)
     else:
         monkeypatch.setattr(rmsnorm_module, "_ROWS_MAX_BLOCK_D", 0)
         monkeypatch.setattr(rmsnorm_module, "_SLICED_TILE", (8, 16, 4))
@@ -334,64 +330,17 @@ def test_odd_chunks(chunk, one_row_min_d, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, cu, off))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("chunk,map_block", [(1, 64), (3, 4), (8, 4), (8, 64)])
-def test_trail_forward(dtype, chunk, map_block, monkeypatch):
-    """The forward without a walk (``_TRAIL``, gainrl_kernels/rmsnorm_angle_trail.py): one row per program, each
-    item's statistics summed by the program that completes it (items of 1, 3 or 8 rows: single-row items, items
-    ending mid-tile, pairs across item ends recomputed from x; rows find their item from a map of 4-row blocks,
-    several items per block, or of one 64-row block). y within a rounding step of the reference and of the default
-    forward's, the statistics those of y and the default's within fp32 rounding; ragged sequences with an empty and
-    a length-1 one, rows in no segment, a row stride that is not D."""
-    x, w, cu, off = ragged_rows(48, dtype, seed=13)
-    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
-    monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
-    monkeypatch.setattr(rmsnorm_module, "_TRAIL_CHUNK", chunk)
-    monkeypatch.setattr(rmsnorm_module, "_TRAIL_MAP_BLOCK", map_block)
-    plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
-    assert plan.cfg.chunk == chunk
-    row0, nrows, row_map = plan.item_row0.tolist(), plan.item_nrows.tolist(), plan.row_map.tolist()
-    for b, item in enumerate(row_map):  # each block's first row lies in its item
-        assert row0[item] <= b * map_block < row0[item] + nrows[item]
-    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
-    assert_matches_default(y, stats, y0, s0, x, w, cu, off)
-
-
-@pytest.mark.parametrize("dim", [600, *(pytest.param(d, marks=pytest.mark.skipif(DEV != "cuda", reason="GPU widths"))
-                                       for d in (896, 2048, 4096, 5120))])
-def test_trail_forward_wide_rows(dim, monkeypatch):
-    """The trailing sums over several column slices (D = 600: three 256-wide slices, the last partly masked; on a GPU
-    also model widths, compiled with the register cap) and items longer than a tile (64 rows: eight 8-row steps),
-    segments cut off the item grid; deterministic (two calls bitwise equal)."""
-    monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
-    lens = [1, 0, 140, 77, 2]
-    x = concentrated((sum(lens) + 2,), dim, seed=21).to(DEV, torch.bfloat16)
-    w = weight_of(dim, torch.bfloat16)
-    cu = cu_of(lens)
-    off = torch.tensor([[0, 0, 1], [0, 0, 0], [2, 70, 140], [0, 30, 77], [0, 1, 2]], dtype=torch.int32, device=DEV)
-    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
-    if DEV == "cuda":  # the hardware rsqrt may move round(x * rstd) by a step, and w * that by one more
-        torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), rtol=2**-6, atol=0)
-    else:
-        torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
-    assert_stats_close(stats, angle_stats_reference(y, cu, off), atol=1e-4)
-    y2, stats2 = rmsnorm_angle(x, w, EPS, cu, off)
-    assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(stats, stats2))
-
-
 @pytest.mark.parametrize("seed", range(6))
-def test_trail_forward_random_batches(seed, monkeypatch):
-    """The forward without a walk on random ragged batches: dtype, D, sequence lengths (empty ones included), segment
-    offsets anywhere in [0, len] (rows before, between and after the segments), rows in no sequence, packed or
-    padded (``token_index``), item size and row-map block drawn from the seed; y against the reference and the bare
-    kernel's, the statistics those of y."""
+def test_forward_random_batches(seed, monkeypatch):
+    """The fused forward on random ragged batches: dtype, D, sequence lengths (empty ones included), segment offsets
+    anywhere in [0, len] (rows before, between and after the segments), rows in no sequence, packed or padded
+    (``token_index``), rows per chunk at most 1, 2, 5 or 16, drawn from the seed; y against the reference and the
+    bare kernel's, the statistics those of y."""
     g = torch.Generator().manual_seed(200 + seed)
     pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
     dtype = pick([torch.bfloat16, torch.float16, torch.float32])
     dim = int(torch.randint(8, 80, (1,), generator=g))
-    monkeypatch.setattr(rmsnorm_module, "_TRAIL", True)
-    monkeypatch.setattr(rmsnorm_module, "_TRAIL_CHUNK", pick([1, 2, 5, 16]))
-    monkeypatch.setattr(rmsnorm_module, "_TRAIL_MAP_BLOCK", pick([1, 4, 64]))
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", pick([1, 2, 5, 16]))
     n_seq, n_seg = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
     lens = torch.randint(0, 30, (n_seq,), generator=g)
     off = torch.sort(torch.randint(0, 31, (n_seq, n_seg + 1), generator=g), dim=1).values

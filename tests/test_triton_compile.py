@@ -192,18 +192,15 @@ def _rmsnorm_angle_cases():
                 dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                      **({} if cfg.blocked else {"BLOCK_D2": cfg.block_d2})), cfg.num_warps,
             )
-    # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256); the second
-    # also with the trail forward's row map (64-row blocks, items of up to 64 rows)
-    for (n_seg, has_off, has_tok), block_b, row_map in zip(((1, False, False), (3, True, True), (3, True, True)),
-                                                           (16, 256, 256), (False, False, True)):
+    # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256)
+    for (n_seg, has_off, has_tok), block_b in zip(((1, False, False), (3, True, True)), (16, 256)):
         yield Case(
-            f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}{'-map' if row_map else ''}",
-            M._plan_kernel,
+            f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}", M._plan_kernel,
             dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
                  grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
-                 item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32", map_ptr="*i32"),
+                 item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32"),
             dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=M._PLAN_TILE // block_b,
-                 BLOCK_I=1024, MAP_BLOCK=M._TRAIL_MAP_BLOCK if row_map else 0, MAP_Q=3 if row_map else 0), 4,
+                 BLOCK_I=1024), 4,
         )
     yield Case(
         "rmsnorm_reduce", M._reduce_kernel,
@@ -245,36 +242,10 @@ def _concentration_cases():
         )
 
 
-def _rmsnorm_trail_cases():
-    """The forward without a walk (``rmsnorm_angle._TRAIL``, not the default) at its launch shapes, fp32 and bf16,
-    model widths and the widest whole row."""
-    from gainrl_kernels import rmsnorm_angle as M
-    from gainrl_kernels import rmsnorm_angle_trail as T
-
-    for dt, size in (("fp32", 4), ("bf16", 2)):
-        sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
-        sig = dict(x_ptr=sig["x_ptr"], w_ptr=sig["w_ptr"], y_ptr=sig["y_ptr"], rstd_ptr="*fp32", inv_ptr="*fp32",
-                   done_ptr="*i32", map_ptr="*i32",
-                   **{k: v for k, v in sig.items() if k not in ("x_ptr", "w_ptr", "y_ptr", "rstd_ptr", "chunk")},
-                   grid="i32", inv_stride="i32")
-        for dim in (896, 2048, 4096, 8192):
-            cfg = T.trail_config(dim, size)
-            yield Case(
-                f"rmsnorm_fwd_trail-{dt}-BD{cfg.block_d}-W{cfg.num_warps}{f'-R{cfg.maxnreg}' if cfg.maxnreg else ''}",
-                T._fwd_trail_kernel, sig,
-                dict(YT=tl.bfloat16 if dt == "bf16" else tl.float32, NATIVE_CAST=True, RSQRT_INV=True,
-                     RSQRT_RSTD=True, BLOCK_D=cfg.block_d, RT=cfg.rt, SLICE=cfg.slice_d, STAGES=cfg.stages,
-                     MAP_BLOCK=M._TRAIL_MAP_BLOCK, __aligned__=contiguous_launch_hints(sig)),
-                cfg.num_warps, cfg.maxnreg,
-            )
-    assert M._TRAIL is False  # an experiment: the default forward is the one lowered above
-
-
 def all_cases():
     yield from _angle_cases()
     yield from _concentration_cases()
     yield from _rmsnorm_angle_cases()
-    yield from _rmsnorm_trail_cases()
     yield from _pairwise_cases()
 
 
