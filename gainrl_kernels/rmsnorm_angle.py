@@ -1226,7 +1226,8 @@ def _bwd_config(dim: int) -> _BwdConfig:
         block_t, block_d, warps = _BWD_BLOCKED_TILE
         return _BwdConfig(True, block_t, block_d, warps)
     block_t = _BWD_ROW_STEP or max(2, min(16, 4096 // block_d))
-    return _BwdConfig(False, block_t, block_d, _bwd_warps(max(block_t * block_d, 2 * block_d)), 0, _BWD_MAXNREG)
+    # warps of at least a 2-row tile: one row a step (_BWD_ROW_STEP = 1) keeps the default's warps
+    return _BwdConfig(False, block_t, block_d, _bwd_warps(max(block_t, 2) * block_d), 0, _BWD_MAXNREG)
 
 
 def _bwd_warps(tile: int) -> int:

@@ -50,14 +50,9 @@ def test_fused_backward_script(tmp_path):
     assert {r["method"] for r in rows} == {"fused", "bare", "hf_eager", "backward_only",
                                            *(f"backward_only:{v}" for v in variants)}
     assert all(r["status"].startswith("ok") for r in rows), rows
-    assert rmsnorm_module_knobs_restored()
+    from gainrl_kernels import rmsnorm_angle as M  # the variants' knobs are set around each call only
 
-
-def rmsnorm_module_knobs_restored() -> bool:
-    """The variants' knobs are back at their defaults after the script (it sets them around each call only)."""
-    from gainrl_kernels import rmsnorm_angle as M
-
-    return M._BWD_ROW_STEP is None and M._BWD_MAXNREG is None and M._BWD_PROGRAMS_PER_SM == 4
+    assert M._BWD_ROW_STEP is None and M._BWD_MAXNREG is None and M._BWD_PROGRAMS_PER_SM == 4
 
 
 def test_walk_order_script(tmp_path):
