@@ -27,6 +27,10 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   program has finished iteration i - 1 and adds that iteration's partials, for its own column slice, into
   segment sums (checked against torch); ``nosync...``: the partials written, no wait and no combine. GPU only with
   more than one program (the interpreter runs programs one after another, so it runs one).
+* ``atomic_c{C}`` / ``atomic_t{T}_c{C}``: the c / t orders whose programs also sum their chunk's unit vectors in
+  registers and add the sum into its segment's fp32 sum row with relaxed atomics (``_atomic_kernel``; vector
+  reductions on sm_90, held in the L2; no fixed summation order; checked against torch); ``unflushed_...``: the same
+  sums computed, not added. They price a forward that keeps a short-chunk order that keeps up, by atomics per row.
 
 Graph-timed; each order's y (and the trail orders' sums) is checked against torch first. H200, 2026-11-27
 (bench/results/walk_order_h200*.json, docs/fused_forward.md "session 18"): at 64x4096x4096 every walk is 7-12%
@@ -160,6 +164,44 @@ def _trail_kernel(x_ptr, w_ptr, y_ptr, inv_ptr, part_ptr, done_ptr, R, D, pitch,
 
 
 @triton.jit
+def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BLOCK_D: tl.constexpr,
+                   TILE_R: tl.constexpr, ROWS: tl.constexpr, EACH: tl.constexpr):
+    """Each program normalises a chunk of ROWS rows (TILE_R a step, 4 warps a row; G % ROWS == 0, so a chunk lies
+    in one segment of G rows, as the fused forward's work items do) and adds the unit vectors y_t / ||y_t|| into
+    its segment's fp32 sum row (sums_ptr, zeroed by the caller) with relaxed atomics: vector reductions on sm_90,
+    held in the L2, in no fixed order. EACH: how often a program adds: "chunk" (once, summed in registers across
+    steps: an accumulator row held), "step" (each step, the tile's rows summed across warps first) or "row" (every
+    row its own). flush = 0: the same sums computed, nothing added (a run-time flag, so the compiler keeps them)."""
+    pid = tl.program_id(0)
+    r0 = pid.to(tl.int64) * ROWS
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    k = tl.arange(0, TILE_R)[:, None]
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    sp = sums_ptr + (r0 // G) * D + cols[None, :]
+    acc = tl.zeros([TILE_R, BLOCK_D], dtype=tl.float32)
+    for i in range(0, ROWS // TILE_R):
+        row = r0 + i * TILE_R + k
+        m = cm[None, :] & (row < R)
+        x = tl.load(x_ptr + row * pitch + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
+        yt = y_ptr.dtype.element_ty
+        y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)
+        tl.store(y_ptr + row * D + cols[None, :], y, mask=m)
+        yf = y.to(tl.float32)
+        u = yf * tl.math.rsqrt(tl.maximum(tl.sum(yf * yf, axis=1, keep_dims=True), 1e-24))  # 1 / max(||y||, 1e-12)
+        if EACH == "chunk":
+            acc += u
+        elif flush == 1:
+            if EACH == "step":
+                tl.atomic_add(sp, tl.sum(u, axis=0, keep_dims=True), mask=cm[None, :], sem="relaxed")
+            else:
+                tl.atomic_add(sp + k * 0, u, mask=m, sem="relaxed")
+    if EACH == "chunk" and flush == 1:
+        tl.atomic_add(sp, tl.sum(acc, axis=0, keep_dims=True), mask=cm[None, :], sem="relaxed")
+
+
+@triton.jit
 def _sync_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, sums_ptr, bar_ptr, err_ptr, R, D, pitch, eps, C, G, n_iter,
                  spin_limit, BLOCK_D: tl.constexpr, TILE_R: tl.constexpr, SL: tl.constexpr, P_BLOCK: tl.constexpr,
                  SLOTS: tl.constexpr, SYNC: tl.constexpr):
@@ -274,6 +316,9 @@ class Order(NamedTuple):
     reduce: bool = True  # trail: the sum itself (False: the per-group count alone)
     sync: str = ""  # "sync": a persistent grid in lock step, partials combined in the L2 (_sync_kernel); "nosync":
     # the same partials written, nothing waits or is combined
+    atomic: str = ""  # "atomic": each chunk's unit-vector sum added into its segment's sum by fp32 atomics
+    # (_atomic_kernel); "unflushed": the same sums computed, not added
+    each: str = "step"  # atomic: added once a chunk, each step or each row (_atomic_kernel's EACH)
 
 
 class Scratch(NamedTuple):
@@ -313,6 +358,13 @@ def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: O
                                              num_warps=4)
     if o.sync:
         return _sync_launch(x, w, y, o, scratch, eps)
+    if o.atomic:
+        seg = sync_segment(x)
+        assert seg % o.rows == 0 and o.rows % o.tile_r == 0
+        scratch.sums[:triton.cdiv(R, seg)].zero_()  # part of the order's cost, as it would be the forward's
+        return _atomic_kernel[(o.programs,)](x, w, y, scratch.sums, R, D, x.stride(0), eps, seg,
+                                             int(o.atomic == "atomic"), BLOCK_D=block_d, TILE_R=o.tile_r,
+                                             ROWS=o.rows, EACH=o.each, num_warps=4 * o.tile_r)
     if o.norm:
         if o.trail:
             scratch.done[:triton.cdiv(R, o.trail)].zero_()
@@ -349,12 +401,12 @@ def _sync_launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, sc
 
 
 def check_sync(y: torch.Tensor, o: Order, scratch: Scratch) -> str:
-    """The sync orders' segment sums of y_t / ||y_t|| against torch (fp32 sums: 1e-4 relative): "ok" or what
-    differs (recorded; the order is timed either way, its bytes do not depend on it). Raises if a wait gave up.
-    The nosync orders combine nothing: "not combined"."""
+    """The sync and atomic orders' segment sums of y_t / ||y_t|| against torch (fp32 sums: 1e-4 relative): "ok" or
+    what differs (recorded; the order is timed either way, its bytes do not depend on it). Raises if a wait gave
+    up. The nosync and unflushed orders add nothing: "not combined"."""
     if scratch.err.item():
         raise RuntimeError("a sync wait gave up (err flag set)")
-    if o.sync != "sync":
+    if o.sync not in ("", "sync") or o.atomic not in ("", "atomic"):
         return "not combined"
     seg = sync_segment(y)
     yf = y.float()
@@ -422,6 +474,19 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
         out[f"sync{t}_c{c}_sm{per_sm}"] = Order(c, 1, per_sm * n_sm, tile_r=t, sync="sync")
     for t, c, per_sm in ((8, 8, 1), (8, 16, 1), (4, 16, 1)):
         out[f"nosync{t}_c{c}_sm{per_sm}"] = Order(c, 1, per_sm * n_sm, tile_r=t, sync="nosync")
+    # session 21: a forward without a fixed summation order. Unit-vector sums go into their segment's fp32 sum by
+    # relaxed vector atomics that stay in the L2: no partial row reaches the DRAM, so the orders that keep up (c1,
+    # t2_c2, t4_c8) cost atomics instead of bytes. How many the L2 takes alongside the stream: one add per row
+    # (c1), per 2 rows (t2) or per 4 (t4, 16 warps: 60-64 registers at sm_90a, two programs per SM as t4_c8),
+    # against the same sums computed and not added. _acc: one add per chunk from an accumulator row held across
+    # steps (t4_c8_acc: ~100 registers, one program per SM; c-orders so would take 128 and half c1's programs)
+    for t, c in ((1, 1), (2, 2), (4, 4), (2, 8), (4, 8), (4, 16)):
+        name = f"c{c}" if t == 1 else f"t{t}_c{c}"
+        out[f"atomic_{name}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t, atomic="atomic", each="step")
+    out["atomic_t4_c8_acc"] = Order(8, 1, cdiv(n_rows, 8), tile_r=4, atomic="atomic", each="chunk")
+    for t, c in ((1, 1), (4, 4), (4, 8)):
+        name = f"c{c}" if t == 1 else f"t{t}_c{c}"
+        out[f"unflushed_{name}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t, atomic="unflushed", each="step")
     # one row per program plus the unit-vector statistics without a walk: 1 / ||y_t|| per row (c1_norm), and each
     # group's sum re-read from the L2 by the group's last program (trail_{C})
     out["c1_norm"] = Order(1, 1, n_rows, norm=True)
@@ -479,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
                 if o.norm:
                     check_trail(y, o, scratch)
-                if o.sync:
+                if o.sync or o.atomic:
                     row.update(sums=check_sync(y, o, scratch))
                 row.update(status="ok", registers=getattr(k, "n_regs", None))
                 if cuda and not args.no_time:
