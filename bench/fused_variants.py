@@ -113,6 +113,13 @@ VARIANTS: dict[str, dict] = {
     "chunk_128": {"_MAX_CHUNK": 128},  # the default before session 16 (chunk_256 in the tables before it)
     "chunk_512": {"_MAX_CHUNK": 512},
     "sliced": {"_ROWS_MAX_BLOCK_D": 0},  # the column-sliced kernel (the default above D = 8192)
+    # session 21, not yet timed: statistics in no fixed order (_UNORDERED). Chunks of at most C rows add their sums
+    # into the outputs by relaxed fp32 atomics (vector reductions on sm_90) and no reduce kernel runs, so short
+    # chunks cost no partial-row bytes; the walk's window shrinks with C (docs/fused_forward.md "session 20").
+    # The CUDA rows kernel (16-bit rows) and the Triton one; each row also times the work list alone (plan_ms)
+    **{f"unordered_c{c}": {"_CUDA_ROWS": True, "_UNORDERED": True, "_UNORDERED_CHUNK": c}
+       for c in (2, 4, 8, 16, 32, 64)},
+    **{f"unordered_triton_c{c}": {"_CUDA_ROWS": False, "_UNORDERED": True, "_UNORDERED_CHUNK": c} for c in (4, 8, 16)},
 }
 
 
@@ -247,8 +254,11 @@ def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: to
     # against the bare time prices the chunked walk itself, and the fused time against this the statistics' work
     off = torch.zeros(cu.numel() - 1, 2, dtype=torch.int32, device=x.device)
     no_seg = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, off, validate=False), args.reps)
-    return dict(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare, eager_ms=eager * 1e3,
-                no_segments_ms=no_seg * 1e3)
+    out = dict(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare, eager_ms=eager * 1e3,
+               no_segments_ms=no_seg * 1e3)
+    if M._UNORDERED:  # short chunks: many more work items than the default's (the plan_only row)
+        out.update(plan_ms=graph_time(lambda: M._stats_plan(x, cu, None, None), args.reps) * 1e3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             if "fused_ms" in row:
                 print(f"| {batch} | {length} | {dim} | {name} | {row['bare_ms']:.3f} | {row['fused_ms']:.3f} | "
                       f"{row['ratio']:.3f} | {row['ratio_vs_default_bare']:.3f} | {row['eager_ms']:.3f} | "
-                      f"{row['bw_frac_of_copy']:.2f} | {row['no_segments_ms']:.3f} |", flush=True)
+                      f"{row['bw_frac_of_copy']:.2f} | {row['no_segments_ms']:.3f} |"
+                      + (f" plan alone {row['plan_ms']:.3f} ms" if "plan_ms" in row else ""), flush=True)
             else:
                 print(f"| {batch} | {length} | {dim} | {name} | {row['status']} |||||||", flush=True)
             write_rows(args.out, rows, cuda)

@@ -24,7 +24,7 @@
 //     warps per SM, ~2000 warp instructions a row step (bench/cuda_rows_static.py);
 //   * a chunk in no segment takes a second copy of the row loop without the statistics (y and rstd only).
 // Thread i holds columns of vectors j * blockDim.x + i (coalesced), V = 16 / sizeof(T) values per vector, NV
-// vectors. Deterministic: fixed summation orders, no atomics.
+// vectors. Deterministic: fixed summation orders, no atomics (unless asked for the unordered statistics, below).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
                 const int* __restrict__ item_pair_end, float* __restrict__ part_sum, float* __restrict__ part_q,
-                float* __restrict__ part_adj, int64_t R, int D, float eps) {
+                float* __restrict__ part_adj, int64_t R, int D, float eps, int unordered_k) {
   constexpr int V = 16 / sizeof(T);
   using Vec = Vec16<T>;
   using PairT = Pair<T>;
@@ -450,20 +450,35 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
             acc[j][e] = make_float2(fmaf(g.x, inv_prev, acc[j][e].x), fmaf(g.y, inv_prev, acc[j][e].y));
           }
       }
-      float* out = part_sum + int64_t(item) * D;
+      // unordered_k > 0: added into the segment's sums (part_sum is unit_sum [B * K, D], part_q sq_norm [B * K],
+      // part_adj adjacent [B], K = unordered_k) by relaxed atomics, in no fixed order; else the item's partials
+      const bool add = unordered_k > 0;
+      const int seg = item_seg[item];  // read again here: a register less through the row loop
+      float* out = part_sum + int64_t(add ? seg : item) * D;
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
         const int vi = j * threads + tid;
         if (vi < n_vec) {
 #pragma unroll
-          for (int e = 0; e < P; e += 2)
-            *reinterpret_cast<float4*>(out + int64_t(vi) * V + 2 * e) =
-                make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
+          for (int e = 0; e < P; e += 2) {
+            float* o = out + int64_t(vi) * V + 2 * e;
+            const float4 v = make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
+            if (add) {
+              red_add4(o, v);
+            } else {
+              *reinterpret_cast<float4*>(o) = v;
+            }
+          }
         }
       }
       if (tid == 0) {
-        part_q[item] = q;
-        part_adj[item] = adj;
+        if (add) {
+          red_add(part_q + seg, q);
+          red_add(part_adj + seg / unordered_k, adj);
+        } else {
+          part_q[item] = q;
+          part_adj[item] = adj;
+        }
       }
     }
   };
@@ -501,7 +516,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   emu_cp_async_reset(threads);
   gainrl_emu::launch_smem(smem, kernel, dim3(static_cast<unsigned>(a.grid)), dim3(threads), x, a.stride_r,
                           a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
+                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.unordered_k);
   return cudaSuccess;
 #else
   // Opt in to this much dynamic shared memory, once per device and size (then graph-capture safe), whatever the
@@ -520,7 +535,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   }
   kernel<<<dim3(static_cast<unsigned>(a.grid)), dim3(threads), smem, stream>>>(
       x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
+      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.unordered_k);
   return cudaGetLastError();
 #endif
 }

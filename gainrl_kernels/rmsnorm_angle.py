@@ -427,15 +427,37 @@ def _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS: tl.constexp
 
 
 @triton.jit
+def _put_row(part_sum_ptr, pid, seg, D, cols, c_ok, v, ATOMIC: tl.constexpr):
+    """A chunk's Σ u over columns ``cols`` (fp32): its partial row (row ``pid`` of part_sum [G, D]) or, ATOMIC, added
+    into its segment's sum (row ``seg`` of unit_sum [B*K, D]) by relaxed fp32 atomics, in no fixed order."""
+    if ATOMIC:
+        tl.atomic_add(part_sum_ptr + seg.to(tl.int64) * D + cols, v, mask=c_ok, sem="relaxed")
+    else:
+        tl.store(part_sum_ptr + pid.to(tl.int64) * D + cols, v, mask=c_ok)
+
+
+@triton.jit
+def _put_scalars(part_q_ptr, part_adj_ptr, pid, seg, nseg, q, adj, ATOMIC: tl.constexpr):
+    """A chunk's Σ ||u||² and pair sum: its partials (entry ``pid``) or, ATOMIC, added into sq_norm [B*K] at ``seg``
+    and adjacent [B] at its sequence ``seg // nseg``."""
+    if ATOMIC:
+        tl.atomic_add(part_q_ptr + seg, q, sem="relaxed")
+        tl.atomic_add(part_adj_ptr + seg // nseg, adj, sem="relaxed")
+    else:
+        tl.store(part_q_ptr + pid, q)
+        tl.store(part_adj_ptr + pid, adj)
+
+
+@triton.jit
 def _fwd_rows_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
     part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, eps, chunk,
+    R, D, stride_r, eps, chunk, nseg,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFETCH: tl.constexpr = 0, PREFETCH_L1: tl.constexpr = False, X_EVICT: tl.constexpr = "",
-    PIPELINE: tl.constexpr = 0, BLOCK_D2: tl.constexpr = 0,
+    PIPELINE: tl.constexpr = 0, BLOCK_D2: tl.constexpr = 0, ATOMIC: tl.constexpr = False,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -562,7 +584,7 @@ def _fwd_rows_kernel(
                         inv = _inv_norm(tl.sum(y * y, axis=1), RSQRT_INV)
                         adj_acc += tl.sum(y * y_prev, axis=1) * inv_prev * inv
                 if BLOCK_D2 > 0:
-                    tl.store(part_sum_ptr + pid.to(tl.int64) * D + d2, tl.sum(acc2, axis=0), mask=d2_ok)
+                    _put_row(part_sum_ptr, pid, seg, D, d2, d2_ok, tl.sum(acc2, axis=0), ATOMIC)
             else:
                 for r0 in range(row0, row_end, BLOCK_T):
                     rows = r0 + t
@@ -585,9 +607,9 @@ def _fwd_rows_kernel(
                     acc += y * inv[:, None]  # masked rows are 0
                     q_acc += tl.where(r_ok, nn * inv * inv, 0.0)
                     adj_acc += tl.where(p_ok, tl.sum(y * y1, axis=1) * inv * inv1, 0.0)
-            tl.store(part_sum_ptr + pid.to(tl.int64) * D + dd, tl.sum(acc, axis=0), mask=d_ok)
-            tl.store(part_q_ptr + pid, tl.sum(q_acc, axis=0))
-            tl.store(part_adj_ptr + pid, tl.sum(adj_acc, axis=0))
+            _put_row(part_sum_ptr, pid, seg, D, dd, d_ok, tl.sum(acc, axis=0), ATOMIC)
+            _put_scalars(part_q_ptr, part_adj_ptr, pid, seg, nseg, tl.sum(q_acc, axis=0), tl.sum(adj_acc, axis=0),
+                         ATOMIC)
         else:
             for r0 in range(row0, row_end, BLOCK_T):
                 rows = r0 + t
@@ -615,9 +637,10 @@ def _fwd_sliced_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
     part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, eps, chunk,
+    R, D, stride_r, eps, chunk, nseg,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC: tl.constexpr = False,
 ):
     """Any D: one chunk of BLOCK_T rows per program, three passes over BLOCK_D column slices (rows too wide for
     registers). Pass A sums x² (rows t and t+1), pass B writes y and sums ||y_t||², ||y_{t+1}||², y_t . y_{t+1},
@@ -681,10 +704,10 @@ def _fwd_sliced_kernel(
             sq = tl.sum(nn, axis=1)
             inv = _inv_norm(sq, RSQRT_INV)
             inv1 = _inv_norm(tl.sum(nn1, axis=1), RSQRT_INV)
-            tl.store(part_adj_ptr + pid, tl.sum(tl.where(p_ok, tl.sum(dot, axis=1) * inv * inv1, 0.0), axis=0))
-            tl.store(part_q_ptr + pid, tl.sum(tl.where(r_ok, sq * inv * inv, 0.0), axis=0))
+            q = tl.sum(tl.where(r_ok, sq * inv * inv, 0.0), axis=0)
+            adj = tl.sum(tl.where(p_ok, tl.sum(dot, axis=1) * inv * inv1, 0.0), axis=0)
+            _put_scalars(part_q_ptr, part_adj_ptr, pid, seg, nseg, q, adj, ATOMIC)
             # pass C: the chunk's sum of unit vectors
-            part_row = part_sum_ptr + pid.to(tl.int64) * D
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_ok = dd < D
@@ -692,7 +715,7 @@ def _fwd_sliced_kernel(
                 x = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=r_ok[:, None] & d_ok[None, :],
                             other=0.0).to(tl.float32)
                 u = _rms_out(x, rstd, w, YT, NATIVE_CAST) * inv[:, None]
-                tl.store(part_row + dd, tl.sum(u, axis=0), mask=d_ok)
+                _put_row(part_sum_ptr, pid, seg, D, dd, d_ok, tl.sum(u, axis=0), ATOMIC)
 
 
 @triton.jit
@@ -860,7 +883,8 @@ _ROWS_STATS_MIN_WARPS = (2048, 8)  # (from this BLOCK_D on, at least this many w
 # spills) nor for fp32 (88 at sm_90a)
 _ROWS_STATS_REGISTER_CAP: dict[tuple[int, int, int], tuple[int, int]] = {(9, 4096, 2): (4, 168)}
 _ROWS_MAX_WARPS = 16
-_PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step
+_PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step (chunks of 128 rows or more)
+_PLAN_MAX_TILE = 4096  # ... at most, for shorter chunks, on 8 warps (8192 spills at sm_80: K = 3, 256 sequences a step)
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
 # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x (and the reduce reads it
 # back). 128 -> 256, H100 bf16, two runs (variant chunk_256 of bench/results/fused_variants_h100.json and
@@ -871,6 +895,16 @@ _MAX_CHUNK = 256
 # 1.436), 16x4096x5120 0.508 -> 0.446, 16x4096x2048 0.197 -> 0.182, 8x2048x896 0.0275 -> 0.0228 ms
 # (bench/results/fused_variants_h100_register_cap.json, variants bare_chunk_*; fused_variants_h100.json: today's)
 _BARE_MAX_CHUNK = 1
+# Statistics in no fixed summation order (an opt-in experiment, off by default; not yet timed on a GPU): each chunk
+# adds its Σ u, Σ ||u||² and pair sum straight into unit_sum / sq_norm / adjacent (zeroed first) by relaxed fp32
+# atomics (vector reductions on sm_90, held in the L2) instead of writing partials for the reduce kernel, which is
+# not launched. No partial row reaches the DRAM, so chunks can be short: _UNORDERED_CHUNK rows at most. The walk's
+# cost grows with the rows in flight (programs in flight x chunk; H200, docs/fused_forward.md "session 20": +1.3%
+# at 2 rows, +3% at 4, +5% at 8, +7.5% at 256), while 256-row chunks with partials cost 10% at 64x4096x4096. The
+# results agree with the deterministic forward's to fp32 rounding but vary from run to run in the last bits.
+# bench/fused_variants.py variants unordered_*; bench/walk_order.py atomic_* price the atomics alone
+_UNORDERED = False
+_UNORDERED_CHUNK = 8
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
 # sums a stacked tensor in another order than tl.sum)
@@ -1003,7 +1037,7 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
         return _FwdConfig(False, block_t, block_t, block_d, warps)
     block_t = 1 if block_d >= _ROWS_ONE_ROW_MIN_D else max(1, min(16, _ROWS_TILE // block_d))
     target = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
-    chunk = _MAX_CHUNK if stats else _BARE_MAX_CHUNK
+    chunk = (_UNORDERED_CHUNK if _UNORDERED else _MAX_CHUNK) if stats else _BARE_MAX_CHUNK
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
     maxnreg = None
@@ -1022,6 +1056,13 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
         warps = _row_warps(block_t * block_d, elem_size)
     warps = min(_ROWS_MAX_WARPS, max(4, warps))
     return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg, block_d2)
+
+
+def _plan_tile(chunk: int) -> tuple[int, int]:
+    """(chunks per step, warps) of the work-list kernel for chunks of ``chunk`` rows: ``_PLAN_TILE`` from 128 rows
+    on, proportionally more for shorter chunks (the unordered forward's), up to ``_PLAN_MAX_TILE`` on 8 warps."""
+    tile = min(_PLAN_MAX_TILE, _PLAN_TILE * max(1, 128 // max(chunk, 1)))
+    return tile, 4 if tile <= 2 * _PLAN_TILE else 8
 
 
 class _Plan(NamedTuple):
@@ -1074,12 +1115,13 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
+    tile, plan_warps = _plan_tile(cfg.chunk)
     _plan_kernel[(1,)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=block_b, BLOCK_C=max(1, _PLAN_TILE // block_b), BLOCK_I=1024,
+        BLOCK_B=block_b, BLOCK_C=max(1, tile // block_b), BLOCK_I=1024, num_warps=plan_warps,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 
@@ -1132,13 +1174,17 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     rstd = torch.empty(rows, dtype=torch.float32, device=dev)
     batch, nseg = plan.count.shape
     stats = stats and batch * nseg > 0 and rows > 0
-    alloc = torch.empty if stats else torch.zeros  # with statistics the reduce kernel writes every entry
+    unordered = stats and _UNORDERED
+    # with ordered statistics the reduce kernel writes every entry; unordered ones are added into zeros
+    alloc = torch.empty if stats and not unordered else torch.zeros
     unit_sum = alloc(batch, nseg, dim, dtype=torch.float32, device=dev)
     sq_norm = alloc(batch, nseg, dtype=torch.float32, device=dev)
     adjacent = alloc(batch, dtype=torch.float32, device=dev)
     if rows == 0:
         return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
-    if stats:
+    if unordered:  # the chunks add into the outputs themselves
+        part_sum, part_q, part_adj = unit_sum, sq_norm, adjacent
+    elif stats:
         part_sum = torch.empty(plan.grid, dim, dtype=torch.float32, device=dev)
         part_q = torch.empty(plan.grid, dtype=torch.float32, device=dev)
         part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
@@ -1149,19 +1195,20 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry)
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, nseg if unordered else 0)
     else:
-        _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
-    if stats:
+        _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj, unordered)
+    if stats and not unordered:
         _reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
 
 
 def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor,
                            plan: _Plan, stats: bool, eps: float, part_sum: torch.Tensor, part_q: torch.Tensor,
-                           part_adj: torch.Tensor) -> None:
+                           part_adj: torch.Tensor, unordered: bool = False) -> None:
     """One launch of the Triton forward the plan's config picks (whole rows or column slices), into y, rstd and the
-    partials."""
+    partials; ``unordered``: the statistics added into unit_sum, sq_norm and adjacent (given as part_*) by
+    atomics."""
     rows, dim = x2d.shape
     cfg = plan.cfg
     kernel = _fwd_rows_kernel if cfg.rows else _fwd_sliced_kernel
@@ -1169,8 +1216,8 @@ def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Ten
         x2d, weight, y, rstd,
         plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
         part_sum, part_q, part_adj,
-        rows, dim, x2d.stride(0), float(eps), cfg.chunk,
-        YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda,
+        rows, dim, x2d.stride(0), float(eps), cfg.chunk, plan.nseg,
+        YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda, ATOMIC=unordered,
         JOINT_SUMS=x2d.is_cuda if _JOINT_SUMS is None else _JOINT_SUMS,
         **_rsqrt_forms(x2d.is_cuda),
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
