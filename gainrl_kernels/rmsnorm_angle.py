@@ -28,11 +28,12 @@ Shapes and dtypes:
                  consecutive rows in order (left or right padding). None: packed token t is row t.
 
 Forward algorithm (three launches with statistics, one without; no host sync, no atomics):
-  * ``_plan_kernel`` (one program) builds the work list on the device: per sequence the regions gap (rows in no
+  * ``_plan_kernel`` builds the work list on the device: per sequence the regions gap (rows in no
     sequence, e.g. padding), [0, o_0), the K segments [o_k, o_k+1), [o_K, len), then the gap after the last
     sequence; each region cut into chunks of at most ``chunk`` rows (256, fewer when there are under ~4 chunks
     per multiprocessor), so a chunk lies inside one segment or outside all of them. The grid is the bound
-    cdiv(R, chunk) + B (K + 3) + 1; spare programs exit at once. Without statistics there is no work list: the
+    cdiv(R, chunk) + B (K + 3) + 1; spare programs exit at once. Each of its programs computes all regions and
+    writes its share of the chunks (one block of columns per region). Without statistics there is no work list: the
     kernels derive the rows from the program id, one row (one [BLOCK_T, BLOCK_D] step) per program, as Inductor's
     RMSNorm does (no partial row to amortise).
   * ``_fwd_rows_kernel`` (next_pow2(D) <= 8192): whole rows in registers, x read once. From BLOCK_D = 1024 on one
@@ -54,6 +55,9 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
     deterministic (bitwise run to run). ``count`` is exact integer arithmetic on the clamped offsets.
+  * Opt-in, not yet timed (``_UNORDERED``): chunks of at most ``_UNORDERED_CHUNK`` rows, each adding its sums into
+    the zeroed outputs by relaxed fp32 atomics (vector reductions on sm_90) instead of writing partials, and no
+    reduce launch: the statistics then vary from run to run in their last bits.
 Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
 rounding is done on the fp32 bits (below).
 
@@ -235,10 +239,16 @@ def _plan_kernel(
     K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
-    """The forward's work list in one program (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the
-    last sequence end and the chunk count across blocks, each region's chunks written BLOCK_C at a time; then
-    spare items (0 rows) up to ``grid``."""
+    """The forward's work list (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the last sequence end
+    and the chunk count across blocks, each region's chunks written BLOCK_C at a time; then spare items (0 rows)
+    up to ``grid``. Every program computes the same regions and counts (a few loads per sequence) and writes its
+    share of the chunks: program p the columns [p BLOCK_C, p BLOCK_C + BLOCK_C) of every region (then every
+    n_programs-th such block), so short chunks (many per region) are written in parallel; program 0 writes the
+    per-segment entries."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
     zero = tl.zeros([BLOCK_B], dtype=tl.int64)
+    first_prog = zero + pid == 0  # [BLOCK_B] (a scalar mask operand is refused by the interpreter)
     prev_max = tl.zeros([], dtype=tl.int64)  # largest sequence end so far
     n_items = tl.zeros([], dtype=tl.int64)  # chunks written so far
     for b0 in range(0, B, BLOCK_B):
@@ -260,7 +270,7 @@ def _plan_kernel(
             o_prev = o
             lo, hi, m, o = _next_region(r, hi, m, start, length, off_ptr, bi, ok, R, K, HAS_OFF)
             if r >= 2 and r <= K + 1:
-                tl.store(count_ptr + bi * K + (r - 2), tl.maximum(o - o_prev, 0).to(tl.int32), mask=ok)
+                tl.store(count_ptr + bi * K + (r - 2), tl.maximum(o - o_prev, 0).to(tl.int32), mask=ok & first_prog)
             n_seq += tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
         pair_end = start + m  # pairs (t, t+1) count while t + 1 < o_K
         # first chunk of each sequence: exclusive prefix sum over the block, plus the carry
@@ -276,15 +286,15 @@ def _plan_kernel(
             n_reg = tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
             if r >= 2 and r <= K + 1:
                 slot = bi * K + (r - 2)
-                tl.store(seg_lo_ptr + slot, tl.minimum(base, grid).to(tl.int32), mask=ok)
-                tl.store(seg_hi_ptr + slot, tl.minimum(base + n_reg, grid).to(tl.int32), mask=ok)
+                tl.store(seg_lo_ptr + slot, tl.minimum(base, grid).to(tl.int32), mask=ok & first_prog)
+                tl.store(seg_hi_ptr + slot, tl.minimum(base + n_reg, grid).to(tl.int32), mask=ok & first_prog)
                 seg = slot
             else:
                 seg = zero - 1
             # [BLOCK_B, BLOCK_C] chunks at a time, in int32 (rows and items are below R and grid)
             base32, lo32, hi32, n32 = base.to(tl.int32), lo.to(tl.int32), hi.to(tl.int32), n_reg.to(tl.int32)
             seg32, pair_end32 = seg.to(tl.int32), pair_end.to(tl.int32)
-            for c0 in range(0, tl.max(n32, axis=0), BLOCK_C):
+            for c0 in range(pid * BLOCK_C, tl.max(n32, axis=0), n_prog * BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)[None, :]
                 item = base32[:, None] + c
                 w_ok = (c < n32[:, None]) & (item < grid)
@@ -296,7 +306,7 @@ def _plan_kernel(
             base += n_reg
     # the gap after the last sequence, then spare programs
     tail_lo = tl.minimum(tl.maximum(prev_max, 0), R)
-    for i0 in range(0, grid, BLOCK_I):
+    for i0 in range(pid * BLOCK_I, grid, n_prog * BLOCK_I):
         item = i0 + tl.arange(0, BLOCK_I)
         c = item - n_items
         row0 = tail_lo + c * chunk
@@ -1116,12 +1126,14 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     cu = cu_seqlens  # int32, checked
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
     tile, plan_warps = _plan_tile(cfg.chunk)
-    _plan_kernel[(1,)](
+    block_c = max(1, tile // block_b)
+    # programs: enough that each writes one column block of the longest possible region (rows / chunk chunks)
+    _plan_kernel[(max(1, triton.cdiv(triton.cdiv(rows, cfg.chunk), block_c)),)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=block_b, BLOCK_C=max(1, tile // block_b), BLOCK_I=1024, num_warps=plan_warps,
+        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, num_warps=plan_warps,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 

@@ -370,6 +370,36 @@ def test_forward_random_batches(seed, unordered, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, cu, off, tok))
 
 
+@pytest.mark.parametrize("n_seq,chunk,padded", [(7, 2, False), (300, 16, True)])
+def test_plan_programs_share_the_writes(n_seq, chunk, padded, monkeypatch):
+    """The work-list kernel's programs each write a share of the chunks (one column block per region): with one
+    column per program (tiles forced to 16 chunks: 23 and 225 programs) the work list is identical, item by item,
+    to the one of the default tiles (1 and 15 programs), for packed and padded batches, K = 3, and more than 256
+    sequences (blocks carried over)."""
+    g = torch.Generator().manual_seed(n_seq)
+    lens = torch.randint(0, 12, (n_seq,), generator=g)
+    off = torch.minimum(torch.sort(torch.randint(0, 13, (n_seq, 4), generator=g), dim=1).values, lens[:, None])
+    off = off.to(torch.int32).to(DEV)
+    if padded:
+        length = int(lens.max()) + 1
+        mask = (torch.arange(length)[None, :] < lens[:, None]).long()
+        cu, tok = padded_to_cu_seqlens(mask.to(DEV))
+        x = torch.ones(n_seq * length, 16, device=DEV)
+    else:
+        cu, tok = cu_of(lens.tolist()), None
+        x = torch.ones(int(lens.sum()) + 3, 16, device=DEV)
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", chunk)
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)  # one-row steps: the chunk is not a row tile
+    one = rmsnorm_module._stats_plan(x, cu, off, tok)
+    monkeypatch.setattr(rmsnorm_module, "_PLAN_TILE", 16)
+    monkeypatch.setattr(rmsnorm_module, "_PLAN_MAX_TILE", 16)
+    many = rmsnorm_module._stats_plan(x, cu, off, tok)
+    assert one.cfg.chunk == many.cfg.chunk == chunk and one.grid == many.grid
+    for a, b in zip(one, many):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 128])
 def test_bare_rows_per_program(chunk, monkeypatch):
     """The bare kernel (no statistics) at most 1 row per program (the default), 4 or 128 (the chunk rule then gives
