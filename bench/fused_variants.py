@@ -108,7 +108,7 @@ VARIANTS: dict[str, dict] = {
     "bare_16_values_per_thread": {"_ROWS_BYTES_PER_THREAD": 32},  # the bare kernel at the statistics' warps
     "separate_sums": {"_JOINT_SUMS": False},  # three block reductions per row instead of one
     "serial_reduce": {"_REDUCE_TILE": (1, 256)},  # the reduce kernel loads one chunk per step
-    "serial_plan": {"_PLAN_TILE": 16},  # the work-list kernel writes one chunk per sequence per step
+    "serial_plan": {"_PLAN_TILE": 16},  # the work-list kernel writes one chunk per sequence per step (per program)
     "chunk_32": {"_MAX_CHUNK": 32},
     "chunk_128": {"_MAX_CHUNK": 128},  # the default before session 16 (chunk_256 in the tables before it)
     "chunk_512": {"_MAX_CHUNK": 512},
