@@ -13,7 +13,8 @@
 # not started in time are recorded as "skipped: --time-budget" in the JSON, which is rewritten after every case).
 #
 # Files under $OUT (8 at most come back, all at top level):
-#     summary.txt        one line per step: name, exit code, seconds; key result lines; read this first
+#     summary.txt        one line per step: name, exit code, seconds; key result lines (bench/gpu_summary.py);
+#                        read this first
 #     env.log            nvidia-smi, nvcc, Python/torch/triton/... versions, CPU/memory
 #     build.log          python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0), ptxas -v register report
 #     tests.log          pytest -v: tests/test_cuda_backend.py and tests/test_rmsnorm_angle_cuda.py (GPU part: the
@@ -269,33 +270,7 @@ else
         ${GAINRL_GPU_CHECK_VARIANT_DTYPE:+--dtype "$GAINRL_GPU_CHECK_VARIANT_DTYPE"}
 fi
 if [ -f "$OUT/fused_variants.json" ]; then
-    "$PY" - "$OUT/fused_variants.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
-import collections, json, sys
-shapes = collections.defaultdict(dict)
-for r in json.load(open(sys.argv[1]))["rows"]:
-    shapes[(r["B"], r["L"], r["D"])][r["variant"]] = r
-for (b, l, d), rows in shapes.items():
-    timed = {k: r for k, r in rows.items() if "ratio" in r}
-    bad = sorted(k for k, r in rows.items() if r.get("status", "ok").startswith("error"))
-    line = f"fused {b}x{l}x{d}:"
-    if "default" in timed:
-        line += f" default fused/bare {timed['default']['ratio']:.3f} ({timed['default']['fused_ms']:.3f} ms)"
-    if timed:
-        best = min(timed, key=lambda k: timed[k]["fused_ms"])
-        ratio = timed[best]["ratio_vs_default_bare"]
-        line += (f", fastest {best} {timed[best]['fused_ms']:.3f} ms = {ratio:.3f} x the default bare kernel"
-                 f" (goal <= 1.05: {'met' if ratio <= 1.05 else 'not met'})")
-    if "plan_only" in rows:
-        line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
-    if "bare_ms" in rows.get("torch_compile_bare", {}):
-        line += f", torch.compile bare {rows['torch_compile_bare']['bare_ms']:.3f} ms"
-    if "no_segments_ms" in timed.get("default", {}):
-        line += f", rows in no segment {timed['default']['no_segments_ms']:.3f} ms"
-    for k in ("bare_then_angle_stats_triton", "bare_then_angle_stats_cuda"):
-        if "unfused_ms" in rows.get(k, {}):
-            line += f", bare + angle_stats ({k.rsplit('_', 1)[1]}) {rows[k]['unfused_ms']:.3f} ms"
-    print(line + (f", errors: {bad}" if bad else "") + ("" if timed else f" ({len(rows)} variants checked, not timed)"))
-EOF
+    "$PY" bench/gpu_summary.py variants "$OUT/fused_variants.json" 2>&1 | tee -a "$SUMMARY"
 fi
 # Row orders of a plain RMSNorm (bench/walk_order.py): which walks keep the one-row-per-program kernel's speed.
 if want walk; then
@@ -308,16 +283,7 @@ if want walk; then
     fi
 fi
 if [ -f "$OUT/walk_order.json" ]; then
-    "$PY" - "$OUT/walk_order.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
-import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-for d in sorted({r["D"] for r in rows}):
-    timed = [r for r in rows if r["D"] == d and r.get("ms") is not None]
-    bad = [r["order"] for r in rows if r["D"] == d and r.get("status", "ok") != "ok"]
-    print(f"walk D={d}: " + (", ".join(f"{r['order']}@{r['R']} {r['ms']:.3f}" for r in timed) if timed
-                             else f"{sum(r['D'] == d for r in rows)} orders checked, not timed")
-          + (f", errors: {bad}" if bad else ""))
-EOF
+    "$PY" bench/gpu_summary.py walk "$OUT/walk_order.json" 2>&1 | tee -a "$SUMMARY"
 fi
 # Forward + backward of the fused op against our bare RMSNorm, torch.compile and HF eager (bench/fused_backward.py).
 if want backward; then
@@ -330,17 +296,7 @@ if want backward; then
     fi
 fi
 if [ -f "$OUT/fused_backward.json" ]; then
-    "$PY" - "$OUT/fused_backward.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
-import collections, json, sys
-shapes = collections.defaultdict(dict)
-for r in json.load(open(sys.argv[1]))["rows"]:
-    shapes[(r["B"], r["L"], r["D"])][r["method"]] = r
-for (b, l, d), rows in shapes.items():
-    timed = ", ".join(f"{k} {r['ms']:.3f}" for k, r in rows.items() if "ms" in r)
-    bad = sorted(k for k, r in rows.items() if not r["status"].startswith("ok"))
-    print(f"fwd+bwd {b}x{l}x{d} ms: " + (timed or f"{len(rows)} methods checked, not timed")
-          + (f", errors: {bad}" if bad else ""))
-EOF
+    "$PY" bench/gpu_summary.py backward "$OUT/fused_backward.json" 2>&1 | tee -a "$SUMMARY"
 fi
 if ! want kernels; then
     :
@@ -352,11 +308,7 @@ else
     step eager_overhead kernels_bench.log 60 "$PY" bench/eager_overhead.py --out "$OUT/eager_overhead.json"
 fi
 if [ -f "$OUT/eager_overhead.json" ]; then
-    "$PY" - "$OUT/eager_overhead.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
-import json, sys
-rec = json.load(open(sys.argv[1]))
-print(f"eager {rec['shape']}: " + ", ".join(f"{r['call']} {r['latency_us']:.0f} us" for r in rec["rows"]))
-EOF
+    "$PY" bench/gpu_summary.py eager "$OUT/eager_overhead.json" 2>&1 | tee -a "$SUMMARY"
 fi
 
 # ---------------------------------------------------------------------------------------------------- 4a. profile (opt-in)
@@ -424,20 +376,7 @@ if want score; then
         fi
     fi
     if [ -f "$OUT/score_gpu.json" ]; then
-        "$PY" - "$OUT/score_gpu.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
-import json, sys
-r = json.load(open(sys.argv[1]))
-f = lambda d: {k: round(v, 2) for k, v in d.items()}
-if r.get("partial"):
-    print("score_bench PARTIAL (cut off): whole-process walls so far (s):",
-          {k: [round(x, 1) for x in v] for k, v in r["wall_s"].items()})
-else:
-    print(f"score_bench {r['limit']} prompts on {r['machine']['device']} ({r['note']})")
-    print("score_bench whole-process wall median (s):", f(r["wall_s_median"]), "| forward (s):", f(r["forward_s_median"]))
-    print("score_bench speedup vs released, whole process:", f(r["speedup_vs_released"]), "| worst case:",
-          f(r["speedup_vs_released_worst_case"]), "| forward only:", f(r["forward_speedup_vs_released"]))
-    print("score_bench max relative score difference vs released:", r["score_max_rel_diff_vs_released"])
-EOF
+        "$PY" bench/gpu_summary.py score "$OUT/score_gpu.json" 2>&1 | tee -a "$SUMMARY"
     fi
 fi
 
@@ -456,11 +395,7 @@ else
         --time-budget "$T_ANGLE" --out "$OUT/angle_cuda.json"
 fi
 if [ -f "$OUT/angle_cuda.json" ]; then
-    "$PY" - "$OUT/angle_cuda.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
-import collections, json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-print("angle_bench rows by status:", dict(collections.Counter(r["status"] for r in rows)))
-EOF
+    "$PY" bench/gpu_summary.py angle "$OUT/angle_cuda.json" 2>&1 | tee -a "$SUMMARY"
 fi
 
 # ---------------------------------------------------------------------------------------------------- 5. summary

@@ -133,3 +133,36 @@ def test_source_fingerprint_matches_head():
     head = subprocess.run(["bash", script, "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     assert len(here) == 12 and here == head
 
+
+
+def test_gpu_summary_lines():
+    """bench/gpu_summary.py (the lines gpu_check.sh puts into summary.txt) on hand-made records: the fastest fused
+    variant against the default's bare kernel and the goal, failed variants, walk orders whose sums differ, methods
+    not yet timed, a cut-off score run."""
+    import gpu_summary as S
+
+    def fused(variant, fused_ms, ratio_bare, **kw):
+        return dict(B=64, L=4096, D=4096, variant=variant, status="ok", bare_ms=1.0, fused_ms=fused_ms,
+                    ratio=fused_ms, ratio_vs_default_bare=ratio_bare, **kw)
+    rows = [dict(B=64, L=4096, D=4096, variant="plan_only", status="ok", plan_ms=0.004),
+            fused("default", 1.10, 1.10, no_segments_ms=1.09), fused("unordered_c4", 1.04, 1.04, plan_ms=0.006),
+            dict(B=64, L=4096, D=4096, variant="unordered_c8", status="error: RuntimeError: x")]
+    (line,) = S.variants(dict(rows=rows))
+    assert "default fused/bare 1.100 (1.100 ms)" in line and "fastest unordered_c4 1.040 ms = 1.040" in line
+    assert "(goal <= 1.05: met) with a work list of 6.0 us" in line and "plan 4.0 us" in line
+    assert "errors: ['unordered_c8']" in line
+    (line,) = S.variants(dict(rows=[dict(B=2, L=16, D=40, variant="default", status="ok (smoke)")]))
+    assert line == "fused 2x16x40: (1 variants checked, not timed)"
+    walk = [dict(R=8, D=48, order="c1", status="ok", ms=1.0), dict(R=8, D=48, order="atomic_c1", status="ok",
+            ms=1.1, sums="differs: ..."), dict(R=8, D=48, order="nosync8_c8_sm1", status="ok", sums="not combined"),
+            dict(R=8, D=48, order="t8_c8", status="error: X")]
+    (line,) = S.walk(dict(rows=walk))
+    assert line.startswith("walk D=48: c1@8 1.000, atomic_c1@8 1.100")
+    assert "errors: ['t8_c8']" in line and "sums differ: ['atomic_c1']" in line
+    (line,) = S.backward(dict(rows=[dict(B=1, L=2, D=3, method="fused", status="ok", ms=2.0),
+                                   dict(B=1, L=2, D=3, method="bare", status="ok (smoke)")]))
+    assert line == "fwd+bwd 1x2x3 ms: fused 2.000"
+    (line,) = S.score(dict(partial=True, wall_s={"released": [1.23, 2.0]}))
+    assert "PARTIAL" in line and "[1.2, 2.0]" in line
+    assert S.angle(dict(rows=[dict(status="ok"), dict(status="ok")])) == ["angle_bench rows by status: {'ok': 2}"]
+    assert S.main(["nonsense", "x.json"]) == 2

@@ -149,23 +149,15 @@ def _rmsnorm_angle_cases():
             sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
             hints = contiguous_launch_hints(sig) if aligned else []
             cap = f"-R{cfg.maxnreg}" if cfg.maxnreg else ""
-            yield Case(
-                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}{cap}"
-                f"-{'aligned' if aligned else 'unaligned'}",
-                M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
-                dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                     RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, ATOMIC=False, __aligned__=hints,
-                     **(M._rows_tuning(cfg, False) if cfg.rows else {})),
-                cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
-            )
-            if stats:  # the unordered statistics (_UNORDERED): the same config, atomics for the partial stores
+            # with statistics also the unordered ones (_UNORDERED): the same config, atomics for the partial stores
+            for tag, atomic in ((f"stats{int(stats)}", False),) + ((("unordered", True),) if stats else ()):
                 yield Case(
-                    f"rmsnorm_fwd_{kind}-{dt}-unordered-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}{cap}"
+                    f"rmsnorm_fwd_{kind}-{dt}-{tag}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}{cap}"
                     f"-{'aligned' if aligned else 'unaligned'}",
                     M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
-                    dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                         RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, ATOMIC=True, __aligned__=hints,
-                         **(M._rows_tuning(cfg, False) if cfg.rows else {})),
+                    dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
+                         RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, ATOMIC=atomic,
+                         __aligned__=hints, **(M._rows_tuning(cfg, False) if cfg.rows else {})),
                     cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
                 )
             if stats and cfg.rows and cfg.block_t == 1 and cfg.block_d == 4096 and aligned:

@@ -1,0 +1,131 @@
+"""The lines bench/gpu_check.sh writes into its summary.txt for each result file: what a step found, one line or a
+few, so that a reader of the summary does not need the JSON (and the lines are tested here, on CPU).
+
+    python bench/gpu_summary.py variants OUT/fused_variants.json   # fused forward: default and fastest vs bare
+    python bench/gpu_summary.py walk     OUT/walk_order.json       # plain RMSNorm walks: ms per order
+    python bench/gpu_summary.py backward OUT/fused_backward.json   # forward + backward: ms per method
+    python bench/gpu_summary.py eager    OUT/eager_overhead.json   # fixed cost of one eager call
+    python bench/gpu_summary.py score    OUT/score_gpu.json        # whole `gainrl score` process vs released
+    python bench/gpu_summary.py angle    OUT/angle_cuda.json       # angle grid rows by status
+"""
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from typing import Callable
+
+GOAL = 1.05  # issue 3: the fused forward within 5% of our bare RMSNorm kernel
+
+
+def _by_shape(rows: list[dict], key: str) -> dict[tuple, dict[str, dict]]:
+    """{(B, L, D): {row[key]: row}} in first-seen order."""
+    shapes: dict[tuple, dict[str, dict]] = collections.defaultdict(dict)
+    for r in rows:
+        shapes[(r["B"], r["L"], r["D"])][r[key]] = r
+    return shapes
+
+
+def _errors(names: list[str]) -> str:
+    return f", errors: {sorted(names)}" if names else ""
+
+
+def variants(record: dict) -> list[str]:
+    """Per shape: the default's fused / bare, the fastest variant against the default's bare kernel and whether it
+    meets the goal, the work list alone, torch.compile's RMSNorm, rows in no segment and the unfused pair."""
+    lines = []
+    for (b, l, d), rows in _by_shape(record["rows"], "variant").items():
+        timed = {k: r for k, r in rows.items() if "ratio" in r}
+        line = f"fused {b}x{l}x{d}:"
+        if "default" in timed:
+            line += f" default fused/bare {timed['default']['ratio']:.3f} ({timed['default']['fused_ms']:.3f} ms)"
+        if timed:
+            best = min(timed, key=lambda k: timed[k]["fused_ms"])
+            ratio = timed[best]["ratio_vs_default_bare"]
+            line += (f", fastest {best} {timed[best]['fused_ms']:.3f} ms = {ratio:.3f} x the default bare kernel"
+                     f" (goal <= {GOAL}: {'met' if ratio <= GOAL else 'not met'})")
+            if "plan_ms" in timed[best]:  # a variant with its own work list (short chunks)
+                line += f" with a work list of {timed[best]['plan_ms'] * 1e3:.1f} us"
+        if "plan_only" in rows:
+            line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
+        if "bare_ms" in rows.get("torch_compile_bare", {}):
+            line += f", torch.compile bare {rows['torch_compile_bare']['bare_ms']:.3f} ms"
+        if "no_segments_ms" in timed.get("default", {}):
+            line += f", rows in no segment {timed['default']['no_segments_ms']:.3f} ms"
+        for k in ("bare_then_angle_stats_triton", "bare_then_angle_stats_cuda"):
+            if "unfused_ms" in rows.get(k, {}):
+                line += f", bare + angle_stats ({k.rsplit('_', 1)[1]}) {rows[k]['unfused_ms']:.3f} ms"
+        bad = [k for k, r in rows.items() if r.get("status", "ok").startswith("error")]
+        lines.append(line + _errors(bad) + ("" if timed else f" ({len(rows)} variants checked, not timed)"))
+    return lines
+
+
+def walk(record: dict) -> list[str]:
+    """Per width: each timed order's ms at its row count; orders that failed, and orders whose segment sums (sync
+    and atomic orders) differ from torch's."""
+    rows = record["rows"]
+    lines = []
+    for d in sorted({r["D"] for r in rows}):
+        mine = [r for r in rows if r["D"] == d]
+        timed = [r for r in mine if r.get("ms") is not None]
+        bad = [r["order"] for r in mine if r.get("status", "ok") != "ok"]
+        wrong = [r["order"] for r in mine if r.get("sums", "ok") not in ("ok", "not combined")]
+        lines.append(f"walk D={d}: " + (", ".join(f"{r['order']}@{r['R']} {r['ms']:.3f}" for r in timed) if timed
+                                        else f"{len(mine)} orders checked, not timed")
+                     + _errors(bad) + (f", sums differ: {wrong}" if wrong else ""))
+    return lines
+
+
+def backward(record: dict) -> list[str]:
+    """Per shape: ms of each timed method (forward + backward, or the backward alone and its variants)."""
+    lines = []
+    for (b, l, d), rows in _by_shape(record["rows"], "method").items():
+        timed = ", ".join(f"{k} {r['ms']:.3f}" for k, r in rows.items() if "ms" in r)
+        bad = [k for k, r in rows.items() if not r["status"].startswith("ok")]
+        lines.append(f"fwd+bwd {b}x{l}x{d} ms: " + (timed or f"{len(rows)} methods checked, not timed")
+                     + _errors(bad))
+    return lines
+
+
+def eager(record: dict) -> list[str]:
+    return [f"eager {record['shape']}: " + ", ".join(f"{r['call']} {r['latency_us']:.0f} us" for r in record["rows"])]
+
+
+def score(record: dict) -> list[str]:
+    """The whole-process walls and speedups of bench/score_bench.py (or the walls so far of a cut-off run)."""
+    def f(d: dict) -> dict:
+        return {k: round(v, 2) for k, v in d.items()}
+    if record.get("partial"):
+        walls = {k: [round(x, 1) for x in v] for k, v in record["wall_s"].items()}
+        return [f"score_bench PARTIAL (cut off): whole-process walls so far (s): {walls}"]
+    return [
+        f"score_bench {record['limit']} prompts on {record['machine']['device']} ({record['note']})",
+        f"score_bench whole-process wall median (s): {f(record['wall_s_median'])} | forward (s): "
+        f"{f(record['forward_s_median'])}",
+        f"score_bench speedup vs released, whole process: {f(record['speedup_vs_released'])} | worst case: "
+        f"{f(record['speedup_vs_released_worst_case'])} | forward only: {f(record['forward_speedup_vs_released'])}",
+        f"score_bench max relative score difference vs released: {record['score_max_rel_diff_vs_released']}",
+    ]
+
+
+def angle(record: dict) -> list[str]:
+    return [f"angle_bench rows by status: {dict(collections.Counter(r['status'] for r in record['rows']))}"]
+
+
+SUMMARIES: dict[str, Callable[[dict], list[str]]] = dict(
+    variants=variants, walk=walk, backward=backward, eager=eager, score=score, angle=angle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in SUMMARIES:
+        print(f"usage: gpu_summary.py {{{','.join(SUMMARIES)}}} FILE.json", file=sys.stderr)
+        return 2
+    with open(args[1]) as f:
+        for line in SUMMARIES[args[0]](json.load(f)):
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
