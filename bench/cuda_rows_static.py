@@ -60,6 +60,16 @@ def loop_instructions(sass: str, mangled: str) -> int:
     return sass_loop_instructions(part) or 0
 
 
+def launch_shape(dim: int, elem_size: int, nv: int, stages: int, w_native: bool) -> tuple[int, int]:
+    """(threads, dynamic shared memory bytes) of the launcher (csrc/rmsnorm_angle_kernels.cuh, launch_rows and
+    smem_bytes) for rows of ``dim`` elements of ``elem_size`` bytes, ``nv`` 16-byte vectors per thread: whole warps,
+    at least one; the ring of ``stages`` rows and the weight (16-bit in x's dtype when ``w_native``, else fp32).
+    tests/test_rmsnorm_angle_cuda.py checks it against the emulated launcher."""
+    vec = 16 // elem_size
+    threads = max(32, -(-(-(-dim // vec) // nv) // 32) * 32)
+    return threads, stages * threads * nv * 16 + threads * nv * (16 if w_native else vec * 4)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="sm_90a")
@@ -84,11 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         vec = 16 // ELEM[dt]
         loop = loop_instructions(sass, f["mangled"])
         for dim in args.dims:
-            threads = max(32, -(-(-(-dim // vec) // nv) // 32) * 32)
+            threads, dynamic = launch_shape(dim, ELEM[dt], nv, stages, w_native)
             if threads > 512:
                 continue
-            # dynamic (ring + weight, smem_bytes of the launcher), static (ptxas), 1 KiB reserved per block
-            smem = stages * threads * nv * 16 + threads * nv * (16 if w_native else vec * 4) + f["smem"] + 1024
+            smem = dynamic + f["smem"] + 1024  # dynamic, static (ptxas), 1 KiB reserved per block
             if threads // 32 not in at_warps:
                 at_warps[threads // 32] = compile_kernels(args.arch, threads // 32)[1]
             loop_here = loop_instructions(at_warps[threads // 32], f["mangled"])

@@ -64,6 +64,8 @@ inline std::function<void()> g_body;
 inline uint64_t g_progress = 0;
 inline size_t g_smem_bytes = 0;
 inline std::vector<unsigned char> g_smem;
+inline size_t g_last_smem_bytes = 0;  // the last launch_smem's dynamic shared memory and block size (for tests)
+inline unsigned g_last_threads = 0;
 
 inline unsigned char* dynamic_smem() { return g_smem.data(); }
 
@@ -157,7 +159,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
 
 template <typename... P, typename... A>
 void launch_smem(size_t smem_bytes, void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
-  g_smem_bytes = smem_bytes;
+  g_smem_bytes = g_last_smem_bytes = smem_bytes;
+  g_last_threads = block.x;
   launch(kernel, grid, block, args...);
   g_smem_bytes = 0;
 }

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -56,6 +58,11 @@ extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_
 
 extern "C" void emu_set_eager_copies(int eager) { ra::g_emu_cp_async_eager = eager != 0; }
 
+extern "C" void emu_last_launch(unsigned* threads, size_t* smem) {
+  *threads = gainrl_emu::g_last_threads;
+  *smem = gainrl_emu::g_last_smem_bytes;
+}
+
 extern "C" int emu_supported(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight,
                              void* y, int64_t D, int values_per_thread) {
   ra::Args a{};
@@ -76,6 +83,7 @@ def emulator(tmp_path_factory):
         + [ctypes.c_float] + [ctypes.c_int] * 4
     )
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
+    lib.emu_last_launch.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_size_t)]
     lib.emu_supported.restype = ctypes.c_int
     lib.emu_supported.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
@@ -335,6 +343,26 @@ def test_emulated_refuses_unsupported_rows(emulator):
     assert rmsnorm_module._cuda_rows_supported(x, w)
     with pytest.raises(RuntimeError, match="refused"):
         emulated_forward(emulator, x, w, cu, off, stages=5)  # a ring depth the kernel is not built with
+
+
+@pytest.mark.parametrize("dim,dtype,w_dtype,values,stages", [
+    (64, torch.bfloat16, torch.bfloat16, 32, 3), (200, torch.float16, torch.float32, 32, 2),
+    (1040, torch.bfloat16, torch.float32, 16, 4), (4096, torch.bfloat16, torch.bfloat16, 32, 2),
+    (5120, torch.bfloat16, torch.bfloat16, 16, 3), (96, torch.float32, torch.float32, 32, 4)])
+def test_static_script_launch_shape(emulator, dim, dtype, w_dtype, values, stages):
+    """bench/cuda_rows_static.py's block size and dynamic shared memory (``launch_shape``) are the launcher's: the
+    emulated launch records both."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from cuda_rows_static import launch_shape
+
+    x = concentrated((2,), dim, seed=1).to(dtype)
+    w = torch.ones(dim, dtype=w_dtype)
+    emulated_forward(emulator, x, w, torch.tensor([0, 2], dtype=torch.int32), None, values=values, stages=stages)
+    threads, smem = ctypes.c_uint(), ctypes.c_size_t()
+    emulator.emu_last_launch(ctypes.byref(threads), ctypes.byref(smem))
+    size = x.element_size()
+    nv = (8 if dtype == torch.float32 else values) * size // 16
+    assert launch_shape(dim, size, nv, stages, w_dtype == dtype and size == 2) == (threads.value, smem.value)
 
 
 def test_cuda_rows_tuning_by_width(monkeypatch):
