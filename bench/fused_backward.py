@@ -50,6 +50,14 @@ BWD_VARIANTS = {
     "cap_80": {"_BWD_MAXNREG": 80},
     "8_per_sm": {"_BWD_PROGRAMS_PER_SM": 8},
     "one_row_cap_64_8_per_sm": {"_BWD_ROW_STEP": 1, "_BWD_MAXNREG": 64, "_BWD_PROGRAMS_PER_SM": 8},
+    # session 21: more rows in flight through shared memory (the loop software-pipelined: cp.async S - 1 steps
+    # ahead), and shorter walks (64 programs per SM: ~31 rows each at 64x4096, more partial rows of dw)
+    "stages_3": {"_BWD_STAGES": 3},
+    "stages_4": {"_BWD_STAGES": 4},
+    "one_row_stages_4": {"_BWD_ROW_STEP": 1, "_BWD_STAGES": 4},
+    "one_row_cap_64_stages_3": {"_BWD_ROW_STEP": 1, "_BWD_MAXNREG": 64, "_BWD_STAGES": 3},
+    "64_per_sm": {"_BWD_PROGRAMS_PER_SM": 64},
+    "64_per_sm_stages_3": {"_BWD_PROGRAMS_PER_SM": 64, "_BWD_STAGES": 3},
 }
 
 

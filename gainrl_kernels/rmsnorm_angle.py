@@ -780,10 +780,13 @@ def _bwd_kernel(
     x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, part_dw_ptr,
     R, D, rows_per_prog, sx_r, sx_d, sdy_r, sdy_d,
     XT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr = 0,
+    STAGES: tl.constexpr = 0,
 ):
     """Single pass, whole rows in registers (BLOCK_D + BLOCK_D2 >= D): dx of each row tile, dw partial of the
     program. BLOCK_D2 > 0: a row is two tiles, columns [0, BLOCK_D) and a tail [BLOCK_D, BLOCK_D + BLOCK_D2) with
-    BLOCK_D < D, so a row of 5120 holds 4096 + 1024 values, not a padded 8192 (names with suffix 2: the tail's)."""
+    BLOCK_D < D, so a row of 5120 holds 4096 + 1024 values, not a padded 8192 (names with suffix 2: the tail's).
+    STAGES >= 2: the row loop software-pipelined (Triton issues the x and dy loads STAGES - 1 steps ahead as cp.async
+    into shared memory: more rows in flight without registers; the interpreter runs it in order)."""
     pid = tl.program_id(0)
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < (BLOCK_D if BLOCK_D2 > 0 else D)  # with a tail the first tile lies inside the row
@@ -796,7 +799,7 @@ def _bwd_kernel(
         dw2 = tl.zeros([BLOCK_D2], dtype=tl.float32)
     r_begin = pid * rows_per_prog
     r_end = tl.minimum(r_begin + rows_per_prog, R)
-    for r0 in range(r_begin, r_end, BLOCK_T):
+    for r0 in tl.range(r_begin, r_end, BLOCK_T, num_stages=STAGES if STAGES > 0 else None):
         rows = r0 + tl.arange(0, BLOCK_T)
         r_ok = rows < r_end
         rows64 = rows.to(tl.int64)
@@ -1260,6 +1263,7 @@ class _BwdConfig(NamedTuple):
     num_warps: int
     block_d2: int = 0  # whole rows as two tiles: the tail's width (0: one tile)
     maxnreg: Optional[int] = None  # register cap of the compiled whole-row kernel (None: ptxas decides)
+    stages: int = 0  # whole-row kernel: software-pipelining stages of the row loop (0: none)
 
 
 _BWD_ROW_MAX = 4096  # widest row (next_pow2(D)) the single-pass kernel holds in registers without spills
@@ -1272,6 +1276,9 @@ _BWD_SPLIT_MAX = 8192
 _BWD_ROW_STEP: Optional[int] = None  # rows per step of one-tile rows (None: up to 4096 elements a step, >= 2)
 _BWD_MAXNREG: Optional[int] = None  # register cap of whole-row launches (None: uncapped)
 _BWD_PROGRAMS_PER_SM = 4  # grid cap: each program walks a contiguous range of rows
+# whole-row launches: the row loop software-pipelined with this many stages (0: not). The default holds one or two
+# rows in flight per SM in registers; S stages add S - 1 steps of x and dy in shared memory (cp.async)
+_BWD_STAGES = 0
 _BWD_BLOCKED_TILE = (4, 512, 8)  # BLOCK_T, BLOCK_D, warps of the blocked kernel: 8 values per thread, <= 48 registers
 
 
@@ -1280,13 +1287,15 @@ def _bwd_config(dim: int) -> _BwdConfig:
     block_d = max(16, triton.next_power_of_2(dim))
     if _BWD_ROW_MAX < block_d <= _BWD_SPLIT_MAX:
         tail = max(16, triton.next_power_of_2(dim - _BWD_ROW_MAX))
-        return _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail, _BWD_MAXNREG)
+        return _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail, _BWD_MAXNREG,
+                          _BWD_STAGES)
     if block_d > _BWD_ROW_MAX:
         block_t, block_d, warps = _BWD_BLOCKED_TILE
         return _BwdConfig(True, block_t, block_d, warps)
     block_t = _BWD_ROW_STEP or max(2, min(16, 4096 // block_d))
     # warps of at least a 2-row tile: one row a step (_BWD_ROW_STEP = 1) keeps the default's warps
-    return _BwdConfig(False, block_t, block_d, _bwd_warps(max(block_t, 2) * block_d), 0, _BWD_MAXNREG)
+    return _BwdConfig(False, block_t, block_d, _bwd_warps(max(block_t, 2) * block_d), 0, _BWD_MAXNREG,
+                      _BWD_STAGES)
 
 
 def _bwd_warps(tile: int) -> int:
@@ -1317,6 +1326,7 @@ def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: t
         rows, dim, rows_per_prog, x2d.stride(0), x2d.stride(1), dy.stride(0), dy.stride(1),
         XT=_TL_DTYPE[x2d.dtype], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
         **({"BLOCK_D2": cfg.block_d2} if cfg.block_d2 else {}),
+        **({"STAGES": cfg.stages} if cfg.stages else {}),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None and x2d.is_cuda else {}),
     )
     return dx, part_dw.sum(0).to(weight.dtype)

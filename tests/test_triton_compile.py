@@ -182,17 +182,25 @@ def _rmsnorm_angle_cases():
                           __aligned__=contiguous_launch_hints(sig), **M._rows_tuning(cfg, False)),
                 cfg.num_warps,
             )
-        for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS + RMSNORM_SPLIT_DIMS}):
+        # the launcher's configs, and the software-pipelined row loop (_BWD_STAGES, not yet the default) at 4096 and
+        # 5120; in bf16 at sm_90a also one row a step capped at 64 registers, pipelined (bench/fused_backward.py)
+        bwd = {cfg: None for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS + RMSNORM_SPLIT_DIMS})}
+        bwd.update({M._bwd_config(dim)._replace(stages=3): None for dim in (4096, 5120)})
+        if dt == "bf16":
+            bwd[M._bwd_config(4096)._replace(block_t=1, maxnreg=64, stages=3)] = ("sm_90a",)
+        for cfg, archs in bwd.items():
             kind = "blocked" if cfg.blocked else "rows"
             yield Case(
                 f"rmsnorm_bwd_{kind}-{dt}-T{cfg.block_t}-BD{cfg.block_d}"
-                f"{f'+{cfg.block_d2}' if cfg.block_d2 else ''}-W{cfg.num_warps}",
+                f"{f'+{cfg.block_d2}' if cfg.block_d2 else ''}-W{cfg.num_warps}"
+                f"{f'-R{cfg.maxnreg}' if cfg.maxnreg else ''}{f'-S{cfg.stages}' if cfg.stages else ''}",
                 M._bwd_blocked_kernel if cfg.blocked else M._bwd_kernel,
                 dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", dy_ptr=f"*{dt}", rstd_ptr="*fp32", dx_ptr=f"*{dt}",
                      part_dw_ptr="*fp32", R="i32", D="i32", rows_per_prog="i32", sx_r="i32", sx_d="i32",
                      sdy_r="i32", sdy_d="i32"),
                 dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
-                     **({} if cfg.blocked else {"BLOCK_D2": cfg.block_d2})), cfg.num_warps,
+                     **({} if cfg.blocked else {"BLOCK_D2": cfg.block_d2, "STAGES": cfg.stages})),
+                cfg.num_warps, cfg.maxnreg, archs,
             )
     # the work list's extreme tiles: 16 sequences x (tile / 16) chunks, 256 x (tile / 256), for 256-row chunks and
     # for the unordered forward's short ones (_plan_tile)
