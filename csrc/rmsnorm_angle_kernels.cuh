@@ -282,22 +282,27 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
   float* w_s = reinterpret_cast<float*>(w_base);  // fp32 weight
   Vec* w_v = reinterpret_cast<Vec*>(w_base);      // W_NATIVE: the weight's own 16-byte vectors
 
-  // this thread's weight columns (read back only by this thread: no barrier)
+  // this thread's weight columns (read back only by this thread: no barrier). A weight of x's dtype is copied
+  // while the ring's first rows are on their way (a chunk of a few rows would otherwise wait for it before its
+  // first copy); an fp32 or converted one before them (after them it spilled at sm_80)
+  const auto load_weight_columns = [&]() {
 #pragma unroll
-  for (int j = 0; j < NV; ++j) {
-    const int vi = j * threads + tid;
-    if constexpr (W_NATIVE) {
-      Vec wv;
+    for (int j = 0; j < NV; ++j) {
+      const int vi = j * threads + tid;
+      if constexpr (W_NATIVE) {
+        Vec wv;
 #pragma unroll
-      for (int e = 0; e < P; ++e) wv.p[e] = PairT::pack(0.f, 0.f);  // columns past D: 0, as x there
-      if (vi < n_vec) wv = static_cast<const Vec*>(weight)[vi];
-      w_v[vi] = wv;
-    } else {
+        for (int e = 0; e < P; ++e) wv.p[e] = PairT::pack(0.f, 0.f);  // columns past D: 0, as x there
+        if (vi < n_vec) wv = static_cast<const Vec*>(weight)[vi];
+        w_v[vi] = wv;
+      } else {
 #pragma unroll
-      for (int e = 0; e < V; ++e)
-        w_s[vi * V + e] = vi < n_vec ? load_weight(weight, w_dtype, int64_t(vi) * V + e) : 0.f;
+        for (int e = 0; e < V; ++e)
+          w_s[vi * V + e] = vi < n_vec ? load_weight(weight, w_dtype, int64_t(vi) * V + e) : 0.f;
+      }
     }
-  }
+  };
+  if constexpr (!W_NATIVE) load_weight_columns();
 
   // This thread's vectors in a ring slot: mine + slot * slot_stride + j * threads. Vectors past D are never
   // copied into: they are zeroed once here, so ring reads need no bounds check (each thread reads only its own).
@@ -347,6 +352,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
 
 #pragma unroll
   for (int i = 0; i < S; ++i) issue(i, i);
+  if constexpr (W_NATIVE) load_weight_columns();
 
   int buf = 0;
   float2 xv[NV][P];
