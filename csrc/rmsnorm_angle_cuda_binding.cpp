@@ -3,9 +3,9 @@
 //                          part_adj!, eps, values_per_thread, stages, carry, unordered_k) -> ()
 // fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
 // plan kernel (that module allocates everything and reduces the partials). unordered_k = K > 0: part_sum, part_q
-// and part_adj are the zeroed unit_sum [B * K, D], sq_norm [B * K] and adjacent [B] the items add into by atomics. x [R, D] fp32 / fp16 / bf16 CUDA with
-// unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
-// contiguous.
+// and part_adj are the zeroed unit_sum [B * K, D], sq_norm [B * K] and adjacent [B] the items add into by atomics.
+// x [R, D] fp32 / fp16 / bf16 CUDA with unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and
+// at most 8192 (fp32: 4096); weight [D] contiguous.
 //
 // g++ only, CUDA build only (setup.py: *_cuda*.cpp). Every check and exception lives here; the nvcc-compiled
 // csrc/rmsnorm_angle_cuda.cu only returns a cudaError_t (see csrc/angle_stats_cuda_binding.cpp for why). No host

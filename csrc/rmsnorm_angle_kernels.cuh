@@ -7,7 +7,8 @@
 //   rstd_t = rsqrt(Σ x_t² / D + eps),  y_t = round(w · round(x_t · rstd_t))  (round: to x's dtype, HF LlamaRMSNorm)
 // and, for a chunk inside a segment, of y as stored: Σ y_t / ‖y_t‖ (one fp32 partial row), Σ ‖y_t‖² / ‖y_t‖² and
 // Σ (y_t · y_{t+1}) / (‖y_t‖ ‖y_{t+1}‖) over the pairs with t + 1 < pair_end (the chunk's last pair reads the row
-// after it), with 1 / ‖y‖ = rsqrt(max(‖y‖², 1e-24)).
+// after it), with 1 / ‖y‖ = rsqrt(max(‖y‖², 1e-24)). With unordered_k = K > 0 (the module's opt-in _UNORDERED) a
+// chunk adds its sums into unit_sum / sq_norm / adjacent themselves by relaxed fp32 atomics instead (red_add4).
 //
 // Why a CUDA kernel beside the Triton one: an H100 profile of the Triton kernel at 64x4096x4096 bf16
 // (bench/results/profile_fused_h100_register_cap.txt) spends a third of its stalls waiting on global loads and a
