@@ -349,7 +349,7 @@ def test_emulated_refuses_unsupported_rows(emulator):
     (64, torch.bfloat16, torch.bfloat16, 32, 3), (200, torch.float16, torch.float32, 32, 2),
     (1040, torch.bfloat16, torch.float32, 16, 4), (4096, torch.bfloat16, torch.bfloat16, 32, 2),
     (5120, torch.bfloat16, torch.bfloat16, 16, 3), (96, torch.float32, torch.float32, 32, 4)])
-def test_static_script_launch_shape(emulator, dim, dtype, w_dtype, values, stages):
+def test_emulated_launch_shape_matches_static_script(emulator, dim, dtype, w_dtype, values, stages):
     """bench/cuda_rows_static.py's block size and dynamic shared memory (``launch_shape``) are the launcher's: the
     emulated launch records both."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
