@@ -31,6 +31,7 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   registers and add the sum into its segment's fp32 sum row with relaxed atomics (``_atomic_kernel``; vector
   reductions on sm_90, held in the L2; no fixed summation order; checked against torch); ``unflushed_...``: the same
   sums computed, not added. They price a forward that keeps a short-chunk order that keeps up, by atomics per row.
+  ``_acc``: added once per chunk from an accumulator row held across steps (the c orders: 4 programs per SM).
 
 Graph-timed; each order's y (and the trail orders' sums) is checked against torch first. H200, 2026-11-27
 (bench/results/walk_order_h200*.json, docs/fused_forward.md "session 18"): at 64x4096x4096 every walk is 7-12%
@@ -484,9 +485,14 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
         name = f"c{c}" if t == 1 else f"t{t}_c{c}"
         out[f"atomic_{name}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t, atomic="atomic", each="step")
     out["atomic_t4_c8_acc"] = Order(8, 1, cdiv(n_rows, 8), tile_r=4, atomic="atomic", each="chunk")
+    # one row a step on 4 warps with the accumulator row (~128 registers: 4 programs per SM, as the CUDA rows
+    # kernel's 4 blocks at 4096), added once per chunk: the unordered forward's geometry in the plain walk
+    for c in (4, 8, 16):
+        out[f"atomic_c{c}_acc"] = Order(c, 1, cdiv(n_rows, c), atomic="atomic", each="chunk")
     for t, c in ((1, 1), (4, 4), (4, 8)):
         name = f"c{c}" if t == 1 else f"t{t}_c{c}"
         out[f"unflushed_{name}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t, atomic="unflushed", each="step")
+    out["unflushed_c8_acc"] = Order(8, 1, cdiv(n_rows, 8), atomic="unflushed", each="chunk")
     # one row per program plus the unit-vector statistics without a walk: 1 / ||y_t|| per row (c1_norm), and each
     # group's sum re-read from the L2 by the group's last program (trail_{C})
     out["c1_norm"] = Order(1, 1, n_rows, norm=True)
