@@ -898,6 +898,7 @@ _ROWS_STATS_REGISTER_CAP: dict[tuple[int, int, int], tuple[int, int]] = {(9, 409
 _ROWS_MAX_WARPS = 16
 _PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step (chunks of 128 rows or more)
 _PLAN_MAX_TILE = 4096  # ... at most, for shorter chunks, on 8 warps (8192 spills at sm_80: K = 3, 256 sequences a step)
+_PLAN_SEQUENCE_READS = 1 << 16  # work-list programs x sequences at most (each program reads every sequence's bounds)
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
 # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x (and the reduce reads it
 # back). 128 -> 256, H100 bf16, two runs (variant chunk_256 of bench/results/fused_variants_h100.json and
@@ -1130,8 +1131,10 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
     tile, plan_warps = _plan_tile(cfg.chunk)
     block_c = max(1, tile // block_b)
-    # programs: enough that each writes one column block of the longest possible region (rows / chunk chunks)
-    _plan_kernel[(max(1, triton.cdiv(triton.cdiv(rows, cfg.chunk), block_c)),)](
+    # programs: enough that each writes one column block of the longest possible region (rows / chunk chunks), but
+    # every program reads all B sequences, so at most _PLAN_SEQUENCE_READS / B of them (one for huge batches)
+    programs = min(triton.cdiv(triton.cdiv(rows, cfg.chunk), block_c), _PLAN_SEQUENCE_READS // max(batch, 1))
+    _plan_kernel[(max(1, programs),)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,

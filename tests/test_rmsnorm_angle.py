@@ -374,8 +374,8 @@ def test_forward_random_batches(seed, unordered, monkeypatch):
 def test_plan_programs_share_the_writes(n_seq, chunk, padded, monkeypatch):
     """The work-list kernel's programs each write a share of the chunks (one column block per region): with one
     column per program (tiles forced to 16 chunks: 23 and 225 programs) the work list is identical, item by item,
-    to the one of the default tiles (1 and 15 programs), for packed and padded batches, K = 3, and more than 256
-    sequences (blocks carried over)."""
+    to the one of a single program (``_PLAN_SEQUENCE_READS`` = B), for packed and padded batches, K = 3, and more
+    than 256 sequences (blocks carried over)."""
     g = torch.Generator().manual_seed(n_seq)
     lens = torch.randint(0, 12, (n_seq,), generator=g)
     off = torch.minimum(torch.sort(torch.randint(0, 13, (n_seq, 4), generator=g), dim=1).values, lens[:, None])
@@ -390,7 +390,9 @@ def test_plan_programs_share_the_writes(n_seq, chunk, padded, monkeypatch):
         x = torch.ones(int(lens.sum()) + 3, 16, device=DEV)
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", chunk)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)  # one-row steps: the chunk is not a row tile
+    monkeypatch.setattr(rmsnorm_module, "_PLAN_SEQUENCE_READS", n_seq)  # one program
     one = rmsnorm_module._stats_plan(x, cu, off, tok)
+    monkeypatch.setattr(rmsnorm_module, "_PLAN_SEQUENCE_READS", 1 << 30)
     monkeypatch.setattr(rmsnorm_module, "_PLAN_TILE", 16)
     monkeypatch.setattr(rmsnorm_module, "_PLAN_MAX_TILE", 16)
     many = rmsnorm_module._stats_plan(x, cu, off, tok)
