@@ -56,8 +56,8 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
     deterministic (bitwise run to run). ``count`` is exact integer arithmetic on the clamped offsets.
   * Opt-in, not yet timed (``_UNORDERED``): chunks of at most ``_UNORDERED_CHUNK`` rows, each adding its sums into
-    the zeroed outputs by relaxed fp32 atomics (vector reductions on sm_90) instead of writing partials, and no
-    reduce launch: the statistics then vary from run to run in their last bits.
+    the outputs (zeroed by the plan kernel) by relaxed fp32 atomics (vector reductions on sm_90) instead of writing
+    partials, and no reduce launch: two launches in all; the statistics then vary in their last bits run to run.
 Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
 rounding is done on the fp32 bits (below).
 
@@ -236,15 +236,17 @@ def _rms_out(x, rstd, w, YT: tl.constexpr, NATIVE_CAST: tl.constexpr):
 def _plan_kernel(
     cu_ptr, off_ptr, tok_ptr, n_packed, B, R, chunk, grid,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr,
+    unit_sum_ptr, sq_norm_ptr, adjacent_ptr, n_sum,
     K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    BLOCK_I: tl.constexpr, ZERO: tl.constexpr = False,
 ):
     """The forward's work list (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the last sequence end
     and the chunk count across blocks, each region's chunks written BLOCK_C at a time; then spare items (0 rows)
     up to ``grid``. Every program computes the same regions and counts (a few loads per sequence) and writes its
     share of the chunks: program p the columns [p BLOCK_C, p BLOCK_C + BLOCK_C) of every region (then every
     n_programs-th such block), so short chunks (many per region) are written in parallel; program 0 writes the
-    per-segment entries."""
+    per-segment entries. ZERO (the unordered statistics, which the chunks add into): also zeroes unit_sum (n_sum
+    values, a share per program), sq_norm and adjacent, so that they need no launches of their own."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     zero = tl.zeros([BLOCK_B], dtype=tl.int64)
@@ -271,8 +273,12 @@ def _plan_kernel(
             lo, hi, m, o = _next_region(r, hi, m, start, length, off_ptr, bi, ok, R, K, HAS_OFF)
             if r >= 2 and r <= K + 1:
                 tl.store(count_ptr + bi * K + (r - 2), tl.maximum(o - o_prev, 0).to(tl.int32), mask=ok & first_prog)
+                if ZERO:
+                    tl.store(sq_norm_ptr + bi * K + (r - 2), tl.zeros([BLOCK_B], tl.float32), mask=ok & first_prog)
             n_seq += tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
         pair_end = start + m  # pairs (t, t+1) count while t + 1 < o_K
+        if ZERO:
+            tl.store(adjacent_ptr + bi, tl.zeros([BLOCK_B], tl.float32), mask=ok & first_prog)
         # first chunk of each sequence: exclusive prefix sum over the block, plus the carry
         base = n_items + tl.cumsum(n_seq, 0) - n_seq
         n_items += tl.sum(n_seq, axis=0)
@@ -315,6 +321,10 @@ def _plan_kernel(
         tl.store(item_nrows_ptr + item, tl.minimum(tl.maximum(R - row0, 0), chunk).to(tl.int32), mask=mine)
         tl.store(item_seg_ptr + item, tl.full([BLOCK_I], -1, tl.int32), mask=mine)
         tl.store(item_pair_end_ptr + item, tl.zeros([BLOCK_I], dtype=tl.int32), mask=mine)
+    if ZERO:
+        zi = tl.arange(0, BLOCK_I)
+        for z0 in range(pid * BLOCK_I, n_sum, n_prog * BLOCK_I):
+            tl.store(unit_sum_ptr + z0 + zi, tl.zeros([BLOCK_I], tl.float32), mask=z0 + zi < n_sum)
 
 
 @triton.jit
@@ -1092,6 +1102,9 @@ class _Plan(NamedTuple):
     seg_hi: torch.Tensor  # [B * K] int32 one past its last chunk
     count: torch.Tensor  # [B, K] int32
     nseg: int
+    # unordered statistics (``_UNORDERED``): unit_sum [B, K, D], sq_norm [B, K], adjacent [B] f32, zeroed by the plan
+    # kernel, which the chunks add into; None: the forward writes partials and the reduce kernel sums them
+    sums: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1128,6 +1141,8 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
+    sums = _unordered_sums(batch, nseg, dim, dev) if _UNORDERED and rows > 0 else None  # zeroed by the plan kernel
+    zero_into = sums or (torch.empty(0, dtype=torch.float32, device=dev),) * 3
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
     tile, plan_warps = _plan_tile(cfg.chunk)
     block_c = max(1, tile // block_b)
@@ -1137,11 +1152,18 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     _plan_kernel[(max(1, programs),)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
-        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
+        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, *zero_into, zero_into[0].numel(),
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, num_warps=plan_warps,
+        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, ZERO=sums is not None, num_warps=plan_warps,
     )
-    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
+    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg, sums)
+
+
+def _unordered_sums(batch: int, nseg: int, dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The unordered statistics' outputs, uninitialised (the plan kernel zeroes them): unit_sum [B, K, D],
+    sq_norm [B, K], adjacent [B] f32."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return torch.empty(batch, nseg, dim, **f32), torch.empty(batch, nseg, **f32), torch.empty(batch, **f32)
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1192,12 +1214,14 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     rstd = torch.empty(rows, dtype=torch.float32, device=dev)
     batch, nseg = plan.count.shape
     stats = stats and batch * nseg > 0 and rows > 0
-    unordered = stats and _UNORDERED
-    # with ordered statistics the reduce kernel writes every entry; unordered ones are added into zeros
-    alloc = torch.empty if stats and not unordered else torch.zeros
-    unit_sum = alloc(batch, nseg, dim, dtype=torch.float32, device=dev)
-    sq_norm = alloc(batch, nseg, dtype=torch.float32, device=dev)
-    adjacent = alloc(batch, dtype=torch.float32, device=dev)
+    unordered = stats and plan.sums is not None  # the plan's zeroed sums, which the chunks add into
+    if unordered:
+        unit_sum, sq_norm, adjacent = plan.sums
+    else:  # with statistics the reduce kernel writes every entry
+        alloc = torch.empty if stats else torch.zeros
+        unit_sum = alloc(batch, nseg, dim, dtype=torch.float32, device=dev)
+        sq_norm = alloc(batch, nseg, dtype=torch.float32, device=dev)
+        adjacent = alloc(batch, dtype=torch.float32, device=dev)
     if rows == 0:
         return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
     if unordered:  # the chunks add into the outputs themselves

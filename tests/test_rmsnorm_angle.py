@@ -505,6 +505,9 @@ def test_unordered_statistics(packed, fwd_kernel, dtype, monkeypatch):
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
     monkeypatch.setattr(rmsnorm_module, "_UNORDERED", True)
     monkeypatch.setattr(rmsnorm_module, "_UNORDERED_CHUNK", 3)
+    real_sums = rmsnorm_module._unordered_sums  # allocated poisoned: the plan kernel must zero every entry
+    monkeypatch.setattr(rmsnorm_module, "_unordered_sums",
+                        lambda *a: tuple(t.fill_(float("nan")) for t in real_sums(*a)))
     plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
     assert plan.cfg.chunk <= max(3, plan.cfg.block_t)  # (the sliced kernel: its own BLOCK_T rows)
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)
@@ -512,6 +515,7 @@ def test_unordered_statistics(packed, fwd_kernel, dtype, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, cu, off))
     for a, b in zip(stats, s0):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    assert plan.sums is not None and all(not t.isnan().any() for t in plan.sums)  # zeroed, then added into
     wide = torch.zeros(x.shape[0], 2 * DIM, dtype=dtype, device=DEV)
     wide[:, ::2] = x
     y1, s1 = rmsnorm_angle(wide[:, ::2], w, EPS, cu, off)

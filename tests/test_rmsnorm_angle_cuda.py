@@ -103,15 +103,15 @@ def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: i
                      carry: bool = False):
     """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
     emulated kernel on outputs poisoned with NaN, the Triton reduce. With ``_UNORDERED`` set the kernel adds into
-    zeroed statistics itself (no reduce). Raises RuntimeError when the launcher refuses."""
+    the plan's zeroed statistics itself (no reduce). Raises RuntimeError when the launcher refuses."""
     plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
     rows, dim = x2d.shape
     batch, nseg = plan.count.shape
     y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
     rstd = torch.full((rows,), float("nan"))
-    unordered = rmsnorm_module._UNORDERED
-    if unordered:  # the outputs themselves
-        part_sum, part_q, part_adj = torch.zeros(batch, nseg, dim), torch.zeros(batch, nseg), torch.zeros(batch)
+    unordered = plan.sums is not None
+    if unordered:  # the outputs themselves, zeroed by the plan kernel
+        part_sum, part_q, part_adj = plan.sums
     else:
         part_sum = torch.full((plan.grid, dim), float("nan"))
         part_q = torch.full((plan.grid,), float("nan"))

@@ -204,17 +204,19 @@ def _rmsnorm_angle_cases():
             )
     # the work list's extreme tiles: 16 sequences x (tile / 16) chunks, 256 x (tile / 256), for 256-row chunks and
     # for the unordered forward's short ones (_plan_tile)
-    for chunk in (M._MAX_CHUNK, 1):
+    # for the unordered ones the kernel also zeroes the sums (ZERO)
+    for chunk, zero in ((M._MAX_CHUNK, False), (1, True)):
         tile, warps = M._plan_tile(chunk)
         for (n_seg, has_off, has_tok), block_b in zip(((1, False, False), (3, True, True)), (16, 256)):
             yield Case(
-                f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}-C{tile // block_b}",
-                M._plan_kernel,
+                f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}-C{tile // block_b}"
+                f"-zero{int(zero)}", M._plan_kernel,
                 dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
                      grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
-                     item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32"),
+                     item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32",
+                     unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", n_sum="i32"),
                 dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=tile // block_b,
-                     BLOCK_I=1024), warps,
+                     BLOCK_I=1024, ZERO=zero), warps,
             )
     yield Case(
         "rmsnorm_reduce", M._reduce_kernel,
