@@ -400,6 +400,15 @@ def test_plan_programs_share_the_writes(n_seq, chunk, padded, monkeypatch):
     for a, b in zip(one, many):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
+    # the unordered plan: the same items, and its programs zero every entry of the sums (allocated poisoned)
+    monkeypatch.setattr(rmsnorm_module, "_UNORDERED", True)
+    monkeypatch.setattr(rmsnorm_module, "_UNORDERED_CHUNK", chunk)
+    real_sums = rmsnorm_module._unordered_sums
+    monkeypatch.setattr(rmsnorm_module, "_unordered_sums",
+                        lambda *a: tuple(t.fill_(float("nan")) for t in real_sums(*a)))
+    zeroed = rmsnorm_module._stats_plan(x, cu, off, tok)
+    assert torch.equal(zeroed.item_row0, one.item_row0) and torch.equal(zeroed.item_seg, one.item_seg)
+    assert zeroed.sums is not None and all(torch.equal(t, torch.zeros_like(t)) for t in zeroed.sums)
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 128])
