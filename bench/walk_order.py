@@ -171,8 +171,9 @@ def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BL
     in one segment of G rows, as the fused forward's work items do) and adds the unit vectors y_t / ||y_t|| into
     its segment's fp32 sum row (sums_ptr, zeroed by the caller) with relaxed atomics: vector reductions on sm_90,
     held in the L2, in no fixed order. EACH: how often a program adds: "chunk" (once, summed in registers across
-    steps: an accumulator row held), "step" (each step, the tile's rows summed across warps first) or "row" (every
-    row its own). flush = 0: the same sums computed, nothing added (a run-time flag, so the compiler keeps them)."""
+    steps: an accumulator row held) or "step" (each step, the tile's rows summed across warps first; every row
+    with TILE_R = 1). flush = 0: the same sums computed, nothing added (a run-time flag, so the compiler keeps
+    them)."""
     pid = tl.program_id(0)
     r0 = pid.to(tl.int64) * ROWS
     cols = tl.arange(0, BLOCK_D)
@@ -194,10 +195,7 @@ def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BL
         if EACH == "chunk":
             acc += u
         elif flush == 1:
-            if EACH == "step":
-                tl.atomic_add(sp, tl.sum(u, axis=0, keep_dims=True), mask=cm[None, :], sem="relaxed")
-            else:
-                tl.atomic_add(sp + k * 0, u, mask=m, sem="relaxed")
+            tl.atomic_add(sp, tl.sum(u, axis=0, keep_dims=True), mask=cm[None, :], sem="relaxed")
     if EACH == "chunk" and flush == 1:
         tl.atomic_add(sp, tl.sum(acc, axis=0, keep_dims=True), mask=cm[None, :], sem="relaxed")
 
@@ -319,7 +317,7 @@ class Order(NamedTuple):
     # the same partials written, nothing waits or is combined
     atomic: str = ""  # "atomic": each chunk's unit-vector sum added into its segment's sum by fp32 atomics
     # (_atomic_kernel); "unflushed": the same sums computed, not added
-    each: str = "step"  # atomic: added once a chunk, each step or each row (_atomic_kernel's EACH)
+    each: str = "step"  # atomic: added once a chunk or each step (_atomic_kernel's EACH)
 
 
 class Scratch(NamedTuple):
@@ -480,7 +478,7 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
     # t2_c2, t4_c8) cost atomics instead of bytes. How many the L2 takes alongside the stream: one add per row
     # (c1), per 2 rows (t2) or per 4 (t4, 16 warps: 60-64 registers at sm_90a, two programs per SM as t4_c8),
     # against the same sums computed and not added. _acc: one add per chunk from an accumulator row held across
-    # steps (t4_c8_acc: ~100 registers, one program per SM; c-orders so would take 128 and half c1's programs)
+    # steps (t4_c8_acc: ~100 registers, one program per SM)
     for t, c in ((1, 1), (2, 2), (4, 4), (2, 8), (4, 8), (4, 16)):
         name = f"c{c}" if t == 1 else f"t{t}_c{c}"
         out[f"atomic_{name}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t, atomic="atomic", each="step")
