@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_variants import error_status, graph_time, overridden, parse_shapes, write_rows  # noqa: E402
+from fused_variants import error_status, graph_time, overridden, parse_names, parse_shapes, write_rows  # noqa: E402
 from run_angle_bench import make_input  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help=f"comma list of backward variants to time beside backward_only "
                    f"(known: {', '.join(BWD_VARIANTS)})")
     args = p.parse_args(argv)
-    variants = tuple(v for v in args.variants.split(",") if v)
-    unknown = sorted(set(variants) - set(BWD_VARIANTS))
-    if unknown:
-        p.error(f"--variants: unknown {unknown}; known: {', '.join(BWD_VARIANTS)}")
+    variants = tuple(parse_names(p, "--variants", args.variants, BWD_VARIANTS))
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     shapes = parse_shapes(args.shapes) if cuda else [(2, 16, 40)]

@@ -132,6 +132,16 @@ def error_status(e: Exception, what: str = "error") -> str:
     return f"{what}: {type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"
 
 
+def parse_names(p: argparse.ArgumentParser, option: str, spec: str, known) -> list[str]:
+    """The names of a comma list ``spec`` in its order (empty: none), each one of ``known``; otherwise ``p`` exits
+    with an error naming the ``option``, the unknown names and the known ones."""
+    names = [n for n in spec.split(",") if n]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        p.error(f"{option}: unknown {unknown}; known: {', '.join(known)}")
+    return names
+
+
 def parse_shapes(spec: str) -> list[tuple[int, ...]]:
     """``"64x4096x4096,8x2048x896"`` -> [(64, 4096, 4096), (8, 2048, 896)] (any number of dimensions)."""
     return [tuple(int(v) for v in s.split("x")) for s in spec.split(",") if s]
@@ -274,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="64x4096x4096,16x4096x2048,16x4096x5120,8x2048x896",
                    help="comma list of BxLxD (GPU only; the first is the goal shape)")
     args = p.parse_args(argv)
-    wanted = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(wanted) - set(VARIANTS))
-    if unknown:
-        p.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    wanted = parse_names(p, "--variants", args.variants, VARIANTS)
     variants = {k: v for k, v in VARIANTS.items() if not wanted or k == "default" or k in wanted}
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_variants import error_status, graph_time, parse_shapes, write_rows  # noqa: E402
+from fused_variants import error_status, graph_time, parse_names, parse_shapes, write_rows  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
 
@@ -522,9 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         shapes = [(40, 48)]
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 2
-    unknown = sorted(set(filter(None, args.orders.split(","))) - set(orders(64, n_sm)))
-    if unknown:
-        p.error(f"--orders: unknown {unknown}; known: {', '.join(orders(64, n_sm))}")
+    wanted = parse_names(p, "--orders", args.orders, orders(64, n_sm))
     rows_out: list[dict] = []
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
     print("| R | D | order | rows/program | group | programs | stages | registers | graph ms | / c1 |")
@@ -538,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Scratch.make(n_rows, dim, device, n_sm)
         c1 = None
         every = orders(n_rows, n_sm)
-        for name in [n for n in args.orders.split(",") if n] or list(every):  # in --orders' order (c1 first!)
+        for name in wanted or list(every):  # in --orders' order (c1 first!)
             o = every[name]
             row = dict(R=n_rows, D=dim, order=name, **o._asdict())
             try:  # a failing order is a result (recorded), not the end of the run

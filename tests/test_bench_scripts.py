@@ -36,6 +36,8 @@ def test_fused_variants_script(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["variant"] for r in rows} == set(fused_variants.VARIANTS) | {"bare_then_angle_stats_triton"}
     assert all(r["status"].startswith("ok") for r in rows), rows
+    with pytest.raises(SystemExit):  # an unknown name is refused before anything runs (parse_names)
+        fused_variants.main(["--smoke", "--variants", "default,no_such_variant"])
 
 
 def test_fused_backward_script(tmp_path):
