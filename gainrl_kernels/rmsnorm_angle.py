@@ -906,8 +906,7 @@ _ROWS_STATS_MIN_WARPS = (2048, 8)  # (from this BLOCK_D on, at least this many w
 # spills) nor for fp32 (88 at sm_90a)
 _ROWS_STATS_REGISTER_CAP: dict[tuple[int, int, int], tuple[int, int]] = {(9, 4096, 2): (4, 168)}
 _ROWS_MAX_WARPS = 16
-_PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks the work-list kernel writes per step (chunks of 128 rows or more)
-_PLAN_MAX_TILE = 4096  # ... at most, for shorter chunks, on 8 warps (8192 spills at sm_80: K = 3, 256 sequences a step)
+_PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks a work-list program writes per step (short chunks: more programs)
 _PLAN_SEQUENCE_READS = 1 << 16  # work-list programs x sequences at most (each program reads every sequence's bounds)
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
 # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x (and the reduce reads it
@@ -1082,13 +1081,6 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg, block_d2)
 
 
-def _plan_tile(chunk: int) -> tuple[int, int]:
-    """(chunks per step, warps) of the work-list kernel for chunks of ``chunk`` rows: ``_PLAN_TILE`` from 128 rows
-    on, proportionally more for shorter chunks (the unordered forward's), up to ``_PLAN_MAX_TILE`` on 8 warps."""
-    tile = min(_PLAN_MAX_TILE, _PLAN_TILE * max(1, 128 // max(chunk, 1)))
-    return tile, 4 if tile <= 2 * _PLAN_TILE else 8
-
-
 class _Plan(NamedTuple):
     """Device-side work list of the forward kernels (see the module docstring)."""
 
@@ -1144,8 +1136,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     sums = _unordered_sums(batch, nseg, dim, dev) if _UNORDERED and rows > 0 else None  # zeroed by the plan kernel
     zero_into = sums or (torch.empty(0, dtype=torch.float32, device=dev),) * 3
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
-    tile, plan_warps = _plan_tile(cfg.chunk)
-    block_c = max(1, tile // block_b)
+    block_c = max(1, _PLAN_TILE // block_b)
     # programs: enough that each writes one column block of the longest possible region (rows / chunk chunks), but
     # every program reads all B sequences, so at most _PLAN_SEQUENCE_READS / B of them (one for huge batches)
     programs = min(triton.cdiv(triton.cdiv(rows, cfg.chunk), block_c), _PLAN_SEQUENCE_READS // max(batch, 1))
@@ -1154,7 +1145,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, *zero_into, zero_into[0].numel(),
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, ZERO=sums is not None, num_warps=plan_warps,
+        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, ZERO=sums is not None,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg, sums)
 

@@ -394,7 +394,6 @@ def test_plan_programs_share_the_writes(n_seq, chunk, padded, monkeypatch):
     one = rmsnorm_module._stats_plan(x, cu, off, tok)
     monkeypatch.setattr(rmsnorm_module, "_PLAN_SEQUENCE_READS", 1 << 30)
     monkeypatch.setattr(rmsnorm_module, "_PLAN_TILE", 16)
-    monkeypatch.setattr(rmsnorm_module, "_PLAN_MAX_TILE", 16)
     many = rmsnorm_module._stats_plan(x, cu, off, tok)
     assert one.cfg.chunk == many.cfg.chunk == chunk and one.grid == many.grid
     for a, b in zip(one, many):

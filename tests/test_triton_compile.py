@@ -202,21 +202,18 @@ def _rmsnorm_angle_cases():
                      **({} if cfg.blocked else {"BLOCK_D2": cfg.block_d2, "STAGES": cfg.stages})),
                 cfg.num_warps, cfg.maxnreg, archs,
             )
-    # the work list's extreme tiles: 16 sequences x (tile / 16) chunks, 256 x (tile / 256), for 256-row chunks and
-    # for the unordered forward's short ones (_plan_tile)
-    # for the unordered ones the kernel also zeroes the sums (ZERO)
-    for chunk, zero in ((M._MAX_CHUNK, False), (1, True)):
-        tile, warps = M._plan_tile(chunk)
+    # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256); for the
+    # unordered statistics the kernel also zeroes the sums (ZERO)
+    for zero in (False, True):
         for (n_seg, has_off, has_tok), block_b in zip(((1, False, False), (3, True, True)), (16, 256)):
             yield Case(
-                f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}-C{tile // block_b}"
-                f"-zero{int(zero)}", M._plan_kernel,
+                f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}-zero{int(zero)}", M._plan_kernel,
                 dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
                      grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
                      item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32",
                      unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", n_sum="i32"),
-                dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=tile // block_b,
-                     BLOCK_I=1024, ZERO=zero), warps,
+                dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=M._PLAN_TILE // block_b,
+                     BLOCK_I=1024, ZERO=zero), 4,
             )
     yield Case(
         "rmsnorm_reduce", M._reduce_kernel,
