@@ -1205,24 +1205,22 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     rstd = torch.empty(rows, dtype=torch.float32, device=dev)
     batch, nseg = plan.count.shape
     stats = stats and batch * nseg > 0 and rows > 0
-    unordered = stats and plan.sums is not None  # the plan's zeroed sums, which the chunks add into
-    if unordered:
-        unit_sum, sq_norm, adjacent = plan.sums
+    unordered = stats and plan.sums is not None
+    if unordered:  # the plan's zeroed sums (only planned for rows > 0): the chunks add into them, no reduce
+        unit_sum, sq_norm, adjacent = part_sum, part_q, part_adj = plan.sums
     else:  # with statistics the reduce kernel writes every entry
         alloc = torch.empty if stats else torch.zeros
         unit_sum = alloc(batch, nseg, dim, dtype=torch.float32, device=dev)
         sq_norm = alloc(batch, nseg, dtype=torch.float32, device=dev)
         adjacent = alloc(batch, dtype=torch.float32, device=dev)
-    if rows == 0:
-        return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
-    if unordered:  # the chunks add into the outputs themselves
-        part_sum, part_q, part_adj = unit_sum, sq_norm, adjacent
-    elif stats:
-        part_sum = torch.empty(plan.grid, dim, dtype=torch.float32, device=dev)
-        part_q = torch.empty(plan.grid, dtype=torch.float32, device=dev)
-        part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
-    else:
-        part_sum = part_q = part_adj = rstd  # never touched
+        if rows == 0:
+            return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
+        if stats:
+            part_sum = torch.empty(plan.grid, dim, dtype=torch.float32, device=dev)
+            part_q = torch.empty(plan.grid, dtype=torch.float32, device=dev)
+            part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
+        else:
+            part_sum = part_q = part_adj = rstd  # never touched
     cfg = plan.cfg
     if stats and cfg.rows and _cuda_rows_take(x2d, weight):
         stages, carry = _cuda_rows_tuning(dim)
