@@ -1045,6 +1045,11 @@ def _vector_aligned(x2d: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
     return shape_ok and x2d.data_ptr() % 16 == 0 and (weight is None or weight.data_ptr() % 16 == 0)
 
 
+def _fill_target(device: torch.device) -> int:
+    """Programs a forward launch should have at least: about four per multiprocessor (16 on a CPU)."""
+    return 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
+
+
 def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool,
                 capability: Optional[int] = None, aligned: bool = True,
                 split: Optional[bool] = None) -> _FwdConfig:
@@ -1059,7 +1064,7 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
         block_t, block_d, warps = _SLICED_TILE
         return _FwdConfig(False, block_t, block_t, block_d, warps)
     block_t = 1 if block_d >= _ROWS_ONE_ROW_MIN_D else max(1, min(16, _ROWS_TILE // block_d))
-    target = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
+    target = _fill_target(device)
     chunk = (_UNORDERED_CHUNK if _UNORDERED else _MAX_CHUNK) if stats else _BARE_MAX_CHUNK
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
