@@ -1292,31 +1292,53 @@ _BWD_ROW_MAX = 4096  # widest row (next_pow2(D)) the single-pass kernel holds in
 # one row a step
 _BWD_SPLIT_MAX = 8192
 # Tuning knobs of the whole-row backward, for bench/fused_backward.py's variants (defaults: the rules below). On an
-# H200 the default holds one 16-warp program per SM at 4096 and 5120 (114-128 registers); one row a step capped at
-# 64 registers lowers without spills for 16-bit rows (sm_90a) and fits two. Not timed yet, so not the default.
+# H200 one row a step capped at 64 registers lowers without spills for 16-bit rows (sm_90a) and fits two programs
+# per SM (backward alone at 16x4096x5120: 0.692 ms with 3 stages against 0.767 uncapped), but not for fp32 rows.
 _BWD_ROW_STEP: Optional[int] = None  # rows per step of one-tile rows (None: up to 4096 elements a step, >= 2)
 _BWD_MAXNREG: Optional[int] = None  # register cap of whole-row launches (None: uncapped)
 _BWD_PROGRAMS_PER_SM = 4  # grid cap: each program walks a contiguous range of rows
-# whole-row launches: the row loop software-pipelined with this many stages (0: not). The default holds one or two
-# rows in flight per SM in registers; S stages add S - 1 steps of x and dy in shared memory (cp.async)
-_BWD_STAGES = 0
+# whole-row launches: the row loop software-pipelined with this many stages (0: not): Triton issues x and dy
+# S - 1 steps ahead by cp.async into shared memory. H200, backward alone (bench/results/fused_backward_h200_stages.json):
+# 64x4096x4096 2.274 -> 1.693 ms (4 stages 1.633), 16x4096x5120 1.597 -> 0.767 ms. Fewer stages where the device's
+# shared memory per block cannot hold them (_bwd_shared_bytes).
+_BWD_STAGES = 3
 _BWD_BLOCKED_TILE = (4, 512, 8)  # BLOCK_T, BLOCK_D, warps of the blocked kernel: 8 values per thread, <= 48 registers
 
 
-def _bwd_config(dim: int) -> _BwdConfig:
-    """Tile rules of the backward (the compile test lowers exactly these for its D list)."""
+def _bwd_config(dim: int, elem_size: int = 2, shared_limit: Optional[int] = None) -> _BwdConfig:
+    """Tile rules of the backward (the compile test lowers exactly these for its D list). ``elem_size``: bytes of
+    an element of x and dy; ``shared_limit``: shared memory a block may use on the device (None: no limit, as in
+    the interpreter), which caps the pipelining stages."""
     block_d = max(16, triton.next_power_of_2(dim))
     if _BWD_ROW_MAX < block_d <= _BWD_SPLIT_MAX:
         tail = max(16, triton.next_power_of_2(dim - _BWD_ROW_MAX))
-        return _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail, _BWD_MAXNREG,
-                          _BWD_STAGES)
-    if block_d > _BWD_ROW_MAX:
+        cfg = _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail, _BWD_MAXNREG)
+    elif block_d > _BWD_ROW_MAX:
         block_t, block_d, warps = _BWD_BLOCKED_TILE
         return _BwdConfig(True, block_t, block_d, warps)
-    block_t = _BWD_ROW_STEP or max(2, min(16, 4096 // block_d))
-    # warps of at least a 2-row tile: one row a step (_BWD_ROW_STEP = 1) keeps the default's warps
-    return _BwdConfig(False, block_t, block_d, _bwd_warps(max(block_t, 2) * block_d), 0, _BWD_MAXNREG,
-                      _BWD_STAGES)
+    else:
+        block_t = _BWD_ROW_STEP or max(2, min(16, 4096 // block_d))
+        # warps of at least a 2-row tile: one row a step (_BWD_ROW_STEP = 1) keeps the default's warps
+        cfg = _BwdConfig(False, block_t, block_d, _bwd_warps(max(block_t, 2) * block_d), 0, _BWD_MAXNREG)
+    stages = _BWD_STAGES
+    while stages >= 2 and shared_limit is not None and _bwd_shared_bytes(cfg, elem_size, stages) > shared_limit:
+        stages -= 1
+    return cfg._replace(stages=stages if stages >= 2 else 0)
+
+
+def _bwd_shared_bytes(cfg: _BwdConfig, elem_size: int, stages: int) -> int:
+    """Upper bound of the shared memory of a whole-row backward launch with ``stages`` pipelining stages: S - 1
+    buffered steps of x, dy and rstd, plus an fp32 row of layout-conversion scratch (Triton's allocation; the
+    compile test checks the bound against what Triton reports at sm_80 and sm_90a)."""
+    width = cfg.block_d + cfg.block_d2
+    return max(stages - 1, 0) * cfg.block_t * (width * elem_size * 2 + 4) + 4 * width + 512
+
+
+def _device_shared_limit(device: torch.device) -> Optional[int]:
+    """Shared memory one block may opt in to on ``device`` (None on a CPU: the interpreter has no limit)."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 * 1024)
 
 
 def _bwd_warps(tile: int) -> int:
@@ -1331,7 +1353,7 @@ def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: t
     dx = torch.empty(rows, dim, dtype=x2d.dtype, device=dev)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    cfg = _bwd_config(dim)
+    cfg = _bwd_config(dim, x2d.element_size(), _device_shared_limit(dev))
     if x2d.is_cuda:
         max_progs = _BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count
     else:

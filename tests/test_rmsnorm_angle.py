@@ -709,6 +709,18 @@ def test_blocked_backward_non_contiguous_3d(narrow_backward):
     torch.testing.assert_close(gw.double(), dw64, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("elem_size,limit,stages", [(2, None, 3), (4, 163 * 1024, 3), (4, 99 * 1024, 2),
+                                                     (4, 48 * 1024, 0), (2, 64 * 1024, 2)])
+def test_backward_stages_fit_the_shared_memory(elem_size, limit, stages):
+    """The backward pipelines its row loop with _BWD_STAGES stages where the device's shared memory per block holds
+    them, fewer where not (an fp32 row of 4096 on a 99 KiB device: 2), none where not even two fit."""
+    cfg = rmsnorm_module._bwd_config(4096, elem_size, limit)
+    assert cfg.stages == stages
+    if limit is not None and stages:
+        assert rmsnorm_module._bwd_shared_bytes(cfg, elem_size, stages) <= limit
+    assert rmsnorm_module._bwd_config(8200, elem_size, limit).stages == 0  # the blocked kernel has no stages
+
+
 @pytest.mark.parametrize("dim,blocked", [(5120, False), (8192, False), (8200, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_dim_backward(dtype, dim, blocked):

@@ -35,10 +35,19 @@ PTXAS = next(
     (p for p in (_BIN / "ptxas-blackwell", shutil.which("ptxas"), _BIN / "ptxas") if p and os.access(p, os.X_OK)), None
 )
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
+# shared memory a block may opt in to: A100 (163 KiB) and H100 / H200 (227 KiB)
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
+# integer arguments of the backward that a contiguous launch with D % 16 == 0 specialises as divisible by 16
+BWD_ALIGNED = ("D", "sx_r", "sdy_r")
 
 
 def compile_ptx(fn, signature: dict, constexprs: dict, target, num_warps: int, maxnreg: int | None = None) -> str:
-    """PTX of ``fn``. Runtime arguments named in ``constexprs["__aligned__"]`` (if present; popped) get the hint a
+    """PTX of ``fn`` (see ``compile_kernel``)."""
+    return compile_kernel(fn, signature, constexprs, target, num_warps, maxnreg).asm["ptx"]
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, target, num_warps: int, maxnreg: int | None = None):
+    """``fn`` compiled by Triton for ``target``. Runtime arguments named in ``constexprs["__aligned__"]`` (if present; popped) get the hint a
     launch gives pointers and integers divisible by 16; all others none (the worst case for registers). ``maxnreg``:
     the launch option that caps registers per thread."""
     constexprs = dict(constexprs)
@@ -48,7 +57,7 @@ def compile_ptx(fn, signature: dict, constexprs: dict, target, num_warps: int, m
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=target,
                             options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
-    return kernel.asm["ptx"]
+    return kernel
 
 
 class Case(NamedTuple):
@@ -62,6 +71,7 @@ class Case(NamedTuple):
     num_warps: int
     maxnreg: Optional[int] = None
     archs: Optional[tuple[str, ...]] = None
+    shared_bound: Optional[int] = None  # the launcher's bound of the shared memory Triton allocates (None: none)
 
 
 def ptxas_report(ptx: str, arch: str, cubin: Optional[Path] = None) -> str:
@@ -182,25 +192,39 @@ def _rmsnorm_angle_cases():
                           __aligned__=contiguous_launch_hints(sig), **M._rows_tuning(cfg, False)),
                 cfg.num_warps,
             )
-        # the launcher's configs, and the software-pipelined row loop (_BWD_STAGES, not yet the default) at 4096 and
-        # 5120; in bf16 at sm_90a also one row a step capped at 64 registers, pipelined (bench/fused_backward.py)
-        bwd = {cfg: None for cfg in sorted({M._bwd_config(dim) for dim in RMSNORM_DIMS + RMSNORM_SPLIT_DIMS})}
-        bwd.update({M._bwd_config(dim)._replace(stages=3): None for dim in (4096, 5120)})
+        # the launcher's configs per target (the pipelining stages depend on its shared memory), lowered as a launch
+        # with a contiguous x and dy specialises them (unit column strides, 16-divisible pointers, D and row
+        # strides), or without hints where D % 16 != 0; the configs without pipelining (devices with less shared
+        # memory); in bf16 at sm_90a one row a step capped at 64 registers, pipelined (bench/fused_backward.py)
+        bwd: dict[tuple, list[str]] = {}
+        for dim in RMSNORM_DIMS + RMSNORM_SPLIT_DIMS:
+            for arch in TARGETS:
+                cfg = M._bwd_config(dim, size, SHARED_LIMIT[arch])
+                bwd.setdefault((cfg, dim % 16 == 0), []).append(arch)
+                if cfg.stages:
+                    bwd.setdefault((cfg._replace(stages=0), dim % 16 == 0), []).append(arch)
         if dt == "bf16":
-            bwd[M._bwd_config(4096)._replace(block_t=1, maxnreg=64, stages=3)] = ("sm_90a",)
-        for cfg, archs in bwd.items():
+            bwd[(M._bwd_config(4096, 2, SHARED_LIMIT["sm_90a"])._replace(block_t=1, maxnreg=64), True)] = ["sm_90a"]
+        bwd_sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", dy_ptr=f"*{dt}", rstd_ptr="*fp32", dx_ptr=f"*{dt}",
+                       part_dw_ptr="*fp32", R="i32", D="i32", rows_per_prog="i32", sx_r="i32", sx_d="i32",
+                       sdy_r="i32", sdy_d="i32")
+        for (cfg, aligned), archs in bwd.items():
             kind = "blocked" if cfg.blocked else "rows"
+            if aligned:
+                sig = {k: v for k, v in bwd_sig.items() if k not in ("sx_d", "sdy_d")}
+                launch = dict(sx_d=1, sdy_d=1, __aligned__=[k for k in sig if k.endswith("_ptr") or k in BWD_ALIGNED])
+            else:
+                sig, launch = bwd_sig, {}
             yield Case(
                 f"rmsnorm_bwd_{kind}-{dt}-T{cfg.block_t}-BD{cfg.block_d}"
                 f"{f'+{cfg.block_d2}' if cfg.block_d2 else ''}-W{cfg.num_warps}"
-                f"{f'-R{cfg.maxnreg}' if cfg.maxnreg else ''}{f'-S{cfg.stages}' if cfg.stages else ''}",
-                M._bwd_blocked_kernel if cfg.blocked else M._bwd_kernel,
-                dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", dy_ptr=f"*{dt}", rstd_ptr="*fp32", dx_ptr=f"*{dt}",
-                     part_dw_ptr="*fp32", R="i32", D="i32", rows_per_prog="i32", sx_r="i32", sx_d="i32",
-                     sdy_r="i32", sdy_d="i32"),
-                dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+                f"{f'-R{cfg.maxnreg}' if cfg.maxnreg else ''}{f'-S{cfg.stages}' if cfg.stages else ''}"
+                f"-{'aligned' if aligned else 'unaligned'}",
+                M._bwd_blocked_kernel if cfg.blocked else M._bwd_kernel, sig,
+                dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, **launch,
                      **({} if cfg.blocked else {"BLOCK_D2": cfg.block_d2, "STAGES": cfg.stages})),
-                cfg.num_warps, cfg.maxnreg, archs,
+                cfg.num_warps, cfg.maxnreg, None if len(set(archs)) == len(TARGETS) else tuple(sorted(set(archs))),
+                None if cfg.blocked else M._bwd_shared_bytes(cfg, size, cfg.stages),
             )
     # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256); for the
     # unordered statistics the kernel also zeroes the sums (ZERO)
@@ -268,12 +292,13 @@ def case_archs(case: Case) -> tuple[str, ...]:
 
 def compile_all() -> dict[str, str]:
     """{case-arch: ptxas report} for every case and its targets; run in a process without TRITON_INTERPRET."""
-    return {
-        f"{c.name}-{arch}": ptxas_report(
-            compile_ptx(c.fn, c.signature, c.constexprs, TARGETS[arch], c.num_warps, c.maxnreg), arch)
-        for c in all_cases()
-        for arch in case_archs(c)
-    }
+    reports = {}
+    for c in all_cases():
+        for arch in case_archs(c):
+            kernel = compile_kernel(c.fn, c.signature, c.constexprs, TARGETS[arch], c.num_warps, c.maxnreg)
+            reports[f"{c.name}-{arch}"] = (ptxas_report(kernel.asm["ptx"], arch)
+                                           + f"\ntriton shared memory: {kernel.metadata.shared} bytes")
+    return reports
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +317,16 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills(reports):
     for name, report in reports.items():
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
         assert spills and not any(spills), f"{name}: {report}"
+
+
+@pytest.mark.skipif(PTXAS is None, reason="Triton's bundled ptxas not found")
+def test_shared_memory_fits_the_targets_and_the_launchers_bounds(reports):
+    """Every lowering fits its target's shared memory per block, and the launcher's bound (which picks the
+    backward's pipelining stages for the device) is at least what Triton allocates."""
+    for case in all_cases():
+        for arch in case_archs(case):
+            report = reports[f"{case.name}-{arch}"]
+            shared = int(re.search(r"triton shared memory: (\d+) bytes", report).group(1))
+            assert shared <= SHARED_LIMIT[arch], f"{case.name}-{arch}: {shared} bytes"
+            if case.shared_bound is not None:
+                assert shared <= case.shared_bound, f"{case.name}-{arch}: {shared} > bound {case.shared_bound}"
