@@ -68,6 +68,7 @@
 #
 # Knobs (environment): GAINRL_GPU_CHECK_BUDGET (seconds, default 470); GAINRL_GPU_CHECK_VARIANTS_CAP (seconds of
 # the variants step, default 120; the JSON is rewritten after every variant, goal shape first);
+# GAINRL_GPU_CHECK_TESTS_CUDA=0 skips the extension's half of the tests step (for a call without the build);
 # GAINRL_GPU_CHECK_EMULATOR=1 also runs the CPU emulator tests of test_cuda_backend.py and test_rmsnorm_angle_cuda.py
 # (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python, default python3); GAINRL_GPU_CHECK_DRY=1: CPU
 # dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast tests, --smoke / tiny benchmark shapes, default
@@ -240,8 +241,11 @@ else
     # The GPU half of test_cuda_backend.py; its CPU emulator tests are CPU-only (opt in with the knob).
     CUDA_K="not emulated"
     [ "${GAINRL_GPU_CHECK_EMULATOR:-0}" = 1 ] && CUDA_K=""
-    step tests_cuda tests.log 150 "${PYTEST[@]}" tests/test_cuda_backend.py tests/test_rmsnorm_angle_cuda.py \
-        ${CUDA_K:+-k "$CUDA_K"}
+    # GAINRL_GPU_CHECK_TESTS_CUDA=0: skip this half (a call without the build step)
+    if [ "${GAINRL_GPU_CHECK_TESTS_CUDA:-1}" = 1 ]; then
+        step tests_cuda tests.log 150 "${PYTEST[@]}" tests/test_cuda_backend.py tests/test_rmsnorm_angle_cuda.py \
+            ${CUDA_K:+-k "$CUDA_K"}
+    fi
     # Separate process: a CUDA fault in the extension cannot poison the Triton run.
     # GAINRL_GPU_CHECK_TRITON_K: a pytest -k filter for this half (e.g. "not torch_compile_fullgraph", ~40 s)
     TRITON_K=${GAINRL_GPU_CHECK_TRITON_K:-}

@@ -32,6 +32,12 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   reductions on sm_90, held in the L2; no fixed summation order; checked against torch); ``unflushed_...``: the same
   sums computed, not added. They price a forward that keeps a short-chunk order that keeps up, by atomics per row.
   ``_acc``: added once per chunk from an accumulator row held across steps (the c orders: 4 programs per SM).
+* ``group_t{T}_c{C}_g{G}``: the t orders whose programs store their chunk's unit-vector sum as an fp32 partial row
+  (evict_last), and the program that completes each group of G chunks (an acq_rel count, no waiting) adds the
+  group's partials, in chunk order, into one output row (``_group_kernel``; checked against torch): fixed-order
+  statistics at a short chunk's window with the partials read back from the L2; ``_discard``: the consumed
+  partials' L2 lines dropped unwritten (PTX discard.global.L2, GPU only), so they never reach the DRAM;
+  ``group_t4_c8_uncombined``: the partials stored and left.
 
 Graph-timed; each order's y (and the trail orders' sums) is checked against torch first. H200, 2026-11-27
 (bench/results/walk_order_h200*.json, docs/fused_forward.md "session 18"): at 64x4096x4096 every walk is 7-12%
@@ -181,7 +187,7 @@ def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BL
     k = tl.arange(0, TILE_R)[:, None]
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
     sp = sums_ptr + (r0 // G) * D + cols[None, :]
-    acc = tl.zeros([TILE_R, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(0, ROWS // TILE_R):
         row = r0 + i * TILE_R + k
         m = cm[None, :] & (row < R)
@@ -198,6 +204,61 @@ def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BL
             tl.atomic_add(sp, tl.sum(u, axis=0, keep_dims=True), mask=cm[None, :], sem="relaxed")
     if EACH == "chunk" and flush == 1:
         tl.atomic_add(sp, tl.sum(acc, axis=0, keep_dims=True), mask=cm[None, :], sem="relaxed")
+
+
+@triton.jit
+def _discard_l2(ptr, D, DISCARD: tl.constexpr, LINES: tl.constexpr):
+    """Drops the L2 lines of one fp32 row at ``ptr`` (128-byte aligned, D % 32 == 0) without writing them back:
+    PTX discard.global.L2 (sm_80+), so a consumed partial row never reaches the DRAM. A no-op unless DISCARD."""
+    if DISCARD:
+        line = tl.arange(0, LINES) * 32
+        tl.inline_asm_elementwise("discard.global.L2 [$1], 128;\n mov.u32 $0, 0;", "=r,l",
+                                  [tl.where(line < D, ptr + line, ptr)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _group_kernel(x_ptr, w_ptr, y_ptr, part_ptr, done_ptr, out_ptr, R, D, pitch, eps, part_pitch, G, n_chunks,
+                  BLOCK_D: tl.constexpr, TILE_R: tl.constexpr, ROWS: tl.constexpr, COMBINE: tl.constexpr,
+                  DISCARD: tl.constexpr, LINES: tl.constexpr):
+    """Program p normalises chunk p (ROWS rows, TILE_R a step, 4 warps a row: the t orders' window) and stores the
+    sum of its unit vectors y_t / ||y_t|| as one fp32 partial row (evict_last: it should stay in the L2). COMBINE:
+    the program that completes a group of G chunks (an acq_rel count per group, no waiting) adds the group's
+    partial rows, in chunk order, from the L2 into the group's output row, and with DISCARD drops their lines:
+    the fixed-order statistics with no partial row in the DRAM and a window as short as the chunk. Without
+    COMBINE the partials are written and left (their bytes reach the DRAM as the L2 evicts them)."""
+    pid = tl.program_id(0)
+    r0 = pid.to(tl.int64) * ROWS
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    k = tl.arange(0, TILE_R)[:, None]
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(0, ROWS // TILE_R):
+        row = r0 + i * TILE_R + k
+        m = cm[None, :] & (row < R)
+        x = tl.load(x_ptr + row * pitch + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first")
+        x = x.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
+        yt = y_ptr.dtype.element_ty
+        y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)
+        tl.store(y_ptr + row * D + cols[None, :], y, mask=m, eviction_policy="evict_first")
+        yf = y.to(tl.float32)
+        # summed across the step's rows at once (an accumulator of the tile's shape would take ~30 registers
+        # more: one 16-warp program per SM instead of two)
+        acc += tl.sum(yf * tl.math.rsqrt(tl.maximum(tl.sum(yf * yf, axis=1, keep_dims=True), 1e-24)), axis=0)
+    tl.store(part_ptr + pid.to(tl.int64) * part_pitch + cols, acc, mask=cm,
+             eviction_policy="evict_last")
+    if COMBINE:
+        g = pid // G
+        n_g = tl.minimum(G, n_chunks - g * G)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        if tl.atomic_add(done_ptr + g, 1, sem="acq_rel") == n_g - 1:
+            s = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for j in range(0, n_g):
+                pr = part_ptr + (g * G + j).to(tl.int64) * part_pitch
+                s += tl.load(pr + cols, mask=cm, other=0.0, cache_modifier=".cg")
+                _discard_l2(pr, D, DISCARD, LINES)
+            tl.store(out_ptr + g.to(tl.int64) * D + cols, s, mask=cm)
 
 
 @triton.jit
@@ -275,6 +336,7 @@ _TRAIL_TILE = (2, 1024, 4)
 _SYNC_SLOTS = 3  # partial rows per program in the sync orders' ring (see _sync_kernel)
 _SYNC_MAX_PER_SM = 2
 _SYNC_SEG = (4096, 32)  # rows per segment of the sync orders' sums: on a GPU (one sequence of the goal shape), CPU
+_MIN_GROUP_CHUNK = 4  # smallest chunk of the group orders
 _SYNC_SPIN_LIMIT = 1 << 22  # polls per program and launch (~0.5 µs each; a launch needs a few an iteration)
 
 
@@ -318,6 +380,9 @@ class Order(NamedTuple):
     atomic: str = ""  # "atomic": each chunk's unit-vector sum added into its segment's sum by fp32 atomics
     # (_atomic_kernel); "unflushed": the same sums computed, not added
     each: str = "step"  # atomic: added once a chunk or each step (_atomic_kernel's EACH)
+    combine: int = 0  # > 0: chunk partial rows combined per group of this many chunks by its last program
+    # (_group_kernel); -1: the partials written, nothing combined
+    discard: bool = False  # combine: the consumed partials' L2 lines dropped (GPU only: inline PTX)
 
 
 class Scratch(NamedTuple):
@@ -330,6 +395,7 @@ class Scratch(NamedTuple):
     slots: torch.Tensor  # f32 [_SYNC_SLOTS * _SYNC_MAX_PER_SM * n_sm, D]: the sync orders' partials
     sums: torch.Tensor  # f32 [cdiv(R, _SYNC_SEG[-1]), D]: their segment sums
     err: torch.Tensor  # int32 [1]: set by a sync wait that gave up
+    chunk_part: torch.Tensor  # f32 [cdiv(R, _MIN_GROUP_CHUNK), cdiv(D, 32) * 32]: the group orders' partial rows
 
     @staticmethod
     def make(rows: int, dim: int, device: str, n_sm: int = 1) -> "Scratch":
@@ -340,7 +406,9 @@ class Scratch(NamedTuple):
                        torch.zeros(groups, dtype=i32, device=device),
                        torch.empty(_SYNC_SLOTS * _SYNC_MAX_PER_SM * n_sm, dim, dtype=f32, device=device),
                        torch.zeros(triton.cdiv(rows, _SYNC_SEG[-1]), dim, dtype=f32, device=device),
-                       torch.zeros(1, dtype=i32, device=device))
+                       torch.zeros(1, dtype=i32, device=device),
+                       torch.empty(triton.cdiv(rows, _MIN_GROUP_CHUNK), triton.cdiv(dim, 32) * 32, dtype=f32,
+                                   device=device))
 
 
 def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: Optional[Scratch] = None,
@@ -364,6 +432,17 @@ def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: O
         return _atomic_kernel[(o.programs,)](x, w, y, scratch.sums, R, D, x.stride(0), eps, seg,
                                              int(o.atomic == "atomic"), BLOCK_D=block_d, TILE_R=o.tile_r,
                                              ROWS=o.rows, EACH=o.each, num_warps=4 * o.tile_r)
+    if o.combine:
+        n_chunks = triton.cdiv(R, o.rows)
+        G = max(o.combine, 1)
+        assert o.rows % o.tile_r == 0 and o.rows >= _MIN_GROUP_CHUNK and (o.combine < 0 or o.rows * G >= _MIN_TRAIL)
+        if o.combine > 0:
+            scratch.done[:triton.cdiv(n_chunks, G)].zero_()
+        return _group_kernel[(n_chunks,)](
+            x, w, y, scratch.chunk_part, scratch.done, scratch.part, R, D, x.stride(0), eps,
+            scratch.chunk_part.stride(0), G, n_chunks, BLOCK_D=block_d, TILE_R=o.tile_r, ROWS=o.rows,
+            COMBINE=o.combine > 0, DISCARD=o.discard and x.is_cuda and D % 32 == 0,
+            LINES=triton.next_power_of_2(triton.cdiv(D, 32)), num_warps=4 * o.tile_r)
     if o.norm:
         if o.trail:
             scratch.done[:triton.cdiv(R, o.trail)].zero_()
@@ -431,6 +510,23 @@ def check_trail(y: torch.Tensor, o: Order, scratch: Scratch) -> None:
         torch.testing.assert_close(scratch.part[:n_g], ref, rtol=1e-4, atol=1e-4)
 
 
+def check_group(y: torch.Tensor, o: Order, scratch: Scratch) -> str:
+    """The group orders' output rows (sums of y_t / ||y_t|| over o.combine chunks of o.rows rows) against torch:
+    "ok" or what differs; "not combined" where nothing is."""
+    if o.combine < 0:
+        return "not combined"
+    rows = o.rows * o.combine
+    yf = y.float()
+    u = yf / yf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n_g = triton.cdiv(y.shape[0], rows)
+    ref = torch.nn.functional.pad(u, (0, 0, 0, n_g * rows - y.shape[0])).view(n_g, rows, -1).sum(1)
+    try:
+        torch.testing.assert_close(scratch.part[:n_g], ref, rtol=1e-4, atol=1e-4)
+    except AssertionError as e:
+        return "differs: " + " ".join(str(e).split())[:300]
+    return "ok"
+
+
 def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
     """The timed orders (names as in the module docstring) for ``n_rows`` rows on ``n_sm`` multiprocessors."""
     out: dict[str, Order] = {}
@@ -491,6 +587,17 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
         name = f"c{c}" if t == 1 else f"t{t}_c{c}"
         out[f"unflushed_{name}"] = Order(c, 1, cdiv(n_rows, c), tile_r=t, atomic="unflushed", each="step")
     out["unflushed_c8_acc"] = Order(8, 1, cdiv(n_rows, 8), atomic="unflushed", each="chunk")
+    # session 22: fixed-order statistics at the window of an order that keeps up (t4_c8: +0.3% in session 20),
+    # with the chunk partials kept in the L2: each group of G chunks is combined by the program that completes it
+    # (_group_kernel), in chunk order, and with _discard its consumed lines are dropped unwritten. Group rows: one
+    # fp32 row per 8G rows reaches the DRAM (G = 8: 1.6% of x's read + y's write at 4096 in bf16; G = 32: 0.4%)
+    for g in (8, 32):
+        for discard in (False, True):
+            out[f"group_t4_c8_g{g}{'_discard' if discard else ''}"] = Order(8, 1, cdiv(n_rows, 8), tile_r=4,
+                                                                            combine=g, discard=discard)
+    out["group_t4_c8_uncombined"] = Order(8, 1, cdiv(n_rows, 8), tile_r=4, combine=-1)
+    out["group_t2_c4_g16_discard"] = Order(4, 1, cdiv(n_rows, 4), tile_r=2, combine=16, discard=True)
+    out["group_t4_c16_g16_discard"] = Order(16, 1, cdiv(n_rows, 16), tile_r=4, combine=16, discard=True)
     # one row per program plus the unit-vector statistics without a walk: 1 / ||y_t|| per row (c1_norm), and each
     # group's sum re-read from the L2 by the group's last program (trail_{C})
     out["c1_norm"] = Order(1, 1, n_rows, norm=True)
@@ -548,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
                     check_trail(y, o, scratch)
                 if o.sync or o.atomic:
                     row.update(sums=check_sync(y, o, scratch))
+                if o.combine:
+                    row.update(sums=check_group(y, o, scratch))
                 row.update(status="ok", registers=getattr(k, "n_regs", None))
                 if cuda and not args.no_time:
                     ms = graph_time(lambda: walk(xo, w, y, o, scratch), args.reps) * 1e3
