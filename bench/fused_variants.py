@@ -113,10 +113,11 @@ VARIANTS: dict[str, dict] = {
     "chunk_128": {"_MAX_CHUNK": 128},  # the default before session 16 (chunk_256 in the tables before it)
     "chunk_512": {"_MAX_CHUNK": 512},
     "sliced": {"_ROWS_MAX_BLOCK_D": 0},  # the column-sliced kernel (the default above D = 8192)
-    # session 21, not yet timed: statistics in no fixed order (_UNORDERED). Chunks of at most C rows add their sums
-    # into the outputs by relaxed fp32 atomics (vector reductions on sm_90) and no reduce kernel runs, so short
-    # chunks cost no partial-row bytes; the walk's window shrinks with C (docs/fused_forward.md "session 20").
-    # The CUDA rows kernel (16-bit rows) and the Triton one; each row also times the work list alone (plan_ms)
+    # session 21: statistics in no fixed order (_UNORDERED). Chunks of at most C rows add their sums into the
+    # outputs by relaxed fp32 atomics (vector reductions on sm_90) and no reduce kernel runs, so short chunks cost
+    # no partial-row bytes; the walk's window shrinks with C (docs/fused_forward.md "session 20"). The CUDA rows
+    # kernel (16-bit rows) and the Triton one; each row also times the work list alone (plan_ms). H200, session 22
+    # (results/fused_variants_h200_unordered.json): the atomics cost more than the window saves below C = 64
     **{f"unordered_c{c}": {"_CUDA_ROWS": True, "_UNORDERED": True, "_UNORDERED_CHUNK": c}
        for c in (2, 4, 8, 16, 32, 64)},
     **{f"unordered_triton_c{c}": {"_CUDA_ROWS": False, "_UNORDERED": True, "_UNORDERED_CHUNK": c} for c in (4, 8, 16)},

@@ -37,7 +37,9 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   group's partials, in chunk order, into one output row (``_group_kernel``; checked against torch): fixed-order
   statistics at a short chunk's window with the partials read back from the L2; ``_discard``: the consumed
   partials' L2 lines dropped unwritten (PTX discard.global.L2, GPU only), so they never reach the DRAM;
-  ``group_t4_c8_uncombined``: the partials stored and left.
+  ``group_t4_c8_uncombined``: the partials stored and left. H200, session 22
+  (bench/results/walk_order_h200_group.json): +24.5% for the partial stores alone, +35-36% combined, 2x with the
+  discards (timed before the barrier that now orders them after the group's loads: two of four sums differed).
 
 Graph-timed; each order's y (and the trail orders' sums) is checked against torch first. H200, 2026-11-27
 (bench/results/walk_order_h200*.json, docs/fused_forward.md "session 18"): at 64x4096x4096 every walk is 7-12%
@@ -257,6 +259,8 @@ def _group_kernel(x_ptr, w_ptr, y_ptr, part_ptr, done_ptr, out_ptr, R, D, pitch,
             for j in range(0, n_g):
                 pr = part_ptr + (g * G + j).to(tl.int64) * part_pitch
                 s += tl.load(pr + cols, mask=cm, other=0.0, cache_modifier=".cg")
+                if DISCARD:  # every thread's load of the row precedes any thread's discard of its lines
+                    tl.debug_barrier()
                 _discard_l2(pr, D, DISCARD, LINES)
             tl.store(out_ptr + g.to(tl.int64) * D + cols, s, mask=cm)
 

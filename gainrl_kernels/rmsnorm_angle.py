@@ -55,9 +55,10 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
     deterministic (bitwise run to run). ``count`` is exact integer arithmetic on the clamped offsets.
-  * Opt-in, not yet timed (``_UNORDERED``): chunks of at most ``_UNORDERED_CHUNK`` rows, each adding its sums into
-    the outputs (zeroed by the plan kernel) by relaxed fp32 atomics (vector reductions on sm_90) instead of writing
-    partials, and no reduce launch: two launches in all; the statistics then vary in their last bits run to run.
+  * Opt-in, off (``_UNORDERED``; no faster on an H200): chunks of at most ``_UNORDERED_CHUNK`` rows, each adding
+    its sums into the outputs (zeroed by the plan kernel) by relaxed fp32 atomics (vector reductions on sm_90)
+    instead of writing partials, and no reduce launch: two launches in all; the statistics then vary in their last
+    bits run to run.
 Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
 rounding is done on the fp32 bits (below).
 
@@ -918,16 +919,15 @@ _MAX_CHUNK = 256
 # 1.436), 16x4096x5120 0.508 -> 0.446, 16x4096x2048 0.197 -> 0.182, 8x2048x896 0.0275 -> 0.0228 ms
 # (bench/results/fused_variants_h100_register_cap.json, variants bare_chunk_*; fused_variants_h100.json: today's)
 _BARE_MAX_CHUNK = 1
-# Statistics in no fixed summation order (an opt-in experiment, off by default; not yet timed on a GPU): each chunk
-# adds its Σ u, Σ ||u||² and pair sum straight into unit_sum / sq_norm / adjacent (zeroed first) by relaxed fp32
-# atomics (vector reductions on sm_90, held in the L2) instead of writing partials for the reduce kernel, which is
-# not launched. No partial row reaches the DRAM, so chunks can be short: _UNORDERED_CHUNK rows at most. The walk's
-# cost grows with the rows in flight (programs in flight x chunk; H200, docs/fused_forward.md "session 20": +1.3%
-# at 2 rows, +3% at 4, +5% at 8, +7.5% at 256), while 256-row chunks with partials cost 10% at 64x4096x4096. The
-# results agree with the deterministic forward's to fp32 rounding but vary from run to run in the last bits.
-# bench/fused_variants.py variants unordered_*; bench/walk_order.py atomic_* price the atomics alone
+# Statistics in no fixed summation order (an opt-in experiment, off by default): each chunk adds its Σ u, Σ ||u||²
+# and pair sum straight into unit_sum / sq_norm / adjacent (zeroed first) by relaxed fp32 atomics (vector reductions
+# on sm_90, held in the L2) instead of writing partials for the reduce kernel, which is not launched. The results
+# agree with the deterministic forward's to fp32 rounding but vary from run to run in the last bits. Timed on an
+# H200 (docs/fused_forward.md "session 22"): the L2 retires the reductions too slowly for the short chunks this was
+# meant for (64x4096x4096: 4-row chunks 2.1x the bare kernel, 8-row 1.56x); 64-row chunks tie with the ordered
+# default (1.105 against 1.106) and are 2-3 points faster at 16x4096. Kept for bench/fused_variants.py's unordered_*.
 _UNORDERED = False
-_UNORDERED_CHUNK = 8
+_UNORDERED_CHUNK = 64
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
 # sums a stacked tensor in another order than tl.sum)
