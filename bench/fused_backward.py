@@ -62,6 +62,8 @@ BWD_VARIANTS = {
     # one capped row a step
     "no_stages": {"_BWD_STAGES": 0},
     "one_row_cap_64_stages_4": {"_BWD_ROW_STEP": 1, "_BWD_MAXNREG": 64, "_BWD_STAGES": 4},
+    # split rows with a tail of at most 1024 are capped at 64 registers on sm_90 by default: without the cap
+    "split_uncapped": {"_BWD_SPLIT_CAP_TAIL": 0},
 }
 
 

@@ -1295,24 +1295,32 @@ _BWD_SPLIT_MAX = 8192
 # H200 one row a step capped at 64 registers lowers without spills for 16-bit rows (sm_90a) and fits two programs
 # per SM (backward alone at 16x4096x5120: 0.692 ms with 3 stages against 0.767 uncapped), but not for fp32 rows.
 _BWD_ROW_STEP: Optional[int] = None  # rows per step of one-tile rows (None: up to 4096 elements a step, >= 2)
-_BWD_MAXNREG: Optional[int] = None  # register cap of whole-row launches (None: uncapped)
+_BWD_MAXNREG: Optional[int] = None  # register cap of whole-row launches (None: _BWD_SPLIT_CAP_TAIL's rule)
 _BWD_PROGRAMS_PER_SM = 4  # grid cap: each program walks a contiguous range of rows
 # whole-row launches: the row loop software-pipelined with this many stages (0: not): Triton issues x and dy
 # S - 1 steps ahead by cp.async into shared memory. H200, backward alone (bench/results/fused_backward_h200_stages.json):
 # 64x4096x4096 2.274 -> 1.693 ms (4 stages 1.633), 16x4096x5120 1.597 -> 0.767 ms. Fewer stages where the device's
 # shared memory per block cannot hold them (_bwd_shared_bytes).
 _BWD_STAGES = 3
+# 16-bit rows split as 4096 + a tail at most this wide, with vector loads, on sm_90: one row a step capped at 64
+# registers (spill-free at sm_90a, two programs per SM). H200 backward alone at 16x4096x5120: 0.767 -> 0.691 ms;
+# 8192 (a 4096 tail) capped took 0.699 against 0.483 ms, 6144 spills, and at sm_80 5120 spills. 0: never capped
+_BWD_SPLIT_CAP_TAIL = 1024
 _BWD_BLOCKED_TILE = (4, 512, 8)  # BLOCK_T, BLOCK_D, warps of the blocked kernel: 8 values per thread, <= 48 registers
 
 
-def _bwd_config(dim: int, elem_size: int = 2, shared_limit: Optional[int] = None) -> _BwdConfig:
+def _bwd_config(dim: int, elem_size: int = 2, shared_limit: Optional[int] = None, capability: int = 0,
+                aligned: bool = True) -> _BwdConfig:
     """Tile rules of the backward (the compile test lowers exactly these for its D list). ``elem_size``: bytes of
     an element of x and dy; ``shared_limit``: shared memory a block may use on the device (None: no limit, as in
-    the interpreter), which caps the pipelining stages."""
+    the interpreter), which caps the pipelining stages; ``capability``: the device's compute capability major (0:
+    not a GPU); ``aligned``: the launch compiles vector loads (``_vector_aligned`` for x and dy)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if _BWD_ROW_MAX < block_d <= _BWD_SPLIT_MAX:
         tail = max(16, triton.next_power_of_2(dim - _BWD_ROW_MAX))
-        cfg = _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail, _BWD_MAXNREG)
+        capped = capability >= 9 and elem_size == 2 and aligned and tail <= _BWD_SPLIT_CAP_TAIL
+        maxnreg = _BWD_MAXNREG if _BWD_MAXNREG is not None else 64 if capped else None
+        cfg = _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail, maxnreg)
     elif block_d > _BWD_ROW_MAX:
         block_t, block_d, warps = _BWD_BLOCKED_TILE
         return _BwdConfig(True, block_t, block_d, warps)
@@ -1353,7 +1361,8 @@ def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: t
     dx = torch.empty(rows, dim, dtype=x2d.dtype, device=dev)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    cfg = _bwd_config(dim, x2d.element_size(), _device_shared_limit(dev))
+    cfg = _bwd_config(dim, x2d.element_size(), _device_shared_limit(dev), _capability_major(dev),
+                      _vector_aligned(x2d, weight) and _vector_aligned(dy, None))
     if x2d.is_cuda:
         max_progs = _BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count
     else:

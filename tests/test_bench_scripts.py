@@ -55,7 +55,7 @@ def test_fused_backward_script(tmp_path):
     from gainrl_kernels import rmsnorm_angle as M  # the variants' knobs are set around each call only
 
     assert M._BWD_ROW_STEP is None and M._BWD_MAXNREG is None and M._BWD_PROGRAMS_PER_SM == 4
-    assert M._BWD_STAGES == 3
+    assert M._BWD_STAGES == 3 and M._BWD_SPLIT_CAP_TAIL == 1024
 
 
 def test_walk_order_script(tmp_path):

@@ -721,6 +721,17 @@ def test_backward_stages_fit_the_shared_memory(elem_size, limit, stages):
     assert rmsnorm_module._bwd_config(8200, elem_size, limit).stages == 0  # the blocked kernel has no stages
 
 
+def test_backward_register_cap_rule():
+    """16-bit rows split as 4096 + a tail of at most 1024, with vector loads, on sm_90 run capped at 64 registers;
+    wider tails, fp32, unaligned rows, sm_80 and the interpreter not."""
+    cfg = rmsnorm_module._bwd_config
+    assert cfg(5120, 2, None, 9, True).maxnreg == 64 and cfg(4608, 2, None, 9, True).maxnreg == 64
+    assert cfg(6144, 2, None, 9, True).maxnreg is None and cfg(8192, 2, None, 9, True).maxnreg is None
+    assert cfg(5120, 4, None, 9, True).maxnreg is None and cfg(5120, 2, None, 9, False).maxnreg is None
+    assert cfg(5120, 2, None, 8, True).maxnreg is None and cfg(5120).maxnreg is None
+    assert cfg(4096, 2, None, 9, True).maxnreg is None
+
+
 @pytest.mark.parametrize("dim,blocked", [(5120, False), (8192, False), (8200, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_dim_backward(dtype, dim, blocked):

@@ -199,7 +199,7 @@ def _rmsnorm_angle_cases():
         bwd: dict[tuple, list[str]] = {}
         for dim in RMSNORM_DIMS + RMSNORM_SPLIT_DIMS:
             for arch in TARGETS:
-                cfg = M._bwd_config(dim, size, SHARED_LIMIT[arch])
+                cfg = M._bwd_config(dim, size, SHARED_LIMIT[arch], TARGETS[arch].arch // 10, dim % 16 == 0)
                 bwd.setdefault((cfg, dim % 16 == 0), []).append(arch)
                 if cfg.stages:
                     bwd.setdefault((cfg._replace(stages=0), dim % 16 == 0), []).append(arch)
