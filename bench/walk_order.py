@@ -173,6 +173,30 @@ def _trail_kernel(x_ptr, w_ptr, y_ptr, inv_ptr, part_ptr, done_ptr, R, D, pitch,
 
 
 @triton.jit
+def _chunk_start(pid, w_ptr, D, BLOCK_D: tl.constexpr, TILE_R: tl.constexpr, ROWS: tl.constexpr):
+    """Program ``pid``'s first row (chunks of ROWS rows), the columns and their mask, the tile's row offsets
+    ([TILE_R, 1]) and the weight ([1, BLOCK_D] f32)."""
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    return pid.to(tl.int64) * ROWS, cols, cm, tl.arange(0, TILE_R)[:, None], w
+
+
+@triton.jit
+def _unit_rows(x_ptr, w, y_ptr, row, cols, m, pitch, D, eps, STREAM: tl.constexpr):
+    """Loads rows ``row`` ([TILE_R, 1]) of x, stores HF's RMSNorm y and returns its unit vectors y_t / ||y_t||
+    ([TILE_R, BLOCK_D] f32; 1 / max(||y||, 1e-12)). STREAM: x and y marked evict_first (read and written once)."""
+    policy: tl.constexpr = "evict_first" if STREAM else ""
+    x = tl.load(x_ptr + row * pitch + cols[None, :], mask=m, other=0.0, eviction_policy=policy).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
+    yt = y_ptr.dtype.element_ty
+    y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)
+    tl.store(y_ptr + row * D + cols[None, :], y, mask=m, eviction_policy=policy)
+    yf = y.to(tl.float32)
+    return yf * tl.math.rsqrt(tl.maximum(tl.sum(yf * yf, axis=1, keep_dims=True), 1e-24))
+
+
+@triton.jit
 def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BLOCK_D: tl.constexpr,
                    TILE_R: tl.constexpr, ROWS: tl.constexpr, EACH: tl.constexpr):
     """Each program normalises a chunk of ROWS rows (TILE_R a step, 4 warps a row; G % ROWS == 0, so a chunk lies
@@ -183,23 +207,12 @@ def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BL
     with TILE_R = 1). flush = 0: the same sums computed, nothing added (a run-time flag, so the compiler keeps
     them)."""
     pid = tl.program_id(0)
-    r0 = pid.to(tl.int64) * ROWS
-    cols = tl.arange(0, BLOCK_D)
-    cm = cols < D
-    k = tl.arange(0, TILE_R)[:, None]
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    r0, cols, cm, k, w = _chunk_start(pid, w_ptr, D, BLOCK_D, TILE_R, ROWS)
     sp = sums_ptr + (r0 // G) * D + cols[None, :]
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(0, ROWS // TILE_R):
         row = r0 + i * TILE_R + k
-        m = cm[None, :] & (row < R)
-        x = tl.load(x_ptr + row * pitch + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
-        yt = y_ptr.dtype.element_ty
-        y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)
-        tl.store(y_ptr + row * D + cols[None, :], y, mask=m)
-        yf = y.to(tl.float32)
-        u = yf * tl.math.rsqrt(tl.maximum(tl.sum(yf * yf, axis=1, keep_dims=True), 1e-24))  # 1 / max(||y||, 1e-12)
+        u = _unit_rows(x_ptr, w, y_ptr, row, cols, cm[None, :] & (row < R), pitch, D, eps, False)
         if EACH == "chunk":
             acc += u
         elif flush == 1:
@@ -229,25 +242,13 @@ def _group_kernel(x_ptr, w_ptr, y_ptr, part_ptr, done_ptr, out_ptr, R, D, pitch,
     the fixed-order statistics with no partial row in the DRAM and a window as short as the chunk. Without
     COMBINE the partials are written and left (their bytes reach the DRAM as the L2 evicts them)."""
     pid = tl.program_id(0)
-    r0 = pid.to(tl.int64) * ROWS
-    cols = tl.arange(0, BLOCK_D)
-    cm = cols < D
-    k = tl.arange(0, TILE_R)[:, None]
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    r0, cols, cm, k, w = _chunk_start(pid, w_ptr, D, BLOCK_D, TILE_R, ROWS)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(0, ROWS // TILE_R):
         row = r0 + i * TILE_R + k
-        m = cm[None, :] & (row < R)
-        x = tl.load(x_ptr + row * pitch + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first")
-        x = x.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
-        yt = y_ptr.dtype.element_ty
-        y = (w * (x * rstd).to(yt).to(tl.float32)).to(yt)
-        tl.store(y_ptr + row * D + cols[None, :], y, mask=m, eviction_policy="evict_first")
-        yf = y.to(tl.float32)
         # summed across the step's rows at once (an accumulator of the tile's shape would take ~30 registers
         # more: one 16-warp program per SM instead of two)
-        acc += tl.sum(yf * tl.math.rsqrt(tl.maximum(tl.sum(yf * yf, axis=1, keep_dims=True), 1e-24)), axis=0)
+        acc += tl.sum(_unit_rows(x_ptr, w, y_ptr, row, cols, cm[None, :] & (row < R), pitch, D, eps, True), axis=0)
     tl.store(part_ptr + pid.to(tl.int64) * part_pitch + cols, acc, mask=cm,
              eviction_policy="evict_last")
     if COMBINE:
@@ -490,13 +491,18 @@ def check_sync(y: torch.Tensor, o: Order, scratch: Scratch) -> str:
         raise RuntimeError("a sync wait gave up (err flag set)")
     if o.sync not in ("", "sync") or o.atomic not in ("", "atomic"):
         return "not combined"
-    seg = sync_segment(y)
+    return compare_block_sums(y, sync_segment(y), scratch.sums, atol=1e-3)
+
+
+def compare_block_sums(y: torch.Tensor, rows: int, got: torch.Tensor, atol: float) -> str:
+    """``got``'s first rows against the sums of y_t / ||y_t|| over consecutive blocks of ``rows`` rows of y (fp32
+    sums: 1e-4 relative): "ok" or what differs."""
     yf = y.float()
     u = yf / yf.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    n_s = triton.cdiv(y.shape[0], seg)
-    ref = torch.nn.functional.pad(u, (0, 0, 0, n_s * seg - y.shape[0])).view(n_s, seg, -1).sum(1)
+    n = triton.cdiv(y.shape[0], rows)
+    ref = torch.nn.functional.pad(u, (0, 0, 0, n * rows - y.shape[0])).view(n, rows, -1).sum(1)
     try:
-        torch.testing.assert_close(scratch.sums[:n_s], ref, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(got[:n], ref, rtol=1e-4, atol=atol)
     except AssertionError as e:
         return "differs: " + " ".join(str(e).split())[:300]
     return "ok"
@@ -519,16 +525,7 @@ def check_group(y: torch.Tensor, o: Order, scratch: Scratch) -> str:
     "ok" or what differs; "not combined" where nothing is."""
     if o.combine < 0:
         return "not combined"
-    rows = o.rows * o.combine
-    yf = y.float()
-    u = yf / yf.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    n_g = triton.cdiv(y.shape[0], rows)
-    ref = torch.nn.functional.pad(u, (0, 0, 0, n_g * rows - y.shape[0])).view(n_g, rows, -1).sum(1)
-    try:
-        torch.testing.assert_close(scratch.part[:n_g], ref, rtol=1e-4, atol=1e-4)
-    except AssertionError as e:
-        return "differs: " + " ".join(str(e).split())[:300]
-    return "ok"
+    return compare_block_sums(y, o.rows * o.combine, scratch.part, atol=1e-4)
 
 
 def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
