@@ -29,13 +29,17 @@
 #
 # Steps (GAINRL_GPU_CHECK_STEPS, a comma list; default "env,build,tests,variants,kernels,angle" = everything above
 # except profile and score; "default" stands for that list, "all" for it plus both). They run in the order env,
-# build (with the extension check), tests, variants, walk, backward, kernels, profile, score, angle whatever the
+# build (with the extension check), tests, variants, walk, cluster, backward, kernels, profile, score, angle whatever the
 # list's order; the angle grid takes what time is left.
 #
 # The optional `walk` step times bench/walk_order.py (a plain RMSNorm whose programs walk rows in different orders)
 # into walk_order.json, logged in kernels_bench.log: GAINRL_GPU_CHECK_WALK_ORDERS (a comma list, default all ~40
 # orders, c1 first), GAINRL_GPU_CHECK_WALK_DIMS (default 4096) or GAINRL_GPU_CHECK_WALK_SHAPES (RxD list, e.g.
 # 262144x4096,65536x4096), ~3-4 s an order at 262144x4096.
+#
+# The optional `cluster` step times bench/cluster_walk.py (a plain RMSNorm whose thread-block clusters combine
+# their unit-vector sums in distributed shared memory; sm_90; builds its .cu with nvcc at run time, ~1 min) into
+# cluster_walk.json, logged in kernels_bench.log: GAINRL_GPU_CHECK_CLUSTER_VARIANTS (a comma list; default all).
 #
 # The optional `backward` step times forward + backward (bench/fused_backward.py: fused, bare, torch.compile, HF
 # eager, our backward alone; graph-timed, dx and dw checked first) into fused_backward.json, logged in
@@ -97,8 +101,8 @@ STEPS=${STEPS//default/$DEFAULT_STEPS}
 STEPS=${STEPS//all/$DEFAULT_STEPS,profile,score}
 for s in ${STEPS//,/ }; do
     case $s in
-        env | build | tests | variants | walk | backward | kernels | profile | angle | score) ;;
-        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants walk backward kernels profile score angle, default, all)" >&2
+        env | build | tests | variants | walk | cluster | backward | kernels | profile | angle | score) ;;
+        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants walk cluster backward kernels profile score angle, default, all)" >&2
            exit 2 ;;
     esac
 done
@@ -288,6 +292,14 @@ if want walk; then
 fi
 if [ -f "$OUT/walk_order.json" ]; then
     "$PY" bench/gpu_summary.py walk "$OUT/walk_order.json" 2>&1 | tee -a "$SUMMARY"
+fi
+# The thread-block cluster prototype (bench/cluster_walk.py: builds its own extension at run time, sm_90 only).
+if want cluster; then
+    step cluster kernels_bench.log 200 "$PY" bench/cluster_walk.py --out "$OUT/cluster_walk.json" \
+        ${GAINRL_GPU_CHECK_CLUSTER_VARIANTS:+--variants "$GAINRL_GPU_CHECK_CLUSTER_VARIANTS"}
+fi
+if [ -f "$OUT/cluster_walk.json" ]; then
+    "$PY" bench/gpu_summary.py cluster "$OUT/cluster_walk.json" 2>&1 | tee -a "$SUMMARY"
 fi
 # Forward + backward of the fused op against our bare RMSNorm, torch.compile and HF eager (bench/fused_backward.py).
 if want backward; then

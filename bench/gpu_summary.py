@@ -3,6 +3,7 @@ few, so that a reader of the summary does not need the JSON (and the lines are t
 
     python bench/gpu_summary.py variants OUT/fused_variants.json   # fused forward: default and fastest vs bare
     python bench/gpu_summary.py walk     OUT/walk_order.json       # plain RMSNorm walks: ms per order
+    python bench/gpu_summary.py cluster  OUT/cluster_walk.json     # the cluster walk prototype: ms, / c1
     python bench/gpu_summary.py backward OUT/fused_backward.json   # forward + backward: ms per method
     python bench/gpu_summary.py eager    OUT/eager_overhead.json   # fixed cost of one eager call
     python bench/gpu_summary.py score    OUT/score_gpu.json        # whole `gainrl score` process vs released
@@ -76,6 +77,16 @@ def walk(record: dict) -> list[str]:
     return lines
 
 
+def cluster(record: dict) -> list[str]:
+    """Each cluster_walk variant's ms and ratio to the Triton c1 walk; variants that failed or whose sums differ."""
+    rows = record["rows"]
+    timed = [r for r in rows if r.get("ms") is not None]
+    bad = [r["variant"] for r in rows if r.get("status", "ok") != "ok"]
+    wrong = [r["variant"] for r in rows if r.get("sums", "none") not in ("ok", "none")]
+    return ["cluster walk: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ({r['vs_c1']:.3f})" for r in timed)
+            + _errors(bad) + (f", sums differ: {wrong}" if wrong else "")]
+
+
 def backward(record: dict) -> list[str]:
     """Per shape: ms of each timed method (forward + backward, or the backward alone and its variants)."""
     lines = []
@@ -113,7 +124,7 @@ def angle(record: dict) -> list[str]:
 
 
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = dict(
-    variants=variants, walk=walk, backward=backward, eager=eager, score=score, angle=angle)
+    variants=variants, walk=walk, cluster=cluster, backward=backward, eager=eager, score=score, angle=angle)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
 """The benchmark scripts run end to end on tiny shapes (speed is measured by the scripts, never asserted here)."""
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -138,6 +140,40 @@ def test_source_fingerprint_matches_head():
 
 
 
+def test_cluster_walk_script_without_a_gpu(capsys):
+    """bench/cluster_walk.py checks its variant names and, without an sm_90 GPU, says so and exits 0."""
+    import cluster_walk
+
+    with pytest.raises(SystemExit):
+        cluster_walk.main(["--variants", "cluster8_c8,nonsense"])
+    if not torch.cuda.is_available():
+        assert cluster_walk.main(["--variants", "walk_c1,cluster8_c8"]) == 0
+        assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_cluster_walk_kernel_compiles_without_spills():
+    """bench/cluster_walk.cu's variants lower for sm_90a (clusters, distributed shared memory) without spills, with
+    the flags torch.utils.cpp_extension adds (nvcc -cubin, device code only)."""
+    import subprocess
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from test_csrc_compile import DEFAULT_TORCH_NVCC_FLAGS, NVCC
+
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    import tempfile
+
+    import cluster_walk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run([NVCC, "-cubin", "-o", f"{tmp}/k.cubin", str(cluster_walk.SOURCE), "-arch=sm_90a", "-O3",
+                              "-std=c++17", *DEFAULT_TORCH_NVCC_FLAGS, "-Xptxas", "-v"],
+                             capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)]
+    assert len(spills) == 2 * len(cluster_walk.VARIANTS) and not any(spills), res.stderr[-3000:]
+
+
 def test_gpu_summary_lines():
     """bench/gpu_summary.py (the lines gpu_check.sh puts into summary.txt) on hand-made records: the fastest fused
     variant against the default's bare kernel and the goal, failed variants, walk orders whose sums differ, methods
@@ -162,6 +198,12 @@ def test_gpu_summary_lines():
     (line,) = S.walk(dict(rows=walk))
     assert line.startswith("walk D=48: c1@8 1.000, atomic_c1@8 1.100")
     assert "errors: ['t8_c8']" in line and "sums differ: ['atomic_c1']" in line
+    cluster = [dict(variant="triton_c1", status="ok", ms=1.0, vs_c1=1.0, sums="none"),
+               dict(variant="cluster8_c8", status="ok", ms=1.05, vs_c1=1.05, sums="differs: ..."),
+               dict(variant="cluster8_c4", status="error: RuntimeError: x")]
+    (line,) = S.cluster(dict(rows=cluster))
+    assert line.startswith("cluster walk: triton_c1 1.000 (1.000), cluster8_c8 1.050 (1.050)")
+    assert "errors: ['cluster8_c4']" in line and "sums differ: ['cluster8_c8']" in line
     (line,) = S.backward(dict(rows=[dict(B=1, L=2, D=3, method="fused", status="ok", ms=2.0),
                                    dict(B=1, L=2, D=3, method="bare", status="ok (smoke)")]))
     assert line == "fwd+bwd 1x2x3 ms: fused 2.000"

@@ -1,0 +1,135 @@
+"""Does a thread-block cluster keep the fixed-order statistics at a short chunk's window? (issue 3; GPU only, sm_90)
+
+``bench/cluster_walk.cu`` is a plain RMSNorm (HF's formula, bf16, D = 4096) that also sums its rows' unit vectors
+y_t / ||y_t||. A cluster of CS blocks walks CS x C consecutive rows, C per block, and combines the blocks' sums in
+distributed shared memory, in rank order, into one fp32 row per CS x C rows (see the .cu file). Session 22 measured
+that fp32 partial rows cost more than the window they save: one per 8 rows is +24.5% even when meant to stay in the L2
+(docs/fused_forward.md). A cluster's combine never leaves the SMs, so the question is what the cluster barrier and the
+remote reads cost. Variants (VARIANTS, the .cu file's switch):
+
+* ``cluster{CS}_c{C}``: the cluster walk (256 threads a block, two 16-byte vectors a thread and row, a ring of 4 rows
+  in shared memory per block); ``cluster8_c8_512``: 512 threads a block;
+* ``partials_c8``: no cluster, each block's sum of 8 rows stored as a partial row (what the fused forward's chunks do);
+* ``walk_c8``, ``walk_c1``: the walk alone, 8 rows a block or one (the bare kernel's order), in the same code;
+
+and ``triton_c1``, ``bench/walk_order.py``'s c1 (the bare Triton kernel's order), the yardstick ("/ c1"). Every
+variant's y is checked against torch and its sums against float32 sums of torch's unit vectors first.
+Graph-timed. The extension is built at run time with torch.utils.cpp_extension (nvcc and ninja, ~1 min).
+
+    PYTHONPATH=. python bench/cluster_walk.py --out bench/results/cluster_walk_<gpu>.json
+    PYTHONPATH=. python bench/cluster_walk.py --variants walk_c1,cluster8_c8 --rows 65536
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_variants import error_status, graph_time, parse_names, write_rows  # noqa: E402
+from run_kernels_bench import torch_rmsnorm  # noqa: E402
+from walk_order import compare_block_sums, orders, walk  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parent / "cluster_walk.cu"
+DIM = 4096
+# name: (index in cluster_walk_launch's switch, rows per sum row; 0: no sums)
+VARIANTS = {
+    "cluster8_c8": (0, 64),
+    "cluster8_c4": (1, 32),
+    "cluster8_c16": (2, 128),
+    "cluster4_c8": (3, 32),
+    "cluster8_c8_512": (4, 64),
+    "partials_c8": (5, 8),
+    "walk_c8": (6, 0),
+    "walk_c1": (7, 0),
+    "cluster8_c2": (8, 16),
+}
+BINDING = """
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, long long rows,
+                                   float eps, void* stream);
+int64_t launch(int64_t variant, torch::Tensor x, torch::Tensor w, torch::Tensor y, torch::Tensor part, double eps) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) == 4096,
+              "x: a contiguous CUDA bf16 tensor [R, 4096]");
+  TORCH_CHECK(y.sizes() == x.sizes() && y.is_contiguous() && w.numel() == 4096 && part.scalar_type() == at::kFloat,
+              "y [R, 4096] contiguous, w [4096], part float32");
+  return cluster_walk_launch(static_cast<int>(variant), x.data_ptr(), w.data_ptr(), y.data_ptr(),
+                             part.data_ptr<float>(), x.size(0), static_cast<float>(eps),
+                             c10::cuda::getCurrentCUDAStream().stream());
+}
+"""
+
+
+def build() -> object:
+    """The extension (torch.utils.cpp_extension.load_inline: nvcc for the .cu file, the host compiler for the
+    binding), in a temporary build directory."""
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(name="gainrl_cluster_walk", cpp_sources=BINDING, cuda_sources=SOURCE.read_text(),
+                       functions=["launch"], extra_cuda_cflags=["-O3"],
+                       build_directory=tempfile.mkdtemp(prefix="cluster_walk_"), verbose=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=64 * 4096, help="rows of x (default the goal shape's 262,144)")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--variants", default="", help="comma list of VARIANTS names (default all, walk_c1 first)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    wanted = parse_names(p, "--variants", args.variants, VARIANTS) or list(VARIANTS)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        print("cluster_walk: needs a CUDA GPU of compute capability 9.0 or later (thread-block clusters)")
+        return 0
+    ext = build()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(args.rows, DIM, device="cuda", generator=gen).to(torch.bfloat16)
+    w = (torch.rand(DIM, device="cuda", generator=gen) + 0.5).to(torch.bfloat16)
+    ref = torch_rmsnorm(x, w, 1e-6)
+    part = torch.empty(args.rows // 8 + 1, DIM, device="cuda")
+    y = torch.empty_like(x)
+    print(f"device: {torch.cuda.get_device_name()}")
+    print("| R | D | variant | rows per sum row | graph ms | / c1 | sums |")
+    print("|---|---|---|---|---|---|---|")
+    rows_out: list[dict] = []
+    c1_order = orders(args.rows, torch.cuda.get_device_properties(0).multi_processor_count)["c1"]
+    timed = [("triton_c1", None)] + [(name, VARIANTS[name]) for name in wanted]
+    c1 = None
+    for name, spec in timed:
+        row = dict(R=args.rows, D=DIM, variant=name)
+        try:
+            if spec is None:
+                def fn():
+                    walk(x, w, y, c1_order)
+                per_sum = 0
+            else:
+                index, per_sum = spec
+
+                def fn(index=index):
+                    rc = ext.launch(index, x, w, y, part, 1e-6)
+                    if rc:
+                        raise RuntimeError(f"cluster_walk_launch({index}) returned CUDA error {rc}")
+            y.fill_(float("nan"))
+            fn()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
+            sums = compare_block_sums(y, per_sum, part, atol=1e-3) if per_sum else "none"
+            ms = graph_time(fn, args.reps) * 1e3
+            c1 = ms if name == "triton_c1" else c1
+            row.update(status="ok", rows_per_sum=per_sum, sums=sums, ms=ms, vs_c1=ms / c1)
+        except Exception as e:  # noqa: BLE001 - a failing variant is a result
+            row.update(status=error_status(e))
+        shown = f"{row['ms']:.3f} | {row['vs_c1']:.3f}" if "ms" in row else f"{row['status']} |"
+        print(f"| {args.rows} | {DIM} | {name} | {row.get('rows_per_sum', '')} | {shown} | "
+              f"{row.get('sums', '')[:120]} |", flush=True)
+        rows_out.append(row)
+        write_rows(args.out, rows_out, True)
+    return 0 if all(r["status"] == "ok" for r in rows_out) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
