@@ -14,7 +14,12 @@ remote reads cost. Variants (VARIANTS, the .cu file's switch):
 
 and ``triton_c1``, ``bench/walk_order.py``'s c1 (the bare Triton kernel's order), the yardstick ("/ c1"). Every
 variant's y is checked against torch and its sums against float32 sums of torch's unit vectors first.
-Graph-timed. The extension is built at run time with torch.utils.cpp_extension (nvcc and ninja, ~1 min).
+Graph-timed. The extension is built at run time with torch.utils.cpp_extension (nvcc and ninja, ~30 s).
+
+H200, session 22 (bench/results/cluster_walk_h200.json, docs/fused_forward.md "session 22", call 4): the sums are
+correct. walk_c1 0.99 and walk_c8 1.054 of triton_c1, partials_c8 1.244, cluster8_c16 1.10, cluster8_c8 1.13,
+cluster8_c4 1.26. The combine is cheaper than partial rows but needs long blocks, and it is no better than the
+default fused forward (1.10).
 
     PYTHONPATH=. python bench/cluster_walk.py --out bench/results/cluster_walk_<gpu>.json
     PYTHONPATH=. python bench/cluster_walk.py --variants walk_c1,cluster8_c8 --rows 65536
