@@ -54,6 +54,17 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// The 8 bf16 of a 16-byte vector as floats.
+__device__ __forceinline__ void unpack8(const uint4 v, float* out) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(p[j]);
+    out[2 * j] = f.x;
+    out[2 * j + 1] = f.y;
+  }
+}
+
 // VPT 16-byte vectors (8 bf16 each) per thread and row: THREADS = D / (8 VPT).
 template <int CS, int C, int S, int VPT, int MODE>
 __global__ void __launch_bounds__(D / (8 * VPT)) walk_kernel(const __nv_bfloat16* __restrict__ x,
@@ -85,16 +96,7 @@ __global__ void __launch_bounds__(D / (8 * VPT)) walk_kernel(const __nv_bfloat16
   }
   float wf[E];
 #pragma unroll
-  for (int v = 0; v < VPT; ++v) {
-    const uint4 wv = reinterpret_cast<const uint4*>(w)[tid + THREADS * v];
-    const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(wp[j]);
-      wf[8 * v + 2 * j] = f.x;
-      wf[8 * v + 2 * j + 1] = f.y;
-    }
-  }
+  for (int v = 0; v < VPT; ++v) unpack8(reinterpret_cast<const uint4*>(w)[tid + THREADS * v], wf + 8 * v);
   float acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
@@ -112,16 +114,7 @@ __global__ void __launch_bounds__(D / (8 * VPT)) walk_kernel(const __nv_bfloat16
     cp_async_wait<S - 1>();
     float xf[E];
 #pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const uint4 xv = ring[(i % S) * (D / 8) + tid + THREADS * v];
-      const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(xp[j]);
-        xf[8 * v + 2 * j] = f.x;
-        xf[8 * v + 2 * j + 1] = f.y;
-      }
-    }
+    for (int v = 0; v < VPT; ++v) unpack8(ring[(i % S) * (D / 8) + tid + THREADS * v], xf + 8 * v);
     float sq = 0.f;
 #pragma unroll
     for (int e = 0; e < E; ++e) sq += xf[e] * xf[e];
