@@ -1361,8 +1361,9 @@ def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: t
     dx = torch.empty(rows, dim, dtype=x2d.dtype, device=dev)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    cfg = _bwd_config(dim, x2d.element_size(), _device_shared_limit(dev), _capability_major(dev),
-                      _vector_aligned(x2d, weight) and _vector_aligned(dy, None))
+    # vector loads need unit column strides too (x2d has them; an expanded dy may not)
+    aligned = _vector_aligned(x2d, weight) and dy.stride(1) == 1 and _vector_aligned(dy, None)
+    cfg = _bwd_config(dim, x2d.element_size(), _device_shared_limit(dev), _capability_major(dev), aligned)
     if x2d.is_cuda:
         max_progs = _BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count
     else:
