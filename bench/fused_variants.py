@@ -68,22 +68,24 @@ VARIANTS: dict[str, dict] = {
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them
     "8_warps_at_4096": {"_ROWS_STATS_REGISTER_CAP": {}},  # no register cap: the statistics' warp rule everywhere
     "4_warps_160_registers": {"_ROWS_STATS_REGISTER_CAP": {(9, 4096, 2): (4, 160)}},  # 3 per SM, fewer spare regs
-    # not yet timed (written without a GPU): row t+1 loaded where it is used, the loop software-pipelined with this
-    # many stages (cp.async into shared memory, S - 1 rows in flight per program)
+    # session 15 (Triton rows kernel): row t+1 loaded where it is used, the loop software-pipelined with this many
+    # stages (cp.async into shared memory, S - 1 rows in flight per program). H200, session 17: pipeline_3 1.196 ms,
+    # pipeline_3_8_warps 1.186 at 64x4096x4096, none near the CUDA rows kernel (docs/fused_forward.md)
     "pipeline_2": {"_PIPELINE_STAGES": 2},
     "pipeline_3": {"_PIPELINE_STAGES": 3},
     "pipeline_4": {"_PIPELINE_STAGES": 4},
     # 8 uncapped warps at 4096: 80 registers with Triton 3.9 (3 programs per SM), 108 with 3.6 (2 per SM)
     "pipeline_3_8_warps": {"_PIPELINE_STAGES": 3, "_ROWS_STATS_REGISTER_CAP": {}},
     "pipeline_4_8_warps": {"_PIPELINE_STAGES": 4, "_ROWS_STATS_REGISTER_CAP": {}},
-    # not yet timed: D = 5120 (6144) as two tiles, 4096 + 1024 (2048) values on 8 warps, 2 programs per SM in bf16
-    # (127 registers with Triton 3.6 at sm_90a), instead of a padded 8192 on 16 warps, one program per SM
+    # D = 5120 (6144) as two tiles, 4096 + 1024 (2048) values on 8 warps, 2 programs per SM in bf16 (127 registers
+    # with Triton 3.6 at sm_90a), instead of a padded 8192 on 16 warps, one program per SM. H200, session 17: 0.480
+    # against the Triton default's 0.530 ms at 16x4096x5120, still behind the CUDA rows kernel
     "split_tail": {"_ROWS_SPLIT_TAIL": True},
     # ... and from a padded 4096 on (D = 2560, 3072), where the static counts say the second reduction costs more
     # than the padding saves (the reason for _ROWS_SPLIT_FROM = 8192)
     "split_tail_from_4096": {"_ROWS_SPLIT_TAIL": True, "_ROWS_SPLIT_FROM": 4096},
-    # not yet timed: cache hints on the default loop, e.g. an L2 prefetch of the row this many rows past the one
-    # loaded into registers
+    # cache hints on the default loop, e.g. an L2 prefetch of the row this many rows past the one loaded into
+    # registers. H200, session 17: prefetch_2 1.264 ms at 64x4096x4096 (the others not timed)
     "prefetch_1": {"_PREFETCH_ROWS": 1},
     "prefetch_2": {"_PREFETCH_ROWS": 2},
     "prefetch_4": {"_PREFETCH_ROWS": 4},
