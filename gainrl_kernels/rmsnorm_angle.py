@@ -1298,9 +1298,9 @@ _BWD_ROW_STEP: Optional[int] = None  # rows per step of one-tile rows (None: up 
 _BWD_MAXNREG: Optional[int] = None  # register cap of whole-row launches (None: _BWD_SPLIT_CAP_TAIL's rule)
 _BWD_PROGRAMS_PER_SM = 4  # grid cap: each program walks a contiguous range of rows
 # whole-row launches: the row loop software-pipelined with this many stages (0: not): Triton issues x and dy
-# S - 1 steps ahead by cp.async into shared memory. H200, backward alone (bench/results/fused_backward_h200_stages.json):
-# 64x4096x4096 2.274 -> 1.693 ms (4 stages 1.633), 16x4096x5120 1.597 -> 0.767 ms. Fewer stages where the device's
-# shared memory per block cannot hold them (_bwd_shared_bytes).
+# S - 1 steps ahead by cp.async into shared memory. H200, backward alone
+# (bench/results/fused_backward_h200_stages.json): 64x4096x4096 2.274 -> 1.693 ms (4 stages 1.633), 16x4096x5120
+# 1.597 -> 0.767 ms. Fewer stages where the device's shared memory per block cannot hold them (_bwd_shared_bytes).
 _BWD_STAGES = 3
 # 16-bit rows split as 4096 + a tail at most this wide, with vector loads, on sm_90: one row a step capped at 64
 # registers (spill-free at sm_90a, two programs per SM). H200 backward alone at 16x4096x5120: 0.767 -> 0.691 ms;

@@ -47,9 +47,9 @@ def compile_ptx(fn, signature: dict, constexprs: dict, target, num_warps: int, m
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, target, num_warps: int, maxnreg: int | None = None):
-    """``fn`` compiled by Triton for ``target``. Runtime arguments named in ``constexprs["__aligned__"]`` (if present; popped) get the hint a
-    launch gives pointers and integers divisible by 16; all others none (the worst case for registers). ``maxnreg``:
-    the launch option that caps registers per thread."""
+    """``fn`` compiled by Triton for ``target``. Runtime arguments named in ``constexprs["__aligned__"]`` (if
+    present; popped) get the hint a launch gives pointers and integers divisible by 16; all others none (the worst
+    case for registers). ``maxnreg``: the launch option that caps registers per thread."""
     constexprs = dict(constexprs)
     aligned = constexprs.pop("__aligned__", ())
     sig = dict(signature)
