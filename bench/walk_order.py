@@ -209,7 +209,7 @@ def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BL
     pid = tl.program_id(0)
     r0, cols, cm, k, w = _chunk_start(pid, w_ptr, D, BLOCK_D, TILE_R, ROWS)
     sp = sums_ptr + (r0 // G) * D + cols[None, :]
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([TILE_R, BLOCK_D], dtype=tl.float32)  # the tile's shape: summed across rows once, at the end
     for i in range(0, ROWS // TILE_R):
         row = r0 + i * TILE_R + k
         u = _unit_rows(x_ptr, w, y_ptr, row, cols, cm[None, :] & (row < R), pitch, D, eps, False)

@@ -140,6 +140,45 @@ def test_source_fingerprint_matches_head():
 
 
 
+WALK_LOWERINGS = """
+import json, sys
+sys.path.insert(0, {bench!r}); sys.path.insert(0, {tests!r})
+import test_triton_compile as t, walk_order as W
+sig = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", R="i32", D="i32", pitch="i32", eps="fp32")
+atomic = dict(sig, sums_ptr="*fp32", G="i32", flush="i32")
+group = dict(sig, part_ptr="*fp32", done_ptr="*i32", out_ptr="*fp32", part_pitch="i32", G="i32", n_chunks="i32")
+cases = [(W._atomic_kernel, atomic, dict(BLOCK_D=4096, TILE_R=t_r, ROWS=8, EACH=each), 4 * t_r)
+         for t_r in (1, 4) for each in ("step", "chunk")]
+cases += [(W._group_kernel, group, dict(BLOCK_D=4096, TILE_R=4, ROWS=8, COMBINE=c, DISCARD=d, LINES=128), 16)
+          for c, d in ((False, False), (True, False), (True, True))]
+out = []
+for fn, s, consts, warps in cases:
+    k = t.compile_kernel(fn, s, consts, t.TARGETS["sm_90a"], warps)
+    out.append(t.ptxas_report(k.asm["ptx"], "sm_90a"))
+print(json.dumps(out))
+"""
+
+
+def test_walk_order_kernels_lower_for_sm90a():
+    """The atomic and group orders' kernels compile for sm_90a (the interpreter accepts what the compiler refuses,
+    e.g. a loop-carried accumulator changing shape): every EACH mode and tile, and the group kernel with and without
+    its combine and discards (inline PTX)."""
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from test_triton_compile import PTXAS
+
+    if PTXAS is None:
+        pytest.skip("Triton's bundled ptxas not found")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = WALK_LOWERINGS.format(bench=str(BENCH), tests=str(BENCH.parent / "tests"))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(reports) == 7 and all("Used" in r for r in reports)
+
+
 def test_cluster_walk_script_without_a_gpu(capsys):
     """bench/cluster_walk.py checks its variant names and, without an sm_90 GPU, says so and exits 0."""
     import cluster_walk
