@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             sums = compare_block_sums(y, per_sum, part, atol=1e-3) if per_sum else "none"
             ms = graph_time(fn, args.reps) * 1e3
             c1 = ms if name == "triton_c1" else c1
-            row.update(status="ok", rows_per_sum=per_sum, sums=sums, ms=ms, vs_c1=ms / c1)
+            row.update(status="ok", rows_per_sum=per_sum, sums=sums, ms=ms, vs_c1=ms / c1 if c1 else None)
         except Exception as e:  # noqa: BLE001 - a failing variant is a result
             row.update(status=error_status(e))
-        shown = f"{row['ms']:.3f} | {row['vs_c1']:.3f}" if "ms" in row else f"{row['status']} |"
+        ratio = f"{row['vs_c1']:.3f}" if row.get("vs_c1") else "-"  # "-": the Triton c1 yardstick failed
+        shown = f"{row['ms']:.3f} | {ratio}" if "ms" in row else f"{row['status']} |"
         print(f"| {args.rows} | {DIM} | {name} | {row.get('rows_per_sum', '')} | {shown} | "
               f"{row.get('sums', '')[:120]} |", flush=True)
         rows_out.append(row)

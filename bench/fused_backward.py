@@ -58,8 +58,9 @@ BWD_VARIANTS = {
     "one_row_cap_64_stages_3": {"_BWD_ROW_STEP": 1, "_BWD_MAXNREG": 64, "_BWD_STAGES": 3},
     "64_per_sm": {"_BWD_PROGRAMS_PER_SM": 64},
     "64_per_sm_stages_3": {"_BWD_PROGRAMS_PER_SM": 64, "_BWD_STAGES": 3},
-    # session 22: 3 stages are the default; the loop without pipelining (the default before), and more stages with
-    # one capped row a step
+    # session 22: 3 stages are the default (so stages_3 times the default, and one_row_cap_64 the same as
+    # one_row_cap_64_stages_3); the loop without pipelining (the default before), and more stages with one capped
+    # row a step
     "no_stages": {"_BWD_STAGES": 0},
     "one_row_cap_64_stages_4": {"_BWD_ROW_STEP": 1, "_BWD_MAXNREG": 64, "_BWD_STAGES": 4},
     # split rows with a tail of at most 1024 are capped at 64 registers on sm_90 by default: without the cap

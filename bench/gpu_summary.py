@@ -83,7 +83,9 @@ def cluster(record: dict) -> list[str]:
     timed = [r for r in rows if r.get("ms") is not None]
     bad = [r["variant"] for r in rows if r.get("status", "ok") != "ok"]
     wrong = [r["variant"] for r in rows if r.get("sums", "none") not in ("ok", "none")]
-    return ["cluster walk: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ({r['vs_c1']:.3f})" for r in timed)
+    def ratio(r: dict) -> str:
+        return f"{r['vs_c1']:.3f}" if r.get("vs_c1") else "-"
+    return ["cluster walk: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ({ratio(r)})" for r in timed)
             + _errors(bad) + (f", sums differ: {wrong}" if wrong else "")]
 
 

@@ -224,8 +224,10 @@ def _atomic_kernel(x_ptr, w_ptr, y_ptr, sums_ptr, R, D, pitch, eps, G, flush, BL
 @triton.jit
 def _discard_l2(ptr, D, DISCARD: tl.constexpr, LINES: tl.constexpr):
     """Drops the L2 lines of one fp32 row at ``ptr`` (128-byte aligned, D % 32 == 0) without writing them back:
-    PTX discard.global.L2 (sm_80+), so a consumed partial row never reaches the DRAM. A no-op unless DISCARD."""
+    PTX discard.global.L2 (sm_80+), so a consumed partial row never reaches the DRAM. A no-op unless DISCARD. The
+    barrier first: every thread's load of the row precedes any thread's discard of its lines."""
     if DISCARD:
+        tl.debug_barrier()
         line = tl.arange(0, LINES) * 32
         tl.inline_asm_elementwise("discard.global.L2 [$1], 128;\n mov.u32 $0, 0;", "=r,l",
                                   [tl.where(line < D, ptr + line, ptr)], dtype=tl.int32, is_pure=False, pack=1)
@@ -260,8 +262,6 @@ def _group_kernel(x_ptr, w_ptr, y_ptr, part_ptr, done_ptr, out_ptr, R, D, pitch,
             for j in range(0, n_g):
                 pr = part_ptr + (g * G + j).to(tl.int64) * part_pitch
                 s += tl.load(pr + cols, mask=cm, other=0.0, cache_modifier=".cg")
-                if DISCARD:  # every thread's load of the row precedes any thread's discard of its lines
-                    tl.debug_barrier()
                 _discard_l2(pr, D, DISCARD, LINES)
             tl.store(out_ptr + g.to(tl.int64) * D + cols, s, mask=cm)
 

@@ -27,7 +27,7 @@ Shapes and dtypes:
                  by :func:`padded_to_cu_seqlens` for padded [N, L, D] batches. Each sequence must occupy
                  consecutive rows in order (left or right padding). None: packed token t is row t.
 
-Forward algorithm (three launches with statistics, one without; no host sync, no atomics):
+Forward algorithm (three launches with statistics, one without; no host sync, no atomics unless ``_UNORDERED``):
   * ``_plan_kernel`` builds the work list on the device: per sequence the regions gap (rows in no
     sequence, e.g. padding), [0, o_0), the K segments [o_k, o_k+1), [o_K, len), then the gap after the last
     sequence; each region cut into chunks of at most ``chunk`` rows (256, fewer when there are under ~4 chunks
@@ -69,7 +69,9 @@ Each program walks a contiguous range of rows (grid <= 4 x SMs) and owns one fp3
 [programs, D] partials are summed by torch (deterministic, no atomics). Two kernels, by D:
   * D <= 8192 (``_bwd_kernel``): whole rows in registers (BLOCK_D = next_pow2(D); past 4096 one row a step as a
     4096-wide tile and a power-of-two tail, 5120 = 4096 + 1024), one pass per row tile, the dw partial kept in
-    registers and stored once.
+    registers and stored once. The row loop is software-pipelined (``_BWD_STAGES``: x, dy and rstd arrive by
+    cp.async two steps ahead, fewer where the device's shared memory cannot hold them), and 16-bit rows of
+    4096 + a tail <= 1024 run capped at 64 registers on sm_90 (``_BWD_SPLIT_CAP_TAIL``).
   * D > 8192 (``_bwd_blocked_kernel``, any D): 4-row tiles, two passes over 512-wide column slices: pass 1 sums
     dy·w·x per row, pass 2 re-reads the tile (just loaded: usually cached), writes dx and adds the tile's dw into
     the program's partial row in global memory (read-modify-write behind a barrier; same order every run).

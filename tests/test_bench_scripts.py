@@ -243,6 +243,8 @@ def test_gpu_summary_lines():
     (line,) = S.cluster(dict(rows=cluster))
     assert line.startswith("cluster walk: triton_c1 1.000 (1.000), cluster8_c8 1.050 (1.050)")
     assert "errors: ['cluster8_c4']" in line and "sums differ: ['cluster8_c8']" in line
+    (line,) = S.cluster(dict(rows=[dict(variant="walk_c1", status="ok", ms=1.0, vs_c1=None, sums="none")]))
+    assert line == "cluster walk: walk_c1 1.000 (-)"  # the Triton c1 yardstick failed
     (line,) = S.backward(dict(rows=[dict(B=1, L=2, D=3, method="fused", status="ok", ms=2.0),
                                    dict(B=1, L=2, D=3, method="bare", status="ok (smoke)")]))
     assert line == "fwd+bwd 1x2x3 ms: fused 2.000"
