@@ -1320,7 +1320,8 @@ def _bwd_config(dim: int, elem_size: int = 2, shared_limit: Optional[int] = None
     block_d = max(16, triton.next_power_of_2(dim))
     if _BWD_ROW_MAX < block_d <= _BWD_SPLIT_MAX:
         tail = max(16, triton.next_power_of_2(dim - _BWD_ROW_MAX))
-        capped = capability >= 9 and elem_size == 2 and aligned and tail <= _BWD_SPLIT_CAP_TAIL
+        # sm_90 only: the one target lowered (spill-free) and timed, as _ROWS_STATS_REGISTER_CAP's keys
+        capped = capability == 9 and elem_size == 2 and aligned and tail <= _BWD_SPLIT_CAP_TAIL
         maxnreg = _BWD_MAXNREG if _BWD_MAXNREG is not None else 64 if capped else None
         cfg = _BwdConfig(False, 1, _BWD_ROW_MAX, _bwd_warps(_BWD_ROW_MAX + tail), tail, maxnreg)
     elif block_d > _BWD_ROW_MAX:

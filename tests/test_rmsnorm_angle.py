@@ -723,12 +723,13 @@ def test_backward_stages_fit_the_shared_memory(elem_size, limit, stages):
 
 def test_backward_register_cap_rule():
     """16-bit rows split as 4096 + a tail of at most 1024, with vector loads, on sm_90 run capped at 64 registers;
-    wider tails, fp32, unaligned rows, sm_80 and the interpreter not."""
+    wider tails, fp32, unaligned rows, sm_80, later architectures and the interpreter not."""
     cfg = rmsnorm_module._bwd_config
     assert cfg(5120, 2, None, 9, True).maxnreg == 64 and cfg(4608, 2, None, 9, True).maxnreg == 64
     assert cfg(6144, 2, None, 9, True).maxnreg is None and cfg(8192, 2, None, 9, True).maxnreg is None
     assert cfg(5120, 4, None, 9, True).maxnreg is None and cfg(5120, 2, None, 9, False).maxnreg is None
     assert cfg(5120, 2, None, 8, True).maxnreg is None and cfg(5120).maxnreg is None
+    assert cfg(5120, 2, None, 10, True).maxnreg is None  # a later architecture: not lowered or timed capped
     assert cfg(4096, 2, None, 9, True).maxnreg is None
 
 
