@@ -8,6 +8,7 @@ launch overhead; the minimum of --rounds rounds, methods alternated):
 * ``bare``: the same op without statistics (our RMSNorm kernels, forward and backward);
 * ``torch_compile``: HF's RMSNorm formula through ``torch.compile`` (Inductor's forward and backward kernels);
 * ``hf_eager``: HF's formula in eager PyTorch (~10 kernels each way);
+* ``torch_native``: PyTorch's own ``F.rms_norm`` (on CUDA ``aten::_fused_rms_norm`` and its backward kernel);
 * ``backward_only``: our backward launch alone (dx and the dw partials, then their sum), from saved x, rstd and dy;
 * ``backward_only:<variant>`` (``--variants``): the same with the backward's tuning knobs set as in BWD_VARIANTS;
 
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fused_variants import error_status, graph_time, overridden, parse_names, parse_shapes, write_rows  # noqa: E402
 from run_angle_bench import make_input  # noqa: E402
-from run_kernels_bench import torch_rmsnorm  # noqa: E402
+from run_kernels_bench import torch_native_rmsnorm, torch_rmsnorm  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 
@@ -81,6 +82,7 @@ def step_fns(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, cu: torch.Tenso
         "fused": through(lambda: M.rmsnorm_angle(x, w, EPS, cu, validate=False)[0]),
         "bare": through(lambda: M.rmsnorm_angle(x, w, EPS, validate=False)[0]),
         "hf_eager": through(lambda: torch_rmsnorm(x, w, EPS)),
+        "torch_native": through(lambda: torch_native_rmsnorm(x, w, EPS)),
     }
     if cuda:  # Inductor on a CPU would compile for minutes in a smoke run
         compiled = torch.compile(torch_rmsnorm, dynamic=False)

@@ -10,7 +10,7 @@ kernel, ``ratio_vs_default_bare`` over the first timed variant's (the default's,
     python bench/fused_variants.py --dtype fp32 --variants cuda_rows_fp32   # fp32 rows: CUDA rows against Triton
 
 Per shape it also times the device-side work list alone (``plan_only``), torch.compile's RMSNorm
-(``torch_compile_bare``) and the unfused pair the fused call replaces: our bare RMSNorm, then ``angle_stats`` on its
+(``torch_compile_bare``), PyTorch's own fused ``F.rms_norm`` (``torch_native_bare``) and the unfused pair the fused call replaces: our bare RMSNorm, then ``angle_stats`` on its
 y (``bare_then_angle_stats_<backend>``, with ``angle_stats`` alone).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_angle_bench import make_input, time_it  # noqa: E402
-from run_kernels_bench import torch_rmsnorm  # noqa: E402
+from run_kernels_bench import torch_native_rmsnorm, torch_rmsnorm  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
@@ -200,19 +200,31 @@ def graph_time(fn: Callable[[], object], reps: int) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def compiled_bare_row(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Tensor, reps: int) -> dict:
-    """The other bare RMSNorm a user would reach for: HF's RMSNorm formula (``run_kernels_bench.torch_rmsnorm``)
-    through torch.compile (Inductor fuses it into one kernel), graph-timed like the variants."""
-    row = dict(B=batch, L=length, D=dim, variant="torch_compile_bare")
-    try:
+def yardstick_rows(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor,
+                   cuda: bool, reps: int) -> list[dict]:
+    """The other bare RMSNorms a user would reach for, graph-timed like the variants: HF's RMSNorm formula
+    (``run_kernels_bench.torch_rmsnorm``) through torch.compile (Inductor fuses it into one kernel; on a GPU only, as
+    a CPU compile would dominate a smoke run), and PyTorch's own ``F.rms_norm`` (``aten::_fused_rms_norm`` on CUDA).
+    Each y is checked against ``y_ref`` (the default fused call's) first, as the variants' are."""
+    yardsticks = {"torch_native_bare": ("F.rms_norm (PyTorch's fused kernel)", lambda: torch_native_rmsnorm(x, w))}
+    if cuda:
         compiled = torch.compile(torch_rmsnorm, dynamic=False)
-        ms = graph_time(lambda: compiled(x, w), reps) * 1e3
-        row.update(status="ok", bare_ms=ms)
-        print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm (no stats) | {ms:.3f} | | | | | | |", flush=True)
-    except Exception as e:  # noqa: BLE001 -- recorded, like a failing variant
-        row.update(status=error_status(e))
-        print(f"| {batch} | {length} | {dim} | torch.compile RMSNorm | {row['status']} |||||||", flush=True)
-    return row
+        yardsticks["torch_compile_bare"] = ("torch.compile RMSNorm", lambda: compiled(x, w))
+    rows = []
+    for variant, (label, fn) in yardsticks.items():
+        row = dict(B=batch, L=length, D=dim, variant=variant)
+        try:
+            torch.testing.assert_close(fn(), y_ref, rtol=1e-2, atol=1e-2)
+            row.update(status="ok" if cuda else "ok (smoke: checked, not timed)")
+            if cuda:
+                row.update(bare_ms=graph_time(fn, reps) * 1e3)
+                print(f"| {batch} | {length} | {dim} | {label} (no stats) | {row['bare_ms']:.3f} | | | | | | |",
+                      flush=True)
+        except Exception as e:  # noqa: BLE001 -- recorded, like a failing variant
+            row.update(status=error_status(e))
+            print(f"| {batch} | {length} | {dim} | {label} | {row['status']} |||||||", flush=True)
+        rows.append(row)
+    return rows
 
 
 def unfused_rows(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, s_ref,
@@ -308,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             plan_ms = graph_time(lambda: M._stats_plan(x, cu, None, None), args.reps) * 1e3
             rows.append(dict(B=batch, L=length, D=dim, variant="plan_only", status="ok", plan_ms=plan_ms))
             print(f"| {batch} | {length} | {dim} | plan kernel alone | | {plan_ms:.3f} | | | | | |", flush=True)
-            rows.append(compiled_bare_row(batch, length, dim, x, w, args.reps))
+        rows.extend(yardstick_rows(batch, length, dim, x, w, y_ref, cuda, args.reps))
         rows.extend(unfused_rows(batch, length, dim, x, w, cu, s_ref, cuda, args.reps))
         for name, settings in variants.items():
             settings = rows_kernel_settings(name, settings)

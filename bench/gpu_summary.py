@@ -33,7 +33,8 @@ def _errors(names: list[str]) -> str:
 
 def variants(record: dict) -> list[str]:
     """Per shape: the default's fused / bare, the fastest variant against the default's bare kernel and whether it
-    meets the goal, the work list alone, torch.compile's RMSNorm, rows in no segment and the unfused pair."""
+    meets the goal, the work list alone, torch.compile's RMSNorm, F.rms_norm, rows in no segment and the unfused
+    pair."""
     lines = []
     for (b, l, d), rows in _by_shape(record["rows"], "variant").items():
         timed = {k: r for k, r in rows.items() if "ratio" in r}
@@ -51,6 +52,8 @@ def variants(record: dict) -> list[str]:
             line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
         if "bare_ms" in rows.get("torch_compile_bare", {}):
             line += f", torch.compile bare {rows['torch_compile_bare']['bare_ms']:.3f} ms"
+        if "bare_ms" in rows.get("torch_native_bare", {}):
+            line += f", F.rms_norm bare {rows['torch_native_bare']['bare_ms']:.3f} ms"
         if "no_segments_ms" in timed.get("default", {}):
             line += f", rows in no segment {timed['default']['no_segments_ms']:.3f} ms"
         for k in ("bare_then_angle_stats_triton", "bare_then_angle_stats_cuda"):

@@ -1,7 +1,8 @@
 """GPU benchmarks of the issue-3 kernels (prints a table, writes bench/results/kernels_<device>.json):
 
 * fused RMSNorm + angle statistics vs (PyTorch RMSNorm + angle_stats) vs the same Triton RMSNorm without
-  statistics vs PyTorch RMSNorm alone, eager and through torch.compile (goal: fused within 5% of the bare RMSNorm
+  statistics vs PyTorch RMSNorm alone: HF's formula eager and through torch.compile, and PyTorch's own fused
+  ``F.rms_norm`` (goal: fused within 5% of the bare RMSNorm
   kernel);
 * angle_stats backends (Triton, CUDA extension when built) vs a device-to-device copy of the same bytes;
 * the tiled pairwise-cosine kernel in TFLOP/s (2·D FLOP per causal pair).
@@ -32,6 +33,13 @@ def torch_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def torch_native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """PyTorch's own RMSNorm (``F.rms_norm``; on CUDA one fused kernel, ``aten::_fused_rms_norm``, with its own
+    backward): the bare RMSNorm a user gets from ``torch.nn.RMSNorm``. It rounds once, after the weight, where
+    HF's formula rounds before it, so y may differ from ``torch_rmsnorm``'s by a step of the output dtype."""
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+
+
 def rmsnorm_rows(shapes, device, args) -> list[dict]:
     rows = []
     compiled = torch.compile(torch_rmsnorm, dynamic=False) if device == "cuda" else None
@@ -40,6 +48,7 @@ def rmsnorm_rows(shapes, device, args) -> list[dict]:
         w = torch.rand(dim, device=device, dtype=torch.bfloat16) + 0.5
         cases = {
             "torch_rmsnorm": lambda: torch_rmsnorm(x, w),
+            "torch_native_rmsnorm (F.rms_norm)": lambda: torch_native_rmsnorm(x, w),
             # Inductor's one fused kernel (CUDA only: on CPU the compile would dominate a smoke run)
             **({"torch_compile_rmsnorm": lambda: compiled(x, w)} if compiled is not None else {}),
             "torch_rmsnorm+angle_stats": lambda: angle_stats(torch_rmsnorm(x, w), cu, validate_values=False),

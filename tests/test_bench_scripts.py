@@ -36,7 +36,8 @@ def test_fused_variants_script(tmp_path):
     out = tmp_path / "variants.json"
     assert fused_variants.main(["--smoke", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["variant"] for r in rows} == set(fused_variants.VARIANTS) | {"bare_then_angle_stats_triton"}
+    assert {r["variant"] for r in rows} == set(fused_variants.VARIANTS) | {"bare_then_angle_stats_triton",
+                                                                           "torch_native_bare"}
     assert all(r["status"].startswith("ok") for r in rows), rows
     with pytest.raises(SystemExit):  # an unknown name is refused before anything runs (parse_names)
         fused_variants.main(["--smoke", "--variants", "default,no_such_variant"])
@@ -51,7 +52,7 @@ def test_fused_backward_script(tmp_path):
     variants = list(fused_backward.BWD_VARIANTS)
     assert fused_backward.main(["--smoke", "--out", str(out), "--variants", ",".join(variants)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"fused", "bare", "hf_eager", "backward_only",
+    assert {r["method"] for r in rows} == {"fused", "bare", "hf_eager", "torch_native", "backward_only",
                                            *(f"backward_only:{v}" for v in variants)}
     assert all(r["status"].startswith("ok") for r in rows), rows
     from gainrl_kernels import rmsnorm_angle as M  # the variants' knobs are set around each call only
