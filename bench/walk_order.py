@@ -22,6 +22,10 @@ compiled out (``bench/fused_variants.py``, column "no segments ms"). This script
   bare kernel plus one fp32 row per C rows; a prototype of the trail forward, removed in session 20 after it lost);
 * ``ticket_sm{N}``: a persistent grid of N programs per SM taking rows one at a time from an atomic counter (the
   order the hardware block scheduler hands out c1's programs, without its block launches).
+* ``strided_{P}_throttle{K}``: the strided order's grid held together (``_throttle_kernel``): each program adds 1
+  to a counter after each row and, before its row i, waits until the count reaches P (i - K): static rows, whose
+  window stays near c1's if drift is what the strided order loses; ``strided_{P}_count``: the adds alone. Capped at
+  64 registers (8 programs per SM, all resident); GPU only with more than one program, as the sync orders.
 * ``sync{T}_c{C}_sm{k}``: a persistent grid of k programs per SM in lock step (``_sync_kernel``): iteration i's
   program p sums chunk i * P + p (C rows, T a step) into an fp32 partial row in an L2 ring, waits until every
   program has finished iteration i - 1 and adds that iteration's partials, for its own column slice, into
@@ -126,6 +130,38 @@ def _ticket_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, R, D, pitch, eps, BLOCK_D: 
         x = tl.load(x_ptr + row * pitch + cols, mask=cm, other=0.0).to(tl.float32)
         _norm_store(x, w, y_ptr, row, D, cols, cm, eps)
         row = nxt
+
+
+@triton.jit
+def _throttle_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, err_ptr, R, D, pitch, eps, n_iter, slack, spin_limit,
+                     BLOCK_D: tl.constexpr, WAIT: tl.constexpr):
+    """The strided orders' persistent grid (program p of P: rows p + P i, one a step) held together by a counter:
+    after each row a program adds 1 (relaxed: a pace, not a data handoff), and WAIT: before row i it polls until
+    the count reaches P (i - slack): no program runs more than slack steps ahead of the grid's mean, so the rows in
+    flight stay within ~P (slack + 1) rows (a pace on the mean, not a barrier: one straggler may fall behind).
+    Static rows, so a program's statistics would have a fixed order, unlike the ticket order's. A program that has
+    polled spin_limit times in all sets err_ptr and waits no more."""
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    n = 0  # polls so far
+    for i in range(0, n_iter):
+        if WAIT:
+            target = P * (i - slack)
+            if target > 0:
+                cnt = tl.atomic_add(counter_ptr, 0, sem="relaxed")
+                while (cnt < target) & (n < spin_limit):
+                    cnt = tl.atomic_add(counter_ptr, 0, sem="relaxed")
+                    n += 1
+                if cnt < target:
+                    tl.atomic_max(err_ptr, 1)
+        row = (i * P + p).to(tl.int64)  # < R + P: no int32 overflow
+        m = cm & (row + cols * 0 < R)
+        x = tl.load(x_ptr + row * pitch + cols, mask=m, other=0.0).to(tl.float32)
+        _norm_store(x, w, y_ptr, row, D, cols, m, eps)
+        tl.atomic_add(counter_ptr, 1, sem="relaxed")
 
 
 @triton.jit
@@ -342,6 +378,7 @@ _SYNC_SLOTS = 3  # partial rows per program in the sync orders' ring (see _sync_
 _SYNC_MAX_PER_SM = 2
 _SYNC_SEG = (4096, 32)  # rows per segment of the sync orders' sums: on a GPU (one sequence of the goal shape), CPU
 _MIN_GROUP_CHUNK = 4  # smallest chunk of the group orders
+_THROTTLE_MAXNREG = 64  # registers per thread of the throttled strided orders: 8 programs of 4 warps per SM
 _SYNC_SPIN_LIMIT = 1 << 22  # polls per program and launch (~0.5 µs each; a launch needs a few an iteration)
 
 
@@ -388,6 +425,8 @@ class Order(NamedTuple):
     combine: int = 0  # > 0: chunk partial rows combined per group of this many chunks by its last program
     # (_group_kernel); -1: the partials written, nothing combined
     discard: bool = False  # combine: the consumed partials' L2 lines dropped (GPU only: inline PTX)
+    throttle: int = 0  # > 0: a strided grid held within this many steps of its mean progress (_throttle_kernel);
+    # -1: the counter's adds alone, no waiting
 
 
 class Scratch(NamedTuple):
@@ -430,6 +469,8 @@ def walk(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: O
                                              num_warps=4)
     if o.sync:
         return _sync_launch(x, w, y, o, scratch, eps)
+    if o.throttle:
+        return _throttle_launch(x, w, y, o, scratch, eps)
     if o.atomic:
         seg = sync_segment(x)
         assert seg % o.rows == 0 and o.rows % o.tile_r == 0
@@ -481,6 +522,23 @@ def _sync_launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, sc
     if x.is_cuda and o.sync == "sync":
         _check_resident(_sync_kernel.warmup(*args, grid=(programs,), **meta), programs, 4 * o.tile_r)
     return _sync_kernel[(programs,)](*args, **meta)
+
+
+def _throttle_launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order, scratch: Scratch,
+                     eps: float) -> object:
+    """The throttled strided orders' launch (o.programs programs, all resident; one in the interpreter, where
+    programs run one after another and could not wait for each other)."""
+    R, D = x.shape
+    programs = o.programs if x.is_cuda else 1
+    scratch.counter.zero_()
+    args = (x, w, y, scratch.counter, scratch.err, R, D, x.stride(0), eps, triton.cdiv(R, programs),
+            max(o.throttle, 0), _SYNC_SPIN_LIMIT)
+    meta = dict(BLOCK_D=triton.next_power_of_2(D), WAIT=o.throttle > 0, num_warps=4)
+    if x.is_cuda:  # c1's 64 registers at 4096 (Triton 3.9 takes 72 uncapped: 7 programs per SM, not all resident)
+        meta.update(maxnreg=_THROTTLE_MAXNREG)
+    if x.is_cuda and o.throttle > 0:
+        _check_resident(_throttle_kernel.warmup(*args, grid=(programs,), **meta), programs, 4)
+    return _throttle_kernel[(programs,)](*args, **meta)
 
 
 def check_sync(y: torch.Tensor, o: Order, scratch: Scratch) -> str:
@@ -599,6 +657,15 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
     out["group_t4_c8_uncombined"] = Order(8, 1, cdiv(n_rows, 8), tile_r=4, combine=-1)
     out["group_t2_c4_g16_discard"] = Order(4, 1, cdiv(n_rows, 4), tile_r=2, combine=16, discard=True)
     out["group_t4_c16_g16_discard"] = Order(16, 1, cdiv(n_rows, 16), tile_r=4, combine=16, discard=True)
+    # session 23: is the static strided grid's loss (+8-11% in session 18, where the ticket order's same programs
+    # keep up) its programs drifting apart? Held within `slack` rows of the slowest by a counter, its rows in
+    # flight stay as close together as c1's; static rows would let each program (or SM, or cluster) keep one
+    # fixed-order accumulator per segment across the window. _count: the counter's adds, no waiting
+    for per_sm in (4, 8):
+        p = per_sm * n_sm
+        out[f"strided_{p}_count"] = Order(cdiv(n_rows, p), p, p, throttle=-1)
+        for slack in (1, 2, 4, 16):
+            out[f"strided_{p}_throttle{slack}"] = Order(cdiv(n_rows, p), p, p, throttle=slack)
     # one row per program plus the unit-vector statistics without a walk: 1 / ||y_t|| per row (c1_norm), and each
     # group's sum re-read from the L2 by the group's last program (trail_{C})
     out["c1_norm"] = Order(1, 1, n_rows, norm=True)
@@ -656,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
                     check_trail(y, o, scratch)
                 if o.sync or o.atomic:
                     row.update(sums=check_sync(y, o, scratch))
+                if o.throttle and scratch.err.item():
+                    raise RuntimeError("a throttle wait gave up (err flag set)")
                 if o.combine:
                     row.update(sums=check_group(y, o, scratch))
                 row.update(status="ok", registers=getattr(k, "n_regs", None))
@@ -663,8 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                     ms = graph_time(lambda: walk(xo, w, y, o, scratch), args.reps) * 1e3
                     c1 = ms if name == "c1" else c1
                     row.update(ms=ms, vs_c1=ms / c1 if c1 else None)
-                    if o.sync and scratch.err.item():
-                        raise RuntimeError("a sync wait gave up while timed (err flag set)")
+                    if (o.sync or o.throttle) and scratch.err.item():
+                        raise RuntimeError("a wait gave up while timed (err flag set)")
             except Exception as e:  # noqa: BLE001
                 row.update(status=error_status(e))
             timed = f"{row['ms']:.3f} | {row['ms'] / c1:.3f}" if "ms" in row and c1 else (

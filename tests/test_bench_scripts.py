@@ -152,9 +152,13 @@ cases = [(W._atomic_kernel, atomic, dict(BLOCK_D=4096, TILE_R=t_r, ROWS=8, EACH=
          for t_r in (1, 4) for each in ("step", "chunk")]
 cases += [(W._group_kernel, group, dict(BLOCK_D=4096, TILE_R=4, ROWS=8, COMBINE=c, DISCARD=d, LINES=128), 16)
           for c, d in ((False, False), (True, False), (True, True))]
+throttle = dict(sig, counter_ptr="*i32", err_ptr="*i32", n_iter="i32", slack="i32", spin_limit="i32")
+aligned = ("x_ptr", "w_ptr", "y_ptr", "D", "pitch")  # as a launch on contiguous 16-byte aligned rows specialises
+cases += [(W._throttle_kernel, throttle, dict(BLOCK_D=4096, WAIT=wait, __aligned__=aligned), 4, W._THROTTLE_MAXNREG)
+          for wait in (False, True)]
 out = []
-for fn, s, consts, warps in cases:
-    k = t.compile_kernel(fn, s, consts, t.TARGETS["sm_90a"], warps)
+for fn, s, consts, warps, *cap in cases:
+    k = t.compile_kernel(fn, s, consts, t.TARGETS["sm_90a"], warps, maxnreg=cap[0] if cap else None)
     out.append(t.ptxas_report(k.asm["ptx"], "sm_90a"))
 print(json.dumps(out))
 """
@@ -163,7 +167,8 @@ print(json.dumps(out))
 def test_walk_order_kernels_lower_for_sm90a():
     """The atomic and group orders' kernels compile for sm_90a (the interpreter accepts what the compiler refuses,
     e.g. a loop-carried accumulator changing shape): every EACH mode and tile, and the group kernel with and without
-    its combine and discards (inline PTX)."""
+    its combine and discards (inline PTX); the throttled strided kernel within c1's 64 registers (8 programs per
+    SM, all resident)."""
     import os
     import subprocess
 
@@ -177,7 +182,9 @@ def test_walk_order_kernels_lower_for_sm90a():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     reports = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(reports) == 7 and all("Used" in r for r in reports)
+    assert len(reports) == 9 and all("Used" in r for r in reports)
+    for r in reports[-2:]:
+        assert int(re.search(r"Used (\d+) registers", r).group(1)) <= 64 and "0 bytes spill stores" in r, r
 
 
 def test_cluster_walk_script_without_a_gpu(capsys):
