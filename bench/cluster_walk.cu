@@ -211,12 +211,232 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, long long
                             static_cast<__nv_bfloat16*>(y), part, rows, eps);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Persistent clusters (session 23). The walks above lose by their window (blocks in flight x rows a block walks
+// before its sum is combined), and a block of 256 threads with 4 per SM puts 528 blocks in flight. Here one block of
+// 1024 threads per SM works as RG = 4 row groups of 256 threads, each with its own cp.async ring of S rows, so the
+// window is 132 x C rows for C rows a block and chunk while a chunk's sum still covers CS x C rows. Clusters stay
+// resident and take chunks from a counter (the ticket order that kept up in bench/walk_order.py), two chunks ahead,
+// so the rings keep loading across a chunk's end; a chunk's sum does not depend on which cluster took it.
+//
+// Chunk `id` covers rows [id CS C, (id + 1) CS C): block rank r the C rows from id CS C + r C, its row group g the
+// rows g, g + RG, ... of those (CR = C / RG each). Each row group sums its rows' unit vectors in registers. At the
+// chunk's end it puts that sum in shared memory, the cluster meets (barrier.cluster arrive + wait), and block r adds
+// column slice r of the CS x RG sums in a fixed order (block rank, then row group) from distributed shared memory
+// and stores it as the chunk's partial row: the same bits whichever cluster took the chunk. The second arrive (after
+// the remote reads) is waited on only at the next chunk's end, before the sums are overwritten.
+// MODE 0: the statistics and the combine; 1: the counter and one cluster barrier per chunk, no statistics; 2: the
+// walk alone, chunks in a static order (cluster c takes c, c + NC, ...), no barriers.
+namespace persistent {
+
+constexpr int RG = 4, RT = 256, VPT = 2, E = 8 * VPT, RG_WARPS = RT / 32, THREADS = RG * RT;
+static_assert(D == RT * E, "one row group holds a row");
+
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+
+// Sum over the row group's 256 threads (named barrier 1 + g), the same value in each; `red` holds a slot per warp.
+__device__ __forceinline__ float group_sum(float v, float* red, int g) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & (RG_WARPS - 1);
+  if (lane == 0) red[warp] = v;
+  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "n"(RT) : "memory");
+  return warp_sum(lane < RG_WARPS ? red[lane] : 0.f);
+}
+
+template <int CS, int C, int S, int MODE>
+__global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* __restrict__ x,
+                                                          const __nv_bfloat16* __restrict__ w,
+                                                          __nv_bfloat16* __restrict__ y, float* __restrict__ part,
+                                                          int* __restrict__ counter, long long n_chunks, float eps) {
+  constexpr int CR = C / RG, CHUNK = CS * C, SLICE = D / CS, Q = SLICE / 4;
+  static_assert(C % RG == 0 && S >= 2 && S - 1 <= CR, "the ring looks at most one chunk ahead");
+  static_assert(Q * CS == THREADS, "the combine: a column quad and a source block per thread");
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint4* ring = reinterpret_cast<uint4*>(smem);                                    // [RG][S][D / 8]
+  uint4* w_s = ring + RG * S * (D / 8);                                             // [D / 8]
+  float* acc_s = reinterpret_cast<float*>(w_s + D / 8);                             // [RG][D]      (MODE 0)
+  float4* tmp = reinterpret_cast<float4*>(acc_s + (MODE == 0 ? RG * D : 0));        // [CS][Q]      (MODE 0)
+  __shared__ float red[RG][2][RG_WARPS];
+  __shared__ long long ids_s[4];  // rank 0's: chunk ids two ahead, ring of 4
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int tid = threadIdx.x, g = tid / RT, lt = tid % RT;
+  const int rank = static_cast<int>(cluster.block_rank());
+  const long long c = blockIdx.x / CS, NC = gridDim.x / CS;
+  long long id0 = c, id1 = NC + c;  // this chunk's and the next one's
+  uint4* my_ring = ring + g * S * (D / 8);
+  for (int v = tid; v < D / 8; v += THREADS) w_s[v] = reinterpret_cast<const uint4*>(w)[v];
+
+  // the row group's j-th row of chunk `id` (j < CR)
+  auto row_of = [&](long long id, int j) { return id * CHUNK + rank * C + g + RG * j; };
+  auto issue = [&](long long id, int j, int slot) {
+    if (id < n_chunks) {
+#pragma unroll
+      for (int v = 0; v < VPT; ++v)
+        cp_async16(my_ring + slot * (D / 8) + lt + RT * v,
+                   reinterpret_cast<const uint4*>(x + row_of(id, j) * D) + lt + RT * v);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue(id0, s, s);
+  __syncthreads();  // w_s
+
+  float acc[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = 0.f;
+  long long n = 0;  // rows this row group has taken
+  int ticket = 0;
+  for (long long k = 0; id0 < n_chunks; ++k) {
+    if (MODE != 2 && rank == 0 && tid == 0) ticket = atomicAdd(counter, 1);  // used at the chunk's end
+    for (int j = 0; j < CR; ++j, ++n) {
+      const int ahead = j + S - 1;
+      if (ahead < CR) issue(id0, ahead, static_cast<int>((n + S - 1) % S));
+      else issue(id1, ahead - CR, static_cast<int>((n + S - 1) % S));
+      cp_async_wait<S - 1>();
+      const uint4* xr = my_ring + (n % S) * (D / 8);
+      float sq = 0.f;
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        float xf[8];
+        unpack8(xr[lt + RT * v], xf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sq += xf[e] * xf[e];
+      }
+      const float rstd = rsqrtf(group_sum(sq, red[g][MODE == 0 ? 0 : (n & 1)], g) / D + eps);
+      uint4 yv[VPT];
+      float ysq = 0.f;
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        float xf[8], wf[8];
+        unpack8(xr[lt + RT * v], xf);
+        unpack8(w_s[lt + RT * v], wf);
+        __nv_bfloat162* yp = reinterpret_cast<__nv_bfloat162*>(&yv[v]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          // HF: w * (x * rstd).to(bf16), rounded once more
+          const float a = wf[2 * q] * __bfloat162float(__float2bfloat16(xf[2 * q] * rstd));
+          const float b = wf[2 * q + 1] * __bfloat162float(__float2bfloat16(xf[2 * q + 1] * rstd));
+          yp[q] = __floats2bfloat162_rn(a, b);
+          const float2 r = __bfloat1622float2(yp[q]);
+          ysq += r.x * r.x + r.y * r.y;
+        }
+        reinterpret_cast<uint4*>(y + row_of(id0, j) * D)[lt + RT * v] = yv[v];
+      }
+      if (MODE == 0) {
+        const float inv = rsqrtf(fmaxf(group_sum(ysq, red[g][1], g), 1e-24f));
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          float yf[8];
+          unpack8(yv[v], yf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[8 * v + e] += yf[e] * inv;
+        }
+      }
+    }
+    long long id2 = id1 + NC;  // MODE 2: static chunks
+    if (MODE == 0) {
+      if (k > 0) cluster_wait();  // every block has read the previous chunk's sums
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        float4* dst = reinterpret_cast<float4*>(acc_s + g * D + 8 * (lt + RT * v));
+        dst[0] = make_float4(acc[8 * v], acc[8 * v + 1], acc[8 * v + 2], acc[8 * v + 3]);
+        dst[1] = make_float4(acc[8 * v + 4], acc[8 * v + 5], acc[8 * v + 6], acc[8 * v + 7]);
+      }
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = 0.f;
+    }
+    if (MODE != 2) {
+      if (rank == 0 && tid == 0) ids_s[(k + 2) & 3] = 2 * NC + ticket;
+      cluster_arrive();
+      cluster_wait();
+      id2 = *cluster.map_shared_rank(&ids_s[(k + 2) & 3], 0);
+    }
+    if (MODE == 0) {
+      // thread t adds quad t % Q of this block's column slice over source block t / Q's row groups, in order
+      const int src = tid / Q, q = tid % Q, col = rank * SLICE + 4 * q;
+      const float* remote = cluster.map_shared_rank(acc_s, src);
+      float4 sum = *reinterpret_cast<const float4*>(remote + col);
+#pragma unroll
+      for (int gg = 1; gg < RG; ++gg) {
+        const float4 p = *reinterpret_cast<const float4*>(remote + gg * D + col);
+        sum.x += p.x;
+        sum.y += p.y;
+        sum.z += p.z;
+        sum.w += p.w;
+      }
+      tmp[src * Q + q] = sum;
+      __syncthreads();
+      if (tid < Q) {
+        float4 total = tmp[tid];
+        for (int r = 1; r < CS; ++r) {
+          const float4 p = tmp[r * Q + tid];
+          total.x += p.x;
+          total.y += p.y;
+          total.z += p.z;
+          total.w += p.w;
+        }
+        *reinterpret_cast<float4*>(part + id0 * D + rank * SLICE + 4 * tid) = total;
+      }
+      cluster_arrive();  // this block's remote reads are done (waited on at the next chunk's end)
+    }
+    id0 = id1;
+    id1 = id2;
+  }
+  // no block leaves while another may still read its shared memory (the sums; rank 0's chunk ids)
+  if (MODE == 1 && id0 != c) cluster_arrive();
+  if (MODE != 2 && id0 != c) cluster_wait();
+  cp_async_wait<0>();
+}
+
+template <int CS, int C, int S, int MODE>
+cudaError_t launch(const void* x, const void* w, void* y, float* part, int* counter, long long rows,
+                   cudaStream_t stream) {
+  constexpr int CHUNK = CS * C;
+  if (rows % CHUNK) return cudaErrorInvalidValue;
+  const size_t shared = static_cast<size_t>(RG) * S * D * 2 + D * 2 +
+                        (MODE == 0 ? static_cast<size_t>(RG) * D * 4 + static_cast<size_t>(THREADS) * 16 : 0);
+  auto kernel = walk_kernel<CS, C, S, MODE>;
+  cudaLaunchConfig_t cfg = {};
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = shared;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CS;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  static int clusters = 0;  // resident clusters, found once, on the first (uncaptured) call
+  if (clusters == 0) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (err == cudaSuccess && CS > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return err;
+    cfg.gridDim = dim3(CS);
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+    if (err != cudaSuccess) return err;
+    if (clusters <= 0) return cudaErrorInvalidConfiguration;
+  }
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * CS));
+  if (MODE != 2) {
+    const cudaError_t err = cudaMemsetAsync(counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w),
+                            static_cast<__nv_bfloat16*>(y), part, counter, rows / CHUNK, 1e-6f);
+}
+
+}  // namespace persistent
+
 }  // namespace cluster_walk
 
 // The variants bench/cluster_walk.py times (VARIANTS there, in this order): returns a cudaError_t (0: launched),
 // -1 for an unknown index.
-extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, long long rows,
-                                   float eps, void* stream) {
+extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, int* counter,
+                                   long long rows, float eps, void* stream) {
   using namespace cluster_walk;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (variant) {
@@ -229,6 +449,15 @@ extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, vo
     case 6: return launch<1, 8, 4, 2, 2>(x, w, y, part, rows, eps, s);   // walk_c8 (no statistics)
     case 7: return launch<1, 1, 2, 2, 2>(x, w, y, part, rows, eps, s);   // walk_c1 (the bare order)
     case 8: return launch<8, 2, 2, 2, 0>(x, w, y, part, rows, eps, s);   // cluster8_c2
+    // persistent clusters (eps fixed at 1e-6): CS, C, S, MODE
+    case 9: return persistent::launch<8, 16, 3, 0>(x, w, y, part, counter, rows, s);    // pc8_c16
+    case 10: return persistent::launch<8, 8, 3, 0>(x, w, y, part, counter, rows, s);    // pc8_c8
+    case 11: return persistent::launch<8, 32, 3, 0>(x, w, y, part, counter, rows, s);   // pc8_c32
+    case 12: return persistent::launch<8, 16, 4, 0>(x, w, y, part, counter, rows, s);   // pc8_c16_s4
+    case 13: return persistent::launch<16, 16, 3, 0>(x, w, y, part, counter, rows, s);  // pc16_c16
+    case 14: return persistent::launch<16, 8, 3, 0>(x, w, y, part, counter, rows, s);   // pc16_c8
+    case 15: return persistent::launch<8, 16, 3, 1>(x, w, y, part, counter, rows, s);   // pc8_c16_nostats
+    case 16: return persistent::launch<8, 16, 3, 2>(x, w, y, part, counter, rows, s);   // pc8_c16_walk
     default: return -1;
   }
 }

@@ -11,6 +11,11 @@ remote reads cost. Variants (VARIANTS, the .cu file's switch):
   in shared memory per block); ``cluster8_c8_512``: 512 threads a block;
 * ``partials_c8``: no cluster, each block's sum of 8 rows stored as a partial row (what the fused forward's chunks do);
 * ``walk_c8``, ``walk_c1``: the walk alone, 8 rows a block or one (the bare kernel's order), in the same code;
+* ``pc{CS}_c{C}`` (session 23): persistent clusters of one 1024-thread block per SM, four row groups of 256 threads
+  each with its own 3-row ring (``_s4``: 4 rows), C rows a block and chunk, chunks of CS x C rows taken from a
+  counter two ahead so the rings load across a chunk's end: the window is ~132 x C rows, and one fp32 row per
+  CS x C rows is stored; ``pc8_c16_nostats``: the counter and a cluster barrier per chunk, no statistics;
+  ``pc8_c16_walk``: static chunks, no barriers, no statistics (the walk alone);
 
 and ``triton_c1``, ``bench/walk_order.py``'s c1 (the bare Triton kernel's order), the yardstick ("/ c1"). Every
 variant's y is checked against torch and its sums against float32 sums of torch's unit vectors first.
@@ -51,19 +56,30 @@ VARIANTS = {
     "walk_c8": (6, 0),
     "walk_c1": (7, 0),
     "cluster8_c2": (8, 16),
+    # session 23: persistent clusters of one 1024-thread block per SM (4 row groups), chunks from a counter
+    "pc8_c16": (9, 128),
+    "pc8_c8": (10, 64),
+    "pc8_c32": (11, 256),
+    "pc8_c16_s4": (12, 128),
+    "pc16_c16": (13, 256),
+    "pc16_c8": (14, 128),
+    "pc8_c16_nostats": (15, 0),
+    "pc8_c16_walk": (16, 0),
 }
 BINDING = """
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
-extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, long long rows,
-                                   float eps, void* stream);
-int64_t launch(int64_t variant, torch::Tensor x, torch::Tensor w, torch::Tensor y, torch::Tensor part, double eps) {
+extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, int* counter,
+                                   long long rows, float eps, void* stream);
+int64_t launch(int64_t variant, torch::Tensor x, torch::Tensor w, torch::Tensor y, torch::Tensor part,
+               torch::Tensor counter, double eps) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) == 4096,
               "x: a contiguous CUDA bf16 tensor [R, 4096]");
   TORCH_CHECK(y.sizes() == x.sizes() && y.is_contiguous() && w.numel() == 4096 && part.scalar_type() == at::kFloat,
               "y [R, 4096] contiguous, w [4096], part float32");
+  TORCH_CHECK(counter.is_cuda() && counter.scalar_type() == at::kInt && counter.numel() >= 1, "counter: CUDA int32");
   return cluster_walk_launch(static_cast<int>(variant), x.data_ptr(), w.data_ptr(), y.data_ptr(),
-                             part.data_ptr<float>(), x.size(0), static_cast<float>(eps),
+                             part.data_ptr<float>(), counter.data_ptr<int>(), x.size(0), static_cast<float>(eps),
                              c10::cuda::getCurrentCUDAStream().stream());
 }
 """
@@ -96,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     w = (torch.rand(DIM, device="cuda", generator=gen) + 0.5).to(torch.bfloat16)
     ref = torch_rmsnorm(x, w, 1e-6)
     part = torch.empty(args.rows // 8 + 1, DIM, device="cuda")
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")  # the persistent variants' chunk counter
     y = torch.empty_like(x)
     print(f"device: {torch.cuda.get_device_name()}")
     print("| R | D | variant | rows per sum row | graph ms | / c1 | sums |")
@@ -115,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 index, per_sum = spec
 
                 def fn(index=index):
-                    rc = ext.launch(index, x, w, y, part, 1e-6)
+                    rc = ext.launch(index, x, w, y, part, counter, 1e-6)
                     if rc:
                         raise RuntimeError(f"cluster_walk_launch({index}) returned CUDA error {rc}")
             y.fill_(float("nan"))
