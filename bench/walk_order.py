@@ -133,6 +133,19 @@ def _ticket_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, R, D, pitch, eps, BLOCK_D: 
 
 
 @triton.jit
+def _wait_count(ptr, target, n, spin_limit, err_ptr, SEM: tl.constexpr):
+    """Polls the counter at ``ptr`` until it reaches ``target``, or until ``n`` (polls so far, returned) reaches
+    spin_limit: then sets err_ptr and waits no more (programs that are not all resident would hang the GPU)."""
+    cnt = tl.atomic_add(ptr, 0, sem=SEM)
+    while (cnt < target) & (n < spin_limit):
+        cnt = tl.atomic_add(ptr, 0, sem=SEM)
+        n += 1
+    if cnt < target:
+        tl.atomic_max(err_ptr, 1)
+    return n
+
+
+@triton.jit
 def _throttle_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, err_ptr, R, D, pitch, eps, n_iter, slack, spin_limit,
                      BLOCK_D: tl.constexpr, WAIT: tl.constexpr):
     """The strided orders' persistent grid (program p of P: rows p + P i, one a step) held together by a counter:
@@ -151,12 +164,7 @@ def _throttle_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, err_ptr, R, D, pitch, eps
         if WAIT:
             target = P * (i - slack)
             if target > 0:
-                cnt = tl.atomic_add(counter_ptr, 0, sem="relaxed")
-                while (cnt < target) & (n < spin_limit):
-                    cnt = tl.atomic_add(counter_ptr, 0, sem="relaxed")
-                    n += 1
-                if cnt < target:
-                    tl.atomic_max(err_ptr, 1)
+                n = _wait_count(counter_ptr, target, n, spin_limit, err_ptr, "relaxed")
         row = (i * P + p).to(tl.int64)  # < R + P: no int32 overflow
         m = cm & (row + cols * 0 < R)
         x = tl.load(x_ptr + row * pitch + cols, mask=m, other=0.0).to(tl.float32)
@@ -345,13 +353,7 @@ def _sync_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, sums_ptr, bar_ptr, err_ptr, R, D
             tl.store(slot_ptr + ((i % SLOTS) * P + p).to(tl.int64) * D + cols, acc, mask=cm)
         if SYNC:
             if i > 0:  # every program's partial of iteration i - 1 is written once all have arrived i times
-                target = P * i
-                cnt = tl.atomic_add(bar_ptr, 0, sem="acquire")
-                while (cnt < target) & (n < spin_limit):
-                    cnt = tl.atomic_add(bar_ptr, 0, sem="acquire")
-                    n += 1
-                if cnt < target:
-                    tl.atomic_max(err_ptr, 1)
+                n = _wait_count(bar_ptr, P * i, n, spin_limit, err_ptr, "acquire")
                 j = i - 1
                 kc = j * P + ch  # chunks of iteration j
                 kr = kc.to(tl.int64) * C
