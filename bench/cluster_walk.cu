@@ -15,13 +15,22 @@
 // row per C rows, no cluster); 2: the walk alone (no statistics).
 //
 // Host side: cluster_walk_launch (plain C++; bench/cluster_walk.py binds it with torch.utils.cpp_extension).
-#include <cooperative_groups.h>
+// Under GAINRL_CUDA_EMULATOR (tests/cuda_emulator.py, g++) only the persistent kernel is compiled, with
+// cluster_walk_emulate as its entry point: tests/test_bench_scripts.py runs it on a CPU.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-
+#ifdef GAINRL_CUDA_EMULATOR
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+#else
+#include <cooperative_groups.h>
 namespace cg = cooperative_groups;
+#endif
 
 namespace cluster_walk {
 
@@ -44,6 +53,34 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return warp_sum(lane < WARPS ? red[lane] : 0.f);
 }
 
+#ifdef GAINRL_CUDA_EMULATOR
+// cp.async in the emulator: each fiber queues its copies by commit group and performs them when a wait covers
+// their group, so a read of a ring slot before its wait sees the old bytes (as csrc/rmsnorm_angle_kernels.cuh's).
+struct EmuCopy {
+  unsigned group;
+  void* dst;
+  unsigned char bytes[16];
+};
+inline std::vector<std::vector<EmuCopy>> g_copies;  // per fiber of the running cluster
+inline std::vector<unsigned> g_groups;              // committed groups per fiber
+inline void cp_async16(void* smem, const void* gmem) {
+  EmuCopy c{g_groups[gainrl_emu::t_fiber], smem, {}};
+  std::memcpy(c.bytes, gmem, 16);
+  g_copies[gainrl_emu::t_fiber].push_back(c);
+}
+inline void cp_async_commit() { ++g_groups[gainrl_emu::t_fiber]; }
+template <int N>
+void cp_async_wait() {
+  auto& q = g_copies[gainrl_emu::t_fiber];
+  const unsigned committed = g_groups[gainrl_emu::t_fiber];
+  std::vector<EmuCopy> keep;
+  for (const EmuCopy& c : q) {
+    if (c.group + N < committed) std::memcpy(c.dst, c.bytes, 16); else keep.push_back(c);
+  }
+  q.swap(keep);
+}
+inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
@@ -53,6 +90,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
 
 // The 8 bf16 of a 16-byte vector as floats.
 __device__ __forceinline__ void unpack8(const uint4 v, float* out) {
@@ -65,6 +103,7 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* out) {
   }
 }
 
+#ifndef GAINRL_CUDA_EMULATOR
 // VPT 16-byte vectors (8 bf16 each) per thread and row: THREADS = D / (8 VPT).
 template <int CS, int C, int S, int VPT, int MODE>
 __global__ void __launch_bounds__(D / (8 * VPT)) walk_kernel(const __nv_bfloat16* __restrict__ x,
@@ -211,6 +250,8 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, long long
                             static_cast<__nv_bfloat16*>(y), part, rows, eps);
 }
 
+#endif  // GAINRL_CUDA_EMULATOR
+
 // ---------------------------------------------------------------------------------------------------------------
 // Persistent clusters (session 23). The walks above lose by their window (blocks in flight x rows a block walks
 // before its sum is combined), and a block of 256 threads with 4 per SM puts 528 blocks in flight. Here one block of
@@ -232,16 +273,44 @@ namespace persistent {
 constexpr int RG = 4, RT = 256, VPT = 2, E = 8 * VPT, RG_WARPS = RT / 32, THREADS = RG * RT;
 static_assert(D == RT * E, "one row group holds a row");
 
+// The cluster's primitives: the split cluster barrier, this block's rank, another block's shared memory, the
+// row group's named barrier (1 + g; 0 is __syncthreads'), the chunk counter.
+#ifdef GAINRL_CUDA_EMULATOR
+inline void cluster_arrive() { gainrl_emu::cluster_arrive(); }
+inline void cluster_wait() { gainrl_emu::cluster_wait(); }
+inline int block_rank() { return static_cast<int>(gainrl_emu::t_rank); }
+template <typename T>
+T* shared_of(T* p, int rank) { return gainrl_emu::map_shared_rank(p, static_cast<unsigned>(rank)); }
+inline void group_barrier(int g) { gainrl_emu::named_sync(1 + g, RT); }
+inline int take_ticket(int* counter) { return (*counter)++; }
+#else
 __device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ int block_rank() { return static_cast<int>(cg::this_cluster().block_rank()); }
+template <typename T>
+__device__ __forceinline__ T* shared_of(T* p, int rank) { return cg::this_cluster().map_shared_rank(p, rank); }
+__device__ __forceinline__ void group_barrier(int g) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "n"(RT) : "memory");
+}
+__device__ __forceinline__ int take_ticket(int* counter) { return atomicAdd(counter, 1); }
+#endif
 
-// Sum over the row group's 256 threads (named barrier 1 + g), the same value in each; `red` holds a slot per warp.
+// Sum over the row group's 256 threads, the same value in each; `red` holds a slot per warp.
 __device__ __forceinline__ float group_sum(float v, float* red, int g) {
   v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & (RG_WARPS - 1);
   if (lane == 0) red[warp] = v;
-  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "n"(RT) : "memory");
+  group_barrier(g);
   return warp_sum(lane < RG_WARPS ? red[lane] : 0.f);
+}
+
+// Dynamic shared memory: the rings, the weight, then (MODE 0) the row groups' sums and the combine's partials, then
+// the reduction slots and rank 0's chunk ids (no static __shared__: the emulator's would be one for all blocks).
+template <int S, int MODE>
+constexpr size_t shared_bytes() {
+  return static_cast<size_t>(RG) * S * D * 2 + D * 2 +
+         (MODE == 0 ? static_cast<size_t>(RG) * D * 4 + static_cast<size_t>(THREADS) * 16 : 0) +
+         RG * 2 * RG_WARPS * 4 + 4 * 8;
 }
 
 template <int CS, int C, int S, int MODE>
@@ -252,17 +321,20 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
   constexpr int CR = C / RG, CHUNK = CS * C, SLICE = D / CS, Q = SLICE / 4;
   static_assert(C % RG == 0 && S >= 2 && S - 1 <= CR, "the ring looks at most one chunk ahead");
   static_assert(Q * CS == THREADS, "the combine: a column quad and a source block per thread");
+#ifdef GAINRL_CUDA_EMULATOR
+  unsigned char* smem = gainrl_emu::dynamic_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
   uint4* ring = reinterpret_cast<uint4*>(smem);                                    // [RG][S][D / 8]
   uint4* w_s = ring + RG * S * (D / 8);                                             // [D / 8]
   float* acc_s = reinterpret_cast<float*>(w_s + D / 8);                             // [RG][D]      (MODE 0)
   float4* tmp = reinterpret_cast<float4*>(acc_s + (MODE == 0 ? RG * D : 0));        // [CS][Q]      (MODE 0)
-  __shared__ float red[RG][2][RG_WARPS];
-  __shared__ long long ids_s[4];  // rank 0's: chunk ids two ahead, ring of 4
+  long long* ids_s = reinterpret_cast<long long*>(tmp + (MODE == 0 ? THREADS : 0));  // [4]: rank 0's chunk ids
+  float(*red)[2][RG_WARPS] = reinterpret_cast<float(*)[2][RG_WARPS]>(ids_s + 4);     // [RG][2][RG_WARPS]
 
-  cg::cluster_group cluster = cg::this_cluster();
   const int tid = threadIdx.x, g = tid / RT, lt = tid % RT;
-  const int rank = static_cast<int>(cluster.block_rank());
+  const int rank = block_rank();
   const long long c = blockIdx.x / CS, NC = gridDim.x / CS;
   long long id0 = c, id1 = NC + c;  // this chunk's and the next one's
   uint4* my_ring = ring + g * S * (D / 8);
@@ -289,7 +361,7 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
   long long n = 0;  // rows this row group has taken
   int ticket = 0;
   for (long long k = 0; id0 < n_chunks; ++k) {
-    if (MODE != 2 && rank == 0 && tid == 0) ticket = atomicAdd(counter, 1);  // used at the chunk's end
+    if (MODE != 2 && rank == 0 && tid == 0) ticket = take_ticket(counter);  // used at the chunk's end
     for (int j = 0; j < CR; ++j, ++n) {
       const int ahead = j + S - 1;
       if (ahead < CR) issue(id0, ahead, static_cast<int>((n + S - 1) % S));
@@ -351,12 +423,12 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
       if (rank == 0 && tid == 0) ids_s[(k + 2) & 3] = 2 * NC + ticket;
       cluster_arrive();
       cluster_wait();
-      id2 = *cluster.map_shared_rank(&ids_s[(k + 2) & 3], 0);
+      id2 = *shared_of(&ids_s[(k + 2) & 3], 0);
     }
     if (MODE == 0) {
       // thread t adds quad t % Q of this block's column slice over source block t / Q's row groups, in order
       const int src = tid / Q, q = tid % Q, col = rank * SLICE + 4 * q;
-      const float* remote = cluster.map_shared_rank(acc_s, src);
+      const float* remote = shared_of(acc_s, src);
       float4 sum = *reinterpret_cast<const float4*>(remote + col);
 #pragma unroll
       for (int gg = 1; gg < RG; ++gg) {
@@ -390,13 +462,34 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
   cp_async_wait<0>();
 }
 
+#ifdef GAINRL_CUDA_EMULATOR
+// `clusters` clusters run one after another: the first ones take every chunk the counter hands out. Returns 0, 1 for
+// rows that are no whole number of chunks, 2 (the reason on stderr) where the emulator found a fault.
+template <int CS, int C, int S, int MODE>
+int emulate(const void* x, const void* w, void* y, float* part, int* counter, long long rows, int clusters) {
+  constexpr int CHUNK = CS * C;
+  if (rows % CHUNK || clusters <= 0) return 1;
+  *counter = 0;
+  g_copies.assign(CS * THREADS, {});
+  g_groups.assign(CS * THREADS, 0);
+  try {
+    gainrl_emu::launch_cluster(CS, shared_bytes<S, MODE>(), walk_kernel<CS, C, S, MODE>,
+                               dim3(static_cast<unsigned>(clusters * CS)), dim3(THREADS),
+                               static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w),
+                               static_cast<__nv_bfloat16*>(y), part, counter, rows / CHUNK, 1e-6f);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cluster_walk_emulate: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}
+#else
 template <int CS, int C, int S, int MODE>
 cudaError_t launch(const void* x, const void* w, void* y, float* part, int* counter, long long rows,
                    cudaStream_t stream) {
   constexpr int CHUNK = CS * C;
   if (rows % CHUNK) return cudaErrorInvalidValue;
-  const size_t shared = static_cast<size_t>(RG) * S * D * 2 + D * 2 +
-                        (MODE == 0 ? static_cast<size_t>(RG) * D * 4 + static_cast<size_t>(THREADS) * 16 : 0);
+  constexpr size_t shared = shared_bytes<S, MODE>();
   auto kernel = walk_kernel<CS, C, S, MODE>;
   cudaLaunchConfig_t cfg = {};
   cfg.blockDim = dim3(THREADS);
@@ -428,11 +521,26 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, int* coun
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w),
                             static_cast<__nv_bfloat16*>(y), part, counter, rows / CHUNK, 1e-6f);
 }
+#endif  // GAINRL_CUDA_EMULATOR
 
 }  // namespace persistent
 
 }  // namespace cluster_walk
 
+#ifdef GAINRL_CUDA_EMULATOR
+// The persistent kernel in the emulator, clusters of 2 blocks (8 x 1024 fibers would be slow for a test): mode 0-2
+// as MODE, C = 8 rows a block, a 3-row ring. Returns as emulate.
+extern "C" int cluster_walk_emulate(int mode, const void* x, const void* w, void* y, float* part, int* counter,
+                                    long long rows, int clusters) {
+  using namespace cluster_walk::persistent;
+  switch (mode) {
+    case 0: return emulate<2, 8, 3, 0>(x, w, y, part, counter, rows, clusters);
+    case 1: return emulate<2, 8, 3, 1>(x, w, y, part, counter, rows, clusters);
+    case 2: return emulate<2, 8, 3, 2>(x, w, y, part, counter, rows, clusters);
+    default: return -1;
+  }
+}
+#else
 // The variants bench/cluster_walk.py times (VARIANTS there, in this order): returns a cudaError_t (0: launched),
 // -1 for an unknown index.
 extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, int* counter,
@@ -461,3 +569,4 @@ extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, vo
     default: return -1;
   }
 }
+#endif  // GAINRL_CUDA_EMULATOR

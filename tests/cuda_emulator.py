@@ -2,6 +2,10 @@
 without a GPU): each CUDA thread of a block is a fiber, blocks run one after another, __syncthreads and warp
 shuffles are barriers between the fibers. It checks a kernel's work decomposition, indexing and reductions; it
 cannot see GPU-only problems (alignment faults, races the barriers hide, memory ordering, fast-math).
+``launch_cluster`` runs the blocks of each thread-block cluster together (clusters one after another), with named
+barriers (``named_sync``), the split cluster barrier (``cluster_arrive`` / ``cluster_wait``) and other blocks' dynamic
+shared memory (``map_shared_rank``); such kernels keep their shared state in dynamic shared memory (function-static
+``__shared__`` would be one copy for the whole cluster).
 
     lib = build(tmp_dir, BODY)   # BODY: C++ after the prelude: #include "xyz_kernels.cuh" + extern "C" wrappers
 
@@ -47,6 +51,8 @@ struct Barrier {
 };
 inline dim3 g_grid, g_dim;
 inline uint3 t_thread, t_block;  // the running fiber's indices
+inline unsigned t_fiber = 0, t_rank = 0;  // its fiber (block rank * threads + thread) and block rank in the cluster
+inline unsigned g_cluster = 1;             // blocks run together (launch_cluster's cluster size; launch: 1)
 inline jmp_buf g_sched;
 struct Resume {
   jmp_buf buf;
@@ -57,39 +63,91 @@ inline ucontext_t g_template;
 inline std::vector<ucontext_t> g_fiber;
 inline std::vector<std::vector<char>> g_stack;
 inline std::vector<char> g_done;
-inline Barrier g_block_bar;
-inline std::vector<Barrier> g_warp_bar;
+inline std::vector<Barrier> g_block_bar;  // per block of the cluster
+inline std::vector<Barrier> g_warp_bar;   // per warp of the cluster
+inline std::vector<Barrier> g_named_bar;  // 16 per block (bar.sync id, count)
+inline Barrier g_cluster_bar;
+inline std::vector<unsigned> g_cluster_gen;  // per fiber: the cluster barrier's generation at its last arrive
+inline std::vector<char> g_cluster_arrived;  // per fiber: arrived and not yet waited
+inline std::vector<unsigned> g_block_done;   // per block of the cluster: fibers finished
 inline std::vector<uint64_t> g_xchg;
 inline std::function<void()> g_body;
 inline uint64_t g_progress = 0;
 inline size_t g_smem_bytes = 0;
-inline std::vector<unsigned char> g_smem;
+inline std::vector<std::vector<unsigned char>> g_smem;  // per block of the cluster
 inline size_t g_last_smem_bytes = 0;  // the last launch_smem's dynamic shared memory and block size (for tests)
 inline unsigned g_last_threads = 0;
 
-inline unsigned char* dynamic_smem() { return g_smem.data(); }
+inline unsigned char* dynamic_smem() { return g_smem[t_rank].data(); }
 
-inline void yield() {
-  if (_setjmp(g_resume[t_thread.x].buf) == 0) _longjmp(g_sched, 1);
+inline const char* g_fail = nullptr;  // set by fail(): the scheduler throws it from the launching thread
+
+// Ends the running fiber with an error (a throw inside a fiber could not unwind to the launch).
+[[noreturn]] inline void fail(const char* what) {
+  g_fail = what;
+  _longjmp(g_sched, 1);
 }
 
-inline void arrive_and_wait(Barrier& b) {
+inline void yield() {
+  if (_setjmp(g_resume[t_fiber].buf) == 0) _longjmp(g_sched, 1);
+}
+
+// Arrives at b; returns the generation to wait on (the barrier opens when `expected` fibers have arrived).
+inline unsigned arrive(Barrier& b) {
   const unsigned gen = b.generation;
   if (++b.arrived == b.expected) {
     b.arrived = 0;
     ++b.generation;
     ++g_progress;
-    return;
   }
+  return gen;
+}
+
+inline void wait(const Barrier& b, unsigned gen) {
   while (b.generation == gen) yield();
 }
 
-inline void syncthreads() { arrive_and_wait(g_block_bar); }
+inline void arrive_and_wait(Barrier& b) { wait(b, arrive(b)); }
+
+inline void syncthreads() { arrive_and_wait(g_block_bar[t_rank]); }
+
+// bar.sync id, count: `count` threads of this block meet at barrier `id` (1-15; 0 is __syncthreads').
+inline void named_sync(unsigned id, unsigned count) {
+  if (id == 0 || id >= 16 || count % 32) fail("bad named barrier");
+  Barrier& b = g_named_bar[t_rank * 16 + id];
+  if (b.arrived == 0) b.expected = count;
+  else if (b.expected != count) fail("named barrier: different thread counts");
+  arrive_and_wait(b);
+}
+
+// barrier.cluster.arrive / .wait: every thread of the cluster arrives; a wait returns once all have arrived since
+// this thread's last arrive. Arrives and waits must alternate, and a thread ends only after its last arrive's wait
+// (so that no block leaves while another may read its shared memory): otherwise the launch throws.
+inline void cluster_arrive() {
+  if (g_cluster_arrived[t_fiber]) fail("cluster barrier: two arrives without a wait");
+  g_cluster_arrived[t_fiber] = 1;
+  g_cluster_gen[t_fiber] = arrive(g_cluster_bar);
+}
+inline void cluster_wait() {
+  if (!g_cluster_arrived[t_fiber]) fail("cluster barrier: a wait without an arrive");
+  g_cluster_arrived[t_fiber] = 0;
+  wait(g_cluster_bar, g_cluster_gen[t_fiber]);
+}
+
+// The address of `p` (in this block's dynamic shared memory) in block `rank`'s, which must not have begun to exit.
+template <typename T>
+T* map_shared_rank(T* p, unsigned rank) {
+  const auto off = reinterpret_cast<unsigned char*>(p) - g_smem[t_rank].data();
+  if (off < 0 || static_cast<size_t>(off) >= g_smem[t_rank].size() || rank >= g_cluster)
+    fail("map_shared_rank: not in dynamic shared memory, or no such block");
+  if (g_block_done[rank]) fail("map_shared_rank: a block that has begun to exit");
+  return reinterpret_cast<T*>(g_smem[rank].data() + off);
+}
 
 template <typename V>
 V shfl(V v, bool up, int arg) {
   static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
-  const unsigned tid = t_thread.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned tid = t_fiber, lane = tid & 31, warp = tid >> 5;  // blocks hold whole warps: warps of the cluster
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(V));
   g_xchg[tid] = bits;
@@ -104,50 +162,69 @@ V shfl(V v, bool up, int arg) {
 
 inline void fiber_main() {
   g_body();
-  g_done[t_thread.x] = 1;
+  if (g_cluster_arrived[t_fiber]) fail("cluster barrier: a thread ends after an arrive, unwaited");
+  g_done[t_fiber] = 1;
+  ++g_block_done[t_rank];
   _longjmp(g_sched, 1);
 }
 
+// Runs the grid's blocks `cluster` at a time (consecutive blockIdx.x, as a cluster's), one fiber per thread.
 template <typename... P, typename... A>
-void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
-  const unsigned n = block.x;
+void launch_impl(unsigned cluster, void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+  const unsigned n = block.x, f = cluster * n;
   if (block.y != 1 || block.z != 1 || n == 0 || n % 32 || n > 1024) throw std::runtime_error("bad block");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
     throw std::runtime_error("bad grid");
+  if (cluster == 0 || grid.x % cluster) throw std::runtime_error("bad cluster");
   g_grid = grid;
   g_dim = block;
+  g_cluster = cluster;
   g_body = [=] { kernel(args...); };
   getcontext(&g_template);
-  g_fiber.assign(n, g_template);
-  g_resume.resize(n);
-  g_stack.resize(n);
+  g_fiber.assign(f, g_template);
+  g_resume.resize(f);
+  g_stack.resize(f);
   for (auto& st : g_stack) st.resize(64 * 1024);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        t_block = make_uint3(bx, by, bz);
-        g_block_bar = Barrier{n, 0, 0};
-        g_warp_bar.assign(n / 32, Barrier{32, 0, 0});
-        g_xchg.assign(n, 0);
-        g_done.assign(n, 0);
-        g_started.assign(n, 0);
-        g_smem.assign(g_smem_bytes, 0xFF);
-        for (unsigned t = 0; t < n; ++t) {
+      for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster) {
+        g_block_bar.assign(cluster, Barrier{n, 0, 0});
+        g_warp_bar.assign(f / 32, Barrier{32, 0, 0});
+        g_named_bar.assign(cluster * 16, Barrier{0, 0, 0});
+        g_cluster_bar = Barrier{f, 0, 0};
+        g_cluster_gen.assign(f, 0);
+        g_cluster_arrived.assign(f, 0);
+        g_block_done.assign(cluster, 0);
+        g_xchg.assign(f, 0);
+        g_done.assign(f, 0);
+        g_started.assign(f, 0);
+        g_smem.assign(cluster, std::vector<unsigned char>(g_smem_bytes, 0xFF));
+        for (unsigned t = 0; t < f; ++t) {
           g_fiber[t] = g_template;
           g_fiber[t].uc_stack.ss_sp = g_stack[t].data();
           g_fiber[t].uc_stack.ss_size = g_stack[t].size();
           g_fiber[t].uc_link = nullptr;
           makecontext(&g_fiber[t], fiber_main, 0);
         }
-        for (unsigned left = n; left > 0;) {
+        for (unsigned left = f; left > 0;) {
           const uint64_t before = g_progress;
-          for (unsigned t = 0; t < n; ++t) {
+          for (unsigned t = 0; t < f; ++t) {
             if (g_done[t]) continue;
-            t_thread = make_uint3(t, 0, 0);
+            t_fiber = t;
+            t_rank = t / n;
+            t_thread = make_uint3(t % n, 0, 0);
+            t_block = make_uint3(bx0 + t_rank, by, bz);
             if (_setjmp(g_sched) == 0) {  // back here when fiber t waits at a barrier or finishes
               if (g_started[t]) _longjmp(g_resume[t].buf, 1);
               g_started[t] = 1;
               setcontext(&g_fiber[t]);
+            }
+            if (g_fail) {
+              const char* what = g_fail;
+              g_fail = nullptr;
+              g_cluster = 1;
+              t_fiber = t_rank = 0;
+              throw std::runtime_error(what);
             }
             if (g_done[t]) --left, ++g_progress;
           }
@@ -155,6 +232,13 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
           if (left > 0 && g_progress == before) throw std::runtime_error("deadlock: divergent barriers");
         }
       }
+  g_cluster = 1;
+  t_fiber = t_rank = 0;
+}
+
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+  launch_impl(1, kernel, grid, block, args...);
 }
 
 template <typename... P, typename... A>
@@ -162,6 +246,14 @@ void launch_smem(size_t smem_bytes, void (*kernel)(P...), dim3 grid, dim3 block,
   g_smem_bytes = g_last_smem_bytes = smem_bytes;
   g_last_threads = block.x;
   launch(kernel, grid, block, args...);
+  g_smem_bytes = 0;
+}
+
+template <typename... P, typename... A>
+void launch_cluster(unsigned cluster, size_t smem_bytes, void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+  g_smem_bytes = g_last_smem_bytes = smem_bytes;
+  g_last_threads = block.x;
+  launch_impl(cluster, kernel, grid, block, args...);
   g_smem_bytes = 0;
 }
 }  // namespace gainrl_emu

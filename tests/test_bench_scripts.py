@@ -260,3 +260,46 @@ def test_gpu_summary_lines():
     assert "PARTIAL" in line and "[1.2, 2.0]" in line
     assert S.angle(dict(rows=[dict(status="ok"), dict(status="ok")])) == ["angle_bench rows by status: {'ok': 2}"]
     assert S.main(["nonsense", "x.json"]) == 2
+
+
+@pytest.fixture(scope="module")
+def cluster_walk_emulated(tmp_path_factory):
+    """bench/cluster_walk.cu's persistent kernel compiled by g++ against tests/cuda_emulator.py."""
+    import ctypes
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    import cuda_emulator
+
+    lib = cuda_emulator.build(tmp_path_factory.mktemp("cluster_emu"), f'#include "{BENCH / "cluster_walk.cu"}"\n')
+    fn = lib.cluster_walk_emulate
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_longlong, ctypes.c_int]
+    return fn
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("clusters", [1, 2, 3])
+def test_persistent_cluster_walk_emulated(cluster_walk_emulated, mode, clusters):
+    """The persistent clusters of bench/cluster_walk.cu on a CPU (clusters of 2 blocks of 1024 fibers, 8 rows a block
+    and chunk, 3-row rings; the emulator runs one cluster after another, so the first takes every chunk the counter
+    hands out): y is HF's RMSNorm of every row, and (mode 0) each chunk's partial row the sum of its 16 rows' unit
+    vectors, combined across the cluster from the other block's shared memory."""
+    from cluster_walk import DIM
+    from run_kernels_bench import torch_rmsnorm
+    from walk_order import compare_block_sums
+
+    chunk, n_chunks = 16, 5
+    gen = torch.Generator().manual_seed(mode * 10 + clusters)
+    x = (torch.randn(chunk * n_chunks, DIM, generator=gen) + torch.randn(DIM, generator=gen)).to(torch.bfloat16)
+    w = (torch.rand(DIM, generator=gen) + 0.5).to(torch.bfloat16)
+    y = torch.full_like(x, float("nan"))
+    part = torch.full((n_chunks, DIM), float("nan"))
+    counter = torch.zeros(1, dtype=torch.int32)
+    rc = cluster_walk_emulated(mode, x.data_ptr(), w.data_ptr(), y.data_ptr(), part.data_ptr(), counter.data_ptr(),
+                               x.shape[0], clusters)
+    assert rc == 0
+    torch.testing.assert_close(y, torch_rmsnorm(x, w, 1e-6), rtol=2e-2, atol=2e-2)  # rstd may move y by a step
+    if mode == 0:
+        assert compare_block_sums(y, chunk, part, atol=1e-4) == "ok"
+    assert cluster_walk_emulated(mode, x.data_ptr(), w.data_ptr(), y.data_ptr(), part.data_ptr(),
+                                 counter.data_ptr(), x.shape[0] - 1, clusters) == 1  # no whole number of chunks
