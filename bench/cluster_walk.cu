@@ -270,8 +270,13 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, long long
 // walk alone, chunks in a static order (cluster c takes c, c + NC, ...), no barriers.
 namespace persistent {
 
-constexpr int RG = 4, RT = 256, VPT = 2, E = 8 * VPT, RG_WARPS = RT / 32, THREADS = RG * RT;
-static_assert(D == RT * E, "one row group holds a row");
+// A block is THREADS threads, RG row groups of RT = THREADS / RG: each holds a row, VPT 16-byte vectors a thread.
+constexpr int THREADS = 1024;
+template <int RG>
+struct Geometry {
+  static constexpr int RT = THREADS / RG, WARPS = RT / 32, VPT = D / (8 * RT), E = 8 * VPT;
+  static_assert(THREADS % RG == 0 && D == RT * E && VPT >= 1, "row groups hold whole rows of 16-byte vectors");
+};
 
 // The cluster's primitives: the split cluster barrier, this block's rank, another block's shared memory, the
 // row group's named barrier (1 + g; 0 is __syncthreads'), the chunk counter.
@@ -281,44 +286,99 @@ inline void cluster_wait() { gainrl_emu::cluster_wait(); }
 inline int block_rank() { return static_cast<int>(gainrl_emu::t_rank); }
 template <typename T>
 T* shared_of(T* p, int rank) { return gainrl_emu::map_shared_rank(p, static_cast<unsigned>(rank)); }
-inline void group_barrier(int g) { gainrl_emu::named_sync(1 + g, RT); }
+template <int COUNT>
+void group_barrier(int g) { gainrl_emu::named_sync(1 + g, COUNT); }
 inline int take_ticket(int* counter) { return (*counter)++; }
 #else
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ int block_rank() { return static_cast<int>(cg::this_cluster().block_rank()); }
 template <typename T>
 __device__ __forceinline__ T* shared_of(T* p, int rank) { return cg::this_cluster().map_shared_rank(p, rank); }
+template <int COUNT>
 __device__ __forceinline__ void group_barrier(int g) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "n"(RT) : "memory");
+  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "n"(COUNT) : "memory");
 }
 __device__ __forceinline__ int take_ticket(int* counter) { return atomicAdd(counter, 1); }
 #endif
 
-// Sum over the row group's 256 threads, the same value in each; `red` holds a slot per warp.
+// Sum over row group g's threads, the same value in each; `red` holds a slot per warp.
+template <int RG>
 __device__ __forceinline__ float group_sum(float v, float* red, int g) {
+  constexpr int WARPS = Geometry<RG>::WARPS;
   v = warp_sum(v);
-  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & (RG_WARPS - 1);
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & (WARPS - 1);
   if (lane == 0) red[warp] = v;
-  group_barrier(g);
-  return warp_sum(lane < RG_WARPS ? red[lane] : 0.f);
+  group_barrier<Geometry<RG>::RT>(g);
+  return warp_sum(lane < WARPS ? red[lane] : 0.f);
 }
 
-// Dynamic shared memory: the rings, the weight, then (MODE 0) the row groups' sums and the combine's partials, then
-// the reduction slots and rank 0's chunk ids (no static __shared__: the emulator's would be one for all blocks).
-template <int S, int MODE>
+// Sum of two values over row group g's threads (one barrier), the same pair in each.
+template <int RG>
+__device__ __forceinline__ float2 group_sum2(float a, float b, float2* red, int g) {
+  constexpr int WARPS = Geometry<RG>::WARPS;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & (WARPS - 1);
+  if (lane == 0) red[warp] = make_float2(a, b);
+  group_barrier<Geometry<RG>::RT>(g);
+  const float2 r = lane < WARPS ? red[lane] : make_float2(0.f, 0.f);
+  return make_float2(warp_sum(r.x), warp_sum(r.y));
+}
+
+// Dynamic shared memory, in this order: the rings [RG][S][D / 8] and the weight [D / 8] (16-byte vectors); with the
+// statistics the row groups' sums [RG][D] and the combine's partials [THREADS] (float4); with the pairs (MODE 3)
+// each row group's first y [RG][D / 8] and the block's last y [D / 8]; then rank 0's chunk ids [8] (4 used), the
+// reduction slots [RG][2][WARPS] and (MODE 3) [RG][WARPS] float2, the heads' and the tail's 1 / ||y|| [RG + 1] (and a
+// pad) and the row groups' (q, adj) [RG] float2. No static __shared__: the emulator's would be one for all blocks.
+template <int MODE>
+__host__ __device__ constexpr bool with_stats() { return MODE == 0 || MODE == 3; }
+template <int S, int MODE, int RG>
 constexpr size_t shared_bytes() {
+  constexpr size_t WARPS = Geometry<RG>::WARPS;
   return static_cast<size_t>(RG) * S * D * 2 + D * 2 +
-         (MODE == 0 ? static_cast<size_t>(RG) * D * 4 + static_cast<size_t>(THREADS) * 16 : 0) +
-         RG * 2 * RG_WARPS * 4 + 4 * 8;
+         (with_stats<MODE>() ? static_cast<size_t>(RG) * D * 4 + static_cast<size_t>(THREADS) * 16 : 0) +
+         (MODE == 3 ? static_cast<size_t>(RG + 1) * D * 2 : 0) + 8 * 4 + RG * 2 * WARPS * 4 +
+         (MODE == 3 ? RG * WARPS * 8 + (RG + 2) * 4 + RG * 8 : 0);
 }
 
-template <int CS, int C, int S, int MODE>
+// Σ over this thread's 8 VPT values of a · b, two rows of packed bf16 given as this thread's vectors: a[v * as] and
+// b[v * bs] (v < VPT): registers (yv, 1) or a row in shared memory (row + lt, RT).
+template <int VPT>
+__device__ __forceinline__ float dot_rows(const uint4* a, int as, const uint4* b, int bs) {
+  float d = 0.f;
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    float af[8], bf[8];
+    unpack8(a[v * as], af);
+    unpack8(b[v * bs], bf);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) d += af[e] * bf[e];
+  }
+  return d;
+}
+
+// MODE 3 adds the rest of the forward's statistics, per chunk and block: Σ ||u_t||² and the adjacent pairs
+// Σ u_t · u_{t-1} (both rows in the chunk's segment), stored as scal[id][rank] = (q, adj) after the partial rows
+// (a reduce would add the CS blocks' in rank order). Its row groups walk contiguous runs of CR rows (block rows
+// g CR ...), so a pair inside a run is the thread's own: y_{t-1} stays packed in registers, as in the CUDA rows
+// kernel. A run's first row pairs with the previous run's last at the chunk's end, through the run's first y in
+// shared memory (heads); a block's first row with the previous block's last through distributed shared memory
+// (tail); the chunk's first with the previous chunk's last row, which rank 0's first row group recomputes from x,
+// bitwise as its owner did (one extra row a chunk), unless the chunk starts a segment (seg_chunks chunks each).
+template <int CS, int C, int S, int MODE, int RG>
 __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* __restrict__ x,
                                                           const __nv_bfloat16* __restrict__ w,
                                                           __nv_bfloat16* __restrict__ y, float* __restrict__ part,
-                                                          int* __restrict__ counter, long long n_chunks, float eps) {
+                                                          int* __restrict__ counter, long long n_chunks,
+                                                          long long seg_chunks, float eps) {
   constexpr int CR = C / RG, CHUNK = CS * C, SLICE = D / CS, Q = SLICE / 4;
+  constexpr int RT = Geometry<RG>::RT, RG_WARPS = Geometry<RG>::WARPS, VPT = Geometry<RG>::VPT, E = Geometry<RG>::E;
+  constexpr bool STATS = with_stats<MODE>(), PAIRS = MODE == 3;
   static_assert(C % RG == 0 && S >= 2 && S - 1 <= CR, "the ring looks at most one chunk ahead");
   static_assert(Q * CS == THREADS, "the combine: a column quad and a source block per thread");
 #ifdef GAINRL_CUDA_EMULATOR
@@ -326,23 +386,30 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
 #else
   extern __shared__ __align__(16) unsigned char smem[];
 #endif
-  uint4* ring = reinterpret_cast<uint4*>(smem);                                    // [RG][S][D / 8]
-  uint4* w_s = ring + RG * S * (D / 8);                                             // [D / 8]
-  float* acc_s = reinterpret_cast<float*>(w_s + D / 8);                             // [RG][D]      (MODE 0)
-  float4* tmp = reinterpret_cast<float4*>(acc_s + (MODE == 0 ? RG * D : 0));        // [CS][Q]      (MODE 0)
-  long long* ids_s = reinterpret_cast<long long*>(tmp + (MODE == 0 ? THREADS : 0));  // [4]: rank 0's chunk ids
-  float(*red)[2][RG_WARPS] = reinterpret_cast<float(*)[2][RG_WARPS]>(ids_s + 4);     // [RG][2][RG_WARPS]
+  uint4* ring = reinterpret_cast<uint4*>(smem);
+  uint4* w_s = ring + RG * S * (D / 8);
+  float* acc_s = reinterpret_cast<float*>(w_s + D / 8);
+  float4* tmp = reinterpret_cast<float4*>(acc_s + (STATS ? RG * D : 0));
+  uint4* heads = reinterpret_cast<uint4*>(tmp + (STATS ? THREADS : 0));
+  uint4* tail = heads + RG * (D / 8);
+  int* ids_s = reinterpret_cast<int*>(heads + (PAIRS ? (RG + 1) * (D / 8) : 0));  // [8]: 4 used, 16-byte pad
+  float(*red)[2][RG_WARPS] = reinterpret_cast<float(*)[2][RG_WARPS]>(ids_s + 8);
+  float2* red2 = reinterpret_cast<float2*>(red + RG);  // [RG][RG_WARPS]             (MODE 3)
+  float* inv_s = reinterpret_cast<float*>(red2 + (PAIRS ? RG * RG_WARPS : 0));  // heads' [RG], tail's [1], pad
+  float2* scal_s = reinterpret_cast<float2*>(inv_s + (PAIRS ? RG + 2 : 0));    // [RG] (q, adj)
 
   const int tid = threadIdx.x, g = tid / RT, lt = tid % RT;
   const int rank = block_rank();
-  const long long c = blockIdx.x / CS, NC = gridDim.x / CS;
-  long long id0 = c, id1 = NC + c;  // this chunk's and the next one's
+  const int c = blockIdx.x / CS, NC = gridDim.x / CS;  // chunk ids and counts fit an int (asserted by the launch)
+  int id0 = c, id1 = NC + c;  // this chunk's and the next one's
   uint4* my_ring = ring + g * S * (D / 8);
   for (int v = tid; v < D / 8; v += THREADS) w_s[v] = reinterpret_cast<const uint4*>(w)[v];
 
   // the row group's j-th row of chunk `id` (j < CR)
-  auto row_of = [&](long long id, int j) { return id * CHUNK + rank * C + g + RG * j; };
-  auto issue = [&](long long id, int j, int slot) {
+  auto row_of = [&](int id, int j) {
+    return static_cast<long long>(id) * CHUNK + rank * C + (PAIRS ? g * CR + j : g + RG * j);
+  };
+  auto issue = [&](int id, int j, int slot) {
     if (id < n_chunks) {
 #pragma unroll
       for (int v = 0; v < VPT; ++v)
@@ -351,6 +418,35 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
     }
     cp_async_commit();
   };
+  // y of the row xr (this thread's vectors), HF's formula; returns its Σ y² over this thread's values
+  auto norm_row = [&](const uint4* xr, uint4* yv, float& ysq) {
+    float sq = 0.f;
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      float xf[8];
+      unpack8(xr[lt + RT * v], xf);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sq += xf[e] * xf[e];
+    }
+    const float rstd = rsqrtf(group_sum<RG>(sq, red[g][0], g) / D + eps);
+    ysq = 0.f;
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      float xf[8], wf[8];
+      unpack8(xr[lt + RT * v], xf);
+      unpack8(w_s[lt + RT * v], wf);
+      __nv_bfloat162* yp = reinterpret_cast<__nv_bfloat162*>(&yv[v]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        // HF: w * (x * rstd).to(bf16), rounded once more
+        const float a = wf[2 * q] * __bfloat162float(__float2bfloat16(xf[2 * q] * rstd));
+        const float b = wf[2 * q + 1] * __bfloat162float(__float2bfloat16(xf[2 * q + 1] * rstd));
+        yp[q] = __floats2bfloat162_rn(a, b);
+        const float2 r = __bfloat1622float2(yp[q]);
+        ysq += r.x * r.x + r.y * r.y;
+      }
+    }
+  };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) issue(id0, s, s);
   __syncthreads();  // w_s
@@ -358,46 +454,76 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
   float acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
-  long long n = 0;  // rows this row group has taken
+  uint4 y_prev[VPT];  // MODE 3: the previous row's y (packed) and 1 / ||y||
+  float inv_prev = 0.f, q_acc = 0.f, adj_acc = 0.f;
+  int n = 0;  // rows this row group has taken
   int ticket = 0;
-  for (long long k = 0; id0 < n_chunks; ++k) {
+  for (int k = 0; id0 < n_chunks; ++k) {
     if (MODE != 2 && rank == 0 && tid == 0) ticket = take_ticket(counter);  // used at the chunk's end
+    bool has_prev = false;
+    if (PAIRS && rank == 0 && g == 0 && id0 % seg_chunks != 0) {  // the previous chunk's last row, recomputed
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (static_cast<long long>(id0) * CHUNK - 1) * D);
+      float ysq;
+      norm_row(xp, y_prev, ysq);
+      inv_prev = rsqrtf(fmaxf(group_sum2<RG>(ysq, 0.f, red2 + g * RG_WARPS, g).x, 1e-24f));
+      has_prev = true;
+    }
     for (int j = 0; j < CR; ++j, ++n) {
       const int ahead = j + S - 1;
       if (ahead < CR) issue(id0, ahead, static_cast<int>((n + S - 1) % S));
       else issue(id1, ahead - CR, static_cast<int>((n + S - 1) % S));
       cp_async_wait<S - 1>();
       const uint4* xr = my_ring + (n % S) * (D / 8);
-      float sq = 0.f;
-#pragma unroll
-      for (int v = 0; v < VPT; ++v) {
-        float xf[8];
-        unpack8(xr[lt + RT * v], xf);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) sq += xf[e] * xf[e];
-      }
-      const float rstd = rsqrtf(group_sum(sq, red[g][MODE == 0 ? 0 : (n & 1)], g) / D + eps);
       uint4 yv[VPT];
-      float ysq = 0.f;
+      float ysq;
+      if (STATS) {
+        norm_row(xr, yv, ysq);
+      } else {  // one reduction a row: the slots alternate by row
+        float sq = 0.f;
 #pragma unroll
-      for (int v = 0; v < VPT; ++v) {
-        float xf[8], wf[8];
-        unpack8(xr[lt + RT * v], xf);
-        unpack8(w_s[lt + RT * v], wf);
-        __nv_bfloat162* yp = reinterpret_cast<__nv_bfloat162*>(&yv[v]);
+        for (int v = 0; v < VPT; ++v) {
+          float xf[8];
+          unpack8(xr[lt + RT * v], xf);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          // HF: w * (x * rstd).to(bf16), rounded once more
-          const float a = wf[2 * q] * __bfloat162float(__float2bfloat16(xf[2 * q] * rstd));
-          const float b = wf[2 * q + 1] * __bfloat162float(__float2bfloat16(xf[2 * q + 1] * rstd));
-          yp[q] = __floats2bfloat162_rn(a, b);
-          const float2 r = __bfloat1622float2(yp[q]);
-          ysq += r.x * r.x + r.y * r.y;
+          for (int e = 0; e < 8; ++e) sq += xf[e] * xf[e];
         }
-        reinterpret_cast<uint4*>(y + row_of(id0, j) * D)[lt + RT * v] = yv[v];
+        const float rstd = rsqrtf(group_sum<RG>(sq, red[g][n & 1], g) / D + eps);
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          float xf[8], wf[8];
+          unpack8(xr[lt + RT * v], xf);
+          unpack8(w_s[lt + RT * v], wf);
+          __nv_bfloat162* yp = reinterpret_cast<__nv_bfloat162*>(&yv[v]);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const float a = wf[2 * q] * __bfloat162float(__float2bfloat16(xf[2 * q] * rstd));
+            const float b = wf[2 * q + 1] * __bfloat162float(__float2bfloat16(xf[2 * q + 1] * rstd));
+            yp[q] = __floats2bfloat162_rn(a, b);
+          }
+        }
       }
-      if (MODE == 0) {
-        const float inv = rsqrtf(fmaxf(group_sum(ysq, red[g][1], g), 1e-24f));
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) reinterpret_cast<uint4*>(y + row_of(id0, j) * D)[lt + RT * v] = yv[v];
+      if (STATS) {
+        float inv;
+        if (PAIRS) {
+          const float dot = has_prev ? dot_rows<VPT>(yv, 1, y_prev, 1) : 0.f;
+          const float2 sums = group_sum2<RG>(ysq, dot, red2 + g * RG_WARPS, g);
+          inv = rsqrtf(fmaxf(sums.x, 1e-24f));
+          q_acc += sums.x * inv * inv;
+          if (has_prev) adj_acc += sums.y * inv * inv_prev;
+          if (j == 0) {  // the run's first y, for the pair with the previous run (chunk's end)
+#pragma unroll
+            for (int v = 0; v < VPT; ++v) heads[g * (D / 8) + lt + RT * v] = yv[v];
+            if (lt == 0) inv_s[g] = inv;
+          }
+#pragma unroll
+          for (int v = 0; v < VPT; ++v) y_prev[v] = yv[v];
+          inv_prev = inv;
+          has_prev = true;
+        } else {
+          inv = rsqrtf(fmaxf(group_sum<RG>(ysq, red[g][1], g), 1e-24f));
+        }
 #pragma unroll
         for (int v = 0; v < VPT; ++v) {
           float yf[8];
@@ -407,9 +533,9 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
         }
       }
     }
-    long long id2 = id1 + NC;  // MODE 2: static chunks
-    if (MODE == 0) {
-      if (k > 0) cluster_wait();  // every block has read the previous chunk's sums
+    int id2 = id1 + NC;  // MODE 2: static chunks
+    if (STATS) {
+      if (k > 0) cluster_wait();  // every block has read the previous chunk's sums (and tail)
 #pragma unroll
       for (int v = 0; v < VPT; ++v) {
         float4* dst = reinterpret_cast<float4*>(acc_s + g * D + 8 * (lt + RT * v));
@@ -418,6 +544,19 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
       }
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] = 0.f;
+      if (PAIRS) {
+        if (g == RG - 1) {  // the block's last y, for the next block's first row
+#pragma unroll
+          for (int v = 0; v < VPT; ++v) tail[lt + RT * v] = y_prev[v];
+          if (lt == 0) inv_s[RG] = inv_prev;
+        }
+        __syncthreads();  // the heads
+        if (g < RG - 1) {  // this run's last row with the next run's first
+          const float d =
+              group_sum<RG>(dot_rows<VPT>(y_prev, 1, heads + (g + 1) * (D / 8) + lt, RT), red[g][0], g);
+          adj_acc += d * inv_prev * inv_s[g + 1];
+        }
+      }
     }
     if (MODE != 2) {
       if (rank == 0 && tid == 0) ids_s[(k + 2) & 3] = 2 * NC + ticket;
@@ -425,7 +564,16 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
       cluster_wait();
       id2 = *shared_of(&ids_s[(k + 2) & 3], 0);
     }
-    if (MODE == 0) {
+    if (STATS) {
+      if (PAIRS) {
+        if (g == 0 && rank > 0) {  // this block's first row with the previous block's last
+          const float d =
+              group_sum<RG>(dot_rows<VPT>(heads + lt, RT, shared_of(tail, rank - 1) + lt, RT), red[g][1], g);
+          adj_acc += d * inv_s[0] * *shared_of(inv_s + RG, rank - 1);
+        }
+        if (lt == 0) scal_s[g] = make_float2(q_acc, adj_acc);
+        q_acc = adj_acc = 0.f;
+      }
       // thread t adds quad t % Q of this block's column slice over source block t / Q's row groups, in order
       const int src = tid / Q, q = tid % Q, col = rank * SLICE + 4 * q;
       const float* remote = shared_of(acc_s, src);
@@ -449,7 +597,14 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
           total.z += p.z;
           total.w += p.w;
         }
-        *reinterpret_cast<float4*>(part + id0 * D + rank * SLICE + 4 * tid) = total;
+        *reinterpret_cast<float4*>(part + static_cast<long long>(id0) * D + rank * SLICE + 4 * tid) = total;
+      }
+      if (PAIRS && tid == 0) {  // (q, adj) of this block: its row groups' in order, after the partial rows
+        float2 t = scal_s[0];
+        for (int gg = 1; gg < RG; ++gg) t = make_float2(t.x + scal_s[gg].x, t.y + scal_s[gg].y);
+        float* scal = part + n_chunks * D + (static_cast<long long>(id0) * CS + rank) * 2;
+        scal[0] = t.x;
+        scal[1] = t.y;
       }
       cluster_arrive();  // this block's remote reads are done (waited on at the next chunk's end)
     }
@@ -465,18 +620,19 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
 #ifdef GAINRL_CUDA_EMULATOR
 // `clusters` clusters run one after another: the first ones take every chunk the counter hands out. Returns 0, 1 for
 // rows that are no whole number of chunks, 2 (the reason on stderr) where the emulator found a fault.
-template <int CS, int C, int S, int MODE>
-int emulate(const void* x, const void* w, void* y, float* part, int* counter, long long rows, int clusters) {
+template <int CS, int C, int S, int MODE, int RG>
+int emulate(const void* x, const void* w, void* y, float* part, int* counter, long long rows, long long seg_rows,
+            int clusters) {
   constexpr int CHUNK = CS * C;
-  if (rows % CHUNK || clusters <= 0) return 1;
+  if (rows % CHUNK || seg_rows <= 0 || seg_rows % CHUNK || clusters <= 0 || rows / CHUNK > (1LL << 30)) return 1;
   *counter = 0;
   g_copies.assign(CS * THREADS, {});
   g_groups.assign(CS * THREADS, 0);
   try {
-    gainrl_emu::launch_cluster(CS, shared_bytes<S, MODE>(), walk_kernel<CS, C, S, MODE>,
+    gainrl_emu::launch_cluster(CS, shared_bytes<S, MODE, RG>(), walk_kernel<CS, C, S, MODE, RG>,
                                dim3(static_cast<unsigned>(clusters * CS)), dim3(THREADS),
                                static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w),
-                               static_cast<__nv_bfloat16*>(y), part, counter, rows / CHUNK, 1e-6f);
+                               static_cast<__nv_bfloat16*>(y), part, counter, rows / CHUNK, seg_rows / CHUNK, 1e-6f);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cluster_walk_emulate: %s\n", e.what());
     return 2;
@@ -484,13 +640,13 @@ int emulate(const void* x, const void* w, void* y, float* part, int* counter, lo
   return 0;
 }
 #else
-template <int CS, int C, int S, int MODE>
+template <int CS, int C, int S, int MODE, int RG>
 cudaError_t launch(const void* x, const void* w, void* y, float* part, int* counter, long long rows,
-                   cudaStream_t stream) {
+                   long long seg_rows, cudaStream_t stream) {
   constexpr int CHUNK = CS * C;
-  if (rows % CHUNK) return cudaErrorInvalidValue;
-  constexpr size_t shared = shared_bytes<S, MODE>();
-  auto kernel = walk_kernel<CS, C, S, MODE>;
+  if (rows % CHUNK || seg_rows <= 0 || seg_rows % CHUNK || rows / CHUNK > (1LL << 30)) return cudaErrorInvalidValue;
+  constexpr size_t shared = shared_bytes<S, MODE, RG>();
+  auto kernel = walk_kernel<CS, C, S, MODE, RG>;
   cudaLaunchConfig_t cfg = {};
   cfg.blockDim = dim3(THREADS);
   cfg.dynamicSmemBytes = shared;
@@ -506,7 +662,8 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, int* coun
   if (clusters == 0) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (err == cudaSuccess && CS > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err == cudaSuccess && CS > 8)
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (err != cudaSuccess) return err;
     cfg.gridDim = dim3(CS);
     err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
@@ -519,7 +676,7 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, int* coun
     if (err != cudaSuccess) return err;
   }
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w),
-                            static_cast<__nv_bfloat16*>(y), part, counter, rows / CHUNK, 1e-6f);
+                            static_cast<__nv_bfloat16*>(y), part, counter, rows / CHUNK, seg_rows / CHUNK, 1e-6f);
 }
 #endif  // GAINRL_CUDA_EMULATOR
 
@@ -528,15 +685,19 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, int* coun
 }  // namespace cluster_walk
 
 #ifdef GAINRL_CUDA_EMULATOR
-// The persistent kernel in the emulator, clusters of 2 blocks (8 x 1024 fibers would be slow for a test): mode 0-2
-// as MODE, C = 8 rows a block, a 3-row ring. Returns as emulate.
-extern "C" int cluster_walk_emulate(int mode, const void* x, const void* w, void* y, float* part, int* counter,
-                                    long long rows, int clusters) {
+// The persistent kernel in the emulator, clusters of 2 blocks (8 x 1024 fibers would be slow for a test), C = 8 rows
+// a block: mode 0-3 as MODE, rg = 4 row groups with 3-row rings or 2 with 5-row rings, segments of seg_rows rows
+// (MODE 3). Returns as emulate; -1 for an unknown mode or rg.
+extern "C" int cluster_walk_emulate(int mode, int rg, const void* x, const void* w, void* y, float* part,
+                                    int* counter, long long rows, long long seg_rows, int clusters) {
   using namespace cluster_walk::persistent;
-  switch (mode) {
-    case 0: return emulate<2, 8, 3, 0>(x, w, y, part, counter, rows, clusters);
-    case 1: return emulate<2, 8, 3, 1>(x, w, y, part, counter, rows, clusters);
-    case 2: return emulate<2, 8, 3, 2>(x, w, y, part, counter, rows, clusters);
+  switch (mode * 10 + rg) {
+    case 4: return emulate<2, 8, 3, 0, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 14: return emulate<2, 8, 3, 1, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 24: return emulate<2, 8, 3, 2, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 34: return emulate<2, 8, 3, 3, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 2: return emulate<2, 8, 5, 0, 2>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 32: return emulate<2, 8, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, clusters);
     default: return -1;
   }
 }
@@ -544,7 +705,7 @@ extern "C" int cluster_walk_emulate(int mode, const void* x, const void* w, void
 // The variants bench/cluster_walk.py times (VARIANTS there, in this order): returns a cudaError_t (0: launched),
 // -1 for an unknown index.
 extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, int* counter,
-                                   long long rows, float eps, void* stream) {
+                                   long long rows, long long seg_rows, float eps, void* stream) {
   using namespace cluster_walk;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (variant) {
@@ -557,15 +718,19 @@ extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, vo
     case 6: return launch<1, 8, 4, 2, 2>(x, w, y, part, rows, eps, s);   // walk_c8 (no statistics)
     case 7: return launch<1, 1, 2, 2, 2>(x, w, y, part, rows, eps, s);   // walk_c1 (the bare order)
     case 8: return launch<8, 2, 2, 2, 0>(x, w, y, part, rows, eps, s);   // cluster8_c2
-    // persistent clusters (eps fixed at 1e-6): CS, C, S, MODE
-    case 9: return persistent::launch<8, 16, 3, 0>(x, w, y, part, counter, rows, s);    // pc8_c16
-    case 10: return persistent::launch<8, 8, 3, 0>(x, w, y, part, counter, rows, s);    // pc8_c8
-    case 11: return persistent::launch<8, 32, 3, 0>(x, w, y, part, counter, rows, s);   // pc8_c32
-    case 12: return persistent::launch<8, 16, 4, 0>(x, w, y, part, counter, rows, s);   // pc8_c16_s4
-    case 13: return persistent::launch<16, 16, 3, 0>(x, w, y, part, counter, rows, s);  // pc16_c16
-    case 14: return persistent::launch<16, 8, 3, 0>(x, w, y, part, counter, rows, s);   // pc16_c8
-    case 15: return persistent::launch<8, 16, 3, 1>(x, w, y, part, counter, rows, s);   // pc8_c16_nostats
-    case 16: return persistent::launch<8, 16, 3, 2>(x, w, y, part, counter, rows, s);   // pc8_c16_walk
+    // persistent clusters (eps fixed at 1e-6; segments of seg_rows rows for MODE 3): CS, C, S, MODE
+    case 9: return persistent::launch<8, 16, 3, 0, 4>(x, w, y, part, counter, rows, seg_rows, s);    // pc8_c16
+    case 10: return persistent::launch<8, 8, 3, 0, 4>(x, w, y, part, counter, rows, seg_rows, s);    // pc8_c8
+    case 11: return persistent::launch<8, 32, 3, 0, 4>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c32
+    case 12: return persistent::launch<8, 16, 4, 0, 4>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_s4
+    case 13: return persistent::launch<16, 16, 3, 0, 4>(x, w, y, part, counter, rows, seg_rows, s);  // pc16_c16
+    case 14: return persistent::launch<16, 8, 3, 0, 4>(x, w, y, part, counter, rows, seg_rows, s);   // pc16_c8
+    case 15: return persistent::launch<8, 16, 3, 1, 4>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_nostats
+    case 16: return persistent::launch<8, 16, 3, 2, 4>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_walk
+    // two row groups of 512 threads with 5-row rings (the pairs' registers do not fit four at 64 a thread)
+    case 17: return persistent::launch<8, 16, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_full
+    case 18: return persistent::launch<16, 8, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc16_c8_full
+    case 19: return persistent::launch<8, 16, 5, 0, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_rg2
     default: return -1;
   }
 }

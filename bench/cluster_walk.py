@@ -11,6 +11,10 @@ remote reads cost. Variants (VARIANTS, the .cu file's switch):
   in shared memory per block); ``cluster8_c8_512``: 512 threads a block;
 * ``partials_c8``: no cluster, each block's sum of 8 rows stored as a partial row (what the fused forward's chunks do);
 * ``walk_c8``, ``walk_c1``: the walk alone, 8 rows a block or one (the bare kernel's order), in the same code;
+* ``pc8_c16_full``, ``pc16_c8_full`` (session 23): the same with the rest of the forward's statistics, each chunk's
+  Σ ||u_t||² and adjacent pairs u_t · u_{t-1} inside segments of SEG_ROWS rows (two row groups of 512 threads with
+  5-row rings: the pairs' registers do not fit four at 64 a thread), checked against torch; ``pc8_c16_rg2``: their
+  geometry without the pairs;
 * ``pc{CS}_c{C}`` (session 23): persistent clusters of one 1024-thread block per SM, four row groups of 256 threads
   each with its own 3-row ring (``_s4``: 4 rows), C rows a block and chunk, chunks of CS x C rows taken from a
   counter two ahead so the rings load across a chunk's end: the window is ~132 x C rows, and one fp32 row per
@@ -65,24 +69,52 @@ VARIANTS = {
     "pc16_c8": (14, 128),
     "pc8_c16_nostats": (15, 0),
     "pc8_c16_walk": (16, 0),
+    # with the forward's other statistics, Σ ||u||² and the adjacent pairs in segments of SEG_ROWS rows (two row
+    # groups of 512 threads, 5-row rings), and their statistics-only twin
+    "pc8_c16_full": (17, 128),
+    "pc16_c8_full": (18, 128),
+    "pc8_c16_rg2": (19, 128),
 }
+# the variants that also store (Σ ||u||², Σ u_t · u_{t-1}) per chunk and block: name -> blocks in a cluster
+PAIR_VARIANTS = {"pc8_c16_full": 8, "pc16_c8_full": 16}
+SEG_ROWS = 4096  # rows per segment of the pairs (one sequence of the goal shape)
 BINDING = """
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, int* counter,
-                                   long long rows, float eps, void* stream);
+                                   long long rows, long long seg_rows, float eps, void* stream);
 int64_t launch(int64_t variant, torch::Tensor x, torch::Tensor w, torch::Tensor y, torch::Tensor part,
-               torch::Tensor counter, double eps) {
+               torch::Tensor counter, int64_t seg_rows, double eps) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) == 4096,
               "x: a contiguous CUDA bf16 tensor [R, 4096]");
   TORCH_CHECK(y.sizes() == x.sizes() && y.is_contiguous() && w.numel() == 4096 && part.scalar_type() == at::kFloat,
               "y [R, 4096] contiguous, w [4096], part float32");
   TORCH_CHECK(counter.is_cuda() && counter.scalar_type() == at::kInt && counter.numel() >= 1, "counter: CUDA int32");
   return cluster_walk_launch(static_cast<int>(variant), x.data_ptr(), w.data_ptr(), y.data_ptr(),
-                             part.data_ptr<float>(), counter.data_ptr<int>(), x.size(0), static_cast<float>(eps),
+                             part.data_ptr<float>(), counter.data_ptr<int>(), x.size(0), seg_rows,
+                             static_cast<float>(eps),
                              c10::cuda::getCurrentCUDAStream().stream());
 }
 """
+
+
+def compare_pair_sums(y: torch.Tensor, chunk: int, blocks: int, seg_rows: int, part: torch.Tensor) -> str:
+    """The full variants' per-chunk (Σ ||u_t||², Σ u_t · u_{t-1} over pairs inside a segment of ``seg_rows`` rows),
+    stored per block after the R / chunk partial rows of ``part`` ([R / chunk, blocks, 2]), added over the blocks,
+    against torch's (fp32, 1e-3): "ok" or what differs."""
+    yf = y.float()
+    u = yf / yf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n = y.shape[0] // chunk
+    adj = torch.zeros(y.shape[0], device=y.device)
+    rows = torch.arange(1, y.shape[0], device=y.device)
+    adj[1:] = (u[1:] * u[:-1]).sum(1) * (rows % seg_rows != 0)
+    ref = torch.stack([(u * u).sum(1).view(n, chunk).sum(1), adj.view(n, chunk).sum(1)], dim=1)
+    got = part.view(-1)[n * y.shape[1]:][:n * blocks * 2].view(n, blocks, 2).sum(1)
+    try:
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    except AssertionError as e:
+        return "differs: " + " ".join(str(e).split())[:300]
+    return "ok"
 
 
 def build() -> object:
@@ -132,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 index, per_sum = spec
 
                 def fn(index=index):
-                    rc = ext.launch(index, x, w, y, part, counter, 1e-6)
+                    rc = ext.launch(index, x, w, y, part, counter, SEG_ROWS, 1e-6)
                     if rc:
                         raise RuntimeError(f"cluster_walk_launch({index}) returned CUDA error {rc}")
             y.fill_(float("nan"))
@@ -140,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
             sums = compare_block_sums(y, per_sum, part, atol=1e-3) if per_sum else "none"
+            if name in PAIR_VARIANTS:
+                sums += "; pairs " + compare_pair_sums(y, per_sum, PAIR_VARIANTS[name], SEG_ROWS, part)
             ms = graph_time(fn, args.reps) * 1e3
             c1 = ms if name == "triton_c1" else c1
             row.update(status="ok", rows_per_sum=per_sum, sums=sums, ms=ms, vs_c1=ms / c1 if c1 else None)
