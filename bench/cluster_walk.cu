@@ -731,6 +731,9 @@ extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, vo
     case 17: return persistent::launch<8, 16, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_full
     case 18: return persistent::launch<16, 8, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc16_c8_full
     case 19: return persistent::launch<8, 16, 5, 0, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_rg2
+    case 20: return persistent::launch<8, 32, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c32_full
+    case 21: return persistent::launch<8, 16, 4, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_full_s4
+    case 22: return persistent::launch<8, 16, 7, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_full_s7
     default: return -1;
   }
 }

@@ -74,9 +74,13 @@ VARIANTS = {
     "pc8_c16_full": (17, 128),
     "pc16_c8_full": (18, 128),
     "pc8_c16_rg2": (19, 128),
+    "pc8_c32_full": (20, 256),
+    "pc8_c16_full_s4": (21, 128),  # 3 rows in flight a row group (6 per SM) instead of 4
+    "pc8_c16_full_s7": (22, 128),  # 6 (12 per SM)
 }
 # the variants that also store (Σ ||u||², Σ u_t · u_{t-1}) per chunk and block: name -> blocks in a cluster
-PAIR_VARIANTS = {"pc8_c16_full": 8, "pc16_c8_full": 16}
+PAIR_VARIANTS = {"pc8_c16_full": 8, "pc16_c8_full": 16, "pc8_c32_full": 8, "pc8_c16_full_s4": 8,
+                 "pc8_c16_full_s7": 8}
 SEG_ROWS = 4096  # rows per segment of the pairs (one sequence of the goal shape)
 BINDING = """
 #include <torch/extension.h>
