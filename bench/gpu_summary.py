@@ -85,7 +85,8 @@ def cluster(record: dict) -> list[str]:
     rows = record["rows"]
     timed = [r for r in rows if r.get("ms") is not None]
     bad = [r["variant"] for r in rows if r.get("status", "ok") != "ok"]
-    wrong = [r["variant"] for r in rows if r.get("sums", "none") not in ("ok", "none")]
+    # "ok", "none", or (the full variants) "ok; pairs ok" where both agree
+    wrong = [r["variant"] for r in rows if r.get("sums", "none") not in ("ok", "none", "ok; pairs ok")]
     def ratio(r: dict) -> str:
         return f"{r['vs_c1']:.3f}" if r.get("vs_c1") else "-"
     return ["cluster walk: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ({ratio(r)})" for r in timed)
