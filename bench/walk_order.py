@@ -660,9 +660,9 @@ def orders(n_rows: int, n_sm: int) -> dict[str, Order]:
     out["group_t2_c4_g16_discard"] = Order(4, 1, cdiv(n_rows, 4), tile_r=2, combine=16, discard=True)
     out["group_t4_c16_g16_discard"] = Order(16, 1, cdiv(n_rows, 16), tile_r=4, combine=16, discard=True)
     # session 23: is the static strided grid's loss (+8-11% in session 18, where the ticket order's same programs
-    # keep up) its programs drifting apart? Held within `slack` rows of the slowest by a counter, its rows in
-    # flight stay as close together as c1's; static rows would let each program (or SM, or cluster) keep one
-    # fixed-order accumulator per segment across the window. _count: the counter's adds, no waiting
+    # keep up) its programs drifting apart? Held within `slack` steps of the grid's mean progress by a counter, its
+    # rows in flight stay about as close together as c1's; static rows would let each program (or SM, or cluster)
+    # keep one fixed-order accumulator per segment across the window. _count: the counter's adds, no waiting
     for per_sm in (4, 8):
         p = per_sm * n_sm
         out[f"strided_{p}_count"] = Order(cdiv(n_rows, p), p, p, throttle=-1)
@@ -717,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             o = every[name]
             row = dict(R=n_rows, D=dim, order=name, **o._asdict())
             try:  # a failing order is a result (recorded), not the end of the run
+                scratch.err.zero_()  # a wait that gave up in an earlier order is that order's result only
                 y = torch.empty_like(x)
                 xo = x_pad if o.pad else x
                 k = walk(xo, w, y, o, scratch)
