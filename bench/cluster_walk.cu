@@ -418,8 +418,9 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
     }
     cp_async_commit();
   };
-  // y of the row xr (this thread's vectors), HF's formula; returns its Σ y² over this thread's values
-  auto norm_row = [&](const uint4* xr, uint4* yv, float& ysq) {
+  // y of the row xr (this thread's vectors), HF's formula, its Σ x² reduced in the slots `slot`; returns its Σ y²
+  // over this thread's values (unused, so compiled out, without the statistics)
+  auto norm_row = [&](const uint4* xr, uint4* yv, float& ysq, float* slot) {
     float sq = 0.f;
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
@@ -428,7 +429,7 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
 #pragma unroll
       for (int e = 0; e < 8; ++e) sq += xf[e] * xf[e];
     }
-    const float rstd = rsqrtf(group_sum<RG>(sq, red[g][0], g) / D + eps);
+    const float rstd = rsqrtf(group_sum<RG>(sq, slot, g) / D + eps);
     ysq = 0.f;
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
@@ -464,7 +465,7 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
     if (PAIRS && rank == 0 && g == 0 && id0 % seg_chunks != 0) {  // the previous chunk's last row, recomputed
       const uint4* xp = reinterpret_cast<const uint4*>(x + (static_cast<long long>(id0) * CHUNK - 1) * D);
       float ysq;
-      norm_row(xp, y_prev, ysq);
+      norm_row(xp, y_prev, ysq, red[g][0]);
       inv_prev = rsqrtf(fmaxf(group_sum2<RG>(ysq, 0.f, red2 + g * RG_WARPS, g).x, 1e-24f));
       has_prev = true;
     }
@@ -476,32 +477,8 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
       const uint4* xr = my_ring + (n % S) * (D / 8);
       uint4 yv[VPT];
       float ysq;
-      if (STATS) {
-        norm_row(xr, yv, ysq);
-      } else {  // one reduction a row: the slots alternate by row
-        float sq = 0.f;
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          float xf[8];
-          unpack8(xr[lt + RT * v], xf);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) sq += xf[e] * xf[e];
-        }
-        const float rstd = rsqrtf(group_sum<RG>(sq, red[g][n & 1], g) / D + eps);
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          float xf[8], wf[8];
-          unpack8(xr[lt + RT * v], xf);
-          unpack8(w_s[lt + RT * v], wf);
-          __nv_bfloat162* yp = reinterpret_cast<__nv_bfloat162*>(&yv[v]);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const float a = wf[2 * q] * __bfloat162float(__float2bfloat16(xf[2 * q] * rstd));
-            const float b = wf[2 * q + 1] * __bfloat162float(__float2bfloat16(xf[2 * q + 1] * rstd));
-            yp[q] = __floats2bfloat162_rn(a, b);
-          }
-        }
-      }
+      // with the statistics the row's two reductions take slots 0 and 1 (or the pairs'); without, one a row: by row
+      norm_row(xr, yv, ysq, red[g][STATS ? 0 : (n & 1)]);
 #pragma unroll
       for (int v = 0; v < VPT; ++v) reinterpret_cast<uint4*>(y + row_of(id0, j) * D)[lt + RT * v] = yv[v];
       if (STATS) {
