@@ -332,9 +332,10 @@ __device__ __forceinline__ float2 group_sum2(float a, float b, float2* red, int 
 
 // Dynamic shared memory, in this order: the rings [RG][S][D / 8] and the weight [D / 8] (16-byte vectors); with the
 // statistics the row groups' sums [RG][D] and the combine's partials [THREADS] (float4); with the pairs (MODE 3)
-// each row group's first y [RG][D / 8] and the block's last y [D / 8]; then rank 0's chunk ids [8] (4 used), the
-// reduction slots [RG][2][WARPS] and (MODE 3) [RG][WARPS] float2, the heads' and the tail's 1 / ||y|| [RG + 1] (and a
-// pad) and the row groups' (q, adj) [RG] float2. No static __shared__: the emulator's would be one for all blocks.
+// each row group's first y [2][RG][D / 8] (by chunk parity) and the block's last y [D / 8]; then rank 0's chunk ids
+// [8] (4 used), the reduction slots [RG][2][WARPS] and (MODE 3) [RG][WARPS] float2, the heads' and the tail's
+// 1 / ||y|| [2 RG + 1] (and a pad) and the row groups' (q, adj) [RG] float2. No static __shared__: the emulator's
+// would be one for all blocks.
 template <int MODE>
 __host__ __device__ constexpr bool with_stats() { return MODE == 0 || MODE == 3; }
 template <int S, int MODE, int RG>
@@ -342,8 +343,8 @@ constexpr size_t shared_bytes() {
   constexpr size_t WARPS = Geometry<RG>::WARPS;
   return static_cast<size_t>(RG) * S * D * 2 + D * 2 +
          (with_stats<MODE>() ? static_cast<size_t>(RG) * D * 4 + static_cast<size_t>(THREADS) * 16 : 0) +
-         (MODE == 3 ? static_cast<size_t>(RG + 1) * D * 2 : 0) + 8 * 4 + RG * 2 * WARPS * 4 +
-         (MODE == 3 ? RG * WARPS * 8 + (RG + 2) * 4 + RG * 8 : 0);
+         (MODE == 3 ? static_cast<size_t>(2 * RG + 1) * D * 2 : 0) + 8 * 4 + RG * 2 * WARPS * 4 +
+         (MODE == 3 ? RG * WARPS * 8 + (2 * RG + 2) * 4 + RG * 8 : 0);
 }
 
 // Σ over this thread's 8 VPT values of a · b, two rows of packed bf16 given as this thread's vectors: a[v * as] and
@@ -370,7 +371,7 @@ __device__ __forceinline__ float dot_rows(const uint4* a, int as, const uint4* b
 // shared memory (heads); a block's first row with the previous block's last through distributed shared memory
 // (tail); the chunk's first with the previous chunk's last row, which rank 0's first row group recomputes from x,
 // bitwise as its owner did (one extra row a chunk), unless the chunk starts a segment (seg_chunks chunks each).
-template <int CS, int C, int S, int MODE, int RG>
+template <int CS, int C, int S, int MODE, int RG, int J>
 __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* __restrict__ x,
                                                           const __nv_bfloat16* __restrict__ w,
                                                           __nv_bfloat16* __restrict__ y, float* __restrict__ part,
@@ -380,6 +381,7 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
   constexpr int RT = Geometry<RG>::RT, RG_WARPS = Geometry<RG>::WARPS, VPT = Geometry<RG>::VPT, E = Geometry<RG>::E;
   constexpr bool STATS = with_stats<MODE>(), PAIRS = MODE == 3;
   static_assert(C % RG == 0 && S >= 2 && S - 1 <= CR, "the ring looks at most one chunk ahead");
+  static_assert(J == 0 || (MODE != 2 && J + S - 1 <= CR), "a deferred combine ends before the ring needs id2");
   static_assert(Q * CS == THREADS, "the combine: a column quad and a source block per thread");
 #ifdef GAINRL_CUDA_EMULATOR
   unsigned char* smem = gainrl_emu::dynamic_smem();
@@ -391,12 +393,13 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
   float* acc_s = reinterpret_cast<float*>(w_s + D / 8);
   float4* tmp = reinterpret_cast<float4*>(acc_s + (STATS ? RG * D : 0));
   uint4* heads = reinterpret_cast<uint4*>(tmp + (STATS ? THREADS : 0));
-  uint4* tail = heads + RG * (D / 8);
-  int* ids_s = reinterpret_cast<int*>(heads + (PAIRS ? (RG + 1) * (D / 8) : 0));  // [8]: 4 used, 16-byte pad
+  uint4* tail = heads + 2 * RG * (D / 8);
+  int* ids_s = reinterpret_cast<int*>(heads + (PAIRS ? (2 * RG + 1) * (D / 8) : 0));  // [8]: 4 used, 16-byte pad
   float(*red)[2][RG_WARPS] = reinterpret_cast<float(*)[2][RG_WARPS]>(ids_s + 8);
   float2* red2 = reinterpret_cast<float2*>(red + RG);  // [RG][RG_WARPS]             (MODE 3)
-  float* inv_s = reinterpret_cast<float*>(red2 + (PAIRS ? RG * RG_WARPS : 0));  // heads' [RG], tail's [1], pad
-  float2* scal_s = reinterpret_cast<float2*>(inv_s + (PAIRS ? RG + 2 : 0));    // [RG] (q, adj)
+  float* inv_s = reinterpret_cast<float*>(red2 + (PAIRS ? RG * RG_WARPS : 0));  // heads' [2][RG], tail's, pad
+  float2* scal_s = reinterpret_cast<float2*>(inv_s + (PAIRS ? 2 * RG + 2 : 0));  // [RG] (q, adj)
+  float* tail_inv = inv_s + 2 * RG;
 
   const int tid = threadIdx.x, g = tid / RT, lt = tid % RT;
   const int rank = block_rank();
@@ -459,97 +462,22 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
   float inv_prev = 0.f, q_acc = 0.f, adj_acc = 0.f;
   int n = 0;  // rows this row group has taken
   int ticket = 0;
-  for (int k = 0; id0 < n_chunks; ++k) {
-    if (MODE != 2 && rank == 0 && tid == 0) ticket = take_ticket(counter);  // used at the chunk's end
-    bool has_prev = false;
-    if (PAIRS && rank == 0 && g == 0 && id0 % seg_chunks != 0) {  // the previous chunk's last row, recomputed
-      const uint4* xp = reinterpret_cast<const uint4*>(x + (static_cast<long long>(id0) * CHUNK - 1) * D);
-      float ysq;
-      norm_row(xp, y_prev, ysq, red[g][0]);
-      inv_prev = rsqrtf(fmaxf(group_sum2<RG>(ysq, 0.f, red2 + g * RG_WARPS, g).x, 1e-24f));
-      has_prev = true;
-    }
-    for (int j = 0; j < CR; ++j, ++n) {
-      const int ahead = j + S - 1;
-      if (ahead < CR) issue(id0, ahead, static_cast<int>((n + S - 1) % S));
-      else issue(id1, ahead - CR, static_cast<int>((n + S - 1) % S));
-      cp_async_wait<S - 1>();
-      const uint4* xr = my_ring + (n % S) * (D / 8);
-      uint4 yv[VPT];
-      float ysq;
-      // with the statistics the row's two reductions take slots 0 and 1 (or the pairs'); without, one a row: by row
-      norm_row(xr, yv, ysq, red[g][STATS ? 0 : (n & 1)]);
-#pragma unroll
-      for (int v = 0; v < VPT; ++v) reinterpret_cast<uint4*>(y + row_of(id0, j) * D)[lt + RT * v] = yv[v];
-      if (STATS) {
-        float inv;
-        if (PAIRS) {
-          const float dot = has_prev ? dot_rows<VPT>(yv, 1, y_prev, 1) : 0.f;
-          const float2 sums = group_sum2<RG>(ysq, dot, red2 + g * RG_WARPS, g);
-          inv = rsqrtf(fmaxf(sums.x, 1e-24f));
-          q_acc += sums.x * inv * inv;
-          if (has_prev) adj_acc += sums.y * inv * inv_prev;
-          if (j == 0) {  // the run's first y, for the pair with the previous run (chunk's end)
-#pragma unroll
-            for (int v = 0; v < VPT; ++v) heads[g * (D / 8) + lt + RT * v] = yv[v];
-            if (lt == 0) inv_s[g] = inv;
-          }
-#pragma unroll
-          for (int v = 0; v < VPT; ++v) y_prev[v] = yv[v];
-          inv_prev = inv;
-          has_prev = true;
-        } else {
-          inv = rsqrtf(fmaxf(group_sum<RG>(ysq, red[g][1], g), 1e-24f));
-        }
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          float yf[8];
-          unpack8(yv[v], yf);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[8 * v + e] += yf[e] * inv;
-        }
-      }
-    }
-    int id2 = id1 + NC;  // MODE 2: static chunks
-    if (STATS) {
-      if (k > 0) cluster_wait();  // every block has read the previous chunk's sums (and tail)
-#pragma unroll
-      for (int v = 0; v < VPT; ++v) {
-        float4* dst = reinterpret_cast<float4*>(acc_s + g * D + 8 * (lt + RT * v));
-        dst[0] = make_float4(acc[8 * v], acc[8 * v + 1], acc[8 * v + 2], acc[8 * v + 3]);
-        dst[1] = make_float4(acc[8 * v + 4], acc[8 * v + 5], acc[8 * v + 6], acc[8 * v + 7]);
-      }
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] = 0.f;
-      if (PAIRS) {
-        if (g == RG - 1) {  // the block's last y, for the next block's first row
-#pragma unroll
-          for (int v = 0; v < VPT; ++v) tail[lt + RT * v] = y_prev[v];
-          if (lt == 0) inv_s[RG] = inv_prev;
-        }
-        __syncthreads();  // the heads
-        if (g < RG - 1) {  // this run's last row with the next run's first
-          const float d =
-              group_sum<RG>(dot_rows<VPT>(y_prev, 1, heads + (g + 1) * (D / 8) + lt, RT), red[g][0], g);
-          adj_acc += d * inv_prev * inv_s[g + 1];
-        }
-      }
-    }
-    if (MODE != 2) {
-      if (rank == 0 && tid == 0) ids_s[(k + 2) & 3] = 2 * NC + ticket;
-      cluster_arrive();
-      cluster_wait();
-      id2 = *shared_of(&ids_s[(k + 2) & 3], 0);
-    }
+  int id_done = 0;  // the chunk whose end's second half (finish) is pending, with J > 0
+
+  // The second half of chunk k's end (chunk id `idk`): the cluster meets, the next chunk ids arrive, and the block
+  // adds its slice of the chunk's sums. With J > 0 it runs J rows into the next chunk, so that the rings are
+  // full and the other blocks have mostly arrived by then.
+  auto finish = [&](int k, int idk) {
+    cluster_wait();
+    const int id2 = *shared_of(&ids_s[(k + 2) & 3], 0);
     if (STATS) {
       if (PAIRS) {
+        const uint4* head0 = heads + (k & 1) * RG * (D / 8);
         if (g == 0 && rank > 0) {  // this block's first row with the previous block's last
           const float d =
-              group_sum<RG>(dot_rows<VPT>(heads + lt, RT, shared_of(tail, rank - 1) + lt, RT), red[g][1], g);
-          adj_acc += d * inv_s[0] * *shared_of(inv_s + RG, rank - 1);
+              group_sum<RG>(dot_rows<VPT>(head0 + lt, RT, shared_of(tail, rank - 1) + lt, RT), red[g][1], g);
+          if (lt == 0) scal_s[0].y += d * inv_s[(k & 1) * RG] * *shared_of(tail_inv, rank - 1);
         }
-        if (lt == 0) scal_s[g] = make_float2(q_acc, adj_acc);
-        q_acc = adj_acc = 0.f;
       }
       // thread t adds quad t % Q of this block's column slice over source block t / Q's row groups, in order
       const int src = tid / Q, q = tid % Q, col = rank * SLICE + 4 * q;
@@ -574,30 +502,122 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
           total.z += p.z;
           total.w += p.w;
         }
-        *reinterpret_cast<float4*>(part + static_cast<long long>(id0) * D + rank * SLICE + 4 * tid) = total;
+        *reinterpret_cast<float4*>(part + static_cast<long long>(idk) * D + rank * SLICE + 4 * tid) = total;
       }
       if (PAIRS && tid == 0) {  // (q, adj) of this block: its row groups' in order, after the partial rows
         float2 t = scal_s[0];
         for (int gg = 1; gg < RG; ++gg) t = make_float2(t.x + scal_s[gg].x, t.y + scal_s[gg].y);
-        float* scal = part + n_chunks * D + (static_cast<long long>(id0) * CS + rank) * 2;
+        float* scal = part + n_chunks * D + (static_cast<long long>(idk) * CS + rank) * 2;
         scal[0] = t.x;
         scal[1] = t.y;
       }
       cluster_arrive();  // this block's remote reads are done (waited on at the next chunk's end)
     }
+    return id2;
+  };
+
+  int k = 0;
+  for (; id0 < n_chunks; ++k) {
+    if (MODE != 2 && rank == 0 && tid == 0) ticket = take_ticket(counter);  // used at the chunk's end
+    bool has_prev = false;
+    if (PAIRS && rank == 0 && g == 0 && id0 % seg_chunks != 0) {  // the previous chunk's last row, recomputed
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (static_cast<long long>(id0) * CHUNK - 1) * D);
+      float ysq;
+      norm_row(xp, y_prev, ysq, red[g][0]);
+      inv_prev = rsqrtf(fmaxf(group_sum2<RG>(ysq, 0.f, red2 + g * RG_WARPS, g).x, 1e-24f));
+      has_prev = true;
+    }
+    for (int j = 0; j < CR; ++j, ++n) {
+      if (J > 0 && k > 0 && j == J) id1 = finish(k - 1, id_done);
+      const int ahead = j + S - 1;
+      if (ahead < CR) issue(id0, ahead, static_cast<int>((n + S - 1) % S));
+      else issue(id1, ahead - CR, static_cast<int>((n + S - 1) % S));
+      cp_async_wait<S - 1>();
+      const uint4* xr = my_ring + (n % S) * (D / 8);
+      uint4 yv[VPT];
+      float ysq;
+      // with the statistics the row's two reductions take slots 0 and 1 (or the pairs'); without, one a row: by row
+      norm_row(xr, yv, ysq, red[g][STATS ? 0 : (n & 1)]);
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) reinterpret_cast<uint4*>(y + row_of(id0, j) * D)[lt + RT * v] = yv[v];
+      if (STATS) {
+        float inv;
+        if (PAIRS) {
+          const float dot = has_prev ? dot_rows<VPT>(yv, 1, y_prev, 1) : 0.f;
+          const float2 sums = group_sum2<RG>(ysq, dot, red2 + g * RG_WARPS, g);
+          inv = rsqrtf(fmaxf(sums.x, 1e-24f));
+          q_acc += sums.x * inv * inv;
+          if (has_prev) adj_acc += sums.y * inv * inv_prev;
+          if (j == 0) {  // the run's first y, for the pair with the previous run (chunk's end)
+#pragma unroll
+            for (int v = 0; v < VPT; ++v) heads[((k & 1) * RG + g) * (D / 8) + lt + RT * v] = yv[v];
+            if (lt == 0) inv_s[(k & 1) * RG + g] = inv;
+          }
+#pragma unroll
+          for (int v = 0; v < VPT; ++v) y_prev[v] = yv[v];
+          inv_prev = inv;
+          has_prev = true;
+        } else {
+          inv = rsqrtf(fmaxf(group_sum<RG>(ysq, red[g][1], g), 1e-24f));
+        }
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          float yf[8];
+          unpack8(yv[v], yf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[8 * v + e] += yf[e] * inv;
+        }
+      }
+    }
+    // chunk k's end, first half: its sums into shared memory, then the cluster barrier's arrive
+    if (STATS) {
+      if (k > 0) cluster_wait();  // every block has read the previous chunk's sums (and tail)
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        float4* dst = reinterpret_cast<float4*>(acc_s + g * D + 8 * (lt + RT * v));
+        dst[0] = make_float4(acc[8 * v], acc[8 * v + 1], acc[8 * v + 2], acc[8 * v + 3]);
+        dst[1] = make_float4(acc[8 * v + 4], acc[8 * v + 5], acc[8 * v + 6], acc[8 * v + 7]);
+      }
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = 0.f;
+      if (PAIRS) {
+        if (g == RG - 1) {  // the block's last y, for the next block's first row
+#pragma unroll
+          for (int v = 0; v < VPT; ++v) tail[lt + RT * v] = y_prev[v];
+          if (lt == 0) *tail_inv = inv_prev;
+        }
+        __syncthreads();  // the heads
+        if (g < RG - 1) {  // this run's last row with the next run's first
+          const uint4* next = heads + ((k & 1) * RG + g + 1) * (D / 8);
+          const float d = group_sum<RG>(dot_rows<VPT>(y_prev, 1, next + lt, RT), red[g][0], g);
+          adj_acc += d * inv_prev * inv_s[(k & 1) * RG + g + 1];
+        }
+        // this row group's (q, adj): read by the finish (after a __syncthreads), rewritten only after wait#2
+        if (lt == 0) scal_s[g] = make_float2(q_acc, adj_acc);
+        q_acc = adj_acc = 0.f;
+      }
+    }
+    if (MODE != 2) {
+      if (rank == 0 && tid == 0) ids_s[(k + 2) & 3] = 2 * NC + ticket;
+      cluster_arrive();
+    }
+    id_done = id0;
     id0 = id1;
-    id1 = id2;
+    if (MODE == 2) id1 += NC;  // static chunks
+    else if (J == 0) id1 = finish(k, id_done);
+    // else: chunk k's finish, J rows into chunk k + 1 (or after the loop), brings id1
   }
-  // no block leaves while another may still read its shared memory (the sums; rank 0's chunk ids)
-  if (MODE == 1 && id0 != c) cluster_arrive();
-  if (MODE != 2 && id0 != c) cluster_wait();
+  if (J > 0 && k > 0) finish(k - 1, id_done);  // the last chunk's combine
+  // no block leaves while another may still read its shared memory (the sums, tail and rank 0's chunk ids)
+  if (MODE == 1 && k > 0) cluster_arrive();
+  if (MODE != 2 && k > 0) cluster_wait();
   cp_async_wait<0>();
 }
 
 #ifdef GAINRL_CUDA_EMULATOR
 // `clusters` clusters run one after another: the first ones take every chunk the counter hands out. Returns 0, 1 for
 // rows that are no whole number of chunks, 2 (the reason on stderr) where the emulator found a fault.
-template <int CS, int C, int S, int MODE, int RG>
+template <int CS, int C, int S, int MODE, int RG, int J = 0>
 int emulate(const void* x, const void* w, void* y, float* part, int* counter, long long rows, long long seg_rows,
             int clusters) {
   constexpr int CHUNK = CS * C;
@@ -606,7 +626,7 @@ int emulate(const void* x, const void* w, void* y, float* part, int* counter, lo
   g_copies.assign(CS * THREADS, {});
   g_groups.assign(CS * THREADS, 0);
   try {
-    gainrl_emu::launch_cluster(CS, shared_bytes<S, MODE, RG>(), walk_kernel<CS, C, S, MODE, RG>,
+    gainrl_emu::launch_cluster(CS, shared_bytes<S, MODE, RG>(), walk_kernel<CS, C, S, MODE, RG, J>,
                                dim3(static_cast<unsigned>(clusters * CS)), dim3(THREADS),
                                static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w),
                                static_cast<__nv_bfloat16*>(y), part, counter, rows / CHUNK, seg_rows / CHUNK, 1e-6f);
@@ -617,13 +637,13 @@ int emulate(const void* x, const void* w, void* y, float* part, int* counter, lo
   return 0;
 }
 #else
-template <int CS, int C, int S, int MODE, int RG>
+template <int CS, int C, int S, int MODE, int RG, int J = 0>
 cudaError_t launch(const void* x, const void* w, void* y, float* part, int* counter, long long rows,
                    long long seg_rows, cudaStream_t stream) {
   constexpr int CHUNK = CS * C;
   if (rows % CHUNK || seg_rows <= 0 || seg_rows % CHUNK || rows / CHUNK > (1LL << 30)) return cudaErrorInvalidValue;
   constexpr size_t shared = shared_bytes<S, MODE, RG>();
-  auto kernel = walk_kernel<CS, C, S, MODE, RG>;
+  auto kernel = walk_kernel<CS, C, S, MODE, RG, J>;
   cudaLaunchConfig_t cfg = {};
   cfg.blockDim = dim3(THREADS);
   cfg.dynamicSmemBytes = shared;
@@ -663,18 +683,24 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, int* coun
 
 #ifdef GAINRL_CUDA_EMULATOR
 // The persistent kernel in the emulator, clusters of 2 blocks (8 x 1024 fibers would be slow for a test), C = 8 rows
-// a block: mode 0-3 as MODE, rg = 4 row groups with 3-row rings or 2 with 5-row rings, segments of seg_rows rows
-// (MODE 3). Returns as emulate; -1 for an unknown mode or rg.
-extern "C" int cluster_walk_emulate(int mode, int rg, const void* x, const void* w, void* y, float* part,
+// a block: mode 0-3 as MODE, rg = 4 row groups with 3-row rings or 2 with 5-row rings (or with a combine deferred
+// `defer` rows into the next chunk: 2 with 3-row rings), segments of seg_rows rows (MODE 3). Returns as emulate; -1
+// for a combination not built.
+extern "C" int cluster_walk_emulate(int mode, int rg, int defer, const void* x, const void* w, void* y, float* part,
                                     int* counter, long long rows, long long seg_rows, int clusters) {
   using namespace cluster_walk::persistent;
-  switch (mode * 10 + rg) {
-    case 4: return emulate<2, 8, 3, 0, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
-    case 14: return emulate<2, 8, 3, 1, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
-    case 24: return emulate<2, 8, 3, 2, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
-    case 34: return emulate<2, 8, 3, 3, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
-    case 2: return emulate<2, 8, 5, 0, 2>(x, w, y, part, counter, rows, seg_rows, clusters);
-    case 32: return emulate<2, 8, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, clusters);
+  switch (mode * 100 + rg * 10 + defer) {
+    case 40: return emulate<2, 8, 3, 0, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 140: return emulate<2, 8, 3, 1, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 240: return emulate<2, 8, 3, 2, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 340: return emulate<2, 8, 3, 3, 4>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 20: return emulate<2, 8, 5, 0, 2>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 320: return emulate<2, 8, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 21: return emulate<2, 8, 3, 0, 2, 1>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 22: return emulate<2, 8, 3, 0, 2, 2>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 121: return emulate<2, 8, 3, 1, 2, 1>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 321: return emulate<2, 8, 3, 3, 2, 1>(x, w, y, part, counter, rows, seg_rows, clusters);
+    case 322: return emulate<2, 8, 3, 3, 2, 2>(x, w, y, part, counter, rows, seg_rows, clusters);
     default: return -1;
   }
 }
@@ -711,6 +737,11 @@ extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, vo
     case 20: return persistent::launch<8, 32, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c32_full
     case 21: return persistent::launch<8, 16, 4, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_full_s4
     case 22: return persistent::launch<8, 16, 7, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_full_s7
+    // the combine deferred J rows into the next chunk (CS, C, S, MODE, RG, J)
+    case 23: return persistent::launch<8, 16, 5, 3, 2, 2>(x, w, y, part, counter, rows, seg_rows, s);  // pc8_c16_full_d2
+    case 24: return persistent::launch<8, 16, 7, 3, 2, 1>(x, w, y, part, counter, rows, seg_rows, s);  // pc8_c16_full_s7_d1
+    case 25: return persistent::launch<8, 16, 3, 0, 4, 1>(x, w, y, part, counter, rows, seg_rows, s);  // pc8_c16_d1
+    case 26: return persistent::launch<8, 16, 5, 0, 2, 2>(x, w, y, part, counter, rows, seg_rows, s);  // pc8_c16_rg2_d2
     default: return -1;
   }
 }

@@ -14,7 +14,8 @@ remote reads cost. Variants (VARIANTS, the .cu file's switch):
 * ``pc8_c16_full``, ``pc16_c8_full`` (session 23): the same with the rest of the forward's statistics, each chunk's
   Σ ||u_t||² and adjacent pairs u_t · u_{t-1} inside segments of SEG_ROWS rows (two row groups of 512 threads with
   5-row rings: the pairs' registers do not fit four at 64 a thread), checked against torch; ``pc8_c16_rg2``: their
-  geometry without the pairs;
+  geometry without the pairs; ``_d{J}``: each chunk's combine (the cluster wait, the remote reads) deferred J rows
+  into the next chunk, so the rings are full and the other blocks have mostly arrived by then;
 * ``pc{CS}_c{C}`` (session 23): persistent clusters of one 1024-thread block per SM, four row groups of 256 threads
   each with its own 3-row ring (``_s4``: 4 rows), C rows a block and chunk, chunks of CS x C rows taken from a
   counter two ahead so the rings load across a chunk's end: the window is ~132 x C rows, and one fp32 row per
@@ -77,10 +78,15 @@ VARIANTS = {
     "pc8_c32_full": (20, 256),
     "pc8_c16_full_s4": (21, 128),  # 3 rows in flight a row group (6 per SM) instead of 4
     "pc8_c16_full_s7": (22, 128),  # 6 (12 per SM)
+    # _d{J}: each chunk's combine deferred J rows into the next chunk (the rings full, the other blocks arrived)
+    "pc8_c16_full_d2": (23, 128),
+    "pc8_c16_full_s7_d1": (24, 128),
+    "pc8_c16_d1": (25, 128),
+    "pc8_c16_rg2_d2": (26, 128),
 }
 # the variants that also store (Σ ||u||², Σ u_t · u_{t-1}) per chunk and block: name -> blocks in a cluster
 PAIR_VARIANTS = {"pc8_c16_full": 8, "pc16_c8_full": 16, "pc8_c32_full": 8, "pc8_c16_full_s4": 8,
-                 "pc8_c16_full_s7": 8}
+                 "pc8_c16_full_s7": 8, "pc8_c16_full_d2": 8, "pc8_c16_full_s7_d1": 8}
 SEG_ROWS = 4096  # rows per segment of the pairs (one sequence of the goal shape)
 BINDING = """
 #include <torch/extension.h>

@@ -275,16 +275,17 @@ def cluster_walk_emulated(tmp_path_factory):
     lib = cuda_emulator.build(tmp_path_factory.mktemp("cluster_emu"), f'#include "{BENCH / "cluster_walk.cu"}"\n')
     fn = lib.cluster_walk_emulate
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_longlong] * 2 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_longlong] * 2 + [ctypes.c_int]
     return fn
 
 
-@pytest.mark.parametrize("mode,rg", [(0, 4), (1, 4), (2, 4), (3, 4), (0, 2), (3, 2)])
+@pytest.mark.parametrize("mode,rg,defer", [(0, 4, 0), (1, 4, 0), (2, 4, 0), (3, 4, 0), (0, 2, 0), (3, 2, 0),
+                                           (0, 2, 1), (0, 2, 2), (1, 2, 1), (3, 2, 1), (3, 2, 2)])
 @pytest.mark.parametrize("clusters", [1, 2, 3])
-def test_persistent_cluster_walk_emulated(cluster_walk_emulated, mode, rg, clusters):
+def test_persistent_cluster_walk_emulated(cluster_walk_emulated, mode, rg, defer, clusters):
     """The persistent clusters of bench/cluster_walk.cu on a CPU (clusters of 2 blocks of 1024 fibers, 8 rows a block
-    and chunk, rg row groups; the emulator runs one cluster after another, so the first takes every chunk the counter
-    hands out): y is HF's RMSNorm of every row; with statistics (modes 0, 3) each chunk's partial row is the sum of
+    and chunk, rg row groups, each chunk's combine deferred `defer` rows into the next; the emulator runs one cluster
+    after another, so the first takes every chunk the counter hands out): y is HF's RMSNorm of every row; with statistics (modes 0, 3) each chunk's partial row is the sum of
     its 16 rows' unit vectors, combined across the cluster from the other block's shared memory; mode 3 also stores
     each chunk's Σ ||u||² and adjacent pairs inside segments of 32 rows (pairs across row groups, blocks and chunks;
     none across a segment start)."""
@@ -300,11 +301,11 @@ def test_persistent_cluster_walk_emulated(cluster_walk_emulated, mode, rg, clust
     part = torch.full((n_chunks + 1, DIM), float("nan"))  # the partial rows, then (mode 3) the pair sums
     counter = torch.zeros(1, dtype=torch.int32)
     args = (x.data_ptr(), w.data_ptr(), y.data_ptr(), part.data_ptr(), counter.data_ptr())
-    assert cluster_walk_emulated(mode, rg, *args, x.shape[0], seg_rows, clusters) == 0
+    assert cluster_walk_emulated(mode, rg, defer, *args, x.shape[0], seg_rows, clusters) == 0
     torch.testing.assert_close(y, torch_rmsnorm(x, w, 1e-6), rtol=2e-2, atol=2e-2)  # rstd may move y by a step
     if mode in (0, 3):
         assert compare_block_sums(y, chunk, part, atol=1e-4) == "ok"
     if mode == 3:
         assert compare_pair_sums(y, chunk, 2, seg_rows, part) == "ok"
-    assert cluster_walk_emulated(mode, rg, *args, x.shape[0] - 1, seg_rows, clusters) == 1  # no whole chunks
-    assert cluster_walk_emulated(mode, rg, *args, x.shape[0], seg_rows + 1, clusters) == 1
+    assert cluster_walk_emulated(mode, rg, defer, *args, x.shape[0] - 1, seg_rows, clusters) == 1  # no whole chunks
+    assert cluster_walk_emulated(mode, rg, defer, *args, x.shape[0], seg_rows + 1, clusters) == 1
