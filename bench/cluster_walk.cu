@@ -737,11 +737,12 @@ extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, vo
     case 20: return persistent::launch<8, 32, 5, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c32_full
     case 21: return persistent::launch<8, 16, 4, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_full_s4
     case 22: return persistent::launch<8, 16, 7, 3, 2>(x, w, y, part, counter, rows, seg_rows, s);   // pc8_c16_full_s7
-    // the combine deferred J rows into the next chunk (CS, C, S, MODE, RG, J)
-    case 23: return persistent::launch<8, 16, 5, 3, 2, 2>(x, w, y, part, counter, rows, seg_rows, s);  // pc8_c16_full_d2
-    case 24: return persistent::launch<8, 16, 7, 3, 2, 1>(x, w, y, part, counter, rows, seg_rows, s);  // pc8_c16_full_s7_d1
+    // the combine deferred J rows into the next chunk (CS, C, S, MODE, RG, J): pc8_c16_full_d2,
+    // pc8_c16_full_s7_d1, pc8_c16_d1, pc8_c16_rg2_d2
+    case 23: return persistent::launch<8, 16, 5, 3, 2, 2>(x, w, y, part, counter, rows, seg_rows, s);  // _full_d2
+    case 24: return persistent::launch<8, 16, 7, 3, 2, 1>(x, w, y, part, counter, rows, seg_rows, s);  // _s7_d1
     case 25: return persistent::launch<8, 16, 3, 0, 4, 1>(x, w, y, part, counter, rows, seg_rows, s);  // pc8_c16_d1
-    case 26: return persistent::launch<8, 16, 5, 0, 2, 2>(x, w, y, part, counter, rows, seg_rows, s);  // pc8_c16_rg2_d2
+    case 26: return persistent::launch<8, 16, 5, 0, 2, 2>(x, w, y, part, counter, rows, seg_rows, s);  // _rg2_d2
     default: return -1;
   }
 }

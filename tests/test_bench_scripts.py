@@ -285,10 +285,10 @@ def cluster_walk_emulated(tmp_path_factory):
 def test_persistent_cluster_walk_emulated(cluster_walk_emulated, mode, rg, defer, clusters):
     """The persistent clusters of bench/cluster_walk.cu on a CPU (clusters of 2 blocks of 1024 fibers, 8 rows a block
     and chunk, rg row groups, each chunk's combine deferred `defer` rows into the next; the emulator runs one cluster
-    after another, so the first takes every chunk the counter hands out): y is HF's RMSNorm of every row; with statistics (modes 0, 3) each chunk's partial row is the sum of
-    its 16 rows' unit vectors, combined across the cluster from the other block's shared memory; mode 3 also stores
-    each chunk's Σ ||u||² and adjacent pairs inside segments of 32 rows (pairs across row groups, blocks and chunks;
-    none across a segment start)."""
+    after another, so the first takes every chunk the counter hands out): y is HF's RMSNorm of every row; with
+    statistics (modes 0, 3) each chunk's partial row is the sum of its 16 rows' unit vectors, combined across the
+    cluster from the other block's shared memory; mode 3 also stores each chunk's Σ ||u||² and adjacent pairs
+    inside segments of 32 rows (pairs across row groups, blocks and chunks; none across a segment start)."""
     from cluster_walk import DIM, compare_pair_sums
     from run_kernels_bench import torch_rmsnorm
     from walk_order import compare_block_sums
