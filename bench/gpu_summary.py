@@ -50,10 +50,11 @@ def variants(record: dict) -> list[str]:
                 line += f" with a work list of {timed[best]['plan_ms'] * 1e3:.1f} us"
         if "plan_only" in rows:
             line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
-        if "bare_ms" in rows.get("torch_compile_bare", {}):
-            line += f", torch.compile bare {rows['torch_compile_bare']['bare_ms']:.3f} ms"
-        if "bare_ms" in rows.get("torch_native_bare", {}):
-            line += f", F.rms_norm bare {rows['torch_native_bare']['bare_ms']:.3f} ms"
+        for key, label in (("torch_compile_bare", "torch.compile"), ("torch_native_bare", "F.rms_norm")):
+            if "bare_ms" in rows.get(key, {}):  # the other bare RMSNorms, and the default fused call against them
+                line += f", {label} bare {rows[key]['bare_ms']:.3f} ms"
+                if "fused_ms" in timed.get("default", {}):
+                    line += f" (default fused / it {timed['default']['fused_ms'] / rows[key]['bare_ms']:.3f})"
         if "no_segments_ms" in timed.get("default", {}):
             line += f", rows in no segment {timed['default']['no_segments_ms']:.3f} ms"
         for k in ("bare_then_angle_stats_triton", "bare_then_angle_stats_cuda"):

@@ -232,8 +232,10 @@ def test_gpu_summary_lines():
                     ratio=fused_ms, ratio_vs_default_bare=ratio_bare, **kw)
     rows = [dict(B=64, L=4096, D=4096, variant="plan_only", status="ok", plan_ms=0.004),
             fused("default", 1.10, 1.10, no_segments_ms=1.09), fused("unordered_c4", 1.04, 1.04, plan_ms=0.006),
-            dict(B=64, L=4096, D=4096, variant="unordered_c8", status="error: RuntimeError: x")]
+            dict(B=64, L=4096, D=4096, variant="unordered_c8", status="error: RuntimeError: x"),
+            dict(B=64, L=4096, D=4096, variant="torch_native_bare", status="ok", bare_ms=1.1)]
     (line,) = S.variants(dict(rows=rows))
+    assert "F.rms_norm bare 1.100 ms (default fused / it 1.000)" in line
     assert "default fused/bare 1.100 (1.100 ms)" in line and "fastest unordered_c4 1.040 ms = 1.040" in line
     assert "(goal <= 1.05: met) with a work list of 6.0 us" in line and "plan 4.0 us" in line
     assert "errors: ['unordered_c8']" in line
