@@ -11,16 +11,16 @@ remote reads cost. Variants (VARIANTS, the .cu file's switch):
   in shared memory per block); ``cluster8_c8_512``: 512 threads a block;
 * ``partials_c8``: no cluster, each block's sum of 8 rows stored as a partial row (what the fused forward's chunks do);
 * ``walk_c8``, ``walk_c1``: the walk alone, 8 rows a block or one (the bare kernel's order), in the same code;
-* ``pc8_c16_full``, ``pc16_c8_full`` (session 23): the same with the rest of the forward's statistics, each chunk's
-  Σ ||u_t||² and adjacent pairs u_t · u_{t-1} inside segments of SEG_ROWS rows (two row groups of 512 threads with
-  5-row rings: the pairs' registers do not fit four at 64 a thread), checked against torch; ``pc8_c16_rg2``: their
-  geometry without the pairs; ``_d{J}``: each chunk's combine (the cluster wait, the remote reads) deferred J rows
-  into the next chunk, so the rings are full and the other blocks have mostly arrived by then;
 * ``pc{CS}_c{C}`` (session 23): persistent clusters of one 1024-thread block per SM, four row groups of 256 threads
   each with its own 3-row ring (``_s4``: 4 rows), C rows a block and chunk, chunks of CS x C rows taken from a
   counter two ahead so the rings load across a chunk's end: the window is ~132 x C rows, and one fp32 row per
   CS x C rows is stored; ``pc8_c16_nostats``: the counter and a cluster barrier per chunk, no statistics;
   ``pc8_c16_walk``: static chunks, no barriers, no statistics (the walk alone);
+* ``pc8_c16_full``, ``pc16_c8_full`` (session 23): persistent clusters with the rest of the forward's statistics, each chunk's
+  Σ ||u_t||² and adjacent pairs u_t · u_{t-1} inside segments of SEG_ROWS rows (two row groups of 512 threads with
+  5-row rings: the pairs' registers do not fit four at 64 a thread), checked against torch; ``pc8_c16_rg2``: their
+  geometry without the pairs; ``_d{J}``: each chunk's combine (the cluster wait, the remote reads) deferred J rows
+  into the next chunk, so the rings are full and the other blocks have mostly arrived by then;
 
 and ``triton_c1``, ``bench/walk_order.py``'s c1 (the bare Triton kernel's order), the yardstick ("/ c1"). Every
 variant's y is checked against torch and its sums against float32 sums of torch's unit vectors first.
