@@ -16,10 +16,10 @@ remote reads cost. Variants (VARIANTS, the .cu file's switch):
   counter two ahead so the rings load across a chunk's end: the window is ~132 x C rows, and one fp32 row per
   CS x C rows is stored; ``pc8_c16_nostats``: the counter and a cluster barrier per chunk, no statistics;
   ``pc8_c16_walk``: static chunks, no barriers, no statistics (the walk alone);
-* ``pc8_c16_full``, ``pc16_c8_full`` (session 23): persistent clusters with the rest of the forward's statistics, each chunk's
-  Σ ||u_t||² and adjacent pairs u_t · u_{t-1} inside segments of SEG_ROWS rows (two row groups of 512 threads with
-  5-row rings: the pairs' registers do not fit four at 64 a thread), checked against torch; ``pc8_c16_rg2``: their
-  geometry without the pairs; ``_d{J}``: each chunk's combine (the cluster wait, the remote reads) deferred J rows
+* ``pc8_c16_full``, ``pc16_c8_full`` (session 23): persistent clusters with the rest of the forward's statistics,
+  each chunk's Σ ||u_t||² and adjacent pairs u_t · u_{t-1} inside segments of SEG_ROWS rows (two row groups of 512
+  threads with 5-row rings: the pairs' registers do not fit four at 64 a thread), checked against torch;
+  ``pc8_c16_rg2``: their geometry without the pairs; ``_d{J}``: each chunk's combine (the cluster wait, the remote reads) deferred J rows
   into the next chunk, so the rings are full and the other blocks have mostly arrived by then;
 
 and ``triton_c1``, ``bench/walk_order.py``'s c1 (the bare Triton kernel's order), the yardstick ("/ c1"). Every
