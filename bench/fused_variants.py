@@ -10,8 +10,9 @@ kernel, ``ratio_vs_default_bare`` over the first timed variant's (the default's,
     python bench/fused_variants.py --dtype fp32 --variants cuda_rows_fp32   # fp32 rows: CUDA rows against Triton
 
 Per shape it also times the device-side work list alone (``plan_only``), torch.compile's RMSNorm
-(``torch_compile_bare``), PyTorch's own fused ``F.rms_norm`` (``torch_native_bare``) and the unfused pair the fused call replaces: our bare RMSNorm, then ``angle_stats`` on its
-y (``bare_then_angle_stats_<backend>``, with ``angle_stats`` alone).
+(``torch_compile_bare``), PyTorch's own fused ``F.rms_norm`` (``torch_native_bare``) and the unfused pair the fused
+call replaces: our bare RMSNorm, then ``angle_stats`` on its y (``bare_then_angle_stats_<backend>``, with
+``angle_stats`` alone).
 """
 from __future__ import annotations
 
