@@ -19,8 +19,8 @@ remote reads cost. Variants (VARIANTS, the .cu file's switch):
 * ``pc8_c16_full``, ``pc16_c8_full`` (session 23): persistent clusters with the rest of the forward's statistics,
   each chunk's Σ ||u_t||² and adjacent pairs u_t · u_{t-1} inside segments of SEG_ROWS rows (two row groups of 512
   threads with 5-row rings: the pairs' registers do not fit four at 64 a thread), checked against torch;
-  ``pc8_c16_rg2``: their geometry without the pairs; ``_d{J}``: each chunk's combine (the cluster wait, the remote reads) deferred J rows
-  into the next chunk, so the rings are full and the other blocks have mostly arrived by then;
+  ``pc8_c16_rg2``: their geometry without the pairs; ``_d{J}``: each chunk's combine (the cluster wait, the remote
+  reads) deferred J rows into the next chunk, so the rings are full and the other blocks have mostly arrived;
 
 and ``triton_c1``, ``bench/walk_order.py``'s c1 (the bare Triton kernel's order), the yardstick ("/ c1"). Every
 variant's y is checked against torch and its sums against float32 sums of torch's unit vectors first.

@@ -2,8 +2,7 @@
 
 * fused RMSNorm + angle statistics vs (PyTorch RMSNorm + angle_stats) vs the same Triton RMSNorm without
   statistics vs PyTorch RMSNorm alone: HF's formula eager and through torch.compile, and PyTorch's own fused
-  ``F.rms_norm`` (goal: fused within 5% of the bare RMSNorm
-  kernel);
+  ``F.rms_norm`` (goal: fused within 5% of the bare RMSNorm kernel);
 * angle_stats backends (Triton, CUDA extension when built) vs a device-to-device copy of the same bytes;
 * the tiled pairwise-cosine kernel in TFLOP/s (2·D FLOP per causal pair).
 
