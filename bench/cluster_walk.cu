@@ -637,6 +637,8 @@ int emulate(const void* x, const void* w, void* y, float* part, int* counter, lo
   return 0;
 }
 #else
+inline int g_last_clusters = 0;  // clusters the last persistent launch ran (cluster_walk_last_clusters)
+
 template <int CS, int C, int S, int MODE, int RG, int J = 0>
 cudaError_t launch(const void* x, const void* w, void* y, float* part, int* counter, long long rows,
                    long long seg_rows, cudaStream_t stream) {
@@ -668,6 +670,7 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, int* coun
     if (clusters <= 0) return cudaErrorInvalidConfiguration;
   }
   cfg.gridDim = dim3(static_cast<unsigned>(clusters * CS));
+  g_last_clusters = clusters;
   if (MODE != 2) {
     const cudaError_t err = cudaMemsetAsync(counter, 0, sizeof(int), stream);
     if (err != cudaSuccess) return err;
@@ -705,6 +708,9 @@ extern "C" int cluster_walk_emulate(int mode, int rg, int defer, const void* x, 
   }
 }
 #else
+// How many clusters the last persistent variant launched (0 before any): cudaOccupancyMaxActiveClusters' count.
+extern "C" int cluster_walk_last_clusters() { return cluster_walk::persistent::g_last_clusters; }
+
 // The variants bench/cluster_walk.py times (VARIANTS there, in this order): returns a cudaError_t (0: launched),
 // -1 for an unknown index.
 extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, int* counter,

@@ -93,6 +93,8 @@ BINDING = """
 #include <c10/cuda/CUDAStream.h>
 extern "C" int cluster_walk_launch(int variant, const void* x, const void* w, void* y, float* part, int* counter,
                                    long long rows, long long seg_rows, float eps, void* stream);
+extern "C" int cluster_walk_last_clusters();
+int64_t last_clusters() { return cluster_walk_last_clusters(); }
 int64_t launch(int64_t variant, torch::Tensor x, torch::Tensor w, torch::Tensor y, torch::Tensor part,
                torch::Tensor counter, int64_t seg_rows, double eps) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) == 4096,
@@ -133,7 +135,7 @@ def build() -> object:
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(name="gainrl_cluster_walk", cpp_sources=BINDING, cuda_sources=SOURCE.read_text(),
-                       functions=["launch"], extra_cuda_cflags=["-O3"],
+                       functions=["launch", "last_clusters"], extra_cuda_cflags=["-O3"],
                        build_directory=tempfile.mkdtemp(prefix="cluster_walk_"), verbose=False)
 
 
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             sums = compare_block_sums(y, per_sum, part, atol=1e-3) if per_sum else "none"
             if name in PAIR_VARIANTS:
                 sums += "; pairs " + compare_pair_sums(y, per_sum, PAIR_VARIANTS[name], SEG_ROWS, part)
+            if name.startswith("pc"):  # persistent: the resident clusters the occupancy query allowed
+                row.update(clusters=int(ext.last_clusters()))
             ms = graph_time(fn, args.reps) * 1e3
             c1 = ms if name == "triton_c1" else c1
             row.update(status="ok", rows_per_sum=per_sum, sums=sums, ms=ms, vs_c1=ms / c1 if c1 else None)
@@ -191,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             row.update(status=error_status(e))
         ratio = f"{row['vs_c1']:.3f}" if row.get("vs_c1") else "-"  # "-": the Triton c1 yardstick failed
         shown = f"{row['ms']:.3f} | {ratio}" if "ms" in row else f"{row['status']} |"
+        resident = f" ({row['clusters']} clusters)" if "clusters" in row else ""
         print(f"| {args.rows} | {DIM} | {name} | {row.get('rows_per_sum', '')} | {shown} | "
-              f"{row.get('sums', '')[:120]} |", flush=True)
+              f"{row.get('sums', '')[:120]}{resident} |", flush=True)
         rows_out.append(row)
         write_rows(args.out, rows_out, True)
     return 0 if all(r["status"] == "ok" for r in rows_out) else 1

@@ -90,7 +90,9 @@ def cluster(record: dict) -> list[str]:
     wrong = [r["variant"] for r in rows if r.get("sums", "none") not in ("ok", "none", "ok; pairs ok")]
     def ratio(r: dict) -> str:
         return f"{r['vs_c1']:.3f}" if r.get("vs_c1") else "-"
-    return ["cluster walk: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ({ratio(r)})" for r in timed)
+    def resident(r: dict) -> str:  # the persistent variants' clusters
+        return f" [{r['clusters']} clusters]" if "clusters" in r else ""
+    return ["cluster walk: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ({ratio(r)}){resident(r)}" for r in timed)
             + _errors(bad) + (f", sums differ: {wrong}" if wrong else "")]
 
 

@@ -250,11 +250,12 @@ def test_gpu_summary_lines():
     cluster = [dict(variant="triton_c1", status="ok", ms=1.0, vs_c1=1.0, sums="none"),
                dict(variant="cluster8_c8", status="ok", ms=1.05, vs_c1=1.05, sums="differs: ..."),
                dict(variant="cluster8_c4", status="error: RuntimeError: x"),
-               dict(variant="pc8_c16_full", status="ok", ms=1.02, vs_c1=1.02, sums="ok; pairs ok"),
+               dict(variant="pc8_c16_full", status="ok", ms=1.02, vs_c1=1.02, sums="ok; pairs ok", clusters=16),
                dict(variant="pc16_c8_full", status="ok", ms=1.02, vs_c1=1.02, sums="ok; pairs differs: ...")]
     (line,) = S.cluster(dict(rows=cluster))
     assert line.startswith("cluster walk: triton_c1 1.000 (1.000), cluster8_c8 1.050 (1.050)")
     assert "errors: ['cluster8_c4']" in line and "sums differ: ['cluster8_c8', 'pc16_c8_full']" in line
+    assert "pc8_c16_full 1.020 (1.020) [16 clusters]" in line
     (line,) = S.cluster(dict(rows=[dict(variant="walk_c1", status="ok", ms=1.0, vs_c1=None, sums="none")]))
     assert line == "cluster walk: walk_c1 1.000 (-)"  # the Triton c1 yardstick failed
     (line,) = S.backward(dict(rows=[dict(B=1, L=2, D=3, method="fused", status="ok", ms=2.0),
@@ -311,3 +312,31 @@ def test_persistent_cluster_walk_emulated(cluster_walk_emulated, mode, rg, defer
         assert compare_pair_sums(y, chunk, 2, seg_rows, part) == "ok"
     assert cluster_walk_emulated(mode, rg, defer, *args, x.shape[0] - 1, seg_rows, clusters) == 1  # no whole chunks
     assert cluster_walk_emulated(mode, rg, defer, *args, x.shape[0], seg_rows + 1, clusters) == 1
+
+
+def test_cluster_walk_binding_compiles(tmp_path):
+    """bench/cluster_walk.py's torch binding (built on the GPU machine by load_inline) is valid C++ against this
+    torch's headers: g++ -fsyntax-only, with an empty stand-in for the one header a CPU wheel of torch lacks."""
+    import shutil
+    import subprocess
+
+    import cluster_walk
+    from torch.utils.cpp_extension import include_paths
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    import cuda_emulator
+
+    cxx, cuda_inc = shutil.which("g++"), cuda_emulator.cuda_include_dir()
+    if cxx is None or cuda_inc is None:
+        pytest.skip("needs g++ and the CUDA headers")
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")  # generated at torch's CUDA build only
+    src = tmp_path / "binding.cpp"
+    src.write_text(cluster_walk.BINDING)
+    import sysconfig
+
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", *(f"-I{p}" for p in include_paths()), f"-I{tmp_path / 'stub'}",
+           f"-I{cuda_inc}", f"-I{sysconfig.get_paths()['include']}", str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
