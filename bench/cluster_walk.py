@@ -16,7 +16,8 @@ remote reads cost. Variants (VARIANTS, the .cu file's switch):
   counter two ahead so the rings load across a chunk's end: the window is ~132 x C rows, and one fp32 row per
   CS x C rows is stored; ``pc8_c16_nostats``: the counter and a cluster barrier per chunk, no statistics;
   ``pc8_c16_walk``: static chunks, no barriers, no statistics (the walk alone);
-* ``pc8_c16_full``, ``pc16_c8_full`` (session 23): persistent clusters with the rest of the forward's statistics,
+* ``pc8_c16_full``, ``pc16_c8_full`` (session 23; also timed with the partial rows then summed per segment, as
+  the op's reduce kernel would: ``with_reduce_ms``): persistent clusters with the rest of the forward's statistics,
   each chunk's Σ ||u_t||² and adjacent pairs u_t · u_{t-1} inside segments of SEG_ROWS rows (two row groups of 512
   threads with 5-row rings: the pairs' registers do not fit four at 64 a thread), checked against torch;
   ``pc8_c16_rg2``: their geometry without the pairs; ``_d{J}``: each chunk's combine (the cluster wait, the remote
@@ -129,6 +130,13 @@ def compare_pair_sums(y: torch.Tensor, chunk: int, blocks: int, seg_rows: int, p
     return "ok"
 
 
+def reduce_partials(part: torch.Tensor, rows: int, chunk: int) -> torch.Tensor:
+    """The segment sums [R / SEG_ROWS, D] of the chunks' partial rows (a torch reduction reading them once, as the
+    op's reduce kernel would): what a fused forward built on the persistent clusters would add to their time."""
+    n = rows // chunk
+    return part[:n].view(rows // SEG_ROWS, SEG_ROWS // chunk, DIM).sum(1)
+
+
 def build() -> object:
     """The extension (torch.utils.cpp_extension.load_inline: nvcc for the .cu file, the host compiler for the
     binding), in a temporary build directory."""
@@ -191,11 +199,16 @@ def main(argv: list[str] | None = None) -> int:
             ms = graph_time(fn, args.reps) * 1e3
             c1 = ms if name == "triton_c1" else c1
             row.update(status="ok", rows_per_sum=per_sum, sums=sums, ms=ms, vs_c1=ms / c1 if c1 else None)
+            if name in PAIR_VARIANTS and c1:  # and what the op would add: the partial rows summed per segment
+                with_reduce = graph_time(lambda: (fn(), reduce_partials(part, args.rows, per_sum)), args.reps) * 1e3
+                row.update(with_reduce_ms=with_reduce, with_reduce_vs_c1=with_reduce / c1)
         except Exception as e:  # noqa: BLE001 - a failing variant is a result
             row.update(status=error_status(e))
         ratio = f"{row['vs_c1']:.3f}" if row.get("vs_c1") else "-"  # "-": the Triton c1 yardstick failed
         shown = f"{row['ms']:.3f} | {ratio}" if "ms" in row else f"{row['status']} |"
         resident = f" ({row['clusters']} clusters)" if "clusters" in row else ""
+        if "with_reduce_ms" in row:
+            resident += f" (with the reduce {row['with_reduce_ms']:.3f} ms, {row['with_reduce_vs_c1']:.3f})"
         print(f"| {args.rows} | {DIM} | {name} | {row.get('rows_per_sum', '')} | {shown} | "
               f"{row.get('sums', '')[:120]}{resident} |", flush=True)
         rows_out.append(row)

@@ -90,8 +90,9 @@ def cluster(record: dict) -> list[str]:
     wrong = [r["variant"] for r in rows if r.get("sums", "none") not in ("ok", "none", "ok; pairs ok")]
     def ratio(r: dict) -> str:
         return f"{r['vs_c1']:.3f}" if r.get("vs_c1") else "-"
-    def resident(r: dict) -> str:  # the persistent variants' clusters
-        return f" [{r['clusters']} clusters]" if "clusters" in r else ""
+    def resident(r: dict) -> str:  # the persistent variants' clusters, and the full ones' time with the reduce
+        out = f" [{r['clusters']} clusters]" if "clusters" in r else ""
+        return out + (f" [with the reduce {r['with_reduce_vs_c1']:.3f}]" if "with_reduce_vs_c1" in r else "")
     return ["cluster walk: " + ", ".join(f"{r['variant']} {r['ms']:.3f} ({ratio(r)}){resident(r)}" for r in timed)
             + _errors(bad) + (f", sums differ: {wrong}" if wrong else "")]
 
