@@ -253,21 +253,23 @@ cudaError_t launch(const void* x, const void* w, void* y, float* part, long long
 #endif  // GAINRL_CUDA_EMULATOR
 
 // ---------------------------------------------------------------------------------------------------------------
-// Persistent clusters (session 23). The walks above lose by their window (blocks in flight x rows a block walks
-// before its sum is combined), and a block of 256 threads with 4 per SM puts 528 blocks in flight. Here one block of
-// 1024 threads per SM works as RG = 4 row groups of 256 threads, each with its own cp.async ring of S rows, so the
-// window is 132 x C rows for C rows a block and chunk while a chunk's sum still covers CS x C rows. Clusters stay
-// resident and take chunks from a counter (the ticket order that kept up in bench/walk_order.py), two chunks ahead,
-// so the rings keep loading across a chunk's end; a chunk's sum does not depend on which cluster took it.
+// Persistent clusters (session 23). The walks above lose by their window (blocks in flight x rows a block walks before
+// its sum is combined), and a block of 256 threads with 4 per SM puts 528 blocks in flight. Here one block of 1024
+// threads per SM works as RG row groups (4 of 256 threads, or 2 of 512), each with its own cp.async ring of S rows, so
+// the window is 132 x C rows for C rows a block and chunk while a chunk's sum still covers CS x C rows. Clusters stay
+// resident and take chunks from a counter (the ticket order that kept up in bench/walk_order.py), two chunks ahead, so
+// the rings keep loading across a chunk's end; a chunk's sum does not depend on which cluster took it.
 //
-// Chunk `id` covers rows [id CS C, (id + 1) CS C): block rank r the C rows from id CS C + r C, its row group g the
-// rows g, g + RG, ... of those (CR = C / RG each). Each row group sums its rows' unit vectors in registers. At the
-// chunk's end it puts that sum in shared memory, the cluster meets (barrier.cluster arrive + wait), and block r adds
-// column slice r of the CS x RG sums in a fixed order (block rank, then row group) from distributed shared memory
-// and stores it as the chunk's partial row: the same bits whichever cluster took the chunk. The second arrive (after
-// the remote reads) is waited on only at the next chunk's end, before the sums are overwritten.
-// MODE 0: the statistics and the combine; 1: the counter and one cluster barrier per chunk, no statistics; 2: the
-// walk alone, chunks in a static order (cluster c takes c, c + NC, ...), no barriers.
+// Chunk `id` covers rows [id CS C, (id + 1) CS C): block rank r the C rows from id CS C + r C, its row group g the rows
+// g, g + RG, ... of those (CR = C / RG each; MODE 3: the run g CR ...). Each row group sums its rows' unit vectors in
+// registers. At the chunk's end it puts that sum in shared memory, the cluster meets (barrier.cluster arrive + wait),
+// and block r adds column slice r of the CS x RG sums in a fixed order (block rank, then row group) from distributed
+// shared memory and stores it as the chunk's partial row: the same bits whichever cluster took the chunk. The second
+// arrive (after the remote reads) is waited on only at the next chunk's end, before the sums are overwritten. With
+// J > 0 the wait and the combine (the chunk end's second half, `finish`) run J rows into the next chunk.
+// MODE 0: the statistics and the combine; 1: the counter and one cluster barrier per chunk, no statistics; 2: the walk
+// alone, chunks in a static order (cluster c takes c, c + NC, ...), no barriers; 3: MODE 0 and the rest of the
+// forward's statistics (below).
 namespace persistent {
 
 // A block is THREADS threads, RG row groups of RT = THREADS / RG: each holds a row, VPT 16-byte vectors a thread.
