@@ -51,7 +51,7 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str,
     launch compiles it (the module's knobs, a real launch's divisibility hints, the config's register cap)."""
     fn = M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel
     sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
-    consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True, ATOMIC=stats and M._UNORDERED,
+    consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True,
                   JOINT_SUMS=M._JOINT_SUMS is not False, RSQRT_INV=M._RSQRT_INV is not False,
                   RSQRT_RSTD=M._RSQRT_RSTD is not False,
                   BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,

@@ -116,14 +116,9 @@ VARIANTS: dict[str, dict] = {
     "chunk_128": {"_MAX_CHUNK": 128},  # the default before session 16 (chunk_256 in the tables before it)
     "chunk_512": {"_MAX_CHUNK": 512},
     "sliced": {"_ROWS_MAX_BLOCK_D": 0},  # the column-sliced kernel (the default above D = 8192)
-    # session 21: statistics in no fixed order (_UNORDERED). Chunks of at most C rows add their sums into the
-    # outputs by relaxed fp32 atomics (vector reductions on sm_90) and no reduce kernel runs, so short chunks cost
-    # no partial-row bytes; the walk's window shrinks with C (docs/fused_forward.md "session 20"). The CUDA rows
-    # kernel (16-bit rows) and the Triton one; each row also times the work list alone (plan_ms). H200, session 22
-    # (results/fused_variants_h200_unordered.json): the atomics cost more than the window saves below C = 64
-    **{f"unordered_c{c}": {"_CUDA_ROWS": True, "_UNORDERED": True, "_UNORDERED_CHUNK": c}
-       for c in (2, 4, 8, 16, 32, 64)},
-    **{f"unordered_triton_c{c}": {"_CUDA_ROWS": False, "_UNORDERED": True, "_UNORDERED_CHUNK": c} for c in (4, 8, 16)},
+    # session 21's statistics in no fixed order (unordered_c*: relaxed fp32 atomics instead of partial rows) were
+    # timed in session 22 (results/fused_variants_h200_unordered.json: 2.1x at 4-row chunks, tying the default at
+    # 64), then removed with the option in session 23 (its last version: git show b49763b:gainrl_kernels/...)
 }
 
 
@@ -282,8 +277,6 @@ def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: to
     no_seg = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, off, validate=False), args.reps)
     out = dict(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare, eager_ms=eager * 1e3,
                no_segments_ms=no_seg * 1e3)
-    if M._UNORDERED:  # short chunks: many more work items than the default's (the plan_only row)
-        out.update(plan_ms=graph_time(lambda: M._stats_plan(x, cu, None, None), args.reps) * 1e3)
     return out
 
 

@@ -20,28 +20,4 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Relaxed fp32 atomic additions whose results are unused (reductions, RED): one value, and four consecutive ones at a
-// 16-byte aligned address (one vector reduction on sm_90, four scalar ones before). In the emulator threads are
-// fibers that switch only at barriers and shuffles, so plain additions are atomic there.
-__device__ __forceinline__ void red_add(float* p, float v) {
-#ifdef GAINRL_CUDA_EMULATOR
-  *p += v;
-#else
-  atomicAdd(p, v);
-#endif
-}
-
-__device__ __forceinline__ void red_add4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(GAINRL_CUDA_EMULATOR)
-  asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z),
-               "f"(v.w)
-               : "memory");
-#else
-  red_add(p, v.x);
-  red_add(p + 1, v.y);
-  red_add(p + 2, v.z);
-  red_add(p + 3, v.w);
-#endif
-}
-
 }  // namespace gainrl

@@ -1,11 +1,10 @@
 // Torch binding of the CUDA rows kernel of the fused RMSNorm + angle forward (csrc/rmsnorm_angle_kernels.cuh):
 //   rmsnorm_angle_rows_ext(x, weight, y!, rstd!, item_row0, item_nrows, item_seg, item_pair_end, part_sum!, part_q!,
-//                          part_adj!, eps, values_per_thread, stages, carry, unordered_k) -> ()
+//                          part_adj!, eps, values_per_thread, stages, carry) -> ()
 // fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
-// plan kernel (that module allocates everything and reduces the partials). unordered_k = K > 0: part_sum, part_q
-// and part_adj are the zeroed unit_sum [B * K, D], sq_norm [B * K] and adjacent [B] the items add into by atomics.
-// x [R, D] fp32 / fp16 / bf16 CUDA with unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and
-// at most 8192 (fp32: 4096); weight [D] contiguous.
+// plan kernel (that module allocates everything and reduces the partials). x [R, D] fp32 / fp16 / bf16 CUDA with
+// unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
+// contiguous.
 //
 // g++ only, CUDA build only (setup.py: *_cuda*.cpp). Every check and exception lives here; the nvcc-compiled
 // csrc/rmsnorm_angle_cuda.cu only returns a cudaError_t (see csrc/angle_stats_cuda_binding.cpp for why). No host
@@ -42,7 +41,7 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
                              const at::Tensor& item_row0, const at::Tensor& item_nrows, const at::Tensor& item_seg,
                              const at::Tensor& item_pair_end, at::Tensor& part_sum, at::Tensor& part_q,
                              at::Tensor& part_adj, double eps, int64_t values_per_thread, int64_t stages,
-                             bool carry, int64_t unordered_k) {
+                             bool carry) {
   GAINRL_CHECK(x.is_cuda() && x.dim() == 2, "x: expected a 2-D [R, D] CUDA tensor, got " + std::to_string(x.dim()) +
                                                 " dims on " + x.device().str());
   GAINRL_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x: expected unit column stride");
@@ -56,18 +55,9 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
   check_on(item_nrows, x, "item_nrows", at::kInt, grid);
   check_on(item_seg, x, "item_seg", at::kInt, grid);
   check_on(item_pair_end, x, "item_pair_end", at::kInt, grid);
-  GAINRL_CHECK(unordered_k >= 0 && unordered_k < (int64_t(1) << 31),
-               "unordered_k: expected 0 or the segments per sequence, got " + std::to_string(unordered_k));
-  if (unordered_k == 0) {
-    check_on(part_sum, x, "part_sum", at::kFloat, grid * D);
-    check_on(part_q, x, "part_q", at::kFloat, grid);
-    check_on(part_adj, x, "part_adj", at::kFloat, grid);
-  } else {  // the sums themselves: [B * K, D], [B * K], [B]
-    check_on(part_q, x, "part_q", at::kFloat, part_q.numel());
-    GAINRL_CHECK(part_q.numel() % unordered_k == 0, "part_q: expected B * unordered_k entries");
-    check_on(part_sum, x, "part_sum", at::kFloat, part_q.numel() * D);
-    check_on(part_adj, x, "part_adj", at::kFloat, part_q.numel() / unordered_k);
-  }
+  check_on(part_sum, x, "part_sum", at::kFloat, grid * D);
+  check_on(part_q, x, "part_q", at::kFloat, grid);
+  check_on(part_adj, x, "part_adj", at::kFloat, grid);
   GAINRL_CHECK(grid < (int64_t(1) << 31), "item_row0: more than 2^31 work items");
 
   ra::Args a{};
@@ -90,7 +80,6 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
   a.values_per_thread = static_cast<int>(values_per_thread);
   a.stages = static_cast<int>(stages);
   a.carry = carry;
-  a.unordered_k = static_cast<int>(unordered_k);
   GAINRL_CHECK(ra::supported(a, xt, wt),
                "rmsnorm_angle_rows_ext: unsupported rows (D = " + std::to_string(D) +
                    ": needs D a multiple of 16 bytes, D <= " +
@@ -108,7 +97,7 @@ TORCH_LIBRARY_FRAGMENT(gainrl, m) {
   m.def(
       "rmsnorm_angle_rows_ext(Tensor x, Tensor weight, Tensor(a!) y, Tensor(b!) rstd, Tensor item_row0, "
       "Tensor item_nrows, Tensor item_seg, Tensor item_pair_end, Tensor(c!) part_sum, Tensor(d!) part_q, "
-      "Tensor(e!) part_adj, float eps, int values_per_thread, int stages, bool carry, int unordered_k=0) -> ()");
+      "Tensor(e!) part_adj, float eps, int values_per_thread, int stages, bool carry) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gainrl, CUDA, m) { m.impl("rmsnorm_angle_rows_ext", &rmsnorm_angle_rows_cuda); }

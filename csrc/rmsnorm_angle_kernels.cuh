@@ -7,8 +7,7 @@
 //   rstd_t = rsqrt(Σ x_t² / D + eps),  y_t = round(w · round(x_t · rstd_t))  (round: to x's dtype, HF LlamaRMSNorm)
 // and, for a chunk inside a segment, of y as stored: Σ y_t / ‖y_t‖ (one fp32 partial row), Σ ‖y_t‖² / ‖y_t‖² and
 // Σ (y_t · y_{t+1}) / (‖y_t‖ ‖y_{t+1}‖) over the pairs with t + 1 < pair_end (the chunk's last pair reads the row
-// after it), with 1 / ‖y‖ = rsqrt(max(‖y‖², 1e-24)). With unordered_k = K > 0 (the module's opt-in _UNORDERED) a
-// chunk adds its sums into unit_sum / sq_norm / adjacent themselves by relaxed fp32 atomics instead (red_add4).
+// after it), with 1 / ‖y‖ = rsqrt(max(‖y‖², 1e-24)).
 //
 // Why a CUDA kernel beside the Triton one: an H100 profile of the Triton kernel at 64x4096x4096 bf16
 // (bench/results/profile_fused_h100_register_cap.txt) spends a third of its stalls waiting on global loads and a
@@ -25,7 +24,7 @@
 //     warps per SM, ~2000 warp instructions a row step (bench/cuda_rows_static.py);
 //   * a chunk in no segment takes a second copy of the row loop without the statistics (y and rstd only).
 // Thread i holds columns of vectors j * blockDim.x + i (coalesced), V = 16 / sizeof(T) values per vector, NV
-// vectors. Deterministic: fixed summation orders, no atomics (unless asked for the unordered statistics, below).
+// vectors. Deterministic: fixed summation orders, no atomics.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -252,7 +251,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
                 const int* __restrict__ item_pair_end, float* __restrict__ part_sum, float* __restrict__ part_q,
-                float* __restrict__ part_adj, int64_t R, int D, float eps, int unordered_k) {
+                float* __restrict__ part_adj, int64_t R, int D, float eps) {
   constexpr int V = 16 / sizeof(T);
   using Vec = Vec16<T>;
   using PairT = Pair<T>;
@@ -457,35 +456,20 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
             acc[j][e] = make_float2(fmaf(g.x, inv_prev, acc[j][e].x), fmaf(g.y, inv_prev, acc[j][e].y));
           }
       }
-      // unordered_k > 0: added into the segment's sums (part_sum is unit_sum [B * K, D], part_q sq_norm [B * K],
-      // part_adj adjacent [B], K = unordered_k) by relaxed atomics, in no fixed order; else the item's partials
-      const bool add = unordered_k > 0;
-      const int seg = item_seg[item];  // read again here: a register less through the row loop
-      float* out = part_sum + int64_t(add ? seg : item) * D;
+      float* out = part_sum + int64_t(item) * D;
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
         const int vi = j * threads + tid;
         if (vi < n_vec) {
 #pragma unroll
-          for (int e = 0; e < P; e += 2) {
-            float* o = out + int64_t(vi) * V + 2 * e;
-            const float4 v = make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
-            if (add) {
-              red_add4(o, v);
-            } else {
-              *reinterpret_cast<float4*>(o) = v;
-            }
-          }
+          for (int e = 0; e < P; e += 2)
+            *reinterpret_cast<float4*>(out + int64_t(vi) * V + 2 * e) =
+                make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
         }
       }
       if (tid == 0) {
-        if (add) {
-          red_add(part_q + seg, q);
-          red_add(part_adj + seg / unordered_k, adj);
-        } else {
-          part_q[item] = q;
-          part_adj[item] = adj;
-        }
+        part_q[item] = q;
+        part_adj[item] = adj;
       }
     }
   };
@@ -523,7 +507,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   emu_cp_async_reset(threads);
   gainrl_emu::launch_smem(smem, kernel, dim3(static_cast<unsigned>(a.grid)), dim3(threads), x, a.stride_r,
                           a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.unordered_k);
+                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
   return cudaSuccess;
 #else
   // Opt in to this much dynamic shared memory, once per device and size (then graph-capture safe), whatever the
@@ -542,7 +526,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   }
   kernel<<<dim3(static_cast<unsigned>(a.grid)), dim3(threads), smem, stream>>>(
       x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.unordered_k);
+      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
   return cudaGetLastError();
 #endif
 }

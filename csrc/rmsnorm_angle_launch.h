@@ -38,12 +38,10 @@ struct Args {
   const int* item_seg;
   const int* item_pair_end;
   int64_t grid;
-  // per item with statistics: part_sum [grid, D] f32, part_q [grid], part_adj [grid]; or with unordered_k > 0 the
-  // outputs the items add into by atomics (in no fixed order): unit_sum [B * K, D], sq_norm [B * K], adjacent [B]
+  // per item with statistics: part_sum [grid, D] f32, part_q [grid], part_adj [grid]
   float* part_sum;
   float* part_q;
   float* part_adj;
-  int unordered_k;  // 0: partials per item; K > 0: the segments per sequence of the sums added into
   int64_t R, D;
   float eps;
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
@@ -68,8 +66,7 @@ inline bool supported(const Args& a, DType x_dtype, DType w_dtype) {
   return a.D > 0 && a.D <= max_dim(x_dtype, a.values_per_thread) && a.D % vec == 0 &&
          (a.stride_r * element_size(x_dtype)) % 16 == 0 &&
          aligned(a.x) && aligned(a.y) && aligned(a.weight) && (a.D * element_size(w_dtype)) % 16 == 0 &&
-         (a.values_per_thread == 16 || a.values_per_thread == 32) && a.stages >= 2 && a.stages <= 4 &&
-         a.unordered_k >= 0;
+         (a.values_per_thread == 16 || a.values_per_thread == 32) && a.stages >= 2 && a.stages <= 4;
 }
 
 // Enqueues the rows kernel on `stream` and returns cudaGetLastError() (cudaErrorInvalidValue, launching nothing,

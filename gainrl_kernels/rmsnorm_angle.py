@@ -27,7 +27,7 @@ Shapes and dtypes:
                  by :func:`padded_to_cu_seqlens` for padded [N, L, D] batches. Each sequence must occupy
                  consecutive rows in order (left or right padding). None: packed token t is row t.
 
-Forward algorithm (three launches with statistics, one without; no host sync, no atomics unless ``_UNORDERED``):
+Forward algorithm (three launches with statistics, one without; no host sync, no atomics):
   * ``_plan_kernel`` builds the work list on the device: per sequence the regions gap (rows in no
     sequence, e.g. padding), [0, o_0), the K segments [o_k, o_k+1), [o_K, len), then the gap after the last
     sequence; each region cut into chunks of at most ``chunk`` rows (256, fewer when there are under ~4 chunks
@@ -55,10 +55,6 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
     deterministic (bitwise run to run). ``count`` is exact integer arithmetic on the clamped offsets.
-  * Opt-in, off (``_UNORDERED``; no faster on an H200): chunks of at most ``_UNORDERED_CHUNK`` rows, each adding
-    its sums into the outputs (zeroed by the plan kernel) by relaxed fp32 atomics (vector reductions on sm_90)
-    instead of writing partials, and no reduce launch: two launches in all; the statistics then vary in their last
-    bits run to run.
 Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
 rounding is done on the fp32 bits (below).
 
@@ -239,17 +235,15 @@ def _rms_out(x, rstd, w, YT: tl.constexpr, NATIVE_CAST: tl.constexpr):
 def _plan_kernel(
     cu_ptr, off_ptr, tok_ptr, n_packed, B, R, chunk, grid,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr,
-    unit_sum_ptr, sq_norm_ptr, adjacent_ptr, n_sum,
     K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_I: tl.constexpr, ZERO: tl.constexpr = False,
+    BLOCK_I: tl.constexpr,
 ):
     """The forward's work list (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the last sequence end
     and the chunk count across blocks, each region's chunks written BLOCK_C at a time; then spare items (0 rows)
     up to ``grid``. Every program computes the same regions and counts (a few loads per sequence) and writes its
     share of the chunks: program p the columns [p BLOCK_C, p BLOCK_C + BLOCK_C) of every region (then every
     n_programs-th such block), so short chunks (many per region) are written in parallel; program 0 writes the
-    per-segment entries. ZERO (the unordered statistics, which the chunks add into): also zeroes unit_sum (n_sum
-    values, a share per program), sq_norm and adjacent, so that they need no launches of their own."""
+    per-segment entries."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     zero = tl.zeros([BLOCK_B], dtype=tl.int64)
@@ -276,12 +270,8 @@ def _plan_kernel(
             lo, hi, m, o = _next_region(r, hi, m, start, length, off_ptr, bi, ok, R, K, HAS_OFF)
             if r >= 2 and r <= K + 1:
                 tl.store(count_ptr + bi * K + (r - 2), tl.maximum(o - o_prev, 0).to(tl.int32), mask=ok & first_prog)
-                if ZERO:
-                    tl.store(sq_norm_ptr + bi * K + (r - 2), tl.zeros([BLOCK_B], tl.float32), mask=ok & first_prog)
             n_seq += tl.where(ok, (tl.maximum(hi - lo, 0) + chunk - 1) // chunk, 0)
         pair_end = start + m  # pairs (t, t+1) count while t + 1 < o_K
-        if ZERO:
-            tl.store(adjacent_ptr + bi, tl.zeros([BLOCK_B], tl.float32), mask=ok & first_prog)
         # first chunk of each sequence: exclusive prefix sum over the block, plus the carry
         base = n_items + tl.cumsum(n_seq, 0) - n_seq
         n_items += tl.sum(n_seq, axis=0)
@@ -324,10 +314,6 @@ def _plan_kernel(
         tl.store(item_nrows_ptr + item, tl.minimum(tl.maximum(R - row0, 0), chunk).to(tl.int32), mask=mine)
         tl.store(item_seg_ptr + item, tl.full([BLOCK_I], -1, tl.int32), mask=mine)
         tl.store(item_pair_end_ptr + item, tl.zeros([BLOCK_I], dtype=tl.int32), mask=mine)
-    if ZERO:
-        zi = tl.arange(0, BLOCK_I)
-        for z0 in range(pid * BLOCK_I, n_sum, n_prog * BLOCK_I):
-            tl.store(unit_sum_ptr + z0 + zi, tl.zeros([BLOCK_I], tl.float32), mask=z0 + zi < n_sum)
 
 
 @triton.jit
@@ -450,37 +436,15 @@ def _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS: tl.constexp
 
 
 @triton.jit
-def _put_row(part_sum_ptr, pid, seg, D, cols, c_ok, v, ATOMIC: tl.constexpr):
-    """A chunk's Σ u over columns ``cols`` (fp32): its partial row (row ``pid`` of part_sum [G, D]) or, ATOMIC, added
-    into its segment's sum (row ``seg`` of unit_sum [B*K, D]) by relaxed fp32 atomics, in no fixed order."""
-    if ATOMIC:
-        tl.atomic_add(part_sum_ptr + seg.to(tl.int64) * D + cols, v, mask=c_ok, sem="relaxed")
-    else:
-        tl.store(part_sum_ptr + pid.to(tl.int64) * D + cols, v, mask=c_ok)
-
-
-@triton.jit
-def _put_scalars(part_q_ptr, part_adj_ptr, pid, seg, nseg, q, adj, ATOMIC: tl.constexpr):
-    """A chunk's Σ ||u||² and pair sum: its partials (entry ``pid``) or, ATOMIC, added into sq_norm [B*K] at ``seg``
-    and adjacent [B] at its sequence ``seg // nseg``."""
-    if ATOMIC:
-        tl.atomic_add(part_q_ptr + seg, q, sem="relaxed")
-        tl.atomic_add(part_adj_ptr + seg // nseg, adj, sem="relaxed")
-    else:
-        tl.store(part_q_ptr + pid, q)
-        tl.store(part_adj_ptr + pid, adj)
-
-
-@triton.jit
 def _fwd_rows_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
     part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, eps, chunk, nseg,
+    R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFETCH: tl.constexpr = 0, PREFETCH_L1: tl.constexpr = False, X_EVICT: tl.constexpr = "",
-    PIPELINE: tl.constexpr = 0, BLOCK_D2: tl.constexpr = 0, ATOMIC: tl.constexpr = False,
+    PIPELINE: tl.constexpr = 0, BLOCK_D2: tl.constexpr = 0,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -607,7 +571,7 @@ def _fwd_rows_kernel(
                         inv = _inv_norm(tl.sum(y * y, axis=1), RSQRT_INV)
                         adj_acc += tl.sum(y * y_prev, axis=1) * inv_prev * inv
                 if BLOCK_D2 > 0:
-                    _put_row(part_sum_ptr, pid, seg, D, d2, d2_ok, tl.sum(acc2, axis=0), ATOMIC)
+                    tl.store(part_sum_ptr + pid.to(tl.int64) * D + d2, tl.sum(acc2, axis=0), mask=d2_ok)
             else:
                 for r0 in range(row0, row_end, BLOCK_T):
                     rows = r0 + t
@@ -630,9 +594,9 @@ def _fwd_rows_kernel(
                     acc += y * inv[:, None]  # masked rows are 0
                     q_acc += tl.where(r_ok, nn * inv * inv, 0.0)
                     adj_acc += tl.where(p_ok, tl.sum(y * y1, axis=1) * inv * inv1, 0.0)
-            _put_row(part_sum_ptr, pid, seg, D, dd, d_ok, tl.sum(acc, axis=0), ATOMIC)
-            _put_scalars(part_q_ptr, part_adj_ptr, pid, seg, nseg, tl.sum(q_acc, axis=0), tl.sum(adj_acc, axis=0),
-                         ATOMIC)
+            tl.store(part_sum_ptr + pid.to(tl.int64) * D + dd, tl.sum(acc, axis=0), mask=d_ok)
+            tl.store(part_q_ptr + pid, tl.sum(q_acc, axis=0))
+            tl.store(part_adj_ptr + pid, tl.sum(adj_acc, axis=0))
         else:
             for r0 in range(row0, row_end, BLOCK_T):
                 rows = r0 + t
@@ -660,10 +624,9 @@ def _fwd_sliced_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr,
     part_sum_ptr, part_q_ptr, part_adj_ptr,
-    R, D, stride_r, eps, chunk, nseg,
+    R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ATOMIC: tl.constexpr = False,
 ):
     """Any D: one chunk of BLOCK_T rows per program, three passes over BLOCK_D column slices (rows too wide for
     registers). Pass A sums x² (rows t and t+1), pass B writes y and sums ||y_t||², ||y_{t+1}||², y_t . y_{t+1},
@@ -727,10 +690,10 @@ def _fwd_sliced_kernel(
             sq = tl.sum(nn, axis=1)
             inv = _inv_norm(sq, RSQRT_INV)
             inv1 = _inv_norm(tl.sum(nn1, axis=1), RSQRT_INV)
-            q = tl.sum(tl.where(r_ok, sq * inv * inv, 0.0), axis=0)
-            adj = tl.sum(tl.where(p_ok, tl.sum(dot, axis=1) * inv * inv1, 0.0), axis=0)
-            _put_scalars(part_q_ptr, part_adj_ptr, pid, seg, nseg, q, adj, ATOMIC)
+            tl.store(part_adj_ptr + pid, tl.sum(tl.where(p_ok, tl.sum(dot, axis=1) * inv * inv1, 0.0), axis=0))
+            tl.store(part_q_ptr + pid, tl.sum(tl.where(r_ok, sq * inv * inv, 0.0), axis=0))
             # pass C: the chunk's sum of unit vectors
+            part_row = part_sum_ptr + pid.to(tl.int64) * D
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_ok = dd < D
@@ -738,7 +701,7 @@ def _fwd_sliced_kernel(
                 x = tl.load(x_ptr + x_off[:, None] + dd[None, :], mask=r_ok[:, None] & d_ok[None, :],
                             other=0.0).to(tl.float32)
                 u = _rms_out(x, rstd, w, YT, NATIVE_CAST) * inv[:, None]
-                _put_row(part_sum_ptr, pid, seg, D, dd, d_ok, tl.sum(u, axis=0), ATOMIC)
+                tl.store(part_row + dd, tl.sum(u, axis=0), mask=d_ok)
 
 
 @triton.jit
@@ -921,15 +884,6 @@ _MAX_CHUNK = 256
 # 1.436), 16x4096x5120 0.508 -> 0.446, 16x4096x2048 0.197 -> 0.182, 8x2048x896 0.0275 -> 0.0228 ms
 # (bench/results/fused_variants_h100_register_cap.json, variants bare_chunk_*; fused_variants_h100.json: today's)
 _BARE_MAX_CHUNK = 1
-# Statistics in no fixed summation order (an opt-in experiment, off by default): each chunk adds its Σ u, Σ ||u||²
-# and pair sum straight into unit_sum / sq_norm / adjacent (zeroed first) by relaxed fp32 atomics (vector reductions
-# on sm_90, held in the L2) instead of writing partials for the reduce kernel, which is not launched. The results
-# agree with the deterministic forward's to fp32 rounding but vary from run to run in the last bits. Timed on an
-# H200 (docs/fused_forward.md "session 22"): the L2 retires the reductions too slowly for the short chunks this was
-# meant for (64x4096x4096: 4-row chunks 2.1x the bare kernel, 8-row 1.56x); 64-row chunks tie with the ordered
-# default (1.105 against 1.106) and are 2-3 points faster at 16x4096. Kept for bench/fused_variants.py's unordered_*.
-_UNORDERED = False
-_UNORDERED_CHUNK = 64
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
 # sums a stacked tensor in another order than tl.sum)
@@ -1067,7 +1021,7 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
         return _FwdConfig(False, block_t, block_t, block_d, warps)
     block_t = 1 if block_d >= _ROWS_ONE_ROW_MIN_D else max(1, min(16, _ROWS_TILE // block_d))
     target = _fill_target(device)
-    chunk = (_UNORDERED_CHUNK if _UNORDERED else _MAX_CHUNK) if stats else _BARE_MAX_CHUNK
+    chunk = _MAX_CHUNK if stats else _BARE_MAX_CHUNK
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
     maxnreg = None
@@ -1101,9 +1055,6 @@ class _Plan(NamedTuple):
     seg_hi: torch.Tensor  # [B * K] int32 one past its last chunk
     count: torch.Tensor  # [B, K] int32
     nseg: int
-    # unordered statistics (``_UNORDERED``): unit_sum [B, K, D], sq_norm [B, K], adjacent [B] f32, zeroed by the plan
-    # kernel, which the chunks add into; None: the forward writes partials and the reduce kernel sums them
-    sums: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1140,8 +1091,6 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
-    sums = _unordered_sums(batch, nseg, dim, dev) if _UNORDERED and rows > 0 else None  # zeroed by the plan kernel
-    zero_into = sums or (torch.empty(0, dtype=torch.float32, device=dev),) * 3
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
     block_c = max(1, _PLAN_TILE // block_b)
     # programs: enough that each writes one column block of the longest possible region (rows / chunk chunks), but
@@ -1150,18 +1099,11 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     _plan_kernel[(max(1, programs),)](
         cu, seg_offsets if seg_offsets is not None else cu, token_index if token_index is not None else cu,
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
-        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, *zero_into, zero_into[0].numel(),
+        items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, ZERO=sums is not None,
+        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024,
     )
-    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg, sums)
-
-
-def _unordered_sums(batch: int, nseg: int, dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The unordered statistics' outputs, uninitialised (the plan kernel zeroes them): unit_sum [B, K, D],
-    sq_norm [B, K], adjacent [B] f32."""
-    f32 = dict(dtype=torch.float32, device=device)
-    return torch.empty(batch, nseg, dim, **f32), torch.empty(batch, nseg, **f32), torch.empty(batch, **f32)
+    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1212,41 +1154,36 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     rstd = torch.empty(rows, dtype=torch.float32, device=dev)
     batch, nseg = plan.count.shape
     stats = stats and batch * nseg > 0 and rows > 0
-    unordered = stats and plan.sums is not None
-    if unordered:  # the plan's zeroed sums (only planned for rows > 0): the chunks add into them, no reduce
-        unit_sum, sq_norm, adjacent = part_sum, part_q, part_adj = plan.sums
-    else:  # with statistics the reduce kernel writes every entry
-        alloc = torch.empty if stats else torch.zeros
-        unit_sum = alloc(batch, nseg, dim, dtype=torch.float32, device=dev)
-        sq_norm = alloc(batch, nseg, dtype=torch.float32, device=dev)
-        adjacent = alloc(batch, dtype=torch.float32, device=dev)
-        if rows == 0:
-            return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
-        if stats:
-            part_sum = torch.empty(plan.grid, dim, dtype=torch.float32, device=dev)
-            part_q = torch.empty(plan.grid, dtype=torch.float32, device=dev)
-            part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
-        else:
-            part_sum = part_q = part_adj = rstd  # never touched
+    alloc = torch.empty if stats else torch.zeros  # with statistics the reduce kernel writes every entry
+    unit_sum = alloc(batch, nseg, dim, dtype=torch.float32, device=dev)
+    sq_norm = alloc(batch, nseg, dtype=torch.float32, device=dev)
+    adjacent = alloc(batch, dtype=torch.float32, device=dev)
+    if rows == 0:
+        return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
+    if stats:
+        part_sum = torch.empty(plan.grid, dim, dtype=torch.float32, device=dev)
+        part_q = torch.empty(plan.grid, dtype=torch.float32, device=dev)
+        part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
+    else:
+        part_sum = part_q = part_adj = rstd  # never touched
     cfg = plan.cfg
     if stats and cfg.rows and _cuda_rows_take(x2d, weight):
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, nseg if unordered else 0)
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry)
     else:
-        _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj, unordered)
-    if stats and not unordered:
+        _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
+    if stats:
         _reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
 
 
 def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor,
                            plan: _Plan, stats: bool, eps: float, part_sum: torch.Tensor, part_q: torch.Tensor,
-                           part_adj: torch.Tensor, unordered: bool = False) -> None:
+                           part_adj: torch.Tensor) -> None:
     """One launch of the Triton forward the plan's config picks (whole rows or column slices), into y, rstd and the
-    partials; ``unordered``: the statistics added into unit_sum, sq_norm and adjacent (given as part_*) by
-    atomics."""
+    partials."""
     rows, dim = x2d.shape
     cfg = plan.cfg
     kernel = _fwd_rows_kernel if cfg.rows else _fwd_sliced_kernel
@@ -1254,8 +1191,8 @@ def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Ten
         x2d, weight, y, rstd,
         plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
         part_sum, part_q, part_adj,
-        rows, dim, x2d.stride(0), float(eps), cfg.chunk, plan.nseg,
-        YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda, ATOMIC=unordered,
+        rows, dim, x2d.stride(0), float(eps), cfg.chunk,
+        YT=_TL_DTYPE[x2d.dtype], STATS=stats, NATIVE_CAST=x2d.is_cuda,
         JOINT_SUMS=x2d.is_cuda if _JOINT_SUMS is None else _JOINT_SUMS,
         **_rsqrt_forms(x2d.is_cuda),
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,

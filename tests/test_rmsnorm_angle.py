@@ -330,22 +330,18 @@ def test_odd_chunks(chunk, one_row_min_d, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, cu, off))
 
 
-@pytest.mark.parametrize("unordered", [False, True], ids=["ordered", "unordered"])
 @pytest.mark.parametrize("seed", range(6))
-def test_forward_random_batches(seed, unordered, monkeypatch):
+def test_forward_random_batches(seed, monkeypatch):
     """The fused forward on random ragged batches: dtype, D, sequence lengths (empty ones included), segment offsets
     anywhere in [0, len] (rows before, between and after the segments), rows in no sequence, packed or padded
     (``token_index``), rows per chunk at most 1, 2, 5 or 16, drawn from the seed; y against the reference and the
-    bare kernel's, the statistics those of y. ``unordered``: the chunks add their statistics by atomics
-    (``_UNORDERED``), no reduce."""
+    bare kernel's, the statistics those of y."""
     g = torch.Generator().manual_seed(200 + seed)
     pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
     dtype = pick([torch.bfloat16, torch.float16, torch.float32])
     dim = int(torch.randint(8, 80, (1,), generator=g))
     chunk = pick([1, 2, 5, 16])
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", chunk)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED", unordered)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED_CHUNK", chunk)
     n_seq, n_seg = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
     lens = torch.randint(0, 30, (n_seq,), generator=g)
     off = torch.sort(torch.randint(0, 31, (n_seq, n_seg + 1), generator=g), dim=1).values
@@ -400,15 +396,6 @@ def test_plan_programs_share_the_writes(n_seq, chunk, padded, monkeypatch):
     for a, b in zip(one, many):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
-    # the unordered plan: the same items, and its programs zero every entry of the sums (allocated poisoned)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED", True)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED_CHUNK", chunk)
-    real_sums = rmsnorm_module._unordered_sums
-    monkeypatch.setattr(rmsnorm_module, "_unordered_sums",
-                        lambda *a: tuple(t.fill_(float("nan")) for t in real_sums(*a)))
-    zeroed = rmsnorm_module._stats_plan(x, cu, off, tok)
-    assert torch.equal(zeroed.item_row0, one.item_row0) and torch.equal(zeroed.item_seg, one.item_seg)
-    assert zeroed.sums is not None and all(torch.equal(t, torch.zeros_like(t)) for t in zeroed.sums)
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 128])
@@ -501,43 +488,6 @@ def test_long_sequence_crosses_chunks(fwd_kernel, monkeypatch):
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)
     torch.testing.assert_close(y, rmsnorm_reference(x, w, EPS), **ulp_tol(torch.bfloat16))
     assert_stats_close(stats, angle_stats_reference(y, cu, off))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_unordered_statistics(packed, fwd_kernel, dtype, monkeypatch):
-    """``_UNORDERED``: each chunk (at most 3 rows here, so many per segment) adds its sums into the zeroed outputs by
-    atomics and no reduce runs. y is bitwise the ordered forward's, the statistics those of y (float64 reference)
-    and the ordered ones within fp32 rounding, counts exact; also padded, non-contiguous and in no segment."""
-    x = packed["x"].to(dtype)
-    w = weight_of(DIM, dtype)
-    cu, off = packed["cu"], packed["off"]
-    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED", True)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED_CHUNK", 3)
-    real_sums = rmsnorm_module._unordered_sums  # allocated poisoned: the plan kernel must zero every entry
-    monkeypatch.setattr(rmsnorm_module, "_unordered_sums",
-                        lambda *a: tuple(t.fill_(float("nan")) for t in real_sums(*a)))
-    plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
-    assert plan.cfg.chunk <= max(3, plan.cfg.block_t)  # (the sliced kernel: its own BLOCK_T rows)
-    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
-    assert torch.equal(y, y0) and torch.equal(stats.count, s0.count)
-    assert_stats_close(stats, angle_stats_reference(y, cu, off))
-    for a, b in zip(stats, s0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
-    assert plan.sums is not None and all(not t.isnan().any() for t in plan.sums)  # zeroed, then added into
-    wide = torch.zeros(x.shape[0], 2 * DIM, dtype=dtype, device=DEV)
-    wide[:, ::2] = x
-    y1, s1 = rmsnorm_angle(wide[:, ::2], w, EPS, cu, off)
-    torch.testing.assert_close(y1, y, rtol=1e-6, atol=1e-6)
-    for a, b in zip(s1, stats):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
-    y2, s2 = rmsnorm_angle(x, w, EPS, cu, torch.zeros_like(off))  # every segment empty: zeros, nothing added
-    assert torch.equal(y2, y) and not s2.unit_sum.any() and not s2.sq_norm.any() and not s2.adjacent.any()
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0], [0] * 7, [1] * 7], device=DEV)
-    cu_p, tok = padded_to_cu_seqlens(mask)
-    xp = concentrated((4, 7), DIM, seed=9).to(DEV, dtype)
-    yp, sp = rmsnorm_angle(xp, w, EPS, cu_p, None, tok)
-    assert_stats_close(sp, angle_stats_reference(yp, cu_p, None, tok))
 
 
 def test_non_contiguous_input(packed, fwd_kernel):

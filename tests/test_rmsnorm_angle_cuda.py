@@ -42,12 +42,12 @@ namespace ra = gainrl::rmsnorm_angle;
 extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
                         float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
                         int64_t grid, float* part_sum, float* part_q, float* part_adj, int64_t R, int64_t D,
-                        float eps, int values_per_thread, int stages, int carry, int unordered_k) {
+                        float eps, int values_per_thread, int stages, int carry) {
   ra::Args a{};
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
   a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
   a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
-  a.values_per_thread = values_per_thread; a.stages = stages; a.carry = carry != 0; a.unordered_k = unordered_k;
+  a.values_per_thread = values_per_thread; a.stages = stages; a.carry = carry != 0;
   try {
     return static_cast<int>(ra::launch_rmsnorm_angle_rows(a, static_cast<ra::DType>(x_dtype),
                                                           static_cast<ra::DType>(w_dtype), nullptr));
@@ -80,7 +80,7 @@ def emulator(tmp_path_factory):
     lib.emu_rows.argtypes = (
         [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         + [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-        + [ctypes.c_float] + [ctypes.c_int] * 4
+        + [ctypes.c_float] + [ctypes.c_int] * 3
     )
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_last_launch.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_size_t)]
@@ -102,29 +102,22 @@ def copies(request, emulator):
 def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: int = 32, stages: int = 3,
                      carry: bool = False):
     """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
-    emulated kernel on outputs poisoned with NaN, the Triton reduce. With ``_UNORDERED`` set the kernel adds into
-    the plan's zeroed statistics itself (no reduce). Raises RuntimeError when the launcher refuses."""
+    emulated kernel on outputs poisoned with NaN, the Triton reduce. Raises RuntimeError when the launcher
+    refuses."""
     plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
     rows, dim = x2d.shape
     batch, nseg = plan.count.shape
     y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
     rstd = torch.full((rows,), float("nan"))
-    unordered = plan.sums is not None
-    if unordered:  # the outputs themselves, zeroed by the plan kernel
-        part_sum, part_q, part_adj = plan.sums
-    else:
-        part_sum = torch.full((plan.grid, dim), float("nan"))
-        part_q = torch.full((plan.grid,), float("nan"))
-        part_adj = torch.full((plan.grid,), float("nan"))
+    part_sum = torch.full((plan.grid, dim), float("nan"))
+    part_q = torch.full((plan.grid,), float("nan"))
+    part_adj = torch.full((plan.grid,), float("nan"))
     items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
     rc = lib.emu_rows(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
                       y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(),
-                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry),
-                      nseg if unordered else 0)
+                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry))
     if rc != 0:
         raise RuntimeError(f"emulated launch refused: {rc}")
-    if unordered:
-        return y, rstd, rmsnorm_module.AngleStats(part_sum, plan.count, part_q, part_adj)
     unit_sum = torch.empty(batch, nseg, dim)
     sq_norm = torch.empty(batch, nseg)
     adjacent = torch.empty(batch)
@@ -251,33 +244,6 @@ def test_emulated_random_batches(emulator, seed, monkeypatch):
     y, rstd, stats = emulated_forward(emulator, x, w, cu, off, values=values, stages=pick([2, 3, 4]), carry=carry)
     assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, off)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_emulated_unordered_statistics(emulator, seed, monkeypatch):
-    """``_UNORDERED``: each chunk adds its sums into the zeroed outputs by atomics (chunks of 1-8 rows, so many
-    chunks add into each segment), no reduce: y and rstd bitwise the ordered forward's, the statistics those of y
-    (float64 reference) and within fp32 rounding of the ordered ones; random ragged batches as above, K = 1-3."""
-    g = torch.Generator().manual_seed(300 + seed)
-    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
-    dtype = pick(DTYPES)
-    dim = 16 * int(torch.randint(1, 20, (1,), generator=g))
-    n_seq, n_seg = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
-    lens = torch.randint(0, 30, (n_seq,), generator=g)
-    off = torch.sort(torch.randint(0, 31, (n_seq, n_seg + 1), generator=g), dim=1).values
-    off = torch.minimum(off, lens[:, None]).to(torch.int32)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
-    x = concentrated((int(cu[-1]) + 2,), dim, seed=seed).to(dtype)
-    w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(dtype)
-    tuning = dict(values=pick([16, 32]), stages=pick([2, 3, 4]), carry=bool(torch.randint(2, (1,), generator=g)))
-    y0, r0, s0 = emulated_forward(emulator, x, w, cu, off, **tuning)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED", True)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED_CHUNK", pick([1, 2, 3, 8]))
-    y, rstd, stats = emulated_forward(emulator, x, w, cu, off, **tuning)
-    assert torch.equal(y, y0) and torch.equal(rstd, r0)
-    assert_stats(stats, y, cu, off)
-    for a, b in zip(stats, s0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
@@ -477,32 +443,3 @@ def test_cuda_rows_deterministic_and_graph_capture(dim):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y0, y2) and all(torch.equal(a, b) for a, b in zip(s0, s2))
-
-
-@needs_cuda_rows
-@pytest.mark.parametrize("cuda_rows", [True, False], ids=["cuda_rows", "triton_rows"])
-@pytest.mark.parametrize("dim,chunk", [(896, 2), (4096, 4), (4096, 16), (5120, 8)])
-def test_unordered_statistics_on_gpu(dim, chunk, cuda_rows, monkeypatch):
-    """``_UNORDERED`` on the GPU (real atomics: vector reductions on sm_90), CUDA and Triton rows kernels: y bitwise
-    the ordered forward's, the statistics those of y and the ordered ones within fp32 rounding (atomics in any
-    order), the same replayed from a CUDA graph (the zeroing of the outputs is captured with it)."""
-    x, w, cu, off = batch(dim, torch.bfloat16, seed=dim + chunk, strided=True, device="cuda")
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS", cuda_rows)
-    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED", True)
-    monkeypatch.setattr(rmsnorm_module, "_UNORDERED_CHUNK", chunk)
-    assert rmsnorm_module._cuda_rows_take(x, w) == cuda_rows
-    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
-    assert torch.equal(y, y0) and torch.equal(stats.count, s0.count)
-    assert_stats(stats, y.cpu(), cu.cpu(), off.cpu())
-    for a, b in zip(stats, s0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y2, s2 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
-    for _ in range(2):  # replayed twice: the sums start from zero each time
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y2, y)
-    for a, b in zip(s2, stats):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)

@@ -127,7 +127,7 @@ RMSNORM_SPLIT_DIMS = (5120, 6144)  # 4096 + 1024 and 4096 + 2048
 RMSNORM_FWD_SIG = dict(x_ptr="*{dt}", w_ptr="*{dt}", y_ptr="*{dt}", rstd_ptr="*fp32", item_row0_ptr="*i32",
                        item_nrows_ptr="*i32", item_seg_ptr="*i32", item_pair_end_ptr="*i32", part_sum_ptr="*fp32",
                        part_q_ptr="*fp32", part_adj_ptr="*fp32", R="i32", D="i32", stride_r="i64", eps="fp32",
-                       chunk="i32", nseg="i32")
+                       chunk="i32")
 
 
 def contiguous_launch_hints(signature: dict) -> list[str]:
@@ -159,17 +159,15 @@ def _rmsnorm_angle_cases():
             sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
             hints = contiguous_launch_hints(sig) if aligned else []
             cap = f"-R{cfg.maxnreg}" if cfg.maxnreg else ""
-            # with statistics also the unordered ones (_UNORDERED): the same config, atomics for the partial stores
-            for tag, atomic in ((f"stats{int(stats)}", False),) + ((("unordered", True),) if stats else ()):
-                yield Case(
-                    f"rmsnorm_fwd_{kind}-{dt}-{tag}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}{cap}"
-                    f"-{'aligned' if aligned else 'unaligned'}",
-                    M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
-                    dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                         RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, ATOMIC=atomic,
-                         __aligned__=hints, **(M._rows_tuning(cfg, False) if cfg.rows else {})),
-                    cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
-                )
+            yield Case(
+                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}{cap}"
+                f"-{'aligned' if aligned else 'unaligned'}",
+                M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
+                dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
+                     RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+                     __aligned__=hints, **(M._rows_tuning(cfg, False) if cfg.rows else {})),
+                cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
+            )
             if stats and cfg.rows and cfg.block_t == 1 and cfg.block_d == 4096 and aligned:
                 # the cache variants at the goal width: the prefetch (_PREFETCH_ROWS, inline PTX) and the
                 # software-pipelined loop (_PIPELINE_STAGES, cp.async) lower without spills
@@ -177,7 +175,7 @@ def _rmsnorm_angle_cases():
                     yield Case(
                         f"rmsnorm_fwd_rows-{dt}-{tag}-BD{cfg.block_d}-W{cfg.num_warps}{cap}", M._fwd_rows_kernel, sig,
                         dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                             RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, ATOMIC=False, __aligned__=hints,
+                             RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, __aligned__=hints,
                              **{**M._rows_tuning(cfg, False), **tuning}),
                         cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
                     )
@@ -188,7 +186,7 @@ def _rmsnorm_angle_cases():
             yield Case(
                 f"rmsnorm_fwd_rows-{dt}-split-BD{cfg.block_d}+{cfg.block_d2}-W{cfg.num_warps}", M._fwd_rows_kernel,
                 sig, dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
-                          RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, ATOMIC=False,
+                          RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d,
                           __aligned__=contiguous_launch_hints(sig), **M._rows_tuning(cfg, False)),
                 cfg.num_warps,
             )
@@ -226,19 +224,16 @@ def _rmsnorm_angle_cases():
                 cfg.num_warps, cfg.maxnreg, None if len(set(archs)) == len(TARGETS) else tuple(sorted(set(archs))),
                 None if cfg.blocked else M._bwd_shared_bytes(cfg, size, cfg.stages),
             )
-    # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256); for the
-    # unordered statistics the kernel also zeroes the sums (ZERO)
-    for zero in (False, True):
-        for (n_seg, has_off, has_tok), block_b in zip(((1, False, False), (3, True, True)), (16, 256)):
-            yield Case(
-                f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}-zero{int(zero)}", M._plan_kernel,
-                dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
-                     grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
-                     item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32",
-                     unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", n_sum="i32"),
-                dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=M._PLAN_TILE // block_b,
-                     BLOCK_I=1024, ZERO=zero), 4,
-            )
+    # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256)
+    for (n_seg, has_off, has_tok), block_b in zip(((1, False, False), (3, True, True)), (16, 256)):
+        yield Case(
+            f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}", M._plan_kernel,
+            dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
+                 grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
+                 item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32"),
+            dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=M._PLAN_TILE // block_b,
+                 BLOCK_I=1024), 4,
+        )
     yield Case(
         "rmsnorm_reduce", M._reduce_kernel,
         dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", seg_lo_ptr="*i32", seg_hi_ptr="*i32",
