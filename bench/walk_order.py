@@ -543,12 +543,17 @@ def _throttle_launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, o: Order
     return _throttle_kernel[(programs,)](*args, **meta)
 
 
+def gave_up(o: Order, scratch: Scratch, when: str) -> None:
+    """Raises if a wait of an order that waits (sync, throttle) gave up: its err flag is set (one host sync, after
+    the launch, never inside the timing)."""
+    if (o.sync or o.throttle > 0) and scratch.err.item():
+        raise RuntimeError(f"a wait gave up{when} (err flag set)")
+
+
 def check_sync(y: torch.Tensor, o: Order, scratch: Scratch) -> str:
     """The sync and atomic orders' segment sums of y_t / ||y_t|| against torch (fp32 sums: 1e-4 relative): "ok" or
-    what differs (recorded; the order is timed either way, its bytes do not depend on it). Raises if a wait gave
-    up. The nosync and unflushed orders add nothing: "not combined"."""
-    if scratch.err.item():
-        raise RuntimeError("a sync wait gave up (err flag set)")
+    what differs (recorded; the order is timed either way, its bytes do not depend on it). The nosync and
+    unflushed orders add nothing: "not combined"."""
     if o.sync not in ("", "sync") or o.atomic not in ("", "atomic"):
         return "not combined"
     return compare_block_sums(y, sync_segment(y), scratch.sums, atol=1e-3)
@@ -721,13 +726,12 @@ def main(argv: list[str] | None = None) -> int:
                 y = torch.empty_like(x)
                 xo = x_pad if o.pad else x
                 k = walk(xo, w, y, o, scratch)
+                gave_up(o, scratch, "")
                 torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
                 if o.norm:
                     check_trail(y, o, scratch)
                 if o.sync or o.atomic:
                     row.update(sums=check_sync(y, o, scratch))
-                if o.throttle and scratch.err.item():
-                    raise RuntimeError("a throttle wait gave up (err flag set)")
                 if o.combine:
                     row.update(sums=check_group(y, o, scratch))
                 row.update(status="ok", registers=getattr(k, "n_regs", None))
@@ -735,8 +739,7 @@ def main(argv: list[str] | None = None) -> int:
                     ms = graph_time(lambda: walk(xo, w, y, o, scratch), args.reps) * 1e3
                     c1 = ms if name == "c1" else c1
                     row.update(ms=ms, vs_c1=ms / c1 if c1 else None)
-                    if (o.sync or o.throttle) and scratch.err.item():
-                        raise RuntimeError("a wait gave up while timed (err flag set)")
+                    gave_up(o, scratch, " while timed")
             except Exception as e:  # noqa: BLE001
                 row.update(status=error_status(e))
             timed = f"{row['ms']:.3f} | {row['ms'] / c1:.3f}" if "ms" in row and c1 else (
