@@ -24,9 +24,7 @@
 #ifdef GAINRL_CUDA_EMULATOR
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <stdexcept>
-#include <vector>
 #else
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
@@ -54,31 +52,10 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 #ifdef GAINRL_CUDA_EMULATOR
-// cp.async in the emulator: each fiber queues its copies by commit group and performs them when a wait covers
-// their group, so a read of a ring slot before its wait sees the old bytes (as csrc/rmsnorm_angle_kernels.cuh's).
-struct EmuCopy {
-  unsigned group;
-  void* dst;
-  unsigned char bytes[16];
-};
-inline std::vector<std::vector<EmuCopy>> g_copies;  // per fiber of the running cluster
-inline std::vector<unsigned> g_groups;              // committed groups per fiber
-inline void cp_async16(void* smem, const void* gmem) {
-  EmuCopy c{g_groups[gainrl_emu::t_fiber], smem, {}};
-  std::memcpy(c.bytes, gmem, 16);
-  g_copies[gainrl_emu::t_fiber].push_back(c);
-}
-inline void cp_async_commit() { ++g_groups[gainrl_emu::t_fiber]; }
+using gainrl_emu::cp_async16;  // tests/cuda_emulator.py's cp.async, per fiber
+using gainrl_emu::cp_async_commit;
 template <int N>
-void cp_async_wait() {
-  auto& q = g_copies[gainrl_emu::t_fiber];
-  const unsigned committed = g_groups[gainrl_emu::t_fiber];
-  std::vector<EmuCopy> keep;
-  for (const EmuCopy& c : q) {
-    if (c.group + N < committed) std::memcpy(c.dst, c.bytes, 16); else keep.push_back(c);
-  }
-  q.swap(keep);
-}
+void cp_async_wait() { gainrl_emu::cp_async_wait(N); }
 inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
 #else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -625,8 +602,6 @@ int emulate(const void* x, const void* w, void* y, float* part, int* counter, lo
   constexpr int CHUNK = CS * C;
   if (rows % CHUNK || seg_rows <= 0 || seg_rows % CHUNK || clusters <= 0 || rows / CHUNK > (1LL << 30)) return 1;
   *counter = 0;
-  g_copies.assign(CS * THREADS, {});
-  g_groups.assign(CS * THREADS, 0);
   try {
     gainrl_emu::launch_cluster(CS, shared_bytes<S, MODE, RG>(), walk_kernel<CS, C, S, MODE, RG, J>,
                                dim3(static_cast<unsigned>(clusters * CS)), dim3(THREADS),

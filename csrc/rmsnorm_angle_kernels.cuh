@@ -35,9 +35,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#ifdef GAINRL_CUDA_EMULATOR
-#include <vector>
-#endif
 
 #include "cuda_helpers.cuh"  // to_float, warp_sum
 #include "rmsnorm_angle_launch.h"
@@ -123,24 +120,6 @@ __device__ __forceinline__ float div_rn(float a, float b) {
 #endif
 }
 
-#ifdef GAINRL_CUDA_EMULATOR
-// The emulator's cp.async: each CUDA thread queues its copies by commit group and performs them when a wait covers
-// their group (lazy, the default: a read of a slot before its wait sees stale bytes) or at once (eager: a copy into a
-// slot a thread still reads shows). tests/test_rmsnorm_angle_cuda.py runs both.
-struct EmuCopy {
-  unsigned group;
-  void* dst;
-  unsigned char bytes[16];
-};
-inline bool g_emu_cp_async_eager = false;
-inline std::vector<std::vector<EmuCopy>> g_emu_copies;  // per thread of the running block
-inline std::vector<unsigned> g_emu_groups;              // committed groups per thread
-
-inline void emu_cp_async_reset(unsigned threads) {
-  g_emu_copies.assign(threads, {});
-  g_emu_groups.assign(threads, 0);
-}
-#endif
 
 // Before sm_80 (no cp.async: a build whose TORCH_CUDA_ARCH_LIST includes older GPUs) the copies are plain 16-byte
 // loads and stores, done at once; the commits and waits are then no-ops.
@@ -153,13 +132,7 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 #if defined(GAINRL_SYNC_COPIES)
   *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
 #elif defined(GAINRL_CUDA_EMULATOR)
-  if (g_emu_cp_async_eager) {
-    std::memcpy(smem_dst, gmem_src, 16);
-    return;
-  }
-  EmuCopy c{g_emu_groups[threadIdx.x], smem_dst, {}};
-  std::memcpy(c.bytes, gmem_src, 16);
-  g_emu_copies[threadIdx.x].push_back(c);
+  gainrl_emu::cp_async16(smem_dst, gmem_src);  // tests/cuda_emulator.py: lazy (by its wait) or eager
 #else
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
@@ -169,7 +142,7 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(GAINRL_SYNC_COPIES)
 #elif defined(GAINRL_CUDA_EMULATOR)
-  ++g_emu_groups[threadIdx.x];
+  gainrl_emu::cp_async_commit();
 #else
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
@@ -180,13 +153,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(GAINRL_SYNC_COPIES)
 #elif defined(GAINRL_CUDA_EMULATOR)
-  auto& q = g_emu_copies[threadIdx.x];
-  const unsigned committed = g_emu_groups[threadIdx.x];
-  std::vector<EmuCopy> keep;
-  for (const EmuCopy& c : q) {
-    if (c.group + N < committed) std::memcpy(c.dst, c.bytes, 16); else keep.push_back(c);
-  }
-  q.swap(keep);
+  gainrl_emu::cp_async_wait(N);
 #else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
@@ -504,7 +471,6 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   const int D = static_cast<int>(a.D);
 #ifdef GAINRL_CUDA_EMULATOR
   (void)stream;
-  emu_cp_async_reset(threads);
   gainrl_emu::launch_smem(smem, kernel, dim3(static_cast<unsigned>(a.grid)), dim3(threads), x, a.stride_r,
                           a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
                           a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);

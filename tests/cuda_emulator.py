@@ -5,7 +5,8 @@ cannot see GPU-only problems (alignment faults, races the barriers hide, memory 
 ``launch_cluster`` runs the blocks of each thread-block cluster together (clusters one after another), with named
 barriers (``named_sync``), the split cluster barrier (``cluster_arrive`` / ``cluster_wait``) and other blocks' dynamic
 shared memory (``map_shared_rank``); such kernels keep their shared state in dynamic shared memory (function-static
-``__shared__`` would be one copy for the whole cluster).
+``__shared__`` would be one copy for the whole cluster). ``cp_async16`` / ``cp_async_commit`` / ``cp_async_wait``
+emulate cp.async per fiber (lazily by default, at once with ``g_cp_async_eager``).
 
     lib = build(tmp_dir, BODY)   # BODY: C++ after the prelude: #include "xyz_kernels.cuh" + extern "C" wrappers
 
@@ -144,6 +145,41 @@ T* map_shared_rank(T* p, unsigned rank) {
   return reinterpret_cast<T*>(g_smem[rank].data() + off);
 }
 
+// cp.async: each fiber queues its 16-byte copies by commit group and performs them when a wait covers their group
+// (lazy, the default: a read of a ring slot before its wait sees the old bytes) or at once (g_cp_async_eager: a
+// copy into a slot a thread still reads shows). Queues are per fiber and reset by every launch.
+struct AsyncCopy {
+  unsigned group;
+  void* dst;
+  unsigned char bytes[16];
+};
+inline bool g_cp_async_eager = false;
+inline std::vector<std::vector<AsyncCopy>> g_copies;  // per fiber
+inline std::vector<unsigned> g_groups;               // committed groups per fiber
+
+inline void cp_async16(void* dst, const void* src) {
+  if (g_cp_async_eager) {
+    std::memcpy(dst, src, 16);
+    return;
+  }
+  AsyncCopy c{g_groups[t_fiber], dst, {}};
+  std::memcpy(c.bytes, src, 16);
+  g_copies[t_fiber].push_back(c);
+}
+
+inline void cp_async_commit() { ++g_groups[t_fiber]; }
+
+// Performs this fiber's copies of all but the newest `pending` committed groups.
+inline void cp_async_wait(unsigned pending) {
+  auto& q = g_copies[t_fiber];
+  const unsigned committed = g_groups[t_fiber];
+  std::vector<AsyncCopy> keep;
+  for (const AsyncCopy& c : q) {
+    if (c.group + pending < committed) std::memcpy(c.dst, c.bytes, 16); else keep.push_back(c);
+  }
+  q.swap(keep);
+}
+
 template <typename V>
 V shfl(V v, bool up, int arg) {
   static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
@@ -196,6 +232,8 @@ void launch_impl(unsigned cluster, void (*kernel)(P...), dim3 grid, dim3 block, 
         g_cluster_arrived.assign(f, 0);
         g_block_done.assign(cluster, 0);
         g_xchg.assign(f, 0);
+        g_copies.assign(f, {});
+        g_groups.assign(f, 0);
         g_done.assign(f, 0);
         g_started.assign(f, 0);
         g_smem.assign(cluster, std::vector<unsigned char>(g_smem_bytes, 0xFF));

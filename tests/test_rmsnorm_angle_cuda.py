@@ -56,7 +56,7 @@ extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_
   }
 }
 
-extern "C" void emu_set_eager_copies(int eager) { ra::g_emu_cp_async_eager = eager != 0; }
+extern "C" void emu_set_eager_copies(int eager) { gainrl_emu::g_cp_async_eager = eager != 0; }
 
 extern "C" void emu_last_launch(unsigned* threads, size_t* smem) {
   *threads = gainrl_emu::g_last_threads;
