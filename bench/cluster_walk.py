@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)  # rstd may move y by a step
             sums = compare_block_sums(y, per_sum, part, atol=1e-3) if per_sum else "none"
             if name in PAIR_VARIANTS:
-                sums += "; pairs " + compare_pair_sums(y, per_sum, PAIR_VARIANTS[name], SEG_ROWS, part)
+                row.update(pairs=compare_pair_sums(y, per_sum, PAIR_VARIANTS[name], SEG_ROWS, part))
             if name.startswith("pc"):  # persistent: the resident clusters the occupancy query allowed
                 row.update(clusters=int(ext.last_clusters()))
             ms = graph_time(fn, args.reps) * 1e3
@@ -209,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         resident = f" ({row['clusters']} clusters)" if "clusters" in row else ""
         if "with_reduce_ms" in row:
             resident += f" (with the reduce {row['with_reduce_ms']:.3f} ms, {row['with_reduce_vs_c1']:.3f})"
+        pairs = f"; pairs {row['pairs'][:120]}" if "pairs" in row else ""
         print(f"| {args.rows} | {DIM} | {name} | {row.get('rows_per_sum', '')} | {shown} | "
-              f"{row.get('sums', '')[:120]}{resident} |", flush=True)
+              f"{row.get('sums', '')[:120]}{pairs}{resident} |", flush=True)
         rows_out.append(row)
         write_rows(args.out, rows_out, True)
     return 0 if all(r["status"] == "ok" for r in rows_out) else 1

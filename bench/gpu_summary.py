@@ -86,8 +86,8 @@ def cluster(record: dict) -> list[str]:
     rows = record["rows"]
     timed = [r for r in rows if r.get("ms") is not None]
     bad = [r["variant"] for r in rows if r.get("status", "ok") != "ok"]
-    # "ok", "none", or (the full variants) "ok; pairs ok" where both agree
-    wrong = [r["variant"] for r in rows if r.get("sums", "none") not in ("ok", "none", "ok; pairs ok")]
+    wrong = [r["variant"] for r in rows
+             if r.get("sums", "none") not in ("ok", "none") or r.get("pairs", "ok") != "ok"]  # pairs: full variants
     def ratio(r: dict) -> str:
         return f"{r['vs_c1']:.3f}" if r.get("vs_c1") else "-"
     def resident(r: dict) -> str:  # the persistent variants' clusters, and the full ones' time with the reduce

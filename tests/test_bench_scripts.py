@@ -250,9 +250,9 @@ def test_gpu_summary_lines():
     cluster = [dict(variant="triton_c1", status="ok", ms=1.0, vs_c1=1.0, sums="none"),
                dict(variant="cluster8_c8", status="ok", ms=1.05, vs_c1=1.05, sums="differs: ..."),
                dict(variant="cluster8_c4", status="error: RuntimeError: x"),
-               dict(variant="pc8_c16_full", status="ok", ms=1.02, vs_c1=1.02, sums="ok; pairs ok", clusters=16,
+               dict(variant="pc8_c16_full", status="ok", ms=1.02, vs_c1=1.02, sums="ok", pairs="ok", clusters=16,
                     with_reduce_vs_c1=1.03),
-               dict(variant="pc16_c8_full", status="ok", ms=1.02, vs_c1=1.02, sums="ok; pairs differs: ...")]
+               dict(variant="pc16_c8_full", status="ok", ms=1.02, vs_c1=1.02, sums="ok", pairs="differs: ...")]
     (line,) = S.cluster(dict(rows=cluster))
     assert line.startswith("cluster walk: triton_c1 1.000 (1.000), cluster8_c8 1.050 (1.050)")
     assert "errors: ['cluster8_c4']" in line and "sums differ: ['cluster8_c8', 'pc16_c8_full']" in line
