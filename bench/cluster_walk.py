@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_variants import error_status, graph_time, parse_names, write_rows  # noqa: E402
+from fused_variants import error_status, exit_code, graph_time, parse_names, record_row  # noqa: E402
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 from walk_order import compare_block_sums, orders, walk  # noqa: E402
 
@@ -212,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = f"; pairs {row['pairs'][:120]}" if "pairs" in row else ""
         print(f"| {args.rows} | {DIM} | {name} | {row.get('rows_per_sum', '')} | {shown} | "
               f"{row.get('sums', '')[:120]}{pairs}{resident} |", flush=True)
-        rows_out.append(row)
-        write_rows(args.out, rows_out, True)
-    return 0 if all(r["status"] == "ok" for r in rows_out) else 1
+        record_row(args.out, rows_out, row, True)
+    return exit_code(rows_out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_variants import error_status, graph_time, overridden, parse_names, parse_shapes, write_rows  # noqa: E402
+from fused_variants import (  # noqa: E402
+    error_status, exit_code, graph_time, overridden, parse_names, parse_shapes, write_rows,
+)
 from run_angle_bench import make_input  # noqa: E402
 from run_kernels_bench import torch_native_rmsnorm, torch_rmsnorm  # noqa: E402
 
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
         write_rows(args.out, rows, cuda)
         del fns, dx_ref, dw_ref
-    return 0 if all(r["status"].startswith("ok") for r in rows) else 1
+    return exit_code(rows)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,17 @@ def write_rows(out: Path | None, rows: list[dict], cuda: bool) -> None:
         out.write_text(json.dumps(dict(device=torch.cuda.get_device_name() if cuda else "cpu", rows=rows), indent=1))
 
 
+def record_row(out: Path | None, rows: list[dict], row: dict, cuda: bool) -> None:
+    """Append ``row`` to ``rows`` and rewrite the record at ``out`` (``write_rows``)."""
+    rows.append(row)
+    write_rows(out, rows, cuda)
+
+
+def exit_code(rows: list[dict]) -> int:
+    """A script's exit status: 0 when every row's status is ok, else 1 (the failures are results in the record)."""
+    return 0 if all(r["status"].startswith("ok") for r in rows) else 1
+
+
 def graph_time(fn: Callable[[], object], reps: int) -> float:
     """Seconds per call of fn replayed from a CUDA graph (the plan's small torch ops included)."""
     stream = torch.cuda.Stream()

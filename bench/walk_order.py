@@ -70,7 +70,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_variants import error_status, graph_time, parse_names, parse_shapes, write_rows  # noqa: E402
+from fused_variants import (  # noqa: E402
+    error_status, exit_code, graph_time, parse_names, parse_shapes, record_row,
+)
 from run_kernels_bench import torch_rmsnorm  # noqa: E402
 
 
@@ -748,9 +750,8 @@ def main(argv: list[str] | None = None) -> int:
             shown = name if sums in ("ok", "not combined") else f"{name} (sums {sums})"
             print(f"| {n_rows} | {dim} | {shown} | {o.rows} | {o.group} | {o.programs} | {o.stages} | "
                   f"{row.get('registers') or ''} | {timed} |", flush=True)
-            rows_out.append(row)
-            write_rows(args.out, rows_out, cuda)
-    return 0 if all(r["status"] == "ok" for r in rows_out) else 1
+            record_row(args.out, rows_out, row, cuda)
+    return exit_code(rows_out)
 
 
 if __name__ == "__main__":
