@@ -20,6 +20,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "cluster_primitives.cuh"  // csrc/ (the include path of every build of this file)
+
 #include <cstdint>
 #ifdef GAINRL_CUDA_EMULATOR
 #include <cmath>
@@ -257,33 +259,14 @@ struct Geometry {
   static_assert(THREADS % RG == 0 && D == RT * E && VPT >= 1, "row groups hold whole rows of 16-byte vectors");
 };
 
-// The cluster's primitives: the split cluster barrier, this block's rank, another block's shared memory, the
-// row group's named barrier (1 + g; 0 is __syncthreads'), the chunk counter.
-#ifdef GAINRL_CUDA_EMULATOR
-inline void cluster_arrive() { gainrl_emu::cluster_arrive(); }
-inline void cluster_wait() { gainrl_emu::cluster_wait(); }
-inline int block_rank() { return static_cast<int>(gainrl_emu::t_rank); }
-template <typename T>
-T* shared_of(T* p, int rank) { return gainrl_emu::map_shared_rank(p, static_cast<unsigned>(rank)); }
-template <int COUNT>
-void group_barrier(int g) { gainrl_emu::named_sync(1 + g, COUNT); }
-inline int take_ticket(int* counter) { return (*counter)++; }
-#else
-__device__ __forceinline__ void cluster_arrive() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ int block_rank() { return static_cast<int>(cg::this_cluster().block_rank()); }
-template <typename T>
-__device__ __forceinline__ T* shared_of(T* p, int rank) { return cg::this_cluster().map_shared_rank(p, rank); }
-template <int COUNT>
-__device__ __forceinline__ void group_barrier(int g) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "n"(COUNT) : "memory");
-}
-__device__ __forceinline__ int take_ticket(int* counter) { return atomicAdd(counter, 1); }
-#endif
+// The cluster's primitives (csrc/cluster_primitives.cuh, shared with the op's cluster forward): the split cluster
+// barrier, this block's rank, another block's shared memory, the row group's named barrier (1 + g), the counter.
+using gainrl::cluster_sync::block_rank;
+using gainrl::cluster_sync::cluster_arrive;
+using gainrl::cluster_sync::cluster_wait;
+using gainrl::cluster_sync::group_barrier;
+using gainrl::cluster_sync::shared_of;
+using gainrl::cluster_sync::take_ticket;
 
 // Sum over row group g's threads, the same value in each; `red` holds a slot per warp.
 template <int RG>

@@ -50,6 +50,7 @@ from run_kernels_bench import torch_rmsnorm  # noqa: E402
 from walk_order import compare_block_sums, orders, walk  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "cluster_walk.cu"
+CSRC = SOURCE.parents[1] / "csrc"  # cluster_primitives.cuh
 DIM = 4096
 # name: (index in cluster_walk_launch's switch, rows per sum row; 0: no sums)
 VARIANTS = {
@@ -144,6 +145,7 @@ def build() -> object:
 
     return load_inline(name="gainrl_cluster_walk", cpp_sources=BINDING, cuda_sources=SOURCE.read_text(),
                        functions=["launch", "last_clusters"], extra_cuda_cflags=["-O3"],
+                       extra_include_paths=[str(CSRC)],
                        build_directory=tempfile.mkdtemp(prefix="cluster_walk_"), verbose=False)
 
 

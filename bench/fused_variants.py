@@ -41,6 +41,11 @@ VARIANTS: dict[str, dict] = {
     # the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built with CUDA): a
     # cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
     "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, stages and carry by width (_cuda_rows_tuning)
+    # the persistent thread-block-cluster kernel (csrc/rmsnorm_angle_cluster.cuh, sm_90+, 16-bit rows of 2048 / 4096
+    # / 8192 columns; other shapes keep the CUDA rows kernel), its combine at once or deferred 2 rows. Session 24,
+    # not yet timed (bench/cluster_walk.py's pc8_c16_full* are its prototype)
+    "cuda_cluster": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True},
+    "cuda_cluster_d2": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_DEFER": 2},
     # fixed stages and carry at every width (the default before session 18: cuda_rows_s3)
     "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2, "_CUDA_ROWS_CARRY": False},
     "cuda_rows_s3": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 3, "_CUDA_ROWS_CARRY": False},
@@ -271,12 +276,14 @@ def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: to
     """Row fields of the module settings in force: the fused output checked against the default's, then (on a GPU)
     bare and fused graph times (ms), their ratio and the eager fused time."""
     y, s = M.rmsnorm_angle(x, w, 1e-6, cu, validate=False)
+    x2d = x.reshape(-1, x.shape[-1])
+    forward = M._forward_kernel(x2d, w, M._stats_plan(x2d, cu, None, None, w), True)  # the kernel these settings run
     # another reduction order may move rstd by an ulp: y by one bf16 step now and then
     torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
     for a, b in zip(s, s_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     if not cuda:
-        return dict(status="ok (smoke: checked, not timed)")
+        return dict(status="ok (smoke: checked, not timed)", forward=forward)
     bare, fused = float("inf"), float("inf")
     for _ in range(args.rounds):  # alternated: clock and temperature drift hits both alike
         bare = min(bare, graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, validate=False), args.reps))
@@ -286,8 +293,8 @@ def check_and_time(x: torch.Tensor, w: torch.Tensor, cu: torch.Tensor, y_ref: to
     # against the bare time prices the chunked walk itself, and the fused time against this the statistics' work
     off = torch.zeros(cu.numel() - 1, 2, dtype=torch.int32, device=x.device)
     no_seg = graph_time(lambda: M.rmsnorm_angle(x, w, 1e-6, cu, off, validate=False), args.reps)
-    out = dict(status="ok", bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare, eager_ms=eager * 1e3,
-               no_segments_ms=no_seg * 1e3)
+    out = dict(status="ok", forward=forward, bare_ms=bare * 1e3, fused_ms=fused * 1e3, ratio=fused / bare,
+               eager_ms=eager * 1e3, no_segments_ms=no_seg * 1e3)
     return out
 
 
@@ -343,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # noqa: BLE001 -- a failing variant is a result, not a crash
                     row.update(status=error_status(e))
             rows.append(row)
-            if "fused_ms" in row:
-                print(f"| {batch} | {length} | {dim} | {name} | {row['bare_ms']:.3f} | {row['fused_ms']:.3f} | "
+            if "fused_ms" in row:  # the variant's name, then the forward kernel it ran
+                print(f"| {batch} | {length} | {dim} | {name} [{row['forward']}] | {row['bare_ms']:.3f} | "
+                      f"{row['fused_ms']:.3f} | "
                       f"{row['ratio']:.3f} | {row['ratio_vs_default_bare']:.3f} | {row['eager_ms']:.3f} | "
                       f"{row['bw_frac_of_copy']:.2f} | {row['no_segments_ms']:.3f} |"
                       + (f" plan alone {row['plan_ms']:.3f} ms" if "plan_ms" in row else ""), flush=True)

@@ -72,9 +72,10 @@
 #
 # Knobs (environment): GAINRL_GPU_CHECK_BUDGET (seconds, default 470); GAINRL_GPU_CHECK_VARIANTS_CAP (seconds of
 # the variants step, default 120; the JSON is rewritten after every variant, goal shape first);
-# GAINRL_GPU_CHECK_TESTS_CUDA=0 skips the extension's half of the tests step (for a call without the build);
-# GAINRL_GPU_CHECK_EMULATOR=1 also runs the CPU emulator tests of test_cuda_backend.py and test_rmsnorm_angle_cuda.py
-# (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python, default python3); GAINRL_GPU_CHECK_DRY=1: CPU
+# GAINRL_GPU_CHECK_TESTS_CUDA=0 skips the extension's half of the tests step (for a call without the build),
+# GAINRL_GPU_CHECK_CUDA_TESTS names its files (default test_cuda_backend.py, test_rmsnorm_angle_cuda.py,
+# test_rmsnorm_angle_cluster.py), GAINRL_GPU_CHECK_TESTS_TRITON=0 skips the Triton half;
+# GAINRL_GPU_CHECK_EMULATOR=1 also runs the CPU emulator tests of those files (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python, default python3); GAINRL_GPU_CHECK_DRY=1: CPU
 # dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast tests, --smoke / tiny benchmark shapes, default
 # python .venv/bin/python), e.g.
 #     OUT=$(mktemp -d) GAINRL_GPU_CHECK_DRY=1 bash bench/gpu_check.sh
@@ -246,16 +247,21 @@ else
     CUDA_K="not emulated"
     [ "${GAINRL_GPU_CHECK_EMULATOR:-0}" = 1 ] && CUDA_K=""
     # GAINRL_GPU_CHECK_TESTS_CUDA=0: skip this half (a call without the build step)
+    # GAINRL_GPU_CHECK_CUDA_TESTS: the test files of this half (default: all three)
     if [ "${GAINRL_GPU_CHECK_TESTS_CUDA:-1}" = 1 ]; then
-        step tests_cuda tests.log 150 "${PYTEST[@]}" tests/test_cuda_backend.py tests/test_rmsnorm_angle_cuda.py \
-            ${CUDA_K:+-k "$CUDA_K"}
+        # shellcheck disable=SC2086  # a list of files
+        step tests_cuda tests.log 150 "${PYTEST[@]}" ${GAINRL_GPU_CHECK_CUDA_TESTS:-tests/test_cuda_backend.py \
+            tests/test_rmsnorm_angle_cuda.py tests/test_rmsnorm_angle_cluster.py} ${CUDA_K:+-k "$CUDA_K"}
     fi
     # Separate process: a CUDA fault in the extension cannot poison the Triton run.
-    # GAINRL_GPU_CHECK_TRITON_K: a pytest -k filter for this half (e.g. "not torch_compile_fullgraph", ~40 s)
+    # GAINRL_GPU_CHECK_TRITON_K: a pytest -k filter for this half (e.g. "not torch_compile_fullgraph", ~40 s);
+    # GAINRL_GPU_CHECK_TESTS_TRITON=0 skips it
     TRITON_K=${GAINRL_GPU_CHECK_TRITON_K:-}
-    step tests_triton tests.log 240 "${PYTEST[@]}" tests/test_angle_stats.py tests/test_rmsnorm_angle.py \
-        tests/test_pairwise.py tests/test_angle_validation.py tests/test_concentration_triton.py \
-        ${TRITON_K:+-k "$TRITON_K"}
+    if [ "${GAINRL_GPU_CHECK_TESTS_TRITON:-1}" = 1 ]; then
+        step tests_triton tests.log 240 "${PYTEST[@]}" tests/test_angle_stats.py tests/test_rmsnorm_angle.py \
+            tests/test_pairwise.py tests/test_angle_validation.py tests/test_concentration_triton.py \
+            ${TRITON_K:+-k "$TRITON_K"}
+    fi
 fi
 grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/tests.log" 2>/dev/null | sed 's/^/pytest: /' \
     | tee -a "$SUMMARY" >/dev/null

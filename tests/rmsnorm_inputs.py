@@ -26,3 +26,18 @@ def assert_stats_close(stats, ref, atol: float = 2e-5) -> None:
         got = getattr(stats, name)
         assert got.dtype == torch.float32, name
         torch.testing.assert_close(got.cpu().double(), getattr(ref, name), rtol=1e-5, atol=atol, msg=name)
+
+
+def random_ragged(g: torch.Generator, max_seqs: int, max_len: int, max_segments: int,
+                  max_trailing: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(cu_seqlens [B+1] int32, seg_offsets [B, K+1] int32, rows) of a random packed batch drawn from ``g``: 1 to
+    max_seqs - 1 sequences of 0 to max_len - 1 tokens (empty ones included), K of 1 to max_segments - 1 segments
+    with sorted offsets anywhere in [0, len] (tokens before, between and after them), and 0 to max_trailing - 1
+    rows in no sequence after the last."""
+    n_seq = int(torch.randint(1, max_seqs, (1,), generator=g))
+    n_seg = int(torch.randint(1, max_segments, (1,), generator=g))
+    lens = torch.randint(0, max_len, (n_seq,), generator=g)
+    off = torch.sort(torch.randint(0, max_len + 1, (n_seq, n_seg + 1), generator=g), dim=1).values
+    off = torch.minimum(off, lens[:, None]).to(torch.int32)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+    return cu, off, int(cu[-1]) + int(torch.randint(0, max_trailing, (1,), generator=g))

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import cuda_emulator  # noqa: E402
-from rmsnorm_inputs import assert_stats_close, concentrated, ulp_tol  # noqa: E402
+from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, ulp_tol  # noqa: E402
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 from gainrl_kernels.naive_rmsnorm_angle import angle_stats_reference  # noqa: E402
@@ -233,12 +233,7 @@ def test_emulated_random_batches(emulator, seed, monkeypatch):
     values = pick([16, 32])  # fp32 rows take 8 either way
     carry = bool(torch.randint(2, (1,), generator=g))  # a 32-value option
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", pick([1, 2, 3, 4, 7, 8, 16]))
-    n_seq, n_seg = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
-    lens = torch.randint(0, 30, (n_seq,), generator=g)
-    off = torch.sort(torch.randint(0, 31, (n_seq, n_seg + 1), generator=g), dim=1).values
-    off = torch.minimum(off, lens[:, None]).to(torch.int32)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
-    rows = int(cu[-1]) + int(torch.randint(0, 3, (1,), generator=g))
+    cu, off, rows = random_ragged(g, max_seqs=7, max_len=30, max_segments=4, max_trailing=3)
     x = concentrated((rows,), dim, seed=seed).to(dtype)
     w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(pick([dtype, torch.float32]))
     y, rstd, stats = emulated_forward(emulator, x, w, cu, off, values=values, stages=pick([2, 3, 4]), carry=carry)
@@ -435,6 +430,11 @@ def test_cuda_rows_deterministic_and_graph_capture(dim):
     x, w, cu, off = batch(dim, torch.bfloat16, seed=2, device="cuda")
     assert rmsnorm_module._cuda_rows_take(x, w)
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+    assert_same_again_and_in_graph(x, w, cu, off, y0, s0)
+
+
+def assert_same_again_and_in_graph(x, w, cu, off, y0, s0) -> None:
+    """``rmsnorm_angle`` on these inputs gives bitwise y0 and s0 called again, and replayed from a CUDA graph."""
     y1, s1 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
     assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
     graph = torch.cuda.CUDAGraph()

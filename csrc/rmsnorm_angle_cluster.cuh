@@ -1,0 +1,447 @@
+// The persistent thread-block-cluster forward of the fused RMSNorm + angle statistics (sm_90+): the same outputs as
+// the rows kernel of csrc/rmsnorm_angle_kernels.cuh for the same kind of work list (items of at most CS x C rows,
+// from the plan kernel of gainrl_kernels/rmsnorm_angle.py), except that an item's two scalars come as CS per item
+// (one per block, in rank order), which the reduce kernel sums in that order.
+//
+// Why (docs/fused_forward.md, sessions 22-23): every fixed-order design so far trades the window of rows in flight
+// against fp32 partial rows. Here one block of up to 1024 threads per SM works in RG row groups, each with its own
+// cp.async ring of S rows, so 132 SMs keep ~132 x C rows in flight (the window of 2-row chunks), while a cluster of
+// CS blocks combines its blocks' sums in distributed shared memory into one partial row per CS x C rows. Clusters
+// stay resident and take items from a counter two ahead, so the rings keep loading the next item's rows across an
+// item's end and through the cluster barrier. Prototyped and timed as bench/cluster_walk.cu (namespace persistent).
+//
+// An item (row0, nrows <= CS C, seg, pair_end): block r takes its rows r C .. r C + C - 1, row group g the run
+// g CR .. g CR + CR - 1 of those (CR = C / RG), rows past nrows none. Per row: rstd_t = rsqrt(Σ x_t² / D + eps),
+// y_t = round(w · round(x_t · rstd_t)), stored with rstd_t; then, as in the rows kernel, 1 / ‖y_t‖ =
+// rsqrt(max(‖y_t‖², 1e-24)), Σ y_t / ‖y_t‖ (the partial row), Σ ‖y_t‖² / ‖y_t‖² and the pairs (t, t+1) with
+// t + 1 < pair_end. A pair inside a run is the thread's own (y_{t-1} stays packed in registers); a run's last row
+// pairs with the next run's first through shared memory (the runs' first rows, "heads"), a block's last row with the
+// next block's first through distributed shared memory ("tail"), and the item's last row with the row after it,
+// which its row group recomputes from x (as the rows kernel reads it). Items in no segment (seg < 0) store y and
+// rstd only.
+//
+// The sums are in a fixed order whichever cluster takes an item: a row group's rows in order; the combine adds the
+// RG x CS row-group sums in (rank, group) order, block r storing column slice r of the partial row. Deterministic.
+//
+// Cluster barriers: each item's end arrives; the wait (and the combine that reads the other blocks' shared memory)
+// runs J rows into the next item (J = 0: before its first row), so that a block does not stall at every item's end for the
+// slowest block of its cluster; a second arrive after the remote reads is waited on at the next item's end, before
+// the sums in shared memory are overwritten. The heads are double-buffered by item parity for the deferred reads.
+//
+// Under GAINRL_CUDA_EMULATOR (tests/cuda_emulator.py) the cluster primitives are the emulator's; on devices the
+// kernel body exists for sm_90+ only (an sm_80 build compiles an empty kernel the launcher never starts).
+#pragma once
+
+#include "cluster_primitives.cuh"       // cluster_arrive / _wait, block_rank, shared_of, group_barrier, take_ticket
+#include "rmsnorm_angle_kernels.cuh"  // Pair, Vec16, cp_async*, fast_rsqrt, div_rn, kMinSquaredNorm, warp_sum
+
+namespace gainrl {
+namespace rmsnorm_angle {
+namespace cluster {
+
+using namespace ::gainrl::cluster_sync;  // NOLINT: the primitives, unqualified as in the prototype
+
+// ------------------------------------------------------------------------------------------------ geometry
+
+// D columns of a 16-bit T, one 16-byte vector a thread: a row group is RT = D / 8 threads (whole warps), a block RG
+// of them. CS blocks a cluster, C rows a block and item, S rows in each row group's ring, J rows of deferral.
+template <int D, int RG, int CS, int C, int S, int J>
+struct Config {
+  static constexpr int DIM = D, RGS = RG, BLOCKS = CS, ROWS = C, STAGES = S, DEFER = J;
+  static constexpr int RT = D / 8, THREADS = RG * RT, WARPS = RT / 32, CR = C / RG, CHUNK = CS * C;
+  static constexpr int QUADS = D / 4, SLICE_QUADS = QUADS / CS;  // the combine: fp32 quads of a row, of a slice
+  static_assert(D % 256 == 0 && THREADS <= 1024, "whole warps of one vector a thread, at most 1024 threads");
+  static_assert(C % RG == 0 && S >= 2 && S - 1 <= CR, "the ring looks at most one item ahead");
+  static_assert(J + S - 1 <= CR, "a deferred combine ends before the ring needs the item after next");
+  static_assert(QUADS % CS == 0, "each block stores a whole number of quads of the partial row");
+  static_assert(RG <= 8, "named barriers 1 .. RG");
+};
+
+// Byte offsets into the dynamic shared memory (no static __shared__: the emulator's would be one for all blocks),
+// 16-byte aligned parts first: the rings [RG][S][RT] (vectors of x), the weight (W_NATIVE: [RT] vectors of T, else
+// [D] fp32), the row groups' sums [RG][D] fp32, the combine's [QUADS] float4, the heads [2][RG][RT] and the tail
+// [RT] (vectors of y); then rank 0's item ids [4], the reduction slots [RG][2][WARPS] float and [RG][WARPS] float2,
+// the heads' and the tail's 1 / ‖y‖ [2 RG + 1] (and a pad) and the row groups' (q, adj) [RG] float2.
+template <typename Cfg, bool W_NATIVE>
+struct Layout {
+  static constexpr size_t RG = Cfg::RGS, RT = Cfg::RT, D = Cfg::DIM, WARPS = Cfg::WARPS;
+  static constexpr size_t ring = 0;
+  static constexpr size_t weight = ring + RG * Cfg::STAGES * RT * 16;
+  static constexpr size_t sums = weight + (W_NATIVE ? RT * 16 : D * 4);
+  static constexpr size_t combine = sums + RG * D * 4;
+  static constexpr size_t heads = combine + D * 4;
+  static constexpr size_t tail = heads + 2 * RG * RT * 16;
+  static constexpr size_t ids = tail + RT * 16;
+  static constexpr size_t red = ids + 16;
+  static constexpr size_t red2 = red + RG * 2 * WARPS * 4;
+  static constexpr size_t inv = red2 + RG * WARPS * 8;
+  static constexpr size_t scal = inv + (2 * RG + 2) * 4;
+  static constexpr size_t bytes = scal + RG * 8;
+};
+
+// ------------------------------------------------------------------------------------------------ the kernel
+
+// Grid: whole clusters of CS blocks of Cfg::THREADS threads, persistent: each cluster walks items until the counter
+// runs past n_items or hands out an item of no rows (the plan kernel writes its spare items, of no rows, after all
+// others, so none with rows follows). part_q / part_adj: [n_items * CS], block r of item i at i * CS + r.
+template <typename T, bool W_NATIVE, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, 1)
+    cluster_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
+                   T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
+                   const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
+                   const int* __restrict__ item_pair_end, float* __restrict__ part_sum, float* __restrict__ part_q,
+                   float* __restrict__ part_adj, int* __restrict__ counter, int n_items, int64_t R, float eps) {
+#ifdef GAINRL_HAS_CLUSTERS  // csrc/cluster_primitives.cuh: the emulator, host code or sm_90+
+  constexpr int D = Cfg::DIM, RG = Cfg::RGS, CS = Cfg::BLOCKS, C = Cfg::ROWS, S = Cfg::STAGES, J = Cfg::DEFER;
+  constexpr int RT = Cfg::RT, WARPS = Cfg::WARPS, CR = Cfg::CR, THREADS = Cfg::THREADS;
+  constexpr int QUADS = Cfg::QUADS, SLICE_QUADS = Cfg::SLICE_QUADS;
+  using Vec = Vec16<T>;
+  using PairT = Pair<T>;
+  using L = Layout<Cfg, W_NATIVE>;
+  constexpr int P = Vec::P, V = 16 / sizeof(T);
+  static_assert(sizeof(T) == 2 && V * RT == D, "16-bit rows, one vector a thread");
+#ifdef GAINRL_CUDA_EMULATOR
+  unsigned char* smem = gainrl_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+#endif
+  Vec* const ring = reinterpret_cast<Vec*>(smem + L::ring);
+  Vec* const w_v = reinterpret_cast<Vec*>(smem + L::weight);      // W_NATIVE
+  float* const w_f = reinterpret_cast<float*>(smem + L::weight);  // else
+  float* const acc_s = reinterpret_cast<float*>(smem + L::sums);
+  float4* const tmp = reinterpret_cast<float4*>(smem + L::combine);
+  Vec* const heads = reinterpret_cast<Vec*>(smem + L::heads);
+  Vec* const tail = reinterpret_cast<Vec*>(smem + L::tail);
+  int* const ids_s = reinterpret_cast<int*>(smem + L::ids);
+  float* const inv_s = reinterpret_cast<float*>(smem + L::inv);  // heads' [2][RG], then the tail's
+  float* const tail_inv = inv_s + 2 * RG;
+  float2* const scal_s = reinterpret_cast<float2*>(smem + L::scal);
+
+  const int tid = threadIdx.x, g = tid / RT, lt = tid % RT;
+  const int rank = block_rank();
+  const int local0 = rank * C + g * CR;  // this row group's first row in an item
+  Vec* const my_ring = ring + g * S * RT + lt;
+  // Reduction slots: s0 (each row's Σ x², a recomputed row's), s1 (the pairs across runs and blocks), s2 (each row's
+  // (‖y‖², y · y_prev)). Two reductions in a row never share a slot unless a cluster wait lies between them, so a
+  // slot is rewritten only after every thread of the row group has read it.
+  float* const s0 = reinterpret_cast<float*>(smem + L::red) + g * 2 * WARPS;
+  float* const s1 = s0 + WARPS;
+  float2* const s2 = reinterpret_cast<float2*>(smem + L::red2) + g * WARPS;
+
+  if constexpr (W_NATIVE) {
+    for (int v = tid; v < RT; v += THREADS) w_v[v] = static_cast<const Vec*>(weight)[v];
+  } else {
+    for (int i = tid; i < D; i += THREADS) w_f[i] = load_weight(weight, w_dtype, i);
+  }
+
+  // An item's first row and row count (0 past the list): the rest of its entries are read where they are used,
+  // which keeps the registers of the next item's prefetch to two
+  const auto rows_of = [&](int id, int& row0, int& nrows) {
+    row0 = id < n_items ? item_row0[id] : 0;
+    nrows = id < n_items ? item_nrows[id] : 0;
+  };
+  // this row group's j-th row of the item (row0, nrows) into ring slot `slot`, if it has it; one commit either way
+  const auto issue = [&](int row0, int nrows, int j, int slot) {
+    if (local0 + j < nrows) cp_async16(my_ring + slot * RT, x + (int64_t(row0) + local0 + j) * stride_r + lt * V);
+    cp_async_commit();
+  };
+  const auto group_sum = [&](float v, float* slot) {
+    v = warp_sum(v);
+    const int lane = tid & 31;
+    if (lane == 0) slot[lt >> 5] = v;
+    group_barrier<RT>(g);
+    return warp_sum(lane < WARPS ? slot[lane] : 0.f);
+  };
+  const auto group_sum2 = [&](float a, float b) {
+    a = warp_sum(a);
+    b = warp_sum(b);
+    const int lane = tid & 31;
+    if (lane == 0) s2[lt >> 5] = make_float2(a, b);
+    group_barrier<RT>(g);
+    const float2 r = lane < WARPS ? s2[lane] : make_float2(0.f, 0.f);
+    return make_float2(warp_sum(r.x), warp_sum(r.y));
+  };
+  const auto dot = [](const Vec& a, const Vec& b) {
+    float d = 0.f;
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      const float2 f = PairT::unpack(a.p[e]), h = PairT::unpack(b.p[e]);
+      d = fmaf(f.y, h.y, fmaf(f.x, h.x, d));
+    }
+    return d;
+  };
+  // y of the row whose vector (this thread's) is xv, HF's formula as the rows kernel; returns this thread's Σ y²
+  const auto norm_row = [&](const Vec& xv, Vec& yv, float& rstd) {
+    float2 xf[P];
+    float sq = 0.f;
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      xf[e] = PairT::unpack(xv.p[e]);
+      sq = fmaf(xf[e].y, xf[e].y, fmaf(xf[e].x, xf[e].x, sq));
+    }
+    rstd = fast_rsqrt(div_rn(group_sum(sq, s0), float(D)) + eps);
+    if constexpr (W_NATIVE) {
+      const Vec wn = w_v[lt];
+#pragma unroll
+      for (int e = 0; e < P; ++e) yv.p[e] = PairT::mul(wn.p[e], PairT::pack(xf[e].x * rstd, xf[e].y * rstd));
+    } else {
+      const float4* w4 = reinterpret_cast<const float4*>(w_f + lt * V);
+#pragma unroll
+      for (int e = 0; e < P; e += 2) {
+        const float4 w = w4[e / 2];
+        const float2 n0 = PairT::unpack(PairT::pack(xf[e].x * rstd, xf[e].y * rstd));
+        const float2 n1 = PairT::unpack(PairT::pack(xf[e + 1].x * rstd, xf[e + 1].y * rstd));
+        yv.p[e] = PairT::pack(w.x * n0.x, w.y * n0.y);
+        yv.p[e + 1] = PairT::pack(w.z * n1.x, w.w * n1.y);
+      }
+    }
+    float ysq = 0.f;
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      const float2 f = PairT::unpack(yv.p[e]);
+      ysq = fmaf(f.y, f.y, fmaf(f.x, f.x, ysq));
+    }
+    return ysq;
+  };
+
+  // The second half of item k's end (item id `idk`): the cluster meets, the id of the item after next arrives from
+  // rank 0, this block's first row pairs with the previous block's last, and the block stores its column slice of
+  // the item's partial row (the RG x CS row-group sums in rank, then group order) and its (q, adj).
+  const auto finish = [&](int k, int idk) {
+    cluster_wait();
+    const int id2 = *shared_of(&ids_s[(k + 2) & 3], 0);
+    const int nrows_k = item_nrows[idk];
+    if (item_seg[idk] >= 0 && nrows_k > 0) {  // the same in the whole cluster
+      const int par = k & 1;
+      if (g == 0 && rank > 0 && rank * C < nrows_k) {
+        const Vec* prev_tail = shared_of(tail, rank - 1);
+        const float d = group_sum(dot(heads[par * RG * RT + lt], prev_tail[lt]), s1);
+        if (lt == 0) scal_s[0].y += d * inv_s[par * RG] * *shared_of(tail_inv, rank - 1);
+      }
+      for (int i = tid; i < QUADS; i += THREADS) {
+        const int src = i / SLICE_QUADS, col = 4 * (rank * SLICE_QUADS + i % SLICE_QUADS);
+        const float* remote = shared_of(acc_s, src);
+        float4 sum = *reinterpret_cast<const float4*>(remote + col);
+#pragma unroll 1
+        for (int gg = 1; gg < RG; ++gg) {
+          const float4 p = *reinterpret_cast<const float4*>(remote + gg * D + col);
+          sum = make_float4(sum.x + p.x, sum.y + p.y, sum.z + p.z, sum.w + p.w);
+        }
+        tmp[i] = sum;
+      }
+      __syncthreads();
+      for (int q = tid; q < SLICE_QUADS; q += THREADS) {
+        float4 total = tmp[q];
+        for (int r = 1; r < CS; ++r) {
+          const float4 p = tmp[r * SLICE_QUADS + q];
+          total = make_float4(total.x + p.x, total.y + p.y, total.z + p.z, total.w + p.w);
+        }
+        *reinterpret_cast<float4*>(part_sum + int64_t(idk) * D + 4 * (rank * SLICE_QUADS + q)) = total;
+      }
+      if (tid == 0) {
+        float2 t = scal_s[0];
+        for (int gg = 1; gg < RG; ++gg) t = make_float2(t.x + scal_s[gg].x, t.y + scal_s[gg].y);
+        part_q[int64_t(idk) * CS + rank] = t.x;
+        part_adj[int64_t(idk) * CS + rank] = t.y;
+      }
+    }
+    cluster_arrive();  // this block's remote reads are done (waited on at the next item's end)
+    return id2;
+  };
+
+  // this item and the next: cluster c's first two are c and NC + c, then rank 0 hands out 2 NC + its tickets
+  int id0 = blockIdx.x / CS, id1 = (gridDim.x + blockIdx.x) / CS;
+  int row0_0, nrows_0, row0_1, nrows_1;
+  rows_of(id0, row0_0, nrows_0);
+  rows_of(id1, row0_1, nrows_1);
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue(row0_0, nrows_0, s, s);
+  __syncthreads();  // the weight
+
+  float acc[V];  // Σ y_t / ‖y_t‖ over this row group's rows of the item, this thread's columns
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.f;
+  Vec y_prev;  // the previous row's y (packed) and 1 / ‖y‖
+#pragma unroll
+  for (int e = 0; e < P; ++e) y_prev.p[e] = PairT::pack(0.f, 0.f);
+  float inv_prev = 0.f, q_acc = 0.f, adj_acc = 0.f;
+  int n = 0;  // rows (ring steps) this row group has taken
+  int id_done = 0;  // the item whose finish is pending
+  int k = 0;
+  for (; id0 < n_items && nrows_0 > 0; ++k) {  // items of no rows end the list (the plan puts its spares last)
+    // the id of item k + 2, read by every block at item k's finish (the slot's last reader finished item k - 2's)
+    if (rank == 0 && tid == 0) ids_s[(k + 2) & 3] = 2 * int(gridDim.x / CS) + take_ticket(counter);
+    const int par = k & 1;
+    bool has_prev = false;
+    for (int j = 0; j < CR; ++j, ++n) {
+      if (k > 0 && j == J) {
+        id1 = finish(k - 1, id_done);
+        rows_of(id1, row0_1, nrows_1);
+      }
+      const int ahead = j + S - 1;
+      if (ahead < CR) {
+        issue(row0_0, nrows_0, ahead, (n + S - 1) % S);
+      } else {
+        issue(row0_1, nrows_1, ahead - CR, (n + S - 1) % S);
+      }
+      cp_async_wait<S - 1>();
+      if (local0 + j >= nrows_0) continue;  // rows past the item: none in this run from here on
+      const int64_t row = int64_t(row0_0) + local0 + j;
+      Vec yv;
+      float rstd;
+      const float ysq = norm_row(my_ring[(n % S) * RT], yv, rstd);
+      reinterpret_cast<Vec*>(y + row * D)[lt] = yv;
+      if (lt == 0) rstd_out[row] = rstd;
+      const float2 s = group_sum2(ysq, has_prev ? dot(yv, y_prev) : 0.f);
+      const float inv = fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
+      q_acc += s.x * inv * inv;
+      if (has_prev) adj_acc += s.y * inv_prev * inv;
+      if (j == 0) {  // the run's first row, for the pair with the previous run's (or block's) last
+        heads[(par * RG + g) * RT + lt] = yv;
+        if (lt == 0) inv_s[par * RG + g] = inv;
+      }
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float2 f = PairT::unpack(yv.p[e]);
+        acc[2 * e] = fmaf(f.x, inv, acc[2 * e]);
+        acc[2 * e + 1] = fmaf(f.y, inv, acc[2 * e + 1]);
+      }
+      y_prev = yv;
+      inv_prev = inv;
+      has_prev = true;
+    }
+    // item k's end, first half: the row after the item, the sums into shared memory, the pairs across runs, then
+    // the cluster barrier's arrive
+    const int64_t row_end = int64_t(row0_0) + nrows_0;
+    if (has_prev && nrows_0 - 1 < local0 + CR && item_seg[id0] >= 0 && row_end < item_pair_end[id0] &&
+        row_end < R) {
+      Vec ya;
+      float rstd_a;
+      const float ysq = norm_row(*reinterpret_cast<const Vec*>(x + row_end * stride_r + lt * V), ya, rstd_a);
+      const float2 s = group_sum2(ysq, dot(ya, y_prev));
+      adj_acc += s.y * inv_prev * fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
+    }
+    if (k > 0) cluster_wait();  // every block has read item k - 1's sums and tail
+    float4* dst = reinterpret_cast<float4*>(acc_s + g * D + lt * V);
+#pragma unroll
+    for (int e = 0; e < V; e += 4) {
+      dst[e / 4] = make_float4(acc[e], acc[e + 1], acc[e + 2], acc[e + 3]);
+      acc[e] = acc[e + 1] = acc[e + 2] = acc[e + 3] = 0.f;
+    }
+    if (g == RG - 1) {  // the block's last row, for the next block's first
+      tail[lt] = y_prev;
+      if (lt == 0) *tail_inv = inv_prev;
+    }
+    __syncthreads();  // the heads
+    if (g < RG - 1 && local0 + CR < nrows_0) {  // this run's last row with the next run's first
+      const float d = group_sum(dot(y_prev, heads[(par * RG + g + 1) * RT + lt]), s1);
+      adj_acc += d * inv_prev * inv_s[par * RG + g + 1];
+    }
+    if (lt == 0) scal_s[g] = make_float2(q_acc, adj_acc);  // read in the finish, after its __syncthreads
+    q_acc = adj_acc = 0.f;
+    cluster_arrive();
+    id_done = id0;
+    id0 = id1;
+    row0_0 = row0_1;
+    nrows_0 = nrows_1;
+  }
+  if (k > 0) finish(k - 1, id_done);  // the last item's combine
+  // no block leaves while another may still read its shared memory (the sums, the tail, rank 0's ids)
+  if (k > 0) cluster_wait();
+  cp_async_wait<0>();
+#endif  // GAINRL_HAS_CLUSTERS
+}
+
+// ------------------------------------------------------------------------------------------------ host launcher
+
+// Enqueues the kernel for the work list of a (item_row0 ... of a.grid items of at most CS x C rows each): zeroes
+// a.counter, then launches min(a.clusters or as many as fit, items) clusters. No synchronisation, no exceptions;
+// the resident cluster count is found once per device (on the first, uncaptured call).
+template <typename T, bool W_NATIVE, typename Cfg>
+inline cudaError_t launch_cluster_kernel(const Args& a, DType w_dtype, cudaStream_t stream) {
+  constexpr size_t smem = Layout<Cfg, W_NATIVE>::bytes;
+  auto* kernel = &cluster_kernel<T, W_NATIVE, Cfg>;
+  if (a.grid <= 0) return cudaSuccess;
+  const int n_items = static_cast<int>(a.grid);
+  const auto* x = static_cast<const T*>(a.x);
+  auto* y = static_cast<T*>(a.y);
+#ifdef GAINRL_CUDA_EMULATOR
+  (void)stream;
+  const int clusters = std::min(a.clusters > 0 ? a.clusters : 1, n_items);
+  *a.counter = 0;
+  gainrl_emu::launch_cluster(Cfg::BLOCKS, smem, kernel, dim3(static_cast<unsigned>(clusters * Cfg::BLOCKS)),
+                             dim3(Cfg::THREADS), x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0,
+                             a.item_nrows, a.item_seg, a.item_pair_end, a.part_sum, a.part_q, a.part_adj, a.counter,
+                             n_items, a.R, a.eps);
+  return cudaSuccess;
+#else
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  int major = 0;
+  e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return e;
+  if (major < 9) return cudaErrorInvalidDevice;  // thread-block clusters and distributed shared memory
+  cudaLaunchConfig_t cfg = {};
+  cfg.blockDim = dim3(Cfg::THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = Cfg::BLOCKS;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  static std::atomic<int> resident[kMaxDevices];  // 0: not yet asked
+  int clusters = dev < kMaxDevices ? resident[dev].load() : 0;
+  if (clusters == 0) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    cfg.gridDim = dim3(Cfg::BLOCKS);
+    e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+    if (e != cudaSuccess) return e;
+    if (clusters <= 0) return cudaErrorInvalidConfiguration;
+    if (dev < kMaxDevices) resident[dev].store(clusters);
+  }
+  if (a.clusters > 0 && a.clusters < clusters) clusters = a.clusters;
+  if (clusters > n_items) clusters = n_items;
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * Cfg::BLOCKS));
+  e = cudaMemsetAsync(a.counter, 0, sizeof(int), stream);
+  if (e != cudaSuccess) return e;
+  return cudaLaunchKernelEx(&cfg, kernel, x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows,
+                            a.item_seg, a.item_pair_end, a.part_sum, a.part_q, a.part_adj, a.counter, n_items, a.R,
+                            a.eps);
+#endif
+}
+
+// The instantiations the op uses: CS = kClusterBlocks blocks of kClusterRows rows an item, 5-row rings, one vector a
+// thread and 1024 threads a block (RG = 8192 / D row groups), the combine deferred a.defer rows (0 or 2; 0 only at
+// D = 2048, whose runs are 4 rows).
+template <typename T, bool W_NATIVE>
+inline cudaError_t dispatch_cluster_width(const Args& a, DType w_dtype, cudaStream_t stream) {
+  constexpr int CS = kClusterBlocks, C = kClusterRows;
+  switch (a.D) {
+    case 2048: return launch_cluster_kernel<T, W_NATIVE, Config<2048, 4, CS, C, 5, 0>>(a, w_dtype, stream);
+    case 4096:
+      return a.defer ? launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, C, 5, 2>>(a, w_dtype, stream)
+                     : launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, C, 5, 0>>(a, w_dtype, stream);
+    default:
+      return a.defer ? launch_cluster_kernel<T, W_NATIVE, Config<8192, 1, CS, C, 5, 2>>(a, w_dtype, stream)
+                     : launch_cluster_kernel<T, W_NATIVE, Config<8192, 1, CS, C, 5, 0>>(a, w_dtype, stream);
+  }
+}
+
+inline cudaError_t launch_rmsnorm_angle_cluster(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
+  if (!cluster_supported(a, x_dtype, w_dtype)) return cudaErrorInvalidValue;
+  if (x_dtype == DType::kBFloat16) {
+    return w_dtype == x_dtype ? dispatch_cluster_width<__nv_bfloat16, true>(a, w_dtype, stream)
+                              : dispatch_cluster_width<__nv_bfloat16, false>(a, w_dtype, stream);
+  }
+  return w_dtype == x_dtype ? dispatch_cluster_width<__half, true>(a, w_dtype, stream)
+                            : dispatch_cluster_width<__half, false>(a, w_dtype, stream);
+}
+
+}  // namespace cluster
+}  // namespace rmsnorm_angle
+}  // namespace gainrl
