@@ -80,6 +80,25 @@ extern "C" int emu_cluster(int geometry, int x_dtype, int w_dtype, const void* x
   }
 }
 
+// The op's own dispatch (clusters of 8 blocks of 1024 threads, items of 128 rows, D of 2048 / 4096 / 8192)
+extern "C" int emu_cluster_op(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
+                              float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
+                              int64_t grid, float* part_sum, float* part_q, float* part_adj, int* counter, int64_t R,
+                              int64_t D, float eps, int clusters, int defer) {
+  ra::Args a{};
+  a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
+  a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
+  a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
+  a.counter = counter; a.clusters = clusters; a.defer = defer;
+  try {
+    return static_cast<int>(rc::launch_rmsnorm_angle_cluster(a, static_cast<ra::DType>(x_dtype),
+                                                             static_cast<ra::DType>(w_dtype), nullptr));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "emu_cluster_op: %s\n", e.what());
+    return -1;
+  }
+}
+
 extern "C" void emu_set_eager_copies(int eager) { gainrl_emu::g_cp_async_eager = eager != 0; }
 
 extern "C" int emu_cluster_supported(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight,
@@ -99,6 +118,8 @@ def emulator(tmp_path_factory):
     lib.emu_cluster.argtypes = (
         [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_int64]
         + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int])
+    lib.emu_cluster_op.restype = ctypes.c_int
+    lib.emu_cluster_op.argtypes = lib.emu_cluster.argtypes[1:] + [ctypes.c_int]
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_cluster_supported.restype = ctypes.c_int
     lib.emu_cluster_supported.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
@@ -114,25 +135,28 @@ def copies(request, emulator):
     emulator.emu_set_eager_copies(0)
 
 
-def emulated_forward(lib, geometry: int, x2d, weight, cu, off=None, token_index=None, clusters: int = 2,
-                     plan=None, tickets: list | None = None):
+def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token_index=None, clusters: int = 2,
+                     plan=None, tickets: list | None = None, defer: int = 0):
     """(y, rstd, AngleStats) of the cluster kernel in the emulator: the Triton plan with items of CHUNK rows, the
-    emulated kernel on outputs poisoned with NaN, the Triton reduce (CS scalars an item). ``tickets``: gets the
-    count the clusters took from the item counter (one per item walked)."""
-    plan = plan or rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight, cluster_chunk=CHUNK)
+    emulated kernel on outputs poisoned with NaN, the Triton reduce (CS scalars an item). ``geometry`` None: the
+    op's own dispatch instead (``defer``; items of the op's chunk, its CS). ``tickets``: gets the count the clusters
+    took from the item counter (one per item walked)."""
+    op = geometry is None
+    chunk, cs = (rmsnorm_module._CUDA_CLUSTER_CHUNK, rmsnorm_module._CUDA_CLUSTER_BLOCKS) if op else (CHUNK, CS)
+    plan = plan or rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight, cluster_chunk=chunk)
     rows, dim = x2d.shape
     batch_size, nseg = plan.count.shape
     y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
     rstd = torch.full((rows,), float("nan"))
     part_sum = torch.full((plan.grid, dim), float("nan"))
-    part_q = torch.full((plan.grid * CS,), float("nan"))
-    part_adj = torch.full((plan.grid * CS,), float("nan"))
+    part_q = torch.full((plan.grid * cs,), float("nan"))
+    part_adj = torch.full((plan.grid * cs,), float("nan"))
     counter = torch.full((1,), -7, dtype=torch.int32)  # the launch zeroes it
     items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
-    rc = lib.emu_cluster(geometry, CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0),
-                         weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid,
-                         part_sum.data_ptr(), part_q.data_ptr(), part_adj.data_ptr(), counter.data_ptr(), rows, dim,
-                         EPS, clusters)
+    args = (CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(), y.data_ptr(),
+            rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
+            part_adj.data_ptr(), counter.data_ptr(), rows, dim, EPS, clusters)
+    rc = lib.emu_cluster_op(*args, defer) if op else lib.emu_cluster(geometry, *args)
     if rc != 0:
         raise RuntimeError(f"emulated launch failed: {rc}")
     if tickets is not None:
@@ -140,7 +164,7 @@ def emulated_forward(lib, geometry: int, x2d, weight, cu, off=None, token_index=
     unit_sum = torch.empty(batch_size, nseg, dim)
     sq_norm = torch.empty(batch_size, nseg)
     adjacent = torch.empty(batch_size)
-    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent, CS)
+    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent, cs)
     return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
 
 
@@ -283,6 +307,20 @@ def test_python_supported_mirrors_launcher(emulator):
     x = torch.ones(2, 2048, dtype=torch.bfloat16)
     assert not emulator.emu_cluster_supported(CODE[x.dtype], CODE[x.dtype], x.data_ptr(), 2048, x.data_ptr(),
                                               y.data_ptr(), 2048, 2)  # 4-row runs: no deferral
+
+
+@pytest.mark.parametrize("dim,defer", [(2048, 0), (4096, 2), (8192, 0)])
+def test_emulated_op_dispatch(emulator, dim, defer):
+    """The op's own instantiations (clusters of 8 blocks of 1024 threads, items of 128 rows in 4, 2 or 1 row groups,
+    5-row rings) through its dispatch, 2 clusters: one sequence long enough for several items per cluster, pairs
+    across every kind of boundary, a second sequence ending mid-item, rows in no segment around them."""
+    x = concentrated((700,), dim, seed=dim).to(torch.bfloat16)
+    w = torch.linspace(0.5, 1.5, dim).to(torch.bfloat16)
+    cu = torch.tensor([0, 531, 690], dtype=torch.int32)
+    off = torch.tensor([[3, 300, 529], [0, 100, 159]], dtype=torch.int32)
+    y, rstd, stats = emulated_forward(emulator, None, x, w, cu, off, clusters=2, defer=defer)
+    assert_rms(y, rstd, x, w)
+    assert_stats(stats, y, cu, off)
 
 
 def test_cluster_plan_and_knob(monkeypatch):
