@@ -965,8 +965,8 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 # clusters of _CUDA_CLUSTER_BLOCKS blocks combining their sums in distributed shared memory, one partial row per
 # item of _CUDA_CLUSTER_CHUNK rows, items from a counter (docs/fused_forward.md, sessions 23-24). Where it takes
 # the rows (``_cuda_cluster_take``: 16-bit x, D of 2048 / 4096 / 8192, at least _CUDA_CLUSTER_MIN_ROWS rows) the
-# plan's chunk is _CUDA_CLUSTER_CHUNK. Checked in the CPU emulator (tests/test_rmsnorm_angle_cuda.py); off until
-# timed against the rows kernel on a GPU (bench/fused_variants.py, variants cuda_cluster*).
+# plan's chunk is _CUDA_CLUSTER_CHUNK. Checked in the CPU emulator (tests/test_rmsnorm_angle_cluster.py); off
+# until timed against the rows kernel on a GPU (bench/fused_variants.py, variants cuda_cluster*).
 _CUDA_CLUSTER = False
 _CUDA_CLUSTER_BLOCKS, _CUDA_CLUSTER_CHUNK = 8, 128  # kClusterBlocks, x kClusterRows (csrc/rmsnorm_angle_launch.h)
 _CUDA_CLUSTER_DIMS = (2048, 4096, 8192)
