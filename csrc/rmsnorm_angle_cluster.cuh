@@ -24,15 +24,16 @@
 // RG x CS row-group sums in (rank, group) order, block r storing column slice r of the partial row. Deterministic.
 //
 // Cluster barriers: each item's end arrives; the wait (and the combine that reads the other blocks' shared memory)
-// runs J rows into the next item (J = 0: before its first row), so that a block does not stall at every item's end for the
-// slowest block of its cluster; a second arrive after the remote reads is waited on at the next item's end, before
-// the sums in shared memory are overwritten. The heads are double-buffered by item parity for the deferred reads.
+// runs J rows into the next item (J = 0: before its first row), so that a block does not stall at every item's end
+// for the slowest block of its cluster; a second arrive after the remote reads is waited on at the next item's end,
+// before the sums in shared memory are overwritten. The heads are double-buffered by item parity for the deferred
+// reads.
 //
 // Under GAINRL_CUDA_EMULATOR (tests/cuda_emulator.py) the cluster primitives are the emulator's; on devices the
 // kernel body exists for sm_90+ only (an sm_80 build compiles an empty kernel the launcher never starts).
 #pragma once
 
-#include "cluster_primitives.cuh"       // cluster_arrive / _wait, block_rank, shared_of, group_barrier, take_ticket
+#include "cluster_primitives.cuh"     // cluster_arrive / _wait, block_rank, shared_of, group_barrier, take_ticket
 #include "rmsnorm_angle_kernels.cuh"  // Pair, Vec16, cp_async*, fast_rsqrt, div_rn, kMinSquaredNorm, warp_sum
 
 namespace gainrl {

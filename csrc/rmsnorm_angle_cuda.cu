@@ -1,7 +1,8 @@
-// Device side of the CUDA rows kernel of the fused RMSNorm + angle forward (torch.ops.gainrl.rmsnorm_angle_rows_ext):
-// instantiates every kernel variant (csrc/rmsnorm_angle_kernels.cuh, csrc/rmsnorm_angle_cluster.cuh) and defines the one exported, non-throwing host
-// entry points declared in csrc/rmsnorm_angle_launch.h. Argument checks and the op registration live in the
-// g++-compiled csrc/rmsnorm_angle_cuda_binding.cpp (see csrc/angle_stats_cuda.cu for why).
+// Device side of the CUDA forwards of the fused RMSNorm + angle statistics (torch.ops.gainrl.rmsnorm_angle_rows_ext
+// and rmsnorm_angle_cluster_ext): instantiates every kernel variant (csrc/rmsnorm_angle_kernels.cuh, the rows
+// kernel; csrc/rmsnorm_angle_cluster.cuh, the cluster kernel) and defines the exported, non-throwing host entry points
+// declared in csrc/rmsnorm_angle_launch.h. Argument checks and the op registration live in the g++-compiled
+// csrc/rmsnorm_angle_cuda_binding.cpp (see csrc/angle_stats_cuda.cu for why).
 #include "rmsnorm_angle_cluster.cuh"
 #include "rmsnorm_angle_kernels.cuh"
 
