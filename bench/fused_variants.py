@@ -42,10 +42,17 @@ VARIANTS: dict[str, dict] = {
     # cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
     "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, stages and carry by width (_cuda_rows_tuning)
     # the persistent thread-block-cluster kernel (csrc/rmsnorm_angle_cluster.cuh, sm_90+, 16-bit rows of 2048 / 4096
-    # / 8192 columns; other shapes keep the CUDA rows kernel), its combine at once or deferred 2 rows. Session 24,
+    # / 8192 columns; other shapes, and tunings a width is not built with, keep the CUDA rows kernel): 16 rows a
+    # block and item, a 5-row ring, the combine at once; then deferred 2 rows, a 7-row ring, 32 rows. Session 24,
     # not yet timed (bench/cluster_walk.py's pc8_c16_full* are its prototype)
     "cuda_cluster": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True},
     "cuda_cluster_d2": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_DEFER": 2},
+    "cuda_cluster_s7": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_STAGES": 7},
+    "cuda_cluster_s7_d2": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_STAGES": 7,
+                           "_CUDA_CLUSTER_DEFER": 2},
+    "cuda_cluster_r32": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_ROWS": 32},
+    "cuda_cluster_r32_d2": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_ROWS": 32,
+                            "_CUDA_CLUSTER_DEFER": 2},
     # fixed stages and carry at every width (the default before session 18: cuda_rows_s3)
     "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2, "_CUDA_ROWS_CARRY": False},
     "cuda_rows_s3": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 3, "_CUDA_ROWS_CARRY": False},

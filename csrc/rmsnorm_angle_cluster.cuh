@@ -416,20 +416,29 @@ inline cudaError_t launch_cluster_kernel(const Args& a, DType w_dtype, cudaStrea
 #endif
 }
 
-// The instantiations the op uses: CS = kClusterBlocks blocks of kClusterRows rows an item, 5-row rings, one vector a
-// thread and 1024 threads a block (RG = 8192 / D row groups), the combine deferred a.defer rows (0 or 2; 0 only at
-// D = 2048, whose runs are 4 rows).
+// The instantiations the op uses (cluster_built of csrc/rmsnorm_angle_launch.h): clusters of kClusterBlocks blocks,
+// 1024 threads a block of one vector each (RG = 8192 / D row groups), a.cluster_rows rows a block and item, a ring
+// of a.stages rows, the combine deferred a.defer rows.
 template <typename T, bool W_NATIVE>
 inline cudaError_t dispatch_cluster_width(const Args& a, DType w_dtype, cudaStream_t stream) {
-  constexpr int CS = kClusterBlocks, C = kClusterRows;
+  constexpr int CS = kClusterBlocks;
+  const bool J = a.defer != 0;
   switch (a.D) {
-    case 2048: return launch_cluster_kernel<T, W_NATIVE, Config<2048, 4, CS, C, 5, 0>>(a, w_dtype, stream);
-    case 4096:
-      return a.defer ? launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, C, 5, 2>>(a, w_dtype, stream)
-                     : launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, C, 5, 0>>(a, w_dtype, stream);
+    case 2048: return launch_cluster_kernel<T, W_NATIVE, Config<2048, 4, CS, 16, 5, 0>>(a, w_dtype, stream);
+    case 8192:
+      return J ? launch_cluster_kernel<T, W_NATIVE, Config<8192, 1, CS, 16, 5, 2>>(a, w_dtype, stream)
+               : launch_cluster_kernel<T, W_NATIVE, Config<8192, 1, CS, 16, 5, 0>>(a, w_dtype, stream);
     default:
-      return a.defer ? launch_cluster_kernel<T, W_NATIVE, Config<8192, 1, CS, C, 5, 2>>(a, w_dtype, stream)
-                     : launch_cluster_kernel<T, W_NATIVE, Config<8192, 1, CS, C, 5, 0>>(a, w_dtype, stream);
+      if (a.cluster_rows == 32) {
+        return J ? launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 32, 5, 2>>(a, w_dtype, stream)
+                 : launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 32, 5, 0>>(a, w_dtype, stream);
+      }
+      if (a.stages == 7) {
+        return J ? launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 16, 7, 2>>(a, w_dtype, stream)
+                 : launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 16, 7, 0>>(a, w_dtype, stream);
+      }
+      return J ? launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 16, 5, 2>>(a, w_dtype, stream)
+               : launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 16, 5, 0>>(a, w_dtype, stream);
   }
 }
 

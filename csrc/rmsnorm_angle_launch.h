@@ -8,7 +8,7 @@
 // module's plan kernel: one block per work item (a chunk of consecutive rows, inside one segment or outside all),
 // the same outputs (y, rstd, one fp32 partial row + two scalars per segment chunk), reduced by the same Triton
 // reduce kernel. The cluster kernel (csrc/rmsnorm_angle_cluster.cuh, sm_90+) takes the same work list with items of
-// kClusterBlocks x kClusterRows rows, one thread-block cluster an item, and leaves kClusterBlocks pairs of scalars
+// kClusterBlocks x cluster_rows rows, one thread-block cluster an item, and leaves kClusterBlocks pairs of scalars
 // an item.
 #pragma once
 
@@ -49,24 +49,32 @@ struct Args {
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
-  // the cluster kernel only: part_q / part_adj are [grid * kClusterBlocks]
-  int* counter;  // one int of device scratch (the item counter; the launch zeroes it)
-  int clusters;  // resident clusters to run at most (0: as many as fit)
-  int defer;     // rows of the next item each item's combine is deferred into: 0 or 2 (D = 2048: 0)
+  // the cluster kernel only (its ring depth is `stages`: 5 or 7): part_q / part_adj are [grid * kClusterBlocks]
+  int* counter;      // one int of device scratch (the item counter; the launch zeroes it)
+  int clusters;      // resident clusters to run at most (0: as many as fit)
+  int defer;         // rows of the next item each item's combine is deferred into: 0 or 2
+  int cluster_rows;  // rows of each block in an item (16 or 32): the plan's chunk is kClusterBlocks * cluster_rows
 };
 
 constexpr int kClusterBlocks = 8;  // blocks of a cluster
-constexpr int kClusterRows = 16;   // rows of each block in an item: the plan's chunk is kClusterBlocks * kClusterRows
 
-// Whether the cluster kernel takes these rows: 16-bit x with D of 2048, 4096 or 8192 (1024 threads of one 16-byte
-// vector each, in 8192 / D row groups), a weight of x's dtype or fp32, 16-byte aligned x / y rows and weight,
-// a counter, a known deferral. (The device must be sm_90+: the launch checks.)
+// The cluster kernel's builds: 16-bit x with D of 2048, 4096 or 8192 (1024 threads of one 16-byte vector each, in
+// 8192 / D row groups), a weight of x's dtype or fp32, and (rows a block and item, ring stages, deferral) of
+//   D = 2048: (16, 5, 0);  D = 8192: (16, 5, 0 or 2);  D = 4096: (16, 5 or 7, 0 or 2), (32, 5, 0 or 2).
+inline bool cluster_built(int64_t D, int rows, int stages, int defer) {
+  const bool d02 = defer == 0 || defer == 2;
+  if (D == 2048) return rows == 16 && stages == 5 && defer == 0;
+  if (D == 8192) return rows == 16 && stages == 5 && d02;
+  return D == 4096 && d02 && ((rows == 16 && (stages == 5 || stages == 7)) || (rows == 32 && stages == 5));
+}
+
+// Whether the cluster kernel takes these rows: a build (cluster_built), 16-byte aligned x / y rows and weight, a
+// counter. (The device must be sm_90+: the launch checks.)
 inline bool cluster_supported(const Args& a, DType x_dtype, DType w_dtype) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return x_dtype != DType::kFloat32 && (w_dtype == x_dtype || w_dtype == DType::kFloat32) &&
-         (a.D == 2048 || a.D == 4096 || a.D == 8192) && (a.stride_r * 2) % 16 == 0 && aligned(a.x) &&
-         aligned(a.y) && aligned(a.weight) && a.counter != nullptr &&
-         (a.defer == 0 || (a.defer == 2 && a.D != 2048)) && a.clusters >= 0;
+         cluster_built(a.D, a.cluster_rows, a.stages, a.defer) && (a.stride_r * 2) % 16 == 0 && aligned(a.x) &&
+         aligned(a.y) && aligned(a.weight) && a.counter != nullptr && a.clusters >= 0;
 }
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.

@@ -963,17 +963,22 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 # rows with statistics through the persistent thread-block-cluster kernel of the extension instead
 # (csrc/rmsnorm_angle_cluster.cuh, sm_90+): one 1024-thread block per SM in row groups with their own cp.async rings,
 # clusters of _CUDA_CLUSTER_BLOCKS blocks combining their sums in distributed shared memory, one partial row per
-# item of _CUDA_CLUSTER_CHUNK rows, items from a counter (docs/fused_forward.md, sessions 23-24). Where it takes
-# the rows (``_cuda_cluster_take``: 16-bit x, D of 2048 / 4096 / 8192, at least _CUDA_CLUSTER_MIN_ROWS rows) the
-# plan's chunk is _CUDA_CLUSTER_CHUNK. Checked in the CPU emulator (tests/test_rmsnorm_angle_cluster.py); off
-# until timed against the rows kernel on a GPU (bench/fused_variants.py, variants cuda_cluster*).
+# item of _CUDA_CLUSTER_BLOCKS x _CUDA_CLUSTER_ROWS rows, items from a counter (docs/fused_forward.md, sessions
+# 23-24). Where it takes the rows (``_cuda_cluster_take``: 16-bit x, a width and tuning it is built for, at least
+# _CUDA_CLUSTER_MIN_ROWS rows) the plan's chunk is its item. Checked in the CPU emulator
+# (tests/test_rmsnorm_angle_cluster.py); off until timed against the rows kernel on a GPU (bench/fused_variants.py,
+# variants cuda_cluster*).
 _CUDA_CLUSTER = False
-_CUDA_CLUSTER_BLOCKS, _CUDA_CLUSTER_CHUNK = 8, 128  # kClusterBlocks, x kClusterRows (csrc/rmsnorm_angle_launch.h)
-_CUDA_CLUSTER_DIMS = (2048, 4096, 8192)
+_CUDA_CLUSTER_BLOCKS = 8  # kClusterBlocks of csrc/rmsnorm_angle_launch.h
+_CUDA_CLUSTER_ROWS = 16  # rows of each block in an item
+_CUDA_CLUSTER_STAGES = 5  # rows in each row group's ring (stages - 1 in flight)
+_CUDA_CLUSTER_DEFER = 0  # rows of the next item each item's cluster combine is deferred into
+# (rows, stages, defer) built per width: cluster_built of csrc/rmsnorm_angle_launch.h
+_CUDA_CLUSTER_BUILT: dict[int, set[tuple[int, int, int]]] = {
+    2048: {(16, 5, 0)}, 8192: {(16, 5, 0), (16, 5, 2)},
+    4096: {(16, 5, 0), (16, 5, 2), (16, 7, 0), (16, 7, 2), (32, 5, 0), (32, 5, 2)}}
 # rows below which the rows kernel keeps the work: an item is 128 rows, and 132 SMs take 8 items at a time
 _CUDA_CLUSTER_MIN_ROWS = 16384
-# rows of the next item each item's cluster combine is deferred into: 0 or 2 (D = 2048: 0)
-_CUDA_CLUSTER_DEFER = 0
 
 
 class _FwdConfig(NamedTuple):
@@ -1097,7 +1102,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     bound: spare programs get 0 rows); only segment chunks collect statistics. Built on the device by
     ``_plan_kernel`` (one launch, no host sync). ``weight``: the [D] weight the forward reads (its alignment picks
     the launch shape). ``cluster_chunk``: plan for the cluster kernel with items of this many rows (default: where
-    ``_cuda_cluster_take``, its ``_CUDA_CLUSTER_CHUNK``)."""
+    ``_cuda_cluster_take``, its item: _CUDA_CLUSTER_BLOCKS x _CUDA_CLUSTER_ROWS)."""
     dev = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
     nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
@@ -1106,7 +1111,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     rows, dim = x2d.shape
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
     if cluster_chunk is None and _cuda_cluster_take(x2d, weight):
-        cluster_chunk = _CUDA_CLUSTER_CHUNK
+        cluster_chunk = _CUDA_CLUSTER_BLOCKS * _CUDA_CLUSTER_ROWS
     if cluster_chunk is not None:
         cfg = cfg._replace(chunk=cluster_chunk, cluster=True)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
@@ -1149,10 +1154,12 @@ def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _cuda_cluster_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the cluster kernel takes these [R, D] rows (mirrors ``cluster_supported`` of
-    csrc/rmsnorm_angle_launch.h): 16-bit x with D of 2048, 4096 or 8192, unit column stride, 16-byte aligned rows,
-    a contiguous aligned weight of x's dtype or fp32."""
-    return (x2d.dtype in (torch.float16, torch.bfloat16) and x2d.shape[1] in _CUDA_CLUSTER_DIMS
+    """Whether the cluster kernel takes these [R, D] rows at the knobs' tuning (mirrors ``cluster_supported`` of
+    csrc/rmsnorm_angle_launch.h): 16-bit x of a width built with (_CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES,
+    _CUDA_CLUSTER_DEFER), unit column stride, 16-byte aligned rows, a contiguous aligned weight of x's dtype or
+    fp32."""
+    tuning = (_CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES, _CUDA_CLUSTER_DEFER)
+    return (x2d.dtype in (torch.float16, torch.bfloat16) and tuning in _CUDA_CLUSTER_BUILT.get(x2d.shape[1], ())
             and weight.dtype in (x2d.dtype, torch.float32) and x2d.stride(1) == 1 and x2d.stride(0) % 8 == 0
             and x2d.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
 
@@ -1213,7 +1220,8 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         counter = torch.empty(1, dtype=torch.int32, device=dev)  # the launch zeroes it
         torch.ops.gainrl.rmsnorm_angle_cluster_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, counter, float(eps), _CUDA_CLUSTER_DEFER, 0)
+            part_sum, part_q, part_adj, counter, float(eps), _CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES,
+            _CUDA_CLUSTER_DEFER, 0)
     elif kernel == "cuda_rows":
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -84,12 +85,12 @@ extern "C" int emu_cluster(int geometry, int x_dtype, int w_dtype, const void* x
 extern "C" int emu_cluster_op(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
                               float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
                               int64_t grid, float* part_sum, float* part_q, float* part_adj, int* counter, int64_t R,
-                              int64_t D, float eps, int clusters, int defer) {
+                              int64_t D, float eps, int clusters, int rows, int stages, int defer) {
   ra::Args a{};
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
   a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
   a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
-  a.counter = counter; a.clusters = clusters; a.defer = defer;
+  a.counter = counter; a.clusters = clusters; a.cluster_rows = rows; a.stages = stages; a.defer = defer;
   try {
     return static_cast<int>(rc::launch_rmsnorm_angle_cluster(a, static_cast<ra::DType>(x_dtype),
                                                              static_cast<ra::DType>(w_dtype), nullptr));
@@ -102,10 +103,11 @@ extern "C" int emu_cluster_op(int x_dtype, int w_dtype, const void* x, int64_t s
 extern "C" void emu_set_eager_copies(int eager) { gainrl_emu::g_cp_async_eager = eager != 0; }
 
 extern "C" int emu_cluster_supported(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight,
-                                     void* y, int64_t D, int defer) {
+                                     void* y, int64_t D, int rows, int stages, int defer) {
   ra::Args a{};
   int counter = 0;
-  a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.D = D; a.counter = &counter; a.defer = defer;
+  a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.D = D; a.counter = &counter;
+  a.cluster_rows = rows; a.stages = stages; a.defer = defer;
   return ra::cluster_supported(a, static_cast<ra::DType>(x_dtype), static_cast<ra::DType>(w_dtype)) ? 1 : 0;
 }
 """
@@ -119,11 +121,11 @@ def emulator(tmp_path_factory):
         [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_int64]
         + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int])
     lib.emu_cluster_op.restype = ctypes.c_int
-    lib.emu_cluster_op.argtypes = lib.emu_cluster.argtypes[1:] + [ctypes.c_int]
+    lib.emu_cluster_op.argtypes = lib.emu_cluster.argtypes[1:] + [ctypes.c_int] * 3
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_cluster_supported.restype = ctypes.c_int
     lib.emu_cluster_supported.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 3)
     return lib
 
 
@@ -136,13 +138,15 @@ def copies(request, emulator):
 
 
 def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token_index=None, clusters: int = 2,
-                     plan=None, tickets: list | None = None, defer: int = 0):
+                     plan=None, tickets: list | None = None, defer: int = 0, rows_per_block: int = 16,
+                     stages: int = 5):
     """(y, rstd, AngleStats) of the cluster kernel in the emulator: the Triton plan with items of CHUNK rows, the
     emulated kernel on outputs poisoned with NaN, the Triton reduce (CS scalars an item). ``geometry`` None: the
-    op's own dispatch instead (``defer``; items of the op's chunk, its CS). ``tickets``: gets the count the clusters
+    op's own dispatch instead (``rows_per_block``, ``stages``, ``defer``; its CS). ``tickets``: gets the count the clusters
     took from the item counter (one per item walked)."""
     op = geometry is None
-    chunk, cs = (rmsnorm_module._CUDA_CLUSTER_CHUNK, rmsnorm_module._CUDA_CLUSTER_BLOCKS) if op else (CHUNK, CS)
+    cs = rmsnorm_module._CUDA_CLUSTER_BLOCKS if op else CS
+    chunk = cs * (rows_per_block if op else C)
     plan = plan or rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight, cluster_chunk=chunk)
     rows, dim = x2d.shape
     batch_size, nseg = plan.count.shape
@@ -156,7 +160,7 @@ def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token
     args = (CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(), y.data_ptr(),
             rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
             part_adj.data_ptr(), counter.data_ptr(), rows, dim, EPS, clusters)
-    rc = lib.emu_cluster_op(*args, defer) if op else lib.emu_cluster(geometry, *args)
+    rc = lib.emu_cluster_op(*args, rows_per_block, stages, defer) if op else lib.emu_cluster(geometry, *args)
     if rc != 0:
         raise RuntimeError(f"emulated launch failed: {rc}")
     if tickets is not None:
@@ -286,9 +290,10 @@ def test_emulated_spare_items_end_the_walk(emulator):
     assert torch.equal(full[0], part[0]) and all(torch.equal(a, b) for a, b in zip(full[2], part[2]))
 
 
-def test_python_supported_mirrors_launcher(emulator):
+def test_python_supported_mirrors_launcher(emulator, monkeypatch):
     """``_cuda_cluster_supported`` agrees with ``cluster_supported`` of csrc/rmsnorm_angle_launch.h over widths,
-    dtypes, row strides and misaligned x or weight (deferral 0, which every width takes)."""
+    dtypes, row strides, misaligned x or weight and the tuning knobs (rows a block, ring stages, deferral), so the
+    op never sends the kernel rows or a tuning it refuses."""
     y = torch.empty(4, dtype=torch.float32)
     checked = total = 0
     for dim in (256, 1024, 2048, 2056, 4096, 5120, 8192, 16384):
@@ -297,29 +302,76 @@ def test_python_supported_mirrors_launcher(emulator):
                 for pad, x_shift, w_shift in ((0, 0, 0), (8, 0, 0), (1, 0, 0), (16, 1, 0), (0, 0, 1)):
                     x = torch.ones(2, dim + pad + x_shift, dtype=dtype)[:, x_shift:x_shift + dim]
                     w = torch.ones(dim + w_shift, dtype=w_dtype)[w_shift:]
-                    ours = rmsnorm_module._cuda_cluster_supported(x, w)
-                    theirs = emulator.emu_cluster_supported(CODE[dtype], CODE[w_dtype], x.data_ptr(), x.stride(0),
-                                                            w.data_ptr(), y.data_ptr(), dim, 0)
-                    assert ours == bool(theirs), (dim, dtype, w_dtype, pad, x_shift, w_shift)
-                    checked += ours
-                    total += 1
-    assert 10 < checked < total - 10
-    x = torch.ones(2, 2048, dtype=torch.bfloat16)
-    assert not emulator.emu_cluster_supported(CODE[x.dtype], CODE[x.dtype], x.data_ptr(), 2048, x.data_ptr(),
-                                              y.data_ptr(), 2048, 2)  # 4-row runs: no deferral
+                    for tuning in ((16, 5, 0), (16, 5, 2), (16, 7, 0), (32, 5, 2), (32, 7, 0), (16, 5, 1),
+                                   (8, 5, 0)):
+                        for knob, value in zip(("_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER"),
+                                               tuning):
+                            monkeypatch.setattr(rmsnorm_module, knob, value)
+                        ours = rmsnorm_module._cuda_cluster_supported(x, w)
+                        theirs = emulator.emu_cluster_supported(CODE[dtype], CODE[w_dtype], x.data_ptr(),
+                                                                x.stride(0), w.data_ptr(), y.data_ptr(), dim, *tuning)
+                        assert ours == bool(theirs), (dim, dtype, w_dtype, pad, x_shift, w_shift, tuning)
+                        checked += ours
+                        total += 1
+    assert 50 < checked < total - 50
 
 
-@pytest.mark.parametrize("dim,defer", [(2048, 0), (4096, 2), (8192, 0)])
-def test_emulated_op_dispatch(emulator, dim, defer):
-    """The op's own instantiations (clusters of 8 blocks of 1024 threads, items of 128 rows in 4, 2 or 1 row groups,
-    5-row rings) through its dispatch, 2 clusters: one sequence long enough for several items per cluster, pairs
-    across every kind of boundary, a second sequence ending mid-item, rows in no segment around them."""
+@pytest.mark.parametrize("dim,rows_per_block,stages,defer", [
+    (2048, 16, 5, 0), (4096, 16, 5, 2), (4096, 16, 7, 0), (4096, 32, 5, 2), (8192, 16, 5, 0)])
+def test_emulated_op_dispatch(emulator, dim, rows_per_block, stages, defer):
+    """The op's own instantiations (clusters of 8 blocks of 1024 threads in 4, 2 or 1 row groups, items of 128 or
+    256 rows, 5- or 7-row rings) through its dispatch, 2 clusters: one sequence long enough for several items per
+    cluster, pairs across every kind of boundary, a second sequence ending mid-item, rows in no segment."""
     x = concentrated((700,), dim, seed=dim).to(torch.bfloat16)
     w = torch.linspace(0.5, 1.5, dim).to(torch.bfloat16)
     cu = torch.tensor([0, 531, 690], dtype=torch.int32)
     off = torch.tensor([[3, 300, 529], [0, 100, 159]], dtype=torch.int32)
-    y, rstd, stats = emulated_forward(emulator, None, x, w, cu, off, clusters=2, defer=defer)
+    y, rstd, stats = emulated_forward(emulator, None, x, w, cu, off, clusters=2, defer=defer,
+                                      rows_per_block=rows_per_block, stages=stages)
     assert_rms(y, rstd, x, w)
+    assert_stats(stats, y, cu, off)
+
+
+def cluster_schema_args() -> list[str]:
+    """The argument names of ``rmsnorm_angle_cluster_ext``'s schema in csrc/rmsnorm_angle_cuda_binding.cpp."""
+    text = (cuda_emulator.CSRC / "rmsnorm_angle_cuda_binding.cpp").read_text()
+    schema = re.search(r'"rmsnorm_angle_cluster_ext\((.*?)\) ->', text.replace('"\n      "', ""))
+    return [a.split()[-1] for a in schema.group(1).split(",")]
+
+
+@pytest.mark.parametrize("dim,tuning", [(2048, (16, 5, 0)), (4096, (32, 5, 2))])
+def test_op_path_through_emulated_kernel(emulator, dim, tuning, monkeypatch):
+    """``rmsnorm_angle`` itself on the cluster path, on a CPU: the plan with the knobs' item size, the outputs and
+    partials it allocates (CS scalars an item), the op call (its arguments by the binding's schema, handed to the
+    emulated dispatch) and the reduce, against the float64 reference."""
+    names = cluster_schema_args()
+    calls = []
+
+    def emulated_op(*args):
+        a = dict(zip(names, args, strict=True))
+        calls.append(a)
+        x2d, w = a["x"], a["weight"]
+        items = [a[k] for k in ("item_row0", "item_nrows", "item_seg", "item_pair_end")]
+        rc = emulator.emu_cluster_op(
+            CODE[x2d.dtype], CODE[w.dtype], x2d.data_ptr(), x2d.stride(0), w.data_ptr(), a["y"].data_ptr(),
+            a["rstd"].data_ptr(), *(t.data_ptr() for t in items), items[0].numel(), a["part_sum"].data_ptr(),
+            a["part_q"].data_ptr(), a["part_adj"].data_ptr(), a["counter"].data_ptr(), x2d.shape[0], x2d.shape[1],
+            a["eps"], a["clusters"] or 2, a["rows"], a["stages"], a["defer"])
+        assert rc == 0
+
+    monkeypatch.setattr(torch.ops.gainrl, "rmsnorm_angle_cluster_ext", emulated_op, raising=False)
+    monkeypatch.setattr(rmsnorm_module, "_cuda_cluster_take", lambda x2d, weight: True)
+    for knob, value in zip(("_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER"), tuning):
+        monkeypatch.setattr(rmsnorm_module, knob, value)
+    x = concentrated((400,), dim, seed=3).to(torch.bfloat16)
+    w = torch.linspace(0.5, 1.5, dim).to(torch.float32)
+    cu = torch.tensor([0, 290, 380], dtype=torch.int32)
+    off = torch.tensor([[2, 200, 288], [0, 50, 90]], dtype=torch.int32)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    (call,) = calls
+    assert call["part_q"].numel() == call["item_row0"].numel() * rmsnorm_module._CUDA_CLUSTER_BLOCKS
+    assert 4 * tuning[0] < int(call["item_nrows"].max()) <= 8 * tuning[0]  # the knob's item size
+    assert_rms(y, call["rstd"], x, w)
     assert_stats(stats, y, cu, off)
 
 
@@ -347,29 +399,37 @@ needs_cluster = pytest.mark.skipif(
 
 
 @needs_cluster
-@pytest.mark.parametrize("dim,dtype,w_dtype,defer", [
-    (d, t, w, j) for d in (2048, 4096, 8192) for t in (torch.bfloat16, torch.float16) for w in (t, torch.float32)
-    for j in ((0, 2) if d != 2048 else (0,))], ids=str)
-def test_cuda_cluster_matches_rows_kernel(dim, dtype, w_dtype, defer, monkeypatch):
-    """On the GPU: the cluster kernel's rstd within fp32 rounding of torch's and y exactly HF's formula on it, the
-    statistics those of y and close to the rows kernel's; bitwise the same on a second call and replayed from a CUDA
-    graph."""
-    x, w, cu, off = long_batch(dim, dtype, seed=dim + defer, w_dtype=w_dtype)
-    x, w, cu, off = (t.cuda() for t in (x, w, cu, off))
-    y_r, s_r = rmsnorm_angle(x, w, EPS, cu, off)
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_CLUSTER", True)
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_CLUSTER_MIN_ROWS", 0)
-    monkeypatch.setattr(rmsnorm_module, "_CUDA_CLUSTER_DEFER", defer)
-    assert rmsnorm_module._cuda_cluster_take(x, w)
-    plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
-    assert plan.cfg.cluster
-    y, rstd, stats = rmsnorm_module._forward(x, w, EPS, plan, True)
-    assert_rms(y, rstd, x, w, rtol=2e-6)  # the hardware's approximate rsqrt
-    y_api, s_api = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
-    assert torch.equal(y_api, y) and all(torch.equal(a, b) for a, b in zip(s_api, stats))
-    assert_stats(type(s_api)(*stats), y.cpu(), cu.cpu(), off.cpu())
-    torch.testing.assert_close(y, y_r, **two_steps(dtype))
-    dy = float((y.float() - y_r.float()).abs().max())
-    for a, b in zip(stats, s_r):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 + dy)
-    assert_same_again_and_in_graph(x, w, cu, off, y_api, s_api)
+@pytest.mark.parametrize("dim,tuning,dtype,w_dtype", [
+    (d, tuning, t, w) for d, built in sorted(rmsnorm_module._CUDA_CLUSTER_BUILT.items()) for tuning in sorted(built)
+    for t in (torch.bfloat16, torch.float16) for w in (t, torch.float32)], ids=str)
+def test_cuda_cluster_matches_rows_kernel(dim, tuning, dtype, w_dtype, monkeypatch):
+    """On the GPU, every build (width x rows a block, ring stages, deferral x dtypes): the cluster kernel's rstd
+    within fp32 rounding of torch's and y exactly HF's formula on it, the statistics those of y and close to the
+    rows kernel's; bitwise the same on a second call and replayed from a CUDA graph. Two batches: the short one of
+    the emulator tests (fewer items than clusters) and 24 sequences of up to 1000 tokens (each cluster walks many
+    items from the counter)."""
+    g = torch.Generator().manual_seed(dim)
+    cu, off, rows = random_ragged(g, max_seqs=25, max_len=1000, max_segments=4, max_trailing=50)
+    many = (concentrated((rows,), dim, seed=1).to(dtype), (1.0 + 0.2 * torch.randn(dim, generator=g)).to(w_dtype),
+            cu, off)
+    for inputs in (long_batch(dim, dtype, seed=dim, w_dtype=w_dtype), many):
+        x, w, cu, off = (t.cuda() for t in inputs)
+        monkeypatch.setattr(rmsnorm_module, "_CUDA_CLUSTER", False)
+        y_r, s_r = rmsnorm_angle(x, w, EPS, cu, off)
+        monkeypatch.setattr(rmsnorm_module, "_CUDA_CLUSTER", True)
+        monkeypatch.setattr(rmsnorm_module, "_CUDA_CLUSTER_MIN_ROWS", 0)
+        for knob, value in zip(("_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER"), tuning):
+            monkeypatch.setattr(rmsnorm_module, knob, value)
+        assert rmsnorm_module._cuda_cluster_take(x, w)
+        plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
+        assert plan.cfg.cluster and plan.cfg.chunk == 8 * tuning[0]
+        y, rstd, stats = rmsnorm_module._forward(x, w, EPS, plan, True)
+        assert_rms(y, rstd, x, w, rtol=2e-6)  # the hardware's approximate rsqrt
+        y_api, s_api = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+        assert torch.equal(y_api, y) and all(torch.equal(a, b) for a, b in zip(s_api, stats))
+        assert_stats(type(s_api)(*stats), y.cpu(), cu.cpu(), off.cpu())
+        torch.testing.assert_close(y, y_r, **two_steps(dtype))
+        dy = float((y.float() - y_r.float()).abs().max())
+        for a, b in zip(stats, s_r):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5 + dy)
+        assert_same_again_and_in_graph(x, w, cu, off, y_api, s_api)
