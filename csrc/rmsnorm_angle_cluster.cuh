@@ -44,14 +44,16 @@ using namespace ::gainrl::cluster_sync;  // NOLINT: the primitives, unqualified 
 
 // ------------------------------------------------------------------------------------------------ geometry
 
-// D columns of a 16-bit T, one 16-byte vector a thread: a row group is RT = D / 8 threads (whole warps), a block RG
-// of them. CS blocks a cluster, C rows a block and item, S rows in each row group's ring, J rows of deferral.
-template <int D, int RG, int CS, int C, int S, int J>
+// D columns of a 16-bit T, VPT 16-byte vectors a thread (8 VPT values): a row group is RT = D / (8 VPT) threads
+// (whole warps), a block RG of them. CS blocks a cluster, C rows a block and item, S rows in each row group's ring,
+// J rows of deferral.
+template <int D, int RG, int CS, int C, int S, int J, int VPT>
 struct Config {
-  static constexpr int DIM = D, RGS = RG, BLOCKS = CS, ROWS = C, STAGES = S, DEFER = J;
-  static constexpr int RT = D / 8, THREADS = RG * RT, WARPS = RT / 32, CR = C / RG, CHUNK = CS * C;
+  static constexpr int DIM = D, RGS = RG, BLOCKS = CS, ROWS = C, STAGES = S, DEFER = J, VECS = VPT;
+  static constexpr int RT = D / (8 * VPT), THREADS = RG * RT, WARPS = RT / 32, CR = C / RG, CHUNK = CS * C;
   static constexpr int QUADS = D / 4, SLICE_QUADS = QUADS / CS;  // the combine: fp32 quads of a row, of a slice
-  static_assert(D % 256 == 0 && THREADS <= 1024, "whole warps of one vector a thread, at most 1024 threads");
+  static constexpr int HEAD_BUFFERS = J > 0 ? 2 : 1;  // the deferred combine reads an item's heads in the next
+  static_assert(RT * 8 * VPT == D && RT % 32 == 0 && THREADS <= 1024, "whole warps of VPT vectors a thread");
   static_assert(C % RG == 0 && S >= 2 && S - 1 <= CR, "the ring looks at most one item ahead");
   static_assert(J + S - 1 <= CR, "a deferred combine ends before the ring needs the item after next");
   static_assert(QUADS % CS == 0, "each block stores a whole number of quads of the partial row");
@@ -59,20 +61,21 @@ struct Config {
 };
 
 // Byte offsets into the dynamic shared memory (no static __shared__: the emulator's would be one for all blocks),
-// 16-byte aligned parts first: the rings [RG][S][RT] (vectors of x), the weight (W_NATIVE: [RT] vectors of T, else
-// [D] fp32), the row groups' sums [RG][D] fp32, the combine's [QUADS] float4, the heads [2][RG][RT] and the tail
-// [RT] (vectors of y); then rank 0's item ids [4], the reduction slots [RG][2][WARPS] float and [RG][WARPS] float2,
-// the heads' and the tail's 1 / ‖y‖ [2 RG + 1] (and a pad) and the row groups' (q, adj) [RG] float2.
+// 16-byte aligned parts first: the rings [RG][S][D / 8] (vectors of x), the weight (W_NATIVE: [D / 8] vectors of T,
+// else [D] fp32), the block's sums [D] fp32 (its row groups' added in order), the combine's [QUADS] float4, the
+// heads [HEAD_BUFFERS][RG][D / 8] and the tail [D / 8] (vectors of y); then rank 0's item ids [4], the reduction
+// slots [RG][2][WARPS] float and [RG][WARPS] float2, the heads' and the tail's 1 / ‖y‖ [2 RG + 2] and the row
+// groups' (q, adj) [RG] float2.
 template <typename Cfg, bool W_NATIVE>
 struct Layout {
-  static constexpr size_t RG = Cfg::RGS, RT = Cfg::RT, D = Cfg::DIM, WARPS = Cfg::WARPS;
+  static constexpr size_t RG = Cfg::RGS, D = Cfg::DIM, WARPS = Cfg::WARPS, ROW = D * 2;  // bytes of a row of T
   static constexpr size_t ring = 0;
-  static constexpr size_t weight = ring + RG * Cfg::STAGES * RT * 16;
-  static constexpr size_t sums = weight + (W_NATIVE ? RT * 16 : D * 4);
-  static constexpr size_t combine = sums + RG * D * 4;
+  static constexpr size_t weight = ring + RG * Cfg::STAGES * ROW;
+  static constexpr size_t sums = weight + (W_NATIVE ? ROW : D * 4);
+  static constexpr size_t combine = sums + D * 4;
   static constexpr size_t heads = combine + D * 4;
-  static constexpr size_t tail = heads + 2 * RG * RT * 16;
-  static constexpr size_t ids = tail + RT * 16;
+  static constexpr size_t tail = heads + Cfg::HEAD_BUFFERS * RG * ROW;
+  static constexpr size_t ids = tail + ROW;
   static constexpr size_t red = ids + 16;
   static constexpr size_t red2 = red + RG * 2 * WARPS * 4;
   static constexpr size_t inv = red2 + RG * WARPS * 8;
@@ -85,6 +88,7 @@ struct Layout {
 // Grid: whole clusters of CS blocks of Cfg::THREADS threads, persistent: each cluster walks items until the counter
 // runs past n_items or hands out an item of no rows (the plan kernel writes its spare items, of no rows, after all
 // others, so none with rows follows). part_q / part_adj: [n_items * CS], block r of item i at i * CS + r.
+// A thread holds the vectors lt + RT v (v < VPT) of its row group's rows (coalesced for each v).
 template <typename T, bool W_NATIVE, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, 1)
     cluster_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
@@ -94,13 +98,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
                    float* __restrict__ part_adj, int* __restrict__ counter, int n_items, int64_t R, float eps) {
 #ifdef GAINRL_HAS_CLUSTERS  // csrc/cluster_primitives.cuh: the emulator, host code or sm_90+
   constexpr int D = Cfg::DIM, RG = Cfg::RGS, CS = Cfg::BLOCKS, C = Cfg::ROWS, S = Cfg::STAGES, J = Cfg::DEFER;
-  constexpr int RT = Cfg::RT, WARPS = Cfg::WARPS, CR = Cfg::CR, THREADS = Cfg::THREADS;
+  constexpr int RT = Cfg::RT, WARPS = Cfg::WARPS, CR = Cfg::CR, THREADS = Cfg::THREADS, VPT = Cfg::VECS;
   constexpr int QUADS = Cfg::QUADS, SLICE_QUADS = Cfg::SLICE_QUADS;
   using Vec = Vec16<T>;
   using PairT = Pair<T>;
   using L = Layout<Cfg, W_NATIVE>;
-  constexpr int P = Vec::P, V = 16 / sizeof(T);
-  static_assert(sizeof(T) == 2 && V * RT == D, "16-bit rows, one vector a thread");
+  constexpr int P = Vec::P, V = 16 / sizeof(T), NV = D / V;  // pairs and values a vector, vectors a row
+  static_assert(sizeof(T) == 2, "16-bit rows");
 #ifdef GAINRL_CUDA_EMULATOR
   unsigned char* smem = gainrl_emu::dynamic_smem();
 #else
@@ -114,14 +118,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   Vec* const heads = reinterpret_cast<Vec*>(smem + L::heads);
   Vec* const tail = reinterpret_cast<Vec*>(smem + L::tail);
   int* const ids_s = reinterpret_cast<int*>(smem + L::ids);
-  float* const inv_s = reinterpret_cast<float*>(smem + L::inv);  // heads' [2][RG], then the tail's
+  float* const inv_s = reinterpret_cast<float*>(smem + L::inv);  // heads' [HEAD_BUFFERS][RG], then the tail's
   float* const tail_inv = inv_s + 2 * RG;
   float2* const scal_s = reinterpret_cast<float2*>(smem + L::scal);
 
   const int tid = threadIdx.x, g = tid / RT, lt = tid % RT;
   const int rank = block_rank();
   const int local0 = rank * C + g * CR;  // this row group's first row in an item
-  Vec* const my_ring = ring + g * S * RT + lt;
+  Vec* const my_ring = ring + g * S * NV + lt;
   // Reduction slots: s0 (each row's Σ x², a recomputed row's), s1 (the pairs across runs and blocks), s2 (each row's
   // (‖y‖², y · y_prev)). Two reductions in a row never share a slot unless a cluster wait lies between them, so a
   // slot is rewritten only after every thread of the row group has read it.
@@ -130,7 +134,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   float2* const s2 = reinterpret_cast<float2*>(smem + L::red2) + g * WARPS;
 
   if constexpr (W_NATIVE) {
-    for (int v = tid; v < RT; v += THREADS) w_v[v] = static_cast<const Vec*>(weight)[v];
+    for (int v = tid; v < NV; v += THREADS) w_v[v] = static_cast<const Vec*>(weight)[v];
   } else {
     for (int i = tid; i < D; i += THREADS) w_f[i] = load_weight(weight, w_dtype, i);
   }
@@ -143,7 +147,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   };
   // this row group's j-th row of the item (row0, nrows) into ring slot `slot`, if it has it; one commit either way
   const auto issue = [&](int row0, int nrows, int j, int slot) {
-    if (local0 + j < nrows) cp_async16(my_ring + slot * RT, x + (int64_t(row0) + local0 + j) * stride_r + lt * V);
+    if (local0 + j < nrows) {
+      const T* src = x + (int64_t(row0) + local0 + j) * stride_r + lt * V;
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) cp_async16(my_ring + slot * NV + RT * v, src + RT * V * v);
+    }
     cp_async_commit();
   };
   const auto group_sum = [&](float v, float* slot) {
@@ -162,73 +170,83 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     const float2 r = lane < WARPS ? s2[lane] : make_float2(0.f, 0.f);
     return make_float2(warp_sum(r.x), warp_sum(r.y));
   };
-  const auto dot = [](const Vec& a, const Vec& b) {
+  // Σ a · b over this thread's values of two rows given as its vectors a[v * as], b[v * bs] (v < VPT): registers
+  // (stride 1) or a row in shared memory (stride RT)
+  const auto dot = [](const Vec* a, int as, const Vec* b, int bs) {
     float d = 0.f;
 #pragma unroll
-    for (int e = 0; e < P; ++e) {
-      const float2 f = PairT::unpack(a.p[e]), h = PairT::unpack(b.p[e]);
-      d = fmaf(f.y, h.y, fmaf(f.x, h.x, d));
+    for (int v = 0; v < VPT; ++v) {
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float2 f = PairT::unpack(a[v * as].p[e]), h = PairT::unpack(b[v * bs].p[e]);
+        d = fmaf(f.y, h.y, fmaf(f.x, h.x, d));
+      }
     }
     return d;
   };
-  // y of the row whose vector (this thread's) is xv, HF's formula as the rows kernel; returns this thread's Σ y²
-  const auto norm_row = [&](const Vec& xv, Vec& yv, float& rstd) {
-    float2 xf[P];
+  // y of the row whose vectors (this thread's) are xv[v * xs], HF's formula as the rows kernel; returns this
+  // thread's Σ y². x is read twice (for Σ x², then for y) rather than held unpacked across the reduction: 8 VPT
+  // fewer registers, at 32 values a thread what keeps the loop free of spills.
+  const auto norm_row = [&](const Vec* xv, int xs, Vec (&yv)[VPT], float& rstd) {
     float sq = 0.f;
 #pragma unroll
-    for (int e = 0; e < P; ++e) {
-      xf[e] = PairT::unpack(xv.p[e]);
-      sq = fmaf(xf[e].y, xf[e].y, fmaf(xf[e].x, xf[e].x, sq));
-    }
-    rstd = fast_rsqrt(div_rn(group_sum(sq, s0), float(D)) + eps);
-    if constexpr (W_NATIVE) {
-      const Vec wn = w_v[lt];
+    for (int v = 0; v < VPT; ++v) {
+      const Vec xr = xv[v * xs];
 #pragma unroll
-      for (int e = 0; e < P; ++e) yv.p[e] = PairT::mul(wn.p[e], PairT::pack(xf[e].x * rstd, xf[e].y * rstd));
-    } else {
-      const float4* w4 = reinterpret_cast<const float4*>(w_f + lt * V);
-#pragma unroll
-      for (int e = 0; e < P; e += 2) {
-        const float4 w = w4[e / 2];
-        const float2 n0 = PairT::unpack(PairT::pack(xf[e].x * rstd, xf[e].y * rstd));
-        const float2 n1 = PairT::unpack(PairT::pack(xf[e + 1].x * rstd, xf[e + 1].y * rstd));
-        yv.p[e] = PairT::pack(w.x * n0.x, w.y * n0.y);
-        yv.p[e + 1] = PairT::pack(w.z * n1.x, w.w * n1.y);
+      for (int e = 0; e < P; ++e) {
+        const float2 f = PairT::unpack(xr.p[e]);
+        sq = fmaf(f.y, f.y, fmaf(f.x, f.x, sq));
       }
     }
+    rstd = fast_rsqrt(div_rn(group_sum(sq, s0), float(D)) + eps);
     float ysq = 0.f;
 #pragma unroll
-    for (int e = 0; e < P; ++e) {
-      const float2 f = PairT::unpack(yv.p[e]);
-      ysq = fmaf(f.y, f.y, fmaf(f.x, f.x, ysq));
+    for (int v = 0; v < VPT; ++v) {
+      const Vec xr = xv[v * xs];
+      float2 xf[P];
+#pragma unroll
+      for (int e = 0; e < P; ++e) xf[e] = PairT::unpack(xr.p[e]);
+      if constexpr (W_NATIVE) {
+        const Vec wn = w_v[lt + RT * v];
+#pragma unroll
+        for (int e = 0; e < P; ++e) yv[v].p[e] = PairT::mul(wn.p[e], PairT::pack(xf[e].x * rstd, xf[e].y * rstd));
+      } else {
+        const float4* w4 = reinterpret_cast<const float4*>(w_f + (lt + RT * v) * V);
+#pragma unroll
+        for (int e = 0; e < P; e += 2) {
+          const float4 w = w4[e / 2];
+          const float2 n0 = PairT::unpack(PairT::pack(xf[e].x * rstd, xf[e].y * rstd));
+          const float2 n1 = PairT::unpack(PairT::pack(xf[e + 1].x * rstd, xf[e + 1].y * rstd));
+          yv[v].p[e] = PairT::pack(w.x * n0.x, w.y * n0.y);
+          yv[v].p[e + 1] = PairT::pack(w.z * n1.x, w.w * n1.y);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float2 f = PairT::unpack(yv[v].p[e]);
+        ysq = fmaf(f.y, f.y, fmaf(f.x, f.x, ysq));
+      }
     }
     return ysq;
   };
+  const auto head = [&](int k, int gg) { return heads + ((J > 0 ? (k & 1) * RG : 0) + gg) * NV; };
+  const auto head_inv = [&](int k, int gg) -> float& { return inv_s[(J > 0 ? (k & 1) * RG : 0) + gg]; };
 
   // The second half of item k's end (item id `idk`): the cluster meets, the id of the item after next arrives from
   // rank 0, this block's first row pairs with the previous block's last, and the block stores its column slice of
-  // the item's partial row (the RG x CS row-group sums in rank, then group order) and its (q, adj).
+  // the item's partial row (the CS blocks' sums in rank order) and its (q, adj).
   const auto finish = [&](int k, int idk) {
     cluster_wait();
     const int id2 = *shared_of(&ids_s[(k + 2) & 3], 0);
     const int nrows_k = item_nrows[idk];
     if (item_seg[idk] >= 0 && nrows_k > 0) {  // the same in the whole cluster
-      const int par = k & 1;
       if (g == 0 && rank > 0 && rank * C < nrows_k) {
-        const Vec* prev_tail = shared_of(tail, rank - 1);
-        const float d = group_sum(dot(heads[par * RG * RT + lt], prev_tail[lt]), s1);
-        if (lt == 0) scal_s[0].y += d * inv_s[par * RG] * *shared_of(tail_inv, rank - 1);
+        const float d = group_sum(dot(head(k, 0) + lt, RT, shared_of(tail, rank - 1) + lt, RT), s1);
+        if (lt == 0) scal_s[0].y += d * head_inv(k, 0) * *shared_of(tail_inv, rank - 1);
       }
-      for (int i = tid; i < QUADS; i += THREADS) {
-        const int src = i / SLICE_QUADS, col = 4 * (rank * SLICE_QUADS + i % SLICE_QUADS);
-        const float* remote = shared_of(acc_s, src);
-        float4 sum = *reinterpret_cast<const float4*>(remote + col);
-#pragma unroll 1
-        for (int gg = 1; gg < RG; ++gg) {
-          const float4 p = *reinterpret_cast<const float4*>(remote + gg * D + col);
-          sum = make_float4(sum.x + p.x, sum.y + p.y, sum.z + p.z, sum.w + p.w);
-        }
-        tmp[i] = sum;
+      for (int i = tid; i < QUADS; i += THREADS) {  // quad i % SLICE_QUADS of this block's slice from block i / ...
+        const int col = 4 * (rank * SLICE_QUADS + i % SLICE_QUADS);
+        tmp[i] = *reinterpret_cast<const float4*>(shared_of(acc_s, i / SLICE_QUADS) + col);
       }
       __syncthreads();
       for (int q = tid; q < SLICE_QUADS; q += THREADS) {
@@ -259,20 +277,21 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   for (int s = 0; s < S - 1; ++s) issue(row0_0, nrows_0, s, s);
   __syncthreads();  // the weight
 
-  float acc[V];  // Σ y_t / ‖y_t‖ over this row group's rows of the item, this thread's columns
+  float acc[V * VPT];  // Σ y_t / ‖y_t‖ over this row group's rows of the item, this thread's columns
 #pragma unroll
-  for (int e = 0; e < V; ++e) acc[e] = 0.f;
-  Vec y_prev;  // the previous row's y (packed) and 1 / ‖y‖
+  for (int e = 0; e < V * VPT; ++e) acc[e] = 0.f;
+  Vec y_prev[VPT];  // the previous row's y (packed) and 1 / ‖y‖
 #pragma unroll
-  for (int e = 0; e < P; ++e) y_prev.p[e] = PairT::pack(0.f, 0.f);
+  for (int v = 0; v < VPT; ++v)
+#pragma unroll
+    for (int e = 0; e < P; ++e) y_prev[v].p[e] = PairT::pack(0.f, 0.f);
   float inv_prev = 0.f, q_acc = 0.f, adj_acc = 0.f;
-  int n = 0;  // rows (ring steps) this row group has taken
+  int n = 0;        // rows (ring steps) this row group has taken
   int id_done = 0;  // the item whose finish is pending
   int k = 0;
   for (; id0 < n_items && nrows_0 > 0; ++k) {  // items of no rows end the list (the plan puts its spares last)
     // the id of item k + 2, read by every block at item k's finish (the slot's last reader finished item k - 2's)
     if (rank == 0 && tid == 0) ids_s[(k + 2) & 3] = 2 * int(gridDim.x / CS) + take_ticket(counter);
-    const int par = k & 1;
     bool has_prev = false;
     for (int j = 0; j < CR; ++j, ++n) {
       if (k > 0 && j == J) {
@@ -288,55 +307,78 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
       cp_async_wait<S - 1>();
       if (local0 + j >= nrows_0) continue;  // rows past the item: none in this run from here on
       const int64_t row = int64_t(row0_0) + local0 + j;
-      Vec yv;
+      Vec yv[VPT];
       float rstd;
-      const float ysq = norm_row(my_ring[(n % S) * RT], yv, rstd);
-      reinterpret_cast<Vec*>(y + row * D)[lt] = yv;
+      const float ysq = norm_row(my_ring + (n % S) * NV, RT, yv, rstd);
+      Vec* y_row = reinterpret_cast<Vec*>(y + row * D) + lt;
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) y_row[RT * v] = yv[v];
       if (lt == 0) rstd_out[row] = rstd;
-      const float2 s = group_sum2(ysq, has_prev ? dot(yv, y_prev) : 0.f);
+      const float2 s = group_sum2(ysq, has_prev ? dot(yv, 1, y_prev, 1) : 0.f);
       const float inv = fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
       q_acc += s.x * inv * inv;
       if (has_prev) adj_acc += s.y * inv_prev * inv;
       if (j == 0) {  // the run's first row, for the pair with the previous run's (or block's) last
-        heads[(par * RG + g) * RT + lt] = yv;
-        if (lt == 0) inv_s[par * RG + g] = inv;
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) head(k, g)[lt + RT * v] = yv[v];
+        if (lt == 0) head_inv(k, g) = inv;
       }
 #pragma unroll
-      for (int e = 0; e < P; ++e) {
-        const float2 f = PairT::unpack(yv.p[e]);
-        acc[2 * e] = fmaf(f.x, inv, acc[2 * e]);
-        acc[2 * e + 1] = fmaf(f.y, inv, acc[2 * e + 1]);
+      for (int v = 0; v < VPT; ++v) {
+#pragma unroll
+        for (int e = 0; e < P; ++e) {
+          const float2 f = PairT::unpack(yv[v].p[e]);
+          acc[V * v + 2 * e] = fmaf(f.x, inv, acc[V * v + 2 * e]);
+          acc[V * v + 2 * e + 1] = fmaf(f.y, inv, acc[V * v + 2 * e + 1]);
+        }
+        y_prev[v] = yv[v];
       }
-      y_prev = yv;
       inv_prev = inv;
       has_prev = true;
     }
-    // item k's end, first half: the row after the item, the sums into shared memory, the pairs across runs, then
-    // the cluster barrier's arrive
+    // item k's end, first half: the sums into shared memory (first: the accumulators are then free for the row
+    // after the item), the row after the item, the pairs across runs, then the cluster barrier's arrive
+    if (k > 0) cluster_wait();  // every block has read item k - 1's sums and tail
+    if (g == RG - 1) {  // the block's last row, for the next block's first
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) tail[lt + RT * v] = y_prev[v];
+      if (lt == 0) *tail_inv = inv_prev;
+    }
+    // the block's sums: its row groups' added in order (a barrier each; the last also publishes heads and tail)
+#pragma unroll 1
+    for (int gg = 0; gg < RG; ++gg) {
+      if (g == gg) {
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          float4* dst = reinterpret_cast<float4*>(acc_s + V * (lt + RT * v));
+          const float* a = acc + V * v;
+          if (gg == 0) {
+            dst[0] = make_float4(a[0], a[1], a[2], a[3]);
+            dst[1] = make_float4(a[4], a[5], a[6], a[7]);
+          } else {
+            const float4 d0 = dst[0], d1 = dst[1];
+            dst[0] = make_float4(d0.x + a[0], d0.y + a[1], d0.z + a[2], d0.w + a[3]);
+            dst[1] = make_float4(d1.x + a[4], d1.y + a[5], d1.z + a[6], d1.w + a[7]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int e = 0; e < V * VPT; ++e) acc[e] = 0.f;
     const int64_t row_end = int64_t(row0_0) + nrows_0;
     if (has_prev && nrows_0 - 1 < local0 + CR && item_seg[id0] >= 0 && row_end < item_pair_end[id0] &&
         row_end < R) {
-      Vec ya;
+      Vec ya[VPT];
       float rstd_a;
-      const float ysq = norm_row(*reinterpret_cast<const Vec*>(x + row_end * stride_r + lt * V), ya, rstd_a);
-      const float2 s = group_sum2(ysq, dot(ya, y_prev));
+      const Vec* src = reinterpret_cast<const Vec*>(x + row_end * stride_r) + lt;
+      const float ysq = norm_row(src, RT, ya, rstd_a);
+      const float2 s = group_sum2(ysq, dot(ya, 1, y_prev, 1));
       adj_acc += s.y * inv_prev * fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
     }
-    if (k > 0) cluster_wait();  // every block has read item k - 1's sums and tail
-    float4* dst = reinterpret_cast<float4*>(acc_s + g * D + lt * V);
-#pragma unroll
-    for (int e = 0; e < V; e += 4) {
-      dst[e / 4] = make_float4(acc[e], acc[e + 1], acc[e + 2], acc[e + 3]);
-      acc[e] = acc[e + 1] = acc[e + 2] = acc[e + 3] = 0.f;
-    }
-    if (g == RG - 1) {  // the block's last row, for the next block's first
-      tail[lt] = y_prev;
-      if (lt == 0) *tail_inv = inv_prev;
-    }
-    __syncthreads();  // the heads
     if (g < RG - 1 && local0 + CR < nrows_0) {  // this run's last row with the next run's first
-      const float d = group_sum(dot(y_prev, heads[(par * RG + g + 1) * RT + lt]), s1);
-      adj_acc += d * inv_prev * inv_s[par * RG + g + 1];
+      const float d = group_sum(dot(y_prev, 1, head(k, g + 1) + lt, RT), s1);
+      adj_acc += d * inv_prev * head_inv(k, g + 1);
     }
     if (lt == 0) scal_s[g] = make_float2(q_acc, adj_acc);  // read in the finish, after its __syncthreads
     q_acc = adj_acc = 0.f;
@@ -416,29 +458,34 @@ inline cudaError_t launch_cluster_kernel(const Args& a, DType w_dtype, cudaStrea
 #endif
 }
 
-// The instantiations the op uses (cluster_built of csrc/rmsnorm_angle_launch.h): clusters of kClusterBlocks blocks,
-// 1024 threads a block of one vector each (RG = 8192 / D row groups), a.cluster_rows rows a block and item, a ring
-// of a.stages rows, the combine deferred a.defer rows.
+// The instantiations the op uses (cluster_built of csrc/rmsnorm_angle_launch.h): clusters of kClusterBlocks blocks;
+// 8 values a thread in 1024-thread blocks (RG = 8192 / D row groups, 64 registers a thread) or 32 values in
+// 384-thread blocks (RG = 12288 / D: up to 168 registers); a.cluster_rows rows a block and item, a ring of a.stages
+// rows, the combine deferred a.defer rows.
+template <typename T, bool W_NATIVE, int D, int RG, int C, int S, int J, int VPT>
+inline cudaError_t launch_built(const Args& a, DType w_dtype, cudaStream_t stream) {
+  return launch_cluster_kernel<T, W_NATIVE, Config<D, RG, kClusterBlocks, C, S, J, VPT>>(a, w_dtype, stream);
+}
+
 template <typename T, bool W_NATIVE>
 inline cudaError_t dispatch_cluster_width(const Args& a, DType w_dtype, cudaStream_t stream) {
-  constexpr int CS = kClusterBlocks;
-  const bool J = a.defer != 0;
+  const bool wide = a.values_per_thread == 32, J = a.defer != 0;
   switch (a.D) {
-    case 2048: return launch_cluster_kernel<T, W_NATIVE, Config<2048, 4, CS, 16, 5, 0>>(a, w_dtype, stream);
+    case 2048:
+      return wide ? launch_built<T, W_NATIVE, 2048, 6, 24, 4, 0, 4>(a, w_dtype, stream)
+                  : launch_built<T, W_NATIVE, 2048, 4, 16, 5, 0, 1>(a, w_dtype, stream);
     case 8192:
-      return J ? launch_cluster_kernel<T, W_NATIVE, Config<8192, 1, CS, 16, 5, 2>>(a, w_dtype, stream)
-               : launch_cluster_kernel<T, W_NATIVE, Config<8192, 1, CS, 16, 5, 0>>(a, w_dtype, stream);
+      return J ? launch_built<T, W_NATIVE, 8192, 1, 16, 5, 2, 1>(a, w_dtype, stream)
+               : launch_built<T, W_NATIVE, 8192, 1, 16, 5, 0, 1>(a, w_dtype, stream);
     default:
-      if (a.cluster_rows == 32) {
-        return J ? launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 32, 5, 2>>(a, w_dtype, stream)
-                 : launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 32, 5, 0>>(a, w_dtype, stream);
+      if (!wide) {
+        return J ? launch_built<T, W_NATIVE, 4096, 2, 16, 5, 2, 1>(a, w_dtype, stream)
+                 : launch_built<T, W_NATIVE, 4096, 2, 16, 5, 0, 1>(a, w_dtype, stream);
       }
-      if (a.stages == 7) {
-        return J ? launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 16, 7, 2>>(a, w_dtype, stream)
-                 : launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 16, 7, 0>>(a, w_dtype, stream);
-      }
-      return J ? launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 16, 5, 2>>(a, w_dtype, stream)
-               : launch_cluster_kernel<T, W_NATIVE, Config<4096, 2, CS, 16, 5, 0>>(a, w_dtype, stream);
+      if (a.cluster_rows == 12) return launch_built<T, W_NATIVE, 4096, 3, 12, 4, 0, 4>(a, w_dtype, stream);
+      if (J) return launch_built<T, W_NATIVE, 4096, 3, 24, 4, 2, 4>(a, w_dtype, stream);
+      return a.stages == 5 ? launch_built<T, W_NATIVE, 4096, 3, 24, 5, 0, 4>(a, w_dtype, stream)
+                           : launch_built<T, W_NATIVE, 4096, 3, 24, 4, 0, 4>(a, w_dtype, stream);
   }
 }
 

@@ -970,13 +970,22 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 # variants cuda_cluster*).
 _CUDA_CLUSTER = False
 _CUDA_CLUSTER_BLOCKS = 8  # kClusterBlocks of csrc/rmsnorm_angle_launch.h
-_CUDA_CLUSTER_ROWS = 16  # rows of each block in an item
-_CUDA_CLUSTER_STAGES = 5  # rows in each row group's ring (stages - 1 in flight)
-_CUDA_CLUSTER_DEFER = 0  # rows of the next item each item's cluster combine is deferred into
-# (rows, stages, defer) built per width: cluster_built of csrc/rmsnorm_angle_launch.h
-_CUDA_CLUSTER_BUILT: dict[int, set[tuple[int, int, int]]] = {
-    2048: {(16, 5, 0)}, 8192: {(16, 5, 0), (16, 5, 2)},
-    4096: {(16, 5, 0), (16, 5, 2), (16, 7, 0), (16, 7, 2), (32, 5, 0), (32, 5, 2)}}
+# (values a thread, rows a block and item, ring stages, deferral) built per width: cluster_built of
+# csrc/rmsnorm_angle_launch.h. 8 values a thread: 1024-thread blocks of 8192 / D row groups (64 registers); 32
+# values: 384-thread blocks of 12288 / D row groups (~150 registers). The item is _CUDA_CLUSTER_BLOCKS x rows.
+_CUDA_CLUSTER_BUILT: dict[int, set[tuple[int, int, int, int]]] = {
+    2048: {(8, 16, 5, 0), (32, 24, 4, 0)},
+    4096: {(8, 16, 5, 0), (8, 16, 5, 2), (32, 12, 4, 0), (32, 24, 4, 0), (32, 24, 4, 2), (32, 24, 5, 0)},
+    8192: {(8, 16, 5, 0), (8, 16, 5, 2)}}
+# the tuning by width (none timed yet): 32 values a thread where built, by the static count of warp instructions a
+# row (docs/fused_forward.md, session 24)
+_CUDA_CLUSTER_TUNED: dict[int, tuple[int, int, int, int]] = {
+    2048: (32, 24, 4, 0), 4096: (32, 24, 4, 0), 8192: (8, 16, 5, 0)}
+# knobs that override one part of the width's tuning each (None: the width's)
+_CUDA_CLUSTER_VALUES: Optional[int] = None  # values a thread: 8 or 32
+_CUDA_CLUSTER_ROWS: Optional[int] = None  # rows of each block in an item
+_CUDA_CLUSTER_STAGES: Optional[int] = None  # rows in each row group's ring (stages - 1 in flight)
+_CUDA_CLUSTER_DEFER: Optional[int] = None  # rows of the next item each item's cluster combine is deferred into
 # rows below which the rows kernel keeps the work: an item is 128 rows, and 132 SMs take 8 items at a time
 _CUDA_CLUSTER_MIN_ROWS = 16384
 
@@ -1102,7 +1111,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     bound: spare programs get 0 rows); only segment chunks collect statistics. Built on the device by
     ``_plan_kernel`` (one launch, no host sync). ``weight``: the [D] weight the forward reads (its alignment picks
     the launch shape). ``cluster_chunk``: plan for the cluster kernel with items of this many rows (default: where
-    ``_cuda_cluster_take``, its item: _CUDA_CLUSTER_BLOCKS x _CUDA_CLUSTER_ROWS)."""
+    ``_cuda_cluster_take``, its item: _CUDA_CLUSTER_BLOCKS x the tuning's rows)."""
     dev = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
     nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
@@ -1111,7 +1120,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     rows, dim = x2d.shape
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
     if cluster_chunk is None and _cuda_cluster_take(x2d, weight):
-        cluster_chunk = _CUDA_CLUSTER_BLOCKS * _CUDA_CLUSTER_ROWS
+        cluster_chunk = _CUDA_CLUSTER_BLOCKS * _cuda_cluster_tuning(dim)[1]
     if cluster_chunk is not None:
         cfg = cfg._replace(chunk=cluster_chunk, cluster=True)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
@@ -1153,13 +1162,21 @@ def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
             and has_ext_kernel("cuda", "rmsnorm_angle_rows_ext") and _cuda_rows_supported(x2d, weight))
 
 
+def _cuda_cluster_tuning(dim: int) -> tuple[int, int, int, int]:
+    """(values a thread, rows a block and item, ring stages, deferral) of the cluster kernel at width ``dim``: the
+    width's entry of ``_CUDA_CLUSTER_TUNED`` (default (8, 16, 5, 0)), each part overridden by its knob where set."""
+    tuned = _CUDA_CLUSTER_TUNED.get(dim, (8, 16, 5, 0))
+    knobs = (_CUDA_CLUSTER_VALUES, _CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES, _CUDA_CLUSTER_DEFER)
+    return tuple(t if k is None else k for t, k in zip(tuned, knobs))  # type: ignore[return-value]
+
+
 def _cuda_cluster_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the cluster kernel takes these [R, D] rows at the knobs' tuning (mirrors ``cluster_supported`` of
-    csrc/rmsnorm_angle_launch.h): 16-bit x of a width built with (_CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES,
-    _CUDA_CLUSTER_DEFER), unit column stride, 16-byte aligned rows, a contiguous aligned weight of x's dtype or
-    fp32."""
-    tuning = (_CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES, _CUDA_CLUSTER_DEFER)
-    return (x2d.dtype in (torch.float16, torch.bfloat16) and tuning in _CUDA_CLUSTER_BUILT.get(x2d.shape[1], ())
+    """Whether the cluster kernel takes these [R, D] rows at the tuning ``_cuda_cluster_tuning`` picks (mirrors
+    ``cluster_supported`` of csrc/rmsnorm_angle_launch.h): 16-bit x of a width built with that tuning, unit column
+    stride, 16-byte aligned rows, a contiguous aligned weight of x's dtype or fp32."""
+    dim = x2d.shape[1]
+    built = _cuda_cluster_tuning(dim) in _CUDA_CLUSTER_BUILT.get(dim, ())
+    return (x2d.dtype in (torch.float16, torch.bfloat16) and built
             and weight.dtype in (x2d.dtype, torch.float32) and x2d.stride(1) == 1 and x2d.stride(0) % 8 == 0
             and x2d.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
 
@@ -1220,8 +1237,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         counter = torch.empty(1, dtype=torch.int32, device=dev)  # the launch zeroes it
         torch.ops.gainrl.rmsnorm_angle_cluster_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, counter, float(eps), _CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES,
-            _CUDA_CLUSTER_DEFER, 0)
+            part_sum, part_q, part_adj, counter, float(eps), *_cuda_cluster_tuning(dim), 0)
     elif kernel == "cuda_rows":
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(

@@ -29,11 +29,14 @@ from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
 
-CS, C = 2, 8  # the emulated geometry: blocks a cluster, rows a block and item
+CS, C = 2, 8  # the emulated clusters: blocks a cluster; rows a block and item (most geometries)
 CHUNK = CS * C
 
-# (D, row groups, deferral) of the emulated instantiations (EMULATOR_BODY's table, in this order)
-GEOMETRIES = [(256, 1, 0), (256, 1, 1), (256, 2, 0), (256, 2, 1), (256, 4, 0), (512, 2, 0), (512, 2, 1)]
+# (D, row groups, deferral, vectors a thread, rows a block and item) of the emulated instantiations (EMULATOR_BODY's
+# table, in this order; rings of 3 rows)
+GEOMETRIES = [(256, 1, 0, 1, 8), (256, 1, 1, 1, 8), (256, 2, 0, 1, 8), (256, 2, 1, 1, 8), (256, 4, 0, 1, 8),
+              (512, 2, 0, 1, 8), (512, 2, 1, 1, 8), (512, 2, 0, 2, 8), (512, 2, 1, 2, 8), (1024, 3, 0, 4, 12),
+              (1024, 3, 1, 4, 12)]
 
 EMULATOR_BODY = r"""
 #include "rmsnorm_angle_cluster.cuh"
@@ -41,9 +44,10 @@ EMULATOR_BODY = r"""
 namespace ra = gainrl::rmsnorm_angle;
 namespace rc = gainrl::rmsnorm_angle::cluster;
 
-template <typename T, bool W, int D, int RG, int J>
+template <typename T, bool W, int D, int RG, int J, int VPT = 1, int C = 8>
 int run(const ra::Args& a, ra::DType w_dtype) {
-  return static_cast<int>(rc::launch_cluster_kernel<T, W, rc::Config<D, RG, 2, 8, 3, J>>(a, w_dtype, nullptr));
+  return static_cast<int>(
+      rc::launch_cluster_kernel<T, W, rc::Config<D, RG, 2, C, 3, J, VPT>>(a, w_dtype, nullptr));
 }
 
 template <typename T, bool W>
@@ -55,7 +59,11 @@ int by_geometry(int geometry, const ra::Args& a, ra::DType w_dtype) {
     case 3: return run<T, W, 256, 2, 1>(a, w_dtype);
     case 4: return run<T, W, 256, 4, 0>(a, w_dtype);
     case 5: return run<T, W, 512, 2, 0>(a, w_dtype);
-    default: return run<T, W, 512, 2, 1>(a, w_dtype);
+    case 6: return run<T, W, 512, 2, 1>(a, w_dtype);
+    case 7: return run<T, W, 512, 2, 0, 2>(a, w_dtype);
+    case 8: return run<T, W, 512, 2, 1, 2>(a, w_dtype);
+    case 9: return run<T, W, 1024, 3, 0, 4, 12>(a, w_dtype);
+    default: return run<T, W, 1024, 3, 1, 4, 12>(a, w_dtype);
   }
 }
 
@@ -85,12 +93,13 @@ extern "C" int emu_cluster(int geometry, int x_dtype, int w_dtype, const void* x
 extern "C" int emu_cluster_op(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
                               float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
                               int64_t grid, float* part_sum, float* part_q, float* part_adj, int* counter, int64_t R,
-                              int64_t D, float eps, int clusters, int rows, int stages, int defer) {
+                              int64_t D, float eps, int clusters, int values, int rows, int stages, int defer) {
   ra::Args a{};
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
   a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
   a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
-  a.counter = counter; a.clusters = clusters; a.cluster_rows = rows; a.stages = stages; a.defer = defer;
+  a.counter = counter; a.clusters = clusters; a.values_per_thread = values; a.cluster_rows = rows;
+  a.stages = stages; a.defer = defer;
   try {
     return static_cast<int>(rc::launch_rmsnorm_angle_cluster(a, static_cast<ra::DType>(x_dtype),
                                                              static_cast<ra::DType>(w_dtype), nullptr));
@@ -103,11 +112,11 @@ extern "C" int emu_cluster_op(int x_dtype, int w_dtype, const void* x, int64_t s
 extern "C" void emu_set_eager_copies(int eager) { gainrl_emu::g_cp_async_eager = eager != 0; }
 
 extern "C" int emu_cluster_supported(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight,
-                                     void* y, int64_t D, int rows, int stages, int defer) {
+                                     void* y, int64_t D, int values, int rows, int stages, int defer) {
   ra::Args a{};
   int counter = 0;
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.D = D; a.counter = &counter;
-  a.cluster_rows = rows; a.stages = stages; a.defer = defer;
+  a.values_per_thread = values; a.cluster_rows = rows; a.stages = stages; a.defer = defer;
   return ra::cluster_supported(a, static_cast<ra::DType>(x_dtype), static_cast<ra::DType>(w_dtype)) ? 1 : 0;
 }
 """
@@ -121,11 +130,11 @@ def emulator(tmp_path_factory):
         [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_int64]
         + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int])
     lib.emu_cluster_op.restype = ctypes.c_int
-    lib.emu_cluster_op.argtypes = lib.emu_cluster.argtypes[1:] + [ctypes.c_int] * 3
+    lib.emu_cluster_op.argtypes = lib.emu_cluster.argtypes[1:] + [ctypes.c_int] * 4
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_cluster_supported.restype = ctypes.c_int
     lib.emu_cluster_supported.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 3)
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4)
     return lib
 
 
@@ -138,15 +147,15 @@ def copies(request, emulator):
 
 
 def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token_index=None, clusters: int = 2,
-                     plan=None, tickets: list | None = None, defer: int = 0, rows_per_block: int = 16,
-                     stages: int = 5):
-    """(y, rstd, AngleStats) of the cluster kernel in the emulator: the Triton plan with items of CHUNK rows, the
-    emulated kernel on outputs poisoned with NaN, the Triton reduce (CS scalars an item). ``geometry`` None: the
-    op's own dispatch instead (``rows_per_block``, ``stages``, ``defer``; its CS). ``tickets``: gets the count the clusters
-    took from the item counter (one per item walked)."""
+                     plan=None, tickets: list | None = None, tuning: tuple[int, int, int, int] = (8, 16, 5, 0)):
+    """(y, rstd, AngleStats) of the cluster kernel in the emulator: the Triton plan with items of the geometry's
+    CS x C rows, the emulated kernel on outputs poisoned with NaN, the Triton reduce (CS scalars an item).
+    ``geometry`` None: the op's own dispatch instead, at ``tuning`` (values a thread, rows a block and item, ring
+    stages, deferral) with its CS. ``tickets``: gets the count the clusters took from the item counter (one per item
+    walked)."""
     op = geometry is None
     cs = rmsnorm_module._CUDA_CLUSTER_BLOCKS if op else CS
-    chunk = cs * (rows_per_block if op else C)
+    chunk = cs * (tuning[1] if op else GEOMETRIES[geometry][4])
     plan = plan or rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight, cluster_chunk=chunk)
     rows, dim = x2d.shape
     batch_size, nseg = plan.count.shape
@@ -160,7 +169,7 @@ def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token
     args = (CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(), y.data_ptr(),
             rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
             part_adj.data_ptr(), counter.data_ptr(), rows, dim, EPS, clusters)
-    rc = lib.emu_cluster_op(*args, rows_per_block, stages, defer) if op else lib.emu_cluster(geometry, *args)
+    rc = lib.emu_cluster_op(*args, *tuning) if op else lib.emu_cluster(geometry, *args)
     if rc != 0:
         raise RuntimeError(f"emulated launch failed: {rc}")
     if tickets is not None:
@@ -170,6 +179,15 @@ def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token
     adjacent = torch.empty(batch_size)
     rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent, cs)
     return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
+
+
+TUNING_KNOBS = ("_CUDA_CLUSTER_VALUES", "_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER")
+
+
+def set_tuning(monkeypatch, tuning: tuple[int, int, int, int]) -> None:
+    """The cluster kernel's tuning knobs set to (values a thread, rows a block and item, ring stages, deferral)."""
+    for knob, value in zip(TUNING_KNOBS, tuning, strict=True):
+        monkeypatch.setattr(rmsnorm_module, knob, value)
 
 
 def long_batch(dim: int, dtype: torch.dtype, seed: int, w_dtype: torch.dtype | None = None):
@@ -184,7 +202,8 @@ def long_batch(dim: int, dtype: torch.dtype, seed: int, w_dtype: torch.dtype | N
     return x, w, cu, off
 
 
-@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)), ids=lambda i: "D{}-rg{}-defer{}".format(*GEOMETRIES[i]))
+@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)),
+                         ids=lambda i: "D{}-rg{}-defer{}-vecs{}-rows{}".format(*GEOMETRIES[i]))
 @pytest.mark.parametrize("clusters", [1, 3])
 def test_emulated_geometries(emulator, geometry, clusters, copies):
     """Every emulated geometry, 1 or 3 clusters: rstd within fp32 rounding of torch's and y exactly HF's formula on it,
@@ -302,11 +321,9 @@ def test_python_supported_mirrors_launcher(emulator, monkeypatch):
                 for pad, x_shift, w_shift in ((0, 0, 0), (8, 0, 0), (1, 0, 0), (16, 1, 0), (0, 0, 1)):
                     x = torch.ones(2, dim + pad + x_shift, dtype=dtype)[:, x_shift:x_shift + dim]
                     w = torch.ones(dim + w_shift, dtype=w_dtype)[w_shift:]
-                    for tuning in ((16, 5, 0), (16, 5, 2), (16, 7, 0), (32, 5, 2), (32, 7, 0), (16, 5, 1),
-                                   (8, 5, 0)):
-                        for knob, value in zip(("_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER"),
-                                               tuning):
-                            monkeypatch.setattr(rmsnorm_module, knob, value)
+                    for tuning in ((8, 16, 5, 0), (8, 16, 5, 2), (32, 24, 4, 0), (32, 12, 4, 0), (32, 24, 4, 2),
+                                   (32, 24, 5, 0), (32, 16, 4, 0), (8, 16, 5, 1), (16, 16, 5, 0), (32, 24, 3, 0)):
+                        set_tuning(monkeypatch, tuning)
                         ours = rmsnorm_module._cuda_cluster_supported(x, w)
                         theirs = emulator.emu_cluster_supported(CODE[dtype], CODE[w_dtype], x.data_ptr(),
                                                                 x.stride(0), w.data_ptr(), y.data_ptr(), dim, *tuning)
@@ -316,18 +333,19 @@ def test_python_supported_mirrors_launcher(emulator, monkeypatch):
     assert 50 < checked < total - 50
 
 
-@pytest.mark.parametrize("dim,rows_per_block,stages,defer", [
-    (2048, 16, 5, 0), (4096, 16, 5, 2), (4096, 16, 7, 0), (4096, 32, 5, 2), (8192, 16, 5, 0)])
-def test_emulated_op_dispatch(emulator, dim, rows_per_block, stages, defer):
-    """The op's own instantiations (clusters of 8 blocks of 1024 threads in 4, 2 or 1 row groups, items of 128 or
-    256 rows, 5- or 7-row rings) through its dispatch, 2 clusters: one sequence long enough for several items per
-    cluster, pairs across every kind of boundary, a second sequence ending mid-item, rows in no segment."""
+@pytest.mark.parametrize("dim,tuning", [
+    (2048, (8, 16, 5, 0)), (2048, (32, 24, 4, 0)), (4096, (8, 16, 5, 2)), (4096, (32, 12, 4, 0)),
+    (4096, (32, 24, 4, 2)), (4096, (32, 24, 5, 0)), (8192, (8, 16, 5, 0))])
+def test_emulated_op_dispatch(emulator, dim, tuning):
+    """The op's own instantiations through its dispatch (clusters of 8 blocks: 8 values a thread in 1024-thread
+    blocks of 4, 2 or 1 row groups, or 32 values in 384-thread blocks of 6 or 3 row groups; items of 96-192 rows;
+    rings of 4 or 5 rows), 2 clusters: one sequence long enough for several items per cluster, pairs across every
+    kind of boundary, a second sequence ending mid-item, rows in no segment."""
     x = concentrated((700,), dim, seed=dim).to(torch.bfloat16)
     w = torch.linspace(0.5, 1.5, dim).to(torch.bfloat16)
     cu = torch.tensor([0, 531, 690], dtype=torch.int32)
     off = torch.tensor([[3, 300, 529], [0, 100, 159]], dtype=torch.int32)
-    y, rstd, stats = emulated_forward(emulator, None, x, w, cu, off, clusters=2, defer=defer,
-                                      rows_per_block=rows_per_block, stages=stages)
+    y, rstd, stats = emulated_forward(emulator, None, x, w, cu, off, clusters=2, tuning=tuning)
     assert_rms(y, rstd, x, w)
     assert_stats(stats, y, cu, off)
 
@@ -339,7 +357,7 @@ def cluster_schema_args() -> list[str]:
     return [a.split()[-1] for a in schema.group(1).split(",")]
 
 
-@pytest.mark.parametrize("dim,tuning", [(2048, (16, 5, 0)), (4096, (32, 5, 2))])
+@pytest.mark.parametrize("dim,tuning", [(2048, (8, 16, 5, 0)), (4096, (32, 24, 4, 2))])
 def test_op_path_through_emulated_kernel(emulator, dim, tuning, monkeypatch):
     """``rmsnorm_angle`` itself on the cluster path, on a CPU: the plan with the knobs' item size, the outputs and
     partials it allocates (CS scalars an item), the op call (its arguments by the binding's schema, handed to the
@@ -356,13 +374,12 @@ def test_op_path_through_emulated_kernel(emulator, dim, tuning, monkeypatch):
             CODE[x2d.dtype], CODE[w.dtype], x2d.data_ptr(), x2d.stride(0), w.data_ptr(), a["y"].data_ptr(),
             a["rstd"].data_ptr(), *(t.data_ptr() for t in items), items[0].numel(), a["part_sum"].data_ptr(),
             a["part_q"].data_ptr(), a["part_adj"].data_ptr(), a["counter"].data_ptr(), x2d.shape[0], x2d.shape[1],
-            a["eps"], a["clusters"] or 2, a["rows"], a["stages"], a["defer"])
+            a["eps"], a["clusters"] or 2, a["values"], a["rows"], a["stages"], a["defer"])
         assert rc == 0
 
     monkeypatch.setattr(torch.ops.gainrl, "rmsnorm_angle_cluster_ext", emulated_op, raising=False)
     monkeypatch.setattr(rmsnorm_module, "_cuda_cluster_take", lambda x2d, weight: True)
-    for knob, value in zip(("_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER"), tuning):
-        monkeypatch.setattr(rmsnorm_module, knob, value)
+    set_tuning(monkeypatch, tuning)
     x = concentrated((400,), dim, seed=3).to(torch.bfloat16)
     w = torch.linspace(0.5, 1.5, dim).to(torch.float32)
     cu = torch.tensor([0, 290, 380], dtype=torch.int32)
@@ -370,7 +387,7 @@ def test_op_path_through_emulated_kernel(emulator, dim, tuning, monkeypatch):
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)
     (call,) = calls
     assert call["part_q"].numel() == call["item_row0"].numel() * rmsnorm_module._CUDA_CLUSTER_BLOCKS
-    assert 4 * tuning[0] < int(call["item_nrows"].max()) <= 8 * tuning[0]  # the knob's item size
+    assert 4 * tuning[1] < int(call["item_nrows"].max()) <= 8 * tuning[1]  # the knob's item size
     assert_rms(y, call["rstd"], x, w)
     assert_stats(stats, y, cu, off)
 
@@ -418,11 +435,10 @@ def test_cuda_cluster_matches_rows_kernel(dim, tuning, dtype, w_dtype, monkeypat
         y_r, s_r = rmsnorm_angle(x, w, EPS, cu, off)
         monkeypatch.setattr(rmsnorm_module, "_CUDA_CLUSTER", True)
         monkeypatch.setattr(rmsnorm_module, "_CUDA_CLUSTER_MIN_ROWS", 0)
-        for knob, value in zip(("_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER"), tuning):
-            monkeypatch.setattr(rmsnorm_module, knob, value)
+        set_tuning(monkeypatch, tuning)
         assert rmsnorm_module._cuda_cluster_take(x, w)
         plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
-        assert plan.cfg.cluster and plan.cfg.chunk == 8 * tuning[0]
+        assert plan.cfg.cluster and plan.cfg.chunk == 8 * tuning[1]
         y, rstd, stats = rmsnorm_module._forward(x, w, EPS, plan, True)
         assert_rms(y, rstd, x, w, rtol=2e-6)  # the hardware's approximate rsqrt
         y_api, s_api = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
