@@ -461,32 +461,36 @@ inline cudaError_t launch_cluster_kernel(const Args& a, DType w_dtype, cudaStrea
 // The instantiations the op uses (cluster_built of csrc/rmsnorm_angle_launch.h): clusters of kClusterBlocks blocks;
 // 8 values a thread in 1024-thread blocks (RG = 8192 / D row groups, 64 registers a thread) or 32 values in
 // 384-thread blocks (RG = 12288 / D: up to 168 registers); a.cluster_rows rows a block and item, a ring of a.stages
-// rows, the combine deferred a.defer rows.
-template <typename T, bool W_NATIVE, int D, int RG, int C, int S, int J, int VPT>
-inline cudaError_t launch_built(const Args& a, DType w_dtype, cudaStream_t stream) {
-  return launch_cluster_kernel<T, W_NATIVE, Config<D, RG, kClusterBlocks, C, S, J, VPT>>(a, w_dtype, stream);
+// rows, the combine deferred a.defer rows. Calls f(Config<...>{}) for a's build and returns what f returns.
+template <typename F>
+inline auto visit_build(const Args& a, F&& f) {
+  constexpr int CS = kClusterBlocks;
+  const bool wide = a.values_per_thread == 32, J = a.defer != 0;
+  switch (a.D) {
+    case 2048:
+      return wide ? f(Config<2048, 6, CS, 24, 4, 0, 4>{}) : f(Config<2048, 4, CS, 16, 5, 0, 1>{});
+    case 8192:
+      return J ? f(Config<8192, 1, CS, 16, 5, 2, 1>{}) : f(Config<8192, 1, CS, 16, 5, 0, 1>{});
+    default:
+      if (!wide) return J ? f(Config<4096, 2, CS, 16, 5, 2, 1>{}) : f(Config<4096, 2, CS, 16, 5, 0, 1>{});
+      if (a.cluster_rows == 12) return f(Config<4096, 3, CS, 12, 4, 0, 4>{});
+      if (J) return f(Config<4096, 3, CS, 24, 4, 2, 4>{});
+      return a.stages == 5 ? f(Config<4096, 3, CS, 24, 5, 0, 4>{}) : f(Config<4096, 3, CS, 24, 4, 0, 4>{});
+  }
+}
+
+// Dynamic shared memory of a's build (cluster_supported(a, ...) assumed) with a weight of x's dtype or fp32.
+inline size_t cluster_smem_bytes(const Args& a, bool w_native) {
+  return visit_build(a, [&](auto cfg) {
+    return w_native ? Layout<decltype(cfg), true>::bytes : Layout<decltype(cfg), false>::bytes;
+  });
 }
 
 template <typename T, bool W_NATIVE>
 inline cudaError_t dispatch_cluster_width(const Args& a, DType w_dtype, cudaStream_t stream) {
-  const bool wide = a.values_per_thread == 32, J = a.defer != 0;
-  switch (a.D) {
-    case 2048:
-      return wide ? launch_built<T, W_NATIVE, 2048, 6, 24, 4, 0, 4>(a, w_dtype, stream)
-                  : launch_built<T, W_NATIVE, 2048, 4, 16, 5, 0, 1>(a, w_dtype, stream);
-    case 8192:
-      return J ? launch_built<T, W_NATIVE, 8192, 1, 16, 5, 2, 1>(a, w_dtype, stream)
-               : launch_built<T, W_NATIVE, 8192, 1, 16, 5, 0, 1>(a, w_dtype, stream);
-    default:
-      if (!wide) {
-        return J ? launch_built<T, W_NATIVE, 4096, 2, 16, 5, 2, 1>(a, w_dtype, stream)
-                 : launch_built<T, W_NATIVE, 4096, 2, 16, 5, 0, 1>(a, w_dtype, stream);
-      }
-      if (a.cluster_rows == 12) return launch_built<T, W_NATIVE, 4096, 3, 12, 4, 0, 4>(a, w_dtype, stream);
-      if (J) return launch_built<T, W_NATIVE, 4096, 3, 24, 4, 2, 4>(a, w_dtype, stream);
-      return a.stages == 5 ? launch_built<T, W_NATIVE, 4096, 3, 24, 5, 0, 4>(a, w_dtype, stream)
-                           : launch_built<T, W_NATIVE, 4096, 3, 24, 4, 0, 4>(a, w_dtype, stream);
-  }
+  return visit_build(a, [&](auto cfg) {
+    return launch_cluster_kernel<T, W_NATIVE, decltype(cfg)>(a, w_dtype, stream);
+  });
 }
 
 inline cudaError_t launch_rmsnorm_angle_cluster(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {

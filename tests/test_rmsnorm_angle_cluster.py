@@ -109,6 +109,12 @@ extern "C" int emu_cluster_op(int x_dtype, int w_dtype, const void* x, int64_t s
   }
 }
 
+extern "C" int64_t emu_cluster_smem(int64_t D, int values, int rows, int stages, int defer, int w_native) {
+  ra::Args a{};
+  a.D = D; a.values_per_thread = values; a.cluster_rows = rows; a.stages = stages; a.defer = defer;
+  return static_cast<int64_t>(rc::cluster_smem_bytes(a, w_native != 0));
+}
+
 extern "C" void emu_set_eager_copies(int eager) { gainrl_emu::g_cp_async_eager = eager != 0; }
 
 extern "C" int emu_cluster_supported(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight,
@@ -132,6 +138,8 @@ def emulator(tmp_path_factory):
     lib.emu_cluster_op.restype = ctypes.c_int
     lib.emu_cluster_op.argtypes = lib.emu_cluster.argtypes[1:] + [ctypes.c_int] * 4
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
+    lib.emu_cluster_smem.restype = ctypes.c_int64
+    lib.emu_cluster_smem.argtypes = [ctypes.c_int64] + [ctypes.c_int] * 5
     lib.emu_cluster_supported.restype = ctypes.c_int
     lib.emu_cluster_supported.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4)
@@ -390,6 +398,17 @@ def test_op_path_through_emulated_kernel(emulator, dim, tuning, monkeypatch):
     assert 4 * tuning[1] < int(call["item_nrows"].max()) <= 8 * tuning[1]  # the knob's item size
     assert_rms(y, call["rstd"], x, w)
     assert_stats(stats, y, cu, off)
+
+
+def test_every_build_fits_shared_memory(emulator):
+    """Each build's dynamic shared memory, with a weight of x's dtype or fp32, fits an sm_90 block (227 KiB: the
+    228 KiB of an SM less the 1 KiB each block reserves), and the widths' tunings are builds."""
+    for dim, builds in rmsnorm_module._CUDA_CLUSTER_BUILT.items():
+        assert rmsnorm_module._CUDA_CLUSTER_TUNED[dim] in builds
+        for tuning in builds:
+            for w_native in (1, 0):
+                smem = emulator.emu_cluster_smem(dim, *tuning, w_native)
+                assert 100 * 1024 < smem <= 227 * 1024, (dim, tuning, w_native, smem)
 
 
 def test_cluster_plan_and_knob(monkeypatch):
