@@ -198,7 +198,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
         sq = fmaf(f.y, f.y, fmaf(f.x, f.x, sq));
       }
     }
-    rstd = fast_rsqrt(div_rn(group_sum(sq, s0), float(D)) + eps);
+    // the mean: a power-of-two D divides exactly as a multiply by 1 / D (no IEEE division and its slow path)
+    const float total = group_sum(sq, s0);
+    if constexpr ((D & (D - 1)) == 0) {
+      rstd = fast_rsqrt(total * (1.f / D) + eps);
+    } else {
+      rstd = fast_rsqrt(div_rn(total, float(D)) + eps);
+    }
     float ysq = 0.f;
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
