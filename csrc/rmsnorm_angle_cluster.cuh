@@ -54,7 +54,7 @@ struct Config {
   static constexpr int QUADS = D / 4, SLICE_QUADS = QUADS / CS;  // the combine: fp32 quads of a row, of a slice
   static constexpr int HEAD_BUFFERS = J > 0 ? 2 : 1;  // the deferred combine reads an item's heads in the next
   static_assert(RT * 8 * VPT == D && RT % 32 == 0 && THREADS <= 1024, "whole warps of VPT vectors a thread");
-  static_assert(C % RG == 0 && S >= 2 && S - 1 <= CR, "the ring looks at most one item ahead");
+  static_assert(C % RG == 0 && S >= 3 && S - 1 <= CR, "rows j - 1, j, j + 1 in distinct slots; one item ahead");
   static_assert(J + S - 1 <= CR, "a deferred combine ends before the ring needs the item after next");
   static_assert(QUADS % CS == 0, "each block stores a whole number of quads of the partial row");
   static_assert(RG <= 8, "named barriers 1 .. RG");
@@ -77,8 +77,8 @@ struct Layout {
   static constexpr size_t tail = heads + Cfg::HEAD_BUFFERS * RG * ROW;
   static constexpr size_t ids = tail + ROW;
   static constexpr size_t red = ids + 16;
-  static constexpr size_t red2 = red + RG * 2 * WARPS * 4;
-  static constexpr size_t inv = red2 + RG * WARPS * 8;
+  static constexpr size_t red1 = red + RG * 2 * WARPS * 16;
+  static constexpr size_t inv = red1 + RG * WARPS * 4;
   static constexpr size_t scal = inv + (2 * RG + 2) * 4;
   static constexpr size_t bytes = scal + RG * 8;
 };
@@ -126,18 +126,28 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   const int rank = block_rank();
   const int local0 = rank * C + g * CR;  // this row group's first row in an item
   Vec* const my_ring = ring + g * S * NV + lt;
-  // Reduction slots: s0 (each row's Σ x², a recomputed row's), s1 (the pairs across runs and blocks), s2 (each row's
-  // (‖y‖², y · y_prev)). Two reductions in a row never share a slot unless a cluster wait lies between them, so a
-  // slot is rewritten only after every thread of the row group has read it.
-  float* const s0 = reinterpret_cast<float*>(smem + L::red) + g * 2 * WARPS;
-  float* const s1 = s0 + WARPS;
-  float2* const s2 = reinterpret_cast<float2*>(smem + L::red2) + g * WARPS;
+  // Reduction slots: rows' reductions (three sums) alternate between two buffers, so a buffer is rewritten only
+  // after the next reduction's barrier, by which time every thread of the row group has read it; s1 takes the pairs
+  // across runs and blocks, which never follow each other without a row's reduction or a cluster wait between.
+  float4* const red = reinterpret_cast<float4*>(smem + L::red) + g * 2 * WARPS;
+  float* const s1 = reinterpret_cast<float*>(smem + L::red1) + g * WARPS;
+  int buf = 0;
 
   if constexpr (W_NATIVE) {
     for (int v = tid; v < NV; v += THREADS) w_v[v] = static_cast<const Vec*>(weight)[v];
   } else {
     for (int i = tid; i < D; i += THREADS) w_f[i] = load_weight(weight, w_dtype, i);
   }
+
+  float acc[V * VPT];  // Σ y_t / ‖y_t‖ over this row group's rows of the item, this thread's columns (a row's
+  // unit vector is added with the next row, or at the run's end)
+#pragma unroll
+  for (int e = 0; e < V * VPT; ++e) acc[e] = 0.f;
+  Vec y_prev[VPT];  // the previous row's y (packed) and 1 / ‖y‖
+#pragma unroll
+  for (int v = 0; v < VPT; ++v)
+#pragma unroll
+    for (int e = 0; e < P; ++e) y_prev[v].p[e] = PairT::pack(0.f, 0.f);
 
   // An item's first row and row count (0 past the list): the rest of its entries are read where they are used,
   // which keeps the registers of the next item's prefetch to two
@@ -161,14 +171,18 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     group_barrier<RT>(g);
     return warp_sum(lane < WARPS ? slot[lane] : 0.f);
   };
-  const auto group_sum2 = [&](float a, float b) {
+  // (Σ a, Σ b, Σ c) over the row group, the same in each thread: one barrier, on the next of the two buffers
+  const auto group_sum3 = [&](float a, float b, float c) {
     a = warp_sum(a);
     b = warp_sum(b);
+    c = warp_sum(c);
     const int lane = tid & 31;
-    if (lane == 0) s2[lt >> 5] = make_float2(a, b);
+    float4* slot = red + buf * WARPS;
+    buf ^= 1;
+    if (lane == 0) slot[lt >> 5] = make_float4(a, b, c, 0.f);
     group_barrier<RT>(g);
-    const float2 r = lane < WARPS ? s2[lane] : make_float2(0.f, 0.f);
-    return make_float2(warp_sum(r.x), warp_sum(r.y));
+    const float4 r = lane < WARPS ? slot[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
+    return make_float3(warp_sum(r.x), warp_sum(r.y), warp_sum(r.z));
   };
   // Σ a · b over this thread's values of two rows given as its vectors a[v * as], b[v * bs] (v < VPT): registers
   // (stride 1) or a row in shared memory (stride RT)
@@ -184,10 +198,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     }
     return d;
   };
-  // y of the row whose vectors (this thread's) are xv[v * xs], HF's formula as the rows kernel; returns this
-  // thread's Σ y². x is read twice (for Σ x², then for y) rather than held unpacked across the reduction: 8 VPT
-  // fewer registers, at 32 values a thread what keeps the loop free of spills.
-  const auto norm_row = [&](const Vec* xv, int xs, Vec (&yv)[VPT], float& rstd) {
+  // this thread's Σ x² of the row whose vectors (this thread's) are xv[v * xs]
+  const auto sum_sq = [&](const Vec* xv, int xs) {
     float sq = 0.f;
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
@@ -198,14 +210,19 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
         sq = fmaf(f.y, f.y, fmaf(f.x, f.x, sq));
       }
     }
-    // the mean: a power-of-two D divides exactly as a multiply by 1 / D (no IEEE division and its slow path)
-    const float total = group_sum(sq, s0);
+    return sq;
+  };
+  // rstd from the row group's Σ x²: a power-of-two D divides exactly as a multiply by 1 / D
+  const auto rstd_of = [&](float total) {
     if constexpr ((D & (D - 1)) == 0) {
-      rstd = fast_rsqrt(total * (1.f / D) + eps);
+      return fast_rsqrt(total * (1.f / D) + eps);
     } else {
-      rstd = fast_rsqrt(div_rn(total, float(D)) + eps);
+      return fast_rsqrt(div_rn(total, float(D)) + eps);
     }
-    float ysq = 0.f;
+  };
+  // y of that row, HF's formula as the rows kernel, from x read again (rather than held unpacked across the
+  // reduction: 8 VPT fewer registers)
+  const auto make_y = [&](const Vec* xv, int xs, float rstd, Vec (&yv)[VPT]) {
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
       const Vec xr = xv[v * xs];
@@ -227,6 +244,33 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
           yv[v].p[e + 1] = PairT::pack(w.z * n1.x, w.w * n1.y);
         }
       }
+    }
+  };
+  // This thread's ‖y‖² of a row and y · y_prev with the previous row, each unpacked once; ADD (the rows of a run)
+  // also adds the previous row's unit vector y_prev * inv_prev to the sums, where y_prev is unpacked anyway (as in
+  // the rows kernel)
+  const auto row_sums = [&](const Vec(&yv)[VPT], float inv_p, bool add) {
+    float ysq = 0.f, d = 0.f;
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float2 f = PairT::unpack(yv[v].p[e]), h = PairT::unpack(y_prev[v].p[e]);
+        ysq = fmaf(f.y, f.y, fmaf(f.x, f.x, ysq));
+        d = fmaf(f.y, h.y, fmaf(f.x, h.x, d));
+        if (add) {
+          acc[V * v + 2 * e] = fmaf(h.x, inv_p, acc[V * v + 2 * e]);
+          acc[V * v + 2 * e + 1] = fmaf(h.y, inv_p, acc[V * v + 2 * e + 1]);
+        }
+      }
+    }
+    return make_float2(ysq, d);
+  };
+  // this thread's ‖y‖² of a run's first row
+  const auto first_sums = [&](const Vec (&yv)[VPT]) {
+    float ysq = 0.f;
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
 #pragma unroll
       for (int e = 0; e < P; ++e) {
         const float2 f = PairT::unpack(yv[v].p[e]);
@@ -234,6 +278,18 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
       }
     }
     return ysq;
+  };
+  // the last row's unit vector into the sums (the rows' own are added one row late, by row_sums)
+  const auto add_prev = [&](float inv_p) {
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float2 h = PairT::unpack(y_prev[v].p[e]);
+        acc[V * v + 2 * e] = fmaf(h.x, inv_p, acc[V * v + 2 * e]);
+        acc[V * v + 2 * e + 1] = fmaf(h.y, inv_p, acc[V * v + 2 * e + 1]);
+      }
+    }
   };
   const auto head = [&](int k, int gg) { return heads + ((J > 0 ? (k & 1) * RG : 0) + gg) * NV; };
   const auto head_inv = [&](int k, int gg) -> float& { return inv_s[(J > 0 ? (k & 1) * RG : 0) + gg]; };
@@ -283,14 +339,6 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
   for (int s = 0; s < S - 1; ++s) issue(row0_0, nrows_0, s, s);
   __syncthreads();  // the weight
 
-  float acc[V * VPT];  // Σ y_t / ‖y_t‖ over this row group's rows of the item, this thread's columns
-#pragma unroll
-  for (int e = 0; e < V * VPT; ++e) acc[e] = 0.f;
-  Vec y_prev[VPT];  // the previous row's y (packed) and 1 / ‖y‖
-#pragma unroll
-  for (int v = 0; v < VPT; ++v)
-#pragma unroll
-    for (int e = 0; e < P; ++e) y_prev[v].p[e] = PairT::pack(0.f, 0.f);
   float inv_prev = 0.f, q_acc = 0.f, adj_acc = 0.f;
   int n = 0;        // rows (ring steps) this row group has taken
   int id_done = 0;  // the item whose finish is pending
@@ -299,49 +347,50 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     // the id of item k + 2, read by every block at item k's finish (the slot's last reader finished item k - 2's)
     if (rank == 0 && tid == 0) ids_s[(k + 2) & 3] = 2 * int(gridDim.x / CS) + take_ticket(counter);
     bool has_prev = false;
+    const int m = min(max(nrows_0 - local0, 0), CR);  // this run's rows of the item (a prefix of its CR)
+    float rstd = 0.f;  // row j's, from the previous row's reduction (the run's first: its own)
     for (int j = 0; j < CR; ++j, ++n) {
       if (k > 0 && j == J) {
         id1 = finish(k - 1, id_done);
         rows_of(id1, row0_1, nrows_1);
       }
-      const int ahead = j + S - 1;
+      const int ahead = j + S - 1;  // into the slot of row j - 1, read by now
       if (ahead < CR) {
         issue(row0_0, nrows_0, ahead, (n + S - 1) % S);
       } else {
         issue(row0_1, nrows_1, ahead - CR, (n + S - 1) % S);
       }
-      cp_async_wait<S - 1>();
-      if (local0 + j >= nrows_0) continue;  // rows past the item: none in this run from here on
+      cp_async_wait<S - 2>();  // rows j and j + 1 have landed
+      if (j >= m) continue;
+      const Vec* xr = my_ring + (n % S) * NV;
+      if (j == 0) rstd = rstd_of(group_sum3(0.f, 0.f, sum_sq(xr, RT)).z);
       const int64_t row = int64_t(row0_0) + local0 + j;
       Vec yv[VPT];
-      float rstd;
-      const float ysq = norm_row(my_ring + (n % S) * NV, RT, yv, rstd);
+      make_y(xr, RT, rstd, yv);
       Vec* y_row = reinterpret_cast<Vec*>(y + row * D) + lt;
 #pragma unroll
       for (int v = 0; v < VPT; ++v) y_row[RT * v] = yv[v];
       if (lt == 0) rstd_out[row] = rstd;
-      const float2 s = group_sum2(ysq, has_prev ? dot(yv, 1, y_prev, 1) : 0.f);
-      const float inv = fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
-      q_acc += s.x * inv * inv;
-      if (has_prev) adj_acc += s.y * inv_prev * inv;
+      // one reduction a row: its ‖y‖² and y · y_prev (and the previous row's unit vector into the sums), and the
+      // next row's Σ x²
+      const float2 own = has_prev ? row_sums(yv, inv_prev, true) : make_float2(first_sums(yv), 0.f);
+      const float sq_next = j + 1 < m ? sum_sq(my_ring + ((n + 1) % S) * NV, RT) : 0.f;
+      const float3 r = group_sum3(own.x, own.y, sq_next);
+      const float inv = fast_rsqrt(fmaxf(r.x, kMinSquaredNorm));
+      q_acc += r.x * inv * inv;
+      if (has_prev) adj_acc += r.y * inv_prev * inv;
+      rstd = rstd_of(r.z);  // row j + 1's (unused past the run)
       if (j == 0) {  // the run's first row, for the pair with the previous run's (or block's) last
 #pragma unroll
         for (int v = 0; v < VPT; ++v) head(k, g)[lt + RT * v] = yv[v];
         if (lt == 0) head_inv(k, g) = inv;
       }
 #pragma unroll
-      for (int v = 0; v < VPT; ++v) {
-#pragma unroll
-        for (int e = 0; e < P; ++e) {
-          const float2 f = PairT::unpack(yv[v].p[e]);
-          acc[V * v + 2 * e] = fmaf(f.x, inv, acc[V * v + 2 * e]);
-          acc[V * v + 2 * e + 1] = fmaf(f.y, inv, acc[V * v + 2 * e + 1]);
-        }
-        y_prev[v] = yv[v];
-      }
+      for (int v = 0; v < VPT; ++v) y_prev[v] = yv[v];
       inv_prev = inv;
       has_prev = true;
     }
+    if (has_prev) add_prev(inv_prev);  // the run's last row
     // item k's end, first half: the sums into shared memory (first: the accumulators are then free for the row
     // after the item), the row after the item, the pairs across runs, then the cluster barrier's arrive
     if (k > 0) cluster_wait();  // every block has read item k - 1's sums and tail
@@ -375,12 +424,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     const int64_t row_end = int64_t(row0_0) + nrows_0;
     if (has_prev && nrows_0 - 1 < local0 + CR && item_seg[id0] >= 0 && row_end < item_pair_end[id0] &&
         row_end < R) {
-      Vec ya[VPT];
-      float rstd_a;
       const Vec* src = reinterpret_cast<const Vec*>(x + row_end * stride_r) + lt;
-      const float ysq = norm_row(src, RT, ya, rstd_a);
-      const float2 s = group_sum2(ysq, dot(ya, 1, y_prev, 1));
-      adj_acc += s.y * inv_prev * fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
+      const float rstd_a = rstd_of(group_sum3(0.f, 0.f, sum_sq(src, RT)).z);
+      Vec ya[VPT];
+      make_y(src, RT, rstd_a, ya);
+      const float2 own = row_sums(ya, 0.f, false);
+      const float3 r = group_sum3(own.x, own.y, 0.f);
+      adj_acc += r.y * inv_prev * fast_rsqrt(fmaxf(r.x, kMinSquaredNorm));
     }
     if (g < RG - 1 && local0 + CR < nrows_0) {  // this run's last row with the next run's first
       const float d = group_sum(dot(y_prev, 1, head(k, g + 1) + lt, RT), s1);
@@ -464,23 +514,20 @@ inline cudaError_t launch_cluster_kernel(const Args& a, DType w_dtype, cudaStrea
 #endif
 }
 
-// The instantiations the op uses (cluster_built of csrc/rmsnorm_angle_launch.h): clusters of kClusterBlocks blocks;
-// 8 values a thread in 1024-thread blocks (RG = 8192 / D row groups, 64 registers a thread) or 32 values in
-// 384-thread blocks (RG = 12288 / D: up to 168 registers); a.cluster_rows rows a block and item, a ring of a.stages
-// rows, the combine deferred a.defer rows. Calls f(Config<...>{}) for a's build and returns what f returns.
+// The instantiations the op uses (cluster_built of csrc/rmsnorm_angle_launch.h): clusters of kClusterBlocks blocks,
+// 32 values (4 vectors) a thread, rows of D / 32 threads in 12288 / D row groups at D = 2048 and 4096 (384-thread
+// blocks, up to 168 registers a thread), one row group of 256 threads at 8192; a.cluster_rows rows a block and item,
+// a ring of a.stages rows, the combine deferred a.defer rows. Calls f(Config<...>{}) for a's build and returns what
+// f returns.
 template <typename F>
 inline auto visit_build(const Args& a, F&& f) {
   constexpr int CS = kClusterBlocks;
-  const bool wide = a.values_per_thread == 32, J = a.defer != 0;
   switch (a.D) {
-    case 2048:
-      return wide ? f(Config<2048, 6, CS, 24, 4, 0, 4>{}) : f(Config<2048, 4, CS, 16, 5, 0, 1>{});
-    case 8192:
-      return J ? f(Config<8192, 1, CS, 16, 5, 2, 1>{}) : f(Config<8192, 1, CS, 16, 5, 0, 1>{});
+    case 2048: return f(Config<2048, 6, CS, 24, 4, 0, 4>{});
+    case 8192: return a.stages == 5 ? f(Config<8192, 1, CS, 16, 5, 0, 4>{}) : f(Config<8192, 1, CS, 16, 4, 0, 4>{});
     default:
-      if (!wide) return J ? f(Config<4096, 2, CS, 16, 5, 2, 1>{}) : f(Config<4096, 2, CS, 16, 5, 0, 1>{});
       if (a.cluster_rows == 12) return f(Config<4096, 3, CS, 12, 4, 0, 4>{});
-      if (J) return f(Config<4096, 3, CS, 24, 4, 2, 4>{});
+      if (a.defer != 0) return f(Config<4096, 3, CS, 24, 4, 2, 4>{});
       return a.stages == 5 ? f(Config<4096, 3, CS, 24, 5, 0, 4>{}) : f(Config<4096, 3, CS, 24, 4, 0, 4>{});
   }
 }

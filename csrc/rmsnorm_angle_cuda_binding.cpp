@@ -3,8 +3,8 @@
 //   rmsnorm_angle_rows_ext(x, weight, y!, rstd!, item_row0, item_nrows, item_seg, item_pair_end, part_sum!, part_q!,
 //                          part_adj!, eps, values_per_thread, stages, carry) -> ()
 //   rmsnorm_angle_cluster_ext(x, weight, y!, rstd!, item_row0, item_nrows, item_seg, item_pair_end, part_sum!,
-//                             part_q!, part_adj!, counter!, eps, values, rows, stages, defer, clusters) -> ()
-//                             (sm_90+; part_q / part_adj [grid * 8]: one scalar per block of the cluster)
+//                             part_q!, part_adj!, counter!, eps, rows, stages, defer, clusters) -> ()   (sm_90+;
+//                             part_q / part_adj [grid * 8]: one scalar per block of the cluster)
 // fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
 // plan kernel (that module allocates everything and reduces the partials). x [R, D] fp32 / fp16 / bf16 CUDA with
 // unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
@@ -114,22 +114,20 @@ void rmsnorm_angle_cluster_cuda(const at::Tensor& x, const at::Tensor& weight, a
                                 const at::Tensor& item_row0, const at::Tensor& item_nrows,
                                 const at::Tensor& item_seg, const at::Tensor& item_pair_end, at::Tensor& part_sum,
                                 at::Tensor& part_q, at::Tensor& part_adj, at::Tensor& counter, double eps,
-                                int64_t values, int64_t rows, int64_t stages, int64_t defer, int64_t clusters) {
+                                int64_t rows, int64_t stages, int64_t defer, int64_t clusters) {
   ra::Args a = work_list_args(x, weight, y, rstd, item_row0, item_nrows, item_seg, item_pair_end, part_sum, part_q,
                               part_adj, eps, ra::kClusterBlocks);
   const ra::DType xt = gainrl::dtype_of(x, "x"), wt = gainrl::dtype_of(weight, "weight");
   check_on(counter, x, "counter", at::kInt, 1);
   GAINRL_CHECK(clusters >= 0 && clusters < (int64_t(1) << 20), "clusters: expected 0 (as many as fit) or a count");
   a.counter = counter.data_ptr<int>();
-  a.values_per_thread = static_cast<int>(values);
   a.cluster_rows = static_cast<int>(rows);
   a.stages = static_cast<int>(stages);
   a.defer = static_cast<int>(defer);
   a.clusters = static_cast<int>(clusters);
   GAINRL_CHECK(ra::cluster_supported(a, xt, wt),
-               "rmsnorm_angle_cluster_ext: unsupported rows or tuning (D = " + std::to_string(a.D) + ", values " +
-                   std::to_string(values) + ", rows " + std::to_string(rows) + ", stages " + std::to_string(stages) +
-                   ", defer " + std::to_string(defer) +
+               "rmsnorm_angle_cluster_ext: unsupported rows or tuning (D = " + std::to_string(a.D) + ", rows " +
+                   std::to_string(rows) + ", stages " + std::to_string(stages) + ", defer " + std::to_string(defer) +
                    ": needs fp16 / bf16 x, a weight of x's dtype or fp32, 16-byte aligned x, y and weight, and a "
                    "build of csrc/rmsnorm_angle_launch.h's cluster_built)");
   if (a.grid == 0 || a.R == 0) return;
@@ -147,8 +145,7 @@ TORCH_LIBRARY_FRAGMENT(gainrl, m) {
   m.def(
       "rmsnorm_angle_cluster_ext(Tensor x, Tensor weight, Tensor(a!) y, Tensor(b!) rstd, Tensor item_row0, "
       "Tensor item_nrows, Tensor item_seg, Tensor item_pair_end, Tensor(c!) part_sum, Tensor(d!) part_q, "
-      "Tensor(e!) part_adj, Tensor(f!) counter, float eps, int values, int rows, int stages, int defer, "
-      "int clusters) -> ()");
+      "Tensor(e!) part_adj, Tensor(f!) counter, float eps, int rows, int stages, int defer, int clusters) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gainrl, CUDA, m) {

@@ -49,8 +49,8 @@ struct Args {
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
-  // the cluster kernel only (values_per_thread 8 or 32, ring depth `stages` 3 to 5; cluster_built): part_q /
-  // part_adj are [grid * kClusterBlocks]
+  // the cluster kernel only (its ring depth is `stages`, 4 or 5; cluster_built): part_q / part_adj are
+  // [grid * kClusterBlocks]
   int* counter;      // one int of device scratch (the item counter; the launch zeroes it)
   int clusters;      // resident clusters to run at most (0: as many as fit)
   int defer;         // rows of the next item each item's combine is deferred into: 0 or 2
@@ -59,18 +59,12 @@ struct Args {
 
 constexpr int kClusterBlocks = 8;  // blocks of a cluster
 
-// The cluster kernel's builds: 16-bit x with D of 2048, 4096 or 8192, a weight of x's dtype or fp32, and (values a
-// thread, rows a block and item, ring stages, deferral) of
-//   D = 2048: (8, 16, 5, 0), (32, 24, 4, 0);  D = 8192: (8, 16, 5, 0 or 2);
-//   D = 4096: (8, 16, 5, 0 or 2), (32, 12, 4, 0), (32, 24, 4, 0 or 2), (32, 24, 5, 0).
-// 8 values a thread: 1024-thread blocks of 8192 / D row groups; 32: 384-thread blocks of 12288 / D row groups.
-inline bool cluster_built(int64_t D, int values, int rows, int stages, int defer) {
-  if (values == 8) {
-    if (D == 2048) return rows == 16 && stages == 5 && defer == 0;
-    return (D == 4096 || D == 8192) && rows == 16 && stages == 5 && (defer == 0 || defer == 2);
-  }
-  if (values != 32) return false;
+// The cluster kernel's builds: 16-bit x with D of 2048, 4096 or 8192, a weight of x's dtype or fp32, 32 values a
+// thread, and (rows a block and item, ring stages, deferral) of
+//   D = 2048: (24, 4, 0);  D = 4096: (12, 4, 0), (24, 4, 0 or 2), (24, 5, 0);  D = 8192: (16, 4 or 5, 0).
+inline bool cluster_built(int64_t D, int rows, int stages, int defer) {
   if (D == 2048) return rows == 24 && stages == 4 && defer == 0;
+  if (D == 8192) return rows == 16 && (stages == 4 || stages == 5) && defer == 0;
   return D == 4096 && ((rows == 12 && stages == 4 && defer == 0) || (rows == 24 && stages == 4 && defer == 2) ||
                        (rows == 24 && (stages == 4 || stages == 5) && defer == 0));
 }
@@ -80,7 +74,7 @@ inline bool cluster_built(int64_t D, int values, int rows, int stages, int defer
 inline bool cluster_supported(const Args& a, DType x_dtype, DType w_dtype) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return x_dtype != DType::kFloat32 && (w_dtype == x_dtype || w_dtype == DType::kFloat32) &&
-         cluster_built(a.D, a.values_per_thread, a.cluster_rows, a.stages, a.defer) && (a.stride_r * 2) % 16 == 0 && aligned(a.x) &&
+         cluster_built(a.D, a.cluster_rows, a.stages, a.defer) && (a.stride_r * 2) % 16 == 0 && aligned(a.x) &&
          aligned(a.y) && aligned(a.weight) && a.counter != nullptr && a.clusters >= 0;
 }
 

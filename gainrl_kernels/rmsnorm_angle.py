@@ -970,19 +970,13 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 # variants cuda_cluster*).
 _CUDA_CLUSTER = False
 _CUDA_CLUSTER_BLOCKS = 8  # kClusterBlocks of csrc/rmsnorm_angle_launch.h
-# (values a thread, rows a block and item, ring stages, deferral) built per width: cluster_built of
-# csrc/rmsnorm_angle_launch.h. 8 values a thread: 1024-thread blocks of 8192 / D row groups (64 registers); 32
-# values: 384-thread blocks of 12288 / D row groups (~150 registers). The item is _CUDA_CLUSTER_BLOCKS x rows.
-_CUDA_CLUSTER_BUILT: dict[int, set[tuple[int, int, int, int]]] = {
-    2048: {(8, 16, 5, 0), (32, 24, 4, 0)},
-    4096: {(8, 16, 5, 0), (8, 16, 5, 2), (32, 12, 4, 0), (32, 24, 4, 0), (32, 24, 4, 2), (32, 24, 5, 0)},
-    8192: {(8, 16, 5, 0), (8, 16, 5, 2)}}
-# the tuning by width (none timed yet): 32 values a thread where built, by the static count of warp instructions a
-# row (docs/fused_forward.md, session 24)
-_CUDA_CLUSTER_TUNED: dict[int, tuple[int, int, int, int]] = {
-    2048: (32, 24, 4, 0), 4096: (32, 24, 4, 0), 8192: (8, 16, 5, 0)}
+# (rows a block and item, ring stages, deferral) built per width: cluster_built of csrc/rmsnorm_angle_launch.h. 32
+# values (4 vectors) a thread; rows of D / 32 threads, 12288 / D row groups a block at 2048 and 4096 (384 threads,
+# ~150 registers), one at 8192 (256 threads). The item is _CUDA_CLUSTER_BLOCKS x rows.
+_CUDA_CLUSTER_BUILT: dict[int, set[tuple[int, int, int]]] = {
+    2048: {(24, 4, 0)}, 4096: {(12, 4, 0), (24, 4, 0), (24, 4, 2), (24, 5, 0)}, 8192: {(16, 4, 0), (16, 5, 0)}}
+_CUDA_CLUSTER_TUNED: dict[int, tuple[int, int, int]] = {2048: (24, 4, 0), 4096: (24, 4, 0), 8192: (16, 4, 0)}
 # knobs that override one part of the width's tuning each (None: the width's)
-_CUDA_CLUSTER_VALUES: Optional[int] = None  # values a thread: 8 or 32
 _CUDA_CLUSTER_ROWS: Optional[int] = None  # rows of each block in an item
 _CUDA_CLUSTER_STAGES: Optional[int] = None  # rows in each row group's ring (stages - 1 in flight)
 _CUDA_CLUSTER_DEFER: Optional[int] = None  # rows of the next item each item's cluster combine is deferred into
@@ -1120,7 +1114,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     rows, dim = x2d.shape
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
     if cluster_chunk is None and _cuda_cluster_take(x2d, weight):
-        cluster_chunk = _CUDA_CLUSTER_BLOCKS * _cuda_cluster_tuning(dim)[1]
+        cluster_chunk = _CUDA_CLUSTER_BLOCKS * _cuda_cluster_tuning(dim)[0]
     if cluster_chunk is not None:
         cfg = cfg._replace(chunk=cluster_chunk, cluster=True)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
@@ -1162,11 +1156,11 @@ def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
             and has_ext_kernel("cuda", "rmsnorm_angle_rows_ext") and _cuda_rows_supported(x2d, weight))
 
 
-def _cuda_cluster_tuning(dim: int) -> tuple[int, int, int, int]:
-    """(values a thread, rows a block and item, ring stages, deferral) of the cluster kernel at width ``dim``: the
-    width's entry of ``_CUDA_CLUSTER_TUNED`` (default (8, 16, 5, 0)), each part overridden by its knob where set."""
-    tuned = _CUDA_CLUSTER_TUNED.get(dim, (8, 16, 5, 0))
-    knobs = (_CUDA_CLUSTER_VALUES, _CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES, _CUDA_CLUSTER_DEFER)
+def _cuda_cluster_tuning(dim: int) -> tuple[int, int, int]:
+    """(rows a block and item, ring stages, deferral) of the cluster kernel at width ``dim``: the width's entry of
+    ``_CUDA_CLUSTER_TUNED`` (default (16, 4, 0)), each part overridden by its knob where set."""
+    tuned = _CUDA_CLUSTER_TUNED.get(dim, (16, 4, 0))
+    knobs = (_CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES, _CUDA_CLUSTER_DEFER)
     return tuple(t if k is None else k for t, k in zip(tuned, knobs))  # type: ignore[return-value]
 
 

@@ -93,13 +93,12 @@ extern "C" int emu_cluster(int geometry, int x_dtype, int w_dtype, const void* x
 extern "C" int emu_cluster_op(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
                               float* rstd, const int* row0, const int* nrows, const int* seg, const int* pair_end,
                               int64_t grid, float* part_sum, float* part_q, float* part_adj, int* counter, int64_t R,
-                              int64_t D, float eps, int clusters, int values, int rows, int stages, int defer) {
+                              int64_t D, float eps, int clusters, int rows, int stages, int defer) {
   ra::Args a{};
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd;
   a.item_row0 = row0; a.item_nrows = nrows; a.item_seg = seg; a.item_pair_end = pair_end; a.grid = grid;
   a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
-  a.counter = counter; a.clusters = clusters; a.values_per_thread = values; a.cluster_rows = rows;
-  a.stages = stages; a.defer = defer;
+  a.counter = counter; a.clusters = clusters; a.cluster_rows = rows; a.stages = stages; a.defer = defer;
   try {
     return static_cast<int>(rc::launch_rmsnorm_angle_cluster(a, static_cast<ra::DType>(x_dtype),
                                                              static_cast<ra::DType>(w_dtype), nullptr));
@@ -109,20 +108,20 @@ extern "C" int emu_cluster_op(int x_dtype, int w_dtype, const void* x, int64_t s
   }
 }
 
-extern "C" int64_t emu_cluster_smem(int64_t D, int values, int rows, int stages, int defer, int w_native) {
+extern "C" int64_t emu_cluster_smem(int64_t D, int rows, int stages, int defer, int w_native) {
   ra::Args a{};
-  a.D = D; a.values_per_thread = values; a.cluster_rows = rows; a.stages = stages; a.defer = defer;
+  a.D = D; a.cluster_rows = rows; a.stages = stages; a.defer = defer;
   return static_cast<int64_t>(rc::cluster_smem_bytes(a, w_native != 0));
 }
 
 extern "C" void emu_set_eager_copies(int eager) { gainrl_emu::g_cp_async_eager = eager != 0; }
 
 extern "C" int emu_cluster_supported(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight,
-                                     void* y, int64_t D, int values, int rows, int stages, int defer) {
+                                     void* y, int64_t D, int rows, int stages, int defer) {
   ra::Args a{};
   int counter = 0;
   a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.D = D; a.counter = &counter;
-  a.values_per_thread = values; a.cluster_rows = rows; a.stages = stages; a.defer = defer;
+  a.cluster_rows = rows; a.stages = stages; a.defer = defer;
   return ra::cluster_supported(a, static_cast<ra::DType>(x_dtype), static_cast<ra::DType>(w_dtype)) ? 1 : 0;
 }
 """
@@ -136,13 +135,13 @@ def emulator(tmp_path_factory):
         [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_int64]
         + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int])
     lib.emu_cluster_op.restype = ctypes.c_int
-    lib.emu_cluster_op.argtypes = lib.emu_cluster.argtypes[1:] + [ctypes.c_int] * 4
+    lib.emu_cluster_op.argtypes = lib.emu_cluster.argtypes[1:] + [ctypes.c_int] * 3
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_cluster_smem.restype = ctypes.c_int64
-    lib.emu_cluster_smem.argtypes = [ctypes.c_int64] + [ctypes.c_int] * 5
+    lib.emu_cluster_smem.argtypes = [ctypes.c_int64] + [ctypes.c_int] * 4
     lib.emu_cluster_supported.restype = ctypes.c_int
     lib.emu_cluster_supported.argtypes = ([ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4)
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 3)
     return lib
 
 
@@ -155,15 +154,15 @@ def copies(request, emulator):
 
 
 def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token_index=None, clusters: int = 2,
-                     plan=None, tickets: list | None = None, tuning: tuple[int, int, int, int] = (8, 16, 5, 0)):
+                     plan=None, tickets: list | None = None, tuning: tuple[int, int, int] = (24, 4, 0)):
     """(y, rstd, AngleStats) of the cluster kernel in the emulator: the Triton plan with items of the geometry's
     CS x C rows, the emulated kernel on outputs poisoned with NaN, the Triton reduce (CS scalars an item).
-    ``geometry`` None: the op's own dispatch instead, at ``tuning`` (values a thread, rows a block and item, ring
-    stages, deferral) with its CS. ``tickets``: gets the count the clusters took from the item counter (one per item
+    ``geometry`` None: the op's own dispatch instead, at ``tuning`` (rows a block and item, ring stages, deferral)
+    with its CS. ``tickets``: gets the count the clusters took from the item counter (one per item
     walked)."""
     op = geometry is None
     cs = rmsnorm_module._CUDA_CLUSTER_BLOCKS if op else CS
-    chunk = cs * (tuning[1] if op else GEOMETRIES[geometry][4])
+    chunk = cs * (tuning[0] if op else GEOMETRIES[geometry][4])
     plan = plan or rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight, cluster_chunk=chunk)
     rows, dim = x2d.shape
     batch_size, nseg = plan.count.shape
@@ -189,11 +188,11 @@ def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token
     return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
 
 
-TUNING_KNOBS = ("_CUDA_CLUSTER_VALUES", "_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER")
+TUNING_KNOBS = ("_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER")
 
 
-def set_tuning(monkeypatch, tuning: tuple[int, int, int, int]) -> None:
-    """The cluster kernel's tuning knobs set to (values a thread, rows a block and item, ring stages, deferral)."""
+def set_tuning(monkeypatch, tuning: tuple[int, int, int]) -> None:
+    """The cluster kernel's tuning knobs set to (rows a block and item, ring stages, deferral)."""
     for knob, value in zip(TUNING_KNOBS, tuning, strict=True):
         monkeypatch.setattr(rmsnorm_module, knob, value)
 
@@ -329,8 +328,8 @@ def test_python_supported_mirrors_launcher(emulator, monkeypatch):
                 for pad, x_shift, w_shift in ((0, 0, 0), (8, 0, 0), (1, 0, 0), (16, 1, 0), (0, 0, 1)):
                     x = torch.ones(2, dim + pad + x_shift, dtype=dtype)[:, x_shift:x_shift + dim]
                     w = torch.ones(dim + w_shift, dtype=w_dtype)[w_shift:]
-                    for tuning in ((8, 16, 5, 0), (8, 16, 5, 2), (32, 24, 4, 0), (32, 12, 4, 0), (32, 24, 4, 2),
-                                   (32, 24, 5, 0), (32, 16, 4, 0), (8, 16, 5, 1), (16, 16, 5, 0), (32, 24, 3, 0)):
+                    for tuning in ((24, 4, 0), (12, 4, 0), (24, 4, 2), (24, 5, 0), (16, 4, 0), (16, 5, 0),
+                                   (16, 4, 2), (12, 5, 0), (24, 3, 0), (8, 4, 0)):
                         set_tuning(monkeypatch, tuning)
                         ours = rmsnorm_module._cuda_cluster_supported(x, w)
                         theirs = emulator.emu_cluster_supported(CODE[dtype], CODE[w_dtype], x.data_ptr(),
@@ -341,14 +340,13 @@ def test_python_supported_mirrors_launcher(emulator, monkeypatch):
     assert 50 < checked < total - 50
 
 
-@pytest.mark.parametrize("dim,tuning", [
-    (2048, (8, 16, 5, 0)), (2048, (32, 24, 4, 0)), (4096, (8, 16, 5, 2)), (4096, (32, 12, 4, 0)),
-    (4096, (32, 24, 4, 2)), (4096, (32, 24, 5, 0)), (8192, (8, 16, 5, 0))])
+@pytest.mark.parametrize("dim,tuning", [(2048, (24, 4, 0)), (4096, (12, 4, 0)), (4096, (24, 4, 2)),
+                                        (4096, (24, 5, 0)), (8192, (16, 4, 0))])
 def test_emulated_op_dispatch(emulator, dim, tuning):
-    """The op's own instantiations through its dispatch (clusters of 8 blocks: 8 values a thread in 1024-thread
-    blocks of 4, 2 or 1 row groups, or 32 values in 384-thread blocks of 6 or 3 row groups; items of 96-192 rows;
-    rings of 4 or 5 rows), 2 clusters: one sequence long enough for several items per cluster, pairs across every
-    kind of boundary, a second sequence ending mid-item, rows in no segment."""
+    """The op's own instantiations through its dispatch (clusters of 8 blocks of 32 values a thread: 384-thread
+    blocks of 6 or 3 row groups, 256-thread blocks of one; items of 96-192 rows; rings of 4 or 5 rows), 2
+    clusters: one sequence long enough for several items per cluster, pairs across every kind of boundary, a
+    second sequence ending mid-item, rows in no segment."""
     x = concentrated((700,), dim, seed=dim).to(torch.bfloat16)
     w = torch.linspace(0.5, 1.5, dim).to(torch.bfloat16)
     cu = torch.tensor([0, 531, 690], dtype=torch.int32)
@@ -365,7 +363,7 @@ def cluster_schema_args() -> list[str]:
     return [a.split()[-1] for a in schema.group(1).split(",")]
 
 
-@pytest.mark.parametrize("dim,tuning", [(2048, (8, 16, 5, 0)), (4096, (32, 24, 4, 2))])
+@pytest.mark.parametrize("dim,tuning", [(2048, (24, 4, 0)), (4096, (12, 4, 0))])
 def test_op_path_through_emulated_kernel(emulator, dim, tuning, monkeypatch):
     """``rmsnorm_angle`` itself on the cluster path, on a CPU: the plan with the knobs' item size, the outputs and
     partials it allocates (CS scalars an item), the op call (its arguments by the binding's schema, handed to the
@@ -382,7 +380,7 @@ def test_op_path_through_emulated_kernel(emulator, dim, tuning, monkeypatch):
             CODE[x2d.dtype], CODE[w.dtype], x2d.data_ptr(), x2d.stride(0), w.data_ptr(), a["y"].data_ptr(),
             a["rstd"].data_ptr(), *(t.data_ptr() for t in items), items[0].numel(), a["part_sum"].data_ptr(),
             a["part_q"].data_ptr(), a["part_adj"].data_ptr(), a["counter"].data_ptr(), x2d.shape[0], x2d.shape[1],
-            a["eps"], a["clusters"] or 2, a["values"], a["rows"], a["stages"], a["defer"])
+            a["eps"], a["clusters"] or 2, a["rows"], a["stages"], a["defer"])
         assert rc == 0
 
     monkeypatch.setattr(torch.ops.gainrl, "rmsnorm_angle_cluster_ext", emulated_op, raising=False)
@@ -395,7 +393,7 @@ def test_op_path_through_emulated_kernel(emulator, dim, tuning, monkeypatch):
     y, stats = rmsnorm_angle(x, w, EPS, cu, off)
     (call,) = calls
     assert call["part_q"].numel() == call["item_row0"].numel() * rmsnorm_module._CUDA_CLUSTER_BLOCKS
-    assert 4 * tuning[1] < int(call["item_nrows"].max()) <= 8 * tuning[1]  # the knob's item size
+    assert 4 * tuning[0] < int(call["item_nrows"].max()) <= 8 * tuning[0]  # the knob's item size
     assert_rms(y, call["rstd"], x, w)
     assert_stats(stats, y, cu, off)
 
@@ -457,7 +455,7 @@ def test_cuda_cluster_matches_rows_kernel(dim, tuning, dtype, w_dtype, monkeypat
         set_tuning(monkeypatch, tuning)
         assert rmsnorm_module._cuda_cluster_take(x, w)
         plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
-        assert plan.cfg.cluster and plan.cfg.chunk == 8 * tuning[1]
+        assert plan.cfg.cluster and plan.cfg.chunk == 8 * tuning[0]
         y, rstd, stats = rmsnorm_module._forward(x, w, EPS, plan, True)
         assert_rms(y, rstd, x, w, rtol=2e-6)  # the hardware's approximate rsqrt
         y_api, s_api = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
