@@ -3,12 +3,15 @@
 // from the plan kernel of gainrl_kernels/rmsnorm_angle.py), except that an item's two scalars come as CS per item
 // (one per block, in rank order), which the reduce kernel sums in that order.
 //
-// Why (docs/fused_forward.md, sessions 22-23): every fixed-order design so far trades the window of rows in flight
-// against fp32 partial rows. Here one block of up to 1024 threads per SM works in RG row groups, each with its own
-// cp.async ring of S rows, so 132 SMs keep ~132 x C rows in flight (the window of 2-row chunks), while a cluster of
-// CS blocks combines its blocks' sums in distributed shared memory into one partial row per CS x C rows. Clusters
-// stay resident and take items from a counter two ahead, so the rings keep loading the next item's rows across an
-// item's end and through the cluster barrier. Prototyped and timed as bench/cluster_walk.cu (namespace persistent).
+// Why (docs/fused_forward.md, sessions 22-24): every fixed-order design so far trades the window of rows in flight
+// against fp32 partial rows. Here one block per SM works in RG row groups, each with its own cp.async ring of S rows,
+// so 132 SMs keep ~132 x RG x (S - 1) rows in flight, while a cluster of CS blocks combines its blocks' sums in
+// distributed shared memory into one partial row per CS x C rows. Clusters stay resident and take items from a
+// counter two ahead, so the rings keep loading the next item's rows across an item's end and through the cluster
+// barrier. Prototyped and timed as bench/cluster_walk.cu (namespace persistent). A thread holds VPT vectors (8 VPT
+// values) of a row; the op's builds take 32 values a thread, as the CUDA rows kernel does, with its one reduction a
+// row (‖y_t‖², y_t · y_{t-1} and the next row's Σ x²) and its pair loop that also adds the previous row's unit
+// vector: 8 values a thread cost ~4,500 warp instructions a 4096-wide row, past an H200 SM's issue rate.
 //
 // An item (row0, nrows <= CS C, seg, pair_end): block r takes its rows r C .. r C + C - 1, row group g the run
 // g CR .. g CR + CR - 1 of those (CR = C / RG), rows past nrows none. Per row: rstd_t = rsqrt(Σ x_t² / D + eps),
@@ -20,8 +23,9 @@
 // which its row group recomputes from x (as the rows kernel reads it). Items in no segment (seg < 0) store y and
 // rstd only.
 //
-// The sums are in a fixed order whichever cluster takes an item: a row group's rows in order; the combine adds the
-// RG x CS row-group sums in (rank, group) order, block r storing column slice r of the partial row. Deterministic.
+// The sums are in a fixed order whichever cluster takes an item: a row group's rows in order; a block's row groups
+// added in order into its row of shared memory; the combine adds the CS blocks' rows in rank order, block r storing
+// column slice r of the partial row. Deterministic.
 //
 // Cluster barriers: each item's end arrives; the wait (and the combine that reads the other blocks' shared memory)
 // runs J rows into the next item (J = 0: before its first row), so that a block does not stall at every item's end
@@ -64,8 +68,8 @@ struct Config {
 // 16-byte aligned parts first: the rings [RG][S][D / 8] (vectors of x), the weight (W_NATIVE: [D / 8] vectors of T,
 // else [D] fp32), the block's sums [D] fp32 (its row groups' added in order), the combine's [QUADS] float4, the
 // heads [HEAD_BUFFERS][RG][D / 8] and the tail [D / 8] (vectors of y); then rank 0's item ids [4], the reduction
-// slots [RG][2][WARPS] float and [RG][WARPS] float2, the heads' and the tail's 1 / ‖y‖ [2 RG + 2] and the row
-// groups' (q, adj) [RG] float2.
+// slots [RG][2][WARPS] float4 (rows, double-buffered) and [RG][WARPS] float (pairs), the heads' and the tail's
+// 1 / ‖y‖ [2 RG + 2] and the row groups' (q, adj) [RG] float2.
 template <typename Cfg, bool W_NATIVE>
 struct Layout {
   static constexpr size_t RG = Cfg::RGS, D = Cfg::DIM, WARPS = Cfg::WARPS, ROW = D * 2;  // bytes of a row of T
