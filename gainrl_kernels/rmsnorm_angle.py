@@ -51,6 +51,10 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
     rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from
     D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json).
+  * or, with ``_CUDA_CLUSTER`` on (off until timed) on sm_90+ (``_cuda_cluster_take``: 16-bit rows of 2048, 4096
+    or 8192 columns), the persistent thread-block-cluster kernel (csrc/rmsnorm_angle_cluster.cuh): items of 8 x
+    C rows, one cluster of 8 blocks an item, the blocks' sums combined in distributed shared memory, 8 scalar
+    pairs an item for the reduce.
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
