@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
       return fast_rsqrt(div_rn(total, float(D)) + eps);
     }
   };
-  // y of that row, HF's formula as the rows kernel, from x read again (rather than held unpacked across the
+  // y of that row (rms_pair, HF's formula), from x read again (rather than held unpacked across the
   // reduction: 8 VPT fewer registers)
   const auto make_y = [&](const Vec* xv, int xs, float rstd, Vec (&yv)[VPT]) {
 #pragma unroll
@@ -236,16 +236,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
       if constexpr (W_NATIVE) {
         const Vec wn = w_v[lt + RT * v];
 #pragma unroll
-        for (int e = 0; e < P; ++e) yv[v].p[e] = PairT::mul(wn.p[e], PairT::pack(xf[e].x * rstd, xf[e].y * rstd));
+        for (int e = 0; e < P; ++e) yv[v].p[e] = rms_pair_native<T>(xf[e], rstd, wn.p[e]);
       } else {
         const float4* w4 = reinterpret_cast<const float4*>(w_f + (lt + RT * v) * V);
 #pragma unroll
         for (int e = 0; e < P; e += 2) {
           const float4 w = w4[e / 2];
-          const float2 n0 = PairT::unpack(PairT::pack(xf[e].x * rstd, xf[e].y * rstd));
-          const float2 n1 = PairT::unpack(PairT::pack(xf[e + 1].x * rstd, xf[e + 1].y * rstd));
-          yv[v].p[e] = PairT::pack(w.x * n0.x, w.y * n0.y);
-          yv[v].p[e + 1] = PairT::pack(w.z * n1.x, w.w * n1.y);
+          yv[v].p[e] = rms_pair<T>(xf[e], rstd, w.x, w.y);
+          yv[v].p[e + 1] = rms_pair<T>(xf[e + 1], rstd, w.z, w.w);
         }
       }
     }

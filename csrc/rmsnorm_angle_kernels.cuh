@@ -97,6 +97,19 @@ struct Pair<__nv_bfloat16> {
   }
 };
 
+// HF LlamaRMSNorm's y = round(w · round(x · rstd)) for one pair of values x (fp32), the one place both CUDA forwards
+// (the rows kernel, csrc/rmsnorm_angle_cluster.cuh) round it: with a weight of x's dtype, packed (rms_pair_native:
+// one packed multiply, exact before its rounding since the product of two values of T is exact in fp32), or fp32.
+template <typename T>
+__device__ __forceinline__ typename Pair<T>::type rms_pair_native(float2 x, float rstd, typename Pair<T>::type w) {
+  return Pair<T>::mul(w, Pair<T>::pack(x.x * rstd, x.y * rstd));
+}
+template <typename T>
+__device__ __forceinline__ typename Pair<T>::type rms_pair(float2 x, float rstd, float wx, float wy) {
+  const float2 n = Pair<T>::unpack(Pair<T>::pack(x.x * rstd, x.y * rstd));
+  return Pair<T>::pack(wx * n.x, wy * n.y);
+}
+
 // 16 bytes of T as P = 16 / sizeof(T) / 2 pairs: one vector load / store / cp.async.
 template <typename T>
 struct alignas(16) Vec16 {
@@ -362,14 +375,11 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
         for (int e = 0; e < P; e += 2) {  // two pairs per float4 of fp32 weights
           if constexpr (W_NATIVE) {
 #pragma unroll
-            for (int k = 0; k < 2; ++k)
-              yv[j].p[e + k] = PairT::mul(wn.p[e + k], PairT::pack(xv[j][e + k].x * rstd, xv[j][e + k].y * rstd));
+            for (int k = 0; k < 2; ++k) yv[j].p[e + k] = rms_pair_native<T>(xv[j][e + k], rstd, wn.p[e + k]);
           } else {
             const float4 w4 = wj[e / 2];
-            const float2 n0 = PairT::unpack(PairT::pack(xv[j][e].x * rstd, xv[j][e].y * rstd));
-            const float2 n1 = PairT::unpack(PairT::pack(xv[j][e + 1].x * rstd, xv[j][e + 1].y * rstd));
-            yv[j].p[e] = PairT::pack(w4.x * n0.x, w4.y * n0.y);
-            yv[j].p[e + 1] = PairT::pack(w4.z * n1.x, w4.w * n1.y);
+            yv[j].p[e] = rms_pair<T>(xv[j][e], rstd, w4.x, w4.y);
+            yv[j].p[e + 1] = rms_pair<T>(xv[j][e + 1], rstd, w4.z, w4.w);
           }
           if constexpr (ST) {
 #pragma unroll
