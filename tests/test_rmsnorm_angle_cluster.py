@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import cuda_emulator  # noqa: E402
 from rmsnorm_inputs import concentrated, random_ragged  # noqa: E402
 from test_rmsnorm_angle_cuda import (  # noqa: E402
-    CODE, DTYPES, EPS, assert_rms, assert_same_again_and_in_graph, assert_stats, batch, two_steps,
+    CODE, DTYPES, EPS, assert_rms, assert_same_again_and_in_graph, assert_stats, batch, item_pointers,
+    poisoned_outputs, reduced, two_steps,
 )
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
@@ -165,27 +166,17 @@ def emulated_forward(lib, geometry: int | None, x2d, weight, cu, off=None, token
     chunk = cs * (tuning[0] if op else GEOMETRIES[geometry][4])
     plan = plan or rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight, cluster_chunk=chunk)
     rows, dim = x2d.shape
-    batch_size, nseg = plan.count.shape
-    y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
-    rstd = torch.full((rows,), float("nan"))
-    part_sum = torch.full((plan.grid, dim), float("nan"))
-    part_q = torch.full((plan.grid * cs,), float("nan"))
-    part_adj = torch.full((plan.grid * cs,), float("nan"))
+    y, rstd, part_sum, part_q, part_adj = poisoned_outputs(plan, x2d, cs)
     counter = torch.full((1,), -7, dtype=torch.int32)  # the launch zeroes it
-    items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
     args = (CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(), y.data_ptr(),
-            rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
+            rstd.data_ptr(), *item_pointers(plan), plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
             part_adj.data_ptr(), counter.data_ptr(), rows, dim, EPS, clusters)
     rc = lib.emu_cluster_op(*args, *tuning) if op else lib.emu_cluster(geometry, *args)
     if rc != 0:
         raise RuntimeError(f"emulated launch failed: {rc}")
     if tickets is not None:
         tickets.append(int(counter))
-    unit_sum = torch.empty(batch_size, nseg, dim)
-    sq_norm = torch.empty(batch_size, nseg)
-    adjacent = torch.empty(batch_size)
-    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent, cs)
-    return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
+    return y, rstd, reduced(plan, part_sum, part_q, part_adj, cs)
 
 
 TUNING_KNOBS = ("_CUDA_CLUSTER_ROWS", "_CUDA_CLUSTER_STAGES", "_CUDA_CLUSTER_DEFER")

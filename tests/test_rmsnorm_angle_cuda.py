@@ -99,6 +99,33 @@ def copies(request, emulator):
     emulator.emu_set_eager_copies(0)
 
 
+def poisoned_outputs(plan, x2d, scalars_per_item: int = 1) -> tuple[torch.Tensor, ...]:
+    """(y [R, D] of x's dtype, rstd [R], part_sum [G, D], part_q, part_adj [G * scalars_per_item]) for an emulated
+    forward on ``plan``, filled with NaN so that whatever the kernel leaves unwritten shows."""
+    rows, dim = x2d.shape
+    nan = float("nan")
+    return (torch.full((rows, dim), nan, dtype=x2d.dtype), torch.full((rows,), nan),
+            torch.full((plan.grid, dim), nan), torch.full((plan.grid * scalars_per_item,), nan),
+            torch.full((plan.grid * scalars_per_item,), nan))
+
+
+def item_pointers(plan) -> list[int]:
+    """Addresses of the plan's work list (item_row0, item_nrows, item_seg, item_pair_end), rows of one tensor."""
+    items = (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)
+    assert all(t.is_contiguous() for t in items)
+    return [t.data_ptr() for t in items]
+
+
+def reduced(plan, part_sum, part_q, part_adj, scalars_per_item: int = 1):
+    """The AngleStats the Triton reduce makes of an emulated forward's partials."""
+    batch_size, nseg = plan.count.shape
+    unit_sum = torch.empty(batch_size, nseg, part_sum.shape[1])
+    sq_norm = torch.empty(batch_size, nseg)
+    adjacent = torch.empty(batch_size)
+    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent, scalars_per_item)
+    return rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
+
+
 def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: int = 32, stages: int = 3,
                      carry: bool = False):
     """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
@@ -106,23 +133,13 @@ def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: i
     refuses."""
     plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
     rows, dim = x2d.shape
-    batch, nseg = plan.count.shape
-    y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
-    rstd = torch.full((rows,), float("nan"))
-    part_sum = torch.full((plan.grid, dim), float("nan"))
-    part_q = torch.full((plan.grid,), float("nan"))
-    part_adj = torch.full((plan.grid,), float("nan"))
-    items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
+    y, rstd, part_sum, part_q, part_adj = poisoned_outputs(plan, x2d)
     rc = lib.emu_rows(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
-                      y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(),
+                      y.data_ptr(), rstd.data_ptr(), *item_pointers(plan), plan.grid, part_sum.data_ptr(),
                       part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry))
     if rc != 0:
         raise RuntimeError(f"emulated launch refused: {rc}")
-    unit_sum = torch.empty(batch, nseg, dim)
-    sq_norm = torch.empty(batch, nseg)
-    adjacent = torch.empty(batch)
-    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
-    return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
+    return y, rstd, reduced(plan, part_sum, part_q, part_adj)
 
 
 def batch(dim: int, dtype: torch.dtype, seed: int, strided: bool = False, w_dtype: torch.dtype | None = None,
