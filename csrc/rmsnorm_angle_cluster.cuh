@@ -351,8 +351,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1)
     bool has_prev = false;
     const int m = min(max(nrows_0 - local0, 0), CR);  // this run's rows of the item (a prefix of its CR)
     float rstd = 0.f;  // row j's, from the previous row's reduction (the run's first: its own)
+    if (J == 0 && k > 0) {  // item k - 1's combine before this item's first row (outside the row loop)
+      id1 = finish(k - 1, id_done);
+      rows_of(id1, row0_1, nrows_1);
+    }
     for (int j = 0; j < CR; ++j, ++n) {
-      if (k > 0 && j == J) {
+      if (J > 0 && k > 0 && j == J) {
         id1 = finish(k - 1, id_done);
         rows_of(id1, row0_1, nrows_1);
       }
