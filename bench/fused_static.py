@@ -85,12 +85,8 @@ def loops(ptx: str) -> list[dict]:
     return out
 
 
-def sass_loop_instructions(sass: Optional[str]) -> Optional[int]:
-    """Machine instructions (per thread) in the main loop of disassembled ``sass``: the loop (backward branch) with
-    the most instructions (in the fused kernel the one-row loop of segment chunks, longer than the loop over rows
-    in no segment). None without SASS (no nvdisasm)."""
-    if sass is None:
-        return None
+def sass_loops(sass: str) -> list[list[str]]:
+    """The loops of disassembled ``sass``: for each backward branch, the instructions from its target to it."""
     ins: list[tuple[int, str]] = []
     labels: dict[str, int] = {}
     pending: list[str] = []
@@ -104,11 +100,15 @@ def sass_loop_instructions(sass: Optional[str]) -> Optional[int]:
             ins.append((addr, m.group(2)))
     spans = [(labels[m.group(1)], addr) for addr, text in ins
              if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)) and labels.get(m.group(1), addr) < addr]
-    if not spans:
-        return None
-    body = lambda lo, hi: [t for a, t in ins if lo <= a <= hi]  # noqa: E731
-    lo, hi = max(spans, key=lambda span: len(body(*span)))
-    return len(body(lo, hi))
+    return [[t for a, t in ins if lo <= a <= hi] for lo, hi in spans]
+
+
+def sass_loop_instructions(sass: Optional[str]) -> Optional[int]:
+    """Machine instructions (per thread) in the main loop of disassembled ``sass``: the loop (backward branch) with
+    the most instructions (in the fused kernel the one-row loop of segment chunks, longer than the loop over rows
+    in no segment). None without SASS (no nvdisasm)."""
+    loops = sass_loops(sass) if sass is not None else []
+    return max(map(len, loops)) if loops else None
 
 
 def main(argv: list[str] | None = None) -> int:

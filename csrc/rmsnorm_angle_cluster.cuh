@@ -11,7 +11,8 @@
 // barrier. Prototyped and timed as bench/cluster_walk.cu (namespace persistent). A thread holds VPT vectors (8 VPT
 // values) of a row; the op's builds take 32 values a thread, as the CUDA rows kernel does, with its one reduction a
 // row (‖y_t‖², y_t · y_{t-1} and the next row's Σ x²) and its pair loop that also adds the previous row's unit
-// vector: 8 values a thread cost ~4,500 warp instructions a 4096-wide row, past an H200 SM's issue rate.
+// vector. 8 values a thread take up to 5,376 warp instructions a 4096-wide row, past an H200 SM's issue rate;
+// 32 up to 3,220 (bench/cluster_static.py, bench/results/cluster_static_sm90a.json).
 //
 // An item (row0, nrows <= CS C, seg, pair_end): block r takes its rows r C .. r C + C - 1, row group g the run
 // g CR .. g CR + CR - 1 of those (CR = C / RG), rows past nrows none. Per row: rstd_t = rsqrt(Σ x_t² / D + eps),

@@ -71,6 +71,50 @@ def test_walk_order_script(tmp_path):
     assert {r["order"] for r in rows} == set(walk_order.orders(40, 2))
 
 
+def test_cluster_static_row_loop():
+    """bench/cluster_static.py's row loop: the smallest loop holding both an MUFU.RSQ and an STG.E.128 (not the item
+    loop around it, nor an inner loop holding one of them)."""
+    import cluster_static
+
+    sass = """.text.k:
+        /*0000*/ MOV R1, R2 ;
+    .L_x_1:
+        /*0010*/ MUFU.RSQ R3, R3 ;
+    .L_x_2:
+        /*0020*/ STG.E.128 [R4.64], R8 ;
+        /*0030*/ @P0 BRA `(.L_x_2) ;
+        /*0040*/ FADD R5, R5, R6 ;
+        /*0050*/ @P1 BRA `(.L_x_1) ;
+        /*0060*/ @P2 BRA `(.L_x_1) ;
+    """
+    assert cluster_static.row_loop_instructions(sass, "k") == 5
+
+
+def test_cluster_static_script(tmp_path):
+    """bench/cluster_static.py on the op's cluster builds and the prototype (needs nvcc and Triton's nvdisasm): no
+    spills, a row loop in every kernel, and the op's 32-value build at 4096 bounded below the prototype's 8-value
+    full-statistics walk (docs/fused_forward.md, session 24)."""
+    import subprocess
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from test_csrc_compile import NVCC
+
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    out = tmp_path / "cluster_static.json"
+    res = subprocess.run([sys.executable, str(BENCH / "cluster_static.py"), "--out", str(out)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len([r for r in rows if r["kernel"] == "op"]) == 7 and all(r["spill_bytes"] == 0 for r in rows)
+    assert all(r["loop_sass"] for r in rows)
+    op = next(r for r in rows if r["kernel"] == "op" and r["D"] == 4096 and (r["rows_a_block"], r["stages"],
+                                                                           r["defer"]) == (24, 4, 0))
+    full = next(r for r in rows if r["kernel"] == "prototype" and r["mode"] == 3 and r["blocks"] == 8
+                and (r["rows_a_block"], r["stages"], r["defer"]) == (16, 5, 0))
+    assert op["warp_instructions_a_row"] < full["warp_instructions_a_row"]
+
+
 def test_fused_static_script(tmp_path):
     """Lowers the fused forward for real GPUs (needs Triton's ptxas; a subprocess, as TRITON_INTERPRET is set)."""
     import os
