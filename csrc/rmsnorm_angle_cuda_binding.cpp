@@ -42,8 +42,13 @@ void check_on(const at::Tensor& t, const at::Tensor& x, const char* name, std::o
 }
 
 // The arguments both forward kernels share, checked: x [R, D] and the outputs on x's device, the work list of
-// `grid` items, part_sum [grid, D] and part_q / part_adj [grid * scalars_per_item].
-ra::Args work_list_args(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, at::Tensor& rstd,
+// `grid` items, part_sum [grid, D] and part_q / part_adj [grid * scalars_per_item]; x's and the weight's dtypes.
+struct WorkList {
+  ra::Args a;
+  ra::DType x_dtype, w_dtype;
+};
+
+WorkList work_list_args(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, at::Tensor& rstd,
                         const at::Tensor& item_row0, const at::Tensor& item_nrows, const at::Tensor& item_seg,
                         const at::Tensor& item_pair_end, at::Tensor& part_sum, at::Tensor& part_q,
                         at::Tensor& part_adj, double eps, int64_t scalars_per_item) {
@@ -51,8 +56,7 @@ ra::Args work_list_args(const at::Tensor& x, const at::Tensor& weight, at::Tenso
                                                 " dims on " + x.device().str());
   GAINRL_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x: expected unit column stride");
   const int64_t R = x.size(0), D = x.size(1), grid = item_row0.numel();
-  gainrl::dtype_of(x, "x");
-  gainrl::dtype_of(weight, "weight");
+  const ra::DType xt = gainrl::dtype_of(x, "x"), wt = gainrl::dtype_of(weight, "weight");
   check_on(weight, x, "weight", std::nullopt, D);  // any of the three dtypes: dtype_of above
   check_on(y, x, "y", x.scalar_type(), R * D);
   check_on(rstd, x, "rstd", at::kFloat, R);
@@ -82,7 +86,7 @@ ra::Args work_list_args(const at::Tensor& x, const at::Tensor& weight, at::Tenso
   a.R = R;
   a.D = D;
   a.eps = static_cast<float>(eps);
-  return a;
+  return {a, xt, wt};
 }
 
 cudaStream_t stream_of(const at::Tensor& x) {
@@ -94,9 +98,8 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
                              const at::Tensor& item_pair_end, at::Tensor& part_sum, at::Tensor& part_q,
                              at::Tensor& part_adj, double eps, int64_t values_per_thread, int64_t stages,
                              bool carry) {
-  ra::Args a = work_list_args(x, weight, y, rstd, item_row0, item_nrows, item_seg, item_pair_end, part_sum, part_q,
-                              part_adj, eps, 1);
-  const ra::DType xt = gainrl::dtype_of(x, "x"), wt = gainrl::dtype_of(weight, "weight");
+  auto [a, xt, wt] = work_list_args(x, weight, y, rstd, item_row0, item_nrows, item_seg, item_pair_end, part_sum,
+                                    part_q, part_adj, eps, 1);
   a.values_per_thread = static_cast<int>(values_per_thread);
   a.stages = static_cast<int>(stages);
   a.carry = carry;
@@ -115,9 +118,8 @@ void rmsnorm_angle_cluster_cuda(const at::Tensor& x, const at::Tensor& weight, a
                                 const at::Tensor& item_seg, const at::Tensor& item_pair_end, at::Tensor& part_sum,
                                 at::Tensor& part_q, at::Tensor& part_adj, at::Tensor& counter, double eps,
                                 int64_t rows, int64_t stages, int64_t defer, int64_t clusters) {
-  ra::Args a = work_list_args(x, weight, y, rstd, item_row0, item_nrows, item_seg, item_pair_end, part_sum, part_q,
-                              part_adj, eps, ra::kClusterBlocks);
-  const ra::DType xt = gainrl::dtype_of(x, "x"), wt = gainrl::dtype_of(weight, "weight");
+  auto [a, xt, wt] = work_list_args(x, weight, y, rstd, item_row0, item_nrows, item_seg, item_pair_end, part_sum,
+                                    part_q, part_adj, eps, ra::kClusterBlocks);
   check_on(counter, x, "counter", at::kInt, 1);
   GAINRL_CHECK(clusters >= 0 && clusters < (int64_t(1) << 20), "clusters: expected 0 (as many as fit) or a count");
   a.counter = counter.data_ptr<int>();
