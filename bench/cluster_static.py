@@ -8,7 +8,7 @@ run's rows), the warps that share a row, and their product, the warp instruction
 
 The loop is an upper bound on a row's path: it also holds code a row skips (the run's first reduction, the second
 prefetch branch, the first row's sums; with a deferred combine, the combine itself). Compare bench/cuda_rows_static.py
-(the CUDA rows kernel: 1,992 warp instructions a 4096-wide bf16 row) and an H200 SM's issue budget while it moves a
+(the CUDA rows kernel: ~1,990 warp instructions a 4096-wide bf16 row) and an H200 SM's issue budget while it moves a
 4096-wide bf16 row at its share of 4.1 TB/s: ~4,100 warp instructions (docs/fused_forward.md, session 24).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 from cuda_rows_static import compile_kernels  # noqa: E402
-from fused_static import sass_loops  # noqa: E402
+from sass_loops import kernel_sass, sass_loops  # noqa: E402
 from test_csrc_compile import ARCHS, DEFAULT_TORCH_NVCC_FLAGS, NVCC, demangle, parse_ptxas  # noqa: E402
 
 PROTOTYPE = ROOT / "bench" / "cluster_walk.cu"
@@ -34,9 +34,7 @@ PROTOTYPE = ROOT / "bench" / "cluster_walk.cu"
 def row_loop_instructions(sass: str, mangled: str) -> int | None:
     """Instructions per thread in the row loop of kernel ``mangled`` in ``sass``: the smallest loop holding an
     MUFU.RSQ (a row's rstd or 1 / ||y||) and an STG.E.128 (a row's y)."""
-    part = sass.split(f".text.{mangled}:", 1)[1]
-    part = re.split(r"\n\s*\.text\.\S+:", part, maxsplit=1)[0]
-    rows = [body for body in sass_loops(part)
+    rows = [body for body in sass_loops(kernel_sass(sass, mangled))
             if any("MUFU.RSQ" in t for t in body) and any("STG.E.128" in t for t in body)]
     return min(map(len, rows)) if rows else None
 

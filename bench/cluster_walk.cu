@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include "cluster_primitives.cuh"  // csrc/ (the include path of every build of this file)
+#include "cuda_helpers.cuh"
 
 #include <cstdint>
 #ifdef GAINRL_CUDA_EMULATOR
@@ -36,11 +37,13 @@ namespace cluster_walk {
 
 constexpr int D = 4096;
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
+// csrc/cuda_helpers.cuh's: the warp sum, the hardware rsqrt (1 / sqrt in the emulator), cp.async (the emulator's
+// per fiber under GAINRL_CUDA_EMULATOR)
+using gainrl::cp_async16;
+using gainrl::cp_async_commit;
+using gainrl::cp_async_wait;
+using gainrl::fast_rsqrt;
+using gainrl::warp_sum;
 
 // Sum over the block, the same value in every thread; `red` holds one slot per warp. Callers alternate between two
 // `red` buffers, so a buffer is rewritten only after another barrier.
@@ -52,24 +55,6 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   __syncthreads();
   return warp_sum(lane < WARPS ? red[lane] : 0.f);
 }
-
-#ifdef GAINRL_CUDA_EMULATOR
-using gainrl_emu::cp_async16;  // tests/cuda_emulator.py's cp.async, per fiber
-using gainrl_emu::cp_async_commit;
-template <int N>
-void cp_async_wait() { gainrl_emu::cp_async_wait(N); }
-inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
-#else
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-#endif
 
 // The 8 bf16 of a 16-byte vector as floats.
 __device__ __forceinline__ void unpack8(const uint4 v, float* out) {
@@ -137,7 +122,7 @@ __global__ void __launch_bounds__(D / (8 * VPT)) walk_kernel(const __nv_bfloat16
 #pragma unroll
     for (int e = 0; e < E; ++e) sq += xf[e] * xf[e];
     // two reductions a row alternate the buffers; the walk alone has one, so it alternates by row
-    const float rstd = rsqrtf(block_sum<WARPS>(sq, red[MODE == 2 ? (i & 1) : 0]) / D + eps);
+    const float rstd = fast_rsqrt(block_sum<WARPS>(sq, red[MODE == 2 ? (i & 1) : 0]) / D + eps);
     float yf[E];
     float ysq = 0.f;
 #pragma unroll
@@ -159,7 +144,7 @@ __global__ void __launch_bounds__(D / (8 * VPT)) walk_kernel(const __nv_bfloat16
       reinterpret_cast<uint4*>(y + (r0 + i) * D)[tid + THREADS * v] = yv;
     }
     if (MODE != 2) {
-      const float inv = rsqrtf(fmaxf(block_sum<WARPS>(ysq, red[1]), 1e-24f));
+      const float inv = fast_rsqrt(fmaxf(block_sum<WARPS>(ysq, red[1]), 1e-24f));
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] += yf[e] * inv;
     }
@@ -394,7 +379,7 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
 #pragma unroll
       for (int e = 0; e < 8; ++e) sq += xf[e] * xf[e];
     }
-    const float rstd = rsqrtf(group_sum<RG>(sq, slot, g) / D + eps);
+    const float rstd = fast_rsqrt(group_sum<RG>(sq, slot, g) / D + eps);
     ysq = 0.f;
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
@@ -486,7 +471,7 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
       const uint4* xp = reinterpret_cast<const uint4*>(x + (static_cast<long long>(id0) * CHUNK - 1) * D);
       float ysq;
       norm_row(xp, y_prev, ysq, red[g][0]);
-      inv_prev = rsqrtf(fmaxf(group_sum2<RG>(ysq, 0.f, red2 + g * RG_WARPS, g).x, 1e-24f));
+      inv_prev = fast_rsqrt(fmaxf(group_sum2<RG>(ysq, 0.f, red2 + g * RG_WARPS, g).x, 1e-24f));
       has_prev = true;
     }
     for (int j = 0; j < CR; ++j, ++n) {
@@ -507,7 +492,7 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
         if (PAIRS) {
           const float dot = has_prev ? dot_rows<VPT>(yv, 1, y_prev, 1) : 0.f;
           const float2 sums = group_sum2<RG>(ysq, dot, red2 + g * RG_WARPS, g);
-          inv = rsqrtf(fmaxf(sums.x, 1e-24f));
+          inv = fast_rsqrt(fmaxf(sums.x, 1e-24f));
           q_acc += sums.x * inv * inv;
           if (has_prev) adj_acc += sums.y * inv * inv_prev;
           if (j == 0) {  // the run's first y, for the pair with the previous run (chunk's end)
@@ -520,7 +505,7 @@ __global__ void __launch_bounds__(THREADS, 1) walk_kernel(const __nv_bfloat16* _
           inv_prev = inv;
           has_prev = true;
         } else {
-          inv = rsqrtf(fmaxf(group_sum<RG>(ysq, red[g][1], g), 1e-24f));
+          inv = fast_rsqrt(fmaxf(group_sum<RG>(ysq, red[g][1], g), 1e-24f));
         }
 #pragma unroll
         for (int v = 0; v < VPT; ++v) {

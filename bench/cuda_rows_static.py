@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
+from sass_loops import kernel_sass, sass_loop_instructions  # noqa: E402
 from test_csrc_compile import ARCHS, NVCC, SETUP_NVCC_FLAGS, demangle, parse_ptxas, torch_flags  # noqa: E402
 
 REGISTERS_PER_SM = 65536
@@ -53,11 +54,7 @@ def compile_kernels(arch: str, warps: int | None = None) -> tuple[dict[str, dict
 
 
 def loop_instructions(sass: str, mangled: str) -> int:
-    from fused_static import sass_loop_instructions
-
-    part = sass.split(f".text.{mangled}:", 1)[1]
-    part = re.split(r"\n\s*\.text\.\S+:", part, maxsplit=1)[0]
-    return sass_loop_instructions(part) or 0
+    return sass_loop_instructions(kernel_sass(sass, mangled)) or 0
 
 
 def launch_shape(dim: int, elem_size: int, nv: int, stages: int, w_native: bool) -> tuple[int, int]:
