@@ -14,7 +14,6 @@ prefetch branch, the first row's sums; with a deferred combine, the combine itse
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from cuda_rows_static import compile_kernels  # noqa: E402
+from cuda_rows_static import compile_kernels, write_record  # noqa: E402
 from sass_loops import kernel_sass, sass_loops  # noqa: E402
 from test_csrc_compile import ARCHS, DEFAULT_TORCH_NVCC_FLAGS, NVCC, demangle, parse_ptxas  # noqa: E402
 
@@ -103,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['defer']} "
               f"| {r.get('mode', '')} | {r['values_per_thread']} | {r['registers']} | {r['spill_bytes']} | "
               f"{r['loop_sass']} | {r['warps_a_row']} | {r['warp_instructions_a_row']} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(arch=args.arch, command=" ".join(["python"] + sys.argv), rows=rows),
-                                       indent=1))
+    write_record(args.out, args.arch, rows)
     return 0
 
 
