@@ -20,8 +20,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "cluster_primitives.cuh"  // csrc/ (the include path of every build of this file)
-#include "cuda_helpers.cuh"
+#include "cluster_primitives.cuh"  // beside this file
+#include "cuda_helpers.cuh"      // csrc/ (the include path of every build of this file)
 
 #include <cstdint>
 #ifdef GAINRL_CUDA_EMULATOR
@@ -244,7 +244,7 @@ struct Geometry {
   static_assert(THREADS % RG == 0 && D == RT * E && VPT >= 1, "row groups hold whole rows of 16-byte vectors");
 };
 
-// The cluster's primitives (csrc/cluster_primitives.cuh, shared with the op's cluster forward): the split cluster
+// The cluster's primitives (bench/cluster_primitives.cuh): the split cluster
 // barrier, this block's rank, another block's shared memory, the row group's named barrier (1 + g), the counter.
 using gainrl::cluster_sync::block_rank;
 using gainrl::cluster_sync::cluster_arrive;

@@ -50,7 +50,7 @@ from run_kernels_bench import torch_rmsnorm  # noqa: E402
 from walk_order import compare_block_sums, orders, walk  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "cluster_walk.cu"
-CSRC = SOURCE.parents[1] / "csrc"  # cluster_primitives.cuh
+CSRC = SOURCE.parents[1] / "csrc"  # cuda_helpers.cuh
 DIM = 4096
 # name: (index in cluster_walk_launch's switch, rows per sum row; 0: no sums)
 VARIANTS = {

@@ -41,15 +41,6 @@ VARIANTS: dict[str, dict] = {
     # the hand-written CUDA rows kernel (csrc/rmsnorm_angle_kernels.cuh; needs the extension built with CUDA): a
     # cp.async ring of STAGES rows in shared memory, one barrier per row, VALUES columns per thread
     "cuda_rows": {"_CUDA_ROWS": True},  # 32 values, stages and carry by width (_cuda_rows_tuning)
-    # the persistent thread-block-cluster kernel (csrc/rmsnorm_angle_cluster.cuh, sm_90+, 16-bit rows of 2048 / 4096
-    # / 8192 columns; other shapes, and tunings a width is not built with, keep the CUDA rows kernel: the row's
-    # "forward" says which ran). cuda_cluster: the width's tuning (_CUDA_CLUSTER_TUNED: at 4096 24 rows a block and
-    # item, a 4-row ring, no deferral); the others change one part: _r12 12 rows, _d2 deferred 2 rows, _s5 a
-    # 5-row ring. Session 24, not yet timed (bench/cluster_walk.py's pc8_c16_full* time the 8-value prototype)
-    "cuda_cluster": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True},
-    "cuda_cluster_r12": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_ROWS": 12},
-    "cuda_cluster_d2": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_DEFER": 2},
-    "cuda_cluster_s5": {"_CUDA_ROWS": True, "_CUDA_CLUSTER": True, "_CUDA_CLUSTER_STAGES": 5},
     # fixed stages and carry at every width (the default before session 18: cuda_rows_s3)
     "cuda_rows_s2": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 2, "_CUDA_ROWS_CARRY": False},
     "cuda_rows_s3": {"_CUDA_ROWS": True, "_CUDA_ROWS_STAGES": 3, "_CUDA_ROWS_CARRY": False},

@@ -73,11 +73,11 @@
 # Knobs (environment): GAINRL_GPU_CHECK_BUDGET (seconds, default 470); GAINRL_GPU_CHECK_VARIANTS_CAP (seconds of
 # the variants step, default 120; the JSON is rewritten after every variant, goal shape first);
 # GAINRL_GPU_CHECK_TESTS_CUDA=0 skips the extension's half of the tests step (for a call without the build),
-# GAINRL_GPU_CHECK_CUDA_TESTS names its files (default test_cuda_backend.py, test_rmsnorm_angle_cuda.py,
-# test_rmsnorm_angle_cluster.py), GAINRL_GPU_CHECK_TESTS_TRITON=0 skips the Triton half;
-# GAINRL_GPU_CHECK_EMULATOR=1 also runs the CPU emulator tests of those files (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python, default python3); GAINRL_GPU_CHECK_DRY=1: CPU
-# dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast tests, --smoke / tiny benchmark shapes, default
-# python .venv/bin/python), e.g.
+# GAINRL_GPU_CHECK_CUDA_TESTS names its files (default test_cuda_backend.py and test_rmsnorm_angle_cuda.py),
+# GAINRL_GPU_CHECK_TESTS_TRITON=0 skips the Triton half; GAINRL_GPU_CHECK_EMULATOR=1 also runs the CPU emulator tests
+# of those files (CPU-only, normally checked elsewhere); GAINRL_GPU_CHECK_PY (python, default python3);
+# GAINRL_GPU_CHECK_DRY=1: CPU dry run of the plumbing (no build, TRITON_INTERPRET=1, a few fast tests, --smoke / tiny
+# benchmark shapes, default python .venv/bin/python), e.g.
 #     OUT=$(mktemp -d) GAINRL_GPU_CHECK_DRY=1 bash bench/gpu_check.sh
 #     OUT=$(mktemp -d) GAINRL_GPU_CHECK_DRY=1 GAINRL_GPU_CHECK_STEPS=env,score bash bench/gpu_check.sh
 # Score step knobs: GAINRL_GPU_CHECK_SCORE_SIZE (0.5b, 1.5b; dry: tiny), _SCORE_LIMIT (questions, default 512; dry
@@ -247,11 +247,11 @@ else
     CUDA_K="not emulated"
     [ "${GAINRL_GPU_CHECK_EMULATOR:-0}" = 1 ] && CUDA_K=""
     # GAINRL_GPU_CHECK_TESTS_CUDA=0: skip this half (a call without the build step)
-    # GAINRL_GPU_CHECK_CUDA_TESTS: the test files of this half (default: all three)
+    # GAINRL_GPU_CHECK_CUDA_TESTS: the test files of this half (default: both)
     if [ "${GAINRL_GPU_CHECK_TESTS_CUDA:-1}" = 1 ]; then
         # shellcheck disable=SC2086  # a list of files
         step tests_cuda tests.log 150 "${PYTEST[@]}" ${GAINRL_GPU_CHECK_CUDA_TESTS:-tests/test_cuda_backend.py \
-            tests/test_rmsnorm_angle_cuda.py tests/test_rmsnorm_angle_cluster.py} ${CUDA_K:+-k "$CUDA_K"}
+            tests/test_rmsnorm_angle_cuda.py} ${CUDA_K:+-k "$CUDA_K"}
     fi
     # Separate process: a CUDA fault in the extension cannot poison the Triton run.
     # GAINRL_GPU_CHECK_TRITON_K: a pytest -k filter for this half (e.g. "not torch_compile_fullgraph", ~40 s);

@@ -48,9 +48,6 @@ def variants(record: dict) -> list[str]:
                      f" (goal <= {GOAL}: {'met' if ratio <= GOAL else 'not met'})")
             if "plan_ms" in timed[best]:  # a variant with its own work list (short chunks)
                 line += f" with a work list of {timed[best]['plan_ms'] * 1e3:.1f} us"
-        cluster = {k: r for k, r in timed.items() if r.get("forward") == "cuda_cluster"}
-        if cluster:  # the cluster kernel's variants, against the default's bare kernel
-            line += ", cluster kernel " + ", ".join(f"{k} {r['ratio_vs_default_bare']:.3f}" for k, r in cluster.items())
         if "plan_only" in rows:
             line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
         for key, label in (("torch_compile_bare", "torch.compile"), ("torch_native_bare", "F.rms_norm")):

@@ -1,6 +1,6 @@
-// Device helpers shared by the hand-written kernels (csrc/*_kernels.cuh, csrc/rmsnorm_angle_cluster.cuh, and the
-// bench/cluster_walk.cu prototype): CUDA headers only, so that the g++ CPU emulator of tests/cuda_emulator.py
-// compiles them too (it defines __shfl_xor_sync and the gainrl_emu cp.async before including a kernel header).
+// Device helpers shared by the hand-written kernels (csrc/*_kernels.cuh and the bench/cluster_walk.cu prototype):
+// CUDA headers only, so that the g++ CPU emulator of tests/cuda_emulator.py compiles them too (it defines
+// __shfl_xor_sync and the gainrl_emu cp.async before including a kernel header).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,10 +1,6 @@
-// Torch binding of the CUDA forwards of the fused RMSNorm + angle statistics (csrc/rmsnorm_angle_kernels.cuh, the rows
-// kernel; csrc/rmsnorm_angle_cluster.cuh, the cluster kernel):
+// Torch binding of the CUDA rows kernel of the fused RMSNorm + angle forward (csrc/rmsnorm_angle_kernels.cuh):
 //   rmsnorm_angle_rows_ext(x, weight, y!, rstd!, item_row0, item_nrows, item_seg, item_pair_end, part_sum!, part_q!,
 //                          part_adj!, eps, values_per_thread, stages, carry) -> ()
-//   rmsnorm_angle_cluster_ext(x, weight, y!, rstd!, item_row0, item_nrows, item_seg, item_pair_end, part_sum!,
-//                             part_q!, part_adj!, counter!, eps, rows, stages, defer, clusters) -> ()   (sm_90+;
-//                             part_q / part_adj [grid * 8]: one scalar per block of the cluster)
 // fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
 // plan kernel (that module allocates everything and reduces the partials). x [R, D] fp32 / fp16 / bf16 CUDA with
 // unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
@@ -41,22 +37,17 @@ void check_on(const at::Tensor& t, const at::Tensor& x, const char* name, std::o
                    std::to_string(t.numel()));
 }
 
-// The arguments both forward kernels share, checked: x [R, D] and the outputs on x's device, the work list of
-// `grid` items, part_sum [grid, D] and part_q / part_adj [grid * scalars_per_item]; x's and the weight's dtypes.
-struct WorkList {
-  ra::Args a;
-  ra::DType x_dtype, w_dtype;
-};
-
-WorkList work_list_args(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, at::Tensor& rstd,
-                        const at::Tensor& item_row0, const at::Tensor& item_nrows, const at::Tensor& item_seg,
-                        const at::Tensor& item_pair_end, at::Tensor& part_sum, at::Tensor& part_q,
-                        at::Tensor& part_adj, double eps, int64_t scalars_per_item) {
+void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, at::Tensor& rstd,
+                             const at::Tensor& item_row0, const at::Tensor& item_nrows, const at::Tensor& item_seg,
+                             const at::Tensor& item_pair_end, at::Tensor& part_sum, at::Tensor& part_q,
+                             at::Tensor& part_adj, double eps, int64_t values_per_thread, int64_t stages,
+                             bool carry) {
   GAINRL_CHECK(x.is_cuda() && x.dim() == 2, "x: expected a 2-D [R, D] CUDA tensor, got " + std::to_string(x.dim()) +
                                                 " dims on " + x.device().str());
   GAINRL_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x: expected unit column stride");
   const int64_t R = x.size(0), D = x.size(1), grid = item_row0.numel();
-  const ra::DType xt = gainrl::dtype_of(x, "x"), wt = gainrl::dtype_of(weight, "weight");
+  const ra::DType xt = gainrl::dtype_of(x, "x");
+  const ra::DType wt = gainrl::dtype_of(weight, "weight");
   check_on(weight, x, "weight", std::nullopt, D);  // any of the three dtypes: dtype_of above
   check_on(y, x, "y", x.scalar_type(), R * D);
   check_on(rstd, x, "rstd", at::kFloat, R);
@@ -65,9 +56,9 @@ WorkList work_list_args(const at::Tensor& x, const at::Tensor& weight, at::Tenso
   check_on(item_seg, x, "item_seg", at::kInt, grid);
   check_on(item_pair_end, x, "item_pair_end", at::kInt, grid);
   check_on(part_sum, x, "part_sum", at::kFloat, grid * D);
-  check_on(part_q, x, "part_q", at::kFloat, grid * scalars_per_item);
-  check_on(part_adj, x, "part_adj", at::kFloat, grid * scalars_per_item);
-  GAINRL_CHECK(grid < (int64_t(1) << 31) / scalars_per_item, "item_row0: more than 2^31 work items");
+  check_on(part_q, x, "part_q", at::kFloat, grid);
+  check_on(part_adj, x, "part_adj", at::kFloat, grid);
+  GAINRL_CHECK(grid < (int64_t(1) << 31), "item_row0: more than 2^31 work items");
 
   ra::Args a{};
   a.x = x.data_ptr();
@@ -86,55 +77,18 @@ WorkList work_list_args(const at::Tensor& x, const at::Tensor& weight, at::Tenso
   a.R = R;
   a.D = D;
   a.eps = static_cast<float>(eps);
-  return {a, xt, wt};
-}
-
-cudaStream_t stream_of(const at::Tensor& x) {
-  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-}
-
-void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, at::Tensor& rstd,
-                             const at::Tensor& item_row0, const at::Tensor& item_nrows, const at::Tensor& item_seg,
-                             const at::Tensor& item_pair_end, at::Tensor& part_sum, at::Tensor& part_q,
-                             at::Tensor& part_adj, double eps, int64_t values_per_thread, int64_t stages,
-                             bool carry) {
-  auto [a, xt, wt] = work_list_args(x, weight, y, rstd, item_row0, item_nrows, item_seg, item_pair_end, part_sum,
-                                    part_q, part_adj, eps, 1);
   a.values_per_thread = static_cast<int>(values_per_thread);
   a.stages = static_cast<int>(stages);
   a.carry = carry;
   GAINRL_CHECK(ra::supported(a, xt, wt),
-               "rmsnorm_angle_rows_ext: unsupported rows (D = " + std::to_string(a.D) +
+               "rmsnorm_angle_rows_ext: unsupported rows (D = " + std::to_string(D) +
                    ": needs D a multiple of 16 bytes, D <= " +
                    std::to_string(ra::max_dim(xt, static_cast<int>(values_per_thread))) +
                    ", 16-byte aligned x, y and weight, values_per_thread 16 or 32, stages 2 to 4)");
-  if (a.grid == 0 || a.R == 0) return;
+  if (grid == 0 || R == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(ra::launch(a, xt, wt, stream_of(x)));  // nvcc side: never throws
-}
-
-void rmsnorm_angle_cluster_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, at::Tensor& rstd,
-                                const at::Tensor& item_row0, const at::Tensor& item_nrows,
-                                const at::Tensor& item_seg, const at::Tensor& item_pair_end, at::Tensor& part_sum,
-                                at::Tensor& part_q, at::Tensor& part_adj, at::Tensor& counter, double eps,
-                                int64_t rows, int64_t stages, int64_t defer, int64_t clusters) {
-  auto [a, xt, wt] = work_list_args(x, weight, y, rstd, item_row0, item_nrows, item_seg, item_pair_end, part_sum,
-                                    part_q, part_adj, eps, ra::kClusterBlocks);
-  check_on(counter, x, "counter", at::kInt, 1);
-  GAINRL_CHECK(clusters >= 0 && clusters < (int64_t(1) << 20), "clusters: expected 0 (as many as fit) or a count");
-  a.counter = counter.data_ptr<int>();
-  a.cluster_rows = static_cast<int>(rows);
-  a.stages = static_cast<int>(stages);
-  a.defer = static_cast<int>(defer);
-  a.clusters = static_cast<int>(clusters);
-  GAINRL_CHECK(ra::cluster_supported(a, xt, wt),
-               "rmsnorm_angle_cluster_ext: unsupported rows or tuning (D = " + std::to_string(a.D) + ", rows " +
-                   std::to_string(rows) + ", stages " + std::to_string(stages) + ", defer " + std::to_string(defer) +
-                   ": needs fp16 / bf16 x, a weight of x's dtype or fp32, 16-byte aligned x, y and weight, and a "
-                   "build of csrc/rmsnorm_angle_launch.h's cluster_built)");
-  if (a.grid == 0 || a.R == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(ra::launch_cluster(a, xt, wt, stream_of(x)));  // nvcc side: never throws
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  C10_CUDA_CHECK(ra::launch(a, xt, wt, stream));  // nvcc side: never throws
 }
 
 }  // namespace
@@ -144,13 +98,6 @@ TORCH_LIBRARY_FRAGMENT(gainrl, m) {
       "rmsnorm_angle_rows_ext(Tensor x, Tensor weight, Tensor(a!) y, Tensor(b!) rstd, Tensor item_row0, "
       "Tensor item_nrows, Tensor item_seg, Tensor item_pair_end, Tensor(c!) part_sum, Tensor(d!) part_q, "
       "Tensor(e!) part_adj, float eps, int values_per_thread, int stages, bool carry) -> ()");
-  m.def(
-      "rmsnorm_angle_cluster_ext(Tensor x, Tensor weight, Tensor(a!) y, Tensor(b!) rstd, Tensor item_row0, "
-      "Tensor item_nrows, Tensor item_seg, Tensor item_pair_end, Tensor(c!) part_sum, Tensor(d!) part_q, "
-      "Tensor(e!) part_adj, Tensor(f!) counter, float eps, int rows, int stages, int defer, int clusters) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(gainrl, CUDA, m) {
-  m.impl("rmsnorm_angle_rows_ext", &rmsnorm_angle_rows_cuda);
-  m.impl("rmsnorm_angle_cluster_ext", &rmsnorm_angle_cluster_cuda);
-}
+TORCH_LIBRARY_IMPL(gainrl, CUDA, m) { m.impl("rmsnorm_angle_rows_ext", &rmsnorm_angle_rows_cuda); }

@@ -97,9 +97,9 @@ struct Pair<__nv_bfloat16> {
   }
 };
 
-// HF LlamaRMSNorm's y = round(w · round(x · rstd)) for one pair of values x (fp32), the one place both CUDA forwards
-// (the rows kernel, csrc/rmsnorm_angle_cluster.cuh) round it: with a weight of x's dtype, packed (rms_pair_native:
-// one packed multiply, exact before its rounding since the product of two values of T is exact in fp32), or fp32.
+// HF LlamaRMSNorm's y = round(w · round(x · rstd)) for one pair of values x (fp32): with a weight of x's dtype,
+// packed (rms_pair_native: one packed multiply, exact before its rounding since the product of two values of T is
+// exact in fp32), or fp32.
 template <typename T>
 __device__ __forceinline__ typename Pair<T>::type rms_pair_native(float2 x, float rstd, typename Pair<T>::type w) {
   return Pair<T>::mul(w, Pair<T>::pack(x.x * rstd, x.y * rstd));

@@ -7,9 +7,7 @@
 // The kernel replaces the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py for a work list built by that
 // module's plan kernel: one block per work item (a chunk of consecutive rows, inside one segment or outside all),
 // the same outputs (y, rstd, one fp32 partial row + two scalars per segment chunk), reduced by the same Triton
-// reduce kernel. The cluster kernel (csrc/rmsnorm_angle_cluster.cuh, sm_90+) takes the same work list with items of
-// kClusterBlocks x cluster_rows rows, one thread-block cluster an item, and leaves kClusterBlocks pairs of scalars
-// an item.
+// reduce kernel.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -49,34 +47,7 @@ struct Args {
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
-  // the cluster kernel only (its ring depth is `stages`, 4 or 5; cluster_built): part_q / part_adj are
-  // [grid * kClusterBlocks]
-  int* counter;      // one int of device scratch (the item counter; the launch zeroes it)
-  int clusters;      // resident clusters to run at most (0: as many as fit)
-  int defer;         // rows of the next item each item's combine is deferred into: 0 or 2
-  int cluster_rows;  // rows of each block in an item (16 or 32): the plan's chunk is kClusterBlocks * cluster_rows
 };
-
-constexpr int kClusterBlocks = 8;  // blocks of a cluster
-
-// The cluster kernel's builds: 16-bit x with D of 2048, 4096 or 8192, a weight of x's dtype or fp32, 32 values a
-// thread, and (rows a block and item, ring stages, deferral) of
-//   D = 2048: (24, 4, 0);  D = 4096: (12, 4, 0), (24, 4, 0 or 2), (24, 5, 0);  D = 8192: (16, 4 or 5, 0).
-inline bool cluster_built(int64_t D, int rows, int stages, int defer) {
-  if (D == 2048) return rows == 24 && stages == 4 && defer == 0;
-  if (D == 8192) return rows == 16 && (stages == 4 || stages == 5) && defer == 0;
-  return D == 4096 && ((rows == 12 && stages == 4 && defer == 0) || (rows == 24 && stages == 4 && defer == 2) ||
-                       (rows == 24 && (stages == 4 || stages == 5) && defer == 0));
-}
-
-// Whether the cluster kernel takes these rows: a build (cluster_built), 16-byte aligned x / y rows and weight, a
-// counter. (The device must be sm_90+: the launch checks.)
-inline bool cluster_supported(const Args& a, DType x_dtype, DType w_dtype) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return x_dtype != DType::kFloat32 && (w_dtype == x_dtype || w_dtype == DType::kFloat32) &&
-         cluster_built(a.D, a.cluster_rows, a.stages, a.defer) && (a.stride_r * 2) % 16 == 0 && aligned(a.x) &&
-         aligned(a.y) && aligned(a.weight) && a.counter != nullptr && a.clusters >= 0;
-}
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.
 inline int values_per_thread(DType x_dtype, int requested) { return x_dtype == DType::kFloat32 ? 8 : requested; }
@@ -101,10 +72,6 @@ inline bool supported(const Args& a, DType x_dtype, DType w_dtype) {
 // Enqueues the rows kernel on `stream` and returns cudaGetLastError() (cudaErrorInvalidValue, launching nothing,
 // when !supported). Never throws, never synchronises (CUDA-graph safe). Defined in csrc/rmsnorm_angle_cuda.cu.
 cudaError_t launch(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) noexcept;
-
-// Enqueues the cluster kernel (cudaErrorInvalidValue when !cluster_supported, cudaErrorInvalidDevice before sm_90);
-// the same guarantees as launch(). Defined in csrc/rmsnorm_angle_cuda.cu.
-cudaError_t launch_cluster(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) noexcept;
 
 }  // namespace rmsnorm_angle
 }  // namespace gainrl

@@ -51,10 +51,6 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
     rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from
     D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json).
-  * or, with ``_CUDA_CLUSTER`` on (off until timed) on sm_90+ (``_cuda_cluster_take``: 16-bit rows of 2048, 4096
-    or 8192 columns), the persistent thread-block-cluster kernel (csrc/rmsnorm_angle_cluster.cuh): items of 8 x
-    C rows, one cluster of 8 blocks an item, the blocks' sums combined in distributed shared memory, 8 scalar
-    pairs an item for the reduce.
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
@@ -711,12 +707,11 @@ def _fwd_sliced_kernel(
 @triton.jit
 def _reduce_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr, seg_lo_ptr, seg_hi_ptr,
-    unit_sum_ptr, sq_norm_ptr, adjacent_ptr, D, K, n_scal,
+    unit_sum_ptr, sq_norm_ptr, adjacent_ptr, D, K,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Sum the chunk partials of segment slot s = b * K + k; the k == 0 program also sums the adjacent partials of
-    all K segments of sequence b (their chunks are consecutive). Each chunk has one partial row and ``n_scal``
-    consecutive (q, adj) scalars (the cluster kernel: one per block). BLOCK_C chunks are loaded at a time (loads in
+    all K segments of sequence b (their chunks are consecutive). BLOCK_C chunks are loaded at a time (loads in
     flight rather than one dependent load per chunk) and summed in a fixed order: the statistics are deterministic
     (bitwise run to run). Grid (B * K, cdiv(D, BLOCK_D))."""
     s = tl.program_id(0)
@@ -733,10 +728,9 @@ def _reduce_kernel(
                        other=0.0)
     tl.store(unit_sum_ptr + s.to(tl.int64) * D + dd, tl.sum(acc, axis=0), mask=d_ok)
     if pd == 0:
-        tl.store(sq_norm_ptr + s, _sum_range(part_q_ptr, lo * n_scal, hi * n_scal, BLOCK_C))
+        tl.store(sq_norm_ptr + s, _sum_range(part_q_ptr, lo, hi, BLOCK_C))
         if s % K == 0:
-            hi_seq = tl.load(seg_hi_ptr + s + K - 1)
-            tl.store(adjacent_ptr + s // K, _sum_range(part_adj_ptr, lo * n_scal, hi_seq * n_scal, BLOCK_C))
+            tl.store(adjacent_ptr + s // K, _sum_range(part_adj_ptr, lo, tl.load(seg_hi_ptr + s + K - 1), BLOCK_C))
 
 
 @triton.jit
@@ -964,28 +958,6 @@ _CUDA_ROWS_CARRY: Optional[bool] = None
 #   16x4096x5120  0.398-0.402 / 0.412-0.423 / 0.374-0.379   (6 runs)
 _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
     896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True)}
-# rows with statistics through the persistent thread-block-cluster kernel of the extension instead
-# (csrc/rmsnorm_angle_cluster.cuh, sm_90+): one 1024-thread block per SM in row groups with their own cp.async rings,
-# clusters of _CUDA_CLUSTER_BLOCKS blocks combining their sums in distributed shared memory, one partial row per
-# item of _CUDA_CLUSTER_BLOCKS x _CUDA_CLUSTER_ROWS rows, items from a counter (docs/fused_forward.md, sessions
-# 23-24). Where it takes the rows (``_cuda_cluster_take``: 16-bit x, a width and tuning it is built for, at least
-# _CUDA_CLUSTER_MIN_ROWS rows) the plan's chunk is its item. Checked in the CPU emulator
-# (tests/test_rmsnorm_angle_cluster.py); off until timed against the rows kernel on a GPU (bench/fused_variants.py,
-# variants cuda_cluster*).
-_CUDA_CLUSTER = False
-_CUDA_CLUSTER_BLOCKS = 8  # kClusterBlocks of csrc/rmsnorm_angle_launch.h
-# (rows a block and item, ring stages, deferral) built per width: cluster_built of csrc/rmsnorm_angle_launch.h. 32
-# values (4 vectors) a thread; rows of D / 32 threads, 12288 / D row groups a block at 2048 and 4096 (384 threads,
-# ~150 registers), one at 8192 (256 threads). The item is _CUDA_CLUSTER_BLOCKS x rows.
-_CUDA_CLUSTER_BUILT: dict[int, set[tuple[int, int, int]]] = {
-    2048: {(24, 4, 0)}, 4096: {(12, 4, 0), (24, 4, 0), (24, 4, 2), (24, 5, 0)}, 8192: {(16, 4, 0), (16, 5, 0)}}
-_CUDA_CLUSTER_TUNED: dict[int, tuple[int, int, int]] = {2048: (24, 4, 0), 4096: (24, 4, 0), 8192: (16, 4, 0)}
-# knobs that override one part of the width's tuning each (None: the width's)
-_CUDA_CLUSTER_ROWS: Optional[int] = None  # rows of each block in an item
-_CUDA_CLUSTER_STAGES: Optional[int] = None  # rows in each row group's ring (stages - 1 in flight)
-_CUDA_CLUSTER_DEFER: Optional[int] = None  # rows of the next item each item's cluster combine is deferred into
-# rows below which the rows kernel keeps the work: an item is 128 rows, and 132 SMs take 8 items at a time
-_CUDA_CLUSTER_MIN_ROWS = 16384
 
 
 class _FwdConfig(NamedTuple):
@@ -998,7 +970,6 @@ class _FwdConfig(NamedTuple):
     num_warps: int
     maxnreg: Optional[int] = None  # register cap of the compiled kernel (None: ptxas decides)
     block_d2: int = 0  # rows kernel, one-row steps: a second tile of the row, columns [block_d, block_d + block_d2)
-    cluster: bool = False  # the CUDA cluster kernel (chunk: its items' rows), see _CUDA_CLUSTER
 
 
 def _row_warps(tile: int, elem_size: int) -> int:
@@ -1101,15 +1072,13 @@ def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Pla
 
 
 def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
-                token_index: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
-                cluster_chunk: Optional[int] = None) -> _Plan:
+                token_index: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None) -> _Plan:
     """Work list over the [R, D] rows of ``x2d``. Regions in row order, per sequence b: gap (rows in no sequence),
     [0, o_0), the K segments [o_k, o_k+1), [o_K, len_b); then the gap after the last sequence. Each region is cut
     into chunks of cfg.chunk rows, one per program of a grid of static size cdiv(rows, chunk) + B (K + 3) + 1 (a
     bound: spare programs get 0 rows); only segment chunks collect statistics. Built on the device by
     ``_plan_kernel`` (one launch, no host sync). ``weight``: the [D] weight the forward reads (its alignment picks
-    the launch shape). ``cluster_chunk``: plan for the cluster kernel with items of this many rows (default: where
-    ``_cuda_cluster_take``, its item: _CUDA_CLUSTER_BLOCKS x the tuning's rows)."""
+    the launch shape)."""
     dev = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
     nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
@@ -1117,10 +1086,6 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         return _plain_plan(x2d, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
     rows, dim = x2d.shape
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
-    if cluster_chunk is None and _cuda_cluster_take(x2d, weight):
-        cluster_chunk = _CUDA_CLUSTER_BLOCKS * _cuda_cluster_tuning(dim)[0]
-    if cluster_chunk is not None:
-        cfg = cfg._replace(chunk=cluster_chunk, cluster=True)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
@@ -1160,33 +1125,6 @@ def _cuda_rows_take(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
             and has_ext_kernel("cuda", "rmsnorm_angle_rows_ext") and _cuda_rows_supported(x2d, weight))
 
 
-def _cuda_cluster_tuning(dim: int) -> tuple[int, int, int]:
-    """(rows a block and item, ring stages, deferral) of the cluster kernel at width ``dim``: the width's entry of
-    ``_CUDA_CLUSTER_TUNED`` (default (16, 4, 0)), each part overridden by its knob where set."""
-    tuned = _CUDA_CLUSTER_TUNED.get(dim, (16, 4, 0))
-    knobs = (_CUDA_CLUSTER_ROWS, _CUDA_CLUSTER_STAGES, _CUDA_CLUSTER_DEFER)
-    return tuple(t if k is None else k for t, k in zip(tuned, knobs))  # type: ignore[return-value]
-
-
-def _cuda_cluster_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the cluster kernel takes these [R, D] rows at the tuning ``_cuda_cluster_tuning`` picks (mirrors
-    ``cluster_supported`` of csrc/rmsnorm_angle_launch.h): 16-bit x of a width built with that tuning, unit column
-    stride, 16-byte aligned rows, a contiguous aligned weight of x's dtype or fp32."""
-    dim = x2d.shape[1]
-    built = _cuda_cluster_tuning(dim) in _CUDA_CLUSTER_BUILT.get(dim, ())
-    return (x2d.dtype in (torch.float16, torch.bfloat16) and built
-            and weight.dtype in (x2d.dtype, torch.float32) and x2d.stride(1) == 1 and x2d.stride(0) % 8 == 0
-            and x2d.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
-
-
-def _cuda_cluster_take(x2d: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
-    """``_CUDA_CLUSTER`` is on, an sm_90+ GPU, at least ``_CUDA_CLUSTER_MIN_ROWS`` rows, the extension has the
-    cluster kernel and it takes these rows."""
-    return (_CUDA_CLUSTER and weight is not None and x2d.is_cuda and x2d.shape[0] >= _CUDA_CLUSTER_MIN_ROWS
-            and _capability_major(x2d.device) >= 9 and has_ext_kernel("cuda", "rmsnorm_angle_cluster_ext")
-            and _cuda_cluster_supported(x2d, weight))
-
-
 def _cuda_rows_tuning(dim: int) -> tuple[int, bool]:
     """(ring stages, carry) of the CUDA rows kernel for 16-bit rows of width ``dim`` at 32 values per thread: the
     knobs ``_CUDA_ROWS_STAGES`` / ``_CUDA_ROWS_CARRY`` where set, else the width's entry in ``_CUDA_ROWS_TUNED``,
@@ -1222,21 +1160,13 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     adjacent = alloc(batch, dtype=torch.float32, device=dev)
     if rows == 0:
         return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
-    cfg = plan.cfg
-    n_scal = _CUDA_CLUSTER_BLOCKS if stats and cfg.cluster else 1  # (q, adj) scalars per item
     if stats:
         part_sum = torch.empty(plan.grid, dim, dtype=torch.float32, device=dev)
-        part_q = torch.empty(plan.grid * n_scal, dtype=torch.float32, device=dev)
-        part_adj = torch.empty(plan.grid * n_scal, dtype=torch.float32, device=dev)
+        part_q = torch.empty(plan.grid, dtype=torch.float32, device=dev)
+        part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
     else:
         part_sum = part_q = part_adj = rstd  # never touched
-    kernel = _forward_kernel(x2d, weight, plan, stats)
-    if kernel == "cuda_cluster":
-        counter = torch.empty(1, dtype=torch.int32, device=dev)  # the launch zeroes it
-        torch.ops.gainrl.rmsnorm_angle_cluster_ext(
-            x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, counter, float(eps), *_cuda_cluster_tuning(dim), 0)
-    elif kernel == "cuda_rows":
+    if _forward_kernel(x2d, weight, plan, stats) == "cuda_rows":
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
@@ -1244,15 +1174,13 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:
-        _reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent, n_scal)
+        _reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
 
 
 def _forward_kernel(x2d: torch.Tensor, weight: torch.Tensor, plan: _Plan, stats: bool) -> str:
-    """Which kernel ``_forward`` runs for these rows and plan: "cuda_cluster" (a plan for the cluster kernel),
-    "cuda_rows" (``_cuda_rows_take``), else the Triton "triton_rows" or "triton_sliced" kernel (the config's)."""
-    if stats and plan.cfg.cluster:
-        return "cuda_cluster"
+    """Which kernel ``_forward`` runs for these rows and plan: "cuda_rows" (``_cuda_rows_take``), else the Triton
+    "triton_rows" or "triton_sliced" kernel (the config's)."""
     if stats and plan.cfg.rows and _cuda_rows_take(x2d, weight):
         return "cuda_rows"
     return "triton_rows" if plan.cfg.rows else "triton_sliced"
@@ -1281,16 +1209,15 @@ def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Ten
 
 
 def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, part_adj: torch.Tensor,
-                     unit_sum: torch.Tensor, sq_norm: torch.Tensor, adjacent: torch.Tensor,
-                     scalars_per_item: int = 1) -> None:
-    """Sums the forward's per-chunk partials (part_sum [G, D], part_q / part_adj [G * scalars_per_item] f32) of each
-    segment, in chunk order, into unit_sum [B, K, D], sq_norm [B, K] and adjacent [B] (f32, written in place)."""
+                     unit_sum: torch.Tensor, sq_norm: torch.Tensor, adjacent: torch.Tensor) -> None:
+    """Sums the forward's per-chunk partials (part_sum [G, D], part_q / part_adj [G] f32) of each segment, in chunk
+    order, into unit_sum [B, K, D], sq_norm [B, K] and adjacent [B] (f32, written in place)."""
     batch, nseg, dim = unit_sum.shape
     block_c, block_d = _REDUCE_TILE
     block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
     _reduce_kernel[(batch * nseg, triton.cdiv(dim, block_d))](
         part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
-        unit_sum, sq_norm, adjacent, dim, nseg, scalars_per_item, BLOCK_C=block_c, BLOCK_D=block_d,
+        unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
     )
 
 

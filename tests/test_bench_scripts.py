@@ -71,50 +71,6 @@ def test_walk_order_script(tmp_path):
     assert {r["order"] for r in rows} == set(walk_order.orders(40, 2))
 
 
-def test_cluster_static_row_loop():
-    """bench/cluster_static.py's row loop: the smallest loop holding both an MUFU.RSQ and an STG.E.128 (not the item
-    loop around it, nor an inner loop holding one of them)."""
-    import cluster_static
-
-    sass = """.text.k:
-        /*0000*/ MOV R1, R2 ;
-    .L_x_1:
-        /*0010*/ MUFU.RSQ R3, R3 ;
-    .L_x_2:
-        /*0020*/ STG.E.128 [R4.64], R8 ;
-        /*0030*/ @P0 BRA `(.L_x_2) ;
-        /*0040*/ FADD R5, R5, R6 ;
-        /*0050*/ @P1 BRA `(.L_x_1) ;
-        /*0060*/ @P2 BRA `(.L_x_1) ;
-    """
-    assert cluster_static.row_loop_instructions(sass, "k") == 5
-
-
-def test_cluster_static_script(tmp_path):
-    """bench/cluster_static.py on the op's cluster builds and the prototype (needs nvcc and Triton's nvdisasm): no
-    spills, a row loop in every kernel, and the op's 32-value build at 4096 bounded below the prototype's 8-value
-    full-statistics walk (docs/fused_forward.md, session 24)."""
-    import subprocess
-
-    sys.path.insert(0, str(BENCH.parent / "tests"))
-    from test_csrc_compile import NVCC
-
-    if NVCC is None:
-        pytest.skip("nvcc not found")
-    out = tmp_path / "cluster_static.json"
-    res = subprocess.run([sys.executable, str(BENCH / "cluster_static.py"), "--out", str(out)], capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert len([r for r in rows if r["kernel"] == "op"]) == 7 and all(r["spill_bytes"] == 0 for r in rows)
-    assert all(r["loop_sass"] for r in rows)
-    op = next(r for r in rows if r["kernel"] == "op" and r["D"] == 4096 and (r["rows_a_block"], r["stages"],
-                                                                           r["defer"]) == (24, 4, 0))
-    full = next(r for r in rows if r["kernel"] == "prototype" and r["mode"] == 3 and r["blocks"] == 8
-                and (r["rows_a_block"], r["stages"], r["defer"]) == (16, 5, 0))
-    assert op["warp_instructions_a_row"] < full["warp_instructions_a_row"]
-
-
 def test_fused_static_script(tmp_path):
     """Lowers the fused forward for real GPUs (needs Triton's ptxas; a subprocess, as TRITON_INTERPRET is set)."""
     import os
@@ -277,14 +233,13 @@ def test_gpu_summary_lines():
                     ratio=fused_ms, ratio_vs_default_bare=ratio_bare, **kw)
     rows = [dict(B=64, L=4096, D=4096, variant="plan_only", status="ok", plan_ms=0.004),
             fused("default", 1.10, 1.10, no_segments_ms=1.09), fused("unordered_c4", 1.04, 1.04, plan_ms=0.006),
-            fused("cuda_cluster", 1.06, 1.06, forward="cuda_cluster"),
             dict(B=64, L=4096, D=4096, variant="unordered_c8", status="error: RuntimeError: x"),
             dict(B=64, L=4096, D=4096, variant="torch_native_bare", status="ok", bare_ms=1.1)]
     (line,) = S.variants(dict(rows=rows))
     assert "F.rms_norm bare 1.100 ms (default fused / it 1.000)" in line
     assert "default fused/bare 1.100 (1.100 ms)" in line and "fastest unordered_c4 1.040 ms = 1.040" in line
     assert "(goal <= 1.05: met) with a work list of 6.0 us" in line and "plan 4.0 us" in line
-    assert "errors: ['unordered_c8']" in line and ", cluster kernel cuda_cluster 1.060" in line
+    assert "errors: ['unordered_c8']" in line
     (line,) = S.variants(dict(rows=[dict(B=2, L=16, D=40, variant="default", status="ok (smoke)")]))
     assert line == "fused 2x16x40: (1 variants checked, not timed)"
     walk = [dict(R=8, D=48, order="c1", status="ok", ms=1.0), dict(R=8, D=48, order="atomic_c1", status="ok",

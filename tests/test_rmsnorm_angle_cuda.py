@@ -99,14 +99,13 @@ def copies(request, emulator):
     emulator.emu_set_eager_copies(0)
 
 
-def poisoned_outputs(plan, x2d, scalars_per_item: int = 1) -> tuple[torch.Tensor, ...]:
-    """(y [R, D] of x's dtype, rstd [R], part_sum [G, D], part_q, part_adj [G * scalars_per_item]) for an emulated
-    forward on ``plan``, filled with NaN so that whatever the kernel leaves unwritten shows."""
+def poisoned_outputs(plan, x2d) -> tuple[torch.Tensor, ...]:
+    """(y [R, D] of x's dtype, rstd [R], part_sum [G, D], part_q, part_adj [G]) for an emulated forward on
+    ``plan``, filled with NaN so that whatever the kernel leaves unwritten shows."""
     rows, dim = x2d.shape
     nan = float("nan")
     return (torch.full((rows, dim), nan, dtype=x2d.dtype), torch.full((rows,), nan),
-            torch.full((plan.grid, dim), nan), torch.full((plan.grid * scalars_per_item,), nan),
-            torch.full((plan.grid * scalars_per_item,), nan))
+            torch.full((plan.grid, dim), nan), torch.full((plan.grid,), nan), torch.full((plan.grid,), nan))
 
 
 def item_pointers(plan) -> list[int]:
@@ -116,13 +115,13 @@ def item_pointers(plan) -> list[int]:
     return [t.data_ptr() for t in items]
 
 
-def reduced(plan, part_sum, part_q, part_adj, scalars_per_item: int = 1):
+def reduced(plan, part_sum, part_q, part_adj):
     """The AngleStats the Triton reduce makes of an emulated forward's partials."""
     batch_size, nseg = plan.count.shape
     unit_sum = torch.empty(batch_size, nseg, part_sum.shape[1])
     sq_norm = torch.empty(batch_size, nseg)
     adjacent = torch.empty(batch_size)
-    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent, scalars_per_item)
+    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
     return rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
 
 

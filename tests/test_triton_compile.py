@@ -237,7 +237,7 @@ def _rmsnorm_angle_cases():
     yield Case(
         "rmsnorm_reduce", M._reduce_kernel,
         dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", seg_lo_ptr="*i32", seg_hi_ptr="*i32",
-             unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32", n_scal="i32"),
+             unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32"),
         dict(BLOCK_C=M._REDUCE_TILE[0], BLOCK_D=M._REDUCE_TILE[1]), 4,
     )
 

@@ -1,6 +1,5 @@
-// Thread-block-cluster primitives (sm_90+), shared by the cluster forward of the fused RMSNorm + angle statistics
-// (csrc/rmsnorm_angle_cluster.cuh) and its prototype (bench/cluster_walk.cu): the split cluster barrier, this block's
-// rank, another block's shared memory, a named barrier over part of a block, an atomic ticket. Under
+// Thread-block-cluster primitives (sm_90+) of the cluster walk prototype (bench/cluster_walk.cu): the split cluster
+// barrier, this block's rank, another block's shared memory, a named barrier over part of a block, an atomic ticket. Under
 // GAINRL_CUDA_EMULATOR they are tests/cuda_emulator.py's; device code before sm_90 gets none (its kernels compile
 // their cluster code out).
 #pragma once
