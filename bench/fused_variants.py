@@ -55,6 +55,10 @@ VARIANTS: dict[str, dict] = {
     # ... and shorter chunks: more blocks (a shorter tail of the last wave), more partial rows
     "cuda_rows_chunk_128": {"_CUDA_ROWS": True, "_MAX_CHUNK": 128},
     "cuda_rows_chunk_64": {"_CUDA_ROWS": True, "_MAX_CHUNK": 64},
+    # small batches: chunks shrink until there are _FILL_PER_SM (default 4) programs per SM; 2 keeps them twice as
+    # long (fewer partial rows), 8 halves them (more blocks for the last wave)
+    "cuda_rows_fill_2": {"_CUDA_ROWS": True, "_FILL_PER_SM": 2},
+    "cuda_rows_fill_8": {"_CUDA_ROWS": True, "_FILL_PER_SM": 8},
     # odd chunks, so that blocks running together are not a power-of-two number of bytes apart (256 rows of 8 KiB
     # are 2 MiB); bench/walk_order.py's c7 / c9 / c255 / _pad orders ask the same of a plain RMSNorm. H200, session
     # 20 (results/fused_variants_h200_trail.json): as fast as the default (1.168-1.173 against 1.165 ms)

@@ -884,6 +884,9 @@ _MAX_CHUNK = 256
 # 1.436), 16x4096x5120 0.508 -> 0.446, 16x4096x2048 0.197 -> 0.182, 8x2048x896 0.0275 -> 0.0228 ms
 # (bench/results/fused_variants_h100_register_cap.json, variants bare_chunk_*; fused_variants_h100.json: today's)
 _BARE_MAX_CHUNK = 1
+# chunks shrink (halving from _MAX_CHUNK) until the launch has about this many programs per multiprocessor, so that
+# small batches still fill the GPU (variants cuda_rows_fill_* of bench/fused_variants.py)
+_FILL_PER_SM = 4
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
 # sums a stacked tensor in another order than tl.sum)
@@ -955,9 +958,12 @@ _CUDA_ROWS_CARRY: Optional[bool] = None
 #   16x4096x2048  0.158-0.159 / 0.155-0.157 / 0.179-0.182   (6 runs)
 #   16x4096x3584  0.269-0.273 / 0.280       / 0.273-0.276   (2 runs)
 #   64x4096x4096  1.172-1.178 / 1.154-1.171 / 1.205-1.214   (6 runs)
-#   16x4096x5120  0.398-0.402 / 0.412-0.423 / 0.374-0.379   (6 runs)
+#   16x4096x5120  0.398-0.402 / 0.412-0.423 / 0.374-0.379   (7 runs)
+#   4x4096x8192   0.188       / 0.195       / 0.211         (session 25, _8192.json; 4 stages 0.190, carried 0.205)
+#   16x4096x8192  0.607       / 0.622       / 0.633         (session 25; 4 stages 0.625, carried 0.608)
 _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
-    896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True)}
+    896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True),
+    8192: (3, False)}
 
 
 class _FwdConfig(NamedTuple):
@@ -1002,8 +1008,9 @@ def _vector_aligned(x2d: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
 
 
 def _fill_target(device: torch.device) -> int:
-    """Programs a forward launch should have at least: about four per multiprocessor (16 on a CPU)."""
-    return 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
+    """Programs a forward launch should have at least: about ``_FILL_PER_SM`` per multiprocessor (4 SMs on a CPU)."""
+    return _FILL_PER_SM * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                           else 4)
 
 
 def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool,
