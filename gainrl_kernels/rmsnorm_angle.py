@@ -885,8 +885,9 @@ _MAX_CHUNK = 256
 # (bench/results/fused_variants_h100_register_cap.json, variants bare_chunk_*; fused_variants_h100.json: today's)
 _BARE_MAX_CHUNK = 1
 # chunks shrink (halving from _MAX_CHUNK) until the launch has about this many programs per multiprocessor, so that
-# small batches still fill the GPU (variants cuda_rows_fill_* of bench/fused_variants.py)
-_FILL_PER_SM = 4
+# small batches still fill the GPU; None: 4, or the CUDA rows kernel's by width (_CUDA_ROWS_FILL). A knob for
+# bench/fused_variants.py (variants cuda_rows_fill_*)
+_FILL_PER_SM: Optional[int] = None
 _SLICED_TILE = (32, 64, 8)  # BLOCK_T (= chunk), BLOCK_D, warps of the sliced forward: no spills at sm_80 / sm_90a
 # one-row steps: one joint block reduction per row (see _row_sums3); None = in compiled code only (the interpreter
 # sums a stacked tensor in another order than tl.sum)
@@ -964,6 +965,12 @@ _CUDA_ROWS_CARRY: Optional[bool] = None
 _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
     896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True),
     8192: (3, False)}
+# programs per SM the chunks of the CUDA rows kernel shrink to, by width where not 4. At D = 8192 (two 256-thread
+# blocks per SM) 2, i.e. chunks twice as long in small batches; H200, graph-timed bf16 fused forward, fill 2 / 4 / 8
+# (bench/results/fused_variants_h200_fill.json, variants cuda_rows_fill_*): 4x4096x8192 0.172 / 0.188 / 0.220 ms,
+# 16x4096x8192 0.597 / 0.610 / 0.626; at 2048 and 896 4 stays (16x4096x2048 0.188 / 0.154 / 0.164, 8x2048x896
+# 0.033 / 0.031 / 0.040), at 64x4096x4096 all within 1% (1.156 / 1.155 / 1.165: the chunk is at its longest)
+_CUDA_ROWS_FILL: dict[int, int] = {8192: 2}
 
 
 class _FwdConfig(NamedTuple):
@@ -1007,27 +1014,36 @@ def _vector_aligned(x2d: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
     return shape_ok and x2d.data_ptr() % 16 == 0 and (weight is None or weight.data_ptr() % 16 == 0)
 
 
-def _fill_target(device: torch.device) -> int:
-    """Programs a forward launch should have at least: about ``_FILL_PER_SM`` per multiprocessor (4 SMs on a CPU)."""
-    return _FILL_PER_SM * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
-                           else 4)
+def _fill_target(device: torch.device, per_sm: int) -> int:
+    """Programs a forward launch should have at least: ``per_sm`` per multiprocessor (4 SMs on a CPU)."""
+    return per_sm * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
+
+
+def _fill_per_sm(dim: int, cuda_rows: bool) -> int:
+    """Programs per multiprocessor the forward's chunks shrink to (``_fwd_config``): ``_FILL_PER_SM`` where set,
+    else the CUDA rows kernel's entry of ``_CUDA_ROWS_FILL`` for width ``dim`` (``cuda_rows``: that kernel takes
+    the rows), else 4."""
+    if _FILL_PER_SM is not None:
+        return _FILL_PER_SM
+    return _CUDA_ROWS_FILL.get(dim, 4) if cuda_rows else 4
 
 
 def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool,
                 capability: Optional[int] = None, aligned: bool = True,
-                split: Optional[bool] = None) -> _FwdConfig:
+                split: Optional[bool] = None, fill_per_sm: int = 4) -> _FwdConfig:
     """Tile rules of the forward (tests/test_triton_compile.py lowers these), with or without the statistics. The
     chunk shrinks (to BLOCK_T at least) until there are about four programs per multiprocessor, so small batches
     still fill the GPU. ``capability``: the compute capability major the rules assume (default: ``device``'s);
     ``aligned``: the launch compiles vector loads (``_vector_aligned``), else no register cap (scalar loads take
     more registers: a capped row of 4096 would spill ~400-500 bytes). ``split``: hold a row as two tiles where
-    ``_ROWS_SPLIT_FROM`` allows (default: ``_ROWS_SPLIT_TAIL``)."""
+    ``_ROWS_SPLIT_FROM`` allows (default: ``_ROWS_SPLIT_TAIL``). ``fill_per_sm``: the programs per multiprocessor
+    the chunk shrinks to (``_fill_per_sm``)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d > _ROWS_MAX_BLOCK_D:
         block_t, block_d, warps = _SLICED_TILE
         return _FwdConfig(False, block_t, block_t, block_d, warps)
     block_t = 1 if block_d >= _ROWS_ONE_ROW_MIN_D else max(1, min(16, _ROWS_TILE // block_d))
-    target = _fill_target(device)
+    target = _fill_target(device, fill_per_sm)
     chunk = _MAX_CHUNK if stats else _BARE_MAX_CHUNK
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
@@ -1070,7 +1086,7 @@ def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Pla
     [0, 1]."""
     rows, dim = x2d.shape
     device = x2d.device
-    cfg = _fwd_config(rows, dim, x2d.element_size(), device, stats=False)
+    cfg = _fwd_config(rows, dim, x2d.element_size(), device, stats=False, fill_per_sm=_fill_per_sm(dim, False))
     empty = torch.empty(0, dtype=torch.int32, device=device)
     if count is None:
         count = torch.zeros(0, 1, dtype=torch.int32, device=device)
@@ -1092,7 +1108,9 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     if batch * nseg == 0:
         return _plain_plan(x2d, torch.zeros(batch, nseg, dtype=torch.int32, device=dev))
     rows, dim = x2d.shape
-    cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight))
+    cuda_rows = weight is not None and _cuda_rows_take(x2d, weight)
+    cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight),
+                      fill_per_sm=_fill_per_sm(dim, cuda_rows))
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)

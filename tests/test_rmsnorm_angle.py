@@ -385,7 +385,7 @@ def test_plan_programs_share_the_writes(n_seq, chunk, padded, monkeypatch):
         cu, tok = cu_of(lens.tolist()), None
         x = torch.ones(int(lens.sum()) + 3, 16, device=DEV)
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", chunk)
-    monkeypatch.setattr(rmsnorm_module, "_fill_target", lambda device: 1)  # a GPU's 528 would shrink the chunk
+    monkeypatch.setattr(rmsnorm_module, "_fill_target", lambda device, per_sm: 1)  # a GPU's 528 would shrink the chunk
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)  # one-row steps: the chunk is not a row tile
     monkeypatch.setattr(rmsnorm_module, "_PLAN_SEQUENCE_READS", n_seq)  # one program
     one = rmsnorm_module._stats_plan(x, cu, off, tok)

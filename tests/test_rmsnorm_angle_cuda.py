@@ -348,10 +348,10 @@ def test_cuda_rows_tuning_by_width(monkeypatch):
     alone."""
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_STAGES", None)
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_CARRY", None)
-    widths = (64, 896, 1024, 1536, 2048, 2560, 3584, 4096, 5120, 8192)
+    widths = (64, 896, 1024, 1536, 2048, 2560, 3584, 4096, 5120, 6144, 8192)
     assert [rmsnorm_module._cuda_rows_tuning(d) for d in widths] == [
         (3, True), (3, True), (3, True), (3, False), (2, False), (3, False), (3, False), (2, False), (3, True),
-        (3, True)]
+        (3, True), (3, False)]
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_STAGES", 4)
     assert rmsnorm_module._cuda_rows_tuning(4096) == (4, False)
     assert rmsnorm_module._cuda_rows_tuning(5120) == (4, True)
@@ -360,6 +360,26 @@ def test_cuda_rows_tuning_by_width(monkeypatch):
     assert rmsnorm_module._cuda_rows_tuning(5120) == (3, False)
     assert rmsnorm_module._cuda_rows_tuning(896) == (3, False)
     assert rmsnorm_module._cuda_rows_tuning(2048) == (2, False)
+
+
+def test_fill_by_width(monkeypatch):
+    """Programs per SM the chunks shrink to (``_fill_per_sm``): 4, the CUDA rows kernel's 2 at D = 8192, the knob
+    over both; a plan whose rows the CUDA rows kernel takes at 8192 keeps chunks twice as long."""
+    monkeypatch.setattr(rmsnorm_module, "_FILL_PER_SM", None)
+    assert [rmsnorm_module._fill_per_sm(d, True) for d in (2048, 4096, 8192)] == [4, 4, 2]
+    assert rmsnorm_module._fill_per_sm(8192, False) == 4
+    monkeypatch.setattr(rmsnorm_module, "_FILL_PER_SM", 8)
+    assert rmsnorm_module._fill_per_sm(8192, True) == rmsnorm_module._fill_per_sm(2048, False) == 8
+    monkeypatch.setattr(rmsnorm_module, "_FILL_PER_SM", None)
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 256)  # not this file's short chunks
+    x = torch.randn(640, 8192, dtype=torch.bfloat16)
+    w = torch.ones(8192, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 640], dtype=torch.int32)
+    chunk = {}
+    for take in (False, True):
+        monkeypatch.setattr(rmsnorm_module, "_cuda_rows_take", lambda x2d, weight, take=take: take)
+        chunk[take] = rmsnorm_module._stats_plan(x, cu, None, None, w).cfg.chunk
+    assert chunk == {False: 32, True: 64}  # 640 rows over 4 CPU "SMs" x 4 (or 2) programs
 
 
 @pytest.mark.parametrize("values", [16, 32])
