@@ -965,12 +965,17 @@ _CUDA_ROWS_CARRY: Optional[bool] = None
 _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
     896: (3, True), 1536: (3, False), 2048: (2, False), 3584: (3, False), 4096: (2, False), 5120: (3, True),
     8192: (3, False)}
-# programs per SM the chunks of the CUDA rows kernel shrink to, by width where not 4. At D = 8192 (two 256-thread
-# blocks per SM) 2, i.e. chunks twice as long in small batches; H200, graph-timed bf16 fused forward, fill 2 / 4 / 8
-# (bench/results/fused_variants_h200_fill.json, variants cuda_rows_fill_*): 4x4096x8192 0.172 / 0.188 / 0.220 ms,
-# 16x4096x8192 0.597 / 0.610 / 0.626; at 2048 and 896 4 stays (16x4096x2048 0.188 / 0.154 / 0.164, 8x2048x896
-# 0.033 / 0.031 / 0.040), at 64x4096x4096 all within 1% (1.156 / 1.155 / 1.165: the chunk is at its longest)
-_CUDA_ROWS_FILL: dict[int, int] = {8192: 2}
+# programs per SM the chunks of the CUDA rows kernel shrink to, by width where not 4: past 4096 columns (2-3 blocks
+# per SM) 1, i.e. chunks four times as long in small batches. H200, graph-timed bf16 fused forward, ms at fill
+# 1 / 2 / 4 / 8 (bench/results/fused_variants_h200_fill.json and _fill_2.json, variants cuda_rows_fill_*):
+#   4x4096x8192   0.164       / 0.172-0.173 / 0.188       / 0.220
+#   16x4096x8192  0.596       / 0.597-0.598 / 0.608-0.610 / 0.626
+#   16x4096x5120  0.368       / 0.371       / 0.378       / -
+#   16x4096x3584  0.279       / 0.268       / 0.270-0.271 / -        (4 stays: within noise of 2)
+#   16x4096x2048  -           / 0.188       / 0.154       / 0.164
+#   8x2048x896    -           / 0.033       / 0.031       / 0.040
+# At 64x4096x4096 fill 2 / 4 / 8 are within 1% (1.156 / 1.155 / 1.165: the chunk is at its longest).
+_CUDA_ROWS_FILL: dict[int, int] = {5120: 1, 8192: 1}
 
 
 class _FwdConfig(NamedTuple):

@@ -363,10 +363,10 @@ def test_cuda_rows_tuning_by_width(monkeypatch):
 
 
 def test_fill_by_width(monkeypatch):
-    """Programs per SM the chunks shrink to (``_fill_per_sm``): 4, the CUDA rows kernel's 2 at D = 8192, the knob
-    over both; a plan whose rows the CUDA rows kernel takes at 8192 keeps chunks twice as long."""
+    """Programs per SM the chunks shrink to (``_fill_per_sm``): 4, the CUDA rows kernel's 1 at D = 5120 and 8192,
+    the knob over both; a plan whose rows the CUDA rows kernel takes at 8192 keeps chunks four times as long."""
     monkeypatch.setattr(rmsnorm_module, "_FILL_PER_SM", None)
-    assert [rmsnorm_module._fill_per_sm(d, True) for d in (2048, 4096, 8192)] == [4, 4, 2]
+    assert [rmsnorm_module._fill_per_sm(d, True) for d in (2048, 3584, 4096, 5120, 8192)] == [4, 4, 4, 1, 1]
     assert rmsnorm_module._fill_per_sm(8192, False) == 4
     monkeypatch.setattr(rmsnorm_module, "_FILL_PER_SM", 8)
     assert rmsnorm_module._fill_per_sm(8192, True) == rmsnorm_module._fill_per_sm(2048, False) == 8
@@ -379,7 +379,7 @@ def test_fill_by_width(monkeypatch):
     for take in (False, True):
         monkeypatch.setattr(rmsnorm_module, "_cuda_rows_take", lambda x2d, weight, take=take: take)
         chunk[take] = rmsnorm_module._stats_plan(x, cu, None, None, w).cfg.chunk
-    assert chunk == {False: 32, True: 64}  # 640 rows over 4 CPU "SMs" x 4 (or 2) programs
+    assert chunk == {False: 32, True: 128}  # 640 rows over 4 CPU "SMs" x 4 (or 1) programs
 
 
 @pytest.mark.parametrize("values", [16, 32])
