@@ -55,9 +55,10 @@ VARIANTS: dict[str, dict] = {
     # ... and shorter chunks: more blocks (a shorter tail of the last wave), more partial rows
     "cuda_rows_chunk_128": {"_CUDA_ROWS": True, "_MAX_CHUNK": 128},
     "cuda_rows_chunk_64": {"_CUDA_ROWS": True, "_MAX_CHUNK": 64},
-    # small batches: chunks shrink until there are _FILL_PER_SM programs per SM (by width: _fill_per_sm, 4 but 2 at
-    # 8192); 2 keeps them twice as long as 4 (fewer partial rows), 8 halves them (more blocks for the last wave).
-    # H200, session 25 (results/fused_variants_h200_fill.json): 2 faster at 8192, slower at 2048 and 896
+    # small batches: chunks shrink until there are _FILL_PER_SM programs per SM (by width: _fill_per_sm, 4 but 1 at
+    # 5120 and 8192); 2 keeps them twice as long as 4 (fewer partial rows), 8 halves them (more blocks for the last
+    # wave). H200, session 25 (results/fused_variants_h200_fill.json, _fill_2.json): longer chunks faster at 5120
+    # and 8192, slower at 2048 and 896
     "cuda_rows_fill_1": {"_CUDA_ROWS": True, "_FILL_PER_SM": 1},
     "cuda_rows_fill_2": {"_CUDA_ROWS": True, "_FILL_PER_SM": 2},
     "cuda_rows_fill_4": {"_CUDA_ROWS": True, "_FILL_PER_SM": 4},

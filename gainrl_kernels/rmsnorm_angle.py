@@ -1037,8 +1037,8 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
                 capability: Optional[int] = None, aligned: bool = True,
                 split: Optional[bool] = None, fill_per_sm: int = 4) -> _FwdConfig:
     """Tile rules of the forward (tests/test_triton_compile.py lowers these), with or without the statistics. The
-    chunk shrinks (to BLOCK_T at least) until there are about four programs per multiprocessor, so small batches
-    still fill the GPU. ``capability``: the compute capability major the rules assume (default: ``device``'s);
+    chunk shrinks (to BLOCK_T at least) until there are about ``fill_per_sm`` programs per multiprocessor, so small
+    batches still fill the GPU. ``capability``: the compute capability major the rules assume (default: ``device``'s);
     ``aligned``: the launch compiles vector loads (``_vector_aligned``), else no register cap (scalar loads take
     more registers: a capped row of 4096 would spill ~400-500 bytes). ``split``: hold a row as two tiles where
     ``_ROWS_SPLIT_FROM`` allows (default: ``_ROWS_SPLIT_TAIL``). ``fill_per_sm``: the programs per multiprocessor
