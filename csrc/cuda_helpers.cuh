@@ -37,7 +37,6 @@ __device__ __forceinline__ float div_rn(float a, float b) {
 #endif
 }
 
-
 // Before sm_80 (no cp.async: a build whose TORCH_CUDA_ARCH_LIST includes older GPUs) the copies are plain 16-byte
 // loads and stores, done at once; the commits and waits are then no-ops.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
