@@ -50,7 +50,9 @@ from run_kernels_bench import torch_rmsnorm  # noqa: E402
 from walk_order import compare_block_sums, orders, walk  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "cluster_walk.cu"
-CSRC = SOURCE.parents[1] / "csrc"  # cuda_helpers.cuh
+# where its headers are (csrc/cuda_helpers.cuh, bench/cluster_primitives.cuh): load_inline compiles a copy of the
+# source in a build directory, so the directory beside it is not searched by itself
+INCLUDE_DIRS = [SOURCE.parents[1] / "csrc", SOURCE.parent]
 DIM = 4096
 # name: (index in cluster_walk_launch's switch, rows per sum row; 0: no sums)
 VARIANTS = {
@@ -145,7 +147,7 @@ def build() -> object:
 
     return load_inline(name="gainrl_cluster_walk", cpp_sources=BINDING, cuda_sources=SOURCE.read_text(),
                        functions=["launch", "last_clusters"], extra_cuda_cflags=["-O3"],
-                       extra_include_paths=[str(CSRC)],
+                       extra_include_paths=[str(d) for d in INCLUDE_DIRS],
                        build_directory=tempfile.mkdtemp(prefix="cluster_walk_"), verbose=False)
 
 

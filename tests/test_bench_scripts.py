@@ -200,7 +200,8 @@ def test_cluster_walk_script_without_a_gpu(capsys):
 
 def test_cluster_walk_kernel_compiles_without_spills():
     """bench/cluster_walk.cu's variants lower for sm_90a (clusters, distributed shared memory) without spills, with
-    the flags torch.utils.cpp_extension adds (nvcc -cubin, device code only)."""
+    the flags torch.utils.cpp_extension adds (nvcc -cubin, device code only), compiled as load_inline does: a copy of
+    the source in another directory, headers found through cluster_walk.INCLUDE_DIRS alone."""
     import subprocess
 
     sys.path.insert(0, str(BENCH.parent / "tests"))
@@ -213,8 +214,10 @@ def test_cluster_walk_kernel_compiles_without_spills():
     import cluster_walk
 
     with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run([NVCC, "-cubin", "-o", f"{tmp}/k.cubin", str(cluster_walk.SOURCE),
-                              f"-I{cluster_walk.CSRC}", "-arch=sm_90a", "-O3", "-std=c++17",
+        copy = Path(tmp) / "cuda.cu"
+        copy.write_text(cluster_walk.SOURCE.read_text())
+        res = subprocess.run([NVCC, "-cubin", "-o", f"{tmp}/k.cubin", str(copy),
+                              *(f"-I{d}" for d in cluster_walk.INCLUDE_DIRS), "-arch=sm_90a", "-O3", "-std=c++17",
                               *DEFAULT_TORCH_NVCC_FLAGS, "-Xptxas", "-v"],
                              capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
