@@ -159,8 +159,9 @@ def _rmsnorm_angle_cases():
             sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
             hints = contiguous_launch_hints(sig) if aligned else []
             cap = f"-R{cfg.maxnreg}" if cfg.maxnreg else ""
+            tail = f"+{cfg.block_d2}" if cfg.block_d2 else ""
             yield Case(
-                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}-W{cfg.num_warps}{cap}"
+                f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}{tail}-W{cfg.num_warps}{cap}"
                 f"-{'aligned' if aligned else 'unaligned'}",
                 M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
                 dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
