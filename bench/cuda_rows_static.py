@@ -67,13 +67,6 @@ def launch_shape(dim: int, elem_size: int, nv: int, stages: int, w_native: bool)
     return threads, stages * threads * nv * 16 + threads * nv * (16 if w_native else vec * 4)
 
 
-def write_record(out: Path | None, arch: str, rows: list[dict]) -> None:
-    """Write {arch, command, rows} to ``out`` as JSON (nothing when None): a static report and how it was made."""
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(arch=arch, command=" ".join(["python"] + sys.argv), rows=rows), indent=1))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="sm_90a")
@@ -117,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {dt} | {nv} | {stages} | {carry} | {w_native} | {nv * vec} | {row['registers']} | "
                   f"{row['spill_bytes']} | {loop} | {dim} | {threads} | {loop_here} | "
                   f"{blocks} ({by_regs}, {by_smem}) | {row['warps_per_sm']} | {row['warp_instructions_per_row']} |")
-    write_record(args.out, args.arch, rows)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(arch=args.arch, command=" ".join(["python"] + sys.argv), rows=rows),
+                                       indent=1))
     return 0
 
 

@@ -46,8 +46,6 @@ def variants(record: dict) -> list[str]:
             ratio = timed[best]["ratio_vs_default_bare"]
             line += (f", fastest {best} {timed[best]['fused_ms']:.3f} ms = {ratio:.3f} x the default bare kernel"
                      f" (goal <= {GOAL}: {'met' if ratio <= GOAL else 'not met'})")
-            if "plan_ms" in timed[best]:  # a variant with its own work list (short chunks)
-                line += f" with a work list of {timed[best]['plan_ms'] * 1e3:.1f} us"
         if "plan_only" in rows:
             line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
         for key, label in (("torch_compile_bare", "torch.compile"), ("torch_native_bare", "F.rms_norm")):

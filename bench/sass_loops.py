@@ -1,4 +1,5 @@
-"""Loops of disassembled SASS (nvdisasm -c): the parser bench/fused_static.py and cuda_rows_static.py share. No side effects on import (bench/fused_static.py clears TRITON_INTERPRET)."""
+"""Loops of disassembled SASS (nvdisasm -c): the parser bench/fused_static.py and cuda_rows_static.py share. No
+side effects on import (bench/fused_static.py clears TRITON_INTERPRET)."""
 from __future__ import annotations
 
 import re

@@ -1035,20 +1035,20 @@ def _fill_per_sm(dim: int, cuda_rows: bool) -> int:
 
 def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, stats: bool,
                 capability: Optional[int] = None, aligned: bool = True,
-                split: Optional[bool] = None, fill_per_sm: int = 4) -> _FwdConfig:
+                split: Optional[bool] = None, fill_per_sm: Optional[int] = None) -> _FwdConfig:
     """Tile rules of the forward (tests/test_triton_compile.py lowers these), with or without the statistics. The
     chunk shrinks (to BLOCK_T at least) until there are about ``fill_per_sm`` programs per multiprocessor, so small
     batches still fill the GPU. ``capability``: the compute capability major the rules assume (default: ``device``'s);
     ``aligned``: the launch compiles vector loads (``_vector_aligned``), else no register cap (scalar loads take
     more registers: a capped row of 4096 would spill ~400-500 bytes). ``split``: hold a row as two tiles where
     ``_ROWS_SPLIT_FROM`` allows (default: ``_ROWS_SPLIT_TAIL``). ``fill_per_sm``: the programs per multiprocessor
-    the chunk shrinks to (``_fill_per_sm``)."""
+    the chunk shrinks to (default: ``_fill_per_sm`` for the Triton kernels)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d > _ROWS_MAX_BLOCK_D:
         block_t, block_d, warps = _SLICED_TILE
         return _FwdConfig(False, block_t, block_t, block_d, warps)
     block_t = 1 if block_d >= _ROWS_ONE_ROW_MIN_D else max(1, min(16, _ROWS_TILE // block_d))
-    target = _fill_target(device, fill_per_sm)
+    target = _fill_target(device, _fill_per_sm(dim, False) if fill_per_sm is None else fill_per_sm)
     chunk = _MAX_CHUNK if stats else _BARE_MAX_CHUNK
     while chunk > block_t and chunk * target > n_rows:
         chunk //= 2
@@ -1083,6 +1083,9 @@ class _Plan(NamedTuple):
     seg_hi: torch.Tensor  # [B * K] int32 one past its last chunk
     count: torch.Tensor  # [B, K] int32
     nseg: int
+    # the forward kernel the plan is for: "cuda_rows" (statistics, ``_cuda_rows_take``), else the Triton
+    # "triton_rows" or "triton_sliced" kernel (the config's); the chunk length may depend on it (``_fill_per_sm``)
+    kernel: str
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1091,12 +1094,12 @@ def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Pla
     [0, 1]."""
     rows, dim = x2d.shape
     device = x2d.device
-    cfg = _fwd_config(rows, dim, x2d.element_size(), device, stats=False, fill_per_sm=_fill_per_sm(dim, False))
+    cfg = _fwd_config(rows, dim, x2d.element_size(), device, stats=False)
     empty = torch.empty(0, dtype=torch.int32, device=device)
     if count is None:
         count = torch.zeros(0, 1, dtype=torch.int32, device=device)
     return _Plan(cfg, max(triton.cdiv(rows, cfg.chunk), 1), empty, empty, empty, empty, empty, empty, count,
-                 count.shape[1])
+                 count.shape[1], _triton_kernel(cfg))
 
 
 def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
@@ -1133,7 +1136,8 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024,
     )
-    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg)
+    return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg,
+                 "cuda_rows" if cuda_rows and cfg.rows else _triton_kernel(cfg))
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1196,7 +1200,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         part_adj = torch.empty(plan.grid, dtype=torch.float32, device=dev)
     else:
         part_sum = part_q = part_adj = rstd  # never touched
-    if _forward_kernel(x2d, weight, plan, stats) == "cuda_rows":
+    if stats and plan.kernel == "cuda_rows":
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
@@ -1208,12 +1212,9 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     return y, rstd, (unit_sum, plan.count, sq_norm, adjacent)
 
 
-def _forward_kernel(x2d: torch.Tensor, weight: torch.Tensor, plan: _Plan, stats: bool) -> str:
-    """Which kernel ``_forward`` runs for these rows and plan: "cuda_rows" (``_cuda_rows_take``), else the Triton
-    "triton_rows" or "triton_sliced" kernel (the config's)."""
-    if stats and plan.cfg.rows and _cuda_rows_take(x2d, weight):
-        return "cuda_rows"
-    return "triton_rows" if plan.cfg.rows else "triton_sliced"
+def _triton_kernel(cfg: _FwdConfig) -> str:
+    """The Triton forward kernel of a launch config: "triton_rows" (whole rows in registers) or "triton_sliced"."""
+    return "triton_rows" if cfg.rows else "triton_sliced"
 
 
 def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor,

@@ -235,14 +235,14 @@ def test_gpu_summary_lines():
         return dict(B=64, L=4096, D=4096, variant=variant, status="ok", bare_ms=1.0, fused_ms=fused_ms,
                     ratio=fused_ms, ratio_vs_default_bare=ratio_bare, **kw)
     rows = [dict(B=64, L=4096, D=4096, variant="plan_only", status="ok", plan_ms=0.004),
-            fused("default", 1.10, 1.10, no_segments_ms=1.09), fused("unordered_c4", 1.04, 1.04, plan_ms=0.006),
-            dict(B=64, L=4096, D=4096, variant="unordered_c8", status="error: RuntimeError: x"),
+            fused("default", 1.10, 1.10, no_segments_ms=1.09), fused("cuda_rows_fill_1", 1.04, 1.04),
+            dict(B=64, L=4096, D=4096, variant="cuda_rows_fill_8", status="error: RuntimeError: x"),
             dict(B=64, L=4096, D=4096, variant="torch_native_bare", status="ok", bare_ms=1.1)]
     (line,) = S.variants(dict(rows=rows))
     assert "F.rms_norm bare 1.100 ms (default fused / it 1.000)" in line
-    assert "default fused/bare 1.100 (1.100 ms)" in line and "fastest unordered_c4 1.040 ms = 1.040" in line
-    assert "(goal <= 1.05: met) with a work list of 6.0 us" in line and "plan 4.0 us" in line
-    assert "errors: ['unordered_c8']" in line
+    assert "default fused/bare 1.100 (1.100 ms)" in line and "fastest cuda_rows_fill_1 1.040 ms = 1.040" in line
+    assert "(goal <= 1.05: met), plan 4.0 us" in line
+    assert "errors: ['cuda_rows_fill_8']" in line
     (line,) = S.variants(dict(rows=[dict(B=2, L=16, D=40, variant="default", status="ok (smoke)")]))
     assert line == "fused 2x16x40: (1 variants checked, not timed)"
     walk = [dict(R=8, D=48, order="c1", status="ok", ms=1.0), dict(R=8, D=48, order="atomic_c1", status="ok",

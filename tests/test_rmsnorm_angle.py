@@ -19,7 +19,7 @@ from gainrl_kernels.naive_rmsnorm_angle import (  # noqa: E402
     rmsnorm_reference,
 )
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
-from rmsnorm_inputs import assert_stats_close, concentrated, ulp_tol  # noqa: E402
+from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, ulp_tol  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -342,18 +342,16 @@ def test_forward_random_batches(seed, monkeypatch):
     dim = int(torch.randint(8, 80, (1,), generator=g))
     chunk = pick([1, 2, 5, 16])
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", chunk)
-    n_seq, n_seg = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
-    lens = torch.randint(0, 30, (n_seq,), generator=g)
-    off = torch.sort(torch.randint(0, 31, (n_seq, n_seg + 1), generator=g), dim=1).values
-    off = torch.minimum(off, lens[:, None]).to(torch.int32).to(DEV)
+    cu_packed, off, rows = random_ragged(g, max_seqs=7, max_len=30, max_segments=4, max_trailing=3)
+    off = off.to(DEV)
+    lens = cu_packed.diff().long()
     if seed % 2:  # padded: each sequence right-aligned in its row of a [N, L] batch
         length = int(lens.max()) + 2
         mask = (torch.arange(length)[None, :] >= length - lens[:, None]).long()
         cu, tok = padded_to_cu_seqlens(mask.to(DEV))
-        x = concentrated((n_seq, length), dim, seed=seed).to(DEV, dtype)
+        x = concentrated((lens.numel(), length), dim, seed=seed).to(DEV, dtype)
     else:
-        cu, tok = cu_of(lens.tolist()), None
-        rows = int(lens.sum()) + int(torch.randint(0, 3, (1,), generator=g))
+        cu, tok = cu_packed.to(DEV), None
         x = concentrated((rows,), dim, seed=seed).to(DEV, dtype)
     w = weight_of(dim, dtype, seed)
     y, stats = rmsnorm_angle(x, w, EPS, cu, off, tok)

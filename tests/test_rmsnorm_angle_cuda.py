@@ -99,32 +99,6 @@ def copies(request, emulator):
     emulator.emu_set_eager_copies(0)
 
 
-def poisoned_outputs(plan, x2d) -> tuple[torch.Tensor, ...]:
-    """(y [R, D] of x's dtype, rstd [R], part_sum [G, D], part_q, part_adj [G]) for an emulated forward on
-    ``plan``, filled with NaN so that whatever the kernel leaves unwritten shows."""
-    rows, dim = x2d.shape
-    nan = float("nan")
-    return (torch.full((rows, dim), nan, dtype=x2d.dtype), torch.full((rows,), nan),
-            torch.full((plan.grid, dim), nan), torch.full((plan.grid,), nan), torch.full((plan.grid,), nan))
-
-
-def item_pointers(plan) -> list[int]:
-    """Addresses of the plan's work list (item_row0, item_nrows, item_seg, item_pair_end), rows of one tensor."""
-    items = (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)
-    assert all(t.is_contiguous() for t in items)
-    return [t.data_ptr() for t in items]
-
-
-def reduced(plan, part_sum, part_q, part_adj):
-    """The AngleStats the Triton reduce makes of an emulated forward's partials."""
-    batch_size, nseg = plan.count.shape
-    unit_sum = torch.empty(batch_size, nseg, part_sum.shape[1])
-    sq_norm = torch.empty(batch_size, nseg)
-    adjacent = torch.empty(batch_size)
-    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
-    return rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
-
-
 def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: int = 32, stages: int = 3,
                      carry: bool = False):
     """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
@@ -132,13 +106,23 @@ def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: i
     refuses."""
     plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
     rows, dim = x2d.shape
-    y, rstd, part_sum, part_q, part_adj = poisoned_outputs(plan, x2d)
+    batch_size, nseg = plan.count.shape
+    y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
+    rstd = torch.full((rows,), float("nan"))
+    part_sum = torch.full((plan.grid, dim), float("nan"))
+    part_q = torch.full((plan.grid,), float("nan"))
+    part_adj = torch.full((plan.grid,), float("nan"))
+    items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
     rc = lib.emu_rows(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
-                      y.data_ptr(), rstd.data_ptr(), *item_pointers(plan), plan.grid, part_sum.data_ptr(),
+                      y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(),
                       part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry))
     if rc != 0:
         raise RuntimeError(f"emulated launch refused: {rc}")
-    return y, rstd, reduced(plan, part_sum, part_q, part_adj)
+    unit_sum = torch.empty(batch_size, nseg, dim)
+    sq_norm = torch.empty(batch_size, nseg)
+    adjacent = torch.empty(batch_size)
+    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
+    return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
 
 
 def batch(dim: int, dtype: torch.dtype, seed: int, strided: bool = False, w_dtype: torch.dtype | None = None,
@@ -364,7 +348,8 @@ def test_cuda_rows_tuning_by_width(monkeypatch):
 
 def test_fill_by_width(monkeypatch):
     """Programs per SM the chunks shrink to (``_fill_per_sm``): 4, the CUDA rows kernel's 1 at D = 5120 and 8192,
-    the knob over both; a plan whose rows the CUDA rows kernel takes at 8192 keeps chunks four times as long."""
+    the knob over both; a plan whose rows the CUDA rows kernel takes at 8192 keeps chunks four times as long, and
+    names that kernel for the forward."""
     monkeypatch.setattr(rmsnorm_module, "_FILL_PER_SM", None)
     assert [rmsnorm_module._fill_per_sm(d, True) for d in (2048, 3584, 4096, 5120, 8192)] == [4, 4, 4, 1, 1]
     assert rmsnorm_module._fill_per_sm(8192, False) == 4
@@ -375,11 +360,13 @@ def test_fill_by_width(monkeypatch):
     x = torch.randn(640, 8192, dtype=torch.bfloat16)
     w = torch.ones(8192, dtype=torch.bfloat16)
     cu = torch.tensor([0, 640], dtype=torch.int32)
-    chunk = {}
+    planned = {}
     for take in (False, True):
         monkeypatch.setattr(rmsnorm_module, "_cuda_rows_take", lambda x2d, weight, take=take: take)
-        chunk[take] = rmsnorm_module._stats_plan(x, cu, None, None, w).cfg.chunk
-    assert chunk == {False: 32, True: 128}  # 640 rows over 4 CPU "SMs" x 4 (or 1) programs
+        plan = rmsnorm_module._stats_plan(x, cu, None, None, w)
+        planned[take] = plan.cfg.chunk, plan.kernel
+    # 640 rows over 4 CPU "SMs" x 4 (or 1) programs
+    assert planned == {False: (32, "triton_rows"), True: (128, "cuda_rows")}
 
 
 @pytest.mark.parametrize("values", [16, 32])
@@ -466,11 +453,6 @@ def test_cuda_rows_deterministic_and_graph_capture(dim):
     x, w, cu, off = batch(dim, torch.bfloat16, seed=2, device="cuda")
     assert rmsnorm_module._cuda_rows_take(x, w)
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
-    assert_same_again_and_in_graph(x, w, cu, off, y0, s0)
-
-
-def assert_same_again_and_in_graph(x, w, cu, off, y0, s0) -> None:
-    """``rmsnorm_angle`` on these inputs gives bitwise y0 and s0 called again, and replayed from a CUDA graph."""
     y1, s1 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
     assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
     graph = torch.cuda.CUDAGraph()
