@@ -514,6 +514,46 @@ def test_deterministic(packed, fwd_kernel):
         assert torch.equal(u, v)
 
 
+def test_pdl_rule(monkeypatch):
+    """Programmatic dependent launch (``_PDL``) only where it exists: a CUDA device of compute capability 9 or more
+    running compiled Triton; never on CPUs, older GPUs or under the interpreter, and never with the knob off."""
+    monkeypatch.setattr(rmsnorm_module, "_capability_major", lambda device: 9 if device.type == "cuda" else 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not rmsnorm_module._pdl(cuda)  # off by default
+    monkeypatch.setattr(rmsnorm_module, "_PDL", True)
+    assert rmsnorm_module._pdl(cuda) == rmsnorm_module._HAS_GDC and not rmsnorm_module._pdl(cpu)
+    assert rmsnorm_module._pdl_launch(cuda) == ({"PDL": True, "launch_pdl": True} if rmsnorm_module._HAS_GDC else {})
+    assert rmsnorm_module._pdl_launch(cpu) == {}
+    monkeypatch.setattr(rmsnorm_module, "_capability_major", lambda device: 8)
+    assert not rmsnorm_module._pdl(cuda)
+    monkeypatch.setattr(rmsnorm_module, "_capability_major", lambda device: 9)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not rmsnorm_module._pdl(cuda)
+
+
+@pytest.mark.parametrize("stats", [True, False], ids=["stats", "bare"])
+def test_pdl_changes_nothing(fwd_kernel, stats, monkeypatch):
+    """``_PDL`` only changes when the forward's kernels may start: y, rstd and the statistics stay bitwise the same,
+    eager and (on a GPU) replayed from a CUDA graph, with and without statistics (the bare RMSNorm). On sm_90+ GPUs
+    the kernels then wait and release (griddepcontrol); elsewhere, and in the interpreter, nothing changes."""
+    x, w, cu, off = ragged_rows(DIM, torch.bfloat16, seed=7)
+    args = (cu, off) if stats else ()
+    y0, s0 = rmsnorm_angle(x, w, EPS, *args, validate=False)
+    monkeypatch.setattr(rmsnorm_module, "_PDL", True)
+    y1, s1 = rmsnorm_angle(x, w, EPS, *args, validate=False)
+    assert torch.equal(y0, y1) and (s0 is None) == (not stats)
+    if stats:
+        assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+    if DEV == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y2, s2 = rmsnorm_angle(x, w, EPS, *args, validate=False)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y0, y2) and (not stats or all(torch.equal(a, b) for a, b in zip(s0, s2)))
+
+
 def test_padded_batch_left_and_right(fwd_kernel):
     n, length = 4, 13
     mask = torch.zeros(n, length, dtype=torch.long)

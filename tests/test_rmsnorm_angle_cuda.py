@@ -445,14 +445,18 @@ def test_cuda_rows_match_triton(dim, dtype, w_dtype, values, stages, carry, monk
 
 
 @needs_cuda_rows
-@pytest.mark.parametrize("dim", [4096, 8192])
-def test_cuda_rows_deterministic_and_graph_capture(dim):
+@pytest.mark.parametrize("pdl", [False, True], ids=["stream_order", "pdl"])
+@pytest.mark.parametrize("dim", [896, 4096, 8192])
+def test_cuda_rows_deterministic_and_graph_capture(dim, pdl, monkeypatch):
     """Bitwise the same twice, and the same replayed from a CUDA graph (no host sync in the op), by default (the CUDA
     rows kernel takes 16-bit rows). At 8192 the block takes 64 KB of shared memory, past the 48 KB default: the
-    opt-in happens on the first call, not in the graph."""
+    opt-in happens on the first call, not in the graph. ``pdl``: the second call and the graph launch with
+    programmatic dependent launch (``_PDL``; on sm_90+ the plan, rows and reduce kernels then overlap their
+    launches), which must not change a bit."""
     x, w, cu, off = batch(dim, torch.bfloat16, seed=2, device="cuda")
     assert rmsnorm_module._cuda_rows_take(x, w)
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+    monkeypatch.setattr(rmsnorm_module, "_PDL", pdl)
     y1, s1 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
     assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
     graph = torch.cuda.CUDAGraph()
