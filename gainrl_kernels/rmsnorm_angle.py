@@ -82,13 +82,27 @@ as uint16 there), so kernels never compute in bf16. The backward uses it on the 
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import nn
+
+from .extension import has_ext_kernel
+from .types import AngleStats
+from .validate import (
+    check_cu_seqlens_meta,
+    check_cu_seqlens_values,
+    check_device,
+    check_feature_dim,
+    check_float_dtype,
+    check_seg_offsets_meta,
+    check_seg_offsets_values,
+    check_tensor,
+    check_triton_device,
+    triton_interpreting,
+)
 
 try:  # grid dependency control (programmatic dependent launch); Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -104,19 +118,6 @@ except ImportError:  # pragma: no cover - older Triton: ``_pdl`` is then always 
     def gdc_launch_dependents():
         pass
 
-from .extension import has_ext_kernel
-from .types import AngleStats
-from .validate import (
-    check_cu_seqlens_meta,
-    check_cu_seqlens_values,
-    check_device,
-    check_feature_dim,
-    check_float_dtype,
-    check_seg_offsets_meta,
-    check_seg_offsets_values,
-    check_tensor,
-    check_triton_device,
-)
 
 __all__ = ["rmsnorm_angle", "FusedRMSNormAngle", "padded_to_cu_seqlens"]
 
@@ -1054,7 +1055,7 @@ def _pdl(device: torch.device) -> bool:
     """Whether the forward's launches on ``device`` use programmatic dependent launch: ``_PDL`` on, a CUDA device
     of compute capability 9 or more, compiled Triton with grid dependency control."""
     return (_PDL and _HAS_GDC and device.type == "cuda" and _capability_major(device) >= 9
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+            and not triton_interpreting())
 
 
 def _pdl_launch(device: torch.device) -> dict:
