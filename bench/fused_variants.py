@@ -94,8 +94,11 @@ VARIANTS: dict[str, dict] = {
     "pipeline_4_8_warps": {"_PIPELINE_STAGES": 4, "_ROWS_STATS_REGISTER_CAP": {}},
     # D = 5120 (6144) as two tiles, 4096 + 1024 (2048) values on 8 warps, 2 programs per SM in bf16 (127 registers
     # with Triton 3.6 at sm_90a), instead of a padded 8192 on 16 warps, one program per SM. H200, session 17: 0.480
-    # against the Triton default's 0.530 ms at 16x4096x5120, still behind the CUDA rows kernel
+    # against the Triton default's 0.530 ms at 16x4096x5120, still behind the CUDA rows kernel. Since session 26 the
+    # default for 16-bit rows of 4112-5120 (_split_by_default); split_tail forces it on every dtype and tail,
+    # triton_rows_unsplit off (the Triton default before)
     "split_tail": {"_ROWS_SPLIT_TAIL": True},
+    "triton_rows_unsplit": {"_CUDA_ROWS": False, "_ROWS_SPLIT_TAIL": False},
     # ... and from a padded 4096 on (D = 2560, 3072), where the static counts say the second reduction costs more
     # than the padding saves (the reason for _ROWS_SPLIT_FROM = 8192)
     "split_tail_from_4096": {"_ROWS_SPLIT_TAIL": True, "_ROWS_SPLIT_FROM": 4096},

@@ -44,8 +44,9 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     at 168 registers (3 programs per SM, ``_ROWS_STATS_REGISTER_CAP``); compiled, ||y_t||², y_t . y_{t-1} and
     row t+1's sum of squares share one block reduction, so a step has the bare kernel's one shared-memory round,
     not three (the chunk's last pair reaches the row after the chunk). ``bench/fused_static.py`` reports
-    registers, occupancy, barriers and instructions per step. Narrower rows take [BLOCK_T, BLOCK_D] steps and
-    reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and
+    registers, occupancy, barriers and instructions per step. 16-bit rows of 4112-5120 columns are held as
+    4096 + a power-of-two tail rather than a padded 8192 (``_ROWS_SPLIT_TAIL``). Narrower rows take
+    [BLOCK_T, BLOCK_D] steps and reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and
     the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
   * or, where the extension is built with CUDA and takes the rows (``_cuda_rows_take``: 16-bit rows, 16-byte
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
@@ -960,9 +961,17 @@ _X_EVICTION = ""
 # SM), 4656 -> 3152 warp instructions a row in bf16, 4512 -> 2912 in fp32 (sm_90a, Triton 3.9, bench/fused_static.py
 # --variant split_tail). Costs a second block reduction per row, which outweighs the padding below 2P = 8192 (D =
 # 3072 bf16: 1940 -> 2352 against the capped 4-warp row of 4096, variant split_tail_from_4096), hence only from a
-# padded width of _ROWS_SPLIT_FROM on. Not yet timed: variant split_tail
-_ROWS_SPLIT_TAIL = False
+# padded width of _ROWS_SPLIT_FROM on. Timed on an H200 (bf16, 16x4096x5120, graph replays; session 17,
+# bench/results/fused_variants_h200_cuda_rows.json): 0.480 ms split against 0.523-0.530 padded (variant split_tail).
+# True / False: always / never; None (the default): by dtype and width only, so that the same rows in any layout
+# take the same tiles (and the statistics the same rounding): 16-bit rows with D % 16 == 0 (vector loads where the
+# pointers allow) and a tail of at most _ROWS_SPLIT_MAX_TAIL, i.e. D = 4112-5120 (4096 + a tail of 16-1024: 102-114
+# registers at sm_90a, two programs of 8 warps per SM, as timed). Not fp32 rows: aligned at 4608 and unaligned at
+# 4104 they spill (4-12 bytes at sm_90a) and the split is untimed there; not longer tails: 150 registers from a
+# tail of 2048 (one program per SM, untimed); not D % 16 != 0: scalar loads take 200-242 registers.
+_ROWS_SPLIT_TAIL: Optional[bool] = None
 _ROWS_SPLIT_FROM = 8192
+_ROWS_SPLIT_MAX_TAIL = 1024
 # rows with statistics through the hand-written CUDA rows kernel of the extension (csrc/rmsnorm_angle_kernels.cuh:
 # a cp.async ring of _CUDA_ROWS_STAGES rows in shared memory, one barrier per row, the weight in shared memory,
 # _CUDA_ROWS_VALUES columns per thread) instead of _fwd_rows_kernel, where it takes the rows (``_cuda_rows_take``:
@@ -1097,8 +1106,8 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     batches still fill the GPU. ``capability``: the compute capability major the rules assume (default: ``device``'s);
     ``aligned``: the launch compiles vector loads (``_vector_aligned``), else no register cap (scalar loads take
     more registers: a capped row of 4096 would spill ~400-500 bytes). ``split``: hold a row as two tiles where
-    ``_ROWS_SPLIT_FROM`` allows (default: ``_ROWS_SPLIT_TAIL``). ``fill_per_sm``: the programs per multiprocessor
-    the chunk shrinks to (default: ``_fill_per_sm`` for the Triton kernels)."""
+    ``_ROWS_SPLIT_FROM`` allows (default: ``_ROWS_SPLIT_TAIL``; None: ``_split_by_default``). ``fill_per_sm``: the
+    programs per multiprocessor the chunk shrinks to (default: ``_fill_per_sm`` for the Triton kernels)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d > _ROWS_MAX_BLOCK_D:
         block_t, block_d, warps = _SLICED_TILE
@@ -1111,9 +1120,10 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     maxnreg = None
     block_d2 = 0
     if stats and block_t == 1:
-        if (_ROWS_SPLIT_TAIL if split is None else split) and block_d >= _ROWS_SPLIT_FROM:
+        split = _ROWS_SPLIT_TAIL if split is None else split
+        if block_d >= _ROWS_SPLIT_FROM and split is not False:
             tail = max(16, triton.next_power_of_2(dim - block_d // 2))  # dim > block_d / 2 >= 8
-            if block_d // 2 + tail < block_d:
+            if block_d // 2 + tail < block_d and (split or _split_by_default(dim, elem_size, tail)):
                 block_d, block_d2 = block_d // 2, tail
         min_d, min_warps = _ROWS_STATS_MIN_WARPS
         warps = max(block_d // (32 * _ROWS_STATS_VALUES_PER_THREAD), min_warps if block_d >= min_d else 4)
@@ -1124,6 +1134,12 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
         warps = _row_warps(block_t * block_d, elem_size)
     warps = min(_ROWS_MAX_WARPS, max(4, warps))
     return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg, block_d2)
+
+
+def _split_by_default(dim: int, elem_size: int, tail: int) -> bool:
+    """The default rule of ``_ROWS_SPLIT_TAIL`` (None) for a row of width ``dim`` whose tail would be ``tail``:
+    16-bit rows, ``dim`` a multiple of 16, the tail at most ``_ROWS_SPLIT_MAX_TAIL`` (see the knob)."""
+    return elem_size == 2 and dim % 16 == 0 and tail <= _ROWS_SPLIT_MAX_TAIL
 
 
 class _Plan(NamedTuple):

@@ -285,13 +285,16 @@ def test_split_tail_rows(dim, dtype, monkeypatch):
     32 + 16 (the tail partly masked) and 48 as 32 + 16. y within a rounding step of the reference and the same for a
     row stride that is not D, the statistics those of y and of the one-tile row within fp32 rounding, the pipelined
     loop bitwise the default one; ragged sequences with an empty and a length-1 one, rows in no segment, pairs across
-    chunk ends. The bare kernel keeps the padded row."""
+    chunk ends. The bare kernel keeps the padded row. 16-bit rows of 48 take the split by the default rule
+    (``_ROWS_SPLIT_TAIL = None``, here with tails up to 16), the others by ``_ROWS_SPLIT_TAIL = True``."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", 16)
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 4)  # several chunks per segment: pairs across chunk ends
     x, w, cu, off = ragged_rows(dim, dtype, seed=9, strided=False)
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", False)
     y_one, s_one = rmsnorm_angle(x, w, EPS, cu, off)
-    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", True)
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", None if dim % 16 == 0 and dtype != torch.float32 else True)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_FROM", 64)
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_MAX_TAIL", 16)
     cfg = rmsnorm_module._fwd_config(64, dim, x.element_size(), torch.device(DEV), stats=True)
     assert (cfg.block_t, cfg.block_d, cfg.block_d2) == (1, 32, 16)
     assert rmsnorm_module._fwd_config(64, dim, x.element_size(), torch.device(DEV), stats=False).block_d2 == 0
@@ -305,6 +308,28 @@ def test_split_tail_rows(dim, dtype, monkeypatch):
     assert torch.equal(y_p, y)
     for a, b, c in zip(stats, s_s, s_p):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_split_tail_default_rule():
+    """``_ROWS_SPLIT_TAIL = None`` (the default) splits by dtype and width only, never by layout: 16-bit rows with
+    D % 16 == 0 and a tail of at most 1024 (D = 4112-5120: 4096 + 16-1024), aligned or not; not fp32 rows, longer
+    tails, widths off the 16-element grid, nor the bare kernel."""
+    assert rmsnorm_module._ROWS_SPLIT_TAIL is None
+
+    def tiles(dim, elem_size, aligned=True, stats=True):
+        cfg = rmsnorm_module._fwd_config(1 << 20, dim, elem_size, torch.device("cpu"), stats, capability=9,
+                                         aligned=aligned)
+        return cfg.block_d, cfg.block_d2
+
+    for aligned in (True, False):
+        assert tiles(5120, 2, aligned) == (4096, 1024)
+        assert tiles(4608, 2, aligned) == (4096, 512)
+        assert tiles(4112, 2, aligned) == (4096, 16)
+        assert tiles(5120, 4, aligned) == (8192, 0)
+    assert tiles(5128, 2, aligned=False) == (8192, 0)  # D % 16 != 0: scalar loads, 242 registers split
+    assert tiles(6144, 2) == (8192, 0)  # a tail of 2048: 150 registers, untimed
+    assert tiles(5120, 2, stats=False) == (8192, 0)
+    assert tiles(4096, 2) == (4096, 0) and tiles(8192, 2) == (8192, 0)
 
 
 @pytest.mark.parametrize("chunk", [3, 7])

@@ -123,8 +123,11 @@ def _angle_cases():
 # next_pow2(D) = 8192 and loops over 64-wide column slices beyond; the backward switches from whole rows
 # (D <= 4096) to two passes over column slices (any D). The forward lowers D % 16 == 0 (every model width) with
 # the vector hints of a contiguous launch and 40, 4104 and 16392 without (scalar loads, masks per element)
-RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 8192, 16384, 16392)
-RMSNORM_SPLIT_DIMS = (5120, 6144)  # 4096 + 1024 and 4096 + 2048
+RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 5120, 8192, 16384, 16392)
+RMSNORM_SPLIT_DIMS = (5120, 6144)  # 4096 + 1024 and 4096 + 2048, split whatever the dtype (_ROWS_SPLIT_TAIL = True)
+# widths also lowered as a launch with unaligned pointers (scalar loads, the same tiles): 16-bit rows of 5120 take
+# the split by default whatever their layout (``_split_by_default``)
+RMSNORM_UNALIGNED_DIMS = (5120,)
 
 
 # runtime arguments of the fused forward kernels ({dt}: x's Triton type); bench/fused_static.py lowers them too
@@ -154,10 +157,11 @@ def _rmsnorm_angle_cases_without_pdl():
         configs: dict[tuple, list[str]] = {}
         for arch, target in TARGETS.items():
             for dim in RMSNORM_DIMS:
-                for stats in (False, True):
-                    cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats, capability=target.arch // 10,
-                                        aligned=dim % 16 == 0)
-                    configs.setdefault((cfg, stats, dim % 16 == 0), []).append(arch)
+                for aligned in {dim % 16 == 0, dim % 16 == 0 and dim not in RMSNORM_UNALIGNED_DIMS}:
+                    for stats in (False, True):
+                        cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats,
+                                            capability=target.arch // 10, aligned=aligned)
+                        configs.setdefault((cfg, stats, aligned), []).append(arch)
         for (cfg, stats, aligned), archs in sorted(configs.items(), key=repr):
             kind = "rows" if cfg.rows else "sliced"
             sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
@@ -184,7 +188,7 @@ def _rmsnorm_angle_cases_without_pdl():
                              **{**M._rows_tuning(cfg, False), **tuning}),
                         cfg.num_warps, cfg.maxnreg, None if len(archs) == len(TARGETS) else tuple(archs),
                     )
-        for dim in RMSNORM_SPLIT_DIMS:  # a row as two tiles (_ROWS_SPLIT_TAIL), not yet the default
+        for dim in RMSNORM_SPLIT_DIMS:  # a row as two tiles whatever the dtype and tail (_ROWS_SPLIT_TAIL = True)
             cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), True, capability=9, split=True)
             assert cfg.block_d2 and cfg.block_d < dim <= cfg.block_d + cfg.block_d2, cfg
             sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
