@@ -46,8 +46,9 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     not three (the chunk's last pair reaches the row after the chunk). ``bench/fused_static.py`` reports
     registers, occupancy, barriers and instructions per step. 16-bit rows of 4112-5120 columns are held as
     4096 + a power-of-two tail rather than a padded 8192 (``_ROWS_SPLIT_TAIL``). Narrower rows take
-    [BLOCK_T, BLOCK_D] steps and reload row t+1 shifted by one (cache hits). A segment chunk also sums u = y / max(||y||, 1e-12), ||u||² and
-    the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two scalars per chunk.
+    [BLOCK_T, BLOCK_D] steps and reload row t+1 shifted by one (cache hits). A segment chunk also sums
+    u = y / max(||y||, 1e-12), ||u||² and the pairs (t, t+1) with t + 1 < o_K into one fp32 partial row + two
+    scalars per chunk.
   * or, where the extension is built with CUDA and takes the rows (``_cuda_rows_take``: 16-bit rows, 16-byte
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
     rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from

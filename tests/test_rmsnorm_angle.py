@@ -292,7 +292,8 @@ def test_split_tail_rows(dim, dtype, monkeypatch):
     x, w, cu, off = ragged_rows(dim, dtype, seed=9, strided=False)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", False)
     y_one, s_one = rmsnorm_angle(x, w, EPS, cu, off)
-    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", None if dim % 16 == 0 and dtype != torch.float32 else True)
+    by_default = dim % 16 == 0 and dtype != torch.float32
+    monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_TAIL", None if by_default else True)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_FROM", 64)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_SPLIT_MAX_TAIL", 16)
     cfg = rmsnorm_module._fwd_config(64, dim, x.element_size(), torch.device(DEV), stats=True)
@@ -559,7 +560,7 @@ def test_pdl_rule(monkeypatch):
 
 @pytest.mark.parametrize("stats", [True, False], ids=["stats", "bare"])
 def test_pdl_changes_nothing(fwd_kernel, stats, monkeypatch):
-    """``_PDL`` only changes when the forward's kernels may start: y, rstd and the statistics stay bitwise the same,
+    """``_PDL`` only changes when the forward's kernels may start: y and the statistics stay bitwise the same,
     eager and (on a GPU) replayed from a CUDA graph, with and without statistics (the bare RMSNorm). On sm_90+ GPUs
     the kernels then wait and release (griddepcontrol); elsewhere, and in the interpreter, nothing changes."""
     x, w, cu, off = ragged_rows(DIM, torch.bfloat16, seed=7)
