@@ -95,7 +95,7 @@ VARIANTS: dict[str, dict] = {
     # D = 5120 (6144) as two tiles, 4096 + 1024 (2048) values on 8 warps, 2 programs per SM in bf16 (127 registers
     # with Triton 3.6 at sm_90a), instead of a padded 8192 on 16 warps, one program per SM. H200, session 17: 0.480
     # against the Triton default's 0.530 ms at 16x4096x5120, still behind the CUDA rows kernel. Since session 26 the
-    # default for 16-bit rows of 4112-5120 (_split_by_default); split_tail forces it on every dtype and tail,
+    # default for 16-bit rows of 4112-5120 (_split_tail); split_tail forces it on every dtype and tail,
     # triton_rows_unsplit off (the Triton default before)
     "split_tail": {"_ROWS_SPLIT_TAIL": True},
     "triton_rows_unsplit": {"_CUDA_ROWS": False, "_ROWS_SPLIT_TAIL": False},
@@ -361,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
                                    bw_frac_of_copy=copy_s * 1e3 / row["fused_ms"])
                 except Exception as e:  # noqa: BLE001 -- a failing variant is a result, not a crash
                     row.update(status=error_status(e))
-            rows.append(row)
             if "fused_ms" in row:  # the variant's name, then the forward kernel it ran
                 print(f"| {batch} | {length} | {dim} | {name} [{row['forward']}] | {row['bare_ms']:.3f} | "
                       f"{row['fused_ms']:.3f} | "
@@ -369,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['bw_frac_of_copy']:.2f} | {row['no_segments_ms']:.3f} |", flush=True)
             else:
                 print(f"| {batch} | {length} | {dim} | {name} | {row['status']} |||||||", flush=True)
-            write_rows(args.out, rows, cuda)
+            record_row(args.out, rows, row, cuda)
     return 0
 
 

@@ -1068,10 +1068,9 @@ def _pdl(device: torch.device) -> bool:
             and not triton_interpreting())
 
 
-def _pdl_launch(device: torch.device) -> dict:
-    """Launch arguments of a forward kernel: the PDL constexpr and Triton's launch_pdl, both ``_pdl(device)``."""
-    pdl = _pdl(device)
-    return dict(PDL=pdl, launch_pdl=pdl) if pdl else {}
+def _pdl_launch(pdl: bool) -> dict:
+    """Launch arguments of a Triton forward kernel: the PDL constexpr and Triton's launch_pdl (none when off)."""
+    return dict(PDL=True, launch_pdl=True) if pdl else {}
 
 
 def _vector_aligned(x2d: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
@@ -1107,7 +1106,7 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     batches still fill the GPU. ``capability``: the compute capability major the rules assume (default: ``device``'s);
     ``aligned``: the launch compiles vector loads (``_vector_aligned``), else no register cap (scalar loads take
     more registers: a capped row of 4096 would spill ~400-500 bytes). ``split``: hold a row as two tiles where
-    ``_ROWS_SPLIT_FROM`` allows (default: ``_ROWS_SPLIT_TAIL``; None: ``_split_by_default``). ``fill_per_sm``: the
+    ``_ROWS_SPLIT_FROM`` allows (``_split_tail``; default: ``_ROWS_SPLIT_TAIL``). ``fill_per_sm``: the
     programs per multiprocessor the chunk shrinks to (default: ``_fill_per_sm`` for the Triton kernels)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d > _ROWS_MAX_BLOCK_D:
@@ -1121,11 +1120,9 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     maxnreg = None
     block_d2 = 0
     if stats and block_t == 1:
-        split = _ROWS_SPLIT_TAIL if split is None else split
-        if block_d >= _ROWS_SPLIT_FROM and split is not False:
-            tail = max(16, triton.next_power_of_2(dim - block_d // 2))  # dim > block_d / 2 >= 8
-            if block_d // 2 + tail < block_d and (split or _split_by_default(dim, elem_size, tail)):
-                block_d, block_d2 = block_d // 2, tail
+        block_d2 = _split_tail(dim, block_d, elem_size, _ROWS_SPLIT_TAIL if split is None else split)
+        if block_d2:
+            block_d //= 2
         min_d, min_warps = _ROWS_STATS_MIN_WARPS
         warps = max(block_d // (32 * _ROWS_STATS_VALUES_PER_THREAD), min_warps if block_d >= min_d else 4)
         if aligned and not block_d2:
@@ -1137,10 +1134,17 @@ def _fwd_config(n_rows: int, dim: int, elem_size: int, device: torch.device, sta
     return _FwdConfig(True, max(chunk, block_t), block_t, block_d, warps, maxnreg, block_d2)
 
 
-def _split_by_default(dim: int, elem_size: int, tail: int) -> bool:
-    """The default rule of ``_ROWS_SPLIT_TAIL`` (None) for a row of width ``dim`` whose tail would be ``tail``:
-    16-bit rows, ``dim`` a multiple of 16, the tail at most ``_ROWS_SPLIT_MAX_TAIL`` (see the knob)."""
-    return elem_size == 2 and dim % 16 == 0 and tail <= _ROWS_SPLIT_MAX_TAIL
+def _split_tail(dim: int, block_d: int, elem_size: int, split: Optional[bool]) -> int:
+    """The tail tile (BLOCK_D2) of a one-row step over rows of width ``dim`` padded to ``block_d``, 0 for one tile:
+    next_pow2(dim - block_d / 2) where that holds the row in less than ``block_d`` and the padded width is at least
+    ``_ROWS_SPLIT_FROM``; ``split`` True: then always, False: never, None (``_ROWS_SPLIT_TAIL``'s default) by dtype and
+    width only: 16-bit rows, ``dim`` a multiple of 16, a tail of at most ``_ROWS_SPLIT_MAX_TAIL`` (see the knob)."""
+    if split is False or block_d < _ROWS_SPLIT_FROM:
+        return 0
+    tail = max(16, triton.next_power_of_2(dim - block_d // 2))  # dim > block_d / 2 >= 8
+    if block_d // 2 + tail >= block_d:
+        return 0
+    return tail if split or (elem_size == 2 and dim % 16 == 0 and tail <= _ROWS_SPLIT_MAX_TAIL) else 0
 
 
 class _Plan(NamedTuple):
@@ -1159,6 +1163,7 @@ class _Plan(NamedTuple):
     # the forward kernel the plan is for: "cuda_rows" (statistics, ``_cuda_rows_take``), else the Triton
     # "triton_rows" or "triton_sliced" kernel (the config's); the chunk length may depend on it (``_fill_per_sm``)
     kernel: str
+    pdl: bool  # the forward's launches are programmatic dependents (``_pdl``), the plan kernel's included
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1172,7 +1177,7 @@ def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Pla
     if count is None:
         count = torch.zeros(0, 1, dtype=torch.int32, device=device)
     return _Plan(cfg, max(triton.cdiv(rows, cfg.chunk), 1), empty, empty, empty, empty, empty, empty, count,
-                 count.shape[1], _triton_kernel(cfg))
+                 count.shape[1], _triton_kernel(cfg), _pdl(device))
 
 
 def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
@@ -1197,6 +1202,7 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
+    pdl = _pdl(dev)
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
     block_c = max(1, _PLAN_TILE // block_b)
     # programs: enough that each writes one column block of the longest possible region (rows / chunk chunks), but
@@ -1207,10 +1213,10 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, **_pdl_launch(dev),
+        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, **_pdl_launch(pdl),
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg,
-                 "cuda_rows" if cuda_rows and cfg.rows else _triton_kernel(cfg))
+                 "cuda_rows" if cuda_rows and cfg.rows else _triton_kernel(cfg), pdl)
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1277,7 +1283,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, _pdl(dev))
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, plan.pdl)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:
@@ -1309,7 +1315,7 @@ def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Ten
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
         **(_rows_tuning(cfg, x2d.is_cuda) if cfg.rows else {}),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
-        **_pdl_launch(x2d.device),
+        **_pdl_launch(plan.pdl),
     )
 
 
@@ -1322,7 +1328,7 @@ def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, 
     block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
     _reduce_kernel[(batch * nseg, triton.cdiv(dim, block_d))](
         part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
-        unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d, **_pdl_launch(unit_sum.device),
+        unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d, **_pdl_launch(plan.pdl),
     )
 
 

@@ -549,8 +549,13 @@ def test_pdl_rule(monkeypatch):
     assert not rmsnorm_module._pdl(cuda)  # off by default
     monkeypatch.setattr(rmsnorm_module, "_PDL", True)
     assert rmsnorm_module._pdl(cuda) == rmsnorm_module._HAS_GDC and not rmsnorm_module._pdl(cpu)
-    assert rmsnorm_module._pdl_launch(cuda) == ({"PDL": True, "launch_pdl": True} if rmsnorm_module._HAS_GDC else {})
-    assert rmsnorm_module._pdl_launch(cpu) == {}
+    assert rmsnorm_module._pdl_launch(True) == {"PDL": True, "launch_pdl": True}
+    assert rmsnorm_module._pdl_launch(False) == {}
+    # decided once per call, in the plan (a CPU plan: off)
+    x = torch.randn(6, 32)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    assert not rmsnorm_module._stats_plan(x, cu, None, None, torch.ones(32)).pdl
+    assert not rmsnorm_module._plain_plan(x).pdl
     monkeypatch.setattr(rmsnorm_module, "_capability_major", lambda device: 8)
     assert not rmsnorm_module._pdl(cuda)
     monkeypatch.setattr(rmsnorm_module, "_capability_major", lambda device: 9)

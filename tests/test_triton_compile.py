@@ -126,7 +126,7 @@ def _angle_cases():
 RMSNORM_DIMS = (40, 896, 2048, 4096, 4104, 5120, 8192, 16384, 16392)
 RMSNORM_SPLIT_DIMS = (5120, 6144)  # 4096 + 1024 and 4096 + 2048, split whatever the dtype (_ROWS_SPLIT_TAIL = True)
 # widths also lowered as a launch with unaligned pointers (scalar loads, the same tiles): 16-bit rows of 5120 take
-# the split by default whatever their layout (``_split_by_default``)
+# the split by default whatever their layout (``_split_tail``)
 RMSNORM_UNALIGNED_DIMS = (5120,)
 
 
