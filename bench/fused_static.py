@@ -11,6 +11,7 @@ row: two barriers).
     python bench/fused_static.py                                  # table
     python bench/fused_static.py --out bench/results/fused_static_sm90a.json
     python bench/fused_static.py --variant separate_sums          # a variant of bench/fused_variants.py instead
+    python bench/fused_static.py --unaligned --dims 5120          # as a launch on unaligned rows (scalar loads)
 
 A prediction aid, not a timing: the GPU figures come from ``bench/fused_variants.py``.
 """
@@ -47,9 +48,10 @@ NVDISASM = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
 
 
-def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str, Optional[str]]:
+def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str, aligned: bool = True) -> tuple[str, str, Optional[str]]:
     """(PTX, ptxas report, SASS or None without Triton's nvdisasm) of the forward kernel for one config as a CUDA
-    launch compiles it (the module's knobs, a real launch's divisibility hints, the config's register cap)."""
+    launch compiles it (the module's knobs, the config's register cap, and a real launch's divisibility hints, none
+    where not ``aligned``)."""
     fn = M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel
     sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
     consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True,
@@ -57,7 +59,7 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str) -> tuple[str, str,
                   RSQRT_RSTD=M._RSQRT_RSTD is not False,
                   BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                   **(M._rows_tuning(cfg, True) if cfg.rows else {}),
-                  __aligned__=contiguous_launch_hints(sig))
+                  __aligned__=contiguous_launch_hints(sig) if aligned else [])
     ptx = compile_ptx(fn, sig, consts, TARGETS[arch], cfg.num_warps, cfg.maxnreg)
     with tempfile.TemporaryDirectory() as tmp:  # one ptxas run: the -v report and the cubin nvdisasm reads
         cubin = Path(tmp) / "k.cubin"
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", type=int, nargs="+", default=[896, 2048, 4096, 5120, 8192])
     p.add_argument("--variant", choices=sorted(VARIANTS), default="default",
                    help="the module settings of this bench/fused_variants.py variant")
+    p.add_argument("--unaligned", action="store_true",
+                   help="lower as a launch whose pointers or row stride are not 16-byte aligned (scalar loads)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if PTXAS is None:
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = table(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(arch=args.arch, variant=args.variant, triton=triton.__version__,
+        meta = dict(arch=args.arch, variant=args.variant, aligned=not args.unaligned, triton=triton.__version__,
                     command=" ".join(["python"] + sys.argv))
         args.out.write_text(json.dumps(dict(meta, rows=rows), indent=1))
     return 0
@@ -110,16 +114,18 @@ def main(argv: list[str] | None = None) -> int:
 def table(args: argparse.Namespace) -> list[dict]:
     """Lower every (dtype, D, bare / fused) config under the current module settings; print and return the rows."""
     rows = []
-    print(f"{args.arch}, variant {args.variant}, Triton {triton.__version__}")
+    print(f"{args.arch}, variant {args.variant}{', unaligned rows' if args.unaligned else ''}, "
+          f"Triton {triton.__version__}")
     print("| dtype | D | BLOCK_D | warps | kernel | registers | programs/SM | bar.sync per row | loads | stores "
           "| SASS per thread per step | warp instructions per row |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dt, (_, size) in DTYPES.items():
         for dim in args.dims:
             for stats in (False, True):
+                aligned = not args.unaligned and dim % 16 == 0
                 cfg = M._fwd_config(1 << 20, dim, size, torch.device("cpu"), stats,
-                                    capability=TARGETS[args.arch].arch // 10)
-                ptx, report, sass = lower(cfg, dt, stats, args.arch)
+                                    capability=TARGETS[args.arch].arch // 10, aligned=aligned)
+                ptx, report, sass = lower(cfg, dt, stats, args.arch, aligned)
                 regs = int(re.search(r"Used (\d+) registers", report).group(1))
                 spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
                 # the main loop: with statistics the one-row loop of a segment chunk (the kernel's longest), without

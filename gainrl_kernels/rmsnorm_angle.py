@@ -969,7 +969,8 @@ _X_EVICTION = ""
 # pointers allow) and a tail of at most _ROWS_SPLIT_MAX_TAIL, i.e. D = 4112-5120 (4096 + a tail of 16-1024: 102-114
 # registers at sm_90a, two programs of 8 warps per SM, as timed). Not fp32 rows: aligned at 4608 and unaligned at
 # 4104 they spill (4-12 bytes at sm_90a) and the split is untimed there; not longer tails: 150 registers from a
-# tail of 2048 (one program per SM, untimed); not D % 16 != 0: scalar loads take 200-242 registers.
+# tail of 2048 (one program per SM, untimed); not D % 16 != 0: scalar loads take 200-242 registers. Figures:
+# bench/fused_static.py --variant split_tail [--unaligned] --dims 4104 4608 5120 6144
 _ROWS_SPLIT_TAIL: Optional[bool] = None
 _ROWS_SPLIT_FROM = 8192
 _ROWS_SPLIT_MAX_TAIL = 1024

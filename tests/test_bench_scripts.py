@@ -100,6 +100,10 @@ def test_fused_static_script(tmp_path):
     # --variant applies a fused_variants.py variant: three block reductions per row step, three times the barriers
     separate = lowered("--variant", "separate_sums")
     assert separate["bf16", "fused"]["loop_bar_sync"] == 3 * rows["bf16", "fused"]["loop_bar_sync"]
+    # --unaligned lowers without the vector hints: scalar loads, several per thread where one vector did
+    unaligned = lowered("--unaligned")
+    assert json.loads(out.read_text())["aligned"] is False
+    assert unaligned["bf16", "bare"]["loop_loads"] > rows["bf16", "bare"]["loop_loads"]
 
 
 def test_eager_overhead_script(tmp_path):
