@@ -63,12 +63,6 @@ VARIANTS: dict[str, dict] = {
     "cuda_rows_fill_2": {"_CUDA_ROWS": True, "_FILL_PER_SM": 2},
     "cuda_rows_fill_4": {"_CUDA_ROWS": True, "_FILL_PER_SM": 4},
     "cuda_rows_fill_8": {"_CUDA_ROWS": True, "_FILL_PER_SM": 8},
-    # programmatic dependent launch (_PDL, sm_90+): the rows kernel launches while the work list is built and the
-    # reduce while the rows kernel's last blocks run, each waiting for the one before it. Aimed at the fixed cost of
-    # three launches in small batches (8x2048x896: the work list alone 5 of the fused 31 us, the bare RMSNorm 18 us).
-    # The bare kernel runs with the same knob (one launch: nothing to overlap inside its graph)
-    "cuda_rows_pdl": {"_CUDA_ROWS": True, "_PDL": True},
-    "pdl": {"_PDL": True},  # the same launches with the Triton rows kernel
     # odd chunks, so that blocks running together are not a power-of-two number of bytes apart (256 rows of 8 KiB
     # are 2 MiB); bench/walk_order.py's c7 / c9 / c255 / _pad orders ask the same of a plain RMSNorm. H200, session
     # 20 (results/fused_variants_h200_trail.json): as fast as the default (1.168-1.173 against 1.165 ms)

@@ -37,23 +37,6 @@ __device__ __forceinline__ float div_rn(float a, float b) {
 #endif
 }
 
-// Programmatic dependent launch (sm_90+; elsewhere, and in the emulator, no-ops). A kernel launched with the
-// programmatic stream serialization attribute may start while the previous kernel in the stream still runs: it must
-// wait (grid_dependency_wait: that kernel complete, its writes visible) before it touches memory that kernel may
-// write. grid_dependency_launch_dependents lets the next such kernel launch once every block has called it or
-// exited. Both are harmless in a launch without the attribute.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(GAINRL_CUDA_EMULATOR)
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void grid_dependency_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(GAINRL_CUDA_EMULATOR)
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // Before sm_80 (no cp.async: a build whose TORCH_CUDA_ARCH_LIST includes older GPUs) the copies are plain 16-byte
 // loads and stores, done at once; the commits and waits are then no-ops.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800

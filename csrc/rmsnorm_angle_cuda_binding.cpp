@@ -1,6 +1,6 @@
 // Torch binding of the CUDA rows kernel of the fused RMSNorm + angle forward (csrc/rmsnorm_angle_kernels.cuh):
 //   rmsnorm_angle_rows_ext(x, weight, y!, rstd!, item_row0, item_nrows, item_seg, item_pair_end, part_sum!, part_q!,
-//                          part_adj!, eps, values_per_thread, stages, carry, pdl=False) -> ()
+//                          part_adj!, eps, values_per_thread, stages, carry) -> ()
 // fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
 // plan kernel (that module allocates everything and reduces the partials). x [R, D] fp32 / fp16 / bf16 CUDA with
 // unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
@@ -41,7 +41,7 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
                              const at::Tensor& item_row0, const at::Tensor& item_nrows, const at::Tensor& item_seg,
                              const at::Tensor& item_pair_end, at::Tensor& part_sum, at::Tensor& part_q,
                              at::Tensor& part_adj, double eps, int64_t values_per_thread, int64_t stages,
-                             bool carry, bool pdl) {
+                             bool carry) {
   GAINRL_CHECK(x.is_cuda() && x.dim() == 2, "x: expected a 2-D [R, D] CUDA tensor, got " + std::to_string(x.dim()) +
                                                 " dims on " + x.device().str());
   GAINRL_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x: expected unit column stride");
@@ -80,7 +80,6 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
   a.values_per_thread = static_cast<int>(values_per_thread);
   a.stages = static_cast<int>(stages);
   a.carry = carry;
-  a.pdl = pdl;
   GAINRL_CHECK(ra::supported(a, xt, wt),
                "rmsnorm_angle_rows_ext: unsupported rows (D = " + std::to_string(D) +
                    ": needs D a multiple of 16 bytes, D <= " +
@@ -98,7 +97,7 @@ TORCH_LIBRARY_FRAGMENT(gainrl, m) {
   m.def(
       "rmsnorm_angle_rows_ext(Tensor x, Tensor weight, Tensor(a!) y, Tensor(b!) rstd, Tensor item_row0, "
       "Tensor item_nrows, Tensor item_seg, Tensor item_pair_end, Tensor(c!) part_sum, Tensor(d!) part_q, "
-      "Tensor(e!) part_adj, float eps, int values_per_thread, int stages, bool carry, bool pdl=False) -> ()");
+      "Tensor(e!) part_adj, float eps, int values_per_thread, int stages, bool carry) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gainrl, CUDA, m) { m.impl("rmsnorm_angle_rows_ext", &rmsnorm_angle_rows_cuda); }

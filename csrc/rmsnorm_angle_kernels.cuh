@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
                 const int* __restrict__ item_pair_end, float* __restrict__ part_sum, float* __restrict__ part_q,
-                float* __restrict__ part_adj, int64_t R, int D, float eps, bool pdl) {
+                float* __restrict__ part_adj, int64_t R, int D, float eps) {
   constexpr int V = 16 / sizeof(T);
   using Vec = Vec16<T>;
   using PairT = Pair<T>;
@@ -189,10 +189,6 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
   __shared__ float4 red[2][kMaxThreads / 32];
 
   const int item = blockIdx.x;
-  if (pdl) {  // launched as a programmatic dependent of the plan kernel: its work list first
-    grid_dependency_wait();
-    grid_dependency_launch_dependents();  // the reduce may launch now and wait in the SMs this grid frees
-  }
   const int nrows = item_nrows[item];
   if (nrows <= 0) return;  // spare work item (block-uniform)
   const int64_t row0 = item_row0[item];
@@ -432,7 +428,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   (void)stream;
   gainrl_emu::launch_smem(smem, kernel, dim3(static_cast<unsigned>(a.grid)), dim3(threads), x, a.stride_r,
                           a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.pdl);
+                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
   return cudaSuccess;
 #else
   // Opt in to this much dynamic shared memory, once per device and size (then graph-capture safe), whatever the
@@ -449,20 +445,10 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
       if (dev < kMaxDevices) granted[dev].store(smem);  // a race only repeats the call
     }
   }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(a.grid));
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = a.pdl ? 1 : 0;
-  const cudaError_t e = cudaLaunchKernelEx(&config, kernel, x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0,
-                                           a.item_nrows, a.item_seg, a.item_pair_end, a.part_sum, a.part_q,
-                                           a.part_adj, a.R, D, a.eps, a.pdl);
-  return e != cudaSuccess ? e : cudaGetLastError();
+  kernel<<<dim3(static_cast<unsigned>(a.grid)), dim3(threads), smem, stream>>>(
+      x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
+      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
+  return cudaGetLastError();
 #endif
 }
 

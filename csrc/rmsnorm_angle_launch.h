@@ -47,8 +47,6 @@ struct Args {
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
-  bool pdl;               // programmatic dependent launch (sm_90+): the kernel may start while the plan kernel
-                          // finishes, waits for it before reading the work list, and lets the reduce launch early
 };
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.

@@ -57,9 +57,6 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
     deterministic (bitwise run to run). ``count`` is exact integer arithmetic on the clamped offsets.
-  * ``_PDL`` (off until timed; sm_90+, compiled code): each kernel is launched as a programmatic dependent of the
-    one before it and starts with griddepcontrol.wait + launch_dependents (``_pdl_prologue``; the CUDA rows kernel
-    the same), so the next launch's latency hides behind the current kernel's last blocks.
 Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
 rounding is done on the fp32 bits (below).
 
@@ -103,23 +100,7 @@ from .validate import (
     check_seg_offsets_values,
     check_tensor,
     check_triton_device,
-    triton_interpreting,
 )
-
-try:  # grid dependency control (programmatic dependent launch); Triton >= 3.4
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    _HAS_GDC = True
-except ImportError:  # pragma: no cover - older Triton: ``_pdl`` is then always False and PDL never compiled
-    _HAS_GDC = False
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
-
 
 __all__ = ["rmsnorm_angle", "FusedRMSNormAngle", "padded_to_cu_seqlens"]
 
@@ -253,30 +234,18 @@ def _rms_out(x, rstd, w, YT: tl.constexpr, NATIVE_CAST: tl.constexpr):
 
 
 @triton.jit
-def _pdl_prologue(PDL: tl.constexpr):
-    """First statement of every forward kernel. PDL (a launch with ``launch_pdl``, see ``_pdl``): wait until the
-    kernel before it in the stream has completed and its writes are visible (it may have started before), then let
-    the next kernel launch at once, so that its blocks are resident and waiting when this grid's last ones finish.
-    PDL off: nothing (the interpreter has no grid dependency control)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@triton.jit
 def _plan_kernel(
     cu_ptr, off_ptr, tok_ptr, n_packed, B, R, chunk, grid,
     item_row0_ptr, item_nrows_ptr, item_seg_ptr, item_pair_end_ptr, seg_lo_ptr, seg_hi_ptr, count_ptr,
     K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_I: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_I: tl.constexpr,
 ):
     """The forward's work list (see ``_stats_plan``): BLOCK_B sequences at a time, carrying the last sequence end
     and the chunk count across blocks, each region's chunks written BLOCK_C at a time; then spare items (0 rows)
     up to ``grid``. Every program computes the same regions and counts (a few loads per sequence) and writes its
     share of the chunks: program p the columns [p BLOCK_C, p BLOCK_C + BLOCK_C) of every region (then every
     n_programs-th such block), so short chunks (many per region) are written in parallel; program 0 writes the
-    per-segment entries. PDL: see ``_pdl_prologue``."""
-    _pdl_prologue(PDL)
+    per-segment entries."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     zero = tl.zeros([BLOCK_B], dtype=tl.int64)
@@ -477,7 +446,7 @@ def _fwd_rows_kernel(
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     PREFETCH: tl.constexpr = 0, PREFETCH_L1: tl.constexpr = False, X_EVICT: tl.constexpr = "",
-    PIPELINE: tl.constexpr = 0, BLOCK_D2: tl.constexpr = 0, PDL: tl.constexpr = False,
+    PIPELINE: tl.constexpr = 0, BLOCK_D2: tl.constexpr = 0,
 ):
     """Whole rows in registers (BLOCK_D >= D): one chunk of rows per program, BLOCK_T rows per step, x read once.
 
@@ -494,9 +463,7 @@ def _fwd_rows_kernel(
     with PIPELINE stages (cp.async into shared memory, PIPELINE - 1 rows ahead; the interpreter runs it in order).
     BLOCK_D2 > 0 (one-row steps only): a row is two tiles, columns [0, BLOCK_D) and a tail [BLOCK_D, BLOCK_D +
     BLOCK_D2), with BLOCK_D < D <= BLOCK_D + BLOCK_D2, so a row of 5120 takes 4096 + 1024 values, not a padded 8192.
-    PDL: see ``_pdl_prologue``.
     """
-    _pdl_prologue(PDL)
     pid = tl.program_id(0)
     row0, nrows = _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS)
     if nrows > 0:
@@ -662,14 +629,11 @@ def _fwd_sliced_kernel(
     R, D, stride_r, eps, chunk,
     YT: tl.constexpr, STATS: tl.constexpr, NATIVE_CAST: tl.constexpr, JOINT_SUMS: tl.constexpr,
     RSQRT_INV: tl.constexpr, RSQRT_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """Any D: one chunk of BLOCK_T rows per program, three passes over BLOCK_D column slices (rows too wide for
     registers). Pass A sums x² (rows t and t+1), pass B writes y and sums ||y_t||², ||y_{t+1}||², y_t . y_{t+1},
     pass C re-reads x (cached), recomputes y and sums u = y / ||y|| over the chunk's rows. Same outputs as
-    ``_fwd_rows_kernel``; the per-slice products are kept tile-shaped and reduced over columns once per pass.
-    PDL: see ``_pdl_prologue``."""
-    _pdl_prologue(PDL)
+    ``_fwd_rows_kernel``; the per-slice products are kept tile-shaped and reduced over columns once per pass."""
     pid = tl.program_id(0)
     row0, nrows = _chunk_rows(pid, item_row0_ptr, item_nrows_ptr, R, chunk, STATS)
     if nrows > 0:
@@ -746,13 +710,12 @@ def _fwd_sliced_kernel(
 def _reduce_kernel(
     part_sum_ptr, part_q_ptr, part_adj_ptr, seg_lo_ptr, seg_hi_ptr,
     unit_sum_ptr, sq_norm_ptr, adjacent_ptr, D, K,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Sum the chunk partials of segment slot s = b * K + k; the k == 0 program also sums the adjacent partials of
     all K segments of sequence b (their chunks are consecutive). BLOCK_C chunks are loaded at a time (loads in
     flight rather than one dependent load per chunk) and summed in a fixed order: the statistics are deterministic
-    (bitwise run to run). Grid (B * K, cdiv(D, BLOCK_D)). PDL: see ``_pdl_prologue``."""
-    _pdl_prologue(PDL)
+    (bitwise run to run). Grid (B * K, cdiv(D, BLOCK_D))."""
     s = tl.program_id(0)
     pd = tl.program_id(1)
     lo = tl.load(seg_lo_ptr + s)
@@ -1024,12 +987,6 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 #   8x2048x896    -           / 0.033       / 0.031       / 0.040
 # At 64x4096x4096 fill 2 / 4 / 8 are within 1% (1.156 / 1.155 / 1.165: the chunk is at its longest).
 _CUDA_ROWS_FILL: dict[int, int] = {5120: 1, 8192: 1}
-# Programmatic dependent launch of the forward's kernels (sm_90+, compiled code, ``_pdl``): the rows kernel may
-# launch while the work-list kernel runs and the reduce while the rows kernel's last blocks run; each waits for the
-# one before it (griddepcontrol.wait) before its first read. The three launches of a forward with statistics then
-# overlap their launch latency, the fixed cost that dominates small batches (8x2048x896 on an H200: the work list
-# alone 5 us of the fused 31 us, the bare RMSNorm 18 us). Not yet timed: variant pdl
-_PDL = False
 
 
 class _FwdConfig(NamedTuple):
@@ -1060,18 +1017,6 @@ def _rsqrt_forms(cuda: bool) -> dict:
 def _capability_major(device: torch.device) -> int:
     """Compute capability major of a CUDA ``device`` (9 on H100 / H200), 0 for any other device."""
     return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-
-
-def _pdl(device: torch.device) -> bool:
-    """Whether the forward's launches on ``device`` use programmatic dependent launch: ``_PDL`` on, a CUDA device
-    of compute capability 9 or more, compiled Triton with grid dependency control."""
-    return (_PDL and _HAS_GDC and device.type == "cuda" and _capability_major(device) >= 9
-            and not triton_interpreting())
-
-
-def _pdl_launch(pdl: bool) -> dict:
-    """Launch arguments of a Triton forward kernel: the PDL constexpr and Triton's launch_pdl (none when off)."""
-    return dict(PDL=True, launch_pdl=True) if pdl else {}
 
 
 def _vector_aligned(x2d: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
@@ -1164,7 +1109,6 @@ class _Plan(NamedTuple):
     # the forward kernel the plan is for: "cuda_rows" (statistics, ``_cuda_rows_take``), else the Triton
     # "triton_rows" or "triton_sliced" kernel (the config's); the chunk length may depend on it (``_fill_per_sm``)
     kernel: str
-    pdl: bool  # the forward's launches are programmatic dependents (``_pdl``), the plan kernel's included
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1178,7 +1122,7 @@ def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Pla
     if count is None:
         count = torch.zeros(0, 1, dtype=torch.int32, device=device)
     return _Plan(cfg, max(triton.cdiv(rows, cfg.chunk), 1), empty, empty, empty, empty, empty, empty, count,
-                 count.shape[1], _triton_kernel(cfg), _pdl(device))
+                 count.shape[1], _triton_kernel(cfg))
 
 
 def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
@@ -1203,7 +1147,6 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
     count = torch.empty(batch, nseg, dtype=torch.int32, device=dev)
     cu = cu_seqlens  # int32, checked
-    pdl = _pdl(dev)
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
     block_c = max(1, _PLAN_TILE // block_b)
     # programs: enough that each writes one column block of the longest possible region (rows / chunk chunks), but
@@ -1214,10 +1157,10 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
         token_index.numel() if token_index is not None else 0, batch, rows, cfg.chunk, grid,
         items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count,
         K=nseg, HAS_OFF=seg_offsets is not None, HAS_TOK=token_index is not None,
-        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024, **_pdl_launch(pdl),
+        BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_I=1024,
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg,
-                 "cuda_rows" if cuda_rows and cfg.rows else _triton_kernel(cfg), pdl)
+                 "cuda_rows" if cuda_rows and cfg.rows else _triton_kernel(cfg))
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1284,7 +1227,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
-            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry, plan.pdl)
+            part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:
@@ -1316,7 +1259,6 @@ def _launch_triton_forward(x2d: torch.Tensor, weight: torch.Tensor, y: torch.Ten
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
         **(_rows_tuning(cfg, x2d.is_cuda) if cfg.rows else {}),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None else {}),
-        **_pdl_launch(plan.pdl),
     )
 
 
@@ -1329,7 +1271,7 @@ def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, 
     block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
     _reduce_kernel[(batch * nseg, triton.cdiv(dim, block_d))](
         part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
-        unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d, **_pdl_launch(plan.pdl),
+        unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
     )
 
 

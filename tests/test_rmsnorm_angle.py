@@ -341,7 +341,8 @@ def test_odd_chunks(chunk, one_row_min_d, monkeypatch):
     those of y; ragged sequences with an empty and a length-1 one, pairs across chunk ends, a row stride not D."""
     monkeypatch.setattr(rmsnorm_module, "_ROWS_ONE_ROW_MIN_D", one_row_min_d)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_TILE", 128)  # 2-row tiles of 64 columns
-    lens = [1, 0, 40, 77, 2]  # 122 rows with the 2 in no sequence: chunks of 7 stay 7 (16 programs wanted on a CPU)
+    monkeypatch.setattr(rmsnorm_module, "_fill_target", lambda device, per_sm: 4 * per_sm)  # 4 "SMs", on GPUs too
+    lens = [1, 0, 40, 77, 2]  # 122 rows with the 2 in no sequence: chunks of 7 stay 7 (16 programs wanted)
     x = concentrated((sum(lens) + 2,), 56, seed=5).to(DEV, torch.bfloat16)
     x = torch.cat([x, x[:, :8]], dim=1)[:, :56]  # row stride 64
     w = weight_of(56, torch.bfloat16)
@@ -538,51 +539,6 @@ def test_deterministic(packed, fwd_kernel):
     b = rmsnorm_angle(x, w, EPS, packed["cu"], packed["off"])[1]
     for u, v in zip(a, b):
         assert torch.equal(u, v)
-
-
-def test_pdl_rule(monkeypatch):
-    """Programmatic dependent launch (``_PDL``) only where it exists: a CUDA device of compute capability 9 or more
-    running compiled Triton; never on CPUs, older GPUs or under the interpreter, and never with the knob off."""
-    monkeypatch.setattr(rmsnorm_module, "_capability_major", lambda device: 9 if device.type == "cuda" else 0)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert not rmsnorm_module._pdl(cuda)  # off by default
-    monkeypatch.setattr(rmsnorm_module, "_PDL", True)
-    assert rmsnorm_module._pdl(cuda) == rmsnorm_module._HAS_GDC and not rmsnorm_module._pdl(cpu)
-    assert rmsnorm_module._pdl_launch(True) == {"PDL": True, "launch_pdl": True}
-    assert rmsnorm_module._pdl_launch(False) == {}
-    # decided once per call, in the plan (a CPU plan: off)
-    x = torch.randn(6, 32)
-    cu = torch.tensor([0, 6], dtype=torch.int32)
-    assert not rmsnorm_module._stats_plan(x, cu, None, None, torch.ones(32)).pdl
-    assert not rmsnorm_module._plain_plan(x).pdl
-    monkeypatch.setattr(rmsnorm_module, "_capability_major", lambda device: 8)
-    assert not rmsnorm_module._pdl(cuda)
-    monkeypatch.setattr(rmsnorm_module, "_capability_major", lambda device: 9)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not rmsnorm_module._pdl(cuda)
-
-
-@pytest.mark.parametrize("stats", [True, False], ids=["stats", "bare"])
-def test_pdl_changes_nothing(fwd_kernel, stats, monkeypatch):
-    """``_PDL`` only changes when the forward's kernels may start: y and the statistics stay bitwise the same,
-    eager and (on a GPU) replayed from a CUDA graph, with and without statistics (the bare RMSNorm). On sm_90+ GPUs
-    the kernels then wait and release (griddepcontrol); elsewhere, and in the interpreter, nothing changes."""
-    x, w, cu, off = ragged_rows(DIM, torch.bfloat16, seed=7)
-    args = (cu, off) if stats else ()
-    y0, s0 = rmsnorm_angle(x, w, EPS, *args, validate=False)
-    monkeypatch.setattr(rmsnorm_module, "_PDL", True)
-    y1, s1 = rmsnorm_angle(x, w, EPS, *args, validate=False)
-    assert torch.equal(y0, y1) and (s0 is None) == (not stats)
-    if stats:
-        assert all(torch.equal(a, b) for a, b in zip(s0, s1))
-    if DEV == "cuda":
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y2, s2 = rmsnorm_angle(x, w, EPS, *args, validate=False)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y0, y2) and (not stats or all(torch.equal(a, b) for a, b in zip(s0, s2)))
 
 
 def test_padded_batch_left_and_right(fwd_kernel):

@@ -8,7 +8,6 @@ objects that cannot be lowered.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -53,9 +52,6 @@ def compile_kernel(fn, signature: dict, constexprs: dict, target, num_warps: int
     case for registers). ``maxnreg``: the launch option that caps registers per thread."""
     constexprs = dict(constexprs)
     aligned = constexprs.pop("__aligned__", ())
-    for param in inspect.signature(fn.fn).parameters.values():  # defaulted constexprs not given: as a launch has them
-        if param.default is not inspect.Parameter.empty and param.name not in signature:
-            constexprs.setdefault(param.name, param.default)
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
@@ -143,7 +139,7 @@ def contiguous_launch_hints(signature: dict) -> list[str]:
     return [k for k, v in signature.items() if v.startswith("*") or k in ("stride_r", "D")]
 
 
-def _rmsnorm_angle_cases_without_pdl():
+def _rmsnorm_angle_cases():
     import torch
 
     from gainrl_kernels import rmsnorm_angle as M
@@ -251,27 +247,6 @@ def _rmsnorm_angle_cases_without_pdl():
     )
 
 
-def _rmsnorm_angle_cases():
-    yield from _rmsnorm_angle_cases_without_pdl()
-    yield from _rmsnorm_pdl_cases()
-
-
-def _rmsnorm_pdl_cases():
-    """The forward's kernels with programmatic dependent launch (``_PDL``, sm_90+ only): the work list, the rows
-    kernel with and without statistics at 896 and 4096 bf16 (the plain one is the bare RMSNorm) and the reduce, each
-    named ``-pdl`` (``test_pdl_kernels_wait_and_release``)."""
-    from gainrl_kernels import rmsnorm_angle as M
-
-    for case in list(_rmsnorm_angle_cases_without_pdl()):
-        wanted = (case.name.startswith(("rmsnorm_plan-K3", "rmsnorm_reduce"))
-                  or (case.name.startswith("rmsnorm_fwd_rows-bf16-stats") and case.name.endswith("-aligned")
-                      and ("-BD1024-" in case.name or "-BD4096-" in case.name)
-                      and (case.archs is None or "sm_90a" in case.archs)))
-        if wanted and case.fn in (M._plan_kernel, M._reduce_kernel, M._fwd_rows_kernel):
-            yield case._replace(name=case.name + "-pdl", constexprs={**case.constexprs, "PDL": True},
-                                archs=("sm_90a",))
-
-
 def _pairwise_cases():
     from gainrl_kernels import pairwise as P
 
@@ -321,10 +296,8 @@ def compile_all() -> dict[str, str]:
     for c in all_cases():
         for arch in case_archs(c):
             kernel = compile_kernel(c.fn, c.signature, c.constexprs, TARGETS[arch], c.num_warps, c.maxnreg)
-            ptx = kernel.asm["ptx"]
-            reports[f"{c.name}-{arch}"] = (ptxas_report(ptx, arch)
-                                           + f"\ntriton shared memory: {kernel.metadata.shared} bytes"
-                                           + f"\ngriddepcontrol: {ptx.count('griddepcontrol')}")
+            reports[f"{c.name}-{arch}"] = (ptxas_report(kernel.asm["ptx"], arch)
+                                           + f"\ntriton shared memory: {kernel.metadata.shared} bytes")
     return reports
 
 
@@ -344,18 +317,6 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills(reports):
     for name, report in reports.items():
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
         assert spills and not any(spills), f"{name}: {report}"
-
-
-@pytest.mark.skipif(PTXAS is None, reason="Triton's bundled ptxas not found")
-def test_pdl_kernels_wait_and_release(reports):
-    """The ``-pdl`` lowerings (the forward's kernels launched with ``_PDL``) wait for the kernel before them and
-    release the next one (griddepcontrol.wait and .launch_dependents); every other lowering has neither."""
-    pdl = {name for name in reports if "-pdl-" in name}
-    assert {n.split("-")[0] for n in pdl} == {"rmsnorm_plan", "rmsnorm_reduce", "rmsnorm_fwd_rows"}, pdl
-    assert any("stats0" in n for n in pdl) and any("stats1" in n for n in pdl), pdl
-    for name, report in reports.items():
-        count = int(re.search(r"griddepcontrol: (\d+)", report).group(1))
-        assert count == (2 if name in pdl else 0), f"{name}: {count} griddepcontrol instructions"
 
 
 @pytest.mark.skipif(PTXAS is None, reason="Triton's bundled ptxas not found")
