@@ -9,6 +9,7 @@ launch overhead; the minimum of --rounds rounds, methods alternated):
 * ``torch_compile``: HF's RMSNorm formula through ``torch.compile`` (Inductor's forward and backward kernels);
 * ``hf_eager``: HF's formula in eager PyTorch (~10 kernels each way);
 * ``torch_native``: PyTorch's own ``F.rms_norm`` (on CUDA ``aten::_fused_rms_norm`` and its backward kernel);
+* ``liger``: Liger-Kernel's RMSNorm (its Triton forward and backward; GPU only, where ``liger-kernel`` is installed);
 * ``backward_only``: our backward launch alone (dx and the dw partials, then their sum), from saved x, rstd and dy;
 * ``backward_only:<variant>`` (``--variants``): the same with the backward's tuning knobs set as in BWD_VARIANTS;
 
@@ -34,7 +35,7 @@ from fused_variants import (  # noqa: E402
     error_status, exit_code, graph_time, overridden, parse_names, parse_shapes, write_rows,
 )
 from run_angle_bench import make_input  # noqa: E402
-from run_kernels_bench import torch_native_rmsnorm, torch_rmsnorm  # noqa: E402
+from run_kernels_bench import liger_rmsnorm, liger_unavailable, torch_native_rmsnorm, torch_rmsnorm  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 
@@ -89,6 +90,8 @@ def step_fns(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, cu: torch.Tenso
     if cuda:  # Inductor on a CPU would compile for minutes in a smoke run
         compiled = torch.compile(torch_rmsnorm, dynamic=False)
         fns["torch_compile"] = through(lambda: compiled(x, w, EPS))
+    if not liger_unavailable(x):
+        fns["liger"] = through(lambda: liger_rmsnorm(x, w, EPS))
     x2d = x.detach()
     rstd = M._forward(x2d, w.detach(), EPS, M._plain_plan(x2d), stats=False)[1]
     fns["backward_only"] = lambda: M._backward(x2d, w.detach(), rstd, dy)

@@ -10,7 +10,8 @@ kernel, ``ratio_vs_default_bare`` over the first timed variant's (the default's,
     python bench/fused_variants.py --dtype fp32 --variants cuda_rows_fp32   # fp32 rows: CUDA rows against Triton
 
 Per shape it also times the device-side work list alone (``plan_only``), torch.compile's RMSNorm
-(``torch_compile_bare``), PyTorch's own fused ``F.rms_norm`` (``torch_native_bare``) and the unfused pair the fused
+(``torch_compile_bare``), PyTorch's own fused ``F.rms_norm`` (``torch_native_bare``), Liger-Kernel's RMSNorm where
+installed (``liger_bare``: what TRL runs with ``use_liger_kernel=True``; GPU only) and the unfused pair the fused
 call replaces: our bare RMSNorm, then ``angle_stats`` on its y (``bare_then_angle_stats_<backend>``, with
 ``angle_stats`` alone).
 """
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_angle_bench import make_input, time_it  # noqa: E402
-from run_kernels_bench import torch_native_rmsnorm, torch_rmsnorm  # noqa: E402
+from run_kernels_bench import liger_rmsnorm, liger_unavailable, torch_native_rmsnorm, torch_rmsnorm  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
@@ -192,8 +193,9 @@ def record_row(out: Path | None, rows: list[dict], row: dict, cuda: bool) -> Non
 
 
 def exit_code(rows: list[dict]) -> int:
-    """A script's exit status: 0 when every row's status is ok, else 1 (the failures are results in the record)."""
-    return 0 if all(r["status"].startswith("ok") for r in rows) else 1
+    """A script's exit status: 0 when every row's status is ok or skipped (a yardstick or kernel this machine lacks),
+    else 1 (the failures are results in the record)."""
+    return 0 if all(r["status"].startswith(("ok", "skipped")) for r in rows) else 1
 
 
 def graph_time(fn: Callable[[], object], reps: int) -> float:
@@ -222,13 +224,19 @@ def yardstick_rows(batch: int, length: int, dim: int, x: torch.Tensor, w: torch.
                    cuda: bool, reps: int) -> list[dict]:
     """The other bare RMSNorms a user would reach for, graph-timed like the variants: HF's RMSNorm formula
     (``run_kernels_bench.torch_rmsnorm``) through torch.compile (Inductor fuses it into one kernel; on a GPU only, as
-    a CPU compile would dominate a smoke run), and PyTorch's own ``F.rms_norm`` (``aten::_fused_rms_norm`` on CUDA).
-    Each y is checked against ``y_ref`` (the default fused call's) first, as the variants' are."""
+    a CPU compile would dominate a smoke run), PyTorch's own ``F.rms_norm`` (``aten::_fused_rms_norm`` on CUDA) and
+    Liger-Kernel's RMSNorm (a row ``liger_bare`` either way: timed, or why it was skipped). Each y is checked against
+    ``y_ref`` (the default fused call's) first, as the variants' are."""
     yardsticks = {"torch_native_bare": ("F.rms_norm (PyTorch's fused kernel)", lambda: torch_native_rmsnorm(x, w))}
     if cuda:
         compiled = torch.compile(torch_rmsnorm, dynamic=False)
         yardsticks["torch_compile_bare"] = ("torch.compile RMSNorm", lambda: compiled(x, w))
     rows = []
+    why_not = liger_unavailable(x)
+    if why_not:
+        rows.append(dict(B=batch, L=length, D=dim, variant="liger_bare", status=why_not))
+    else:
+        yardsticks["liger_bare"] = ("Liger RMSNorm", lambda: liger_rmsnorm(x, w))
     for variant, (label, fn) in yardsticks.items():
         row = dict(B=batch, L=length, D=dim, variant=variant)
         try:

@@ -51,6 +51,12 @@
 # into profile.log: stall reasons, occupancy and DRAM throughput, ~20-40 s a shape. Without ncu it records what
 # /usr/local/cuda/bin holds in env.log. E.g. GAINRL_GPU_CHECK_STEPS=env,variants,profile GAINRL_GPU_CHECK_BUDGET=240.
 #
+# Liger-Kernel's RMSNorm (what TRL runs with use_liger_kernel=True) is a yardstick of the variants, kernels and
+# backward steps beside torch.compile and F.rms_norm. The GPU machine lacks the package and cannot install it (no
+# internet): `.venv/bin/python bench/make_gpu_carry.py site` (CPU machine) copies the installed pure-Python package
+# into .gpu_carry/site/ (~8 MiB), which this script puts on PYTHONPATH; name .gpu_carry in the `run` tool's carry.
+# Without it the benches record the yardstick as "skipped: liger-kernel is not installed".
+#
 # The optional `score` step (issue 4: the whole `gainrl score` process against the released per-prompt way, on the
 # GPU, with a 0.5B model) needs nothing downloaded. Prepare once HERE (CPU machine; writes the git-ignored
 # .gpu_carry/, ~3.5 MiB: the embedded SmolLM2 tokenizer + 512 GSM8K questions in JSONL):
@@ -116,6 +122,8 @@ else
     unset TRITON_INTERPRET  # compiled Triton kernels on CUDA tensors (tests/conftest.py pins it to 0 on a GPU)
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# pure-Python yardsticks the GPU machine lacks (Liger-Kernel's RMSNorm), carried in .gpu_carry/site (see the header)
+[ -d "$REPO/.gpu_carry/site" ] && export PYTHONPATH="$PYTHONPATH:$REPO/.gpu_carry/site"
 export PYTHONDONTWRITEBYTECODE=1
 
 SUMMARY=$OUT/summary.txt
@@ -169,9 +177,11 @@ env_report() {
     "$PY" - <<'EOF'
 import importlib, platform, sys
 print("python", sys.version.replace("\n", " "), platform.machine())
-for name in ("torch", "triton", "numpy", "transformers", "peft", "pytest", "pytest_benchmark", "ninja", "setuptools"):
+for name in ("torch", "triton", "numpy", "transformers", "peft", "pytest", "pytest_benchmark", "ninja", "setuptools",
+             "liger_kernel"):
     try:
-        print(f"{name:18s}", getattr(importlib.import_module(name), "__version__", "?"))
+        mod = importlib.import_module(name)
+        print(f"{name:18s}", getattr(mod, "__version__", None) or f"(no __version__) {mod.__file__}")
     except Exception as e:  # noqa: BLE001
         print(f"{name:18s} missing ({type(e).__name__})")
 import torch

@@ -33,8 +33,8 @@ def _errors(names: list[str]) -> str:
 
 def variants(record: dict) -> list[str]:
     """Per shape: the default's fused / bare, the fastest variant against the default's bare kernel and whether it
-    meets the goal, the work list alone, torch.compile's RMSNorm, F.rms_norm, rows in no segment and the unfused
-    pair."""
+    meets the goal, the work list alone, torch.compile's RMSNorm, F.rms_norm, Liger's RMSNorm, rows in no segment and
+    the unfused pair."""
     lines = []
     for (b, l, d), rows in _by_shape(record["rows"], "variant").items():
         timed = {k: r for k, r in rows.items() if "ratio" in r}
@@ -48,7 +48,8 @@ def variants(record: dict) -> list[str]:
                      f" (goal <= {GOAL}: {'met' if ratio <= GOAL else 'not met'})")
         if "plan_only" in rows:
             line += f", plan {rows['plan_only']['plan_ms'] * 1e3:.1f} us"
-        for key, label in (("torch_compile_bare", "torch.compile"), ("torch_native_bare", "F.rms_norm")):
+        for key, label in (("torch_compile_bare", "torch.compile"), ("torch_native_bare", "F.rms_norm"),
+                           ("liger_bare", "Liger")):
             if "bare_ms" in rows.get(key, {}):  # the other bare RMSNorms, and the default fused call against them
                 line += f", {label} bare {rows[key]['bare_ms']:.3f} ms"
                 if "fused_ms" in timed.get("default", {}):

@@ -1,6 +1,6 @@
 """Inputs for the `score` step of bench/gpu_check.sh, which runs on a GPU machine with no internet.
 
-Two subcommands:
+Three subcommands:
 
 * ``carry`` (default; run HERE, on the CPU machine, before the GPU call)::
 
@@ -11,6 +11,14 @@ Two subcommands:
   dequantised cache under ``$GAINRL_CACHE`` (made first if missing: one GGUF load); ``gsm8k512.jsonl`` -- the first
   ``--n`` GSM8K questions in the released GAIN-RL format (``problem`` + final-number ``answer``), which
   ``gainrl score`` and the released per-prompt way of bench/score_bench.py both read; ``MANIFEST.json``.
+
+* ``site`` (run HERE; ``carry`` does it too)::
+
+      .venv/bin/python bench/make_gpu_carry.py site [--out .gpu_carry]
+
+  copies the installed pure-Python packages of the benches' yardsticks that the GPU machine lacks and cannot
+  install (no internet) into ``.gpu_carry/site/``, which gpu_check.sh puts on PYTHONPATH: ``liger_kernel``
+  (Liger-Kernel's RMSNorm, what TRL runs with ``use_liger_kernel=True``; ~8 MiB, installed here by requirements.txt).
 
 * ``model`` (run THERE, by gpu_check.sh)::
 
@@ -35,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CARRY = ROOT / ".gpu_carry"
+SITE_PACKAGES = ("liger_kernel",)  # pure Python (+ Triton): a copy of the package directory imports anywhere
 
 # Qwen2.5 shapes (config.json of Qwen/Qwen2.5-0.5B and -1.5B); tiny: the CPU dry run.
 SIZES = {
@@ -72,6 +81,7 @@ def make_carry(args: argparse.Namespace) -> int:
     with data.open("w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps({"problem": ex.question, "answer": ex.answer}, ensure_ascii=False) + "\n")
+    copy_site_packages(out)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
     manifest = {"made_from": {"tokenizer": str(cache), "data": str(Path(args.data).resolve())},
@@ -83,6 +93,25 @@ def make_carry(args: argparse.Namespace) -> int:
     if total > 32 * 2**20:
         raise SystemExit("the carry folder is over 32 MiB: the `run` tool carries 64 MiB in all")
     return 0
+
+
+def copy_site_packages(out: Path, names: tuple[str, ...] = SITE_PACKAGES) -> Path:
+    """Copies the installed packages ``names`` (their directories, without byte code) into ``out``/site and returns
+    that folder. Raises SystemExit naming a package that is not installed."""
+    import importlib.util
+
+    site = out / "site"
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"{name}: not installed here (make setup installs it from requirements.txt)")
+        dst = site / name
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(Path(list(spec.submodule_search_locations)[0]), dst,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    size = sum(p.stat().st_size for p in site.rglob("*") if p.is_file())
+    print(f"{site}: {', '.join(names)} ({size / 2**20:.1f} MiB)")
+    return site
 
 
 def make_model(args: argparse.Namespace) -> int:
@@ -116,6 +145,8 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd")
     c = sub.add_parser("carry", help="write .gpu_carry/ (default)")
     m = sub.add_parser("model", help="save a random-init Qwen2-shaped model folder (on the GPU machine)")
+    st = sub.add_parser("site", help="copy the yardsticks' packages (liger_kernel) into .gpu_carry/site/")
+    st.add_argument("--out", default=str(CARRY))
     for p in (ap, c):
         p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k_train.parquet"))
         p.add_argument("--n", type=int, default=512, help="number of questions (default 512)")
@@ -127,6 +158,9 @@ def main() -> int:
     m.add_argument("--device", default="auto")
     m.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     args = ap.parse_args()
+    if args.cmd == "site":
+        copy_site_packages(Path(args.out))
+        return 0
     return make_model(args) if args.cmd == "model" else make_carry(args)
 
 

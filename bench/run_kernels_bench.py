@@ -2,7 +2,7 @@
 
 * fused RMSNorm + angle statistics vs (PyTorch RMSNorm + angle_stats) vs the same Triton RMSNorm without
   statistics vs PyTorch RMSNorm alone: HF's formula eager and through torch.compile, and PyTorch's own fused
-  ``F.rms_norm`` (goal: fused within 5% of the bare RMSNorm kernel);
+  ``F.rms_norm``, and vs Liger-Kernel's RMSNorm where installed (goal: fused within 5% of the bare RMSNorm kernel);
 * angle_stats backends (Triton, CUDA extension when built) vs a device-to-device copy of the same bytes;
 * the tiled pairwise-cosine kernel in TFLOP/s (2·D FLOP per causal pair).
 
@@ -32,6 +32,28 @@ def torch_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def liger_unavailable(x: torch.Tensor) -> str:
+    """Why Liger-Kernel's RMSNorm cannot run on ``x`` ("" where it can): it needs the ``liger-kernel`` package and a
+    GPU (its kernel does not run in the Triton interpreter: it calls ``.to`` on a Python float)."""
+    if not x.is_cuda:
+        return "skipped: Liger's RMSNorm needs a GPU (it does not run in the Triton interpreter)"
+    try:
+        import liger_kernel.ops.rms_norm  # noqa: F401
+    except ImportError as e:
+        return f"skipped: liger-kernel is not installed ({e})"
+    return ""
+
+
+def liger_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Liger-Kernel's RMSNorm (``LigerRMSNormFunction``, one Triton kernel each way): what TRL runs for the model's
+    RMSNorms with ``use_liger_kernel=True``. Casting mode "llama" rounds as HF's Llama / Qwen2 formula
+    (``torch_rmsnorm``): rstd in fp32, the normalised row rounded to x's dtype, then times the weight. Not in place,
+    so that a replayed backward finds its dy intact. Check ``liger_unavailable`` first."""
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    return LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
+
+
 def torch_native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """PyTorch's own RMSNorm (``F.rms_norm``; on CUDA one fused kernel, ``aten::_fused_rms_norm``, with its own
     backward): the bare RMSNorm a user gets from ``torch.nn.RMSNorm``. It rounds once, after the weight, where
@@ -50,6 +72,7 @@ def rmsnorm_rows(shapes, device, args) -> list[dict]:
             "torch_native_rmsnorm (F.rms_norm)": lambda: torch_native_rmsnorm(x, w),
             # Inductor's one fused kernel (CUDA only: on CPU the compile would dominate a smoke run)
             **({"torch_compile_rmsnorm": lambda: compiled(x, w)} if compiled is not None else {}),
+            **({"liger_rmsnorm": lambda: liger_rmsnorm(x, w)} if not liger_unavailable(x) else {}),
             "torch_rmsnorm+angle_stats": lambda: angle_stats(torch_rmsnorm(x, w), cu, validate_values=False),
             "triton_rmsnorm (no stats)": lambda: rmsnorm_angle(x, w, 1e-6),
             "fused_rmsnorm_angle": lambda: rmsnorm_angle(x, w, 1e-6, cu, validate=False),

@@ -37,8 +37,10 @@ def test_fused_variants_script(tmp_path):
     assert fused_variants.main(["--smoke", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["variant"] for r in rows} == set(fused_variants.VARIANTS) | {"bare_then_angle_stats_triton",
-                                                                           "torch_native_bare"}
-    assert all(r["status"].startswith("ok") for r in rows), rows
+                                                                           "torch_native_bare", "liger_bare"}
+    liger = [r for r in rows if r["variant"] == "liger_bare"]
+    assert liger[0]["status"].startswith("skipped: Liger's RMSNorm needs a GPU"), liger  # recorded, not an error
+    assert all(r["status"].startswith("ok") for r in rows if r["variant"] != "liger_bare"), rows
     with pytest.raises(SystemExit):  # an unknown name is refused before anything runs (parse_names)
         fused_variants.main(["--smoke", "--variants", "default,no_such_variant"])
 
@@ -241,9 +243,11 @@ def test_gpu_summary_lines():
     rows = [dict(B=64, L=4096, D=4096, variant="plan_only", status="ok", plan_ms=0.004),
             fused("default", 1.10, 1.10, no_segments_ms=1.09), fused("cuda_rows_fill_1", 1.04, 1.04),
             dict(B=64, L=4096, D=4096, variant="cuda_rows_fill_8", status="error: RuntimeError: x"),
-            dict(B=64, L=4096, D=4096, variant="torch_native_bare", status="ok", bare_ms=1.1)]
+            dict(B=64, L=4096, D=4096, variant="torch_native_bare", status="ok", bare_ms=1.1),
+            dict(B=64, L=4096, D=4096, variant="liger_bare", status="ok", bare_ms=1.25)]
     (line,) = S.variants(dict(rows=rows))
     assert "F.rms_norm bare 1.100 ms (default fused / it 1.000)" in line
+    assert "Liger bare 1.250 ms (default fused / it 0.880)" in line
     assert "default fused/bare 1.100 (1.100 ms)" in line and "fastest cuda_rows_fill_1 1.040 ms = 1.040" in line
     assert "(goal <= 1.05: met), plan 4.0 us" in line
     assert "errors: ['cuda_rows_fill_8']" in line
@@ -274,6 +278,51 @@ def test_gpu_summary_lines():
     assert "PARTIAL" in line and "[1.2, 2.0]" in line
     assert S.angle(dict(rows=[dict(status="ok"), dict(status="ok")])) == ["angle_bench rows by status: {'ok': 2}"]
     assert S.main(["nonsense", "x.json"]) == 2
+
+
+def test_carry_site_packages_import_from_the_copy(tmp_path):
+    """bench/make_gpu_carry.py site: the yardsticks' packages (Liger-Kernel) copied without byte code, importable
+    from the copy alone, as gpu_check.sh puts .gpu_carry/site on a GPU machine's PYTHONPATH."""
+    import os
+    import subprocess
+
+    import make_gpu_carry
+
+    site = make_gpu_carry.copy_site_packages(tmp_path, make_gpu_carry.SITE_PACKAGES)
+    assert (site / "liger_kernel" / "ops" / "rms_norm.py").is_file()
+    assert not list(site.rglob("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
+    code = "import liger_kernel.ops.rms_norm as m; print(m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith(str(site))
+    with pytest.raises(SystemExit, match="no_such_package: not installed"):
+        make_gpu_carry.copy_site_packages(tmp_path, ("no_such_package",))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's RMSNorm needs a GPU (not the Triton interpreter)")
+def test_liger_yardstick_is_hf_rmsnorm():
+    """The Liger yardstick computes HF's RMSNorm (y to a bf16 step) and its gradients, on a GPU with liger-kernel;
+    elsewhere it says why it cannot run."""
+    from fused_backward import check_grads, reference_grads
+    from run_kernels_bench import liger_rmsnorm, liger_unavailable, torch_rmsnorm
+
+    x = torch.randn(300, 896, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    w = (torch.rand(896, device="cuda") + 0.5).to(torch.bfloat16).requires_grad_(True)
+    if liger_unavailable(x):
+        pytest.skip(liger_unavailable(x))
+    dy = torch.randn_like(x)
+    dy0 = dy.clone()
+    y = liger_rmsnorm(x, w)
+    torch.testing.assert_close(y, torch_rmsnorm(x, w), rtol=1e-2, atol=1e-2)
+    check_grads(*torch.autograd.grad(y, (x, w), dy), *reference_grads(x, w, dy))
+    assert torch.equal(dy, dy0)  # not in place: a replayed backward finds its dy intact
+
+
+def test_liger_unavailable_on_cpu():
+    from run_kernels_bench import liger_unavailable
+
+    assert liger_unavailable(torch.zeros(2, 8)).startswith("skipped: Liger's RMSNorm needs a GPU")
 
 
 @pytest.fixture(scope="module")
