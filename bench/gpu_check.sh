@@ -54,7 +54,7 @@
 # Liger-Kernel's RMSNorm (what TRL runs with use_liger_kernel=True) is a yardstick of the variants, kernels and
 # backward steps beside torch.compile and F.rms_norm. The GPU machine lacks the package and cannot install it (no
 # internet): `.venv/bin/python bench/make_gpu_carry.py site` (CPU machine) copies the installed pure-Python package
-# into .gpu_carry/site/ (~8 MiB), which this script puts on PYTHONPATH; name .gpu_carry in the `run` tool's carry.
+# into .gpu_carry/site/ (~3.3 MiB), which this script puts on PYTHONPATH; name .gpu_carry in the `run` tool's carry.
 # Without it the benches record the yardstick as "skipped: liger-kernel is not installed".
 #
 # The optional `score` step (issue 4: the whole `gainrl score` process against the released per-prompt way, on the

@@ -18,7 +18,7 @@ Three subcommands:
 
   copies the installed pure-Python packages of the benches' yardsticks that the GPU machine lacks and cannot
   install (no internet) into ``.gpu_carry/site/``, which gpu_check.sh puts on PYTHONPATH: ``liger_kernel``
-  (Liger-Kernel's RMSNorm, what TRL runs with ``use_liger_kernel=True``; ~8 MiB, installed here by requirements.txt).
+  (Liger-Kernel's RMSNorm, what TRL runs with ``use_liger_kernel=True``; ~3.3 MiB, installed here by requirements.txt).
 
 * ``model`` (run THERE, by gpu_check.sh)::
 
