@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 -- a failing method is a result, not a crash
                 row.update(status=error_status(e))
             shape_rows[name] = row
+        if "liger" not in fns:  # recorded with the reason, as fused_variants.py records its liger_bare row
+            shape_rows["liger"] = dict(B=batch, L=length, D=dim, method="liger", status=liger_unavailable(x))
         if cuda:
             copy_ms = graph_time(lambda: x.detach().clone(), args.reps) * 1e3  # 4 bytes per bf16 element
             best = {k: float("inf") for k, r in shape_rows.items() if r["status"] == "ok"}

@@ -19,7 +19,7 @@ from gainrl_kernels.naive_rmsnorm_angle import (  # noqa: E402
     rmsnorm_reference,
 )
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
-from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, ulp_tol  # noqa: E402
+from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, triton_device, ulp_tol  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a GPU or TRITON_INTERPRET=1",
 )
 
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") in (None, "", "0") else "cpu"
+DEV = triton_device()
 EPS = 1e-6
 DIM = 40  # not a power of two: exercises the D masks
 LENS = [5, 0, 1, 41, 23]  # ragged, with an empty and a length-1 sequence

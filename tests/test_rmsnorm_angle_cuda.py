@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import cuda_emulator  # noqa: E402
-from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, ulp_tol  # noqa: E402
+from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, triton_device, ulp_tol  # noqa: E402
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 from gainrl_kernels.naive_rmsnorm_angle import angle_stats_reference  # noqa: E402
@@ -358,8 +358,8 @@ def test_fill_by_width(monkeypatch):
     monkeypatch.setattr(rmsnorm_module, "_FILL_PER_SM", None)
     monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 256)  # not this file's short chunks
     monkeypatch.setattr(rmsnorm_module, "_fill_target", lambda device, per_sm: 4 * per_sm)  # 4 "SMs", on GPUs too
-    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") in (None, "", "0") else "cpu"
-    x = torch.randn(640, 8192, dtype=torch.bfloat16, device=dev)  # the plan kernel runs where compiled Triton can
+    dev = triton_device()  # the plan kernel runs where compiled Triton can
+    x = torch.randn(640, 8192, dtype=torch.bfloat16, device=dev)
     w = torch.ones(8192, dtype=torch.bfloat16, device=dev)
     cu = torch.tensor([0, 640], dtype=torch.int32, device=dev)
     planned = {}
