@@ -153,12 +153,84 @@ __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (
   return s;
 }
 
+// ------------------------------------------------------------------------------------------------ spans: no work list
+
+// Where row t lies, for a block that walks the fixed rows [blockIdx.x * chunk, ...) whatever the sequences and
+// segments (SPANS below): sequence b (the last with cu[b] <= t: -1 before the first, B past the last), the segment
+// slot seg = b * K + k of the rows [cu[b] + o_k, cu[b] + o_{k+1}) (-1: rows in no segment), and `next`, the first
+// row after t where either may change. Offsets are clamped to [0, len_b] and a row's segment is
+// #{j : o_j <= t - cu[b]} - 1, so that unvalidated indices never address past the slots (validated ones: monotone
+// cu_seqlens and offsets, the plain definition). Every thread holds the same cursor (uniform loads, no barrier).
+// cu [B + 1]; off [B, K + 1], or null: one segment [0, len_b) per sequence (K = 1). The kernel's parameters are
+// passed to each call rather than kept here (registers: they stay in the constant bank).
+struct SpanCursor {
+  int b = -1, seg = -1;
+  int64_t next = 0;
+
+  // Forward from b, which is at or before t's sequence (rows are visited in increasing order).
+  __device__ void at(int64_t t, const int* cu, const int* off, int B, int K) {
+    while (b < B && cu[b + 1] <= t) ++b;
+    seg = -1;
+    if (b < 0) {  // before the first sequence: cu[0] > t
+      next = cu[0];
+      return;
+    }
+    if (b >= B) {
+      next = INT64_MAX;
+      return;
+    }
+    const int64_t start = cu[b], end = cu[b + 1];
+    const int64_t len = end > start ? end - start : 0, p = t - start;
+    int64_t nb = len;  // > p: cu[b + 1] > t
+    int count = 0;
+    for (int j = 0; j <= K; ++j) {
+      int64_t o = off != nullptr ? off[int64_t(b) * (K + 1) + j] : (j == 0 ? 0 : len);
+      o = o < 0 ? 0 : (o > len ? len : o);
+      if (o <= p) {
+        ++count;
+      } else if (o < nb) {
+        nb = o;
+      }
+    }
+    if (count >= 1 && count <= K) seg = b * K + count - 1;
+    next = start + nb;
+  }
+
+  // The cursor of row t from scratch: a 4-way search for b (3 independent loads a round, log4(B + 2) rounds).
+  __device__ void find(int64_t t, const int* cu, const int* off, int B, int K) {
+    int lo = -1, hi = B + 1;  // cu[lo] <= t < cu[hi], cu[-1] = -inf and cu[B + 1] = +inf
+    while (hi - lo > 1) {
+      int piv[3];
+      bool le[3];
+#pragma unroll
+      for (int q = 0; q < 3; ++q) {
+        const int p = lo + static_cast<int>(int64_t(hi - lo) * (q + 1) / 4);
+        piv[q] = p <= lo ? lo + 1 : (p >= hi ? hi - 1 : p);
+      }
+#pragma unroll
+      for (int q = 0; q < 3; ++q) le[q] = cu[piv[q]] <= t;
+      int nlo = lo, nhi = hi;
+#pragma unroll
+      for (int q = 0; q < 3; ++q) {
+        if (le[q] && piv[q] > nlo) nlo = piv[q];
+        if (!le[q] && piv[q] < nhi) nhi = piv[q];
+      }
+      lo = nlo;
+      hi = nhi;
+    }
+    b = lo;
+    at(t, cu, off, B, K);
+  }
+};
+
 // ------------------------------------------------------------------------------------------------ the rows kernel
 
 // Block size bound of an instantiation: carried 32-value blocks 256 threads (see CARRY below), others kMaxThreads.
-template <typename T, int NV, bool CARRY>
+// SPANS 32-value blocks 256 too (their D <= 8192 needs no more): the cursor's registers do not fit the 128 of
+// kMaxThreads (fp16 rows with an fp32 weight spilled at sm_80).
+template <typename T, int NV, bool CARRY, bool SPANS = false>
 constexpr int max_block_threads() {
-  return CARRY && NV * 16 / sizeof(T) >= 32 ? 256 : kMaxThreads;
+  return (CARRY || SPANS) && NV * 16 / sizeof(T) >= 32 ? 256 : kMaxThreads;
 }
 
 // One block per work item. Dynamic shared memory: the ring [S][blockDim.x * NV] of 16-byte vectors, then the weight
@@ -170,13 +242,20 @@ constexpr int max_block_threads() {
 // Launch bounds (block size bound, 1 block per SM): ptxas may take 65536 / max_block_threads registers (126 at 32
 // values without carry, bf16, sm_90a: 4 blocks of 4 warps per SM at D = 4096). Without the minimum of 1 ptxas
 // keeps ~100 (5 blocks) there but spills elsewhere; that was no faster on an H200 (session 17, commit 2eddb47).
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
-__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
+//
+// SPANS: no work list. Block i walks rows [i * chunk, (i + 1) * chunk) (and the row after, for its pair) across
+// sequences and segments, following them with a SpanCursor found while the ring's first rows are on their way. Its
+// partials are per piece (the block's rows of one segment), at slot i + (segment slot b * K + k): unique, since a
+// later segment's pieces lie in the same or later blocks, and a segment's pieces are consecutive slots (the reduce
+// finds them from cu_seqlens and the offsets alone). Rows in no segment take the statistics' loop too, masked.
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, bool SPANS = false>
+__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS>(), 1)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
                 const int* __restrict__ item_pair_end, float* __restrict__ part_sum, float* __restrict__ part_q,
-                float* __restrict__ part_adj, int64_t R, int D, float eps) {
+                float* __restrict__ part_adj, int64_t R, int D, float eps, const int* __restrict__ cu,
+                const int* __restrict__ seg_off, int B, int K, int chunk) {
   constexpr int V = 16 / sizeof(T);
   using Vec = Vec16<T>;
   using PairT = Pair<T>;
@@ -189,13 +268,22 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
   __shared__ float4 red[2][kMaxThreads / 32];
 
   const int item = blockIdx.x;
-  const int nrows = item_nrows[item];
+  int64_t row0, load_end;  // rows read: the chunk's, then the next one when the chunk's last pair counts
+  int nrows;
+  bool stats;
+  if constexpr (SPANS) {
+    row0 = int64_t(item) * chunk;
+    nrows = R - row0 < chunk ? static_cast<int>(R - row0) : chunk;
+    stats = true;
+    load_end = row0 + nrows + 1;  // whether the last pair counts is the cursor's to say
+  } else {
+    nrows = item_nrows[item];
+    row0 = item_row0[item];
+    stats = item_seg[item] >= 0;
+    load_end = row0 + nrows;
+    if (stats && load_end < static_cast<int64_t>(item_pair_end[item])) ++load_end;
+  }
   if (nrows <= 0) return;  // spare work item (block-uniform)
-  const int64_t row0 = item_row0[item];
-  const bool stats = item_seg[item] >= 0;
-  const int64_t row_end = row0 + nrows;
-  int64_t load_end = row_end;  // rows read: the chunk's, then the next one when the chunk's last pair counts
-  if (stats && row_end < static_cast<int64_t>(item_pair_end[item])) load_end = row_end + 1;
   if (load_end > R) load_end = R;
   const int n = static_cast<int>(load_end - row0);
 
@@ -278,6 +366,8 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
 #pragma unroll
   for (int i = 0; i < S; ++i) issue(i, i);
   if constexpr (W_NATIVE) load_weight_columns();
+  SpanCursor cur;
+  if constexpr (SPANS) cur.find(row0, cu, seg_off, B, K);  // its loads wait while the ring's first rows are on their way
 
   int buf = 0;
   float2 xv[NV][P];
@@ -304,9 +394,38 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
         y_prev[j].p[e] = PairT::pack(0.f, 0.f);
       }
     float inv_prev = 0.f, q = 0.f, adj = 0.f;
+    // SPANS: segment slots of row t - 1 and of the piece being summed (-1: none)
+    [[maybe_unused]] int seg_prev = -1, piece = -1;
+    [[maybe_unused]] const auto write_partial = [&](int64_t at) {
+      float* out = part_sum + at * D;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int vi = j * threads + tid;
+        if (vi < n_vec) {
+#pragma unroll
+          for (int e = 0; e < P; e += 2)
+            *reinterpret_cast<float4*>(out + int64_t(vi) * V + 2 * e) =
+                make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
+        }
+      }
+      if (tid == 0) {
+        part_q[at] = q;
+        part_adj[at] = adj;
+      }
+    };
     for (int i = 0; i < n; ++i) {
       const bool own = i < nrows;  // else the row after the chunk: its pair with the chunk's last row only
       const int slot_next = slot + 1 == S ? 0 : slot + 1;
+      // SPANS: rows i - 1 and i in one sequence (or both in none). Rows in no segment need no masks: their sums go
+      // to a piece of slot -1, dropped when the next piece starts; only a pair may straddle two pieces.
+      [[maybe_unused]] bool same_seq = true;
+      if constexpr (SPANS) {
+        if (row0 + i >= cur.next) {
+          const int b_prev = cur.b;
+          cur.at(row0 + i, cu, seg_off, B, K);
+          same_seq = cur.b == b_prev;
+        }
+      }
       if constexpr (!CARRY) load_row(slot, xv);  // else xv holds row i since the previous step's sum of squares
       Vec yv[NV];
       float nn = 0.f, dot = 0.f;
@@ -347,6 +466,17 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
           if (j * threads + tid < n_vec) *reinterpret_cast<Vec*>(y_row + int64_t(j) * threads * V) = yv[j];
         if (tid == 0) rstd_out[row0 + i] = rstd;
       }
+      if constexpr (SPANS && ST) {
+        if (own && cur.seg != piece) {  // row i starts a piece: the last one's sums are complete (row i - 1 added)
+          if (piece >= 0) write_partial(item + piece);
+#pragma unroll
+          for (int j = 0; j < NV; ++j)
+#pragma unroll
+            for (int e = 0; e < P; ++e) acc[j][e] = make_float2(0.f, 0.f);
+          q = adj = 0.f;
+          piece = cur.seg;
+        }
+      }
       y_row += D;
       // row i + 1 (committed groups: S + i; groups 0 .. i + 1 done leaves S - 2 pending)
       float ss = 0.f;
@@ -361,8 +491,16 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
       rstd = fast_rsqrt(div_rn(s.z, float(D)) + eps);
       if constexpr (ST) {
         const float inv = fast_rsqrt(fmaxf(s.x, kMinSquaredNorm));
-        if (own) q += s.x * inv * inv;
-        adj += s.y * inv_prev * inv;
+        if constexpr (SPANS) {
+          // a pair counts inside one sequence's segments [o_0, o_K); it goes to the piece being summed, which is
+          // of the same sequence (row i's, or row i - 1's for the row after the chunk)
+          if (own) q += s.x * inv * inv;
+          if (seg_prev >= 0 && cur.seg >= 0 && same_seq) adj += s.y * inv_prev * inv;
+          seg_prev = cur.seg;
+        } else {
+          if (own) q += s.x * inv * inv;
+          adj += s.y * inv_prev * inv;
+        }
 #pragma unroll
         for (int j = 0; j < NV; ++j) y_prev[j] = yv[j];
         inv_prev = inv;
@@ -378,24 +516,16 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY>(), 1)
             acc[j][e] = make_float2(fmaf(g.x, inv_prev, acc[j][e].x), fmaf(g.y, inv_prev, acc[j][e].y));
           }
       }
-      float* out = part_sum + int64_t(item) * D;
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        const int vi = j * threads + tid;
-        if (vi < n_vec) {
-#pragma unroll
-          for (int e = 0; e < P; e += 2)
-            *reinterpret_cast<float4*>(out + int64_t(vi) * V + 2 * e) =
-                make_float4(acc[j][e].x, acc[j][e].y, acc[j][e + 1].x, acc[j][e + 1].y);
-        }
-      }
-      if (tid == 0) {
-        part_q[item] = q;
-        part_adj[item] = adj;
+      if constexpr (SPANS) {
+        if (piece >= 0) write_partial(item + piece);
+      } else {
+        write_partial(item);
       }
     }
   };
-  if (stats) {
+  if constexpr (SPANS) {
+    walk(std::true_type{});
+  } else if (stats) {
     walk(std::true_type{});
   } else {
     walk(std::false_type{});
@@ -412,23 +542,25 @@ inline size_t smem_bytes(unsigned threads) {
   return size_t(S) * threads * NV * 16 + size_t(threads) * NV * (W_NATIVE ? 16 : (16 / sizeof(T)) * sizeof(float));
 }
 
-template <typename T, int NV, int S, bool CARRY, bool W_NATIVE>
+template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, bool SPANS>
 inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const int64_t n_vec = a.D / V;
   const int64_t need = (n_vec + NV - 1) / NV;
   const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
-  if (threads > unsigned(max_block_threads<T, NV, CARRY>())) return cudaErrorInvalidValue;
+  if (threads > unsigned(max_block_threads<T, NV, CARRY, SPANS>())) return cudaErrorInvalidValue;
   const size_t smem = smem_bytes<T, NV, S, W_NATIVE>(threads);
-  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE>;
+  auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE, SPANS>;
+  const auto blocks = static_cast<unsigned>(SPANS ? span_blocks(a) : a.grid);
+  const int B = static_cast<int>(a.B), chunk = static_cast<int>(a.chunk);
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
   const int D = static_cast<int>(a.D);
 #ifdef GAINRL_CUDA_EMULATOR
   (void)stream;
-  gainrl_emu::launch_smem(smem, kernel, dim3(static_cast<unsigned>(a.grid)), dim3(threads), x, a.stride_r,
-                          a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-                          a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
+  gainrl_emu::launch_smem(smem, kernel, dim3(blocks), dim3(threads), x, a.stride_r, a.weight, w_dtype, y, a.rstd,
+                          a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end, a.part_sum, a.part_q, a.part_adj,
+                          a.R, D, a.eps, a.cu_seqlens, a.seg_offsets, B, a.K, chunk);
   return cudaSuccess;
 #else
   // Opt in to this much dynamic shared memory, once per device and size (then graph-capture safe), whatever the
@@ -445,52 +577,56 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
       if (dev < kMaxDevices) granted[dev].store(smem);  // a race only repeats the call
     }
   }
-  kernel<<<dim3(static_cast<unsigned>(a.grid)), dim3(threads), smem, stream>>>(
+  kernel<<<dim3(blocks), dim3(threads), smem, stream>>>(
       x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps);
+      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.cu_seqlens, a.seg_offsets, B, a.K, chunk);
   return cudaGetLastError();
 #endif
 }
 
-template <typename T, int NV, bool CARRY, bool W_NATIVE>
+template <typename T, int NV, bool CARRY, bool W_NATIVE, bool SPANS>
 inline cudaError_t dispatch_stages(const Args& a, DType w_dtype, cudaStream_t stream) {
   switch (a.stages) {
-    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE>(a, w_dtype, stream);
-    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE>(a, w_dtype, stream);
-    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE>(a, w_dtype, stream);
+    case 2: return launch_rows<T, NV, 2, CARRY, W_NATIVE, SPANS>(a, w_dtype, stream);
+    case 3: return launch_rows<T, NV, 3, CARRY, W_NATIVE, SPANS>(a, w_dtype, stream);
+    default: return launch_rows<T, NV, 4, CARRY, W_NATIVE, SPANS>(a, w_dtype, stream);
   }
 }
 
-template <typename T, int NV, bool CARRY>
+template <typename T, int NV, bool CARRY, bool SPANS>
 inline cudaError_t dispatch_weight(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
-    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true>(a, w_dtype, stream);
+    if (w_dtype == x_dtype) return dispatch_stages<T, NV, CARRY, true, SPANS>(a, w_dtype, stream);
   }
   (void)x_dtype;
-  return dispatch_stages<T, NV, CARRY, false>(a, w_dtype, stream);
+  return dispatch_stages<T, NV, CARRY, false, SPANS>(a, w_dtype, stream);
 }
 
-template <typename T>
+template <typename T, bool SPANS>
 inline cudaError_t dispatch_values(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   if constexpr (sizeof(T) == 2) {
     if (a.values_per_thread == 32) {
-      return a.carry ? dispatch_weight<T, 32 / V, true>(a, x_dtype, w_dtype, stream)
-                     : dispatch_weight<T, 32 / V, false>(a, x_dtype, w_dtype, stream);
+      return a.carry ? dispatch_weight<T, 32 / V, true, SPANS>(a, x_dtype, w_dtype, stream)
+                     : dispatch_weight<T, 32 / V, false, SPANS>(a, x_dtype, w_dtype, stream);
     }
   }
   // 16 (16-bit) or 8 (fp32) values per thread: the row is carried in registers either way
-  return dispatch_weight<T, sizeof(T) == 2 ? 16 / V : 2, true>(a, x_dtype, w_dtype, stream);
+  return dispatch_weight<T, sizeof(T) == 2 ? 16 / V : 2, true, SPANS>(a, x_dtype, w_dtype, stream);
 }
 
 // Enqueues the kernel (nothing when a.grid == 0); no synchronisation, no exceptions.
 inline cudaError_t launch_rmsnorm_angle_rows(const Args& a, DType x_dtype, DType w_dtype, cudaStream_t stream) {
   if (!supported(a, x_dtype, w_dtype)) return cudaErrorInvalidValue;
   if (a.grid <= 0) return cudaSuccess;
-  switch (x_dtype) {
-    case DType::kFloat16: return dispatch_values<__half>(a, x_dtype, w_dtype, stream);
-    case DType::kBFloat16: return dispatch_values<__nv_bfloat16>(a, x_dtype, w_dtype, stream);
-    default: return dispatch_values<float>(a, x_dtype, w_dtype, stream);
+  switch (x_dtype) {  // spans: 16-bit rows only (supported())
+    case DType::kFloat16:
+      return a.spans ? dispatch_values<__half, true>(a, x_dtype, w_dtype, stream)
+                     : dispatch_values<__half, false>(a, x_dtype, w_dtype, stream);
+    case DType::kBFloat16:
+      return a.spans ? dispatch_values<__nv_bfloat16, true>(a, x_dtype, w_dtype, stream)
+                     : dispatch_values<__nv_bfloat16, false>(a, x_dtype, w_dtype, stream);
+    default: return dispatch_values<float, false>(a, x_dtype, w_dtype, stream);
   }
 }
 

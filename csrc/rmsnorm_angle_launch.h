@@ -47,7 +47,19 @@ struct Args {
   int values_per_thread;  // 16 or 32 (columns each thread holds in 16-bit rows; fp32 rows: 8)
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
+  // spans: no work list (item_* unused). Block i takes rows [i * chunk, (i + 1) * chunk) and finds their sequences
+  // and segments in cu_seqlens [B + 1] and seg_offsets [B, K + 1] (null: K = 1, the whole sequence); its partials
+  // go to slots i + b * K + k, so `grid` is the slot count cdiv(R, chunk) + B * K. 16-bit rows only.
+  bool spans = false;
+  const int* cu_seqlens = nullptr;
+  const int* seg_offsets = nullptr;
+  int64_t B = 0;
+  int K = 1;
+  int64_t chunk = 1;
 };
+
+// Blocks of a spans launch: cdiv(R, chunk).
+inline int64_t span_blocks(const Args& a) { return a.chunk > 0 ? (a.R + a.chunk - 1) / a.chunk : 0; }
 
 // Columns each thread holds: fp32 rows always 8 (more spill), 16-bit rows values_per_thread.
 inline int values_per_thread(DType x_dtype, int requested) { return x_dtype == DType::kFloat32 ? 8 : requested; }
@@ -58,6 +70,14 @@ inline int64_t max_dim(DType x_dtype, int requested) {
   return d < kMaxDim ? d : kMaxDim;
 }
 
+// A spans launch: 16-bit rows, cu_seqlens given, B >= 1, 1 <= K < 2^31 / B, 1 <= chunk < 2^31, and the slots
+// cdiv(R, chunk) + B * K in `grid`.
+inline bool spans_supported(const Args& a, DType x_dtype) {
+  return x_dtype != DType::kFloat32 && a.cu_seqlens != nullptr && a.B >= 1 && a.K >= 1 &&
+         a.B * int64_t(a.K) < (int64_t(1) << 31) && a.chunk >= 1 && a.chunk < (int64_t(1) << 31) &&
+         (a.seg_offsets != nullptr || a.K == 1) && a.grid == span_blocks(a) + a.B * a.K;
+}
+
 // Whether the kernel takes these rows: unit column stride is the caller's; D a multiple of the 16-byte vector,
 // 16-byte aligned x / y rows and weight, D <= max_dim, a known tuning.
 inline bool supported(const Args& a, DType x_dtype, DType w_dtype) {
@@ -66,7 +86,8 @@ inline bool supported(const Args& a, DType x_dtype, DType w_dtype) {
   return a.D > 0 && a.D <= max_dim(x_dtype, a.values_per_thread) && a.D % vec == 0 &&
          (a.stride_r * element_size(x_dtype)) % 16 == 0 &&
          aligned(a.x) && aligned(a.y) && aligned(a.weight) && (a.D * element_size(w_dtype)) % 16 == 0 &&
-         (a.values_per_thread == 16 || a.values_per_thread == 32) && a.stages >= 2 && a.stages <= 4;
+         (a.values_per_thread == 16 || a.values_per_thread == 32) && a.stages >= 2 && a.stages <= 4 &&
+         (!a.spans || spans_supported(a, x_dtype));
 }
 
 // Enqueues the rows kernel on `stream` and returns cudaGetLastError() (cudaErrorInvalidValue, launching nothing,

@@ -720,6 +720,17 @@ def _reduce_kernel(
     pd = tl.program_id(1)
     lo = tl.load(seg_lo_ptr + s)
     hi = tl.load(seg_hi_ptr + s)
+    _sum_partial_rows(part_sum_ptr, unit_sum_ptr, s, pd, lo, hi, D, BLOCK_C, BLOCK_D)
+    if pd == 0:
+        tl.store(sq_norm_ptr + s, _sum_range(part_q_ptr, lo, hi, BLOCK_C))
+        if s % K == 0:
+            tl.store(adjacent_ptr + s // K, _sum_range(part_adj_ptr, lo, tl.load(seg_hi_ptr + s + K - 1), BLOCK_C))
+
+
+@triton.jit
+def _sum_partial_rows(part_sum_ptr, unit_sum_ptr, s, pd, lo, hi, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """unit_sum[s, pd BLOCK_D : (pd + 1) BLOCK_D] = the sum of part_sum rows [lo, hi) there, BLOCK_C rows at a time
+    (loads in flight rather than one dependent load per row), in a fixed order."""
     c = tl.arange(0, BLOCK_C)
     dd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
@@ -729,10 +740,55 @@ def _reduce_kernel(
         acc += tl.load(part_sum_ptr + rows[:, None] * D + dd[None, :], mask=(c0 + c < hi)[:, None] & d_ok[None, :],
                        other=0.0)
     tl.store(unit_sum_ptr + s.to(tl.int64) * D + dd, tl.sum(acc, axis=0), mask=d_ok)
+
+
+@triton.jit
+def _span_slots(cu_ptr, off_ptr, b, k, R, chunk, K: tl.constexpr, HAS_OFF: tl.constexpr):
+    """(first slot, one past the last, count) of segment k of sequence b for the CUDA spans kernel: its rows
+    [cu_b + o_k, cu_b + max(o_k, o_k+1)) (offsets clamped to [0, len_b], rows to [0, R)) lie in blocks
+    row // chunk, each of which wrote its piece at slot block + b K + k. count: max(o_k+1 - o_k, 0), as the plan's."""
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    length = tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64) - start, 0)
+    if HAS_OFF:
+        o0 = tl.load(off_ptr + b * (K + 1) + k).to(tl.int64)
+        o1 = tl.load(off_ptr + b * (K + 1) + k + 1).to(tl.int64)
+    else:
+        o0 = length * 0
+        o1 = length
+    o0 = tl.minimum(tl.maximum(o0, 0), length)
+    o1 = tl.minimum(tl.maximum(o1, 0), length)
+    lo = tl.minimum(tl.maximum(start + o0, 0), R)
+    hi = tl.minimum(tl.maximum(start + tl.maximum(o0, o1), 0), R)
+    first = lo // chunk + b * K + k
+    last = tl.where(hi > lo, (hi - 1) // chunk + b * K + k + 1, first)
+    return first, last, tl.maximum(o1 - o0, 0)
+
+
+@triton.jit
+def _reduce_spans_kernel(
+    part_sum_ptr, part_q_ptr, part_adj_ptr, cu_ptr, off_ptr,
+    unit_sum_ptr, sq_norm_ptr, adjacent_ptr, count_ptr, R, D, chunk,
+    K: tl.constexpr, HAS_OFF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``_reduce_kernel`` for the partials of the CUDA spans kernel (no work list): segment slot s = b * K + k finds
+    its slots from cu_seqlens and the offsets (``_span_slots``) and also writes count[b, k]; the k == 0 program
+    sums the adjacent partials of the sequence's K segments, segment by segment (their slots need not be
+    consecutive). Fixed orders: deterministic. Grid (B * K, cdiv(D, BLOCK_D))."""
+    s = tl.program_id(0)
+    pd = tl.program_id(1)
+    b = s // K
+    k = s % K
+    lo, hi, count = _span_slots(cu_ptr, off_ptr, b, k, R, chunk, K, HAS_OFF)
+    _sum_partial_rows(part_sum_ptr, unit_sum_ptr, s, pd, lo, hi, D, BLOCK_C, BLOCK_D)
     if pd == 0:
         tl.store(sq_norm_ptr + s, _sum_range(part_q_ptr, lo, hi, BLOCK_C))
-        if s % K == 0:
-            tl.store(adjacent_ptr + s // K, _sum_range(part_adj_ptr, lo, tl.load(seg_hi_ptr + s + K - 1), BLOCK_C))
+        tl.store(count_ptr + s, count.to(tl.int32))
+        if k == 0:
+            adj = tl.zeros([], dtype=tl.float32)
+            for kk in range(0, K):
+                lo_k, hi_k, _ = _span_slots(cu_ptr, off_ptr, b, kk, R, chunk, K, HAS_OFF)
+                adj += _sum_range(part_adj_ptr, lo_k, hi_k, BLOCK_C)
+            tl.store(adjacent_ptr + b, adj)
 
 
 @triton.jit
@@ -987,6 +1043,13 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 #   8x2048x896    -           / 0.033       / 0.031       / 0.040
 # At 64x4096x4096 fill 2 / 4 / 8 are within 1% (1.156 / 1.155 / 1.165: the chunk is at its longest).
 _CUDA_ROWS_FILL: dict[int, int] = {5120: 1, 8192: 1}
+# Launches of at most this many rows with statistics skip the work list where the CUDA rows kernel takes the rows
+# (16-bit, no token_index): the kernel's SPANS form (csrc/rmsnorm_angle_kernels.cuh), block i on rows
+# [i chunk, (i + 1) chunk) whatever the segments, following cu_seqlens and seg_offsets itself, its partials per
+# piece (the block's rows of one segment) at slots i + b K + k, reduced by ``_reduce_spans_kernel``. Two launches
+# instead of three: at 8x2048x896 the work-list kernel takes ~3.5 us of the forward's ~31 (H200, session 20). 0: off
+# (the default until timed on a GPU; variant ``cuda_spans`` of bench/fused_variants.py).
+_CUDA_ROWS_SPANS_MAX_ROWS = 0
 
 
 class _FwdConfig(NamedTuple):
@@ -1106,9 +1169,15 @@ class _Plan(NamedTuple):
     seg_hi: torch.Tensor  # [B * K] int32 one past its last chunk
     count: torch.Tensor  # [B, K] int32
     nseg: int
-    # the forward kernel the plan is for: "cuda_rows" (statistics, ``_cuda_rows_take``), else the Triton
-    # "triton_rows" or "triton_sliced" kernel (the config's); the chunk length may depend on it (``_fill_per_sm``)
+    # the forward kernel the plan is for: "cuda_rows" (statistics, ``_cuda_rows_take``), "cuda_spans" (the same
+    # kernel without a work list, ``_spans_plan``), else the Triton "triton_rows" or "triton_sliced" kernel (the
+    # config's); the chunk length may depend on it (``_fill_per_sm``)
     kernel: str
+    # "cuda_spans" only: the [B + 1] cu_seqlens and [B, K + 1] seg_offsets (None: K = 1) the kernels follow, and
+    # the row count R of x
+    cu_seqlens: Optional[torch.Tensor] = None
+    seg_offsets: Optional[torch.Tensor] = None
+    rows: int = 0
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1142,6 +1211,8 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     cuda_rows = weight is not None and _cuda_rows_take(x2d, weight)
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight),
                       fill_per_sm=_fill_per_sm(dim, cuda_rows))
+    if cuda_rows and cfg.rows and token_index is None and 0 < rows <= _CUDA_ROWS_SPANS_MAX_ROWS:
+        return _spans_plan(cfg, rows, cu_seqlens, seg_offsets)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
@@ -1161,6 +1232,17 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     )
     return _Plan(cfg, grid, items[0], items[1], items[2], items[3], seg_range[0], seg_range[1], count, nseg,
                  "cuda_rows" if cuda_rows and cfg.rows else _triton_kernel(cfg))
+
+
+def _spans_plan(cfg: _FwdConfig, rows: int, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor]) -> _Plan:
+    """No work list: the CUDA spans kernel's blocks take rows [i chunk, (i + 1) chunk); ``grid`` is its partial
+    slots, cdiv(rows, chunk) + B K. ``count`` is written by ``_reduce_spans_kernel``."""
+    batch = cu_seqlens.numel() - 1
+    nseg = 1 if seg_offsets is None else seg_offsets.shape[1] - 1
+    empty = torch.empty(0, dtype=torch.int32, device=cu_seqlens.device)
+    count = torch.empty(batch, nseg, dtype=torch.int32, device=cu_seqlens.device)
+    return _Plan(cfg, triton.cdiv(rows, cfg.chunk) + batch * nseg, empty, empty, empty, empty, empty, empty, count,
+                 nseg, "cuda_spans", cu_seqlens, seg_offsets, rows)
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1228,6 +1310,11 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
         torch.ops.gainrl.rmsnorm_angle_rows_ext(
             x2d, weight, y, rstd, plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end,
             part_sum, part_q, part_adj, float(eps), _CUDA_ROWS_VALUES, stages, carry)
+    elif stats and plan.kernel == "cuda_spans":
+        stages, carry = _cuda_rows_tuning(dim)
+        torch.ops.gainrl.rmsnorm_angle_spans_ext(
+            x2d, weight, y, rstd, plan.cu_seqlens, plan.seg_offsets, part_sum, part_q, part_adj, plan.cfg.chunk,
+            float(eps), _CUDA_ROWS_VALUES, stages, carry)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:
@@ -1269,7 +1356,16 @@ def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, 
     batch, nseg, dim = unit_sum.shape
     block_c, block_d = _REDUCE_TILE
     block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
-    _reduce_kernel[(batch * nseg, triton.cdiv(dim, block_d))](
+    grid = (batch * nseg, triton.cdiv(dim, block_d))
+    if plan.kernel == "cuda_spans":  # the slots come from cu_seqlens and the offsets; count is written here too
+        off = plan.seg_offsets
+        _reduce_spans_kernel[grid](
+            part_sum, part_q, part_adj, plan.cu_seqlens, off if off is not None else plan.cu_seqlens,
+            unit_sum, sq_norm, adjacent, plan.count, plan.rows, dim, plan.cfg.chunk,
+            K=nseg, HAS_OFF=off is not None, BLOCK_C=block_c, BLOCK_D=block_d,
+        )
+        return
+    _reduce_kernel[grid](
         part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
         unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
     )

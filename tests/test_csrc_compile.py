@@ -354,7 +354,7 @@ def test_cuda_binding_compiles_with_gxx(tmp_path, src):
 
 # ---------------------------------------------------------------------------------------------------- op schemas
 
-SCHEMA_TYPES = {"Tensor": "Tensor", "float": "double", "int": "int64_t", "bool": "bool"}
+SCHEMA_TYPES = {"Tensor": "Tensor", "Tensor?": "optional<Tensor>", "float": "double", "int": "int64_t", "bool": "bool"}
 
 
 def registered_ops() -> list[tuple[str, str, str, str]]:
@@ -387,7 +387,7 @@ def cpp_signature(func: str) -> tuple[str, list[str]]:
 @pytest.mark.parametrize("op", registered_ops(), ids=lambda op: op[0] + "@" + op[3])
 def test_op_schema_matches_cpp_signature(op):
     """Every ``m.impl`` function has the argument and return types of its ``m.def`` schema (Tensor / float / int /
-    bool -> at::Tensor / double / int64_t / bool). A mismatch throws when the extension is loaded, and only a
+    bool, Tensor? -> at::Tensor / double / int64_t / bool, std::optional<at::Tensor>). A mismatch throws when the extension is loaded, and only a
     machine that builds that file (the CUDA bindings: a GPU machine) would see it, with every op of the extension
     lost."""
     name, schema, func, file = op

@@ -56,6 +56,23 @@ extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_
   }
 }
 
+extern "C" int emu_spans(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
+                         float* rstd, const int* cu, const int* off, int64_t B, int K, int64_t chunk, int64_t grid,
+                         float* part_sum, float* part_q, float* part_adj, int64_t R, int64_t D, float eps,
+                         int values_per_thread, int stages, int carry) {
+  ra::Args a{};
+  a.x = x; a.stride_r = stride_r; a.weight = weight; a.y = y; a.rstd = rstd; a.grid = grid;
+  a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
+  a.values_per_thread = values_per_thread; a.stages = stages; a.carry = carry != 0;
+  a.spans = true; a.cu_seqlens = cu; a.seg_offsets = off; a.B = B; a.K = K; a.chunk = chunk;
+  try {
+    return static_cast<int>(ra::launch_rmsnorm_angle_rows(a, static_cast<ra::DType>(x_dtype),
+                                                          static_cast<ra::DType>(w_dtype), nullptr));
+  } catch (...) {
+    return -1;
+  }
+}
+
 extern "C" void emu_set_eager_copies(int eager) { gainrl_emu::g_cp_async_eager = eager != 0; }
 
 extern "C" void emu_last_launch(unsigned* threads, size_t* smem) {
@@ -81,6 +98,12 @@ def emulator(tmp_path_factory):
         [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         + [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
         + [ctypes.c_float] + [ctypes.c_int] * 3
+    )
+    lib.emu_spans.restype = ctypes.c_int
+    lib.emu_spans.argtypes = (
+        [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] + [ctypes.c_int] * 3
     )
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
     lib.emu_last_launch.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_size_t)]
@@ -326,6 +349,140 @@ def test_emulated_launch_shape_matches_static_script(emulator, dim, dtype, w_dty
     assert launch_shape(dim, size, nv, stages, w_dtype == dtype and size == 2) == (threads.value, smem.value)
 
 
+# ---------------------------------------------------------------------------------------------- spans (no work list)
+
+GUARD = 12345.0  # what the slots past the spans kernel's last one hold before and after a launch
+
+
+def emulated_spans_forward(lib, x2d, weight, cu, off=None, chunk: int = 4, values: int = 32, stages: int = 3,
+                           carry: bool = False):
+    """(y, rstd, AngleStats) of the CUDA rows kernel's SPANS form run in the emulator on outputs poisoned with NaN
+    (blocks of ``chunk`` rows, no work list), then ``_reduce_spans_kernel`` (interpreter). The partial buffers end in
+    guard slots, checked untouched. Raises RuntimeError when the launcher refuses."""
+    rows, dim = x2d.shape
+    cfg = rmsnorm_module._fwd_config(rows, dim, x2d.element_size(), x2d.device, stats=True)._replace(chunk=chunk)
+    plan = rmsnorm_module._spans_plan(cfg, rows, cu, off)
+    guard = 3
+    y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
+    rstd = torch.full((rows,), float("nan"))
+    part_sum = torch.full((plan.grid + guard, dim), float("nan"))
+    part_q = torch.full((plan.grid + guard,), float("nan"))
+    part_adj = torch.full((plan.grid + guard,), float("nan"))
+    for t in (part_sum, part_q, part_adj):
+        t[plan.grid:] = GUARD
+    batch_size, nseg = plan.count.shape
+    rc = lib.emu_spans(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
+                       y.data_ptr(), rstd.data_ptr(), cu.data_ptr(), off.contiguous().data_ptr() if off is not None
+                       else None, batch_size, nseg, chunk, plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
+                       part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry))
+    if rc != 0:
+        raise RuntimeError(f"emulated launch refused: {rc}")
+    for t in (part_sum, part_q, part_adj):
+        assert (t[plan.grid:] == GUARD).all(), "the kernel wrote past its slots"
+    unit_sum = torch.empty(batch_size, nseg, dim)
+    sq_norm = torch.empty(batch_size, nseg)
+    adjacent = torch.empty(batch_size)
+    rmsnorm_module._reduce_partials(plan, part_sum[:plan.grid], part_q[:plan.grid], part_adj[:plan.grid], unit_sum,
+                                    sq_norm, adjacent)
+    return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 64])
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 64), (torch.float16, 200), (torch.bfloat16, 1040)], ids=str)
+def test_emulated_spans_match_work_list(emulator, dim, dtype, chunk):
+    """Blocks of ``chunk`` rows across sequences and segments (empty and length-1 sequences, rows before, between and
+    after the segments, rows after the last sequence): y and rstd bitwise those of the work-list launch, the
+    statistics those of y (float64 reference) and close to the work list's (another split of the sums)."""
+    x, w, cu, off = batch(dim, dtype, seed=dim + chunk)
+    y, rstd, stats = emulated_spans_forward(emulator, x, w, cu, off, chunk=chunk)
+    y0, r0, s0 = emulated_forward(emulator, x, w, cu, off)
+    assert torch.equal(y, y0) and torch.equal(rstd, r0)
+    assert_stats(stats, y, cu, off)
+    assert torch.equal(stats.count, s0.count)
+    for a, b in zip(stats, s0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("values,stages,carry", [(16, 2, True), (16, 4, True), (32, 2, False), (32, 4, True)])
+def test_emulated_spans_tunings(emulator, values, stages, carry, copies):
+    """Every ring depth, carried or not, gives bitwise the 3-stage launch's y, rstd and statistics (bf16, strided
+    rows, copies as late and as early as they may be); run twice, bitwise the same."""
+    x, w, cu, off = batch(256, torch.bfloat16, seed=4, strided=True)
+    y0, r0, s0 = emulated_spans_forward(emulator, x, w, cu, off, chunk=5, values=values)
+    y1, r1, s1 = emulated_spans_forward(emulator, x, w, cu, off, chunk=5, values=values, stages=stages, carry=carry)
+    y2, r2, s2 = emulated_spans_forward(emulator, x, w, cu, off, chunk=5, values=values, stages=stages, carry=carry)
+    assert torch.equal(y0, y1) and torch.equal(r0, r1) and torch.equal(y1, y2) and torch.equal(r1, r2)
+    assert all(torch.equal(a, b) for a, b in zip(s0, s1)) and all(torch.equal(a, b) for a, b in zip(s1, s2))
+    assert_stats(s1, y1, cu, off)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_emulated_spans_random_batches(emulator, seed):
+    """Random ragged batches (empty sequences, segments anywhere in [0, len], trailing rows; sometimes the default
+    one segment per sequence), 16-bit dtype, D, weight dtype, chunk, tuning and ring depth drawn from the seed."""
+    g = torch.Generator().manual_seed(300 + seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    dtype = pick([torch.bfloat16, torch.float16])
+    dim = 8 * int(torch.randint(1, 40, (1,), generator=g))
+    cu, off, rows = random_ragged(g, max_seqs=7, max_len=30, max_segments=4, max_trailing=3)
+    if seed % 4 == 3:
+        off = None
+    x = concentrated((max(rows, 1),), dim, seed=seed).to(dtype)
+    w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(pick([dtype, torch.float32]))
+    y, rstd, stats = emulated_spans_forward(emulator, x, w, cu, off, chunk=pick([1, 2, 3, 5, 8, 16]),
+                                            values=pick([16, 32]), stages=pick([2, 3, 4]),
+                                            carry=bool(torch.randint(2, (1,), generator=g)))
+    assert_rms(y, rstd, x, w)
+    assert_stats(stats, y, cu, off)
+
+
+def test_emulated_spans_every_segment_empty_and_nan_row(emulator):
+    """Every segment empty: no statistics, counts 0. A NaN in x: its row, its segment's sums and its sequence's
+    adjacent term NaN, nothing else."""
+    x, w, cu, off = batch(64, torch.bfloat16, seed=6)
+    _, _, s = emulated_spans_forward(emulator, x, w, cu, torch.zeros_like(off), chunk=3)
+    assert int(s.count.sum()) == 0 and not s.unit_sum.any() and not s.sq_norm.any() and not s.adjacent.any()
+    x[cu[1] + 5, 7] = float("nan")  # sequence 1, segment 0 ([2, 9))
+    y, _, stats = emulated_spans_forward(emulator, x, w, cu, off, chunk=3)
+    assert torch.isnan(y[cu[1] + 5]).all() and not torch.isnan(y[cu[1] + 6]).any()
+    assert torch.isnan(stats.unit_sum[1, 0]).all() and torch.isnan(stats.adjacent[1])
+    assert not torch.isnan(stats.unit_sum[1, 1]).any() and not torch.isnan(stats.sq_norm[1, 1])
+    keep = torch.ones(len(cu) - 1, dtype=torch.bool)
+    keep[1] = False
+    assert not torch.isnan(stats.adjacent[keep]).any() and not torch.isnan(stats.unit_sum[keep]).any()
+
+
+@pytest.mark.parametrize("case", ["cu_decreasing", "cu_past_rows", "offsets_out_of_range", "offsets_decreasing"])
+def test_emulated_spans_unvalidated_indices(emulator, case):
+    """Indices that validation would refuse (``validate=False`` skips it): the kernel still writes only its own
+    slots (guards intact), and y and rstd, which do not depend on them, are still exact."""
+    x, w, cu, off = batch(64, torch.bfloat16, seed=8)
+    cu, off = cu.clone(), off.clone()
+    if case == "cu_decreasing":
+        cu[3] = 50
+    elif case == "cu_past_rows":
+        cu[-1] = 10_000
+    elif case == "offsets_out_of_range":
+        off[1] = torch.tensor([-7, 90, 3])
+    else:
+        off[:, 0] = 30
+    y, rstd, _ = emulated_spans_forward(emulator, x, w, cu, off, chunk=3)
+    assert_rms(y, rstd, x, w)
+
+
+def test_emulated_spans_refused(emulator):
+    """fp32 rows (the SPANS form is built for 16-bit rows only) and a slot count that is not cdiv(R, chunk) + B K:
+    the launcher refuses."""
+    x, w, cu, off = batch(64, torch.float32, seed=1)
+    with pytest.raises(RuntimeError, match="refused"):
+        emulated_spans_forward(emulator, x, w, cu, off)
+    x = x.to(torch.bfloat16)
+    rc = emulator.emu_spans(CODE[x.dtype], CODE[w.dtype], x.data_ptr(), x.stride(0), w.data_ptr(), x.data_ptr(),
+                            None, cu.data_ptr(), off.data_ptr(), len(cu) - 1, off.shape[1] - 1, 4, 1, None, None,
+                            None, x.shape[0], x.shape[1], EPS, 32, 3, 0)
+    assert rc != 0
+
+
 def test_cuda_rows_tuning_by_width(monkeypatch):
     """Stages and carry of the CUDA rows kernel by width (``_cuda_rows_tuning``): the timed widths their entry of
     ``_CUDA_ROWS_TUNED``, others 3 stages carried outside (1024, 4096]; each knob, once set, overrides its half
@@ -463,3 +620,43 @@ def test_cuda_rows_deterministic_and_graph_capture(dim):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y0, y2) and all(torch.equal(a, b) for a, b in zip(s0, s2))
+
+
+@needs_cuda_rows
+@pytest.mark.parametrize("dim", [64, 896, 4096, 8192])
+def test_cuda_spans_match_work_list_and_graph_capture(dim, monkeypatch):
+    """On the GPU, without a work list (``_CUDA_ROWS_SPANS_MAX_ROWS``): y bitwise the work-list launch's, the
+    statistics those of y and close to the work list's, bitwise the same twice and replayed from a CUDA graph."""
+    x, w, cu, off = batch(dim, torch.bfloat16, seed=dim, strided=True, device="cuda")
+    y_l, s_l = rmsnorm_angle(x, w, EPS, cu, off)
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_SPANS_MAX_ROWS", 1 << 40)
+    assert rmsnorm_module._stats_plan(x, cu, off, None, w).kernel == "cuda_spans"
+    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+    y1, s1 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+    assert torch.equal(y0, y_l) and torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
+    assert_stats(s0, y0.cpu(), cu.cpu(), off.cpu())
+    for a, b in zip(s0, s_l):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y2, s2 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y0, y2) and all(torch.equal(a, b) for a, b in zip(s0, s2))
+
+
+@needs_cuda_rows
+@pytest.mark.parametrize("seed", range(6))
+def test_cuda_spans_random_batches(seed, monkeypatch):
+    """On the GPU, without a work list: random ragged batches against the float64 reference, model widths and the
+    fill rule's chunk (many blocks per sequence), sometimes the default segments."""
+    g = torch.Generator().manual_seed(500 + seed)
+    dim = [576, 896, 1536, 2048, 4096, 5120][seed]
+    cu, off, rows = random_ragged(g, max_seqs=40, max_len=600, max_segments=5, max_trailing=9)
+    off = None if seed % 3 == 2 else off
+    x = concentrated((max(rows, 1),), dim, seed=seed).to(torch.bfloat16).cuda()
+    w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(torch.bfloat16).cuda()
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_SPANS_MAX_ROWS", 1 << 40)
+    cu_d, off_d = cu.cuda(), None if off is None else off.cuda()
+    y, stats = rmsnorm_angle(x, w, EPS, cu_d, off_d)
+    assert_stats(stats, y.cpu(), cu, off)
