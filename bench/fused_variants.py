@@ -73,6 +73,10 @@ VARIANTS: dict[str, dict] = {
     # Triton rows kernel); with 16-bit rows the same as cuda_rows. H200, session 20 (results/fused_variants_h200_
     # fp32.json): slower than Triton's, 0.387 / 0.831 against 0.308 / 0.587 ms at 16x4096x2048 / 4096
     "cuda_rows_fp32": {"_CUDA_ROWS": True, "_CUDA_ROWS_FP32": True},
+    # session 28: no work list below this many rows (the kernel's SPANS form, _CUDA_ROWS_SPANS_MAX_ROWS): two
+    # launches instead of three; the work-list kernel alone took ~3.5 us of ~31 at 8x2048x896 (H200, session 20)
+    "cuda_spans": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40},
+    "cuda_spans_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40, "_CUDA_ROWS_STAGES": 4},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them

@@ -226,11 +226,12 @@ struct SpanCursor {
 // ------------------------------------------------------------------------------------------------ the rows kernel
 
 // Block size bound of an instantiation: carried 32-value blocks 256 threads (see CARRY below), others kMaxThreads.
-// SPANS 32-value blocks 256 too (their D <= 8192 needs no more): the cursor's registers do not fit the 128 of
-// kMaxThreads (fp16 rows with an fp32 weight spilled at sm_80).
-template <typename T, int NV, bool CARRY, bool SPANS = false>
+// WIDE: 32-value blocks 256 too (D <= 8192 needs no more), for the SPANS form with a weight not of x's dtype, whose
+// cursor does not fit the 128 registers of kMaxThreads (4-24 bytes spilled at sm_80 and sm_90a; with a weight of
+// x's dtype it fits, so those keep 4 blocks of 4 warps per SM at D = 4096).
+template <typename T, int NV, bool CARRY, bool WIDE = false>
 constexpr int max_block_threads() {
-  return (CARRY || SPANS) && NV * 16 / sizeof(T) >= 32 ? 256 : kMaxThreads;
+  return (CARRY || WIDE) && NV * 16 / sizeof(T) >= 32 ? 256 : kMaxThreads;
 }
 
 // One block per work item. Dynamic shared memory: the ring [S][blockDim.x * NV] of 16-byte vectors, then the weight
@@ -249,7 +250,7 @@ constexpr int max_block_threads() {
 // later segment's pieces lie in the same or later blocks, and a segment's pieces are consecutive slots (the reduce
 // finds them from cu_seqlens and the offsets alone). Rows in no segment take the statistics' loop too, masked.
 template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, bool SPANS = false>
-__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS>(), 1)
+__global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS && !W_NATIVE>(), 1)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
@@ -548,7 +549,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   const int64_t n_vec = a.D / V;
   const int64_t need = (n_vec + NV - 1) / NV;
   const unsigned threads = static_cast<unsigned>(need <= 32 ? 32 : (need + 31) / 32 * 32);
-  if (threads > unsigned(max_block_threads<T, NV, CARRY, SPANS>())) return cudaErrorInvalidValue;
+  if (threads > unsigned(max_block_threads<T, NV, CARRY, SPANS && !W_NATIVE>())) return cudaErrorInvalidValue;
   const size_t smem = smem_bytes<T, NV, S, W_NATIVE>(threads);
   auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE, SPANS>;
   const auto blocks = static_cast<unsigned>(SPANS ? span_blocks(a) : a.grid);

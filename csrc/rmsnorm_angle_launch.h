@@ -7,7 +7,8 @@
 // The kernel replaces the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py for a work list built by that
 // module's plan kernel: one block per work item (a chunk of consecutive rows, inside one segment or outside all),
 // the same outputs (y, rstd, one fp32 partial row + two scalars per segment chunk), reduced by the same Triton
-// reduce kernel.
+// reduce kernel. Its spans form (Args::spans) needs no work list: block i takes rows [i chunk, (i + 1) chunk) and
+// follows cu_seqlens and seg_offsets itself; the module's _reduce_spans_kernel sums its per-piece partials.
 #pragma once
 
 #include <cuda_runtime_api.h>

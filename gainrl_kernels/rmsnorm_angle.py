@@ -52,7 +52,11 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
   * or, where the extension is built with CUDA and takes the rows (``_cuda_rows_take``: 16-bit rows, 16-byte
     vectors, D <= 8192), the hand-written CUDA rows kernel on the same work list (csrc/rmsnorm_angle_kernels.cuh:
     rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from
-    D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json).
+    D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json). Up to
+    ``_CUDA_ROWS_SPANS_MAX_ROWS`` rows (0, off, until timed) its SPANS form needs no work list: block i takes rows
+    [i chunk, (i + 1) chunk) across sequences and segments, finds them in cu_seqlens and seg_offsets itself, and
+    writes a partial per piece (its rows of one segment) at slot i + b K + k; ``_reduce_spans_kernel`` finds a
+    segment's slots from the offsets alone (two launches instead of three).
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
