@@ -77,6 +77,12 @@ VARIANTS: dict[str, dict] = {
     # launches instead of three; the work-list kernel alone took ~3.5 us of ~31 at 8x2048x896 (H200, session 20)
     "cuda_spans": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40},
     "cuda_spans_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40, "_CUDA_ROWS_STAGES": 4},
+    # the reduce kernel's [chunks, columns] tile (default (16, 128)): at 8x2048x896 it has 8 x 7 programs, each
+    # summing 128 partial rows; narrower column blocks give 4x the programs (H100: one chunk per step,
+    # serial_reduce, cost +9.5 us there: bench/results/fused_variants_h100.json)
+    "reduce_16x32": {"_CUDA_ROWS": True, "_REDUCE_TILE": (16, 32)},
+    "reduce_64x32": {"_CUDA_ROWS": True, "_REDUCE_TILE": (64, 32)},
+    "cuda_spans_reduce_16x32": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40, "_REDUCE_TILE": (16, 32)},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them

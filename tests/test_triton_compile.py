@@ -245,6 +245,15 @@ def _rmsnorm_angle_cases():
              unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32"),
         dict(BLOCK_C=M._REDUCE_TILE[0], BLOCK_D=M._REDUCE_TILE[1]), 4,
     )
+    # the CUDA spans kernel's reduce (slots from cu_seqlens and the offsets), at the default tile and the variants'
+    for (n_seg, has_off), tile in zip(((1, False), (3, True), (2, True)), (M._REDUCE_TILE, (16, 32), (64, 32))):
+        yield Case(
+            f"rmsnorm_reduce_spans-K{n_seg}-off{int(has_off)}-{tile[0]}x{tile[1]}", M._reduce_spans_kernel,
+            dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", cu_ptr="*i32", off_ptr="*i32",
+                 unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", count_ptr="*i32", R="i32",
+                 D="i32", chunk="i32"),
+            dict(K=n_seg, HAS_OFF=has_off, BLOCK_C=tile[0], BLOCK_D=tile[1]), 4,
+        )
 
 
 def _pairwise_cases():
