@@ -234,8 +234,9 @@ ext_report() {
 import torch
 from gainrl_kernels.extension import EXTENSION_ERROR, has_ext_kernel
 cpu, cuda = has_ext_kernel("cpu"), has_ext_kernel("cuda")
-print(f"extension: cpu kernel={cpu} cuda kernel={cuda} error={EXTENSION_ERROR}")
-raise SystemExit(0 if cpu and (cuda or not torch.cuda.is_available()) else 1)
+rows, spans = (has_ext_kernel("cuda", f"rmsnorm_angle_{k}_ext") for k in ("rows", "spans"))
+print(f"extension: cpu kernel={cpu} cuda kernel={cuda} rows={rows} spans={spans} error={EXTENSION_ERROR}")
+raise SystemExit(0 if cpu and ((cuda and rows and spans) or not torch.cuda.is_available()) else 1)
 EOF
 }
 export -f ext_report

@@ -22,8 +22,9 @@ _warned = False
 @functools.cache  # the registrations are fixed once _C is imported: one dispatcher query, not one per call
 def has_ext_kernel(device_type: str, op: str = "angle_stats_ext") -> bool:
     """Whether the compiled extension has a ``device_type`` ("cpu" or "cuda") kernel for ``torch.ops.gainrl.<op>``:
-    ``angle_stats_ext`` (C++ on CPU, CUDA when built with CUDA), ``rmsnorm_angle_rows_ext`` (the CUDA rows kernel
-    of the fused RMSNorm + angle forward; CUDA builds only, the op is not even defined otherwise)."""
+    ``angle_stats_ext`` (C++ on CPU, CUDA when built with CUDA), ``rmsnorm_angle_rows_ext`` /
+    ``rmsnorm_angle_spans_ext`` (the CUDA rows kernel of the fused RMSNorm + angle forward, with and without the work
+    list; CUDA builds only, the ops are not even defined otherwise)."""
     if EXTENSION_ERROR is not None or not hasattr(torch.ops.gainrl, op):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]

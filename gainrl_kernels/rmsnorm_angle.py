@@ -1215,7 +1215,8 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     cuda_rows = weight is not None and _cuda_rows_take(x2d, weight)
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight),
                       fill_per_sm=_fill_per_sm(dim, cuda_rows))
-    if cuda_rows and cfg.rows and token_index is None and 0 < rows <= _CUDA_ROWS_SPANS_MAX_ROWS:
+    if (cuda_rows and cfg.rows and token_index is None and 0 < rows <= _CUDA_ROWS_SPANS_MAX_ROWS
+            and has_ext_kernel("cuda", "rmsnorm_angle_spans_ext")):
         return _spans_plan(cfg, rows, cu_seqlens, seg_offsets)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
