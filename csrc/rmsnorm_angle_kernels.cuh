@@ -248,7 +248,8 @@ constexpr int max_block_threads() {
 // sequences and segments, following them with a SpanCursor found while the ring's first rows are on their way. Its
 // partials are per piece (the block's rows of one segment), at slot i + (segment slot b * K + k): unique, since a
 // later segment's pieces lie in the same or later blocks, and a segment's pieces are consecutive slots (the reduce
-// finds them from cu_seqlens and the offsets alone). Rows in no segment take the statistics' loop too, masked.
+// finds them from cu_seqlens and the offsets alone). Rows in no segment take the statistics' loop too; their sums
+// form pieces of slot -1, never written.
 template <typename T, int NV, int S, bool CARRY, bool W_NATIVE, bool SPANS = false>
 __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS && !W_NATIVE>(), 1)
     rows_kernel(const T* __restrict__ x, int64_t stride_r, const void* __restrict__ weight, DType w_dtype,

@@ -483,6 +483,31 @@ def test_emulated_spans_refused(emulator):
     assert rc != 0
 
 
+def test_spans_plan_selection(monkeypatch):
+    """``_stats_plan`` takes the spans form only where the CUDA rows kernel takes the rows, the extension has the
+    spans op, there is no token index and the launch has at most ``_CUDA_ROWS_SPANS_MAX_ROWS`` rows (0: never); its
+    slots are cdiv(R, chunk) + B K. (The CUDA checks are patched: this runs on CPU tensors.)"""
+    monkeypatch.setattr(rmsnorm_module, "_cuda_rows_take", lambda x2d, weight: True)
+    monkeypatch.setattr(rmsnorm_module, "has_ext_kernel", lambda device, op: True)
+    x, w, cu, off = batch(64, torch.bfloat16, seed=1)
+    rows = x.shape[0]
+    assert rmsnorm_module._stats_plan(x, cu, off, None, w).kernel == "cuda_rows"  # off by default
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_SPANS_MAX_ROWS", rows)
+    plan = rmsnorm_module._stats_plan(x, cu, off, None, w)
+    assert plan.kernel == "cuda_spans" and plan.rows == rows and plan.seg_offsets is off
+    assert plan.grid == -(-rows // plan.cfg.chunk) + off.numel() - off.shape[0]
+    assert tuple(plan.count.shape) == (len(cu) - 1, off.shape[1] - 1)
+    assert rmsnorm_module._stats_plan(x, cu, None, None, w).grid == -(-rows // plan.cfg.chunk) + len(cu) - 1
+    assert rmsnorm_module._stats_plan(x[:-1], cu, off, None, w).kernel == "cuda_spans"
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_SPANS_MAX_ROWS", rows - 1)
+    assert rmsnorm_module._stats_plan(x, cu, off, None, w).kernel == "cuda_rows"
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_SPANS_MAX_ROWS", 1 << 40)
+    tok = torch.arange(int(cu[-1]), dtype=torch.int32)
+    assert rmsnorm_module._stats_plan(x, cu, off, tok, w).kernel == "cuda_rows"
+    monkeypatch.setattr(rmsnorm_module, "has_ext_kernel", lambda device, op: op != "rmsnorm_angle_spans_ext")
+    assert rmsnorm_module._stats_plan(x, cu, off, None, w).kernel == "cuda_rows"
+
+
 def test_cuda_rows_tuning_by_width(monkeypatch):
     """Stages and carry of the CUDA rows kernel by width (``_cuda_rows_tuning``): the timed widths their entry of
     ``_CUDA_ROWS_TUNED``, others 3 stages carried outside (1024, 4096]; each knob, once set, overrides its half
