@@ -302,7 +302,12 @@ def test_emulated_nan_row(emulator):
     """A NaN in x makes its row, its segment's statistics and its sequence's adjacent term NaN, and nothing else."""
     x, w, cu, off = batch(64, torch.float32, seed=13)
     x[cu[1] + 5, 7] = float("nan")  # sequence 1, segment 0 ([2, 9))
-    y, _, stats = emulated_forward(emulator, x, w, cu, off)
+    assert_nan_confined(*emulated_forward(emulator, x, w, cu, off), cu)
+
+
+def assert_nan_confined(y, _rstd, stats, cu) -> None:
+    """The NaN put in row cu[1] + 5 (sequence 1, segment 0 of ``batch``) is in that row, segment 0's sums and
+    sequence 1's adjacent term, and nowhere else."""
     assert torch.isnan(y[cu[1] + 5]).all() and not torch.isnan(y[cu[1] + 6]).any()
     assert torch.isnan(stats.unit_sum[1, 0]).all() and torch.isnan(stats.adjacent[1])
     assert not torch.isnan(stats.unit_sum[1, 1]).any() and not torch.isnan(stats.sq_norm[1, 1])
@@ -443,13 +448,7 @@ def test_emulated_spans_every_segment_empty_and_nan_row(emulator):
     _, _, s = emulated_spans_forward(emulator, x, w, cu, torch.zeros_like(off), chunk=3)
     assert int(s.count.sum()) == 0 and not s.unit_sum.any() and not s.sq_norm.any() and not s.adjacent.any()
     x[cu[1] + 5, 7] = float("nan")  # sequence 1, segment 0 ([2, 9))
-    y, _, stats = emulated_spans_forward(emulator, x, w, cu, off, chunk=3)
-    assert torch.isnan(y[cu[1] + 5]).all() and not torch.isnan(y[cu[1] + 6]).any()
-    assert torch.isnan(stats.unit_sum[1, 0]).all() and torch.isnan(stats.adjacent[1])
-    assert not torch.isnan(stats.unit_sum[1, 1]).any() and not torch.isnan(stats.sq_norm[1, 1])
-    keep = torch.ones(len(cu) - 1, dtype=torch.bool)
-    keep[1] = False
-    assert not torch.isnan(stats.adjacent[keep]).any() and not torch.isnan(stats.unit_sum[keep]).any()
+    assert_nan_confined(*emulated_spans_forward(emulator, x, w, cu, off, chunk=3), cu)
 
 
 @pytest.mark.parametrize("case", ["cu_decreasing", "cu_past_rows", "offsets_out_of_range", "offsets_decreasing"])
@@ -636,6 +635,11 @@ def test_cuda_rows_deterministic_and_graph_capture(dim):
     opt-in happens on the first call, not in the graph."""
     x, w, cu, off = batch(dim, torch.bfloat16, seed=2, device="cuda")
     assert rmsnorm_module._cuda_rows_take(x, w)
+    deterministic_and_graph_safe(x, w, cu, off)
+
+
+def deterministic_and_graph_safe(x, w, cu, off):
+    """(y, stats) of ``rmsnorm_angle``, checked bitwise the same on a second call and replayed from a CUDA graph."""
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
     y1, s1 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
     assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
@@ -645,6 +649,7 @@ def test_cuda_rows_deterministic_and_graph_capture(dim):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y0, y2) and all(torch.equal(a, b) for a, b in zip(s0, s2))
+    return y0, s0
 
 
 @needs_cuda_rows
@@ -656,18 +661,11 @@ def test_cuda_spans_match_work_list_and_graph_capture(dim, monkeypatch):
     y_l, s_l = rmsnorm_angle(x, w, EPS, cu, off)
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_SPANS_MAX_ROWS", 1 << 40)
     assert rmsnorm_module._stats_plan(x, cu, off, None, w).kernel == "cuda_spans"
-    y0, s0 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
-    y1, s1 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
-    assert torch.equal(y0, y_l) and torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
+    y0, s0 = deterministic_and_graph_safe(x, w, cu, off)
+    assert torch.equal(y0, y_l)
     assert_stats(s0, y0.cpu(), cu.cpu(), off.cpu())
     for a, b in zip(s0, s_l):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y2, s2 = rmsnorm_angle(x, w, EPS, cu, off, validate=False)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y0, y2) and all(torch.equal(a, b) for a, b in zip(s0, s2))
 
 
 @needs_cuda_rows
