@@ -82,11 +82,14 @@ VARIANTS: dict[str, dict] = {
     # serial_reduce, cost +9.5 us there: bench/results/fused_variants_h100.json)
     "reduce_16x32": {"_CUDA_ROWS": True, "_REDUCE_TILE": (16, 32)},
     "reduce_64x32": {"_CUDA_ROWS": True, "_REDUCE_TILE": (64, 32)},
-    "cuda_spans_reduce_64x32": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40, "_REDUCE_TILE": (64, 32)},
+    # column blocks narrowed until ~4 programs per SM (_REDUCE_PROGRAMS_PER_SM; at 896: 128 x 16, 448 programs)
+    "reduce_fill_4": {"_CUDA_ROWS": True, "_REDUCE_PROGRAMS_PER_SM": 4},
+    "cuda_spans_reduce_fill_4": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40,
+                                 "_REDUCE_PROGRAMS_PER_SM": 4},
     # ... with chunks half as long at small batches (more warps per SM for the walk; twice the partial rows, which
     # cost +8 us at 896 with the work list and the default reduce: fill_8, session 25)
-    "cuda_spans_reduce_64x32_fill_8": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40,
-                                       "_REDUCE_TILE": (64, 32), "_FILL_PER_SM": 8},
+    "cuda_spans_reduce_fill_4_fill_8": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40,
+                                        "_REDUCE_PROGRAMS_PER_SM": 4, "_FILL_PER_SM": 8},
     "cuda_rows_16": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 3},
     "cuda_rows_16_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_VALUES": 16, "_CUDA_ROWS_STAGES": 4},
     # the alternatives to this session's defaults first, so that a run cut short by its time cap still has them

@@ -60,7 +60,8 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
-    deterministic (bitwise run to run). ``count`` is exact integer arithmetic on the clamped offsets.
+    deterministic (bitwise run to run). (``_REDUCE_PROGRAMS_PER_SM``, off until timed, narrows its column blocks
+    for launches with few segments, so that more SMs read the partials.) ``count`` is exact integer arithmetic on the clamped offsets.
 Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
 rounding is done on the fp32 bits (below).
 
@@ -937,6 +938,11 @@ _ROWS_MAX_WARPS = 16
 _PLAN_TILE = 1024  # [BLOCK_B, BLOCK_C] chunks a work-list program writes per step (short chunks: more programs)
 _PLAN_SEQUENCE_READS = 1 << 16  # work-list programs x sequences at most (each program reads every sequence's bounds)
 _REDUCE_TILE = (16, 128)  # chunks x columns the reduce kernel loads per step (16 values per thread)
+# None: the reduce kernel's tile is _REDUCE_TILE. A number: its column blocks narrow (down to 16 columns, the tile's
+# chunks growing to keep 2048 values a step) until there are about this many programs per SM, since each program
+# reads its chunks at one SM's bandwidth: at 8x2048x896 (B K = 8) the fixed tile gives 56 programs (``_reduce_tile``).
+# Off until timed on a GPU (variants reduce_fill_4, cuda_spans_reduce_fill_4 of bench/fused_variants.py).
+_REDUCE_PROGRAMS_PER_SM: Optional[int] = None
 # rows per program at most: the fp32 partial row costs 2 / chunk of a bf16 read + write of x (and the reduce reads it
 # back). 128 -> 256, H100 bf16, two runs (variant chunk_256 of bench/results/fused_variants_h100.json and
 # _h100_register_cap.json): 64x4096x4096 1.605 -> 1.597 and 1.601 -> 1.597 ms, the other shapes within +-0.3%
@@ -1359,8 +1365,7 @@ def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, 
     """Sums the forward's per-chunk partials (part_sum [G, D], part_q / part_adj [G] f32) of each segment, in chunk
     order, into unit_sum [B, K, D], sq_norm [B, K] and adjacent [B] (f32, written in place)."""
     batch, nseg, dim = unit_sum.shape
-    block_c, block_d = _REDUCE_TILE
-    block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
+    block_c, block_d = _reduce_tile(dim, batch * nseg, unit_sum.device)
     grid = (batch * nseg, triton.cdiv(dim, block_d))
     if plan.kernel == "cuda_spans":  # the slots come from cu_seqlens and the offsets; count is written here too
         off = plan.seg_offsets
@@ -1374,6 +1379,21 @@ def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, 
         part_sum, part_q, part_adj, plan.seg_lo, plan.seg_hi,
         unit_sum, sq_norm, adjacent, dim, nseg, BLOCK_C=block_c, BLOCK_D=block_d,
     )
+
+
+def _reduce_tile(dim: int, n_segments: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_C chunks, BLOCK_D columns) a reduce program loads per step, for ``n_segments`` = B K segments of rows
+    of width ``dim``: ``_REDUCE_TILE`` (its columns cut to next_pow2(dim), at least 16), or with
+    ``_REDUCE_PROGRAMS_PER_SM`` the widest power-of-two column block from 16 to the tile's that gives the grid
+    (B K, cdiv(dim, BLOCK_D)) about that many programs per SM, with BLOCK_C BLOCK_D kept at the tile's size."""
+    block_c, block_d = _REDUCE_TILE
+    block_d = max(16, min(block_d, triton.next_power_of_2(dim)))
+    if _REDUCE_PROGRAMS_PER_SM is None:
+        return block_c, block_d
+    size = block_c * block_d
+    want = triton.cdiv(dim * n_segments, _fill_target(device, _REDUCE_PROGRAMS_PER_SM))
+    narrow = max(16, min(block_d, triton.next_power_of_2(max(want, 1))))
+    return size // narrow, narrow
 
 
 class _BwdConfig(NamedTuple):

@@ -515,6 +515,25 @@ def test_long_sequence_crosses_chunks(fwd_kernel, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, cu, off))
 
 
+@pytest.mark.parametrize("per_sm", [1, 4, 64])
+def test_reduce_tile_by_programs_per_sm(per_sm, monkeypatch):
+    """``_REDUCE_PROGRAMS_PER_SM``: the reduce's column blocks narrow (16 at least, 2048 values a step) until the grid
+    has about that many programs per SM (4 "SMs" here), and the statistics stay those of y. At 64 per SM the tile
+    is 128 chunks x 16 columns: a long segment's chunks in one step."""
+    monkeypatch.setattr(rmsnorm_module, "_REDUCE_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(rmsnorm_module, "_MAX_CHUNK", 2)
+    dim = 136
+    block_c, block_d = rmsnorm_module._reduce_tile(dim, 3, torch.device(DEV))
+    assert block_c * block_d == 2048 and 16 <= block_d <= 128
+    assert (block_d == 16) == (per_sm == 64) and (block_d == 128) == (per_sm == 1)
+    x = concentrated((75,), dim, seed=4).to(DEV, torch.bfloat16)
+    w = weight_of(dim, torch.bfloat16)
+    cu = cu_of([70])
+    off = torch.tensor([[1, 31, 33, 70]], dtype=torch.int32, device=DEV)
+    y, stats = rmsnorm_angle(x, w, EPS, cu, off)
+    assert_stats_close(stats, angle_stats_reference(y, cu, off))
+
+
 def test_non_contiguous_input(packed, fwd_kernel):
     cu, off = packed["cu"], packed["off"]
     x = packed["x"]

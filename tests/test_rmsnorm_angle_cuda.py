@@ -422,11 +422,13 @@ def test_emulated_spans_tunings(emulator, values, stages, carry, copies):
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_emulated_spans_random_batches(emulator, seed):
+def test_emulated_spans_random_batches(emulator, seed, monkeypatch):
     """Random ragged batches (empty sequences, segments anywhere in [0, len], trailing rows; sometimes the default
-    one segment per sequence), 16-bit dtype, D, weight dtype, chunk, tuning and ring depth drawn from the seed."""
+    one segment per sequence), 16-bit dtype, D, weight dtype, chunk, tuning, ring depth and the reduce's tile
+    (``_REDUCE_PROGRAMS_PER_SM``) drawn from the seed."""
     g = torch.Generator().manual_seed(300 + seed)
     pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    monkeypatch.setattr(rmsnorm_module, "_REDUCE_PROGRAMS_PER_SM", pick([None, 1, 64]))
     dtype = pick([torch.bfloat16, torch.float16])
     dim = 8 * int(torch.randint(1, 40, (1,), generator=g))
     cu, off, rows = random_ragged(g, max_seqs=7, max_len=30, max_segments=4, max_trailing=3)

@@ -239,14 +239,16 @@ def _rmsnorm_angle_cases():
             dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_B=block_b, BLOCK_C=M._PLAN_TILE // block_b,
                  BLOCK_I=1024), 4,
         )
-    yield Case(
-        "rmsnorm_reduce", M._reduce_kernel,
-        dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", seg_lo_ptr="*i32", seg_hi_ptr="*i32",
-             unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32"),
-        dict(BLOCK_C=M._REDUCE_TILE[0], BLOCK_D=M._REDUCE_TILE[1]), 4,
-    )
+    # the reduce kernels at the default tile and the narrowest _REDUCE_PROGRAMS_PER_SM makes (128 chunks x 16)
+    for tile in (M._REDUCE_TILE, (128, 16)):
+        yield Case(
+            f"rmsnorm_reduce-{tile[0]}x{tile[1]}", M._reduce_kernel,
+            dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", seg_lo_ptr="*i32",
+                 seg_hi_ptr="*i32", unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32"),
+            dict(BLOCK_C=tile[0], BLOCK_D=tile[1]), 4,
+        )
     # the CUDA spans kernel's reduce (slots from cu_seqlens and the offsets), at the default tile and the variants'
-    for (n_seg, has_off), tile in zip(((1, False), (3, True), (2, True)), (M._REDUCE_TILE, (16, 32), (64, 32))):
+    for (n_seg, has_off), tile in zip(((1, False), (3, True), (2, True)), (M._REDUCE_TILE, (64, 32), (128, 16))):
         yield Case(
             f"rmsnorm_reduce_spans-K{n_seg}-off{int(has_off)}-{tile[0]}x{tile[1]}", M._reduce_spans_kernel,
             dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", cu_ptr="*i32", off_ptr="*i32",
