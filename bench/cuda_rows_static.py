@@ -79,15 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     funcs, sass = compile_kernels(args.arch)
     at_warps: dict[int, str] = {}  # warps -> SASS compiled for exactly that block size
     rows = []
-    print("| dtype | NV | S | carry | native w | values/thread | registers | spills | loop SASS (any block) | D "
+    print("| dtype | NV | S | carry | native w | spans | values/thread | registers | spills | loop SASS (any block) | D "
           "| threads | loop SASS (this block) | blocks/SM (regs, smem) | warps/SM | warp instr / row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, f in sorted(funcs.items()):
-        m = re.search(r"rows_kernel<(\w+), (\d+), (\d+), (true|false), (true|false)>", name)
+        m = re.search(r"rows_kernel<(\w+), (\d+), (\d+), (true|false), (true|false)(?:, (true|false))?>", name)
         if not m:
             continue
         dt, nv, stages = m.group(1), int(m.group(2)), int(m.group(3))
-        carry, w_native = (m.group(i) == "true" for i in (4, 5))
+        carry, w_native, spans = (m.group(i) == "true" for i in (4, 5, 6))  # spans: the form without a work list
         vec = 16 // ELEM[dt]
         loop = loop_instructions(sass, f["mangled"])
         for dim in args.dims:
@@ -101,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             by_regs = REGISTERS_PER_SM // (threads * max(f["registers"], 1))
             by_smem = SMEM_PER_SM[args.arch] // smem
             blocks = min(by_regs, by_smem, 2048 // threads)
-            row = dict(dtype=dt, nv=nv, stages=stages, carry=carry, w_native=w_native, values_per_thread=nv * vec,
+            row = dict(dtype=dt, nv=nv, stages=stages, carry=carry, w_native=w_native, spans=spans,
+                       values_per_thread=nv * vec,
                        registers=f["registers"], spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0),
                        loop_sass_any_block=loop, D=dim, threads=threads, loop_sass=loop_here,
                        blocks_by_registers=by_regs, blocks_by_smem=by_smem, blocks_per_sm=blocks,
                        warps_per_sm=blocks * threads // 32, warp_instructions_per_row=loop_here * threads // 32)
             rows.append(row)
-            print(f"| {dt} | {nv} | {stages} | {carry} | {w_native} | {nv * vec} | {row['registers']} | "
+            print(f"| {dt} | {nv} | {stages} | {carry} | {w_native} | {spans} | {nv * vec} | {row['registers']} | "
                   f"{row['spill_bytes']} | {loop} | {dim} | {threads} | {loop_here} | "
                   f"{blocks} ({by_regs}, {by_smem}) | {row['warps_per_sm']} | {row['warp_instructions_per_row']} |")
     if args.out:
