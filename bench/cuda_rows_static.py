@@ -53,6 +53,15 @@ def compile_kernels(arch: str, warps: int | None = None) -> tuple[dict[str, dict
     return {names[k]: dict(v, mangled=k) for k, v in funcs.items()}, sass
 
 
+def instantiation(name: str) -> tuple[str, int, int, bool, bool, bool] | None:
+    """(dtype, NV, stages, carry, weight in x's dtype, spans) of a demangled ``rows_kernel<...>`` name (spans: the
+    form without a work list; False where the name predates the flag), None for other kernels."""
+    m = re.search(r"rows_kernel<(\w+), (\d+), (\d+), (true|false), (true|false)(?:, (true|false))?>", name)
+    if not m:
+        return None
+    return (m.group(1), int(m.group(2)), int(m.group(3)), *(m.group(i) == "true" for i in (4, 5, 6)))
+
+
 def loop_instructions(sass: str, mangled: str) -> int:
     return sass_loop_instructions(kernel_sass(sass, mangled)) or 0
 
@@ -83,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
           "| threads | loop SASS (this block) | blocks/SM (regs, smem) | warps/SM | warp instr / row |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, f in sorted(funcs.items()):
-        m = re.search(r"rows_kernel<(\w+), (\d+), (\d+), (true|false), (true|false)(?:, (true|false))?>", name)
-        if not m:
+        inst = instantiation(name)
+        if inst is None:
             continue
-        dt, nv, stages = m.group(1), int(m.group(2)), int(m.group(3))
-        carry, w_native, spans = (m.group(i) == "true" for i in (4, 5, 6))  # spans: the form without a work list
+        dt, nv, stages, carry, w_native, spans = inst
         vec = 16 // ELEM[dt]
         loop = loop_instructions(sass, f["mangled"])
         for dim in args.dims:

@@ -509,6 +509,18 @@ def test_spans_plan_selection(monkeypatch):
     assert rmsnorm_module._stats_plan(x, cu, off, None, w).kernel == "cuda_rows"
 
 
+def test_static_script_reads_both_forms():
+    """bench/cuda_rows_static.py tells the work-list and the spans instantiations apart by their demangled names."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from cuda_rows_static import instantiation
+
+    base = "void gainrl::rmsnorm_angle::rows_kernel<__nv_bfloat16, 4, 3, false, true"
+    assert instantiation(base + ", false>") == ("__nv_bfloat16", 4, 3, False, True, False)
+    assert instantiation(base + ", true>") == ("__nv_bfloat16", 4, 3, False, True, True)
+    assert instantiation(base + ">") == ("__nv_bfloat16", 4, 3, False, True, False)
+    assert instantiation("void gainrl::angle_stats_kernel<float>") is None
+
+
 def test_cuda_rows_tuning_by_width(monkeypatch):
     """Stages and carry of the CUDA rows kernel by width (``_cuda_rows_tuning``): the timed widths their entry of
     ``_CUDA_ROWS_TUNED``, others 3 stages carried outside (1024, 4096]; each knob, once set, overrides its half
