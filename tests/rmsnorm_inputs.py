@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from gainrl_kernels.validate import triton_interpreting
-
-
-def triton_device() -> str:
-    """Where these tests run the Triton kernels: "cuda" for compiled Triton on a GPU, else "cpu" (the interpreter,
-    which a GPU machine does not use: there the plan kernel cannot take CPU tensors)."""
-    return "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
-
 
 def concentrated(shape: tuple[int, ...], dim: int, noise: float = 0.8, seed: int = 0) -> torch.Tensor:
     """Shared direction + noise (mean pairwise cosine ~0.4; no zero rows), float32 on the CPU."""

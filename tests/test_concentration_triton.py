@@ -14,12 +14,10 @@ import torch  # noqa: E402
 
 from gainrl_kernels.concentration import _concentration  # noqa: E402
 from gainrl_kernels.triton_concentration import MAX_SEGMENTS, block_sizes, concentration_triton  # noqa: E402
+from triton_env import needs_triton, triton_device  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") in (None, "", "0") and not torch.cuda.is_available(),
-    reason="needs a GPU or TRITON_INTERPRET=1",
-)
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") in (None, "", "0") else "cpu"
+pytestmark = needs_triton
+DEV = triton_device()
 NAMES = ("intra", "inter", "score", "causal", "causal_ref")
 
 

@@ -17,13 +17,11 @@ from gainrl_kernels.naive_pairwise import (  # noqa: E402
     segment_unit_sums,
 )
 from gainrl_kernels.pairwise import angle_pairwise, angle_pairwise_check  # noqa: E402
+from triton_env import needs_triton, triton_device  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") in (None, "", "0") and not torch.cuda.is_available(),
-    reason="needs a GPU or TRITON_INTERPRET=1",
-)
+pytestmark = needs_triton
 
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") in (None, "", "0") else "cpu"
+DEV = triton_device()
 DIM = 40  # not a multiple of the 32-wide D slice
 LENS = [5, 0, 1, 45, 23]  # 45 > BLOCK_M = 32: two query tiles, key loop over two tiles
 SEG = [[0, 1, 3, 5], [0, 0, 0, 0], [0, 0, 1, 1], [2, 9, 30, 44], [0, 10, 10, 23]]

@@ -19,13 +19,11 @@ from gainrl_kernels.naive_rmsnorm_angle import (  # noqa: E402
     rmsnorm_reference,
 )
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
-from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, triton_device, ulp_tol  # noqa: E402
+from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, ulp_tol  # noqa: E402
+from triton_env import needs_triton, triton_device  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") in (None, "", "0") and not torch.cuda.is_available(),
-    reason="needs a GPU or TRITON_INTERPRET=1",
-)
+pytestmark = needs_triton
 
 DEV = triton_device()
 EPS = 1e-6

@@ -24,7 +24,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import cuda_emulator  # noqa: E402
-from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, triton_device, ulp_tol  # noqa: E402
+from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, ulp_tol  # noqa: E402
+from triton_env import triton_device  # noqa: E402
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
 from gainrl_kernels.extension import has_ext_kernel  # noqa: E402
 from gainrl_kernels.naive_rmsnorm_angle import angle_stats_reference  # noqa: E402
