@@ -3,8 +3,8 @@
 //                          part_adj!, eps, values_per_thread, stages, carry) -> ()
 // fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
 // plan kernel (that module allocates everything and reduces the partials);
-//   rmsnorm_angle_spans_ext(x, weight, y!, rstd!, cu_seqlens, seg_offsets?, part_sum!, part_q!, part_adj!, chunk,
-//                           eps, values_per_thread, stages, carry) -> ()
+//   rmsnorm_angle_spans_ext(x, weight, y!, rstd!, cu_seqlens, seg_offsets?, token_index?, part_sum!, part_q!,
+//                           part_adj!, chunk, eps, values_per_thread, stages, carry) -> ()
 // the same without a work list (16-bit rows): block i takes rows [i chunk, (i + 1) chunk) and finds their sequences
 // and segments itself; partials at slots i + b K + k, cdiv(R, chunk) + B K of them (see Args::spans). x [R, D] fp32 / fp16 / bf16 CUDA with
 // unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
@@ -110,7 +110,8 @@ void rmsnorm_angle_rows_cuda(const at::Tensor& x, const at::Tensor& weight, at::
 
 void rmsnorm_angle_spans_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, at::Tensor& rstd,
                               const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& seg_offsets,
-                              at::Tensor& part_sum, at::Tensor& part_q, at::Tensor& part_adj, int64_t chunk,
+                              const std::optional<at::Tensor>& token_index, at::Tensor& part_sum,
+                              at::Tensor& part_q, at::Tensor& part_adj, int64_t chunk,
                               double eps, int64_t values_per_thread, int64_t stages, bool carry) {
   GAINRL_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 2,
                "cu_seqlens: expected a 1-D [B + 1] tensor with B >= 1, got " + std::to_string(cu_seqlens.numel()) +
@@ -126,6 +127,13 @@ void rmsnorm_angle_spans_cuda(const at::Tensor& x, const at::Tensor& weight, at:
              carry);
   check_on(cu_seqlens, x, "cu_seqlens", at::kInt, B + 1);
   if (seg_offsets) check_on(*seg_offsets, x, "seg_offsets", at::kInt, B * (K + 1));
+  if (token_index) {
+    const bool i64 = token_index->scalar_type() == at::kLong;
+    check_on(*token_index, x, "token_index", i64 ? at::kLong : at::kInt, token_index->numel());
+    a.token_index = token_index->data_ptr();
+    a.token_index_64 = i64;
+    a.n_packed = token_index->numel();
+  }
   a.spans = true;
   a.cu_seqlens = cu_seqlens.data_ptr<int>();
   a.seg_offsets = seg_offsets ? seg_offsets->data_ptr<int>() : nullptr;
@@ -145,7 +153,8 @@ TORCH_LIBRARY_FRAGMENT(gainrl, m) {
       "Tensor(e!) part_adj, float eps, int values_per_thread, int stages, bool carry) -> ()");
   m.def(
       "rmsnorm_angle_spans_ext(Tensor x, Tensor weight, Tensor(a!) y, Tensor(b!) rstd, Tensor cu_seqlens, "
-      "Tensor? seg_offsets, Tensor(c!) part_sum, Tensor(d!) part_q, Tensor(e!) part_adj, int chunk, float eps, "
+      "Tensor? seg_offsets, Tensor? token_index, Tensor(c!) part_sum, Tensor(d!) part_q, Tensor(e!) part_adj, "
+      "int chunk, float eps, "
       "int values_per_thread, int stages, bool carry) -> ()");
 }
 

@@ -155,36 +155,62 @@ __device__ __forceinline__ float4 block_sum3(float a, float b, float c, float4 (
 
 // ------------------------------------------------------------------------------------------------ spans: no work list
 
+// The indices a SPANS block follows (a kernel parameter: read from the constant bank, no registers held).
+// cu [B + 1]; off [B, K + 1], or null: one segment [0, len_b) per sequence (K = 1); tok [n_packed] int32 / int64
+// (tok64), or null: packed token i is row i. With tok, sequence b occupies rows [tok[cu[b]], tok[cu[b]] + len_b)
+// (a padded batch: consecutive rows, gaps between sequences).
+struct SpanIndex {
+  const int* cu;
+  const int* off;
+  const void* tok;
+  int64_t n_packed;
+  int B, K, chunk;
+  bool tok64;
+
+  __device__ int64_t token_row(int64_t i) const {
+    i = i < 0 ? 0 : (i >= n_packed ? n_packed - 1 : i);
+    return tok64 ? static_cast<const int64_t*>(tok)[i] : static_cast<const int*>(tok)[i];
+  }
+  // First row of sequence b (0 <= b < B; any row for an empty one).
+  __device__ int64_t first(int b) const { return tok == nullptr ? cu[b] : (n_packed > 0 ? token_row(cu[b]) : 0); }
+  // One past the last row of sequences 0..b (monotone in b for validated indices; empty sequences end where the
+  // last non-empty one before them ends, 0 if none).
+  __device__ int64_t end(int b) const {
+    if (tok == nullptr) return cu[b + 1];
+    const int64_t c = cu[b + 1];
+    return c >= 1 && n_packed > 0 ? token_row(c - 1) + 1 : 0;
+  }
+};
+
 // Where row t lies, for a block that walks the fixed rows [blockIdx.x * chunk, ...) whatever the sequences and
-// segments (SPANS below): sequence b (the last with cu[b] <= t: -1 before the first, B past the last), the segment
-// slot seg = b * K + k of the rows [cu[b] + o_k, cu[b] + o_{k+1}) (-1: rows in no segment), and `next`, the first
-// row after t where either may change. Offsets are clamped to [0, len_b] and a row's segment is
-// #{j : o_j <= t - cu[b]} - 1, so that unvalidated indices never address past the slots (validated ones: monotone
-// cu_seqlens and offsets, the plain definition). Every thread holds the same cursor (uniform loads, no barrier).
-// cu [B + 1]; off [B, K + 1], or null: one segment [0, len_b) per sequence (K = 1). The kernel's parameters are
-// passed to each call rather than kept here (registers: they stay in the constant bank).
+// segments (SPANS below): sequence b (the first that ends past t, B past the last), the segment slot
+// seg = b * K + k of the rows [first_b + o_k, first_b + o_{k+1}) (-1: rows in no segment, before first_b included),
+// and `next`, the first row after t where either may change. Offsets are clamped to [0, len_b] and a row's segment
+// is #{j : o_j <= t - first_b} - 1, so that unvalidated indices never address past the slots (validated ones:
+// monotone cu_seqlens and offsets, the plain definition). Every thread holds the same cursor (uniform loads, no
+// barrier).
 struct SpanCursor {
-  int b = -1, seg = -1;
+  int b = 0, seg = -1;
   int64_t next = 0;
 
   // Forward from b, which is at or before t's sequence (rows are visited in increasing order).
-  __device__ void at(int64_t t, const int* cu, const int* off, int B, int K) {
-    while (b < B && cu[b + 1] <= t) ++b;
+  __device__ void at(int64_t t, const SpanIndex& ix) {
+    while (b < ix.B && ix.end(b) <= t) ++b;
     seg = -1;
-    if (b < 0) {  // before the first sequence: cu[0] > t
-      next = cu[0];
-      return;
-    }
-    if (b >= B) {
+    if (b >= ix.B) {
       next = INT64_MAX;
       return;
     }
-    const int64_t start = cu[b], end = cu[b + 1];
-    const int64_t len = end > start ? end - start : 0, p = t - start;
-    int64_t nb = len;  // > p: cu[b + 1] > t
+    const int64_t start = ix.first(b), c0 = ix.cu[b], c1 = ix.cu[b + 1];
+    const int64_t len = c1 > c0 ? c1 - c0 : 0, p = t - start;
+    if (p < 0) {  // in the gap before sequence b
+      next = start;
+      return;
+    }
+    int64_t nb = len;  // > p for validated indices (the sequence ends past t)
     int count = 0;
-    for (int j = 0; j <= K; ++j) {
-      int64_t o = off != nullptr ? off[int64_t(b) * (K + 1) + j] : (j == 0 ? 0 : len);
+    for (int j = 0; j <= ix.K; ++j) {
+      int64_t o = ix.off != nullptr ? ix.off[int64_t(b) * (ix.K + 1) + j] : (j == 0 ? 0 : len);
       o = o < 0 ? 0 : (o > len ? len : o);
       if (o <= p) {
         ++count;
@@ -192,13 +218,14 @@ struct SpanCursor {
         nb = o;
       }
     }
-    if (count >= 1 && count <= K) seg = b * K + count - 1;
-    next = start + nb;
+    if (count >= 1 && count <= ix.K) seg = b * ix.K + count - 1;
+    next = start + nb > t ? start + nb : t + 1;  // unvalidated indices: still one row at a time, forward
   }
 
-  // The cursor of row t from scratch: a 4-way search for b (3 independent loads a round, log4(B + 2) rounds).
-  __device__ void find(int64_t t, const int* cu, const int* off, int B, int K) {
-    int lo = -1, hi = B + 1;  // cu[lo] <= t < cu[hi], cu[-1] = -inf and cu[B + 1] = +inf
+  // The cursor of row t from scratch: a 4-way search for the first sequence ending past t (3 independent loads a
+  // round, log4(B + 1) rounds).
+  __device__ void find(int64_t t, const SpanIndex& ix) {
+    int lo = -1, hi = ix.B;  // end(lo) <= t < end(hi), end(-1) = -inf and end(B) = +inf
     while (hi - lo > 1) {
       int piv[3];
       bool le[3];
@@ -208,7 +235,7 @@ struct SpanCursor {
         piv[q] = p <= lo ? lo + 1 : (p >= hi ? hi - 1 : p);
       }
 #pragma unroll
-      for (int q = 0; q < 3; ++q) le[q] = cu[piv[q]] <= t;
+      for (int q = 0; q < 3; ++q) le[q] = ix.end(piv[q]) <= t;
       int nlo = lo, nhi = hi;
 #pragma unroll
       for (int q = 0; q < 3; ++q) {
@@ -218,8 +245,8 @@ struct SpanCursor {
       lo = nlo;
       hi = nhi;
     }
-    b = lo;
-    at(t, cu, off, B, K);
+    b = hi;
+    at(t, ix);
   }
 };
 
@@ -256,8 +283,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS && !W_NA
                 T* __restrict__ y, float* __restrict__ rstd_out, const int* __restrict__ item_row0,
                 const int* __restrict__ item_nrows, const int* __restrict__ item_seg,
                 const int* __restrict__ item_pair_end, float* __restrict__ part_sum, float* __restrict__ part_q,
-                float* __restrict__ part_adj, int64_t R, int D, float eps, const int* __restrict__ cu,
-                const int* __restrict__ seg_off, int B, int K, int chunk) {
+                float* __restrict__ part_adj, int64_t R, int D, float eps, const SpanIndex ix) {
   constexpr int V = 16 / sizeof(T);
   using Vec = Vec16<T>;
   using PairT = Pair<T>;
@@ -274,8 +300,8 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS && !W_NA
   int nrows;
   bool stats;
   if constexpr (SPANS) {
-    row0 = int64_t(item) * chunk;
-    nrows = R - row0 < chunk ? static_cast<int>(R - row0) : chunk;
+    row0 = int64_t(item) * ix.chunk;
+    nrows = R - row0 < ix.chunk ? static_cast<int>(R - row0) : ix.chunk;
     stats = true;
     load_end = row0 + nrows + 1;  // whether the last pair counts is the cursor's to say
   } else {
@@ -369,7 +395,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS && !W_NA
   for (int i = 0; i < S; ++i) issue(i, i);
   if constexpr (W_NATIVE) load_weight_columns();
   SpanCursor cur;
-  if constexpr (SPANS) cur.find(row0, cu, seg_off, B, K);  // its loads wait while the ring's first rows are on their way
+  if constexpr (SPANS) cur.find(row0, ix);  // its loads wait while the ring's first rows are on their way
 
   int buf = 0;
   float2 xv[NV][P];
@@ -424,7 +450,7 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS && !W_NA
       if constexpr (SPANS) {
         if (row0 + i >= cur.next) {
           const int b_prev = cur.b;
-          cur.at(row0 + i, cu, seg_off, B, K);
+          cur.at(row0 + i, ix);
           same_seq = cur.b == b_prev;
         }
       }
@@ -554,7 +580,8 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   const size_t smem = smem_bytes<T, NV, S, W_NATIVE>(threads);
   auto* kernel = &rows_kernel<T, NV, S, CARRY, W_NATIVE, SPANS>;
   const auto blocks = static_cast<unsigned>(SPANS ? span_blocks(a) : a.grid);
-  const int B = static_cast<int>(a.B), chunk = static_cast<int>(a.chunk);
+  const SpanIndex ix{a.cu_seqlens, a.seg_offsets, a.token_index, a.n_packed, static_cast<int>(a.B), a.K,
+                     static_cast<int>(a.chunk), a.token_index_64};
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
   const int D = static_cast<int>(a.D);
@@ -562,7 +589,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   (void)stream;
   gainrl_emu::launch_smem(smem, kernel, dim3(blocks), dim3(threads), x, a.stride_r, a.weight, w_dtype, y, a.rstd,
                           a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end, a.part_sum, a.part_q, a.part_adj,
-                          a.R, D, a.eps, a.cu_seqlens, a.seg_offsets, B, a.K, chunk);
+                          a.R, D, a.eps, ix);
   return cudaSuccess;
 #else
   // Opt in to this much dynamic shared memory, once per device and size (then graph-capture safe), whatever the
@@ -581,7 +608,7 @@ inline cudaError_t launch_rows(const Args& a, DType w_dtype, cudaStream_t stream
   }
   kernel<<<dim3(blocks), dim3(threads), smem, stream>>>(
       x, a.stride_r, a.weight, w_dtype, y, a.rstd, a.item_row0, a.item_nrows, a.item_seg, a.item_pair_end,
-      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, a.cu_seqlens, a.seg_offsets, B, a.K, chunk);
+      a.part_sum, a.part_q, a.part_adj, a.R, D, a.eps, ix);
   return cudaGetLastError();
 #endif
 }

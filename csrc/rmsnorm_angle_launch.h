@@ -49,11 +49,16 @@ struct Args {
   int stages;             // rows in the shared-memory ring: 2, 3 or 4 (stages - 1 rows loaded ahead)
   bool carry;             // 32 values per thread: keep the next row's fp32 values in registers (at most 8192 columns)
   // spans: no work list (item_* unused). Block i takes rows [i * chunk, (i + 1) * chunk) and finds their sequences
-  // and segments in cu_seqlens [B + 1] and seg_offsets [B, K + 1] (null: K = 1, the whole sequence); its partials
-  // go to slots i + b * K + k, so `grid` is the slot count cdiv(R, chunk) + B * K. 16-bit rows only.
+  // and segments in cu_seqlens [B + 1], seg_offsets [B, K + 1] (null: K = 1, the whole sequence) and token_index
+  // [n_packed] int32 or int64 (null: packed token i is row i; else sequence b's rows start at
+  // token_index[cu_seqlens[b]]); its partials go to slots i + b * K + k, so `grid` is the slot count
+  // cdiv(R, chunk) + B * K. 16-bit rows only.
   bool spans = false;
   const int* cu_seqlens = nullptr;
   const int* seg_offsets = nullptr;
+  const void* token_index = nullptr;
+  bool token_index_64 = false;
+  int64_t n_packed = 0;
   int64_t B = 0;
   int K = 1;
   int64_t chunk = 1;

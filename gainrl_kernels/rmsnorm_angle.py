@@ -748,12 +748,17 @@ def _sum_partial_rows(part_sum_ptr, unit_sum_ptr, s, pd, lo, hi, D, BLOCK_C: tl.
 
 
 @triton.jit
-def _span_slots(cu_ptr, off_ptr, b, k, R, chunk, K: tl.constexpr, HAS_OFF: tl.constexpr):
+def _span_slots(cu_ptr, off_ptr, tok_ptr, n_packed, b, k, R, chunk, K: tl.constexpr, HAS_OFF: tl.constexpr,
+                HAS_TOK: tl.constexpr):
     """(first slot, one past the last, count) of segment k of sequence b for the CUDA spans kernel: its rows
-    [cu_b + o_k, cu_b + max(o_k, o_k+1)) (offsets clamped to [0, len_b], rows to [0, R)) lie in blocks
-    row // chunk, each of which wrote its piece at slot block + b K + k. count: max(o_k+1 - o_k, 0), as the plan's."""
-    start = tl.load(cu_ptr + b).to(tl.int64)
-    length = tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64) - start, 0)
+    [first_b + o_k, first_b + max(o_k, o_k+1)) (first_b = cu_b, or token_index[cu_b]; offsets clamped to
+    [0, len_b], rows to [0, R)) lie in blocks row // chunk, each of which wrote its piece at slot block + b K + k.
+    count: max(o_k+1 - o_k, 0), as the plan's."""
+    c0 = tl.load(cu_ptr + b).to(tl.int64)
+    length = tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64) - c0, 0)
+    start = c0
+    if HAS_TOK:  # (an empty token_index comes as a 1-element stand-in: every sequence is empty then)
+        start = tl.load(tok_ptr + tl.minimum(tl.maximum(c0, 0), tl.maximum(n_packed - 1, 0))).to(tl.int64)
     if HAS_OFF:
         o0 = tl.load(off_ptr + b * (K + 1) + k).to(tl.int64)
         o1 = tl.load(off_ptr + b * (K + 1) + k + 1).to(tl.int64)
@@ -771,9 +776,9 @@ def _span_slots(cu_ptr, off_ptr, b, k, R, chunk, K: tl.constexpr, HAS_OFF: tl.co
 
 @triton.jit
 def _reduce_spans_kernel(
-    part_sum_ptr, part_q_ptr, part_adj_ptr, cu_ptr, off_ptr,
+    part_sum_ptr, part_q_ptr, part_adj_ptr, cu_ptr, off_ptr, tok_ptr, n_packed,
     unit_sum_ptr, sq_norm_ptr, adjacent_ptr, count_ptr, R, D, chunk,
-    K: tl.constexpr, HAS_OFF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, HAS_OFF: tl.constexpr, HAS_TOK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``_reduce_kernel`` for the partials of the CUDA spans kernel (no work list): segment slot s = b * K + k finds
     its slots from cu_seqlens and the offsets (``_span_slots``) and also writes count[b, k]; the k == 0 program
@@ -783,7 +788,7 @@ def _reduce_spans_kernel(
     pd = tl.program_id(1)
     b = s // K
     k = s % K
-    lo, hi, count = _span_slots(cu_ptr, off_ptr, b, k, R, chunk, K, HAS_OFF)
+    lo, hi, count = _span_slots(cu_ptr, off_ptr, tok_ptr, n_packed, b, k, R, chunk, K, HAS_OFF, HAS_TOK)
     _sum_partial_rows(part_sum_ptr, unit_sum_ptr, s, pd, lo, hi, D, BLOCK_C, BLOCK_D)
     if pd == 0:
         tl.store(sq_norm_ptr + s, _sum_range(part_q_ptr, lo, hi, BLOCK_C))
@@ -791,7 +796,8 @@ def _reduce_spans_kernel(
         if k == 0:
             adj = tl.zeros([], dtype=tl.float32)
             for kk in range(0, K):
-                lo_k, hi_k, _ = _span_slots(cu_ptr, off_ptr, b, kk, R, chunk, K, HAS_OFF)
+                lo_k, hi_k, _ = _span_slots(cu_ptr, off_ptr, tok_ptr, n_packed, b, kk, R, chunk, K, HAS_OFF,
+                                            HAS_TOK)
                 adj += _sum_range(part_adj_ptr, lo_k, hi_k, BLOCK_C)
             tl.store(adjacent_ptr + b, adj)
 
@@ -1054,11 +1060,12 @@ _CUDA_ROWS_TUNED: dict[int, tuple[int, bool]] = {
 # At 64x4096x4096 fill 2 / 4 / 8 are within 1% (1.156 / 1.155 / 1.165: the chunk is at its longest).
 _CUDA_ROWS_FILL: dict[int, int] = {5120: 1, 8192: 1}
 # Launches of at most this many rows with statistics skip the work list where the CUDA rows kernel takes the rows
-# (16-bit, no token_index): the kernel's SPANS form (csrc/rmsnorm_angle_kernels.cuh), block i on rows
-# [i chunk, (i + 1) chunk) whatever the segments, following cu_seqlens and seg_offsets itself, its partials per
-# piece (the block's rows of one segment) at slots i + b K + k, reduced by ``_reduce_spans_kernel``. Two launches
-# instead of three: at 8x2048x896 the work-list kernel takes ~3.5 us of the forward's ~31 (H200, session 20). 0: off
-# (the default until timed on a GPU; variant ``cuda_spans`` of bench/fused_variants.py).
+# (16-bit, packed or padded): the kernel's SPANS form (csrc/rmsnorm_angle_kernels.cuh), block i on rows
+# [i chunk, (i + 1) chunk) whatever the segments, following cu_seqlens, seg_offsets and token_index itself, its
+# partials per piece (the block's rows of one segment) at slots i + b K + k, reduced by ``_reduce_spans_kernel``.
+# Two launches instead of three: at 8x2048x896 the work-list kernel alone takes 3.5-5.9 us of the forward's ~31
+# (plan_ms, H200, sessions 17-27). 0: off (the default until timed on a GPU; variant ``cuda_spans`` of
+# bench/fused_variants.py).
 _CUDA_ROWS_SPANS_MAX_ROWS = 0
 
 
@@ -1183,11 +1190,12 @@ class _Plan(NamedTuple):
     # kernel without a work list, ``_spans_plan``), else the Triton "triton_rows" or "triton_sliced" kernel (the
     # config's); the chunk length may depend on it (``_fill_per_sm``)
     kernel: str
-    # "cuda_spans" only: the [B + 1] cu_seqlens and [B, K + 1] seg_offsets (None: K = 1) the kernels follow, and
-    # the row count R of x
+    # "cuda_spans" only: the [B + 1] cu_seqlens, [B, K + 1] seg_offsets (None: K = 1) and token_index (None: packed
+    # token t is row t) the kernels follow, and the row count R of x
     cu_seqlens: Optional[torch.Tensor] = None
     seg_offsets: Optional[torch.Tensor] = None
     rows: int = 0
+    token_index: Optional[torch.Tensor] = None
 
 
 def _plain_plan(x2d: torch.Tensor, count: Optional[torch.Tensor] = None) -> _Plan:
@@ -1221,9 +1229,9 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
     cuda_rows = weight is not None and _cuda_rows_take(x2d, weight)
     cfg = _fwd_config(rows, dim, x2d.element_size(), dev, stats=True, aligned=_vector_aligned(x2d, weight),
                       fill_per_sm=_fill_per_sm(dim, cuda_rows))
-    if (cuda_rows and cfg.rows and token_index is None and 0 < rows <= _CUDA_ROWS_SPANS_MAX_ROWS
+    if (cuda_rows and cfg.rows and 0 < rows <= _CUDA_ROWS_SPANS_MAX_ROWS
             and has_ext_kernel("cuda", "rmsnorm_angle_spans_ext")):
-        return _spans_plan(cfg, rows, cu_seqlens, seg_offsets)
+        return _spans_plan(cfg, rows, cu_seqlens, seg_offsets, token_index)
     grid = triton.cdiv(rows, cfg.chunk) + batch * (nseg + 3) + 1
     items = torch.empty(4, grid, dtype=torch.int32, device=dev)
     seg_range = torch.empty(2, batch * nseg, dtype=torch.int32, device=dev)
@@ -1245,7 +1253,8 @@ def _stats_plan(x2d: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: Option
                  "cuda_rows" if cuda_rows and cfg.rows else _triton_kernel(cfg))
 
 
-def _spans_plan(cfg: _FwdConfig, rows: int, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor]) -> _Plan:
+def _spans_plan(cfg: _FwdConfig, rows: int, cu_seqlens: torch.Tensor, seg_offsets: Optional[torch.Tensor],
+                token_index: Optional[torch.Tensor] = None) -> _Plan:
     """No work list: the CUDA spans kernel's blocks take rows [i chunk, (i + 1) chunk); ``grid`` is its partial
     slots, cdiv(rows, chunk) + B K. ``count`` is written by ``_reduce_spans_kernel``."""
     batch = cu_seqlens.numel() - 1
@@ -1253,7 +1262,7 @@ def _spans_plan(cfg: _FwdConfig, rows: int, cu_seqlens: torch.Tensor, seg_offset
     empty = torch.empty(0, dtype=torch.int32, device=cu_seqlens.device)
     count = torch.empty(batch, nseg, dtype=torch.int32, device=cu_seqlens.device)
     return _Plan(cfg, triton.cdiv(rows, cfg.chunk) + batch * nseg, empty, empty, empty, empty, empty, empty, count,
-                 nseg, "cuda_spans", cu_seqlens, seg_offsets, rows)
+                 nseg, "cuda_spans", cu_seqlens, seg_offsets, rows, token_index)
 
 
 def _cuda_rows_supported(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1324,8 +1333,8 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, s
     elif stats and plan.kernel == "cuda_spans":
         stages, carry = _cuda_rows_tuning(dim)
         torch.ops.gainrl.rmsnorm_angle_spans_ext(
-            x2d, weight, y, rstd, plan.cu_seqlens, plan.seg_offsets, part_sum, part_q, part_adj, plan.cfg.chunk,
-            float(eps), _CUDA_ROWS_VALUES, stages, carry)
+            x2d, weight, y, rstd, plan.cu_seqlens, plan.seg_offsets, plan.token_index, part_sum, part_q, part_adj,
+            plan.cfg.chunk, float(eps), _CUDA_ROWS_VALUES, stages, carry)
     else:
         _launch_triton_forward(x2d, weight, y, rstd, plan, stats, eps, part_sum, part_q, part_adj)
     if stats:
@@ -1368,11 +1377,12 @@ def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, 
     block_c, block_d = _reduce_tile(dim, batch * nseg, unit_sum.device)
     grid = (batch * nseg, triton.cdiv(dim, block_d))
     if plan.kernel == "cuda_spans":  # the slots come from cu_seqlens and the offsets; count is written here too
-        off = plan.seg_offsets
+        off, tok = plan.seg_offsets, plan.token_index
         _reduce_spans_kernel[grid](
             part_sum, part_q, part_adj, plan.cu_seqlens, off if off is not None else plan.cu_seqlens,
+            tok if tok is not None and tok.numel() else plan.cu_seqlens, tok.numel() if tok is not None else 0,
             unit_sum, sq_norm, adjacent, plan.count, plan.rows, dim, plan.cfg.chunk,
-            K=nseg, HAS_OFF=off is not None, BLOCK_C=block_c, BLOCK_D=block_d,
+            K=nseg, HAS_OFF=off is not None, HAS_TOK=tok is not None, BLOCK_C=block_c, BLOCK_D=block_d,
         )
         return
     _reduce_kernel[grid](

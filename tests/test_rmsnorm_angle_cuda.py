@@ -58,7 +58,8 @@ extern "C" int emu_rows(int x_dtype, int w_dtype, const void* x, int64_t stride_
 }
 
 extern "C" int emu_spans(int x_dtype, int w_dtype, const void* x, int64_t stride_r, const void* weight, void* y,
-                         float* rstd, const int* cu, const int* off, int64_t B, int K, int64_t chunk, int64_t grid,
+                         float* rstd, const int* cu, const int* off, const void* tok, int tok64, int64_t n_packed,
+                         int64_t B, int K, int64_t chunk, int64_t grid,
                          float* part_sum, float* part_q, float* part_adj, int64_t R, int64_t D, float eps,
                          int values_per_thread, int stages, int carry) {
   ra::Args a{};
@@ -66,6 +67,7 @@ extern "C" int emu_spans(int x_dtype, int w_dtype, const void* x, int64_t stride
   a.part_sum = part_sum; a.part_q = part_q; a.part_adj = part_adj; a.R = R; a.D = D; a.eps = eps;
   a.values_per_thread = values_per_thread; a.stages = stages; a.carry = carry != 0;
   a.spans = true; a.cu_seqlens = cu; a.seg_offsets = off; a.B = B; a.K = K; a.chunk = chunk;
+  a.token_index = tok; a.token_index_64 = tok64 != 0; a.n_packed = n_packed;
   try {
     return static_cast<int>(ra::launch_rmsnorm_angle_rows(a, static_cast<ra::DType>(x_dtype),
                                                           static_cast<ra::DType>(w_dtype), nullptr));
@@ -103,7 +105,8 @@ def emulator(tmp_path_factory):
     lib.emu_spans.restype = ctypes.c_int
     lib.emu_spans.argtypes = (
         [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-        + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int64]
+        + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] + [ctypes.c_int] * 3
     )
     lib.emu_set_eager_copies.argtypes = [ctypes.c_int]
@@ -361,13 +364,13 @@ GUARD = 12345.0  # what the slots past the spans kernel's last one hold before a
 
 
 def emulated_spans_forward(lib, x2d, weight, cu, off=None, chunk: int = 4, values: int = 32, stages: int = 3,
-                           carry: bool = False):
+                           carry: bool = False, token_index=None):
     """(y, rstd, AngleStats) of the CUDA rows kernel's SPANS form run in the emulator on outputs poisoned with NaN
     (blocks of ``chunk`` rows, no work list), then ``_reduce_spans_kernel`` (interpreter). The partial buffers end in
     guard slots, checked untouched. Raises RuntimeError when the launcher refuses."""
     rows, dim = x2d.shape
     cfg = rmsnorm_module._fwd_config(rows, dim, x2d.element_size(), x2d.device, stats=True)._replace(chunk=chunk)
-    plan = rmsnorm_module._spans_plan(cfg, rows, cu, off)
+    plan = rmsnorm_module._spans_plan(cfg, rows, cu, off, token_index)
     guard = 3
     y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
     rstd = torch.full((rows,), float("nan"))
@@ -379,7 +382,10 @@ def emulated_spans_forward(lib, x2d, weight, cu, off=None, chunk: int = 4, value
     batch_size, nseg = plan.count.shape
     rc = lib.emu_spans(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
                        y.data_ptr(), rstd.data_ptr(), cu.data_ptr(), off.contiguous().data_ptr() if off is not None
-                       else None, batch_size, nseg, chunk, plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
+                       else None, token_index.data_ptr() if token_index is not None else None,
+                       int(token_index is not None and token_index.dtype == torch.int64),
+                       token_index.numel() if token_index is not None else 0,
+                       batch_size, nseg, chunk, plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
                        part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry))
     if rc != 0:
         raise RuntimeError(f"emulated launch refused: {rc}")
@@ -454,13 +460,39 @@ def test_emulated_spans_every_segment_empty_and_nan_row(emulator):
     assert_nan_confined(*emulated_spans_forward(emulator, x, w, cu, off, chunk=3), cu)
 
 
-@pytest.mark.parametrize("case", ["cu_decreasing", "cu_past_rows", "offsets_out_of_range", "offsets_decreasing"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("chunk", [1, 3, 5, 16])
+def test_emulated_spans_padded_batch(emulator, chunk, index_dtype):
+    """A padded [N, L, D] batch through its token index (left and right padding, an all-padding row, a full one:
+    rows in no sequence before, between and after sequences), with offsets and with the default segments, and a
+    batch whose every sequence is empty (an empty token index)."""
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    x = concentrated((mask.numel(),), 64, seed=chunk).to(torch.bfloat16)
+    w = torch.linspace(0.5, 1.5, 64).to(torch.bfloat16)
+    cu, tok = padded_to_cu_seqlens(mask)
+    tok = tok.to(index_dtype)
+    off = torch.tensor([[1, 3, 5], [0, 0, 4], [0, 0, 0], [2, 6, 7]], dtype=torch.int32)
+    for o in (off, None):
+        y, rstd, stats = emulated_spans_forward(emulator, x, w, cu, o, chunk=chunk, token_index=tok)
+        y0, r0, s0 = emulated_forward(emulator, x, w, cu, o, tok)
+        assert torch.equal(y, y0) and torch.equal(rstd, r0)
+        assert_stats(stats, y, cu, o, tok)
+    empty = torch.zeros(0, dtype=index_dtype)
+    _, _, s = emulated_spans_forward(emulator, x, w, torch.zeros(3, dtype=torch.int32), None, chunk=chunk,
+                                     token_index=empty)
+    assert int(s.count.sum()) == 0 and not s.unit_sum.any() and not s.adjacent.any()
+
+
+@pytest.mark.parametrize("case", ["cu_decreasing", "cu_past_rows", "offsets_out_of_range", "offsets_decreasing",
+                                  "token_index_garbage"])
 def test_emulated_spans_unvalidated_indices(emulator, case):
     """Indices that validation would refuse (``validate=False`` skips it): the kernel still writes only its own
     slots (guards intact), and y and rstd, which do not depend on them, are still exact."""
     x, w, cu, off = batch(64, torch.bfloat16, seed=8)
-    cu, off = cu.clone(), off.clone()
-    if case == "cu_decreasing":
+    cu, off, tok = cu.clone(), off.clone(), None
+    if case == "token_index_garbage":
+        tok = torch.randint(-50, 200, (int(cu[-1]) + 5,), generator=torch.Generator().manual_seed(0))
+    elif case == "cu_decreasing":
         cu[3] = 50
     elif case == "cu_past_rows":
         cu[-1] = 10_000
@@ -468,7 +500,7 @@ def test_emulated_spans_unvalidated_indices(emulator, case):
         off[1] = torch.tensor([-7, 90, 3])
     else:
         off[:, 0] = 30
-    y, rstd, _ = emulated_spans_forward(emulator, x, w, cu, off, chunk=3)
+    y, rstd, _ = emulated_spans_forward(emulator, x, w, cu, off, chunk=3, token_index=tok)
     assert_rms(y, rstd, x, w)
 
 
@@ -480,14 +512,15 @@ def test_emulated_spans_refused(emulator):
         emulated_spans_forward(emulator, x, w, cu, off)
     x = x.to(torch.bfloat16)
     rc = emulator.emu_spans(CODE[x.dtype], CODE[w.dtype], x.data_ptr(), x.stride(0), w.data_ptr(), x.data_ptr(),
-                            None, cu.data_ptr(), off.data_ptr(), len(cu) - 1, off.shape[1] - 1, 4, 1, None, None,
+                            None, cu.data_ptr(), off.data_ptr(), None, 0, 0, len(cu) - 1, off.shape[1] - 1, 4, 1,
+                            None, None,
                             None, x.shape[0], x.shape[1], EPS, 32, 3, 0)
     assert rc != 0
 
 
 def test_spans_plan_selection(monkeypatch):
     """``_stats_plan`` takes the spans form only where the CUDA rows kernel takes the rows, the extension has the
-    spans op, there is no token index and the launch has at most ``_CUDA_ROWS_SPANS_MAX_ROWS`` rows (0: never); its
+    spans op and the launch has at most ``_CUDA_ROWS_SPANS_MAX_ROWS`` rows (0: never), token index or not; its
     slots are cdiv(R, chunk) + B K. (The CUDA checks are patched: this runs on CPU tensors.)"""
     monkeypatch.setattr(rmsnorm_module, "_cuda_rows_take", lambda x2d, weight: True)
     monkeypatch.setattr(rmsnorm_module, "has_ext_kernel", lambda device, op: True)
@@ -505,7 +538,8 @@ def test_spans_plan_selection(monkeypatch):
     assert rmsnorm_module._stats_plan(x, cu, off, None, w).kernel == "cuda_rows"
     monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_SPANS_MAX_ROWS", 1 << 40)
     tok = torch.arange(int(cu[-1]), dtype=torch.int32)
-    assert rmsnorm_module._stats_plan(x, cu, off, tok, w).kernel == "cuda_rows"
+    plan = rmsnorm_module._stats_plan(x, cu, off, tok, w)
+    assert plan.kernel == "cuda_spans" and plan.token_index is tok
     monkeypatch.setattr(rmsnorm_module, "has_ext_kernel", lambda device, op: op != "rmsnorm_angle_spans_ext")
     assert rmsnorm_module._stats_plan(x, cu, off, None, w).kernel == "cuda_rows"
 
@@ -698,3 +732,24 @@ def test_cuda_spans_random_batches(seed, monkeypatch):
     cu_d, off_d = cu.cuda(), None if off is None else off.cuda()
     y, stats = rmsnorm_angle(x, w, EPS, cu_d, off_d)
     assert_stats(stats, y.cpu(), cu, off)
+
+
+@needs_cuda_rows
+@pytest.mark.parametrize("dim", [896, 4096])
+def test_cuda_spans_padded_batch(dim, monkeypatch):
+    """On the GPU, without a work list, a padded batch through its token index (left and right padding, random
+    lengths): y bitwise the work-list launch's, the statistics those of y."""
+    g = torch.Generator().manual_seed(dim)
+    lens = torch.randint(0, 300, (12,), generator=g)
+    pos = torch.arange(300)
+    left = torch.arange(12) % 2 == 0  # even rows left-padded
+    mask = torch.where(left[:, None], pos >= 300 - lens[:, None], pos < lens[:, None]).int()
+    x = concentrated((mask.numel(),), dim, seed=dim).to(torch.bfloat16).cuda()
+    w = (1.0 + 0.2 * torch.randn(dim, generator=g)).to(torch.bfloat16).cuda()
+    cu, tok = padded_to_cu_seqlens(mask.cuda())
+    y_l, _ = rmsnorm_angle(x, w, EPS, cu, None, tok)
+    monkeypatch.setattr(rmsnorm_module, "_CUDA_ROWS_SPANS_MAX_ROWS", 1 << 40)
+    assert rmsnorm_module._stats_plan(x, cu, None, tok, w).kernel == "cuda_spans"
+    y, stats = rmsnorm_angle(x, w, EPS, cu, None, tok)
+    assert torch.equal(y, y_l)
+    assert_stats(stats, y.cpu(), cu.cpu(), None, tok.cpu())

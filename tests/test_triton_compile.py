@@ -248,13 +248,15 @@ def _rmsnorm_angle_cases():
             dict(BLOCK_C=tile[0], BLOCK_D=tile[1]), 4,
         )
     # the CUDA spans kernel's reduce (slots from cu_seqlens and the offsets), at the default tile and the variants'
-    for (n_seg, has_off), tile in zip(((1, False), (3, True), (2, True)), (M._REDUCE_TILE, (64, 32), (128, 16))):
+    for (n_seg, has_off, has_tok), tile in zip(((1, False, False), (3, True, True), (2, True, False)),
+                                              (M._REDUCE_TILE, (64, 32), (128, 16))):
         yield Case(
-            f"rmsnorm_reduce_spans-K{n_seg}-off{int(has_off)}-{tile[0]}x{tile[1]}", M._reduce_spans_kernel,
+            f"rmsnorm_reduce_spans-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-{tile[0]}x{tile[1]}",
+            M._reduce_spans_kernel,
             dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", cu_ptr="*i32", off_ptr="*i32",
-                 unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", count_ptr="*i32", R="i32",
-                 D="i32", chunk="i32"),
-            dict(K=n_seg, HAS_OFF=has_off, BLOCK_C=tile[0], BLOCK_D=tile[1]), 4,
+                 tok_ptr="*i64", n_packed="i32", unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32",
+                 count_ptr="*i32", R="i32", D="i32", chunk="i32"),
+            dict(K=n_seg, HAS_OFF=has_off, HAS_TOK=has_tok, BLOCK_C=tile[0], BLOCK_D=tile[1]), 4,
         )
 
 
