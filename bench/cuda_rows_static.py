@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     funcs, sass = compile_kernels(args.arch)
     at_warps: dict[int, str] = {}  # warps -> SASS compiled for exactly that block size
     rows = []
-    print("| dtype | NV | S | carry | native w | spans | values/thread | registers | spills | loop SASS (any block) | D "
-          "| threads | loop SASS (this block) | blocks/SM (regs, smem) | warps/SM | warp instr / row |")
+    print("| dtype | NV | S | carry | native w | spans | values/thread | registers | spills | loop SASS (any block) "
+          "| D | threads | loop SASS (this block) | blocks/SM (regs, smem) | warps/SM | warp instr / row |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, f in sorted(funcs.items()):
         inst = instantiation(name)

@@ -6,9 +6,9 @@
 //   rmsnorm_angle_spans_ext(x, weight, y!, rstd!, cu_seqlens, seg_offsets?, token_index?, part_sum!, part_q!,
 //                           part_adj!, chunk, eps, values_per_thread, stages, carry) -> ()
 // the same without a work list (16-bit rows): block i takes rows [i chunk, (i + 1) chunk) and finds their sequences
-// and segments itself; partials at slots i + b K + k, cdiv(R, chunk) + B K of them (see Args::spans). x [R, D] fp32 / fp16 / bf16 CUDA with
-// unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and at most 8192 (fp32: 4096); weight [D]
-// contiguous.
+// and segments itself; partials at slots i + b K + k, cdiv(R, chunk) + B K of them (see Args::spans).
+// x [R, D] fp32 / fp16 / bf16 CUDA with unit column stride and 16-byte aligned rows, D a multiple of 16 bytes and
+// at most 8192 (fp32: 4096); weight [D] contiguous.
 //
 // g++ only, CUDA build only (setup.py: *_cuda*.cpp). Every check and exception lives here; the nvcc-compiled
 // csrc/rmsnorm_angle_cuda.cu only returns a cudaError_t (see csrc/angle_stats_cuda_binding.cpp for why). No host

@@ -54,14 +54,15 @@ Forward algorithm (three launches with statistics, one without; no host sync, no
     rows through a cp.async ring in shared memory, one barrier a row); faster than the Triton rows kernel from
     D = 2048 on, as fast at 896 (H200, bench/results/fused_variants_h200_cuda_rows.json). Up to
     ``_CUDA_ROWS_SPANS_MAX_ROWS`` rows (0, off, until timed) its SPANS form needs no work list: block i takes rows
-    [i chunk, (i + 1) chunk) across sequences and segments, finds them in cu_seqlens and seg_offsets itself, and
-    writes a partial per piece (its rows of one segment) at slot i + b K + k; ``_reduce_spans_kernel`` finds a
-    segment's slots from the offsets alone (two launches instead of three).
+    [i chunk, (i + 1) chunk) across sequences and segments, finds them in cu_seqlens, seg_offsets and
+    token_index itself, and writes a partial per piece (its rows of one segment) at slot i + b K + k;
+    ``_reduce_spans_kernel`` finds a segment's slots from the indices alone (two launches instead of three).
   * ``_fwd_sliced_kernel`` (wider rows): 32-row chunks, three passes over 64-wide column slices (x², then y and
     the norms and pair dots, then the unit vectors; later passes hit the cache).
   * ``_reduce_kernel`` sums each segment's partials, 16 chunks per step, in a fixed order: the statistics are
-    deterministic (bitwise run to run). (``_REDUCE_PROGRAMS_PER_SM``, off until timed, narrows its column blocks
-    for launches with few segments, so that more SMs read the partials.) ``count`` is exact integer arithmetic on the clamped offsets.
+    deterministic (bitwise run to run). ``count`` is exact integer arithmetic on the clamped offsets.
+    (``_REDUCE_PROGRAMS_PER_SM``, off until timed, narrows its column blocks for launches with few segments, so
+    that more SMs read the partials.)
 Compiled kernels round with the hardware's round-to-nearest-even conversions; under the interpreter the same
 rounding is done on the fp32 bits (below).
 
