@@ -296,6 +296,7 @@ else
 fi
 if [ -f "$OUT/fused_variants.json" ]; then
     "$PY" bench/gpu_summary.py variants "$OUT/fused_variants.json" 2>&1 | tee -a "$SUMMARY"
+    "$PY" bench/gpu_summary.py table "$OUT/fused_variants.json" 2>&1 | tee -a "$SUMMARY"
 fi
 # Row orders of a plain RMSNorm (bench/walk_order.py): which walks keep the one-row-per-program kernel's speed.
 if want walk; then

@@ -2,6 +2,7 @@
 few, so that a reader of the summary does not need the JSON (and the lines are tested here, on CPU).
 
     python bench/gpu_summary.py variants OUT/fused_variants.json   # fused forward: default and fastest vs bare
+    python bench/gpu_summary.py table    OUT/fused_variants.json   # fused ms of every variant x shape, / default
     python bench/gpu_summary.py walk     OUT/walk_order.json       # plain RMSNorm walks: ms per order
     python bench/gpu_summary.py cluster  OUT/cluster_walk.json     # the cluster walk prototype: ms, / c1
     python bench/gpu_summary.py backward OUT/fused_backward.json   # forward + backward: ms per method
@@ -61,6 +62,34 @@ def variants(record: dict) -> list[str]:
                 line += f", bare + angle_stats ({k.rsplit('_', 1)[1]}) {rows[k]['unfused_ms']:.3f} ms"
         bad = [k for k, r in rows.items() if r.get("status", "ok").startswith("error")]
         lines.append(line + _errors(bad) + ("" if timed else f" ({len(rows)} variants checked, not timed)"))
+    return lines
+
+
+def variant_table(record: dict) -> list[str]:
+    """A markdown table of the timed fused forward: one row per variant (its fused ms and, in parentheses, over the
+    default's at that shape), then the bare RMSNorms (ours, torch.compile, F.rms_norm, Liger: bare ms). Shapes are
+    columns, in the record's order; "-" where a variant has no time there (failed, skipped, not run)."""
+    shapes = _by_shape(record["rows"], "variant")
+    names = list(dict.fromkeys(r["variant"] for r in record["rows"] if "fused_ms" in r))
+    if not names:
+        return []
+    lines = ["| variant | " + " | ".join(f"{b}x{l}x{d}" for b, l, d in shapes) + " |",
+             "|---" * (len(shapes) + 1) + "|"]
+    for name in names:
+        cells = []
+        for rows in shapes.values():
+            r, ref = rows.get(name, {}), rows.get("default", {})
+            cell = f"{r['fused_ms']:.4f}" if "fused_ms" in r else "-"
+            if "fused_ms" in r and "fused_ms" in ref:
+                cell += f" ({r['fused_ms'] / ref['fused_ms']:.3f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    bares = (("default", "our bare"), ("torch_compile_bare", "torch.compile bare"),
+             ("torch_native_bare", "F.rms_norm bare"), ("liger_bare", "Liger bare"))
+    for key, label in bares:
+        values = [rows.get(key, {}).get("bare_ms") for rows in shapes.values()]
+        if any(v is not None for v in values):
+            lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in values) + " |")
     return lines
 
 
@@ -133,7 +162,8 @@ def angle(record: dict) -> list[str]:
 
 
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = dict(
-    variants=variants, walk=walk, cluster=cluster, backward=backward, eager=eager, score=score, angle=angle)
+    variants=variants, table=variant_table, walk=walk, cluster=cluster, backward=backward, eager=eager, score=score,
+    angle=angle)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -255,6 +255,14 @@ def test_gpu_summary_lines():
     assert "errors: ['cuda_rows_fill_8']" in line
     (line,) = S.variants(dict(rows=[dict(B=2, L=16, D=40, variant="default", status="ok (smoke)")]))
     assert line == "fused 2x16x40: (1 variants checked, not timed)"
+    table = S.variant_table(dict(rows=rows + [dict(B=8, L=2048, D=896, variant="default", status="ok", bare_ms=0.5,
+                                                   fused_ms=0.6)]))
+    assert table[0] == "| variant | 64x4096x4096 | 8x2048x896 |" and table[1] == "|---|---|---|"
+    assert table[2] == "| default | 1.1000 (1.000) | 0.6000 (1.000) |"
+    assert table[3] == "| cuda_rows_fill_1 | 1.0400 (0.945) | - |"
+    assert table[4:] == ["| our bare | 1.0000 | 0.5000 |", "| F.rms_norm bare | 1.1000 | - |",
+                         "| Liger bare | 1.2500 | - |"]
+    assert S.variant_table(dict(rows=[dict(B=2, L=16, D=40, variant="default", status="ok (smoke)")])) == []
     walk = [dict(R=8, D=48, order="c1", status="ok", ms=1.0), dict(R=8, D=48, order="atomic_c1", status="ok",
             ms=1.1, sums="differs: ..."), dict(R=8, D=48, order="nosync8_c8_sm1", status="ok", sums="not combined"),
             dict(R=8, D=48, order="t8_c8", status="error: X")]
