@@ -222,9 +222,24 @@ struct SpanCursor {
     next = start + nb > t ? start + nb : t + 1;  // unvalidated indices: still one row at a time, forward
   }
 
-  // The cursor of row t from scratch: a 4-way search for the first sequence ending past t (3 independent loads a
-  // round, log4(B + 1) rounds).
+  // The cursor of row t from scratch: b = the first sequence ending past t. Up to kCountedSequences sequences the
+  // warp counts the ends <= t (each lane cdiv(B, 32) independent loads, then a warp sum: one round of latency);
+  // past that a 4-way search (3 independent loads a round, log4(B + 1) rounds). Every warp of the block runs it
+  // whole (uniform control flow).
+  static constexpr int kCountedSequences = 1024;
   __device__ void find(int64_t t, const SpanIndex& ix) {
+    if (ix.B <= kCountedSequences) {
+      float n = 0.f;  // exact: at most 1024
+      const int lane = threadIdx.x & 31;
+#pragma unroll 4
+      for (int b0 = 0; b0 < ix.B; b0 += 32) {
+        const int bb = b0 + lane;
+        if (bb < ix.B && ix.end(bb) <= t) n += 1.f;
+      }
+      b = static_cast<int>(warp_sum(n));  // monotone ends: the first b with end(b) > t
+      at(t, ix);
+      return;
+    }
     int lo = -1, hi = ix.B;  // end(lo) <= t < end(hi), end(-1) = -inf and end(B) = +inf
     while (hi - lo > 1) {
       int piv[3];
@@ -395,7 +410,13 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS && !W_NA
   for (int i = 0; i < S; ++i) issue(i, i);
   if constexpr (W_NATIVE) load_weight_columns();
   SpanCursor cur;
-  if constexpr (SPANS) cur.find(row0, ix);  // its loads wait while the ring's first rows are on their way
+  // SPANS: the step at which the cursor moves next (an int compare a row, not an int64 one)
+  [[maybe_unused]] int i_next = 0;
+  const auto steps_to = [&](int64_t row) { return row - row0 < n ? static_cast<int>(row - row0) : n; };
+  if constexpr (SPANS) {
+    cur.find(row0, ix);  // its loads wait while the ring's first rows are on their way
+    i_next = steps_to(cur.next);
+  }
 
   int buf = 0;
   float2 xv[NV][P];
@@ -448,9 +469,10 @@ __global__ void __launch_bounds__(max_block_threads<T, NV, CARRY, SPANS && !W_NA
       // to a piece of slot -1, dropped when the next piece starts; only a pair may straddle two pieces.
       [[maybe_unused]] bool same_seq = true;
       if constexpr (SPANS) {
-        if (row0 + i >= cur.next) {
+        if (i >= i_next) {
           const int b_prev = cur.b;
           cur.at(row0 + i, ix);
+          i_next = steps_to(cur.next);
           same_seq = cur.b == b_prev;
         }
       }

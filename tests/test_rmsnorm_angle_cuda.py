@@ -450,6 +450,22 @@ def test_emulated_spans_random_batches(emulator, seed, monkeypatch):
     assert_stats(stats, y, cu, off)
 
 
+@pytest.mark.parametrize("n_seq", [1025])
+def test_emulated_spans_many_sequences(emulator, n_seq):
+    """Past 1024 sequences a block finds its first one by a 4-way search instead of a warp count (up to 1024: every
+    other spans test): 0-3 row sequences (empty ones included) with random offsets."""
+    g = torch.Generator().manual_seed(n_seq)
+    lens = torch.randint(0, 4, (n_seq,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+    off = torch.sort(torch.randint(0, 4, (n_seq, 3), generator=g), dim=1).values
+    off = torch.minimum(off, lens[:, None]).to(torch.int32)
+    x = concentrated((int(cu[-1]) + 2,), 64, seed=n_seq).to(torch.bfloat16)
+    w = torch.linspace(0.5, 1.5, 64).to(torch.bfloat16)
+    y, rstd, stats = emulated_spans_forward(emulator, x, w, cu, off, chunk=37)
+    assert_rms(y, rstd, x, w)
+    assert_stats(stats, y, cu, off)
+
+
 def test_emulated_spans_every_segment_empty_and_nan_row(emulator):
     """Every segment empty: no statistics, counts 0. A NaN in x: its row, its segment's sums and its sequence's
     adjacent term NaN, nothing else."""
