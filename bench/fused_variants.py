@@ -74,7 +74,8 @@ VARIANTS: dict[str, dict] = {
     # fp32.json): slower than Triton's, 0.387 / 0.831 against 0.308 / 0.587 ms at 16x4096x2048 / 4096
     "cuda_rows_fp32": {"_CUDA_ROWS": True, "_CUDA_ROWS_FP32": True},
     # session 28: no work list below this many rows (the kernel's SPANS form, _CUDA_ROWS_SPANS_MAX_ROWS): two
-    # launches instead of three; the work-list kernel alone took ~3.5 us of ~31 at 8x2048x896 (H200, session 20)
+    # launches instead of three; the work-list kernel alone took 3.5-5.9 us of ~31 at 8x2048x896 (plan_ms, H200,
+    # sessions 17-27)
     "cuda_spans": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40},
     "cuda_spans_s4": {"_CUDA_ROWS": True, "_CUDA_ROWS_SPANS_MAX_ROWS": 1 << 40, "_CUDA_ROWS_STAGES": 4},
     # the reduce kernel's [chunks, columns] tile (default (16, 128)): at 8x2048x896 it has 8 x 7 programs, each

@@ -754,20 +754,12 @@ def _span_slots(cu_ptr, off_ptr, tok_ptr, n_packed, b, k, R, chunk, K: tl.conste
     """(first slot, one past the last, count) of segment k of sequence b for the CUDA spans kernel: its rows
     [first_b + o_k, first_b + max(o_k, o_k+1)) (first_b = cu_b, or token_index[cu_b]; offsets clamped to
     [0, len_b], rows to [0, R)) lie in blocks row // chunk, each of which wrote its piece at slot block + b K + k.
-    count: max(o_k+1 - o_k, 0), as the plan's."""
-    c0 = tl.load(cu_ptr + b).to(tl.int64)
-    length = tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64) - c0, 0)
-    start = c0
-    if HAS_TOK:  # (an empty token_index comes as a 1-element stand-in: every sequence is empty then)
-        start = tl.load(tok_ptr + tl.minimum(tl.maximum(c0, 0), tl.maximum(n_packed - 1, 0))).to(tl.int64)
-    if HAS_OFF:
-        o0 = tl.load(off_ptr + b * (K + 1) + k).to(tl.int64)
-        o1 = tl.load(off_ptr + b * (K + 1) + k + 1).to(tl.int64)
-    else:
-        o0 = length * 0
-        o1 = length
-    o0 = tl.minimum(tl.maximum(o0, 0), length)
-    o1 = tl.minimum(tl.maximum(o1, 0), length)
+    count: max(o_k+1 - o_k, 0), as the plan's. Sequence bounds and offsets as the plan kernel reads them
+    (``_seq_span``, ``_offset``)."""
+    ok = b >= 0  # always: the helpers take a mask
+    start, length = _seq_span(cu_ptr, tok_ptr, n_packed, b, ok, HAS_TOK)
+    o0 = tl.minimum(tl.maximum(_offset(off_ptr, b, k, K, length, ok, HAS_OFF), 0), length)
+    o1 = tl.minimum(tl.maximum(_offset(off_ptr, b, k + 1, K, length, ok, HAS_OFF), 0), length)
     lo = tl.minimum(tl.maximum(start + o0, 0), R)
     hi = tl.minimum(tl.maximum(start + tl.maximum(o0, o1), 0), R)
     first = lo // chunk + b * K + k
@@ -1381,7 +1373,7 @@ def _reduce_partials(plan: _Plan, part_sum: torch.Tensor, part_q: torch.Tensor, 
         off, tok = plan.seg_offsets, plan.token_index
         _reduce_spans_kernel[grid](
             part_sum, part_q, part_adj, plan.cu_seqlens, off if off is not None else plan.cu_seqlens,
-            tok if tok is not None and tok.numel() else plan.cu_seqlens, tok.numel() if tok is not None else 0,
+            tok if tok is not None else plan.cu_seqlens, tok.numel() if tok is not None else 0,
             unit_sum, sq_norm, adjacent, plan.count, plan.rows, dim, plan.cfg.chunk,
             K=nseg, HAS_OFF=off is not None, HAS_TOK=tok is not None, BLOCK_C=block_c, BLOCK_D=block_d,
         )
