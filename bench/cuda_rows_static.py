@@ -9,7 +9,9 @@ SM (by registers and by shared memory) and warp instructions per row.
 
 "loop SASS (any block)" is the shipped kernel's row loop, which unrolls its per-warp sum for every warp count;
 "loop SASS (this block)" is the loop compiled for the block size of that D (GAINRL_STATIC_WARPS), what a row step
-issues but for the IEEE division's slow path; warp instructions per row use the latter. Compare with
+issues but for the IEEE division's slow path. "hot path" is that loop less the long branches a row step skips
+(``sass_loops.sass_hot_loop_instructions``: in the spans form the cursor's advance and a piece's flush, run where a
+sequence or segment changes; in the work-list forms the whole loop); warp instructions per row use it. Compare with
 bench/fused_static.py (the Triton kernel); GPU timings come from bench/fused_variants.py (variants cuda_rows_*).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from sass_loops import kernel_sass, sass_loop_instructions  # noqa: E402
+from sass_loops import kernel_sass, sass_hot_loop_instructions, sass_loop_instructions  # noqa: E402
 from test_csrc_compile import ARCHS, NVCC, SETUP_NVCC_FLAGS, demangle, parse_ptxas, torch_flags  # noqa: E402
 
 REGISTERS_PER_SM = 65536
@@ -89,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     at_warps: dict[int, str] = {}  # warps -> SASS compiled for exactly that block size
     rows = []
     print("| dtype | NV | S | carry | native w | spans | values/thread | registers | spills | loop SASS (any block) "
-          "| D | threads | loop SASS (this block) | blocks/SM (regs, smem) | warps/SM | warp instr / row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| D | threads | loop SASS (this block) | hot path | blocks/SM (regs, smem) | warps/SM | warp instr / row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, f in sorted(funcs.items()):
         inst = instantiation(name)
         if inst is None:
@@ -106,18 +108,19 @@ def main(argv: list[str] | None = None) -> int:
             if threads // 32 not in at_warps:
                 at_warps[threads // 32] = compile_kernels(args.arch, threads // 32)[1]
             loop_here = loop_instructions(at_warps[threads // 32], f["mangled"])
+            hot = sass_hot_loop_instructions(kernel_sass(at_warps[threads // 32], f["mangled"])) or 0
             by_regs = REGISTERS_PER_SM // (threads * max(f["registers"], 1))
             by_smem = SMEM_PER_SM[args.arch] // smem
             blocks = min(by_regs, by_smem, 2048 // threads)
             row = dict(dtype=dt, nv=nv, stages=stages, carry=carry, w_native=w_native, spans=spans,
                        values_per_thread=nv * vec,
                        registers=f["registers"], spill_bytes=f.get("spill_stores", 0) + f.get("spill_loads", 0),
-                       loop_sass_any_block=loop, D=dim, threads=threads, loop_sass=loop_here,
+                       loop_sass_any_block=loop, D=dim, threads=threads, loop_sass=loop_here, hot_loop_sass=hot,
                        blocks_by_registers=by_regs, blocks_by_smem=by_smem, blocks_per_sm=blocks,
-                       warps_per_sm=blocks * threads // 32, warp_instructions_per_row=loop_here * threads // 32)
+                       warps_per_sm=blocks * threads // 32, warp_instructions_per_row=hot * threads // 32)
             rows.append(row)
             print(f"| {dt} | {nv} | {stages} | {carry} | {w_native} | {spans} | {nv * vec} | {row['registers']} | "
-                  f"{row['spill_bytes']} | {loop} | {dim} | {threads} | {loop_here} | "
+                  f"{row['spill_bytes']} | {loop} | {dim} | {threads} | {loop_here} | {hot} | "
                   f"{blocks} ({by_regs}, {by_smem}) | {row['warps_per_sm']} | {row['warp_instructions_per_row']} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@ import re
 from typing import Optional
 
 
-def sass_loops(sass: str) -> list[list[str]]:
-    """The loops of disassembled ``sass``: for each backward branch, the instructions from its target to it."""
+def _instructions(sass: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """([(address, instruction)], {label: address}) of disassembled ``sass``."""
     ins: list[tuple[int, str]] = []
     labels: dict[str, int] = {}
     pending: list[str] = []
@@ -19,9 +19,44 @@ def sass_loops(sass: str) -> list[list[str]]:
             labels.update({label: addr for label in pending})
             pending = []
             ins.append((addr, m.group(2)))
-    spans = [(labels[m.group(1)], addr) for addr, text in ins
-             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)) and labels.get(m.group(1), addr) < addr]
-    return [[t for a, t in ins if lo <= a <= hi] for lo, hi in spans]
+    return ins, labels
+
+
+def _branches(ins: list[tuple[int, str]], labels: dict[str, int]) -> list[tuple[int, int, bool]]:
+    """(address, target address, conditional) of every branch to a label."""
+    return [(a, labels[m.group(2)], bool(m.group(1))) for a, text in ins
+            if (m := re.search(r"^(@!?U?P\w+\s+)?BRA\s+`\((\.L_x_\d+)\)", text)) and m.group(2) in labels]
+
+
+def _loop_spans(ins: list[tuple[int, str]], labels: dict[str, int]) -> list[tuple[int, int]]:
+    return [(target, a) for a, target, _ in _branches(ins, labels) if target < a]
+
+
+def sass_loops(sass: str) -> list[list[str]]:
+    """The loops of disassembled ``sass``: for each backward branch, the instructions from its target to it."""
+    ins, labels = _instructions(sass)
+    return [[t for a, t in ins if lo <= a <= hi] for lo, hi in _loop_spans(ins, labels)]
+
+
+def sass_hot_loop_instructions(sass: Optional[str], cold: int = 100) -> Optional[int]:
+    """Machine instructions of the main loop (the longest) that a step runs when it takes none of the loop's long
+    forward jumps: the loop less every outermost region of at least ``cold`` instructions that a conditional
+    forward branch inside it skips (in the CUDA rows kernel's SPANS form: the cursor's advance and a piece's
+    flush, run at a change of sequence or segment only). None without SASS or loops."""
+    if sass is None:
+        return None
+    ins, labels = _instructions(sass)
+    spans = _loop_spans(ins, labels)
+    if not spans:
+        return None
+    lo, hi = max(spans, key=lambda span: sum(1 for a, _ in ins if span[0] <= a <= span[1]))
+    count = lambda a0, a1: sum(1 for a, _ in ins if a0 <= a < a1)  # noqa: E731
+    skipped, end = 0, -1
+    for a, target, conditional in sorted(_branches(ins, labels)):
+        if conditional and lo <= a and a < target <= hi and a >= end and count(a + 1, target) >= cold:
+            skipped += count(a + 1, target)
+            end = target  # regions nested in this one are inside it
+    return count(lo, hi + 1) - skipped
 
 
 def sass_loop_instructions(sass: Optional[str]) -> Optional[int]:

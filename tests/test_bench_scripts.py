@@ -293,6 +293,41 @@ def test_gpu_summary_lines():
     assert S.main(["nonsense", "x.json"]) == 2
 
 
+def test_sass_hot_loop_skips_long_forward_branches():
+    """bench/sass_loops.py: the hot path of a loop drops the outermost region a conditional forward branch inside
+    it skips when the region is long (a nested one is not counted twice), keeps short ones and unconditional
+    jumps; the whole loop count is unchanged."""
+    from sass_loops import sass_hot_loop_instructions, sass_loop_instructions
+
+    lines, addr = [], 0
+
+    def op(text):
+        nonlocal addr
+        lines.append(f"        /*{addr:04x}*/                   {text} ;")
+        addr += 16
+
+    lines.append(".L_x_0:")
+    op("IADD3 R1, R1, 0x1, RZ")
+    op("@P0 BRA `(.L_x_1)")            # skips 6: the long region (threshold 5 below)
+    op("@P1 BRA `(.L_x_2)")            # nested inside it, skips 2
+    op("FADD R2, R2, R3")
+    op("FADD R2, R2, R3")
+    lines.append(".L_x_2:")
+    op("FADD R2, R2, R3")
+    op("FADD R2, R2, R3")
+    op("FADD R2, R2, R3")
+    lines.append(".L_x_1:")
+    op("@P2 BRA `(.L_x_3)")            # short: kept
+    op("FMUL R4, R4, R4")
+    lines.append(".L_x_3:")
+    op("BRA `(.L_x_0)")
+    sass = "\n".join(lines)
+    assert sass_loop_instructions(sass) == 11
+    assert sass_hot_loop_instructions(sass, cold=5) == 11 - 6
+    assert sass_hot_loop_instructions(sass, cold=100) == 11
+    assert sass_hot_loop_instructions("no code") is None
+
+
 def test_carry_site_packages_import_from_the_copy(tmp_path):
     """bench/make_gpu_carry.py site: the yardsticks' packages (Liger-Kernel) copied without byte code, importable
     from the copy alone, as gpu_check.sh puts .gpu_carry/site on a GPU machine's PYTHONPATH."""
