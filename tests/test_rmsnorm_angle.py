@@ -532,6 +532,19 @@ def test_reduce_tile_by_programs_per_sm(per_sm, monkeypatch):
     assert_stats_close(stats, angle_stats_reference(y, cu, off))
 
 
+def test_reduce_tile_on_132_sms(monkeypatch):
+    """The tiles docs/fused_forward.md ("Session 28") and the README give for an H100 / H200 (132 SMs): by default
+    16 x 128 (56 programs at 8x2048x896, B K = 8); with 4 programs per SM 128 x 16 there (448 programs), 32 x 64 at
+    1536 and 2048 (B K = 16), the default from 4096 up."""
+    monkeypatch.setattr(rmsnorm_module, "_fill_target", lambda device, per_sm: per_sm * 132)
+    tile = lambda dim, n_seg: rmsnorm_module._reduce_tile(dim, n_seg, torch.device("cuda"))  # noqa: E731
+    assert tile(896, 8) == (16, 128) and 8 * -(-896 // 128) == 56
+    monkeypatch.setattr(rmsnorm_module, "_REDUCE_PROGRAMS_PER_SM", 4)
+    assert tile(896, 8) == (128, 16) and 8 * -(-896 // 16) == 448
+    assert tile(1536, 16) == tile(2048, 16) == (32, 64)
+    assert tile(4096, 64) == tile(5120, 32) == tile(8192, 8) == (16, 128)
+
+
 def test_non_contiguous_input(packed, fwd_kernel):
     cu, off = packed["cu"], packed["off"]
     x = packed["x"]
