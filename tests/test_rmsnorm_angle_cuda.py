@@ -129,27 +129,47 @@ def copies(request, emulator):
 def emulated_forward(lib, x2d, weight, cu, off=None, token_index=None, values: int = 32, stages: int = 3,
                      carry: bool = False):
     """(y, rstd, AngleStats) of the CUDA rows kernel run in the emulator: the Triton plan (interpreter), the
-    emulated kernel on outputs poisoned with NaN, the Triton reduce. Raises RuntimeError when the launcher
-    refuses."""
+    emulated kernel on outputs poisoned with NaN (``poisoned_outputs``), the Triton reduce (``reduced``, which also
+    checks no partial was written past the last slot). Raises RuntimeError when the launcher refuses."""
     plan = rmsnorm_module._stats_plan(x2d, cu, off, token_index, weight)
     rows, dim = x2d.shape
-    batch_size, nseg = plan.count.shape
-    y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
-    rstd = torch.full((rows,), float("nan"))
-    part_sum = torch.full((plan.grid, dim), float("nan"))
-    part_q = torch.full((plan.grid,), float("nan"))
-    part_adj = torch.full((plan.grid,), float("nan"))
+    y, rstd, parts = poisoned_outputs(x2d, plan.grid)
     items = [t.contiguous() for t in (plan.item_row0, plan.item_nrows, plan.item_seg, plan.item_pair_end)]
     rc = lib.emu_rows(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
-                      y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid, part_sum.data_ptr(),
-                      part_q.data_ptr(), part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry))
+                      y.data_ptr(), rstd.data_ptr(), *(t.data_ptr() for t in items), plan.grid,
+                      *(t.data_ptr() for t in parts), rows, dim, EPS, values, stages, int(carry))
+    return y, rstd, reduced(plan, parts, rc, dim)
+
+
+GUARD = 12345.0  # what the partial slots past the last one hold before and after an emulated launch
+
+
+def poisoned_outputs(x2d, slots: int, guard: int = 3):
+    """(y, rstd, [part_sum, part_q, part_adj]) for an emulated launch on the rows ``x2d``: y and rstd NaN, the
+    partials NaN in their ``slots`` and ``GUARD`` in ``guard`` more (``reduced`` checks them untouched)."""
+    rows, dim = x2d.shape
+    y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
+    rstd = torch.full((rows,), float("nan"))
+    parts = [torch.full((slots + guard, dim), float("nan")), torch.full((slots + guard,), float("nan")),
+             torch.full((slots + guard,), float("nan"))]
+    for t in parts:
+        t[slots:] = GUARD
+    return y, rstd, parts
+
+
+def reduced(plan, parts, rc: int, dim: int):
+    """AngleStats of an emulated launch's partials ``parts`` (launcher status ``rc``: RuntimeError when it refused),
+    reduced by the plan's Triton reduce (interpreter), after checking that no slot past ``plan.grid`` was written."""
     if rc != 0:
         raise RuntimeError(f"emulated launch refused: {rc}")
+    for t in parts:
+        assert (t[plan.grid:] == GUARD).all(), "the kernel wrote past its slots"
+    batch_size, nseg = plan.count.shape
     unit_sum = torch.empty(batch_size, nseg, dim)
     sq_norm = torch.empty(batch_size, nseg)
     adjacent = torch.empty(batch_size)
-    rmsnorm_module._reduce_partials(plan, part_sum, part_q, part_adj, unit_sum, sq_norm, adjacent)
-    return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
+    rmsnorm_module._reduce_partials(plan, *(t[:plan.grid] for t in parts), unit_sum, sq_norm, adjacent)
+    return rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
 
 
 def batch(dim: int, dtype: torch.dtype, seed: int, strided: bool = False, w_dtype: torch.dtype | None = None,
@@ -360,9 +380,6 @@ def test_emulated_launch_shape_matches_static_script(emulator, dim, dtype, w_dty
 
 # ---------------------------------------------------------------------------------------------- spans (no work list)
 
-GUARD = 12345.0  # what the slots past the spans kernel's last one hold before and after a launch
-
-
 def emulated_spans_forward(lib, x2d, weight, cu, off=None, chunk: int = 4, values: int = 32, stages: int = 3,
                            carry: bool = False, token_index=None):
     """(y, rstd, AngleStats) of the CUDA rows kernel's SPANS form run in the emulator on outputs poisoned with NaN
@@ -371,32 +388,16 @@ def emulated_spans_forward(lib, x2d, weight, cu, off=None, chunk: int = 4, value
     rows, dim = x2d.shape
     cfg = rmsnorm_module._fwd_config(rows, dim, x2d.element_size(), x2d.device, stats=True)._replace(chunk=chunk)
     plan = rmsnorm_module._spans_plan(cfg, rows, cu, off, token_index)
-    guard = 3
-    y = torch.full((rows, dim), float("nan"), dtype=x2d.dtype)
-    rstd = torch.full((rows,), float("nan"))
-    part_sum = torch.full((plan.grid + guard, dim), float("nan"))
-    part_q = torch.full((plan.grid + guard,), float("nan"))
-    part_adj = torch.full((plan.grid + guard,), float("nan"))
-    for t in (part_sum, part_q, part_adj):
-        t[plan.grid:] = GUARD
+    y, rstd, parts = poisoned_outputs(x2d, plan.grid)
+    off = off.contiguous() if off is not None else None  # alive through the call
+    tok = token_index
     batch_size, nseg = plan.count.shape
     rc = lib.emu_spans(CODE[x2d.dtype], CODE[weight.dtype], x2d.data_ptr(), x2d.stride(0), weight.data_ptr(),
-                       y.data_ptr(), rstd.data_ptr(), cu.data_ptr(), off.contiguous().data_ptr() if off is not None
-                       else None, token_index.data_ptr() if token_index is not None else None,
-                       int(token_index is not None and token_index.dtype == torch.int64),
-                       token_index.numel() if token_index is not None else 0,
-                       batch_size, nseg, chunk, plan.grid, part_sum.data_ptr(), part_q.data_ptr(),
-                       part_adj.data_ptr(), rows, dim, EPS, values, stages, int(carry))
-    if rc != 0:
-        raise RuntimeError(f"emulated launch refused: {rc}")
-    for t in (part_sum, part_q, part_adj):
-        assert (t[plan.grid:] == GUARD).all(), "the kernel wrote past its slots"
-    unit_sum = torch.empty(batch_size, nseg, dim)
-    sq_norm = torch.empty(batch_size, nseg)
-    adjacent = torch.empty(batch_size)
-    rmsnorm_module._reduce_partials(plan, part_sum[:plan.grid], part_q[:plan.grid], part_adj[:plan.grid], unit_sum,
-                                    sq_norm, adjacent)
-    return y, rstd, rmsnorm_module.AngleStats(unit_sum, plan.count, sq_norm, adjacent)
+                       y.data_ptr(), rstd.data_ptr(), cu.data_ptr(), off.data_ptr() if off is not None else None,
+                       tok.data_ptr() if tok is not None else None, int(tok is not None and tok.dtype == torch.int64),
+                       tok.numel() if tok is not None else 0, batch_size, nseg, chunk, plan.grid,
+                       *(t.data_ptr() for t in parts), rows, dim, EPS, values, stages, int(carry))
+    return y, rstd, reduced(plan, parts, rc, dim)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 7, 64])
