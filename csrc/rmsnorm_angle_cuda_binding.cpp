@@ -49,9 +49,7 @@ void check_rows(ra::Args& a, const at::Tensor& x, const at::Tensor& weight, at::
                                                 " dims on " + x.device().str());
   GAINRL_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x: expected unit column stride");
   const int64_t R = x.size(0), D = x.size(1);
-  gainrl::dtype_of(x, "x");
-  gainrl::dtype_of(weight, "weight");
-  check_on(weight, x, "weight", std::nullopt, D);  // any of the three dtypes: dtype_of above
+  check_on(weight, x, "weight", std::nullopt, D);  // any of the three dtypes: launch_checked's dtype_of
   check_on(y, x, "y", x.scalar_type(), R * D);
   check_on(rstd, x, "rstd", at::kFloat, R);
   check_on(part_sum, x, "part_sum", at::kFloat, grid * D);
@@ -74,7 +72,8 @@ void check_rows(ra::Args& a, const at::Tensor& x, const at::Tensor& weight, at::
   a.carry = carry;
 }
 
-// Refuses what the launcher would (message naming `op`), then enqueues the kernel on x's current stream.
+// Refuses x and weight dtypes other than fp32 / fp16 / bf16 and what the launcher would (message naming `op`), then
+// enqueues the kernel on x's current stream.
 void launch_checked(const ra::Args& a, const at::Tensor& x, const at::Tensor& weight, const char* op,
                     const std::string& spans_needs) {
   const ra::DType xt = gainrl::dtype_of(x, "x"), wt = gainrl::dtype_of(weight, "weight");
