@@ -38,15 +38,16 @@ from run_angle_bench import make_input  # noqa: E402
 from run_kernels_bench import liger_rmsnorm, liger_unavailable, torch_native_rmsnorm, torch_rmsnorm  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
+from gainrl_kernels import rmsnorm_angle_backward as B  # noqa: E402
 
 EPS = 1e-6
 # bytes moved per element of x (bf16) by a method that reads and writes each tensor once: forward + backward reads
 # x, writes y, reads x and dy, writes dx; the backward alone the last three
 BYTES_PER_ELEMENT = {"backward_only": 6}
 BYTES_PER_ELEMENT_FWD_BWD = 10
-# the backward's tuning knobs (gainrl_kernels.rmsnorm_angle._BWD_*), timed as backward_only:<name>. At sm_90a, 16-bit:
-# one row a step on 16 warps capped at 64 registers lowers without spills at 4096 and 5120 (two programs per SM
-# instead of one); the 2-row tile capped at 64 spills ~290 bytes at 4096
+# the backward's tuning knobs (gainrl_kernels.rmsnorm_angle_backward._BWD_*, set on that module), timed as
+# backward_only:<name>. At sm_90a, 16-bit: one row a step on 16 warps capped at 64 registers lowers without spills at
+# 4096 and 5120 (two programs per SM instead of one); the 2-row tile capped at 64 spills ~290 bytes at 4096
 BWD_VARIANTS = {
     "one_row_cap_64": {"_BWD_ROW_STEP": 1, "_BWD_MAXNREG": 64},
     "one_row": {"_BWD_ROW_STEP": 1},
@@ -94,12 +95,12 @@ def step_fns(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, cu: torch.Tenso
         fns["liger"] = through(lambda: liger_rmsnorm(x, w, EPS))
     x2d = x.detach()
     rstd = M._forward(x2d, w.detach(), EPS, M._plain_plan(x2d), stats=False)[1]
-    fns["backward_only"] = lambda: M._backward(x2d, w.detach(), rstd, dy)
+    fns["backward_only"] = lambda: B._backward(x2d, w.detach(), rstd, dy)
 
     def backward_with(settings: dict) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         def step():
-            with overridden(settings):  # read at launch: a graph captured in here keeps the variant's kernel
-                return M._backward(x2d, w.detach(), rstd, dy)
+            with overridden(settings, B):  # read at launch: a graph captured in here keeps the variant's kernel
+                return B._backward(x2d, w.detach(), rstd, dy)
         return step
 
     for v in variants:

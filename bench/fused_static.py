@@ -42,6 +42,7 @@ from fused_variants import VARIANTS, overridden  # noqa: E402
 from sass_loops import sass_loop_instructions  # noqa: E402
 
 from gainrl_kernels import rmsnorm_angle as M  # noqa: E402
+from gainrl_kernels import rmsnorm_angle_forward_kernels as F  # noqa: E402
 
 REGISTERS_PER_SM = 65536
 NVDISASM = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
@@ -52,7 +53,7 @@ def lower(cfg: M._FwdConfig, dt: str, stats: bool, arch: str, aligned: bool = Tr
     """(PTX, ptxas report, SASS or None without Triton's nvdisasm) of the forward kernel for one config as a CUDA
     launch compiles it (the module's knobs, the config's register cap, and a real launch's divisibility hints, none
     where not ``aligned``)."""
-    fn = M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel
+    fn = F._fwd_rows_kernel if cfg.rows else F._fwd_sliced_kernel
     sig = {k: v.format(dt=dt) for k, v in RMSNORM_FWD_SIG.items()}
     consts = dict(YT=DTYPES[dt][0], STATS=stats, NATIVE_CAST=True,
                   JOINT_SUMS=M._JOINT_SUMS is not False, RSQRT_INV=M._RSQRT_INV is not False,

@@ -22,6 +22,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterator
 
 import torch
@@ -185,15 +186,18 @@ def rows_kernel_settings(name: str, settings: dict) -> dict:
 
 
 @contextmanager
-def overridden(settings: dict) -> Iterator[None]:
-    old = {k: getattr(M, k) for k in settings}
+def overridden(settings: dict, module: ModuleType = M) -> Iterator[None]:
+    """``settings`` (knob name -> value) set on ``module`` (default: the forward's host module, which holds the
+    forward's knobs; the backward's ``_BWD_*`` knobs are gainrl_kernels.rmsnorm_angle_backward's) while the block
+    runs. A name the module lacks raises AttributeError (a knob set on the wrong module would change nothing)."""
+    old = {k: getattr(module, k) for k in settings}
     for k, v in settings.items():
-        setattr(M, k, v)
+        setattr(module, k, v)
     try:
         yield
     finally:
         for k, v in old.items():
-            setattr(M, k, v)
+            setattr(module, k, v)
 
 
 def write_rows(out: Path | None, rows: list[dict], cuda: bool) -> None:

@@ -59,10 +59,10 @@ def test_fused_backward_script(tmp_path):
     liger = [r for r in rows if r["method"] == "liger"]
     assert liger[0]["status"].startswith("skipped: Liger's RMSNorm needs a GPU"), liger  # recorded, not an error
     assert all(r["status"].startswith("ok") for r in rows if r["method"] != "liger"), rows
-    from gainrl_kernels import rmsnorm_angle as M  # the variants' knobs are set around each call only
+    from gainrl_kernels import rmsnorm_angle_backward as B  # the variants' knobs are set around each call only
 
-    assert M._BWD_ROW_STEP is None and M._BWD_MAXNREG is None and M._BWD_PROGRAMS_PER_SM == 4
-    assert M._BWD_STAGES == 3 and M._BWD_SPLIT_CAP_TAIL == 1024
+    assert B._BWD_ROW_STEP is None and B._BWD_MAXNREG is None and B._BWD_PROGRAMS_PER_SM == 4
+    assert B._BWD_STAGES == 3 and B._BWD_SPLIT_CAP_TAIL == 1024
 
 
 def test_walk_order_script(tmp_path):

@@ -19,6 +19,8 @@ from gainrl_kernels.naive_rmsnorm_angle import (  # noqa: E402
     rmsnorm_reference,
 )
 from gainrl_kernels import rmsnorm_angle as rmsnorm_module  # noqa: E402
+from gainrl_kernels import rmsnorm_angle_backward as backward_module  # noqa: E402
+from gainrl_kernels import rmsnorm_angle_forward_kernels as kernels_module  # noqa: E402
 from rmsnorm_inputs import assert_stats_close, concentrated, random_ragged, ulp_tol  # noqa: E402
 from triton_env import needs_triton, triton_device  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, padded_to_cu_seqlens, rmsnorm_angle  # noqa: E402
@@ -189,7 +191,7 @@ def test_register_cap(monkeypatch):
     cu = cu_of(lens)
     off = torch.tensor([[0, 1, 3], [2, 9, 17], [0, 0, 1], [0, 4, 9]], dtype=torch.int32, device=DEV)
     y0, s0 = rmsnorm_angle(x, w, EPS, cu, off)
-    cc = rmsnorm_module._capability_major(x.device)
+    cc = kernels_module._capability_major(x.device)
     monkeypatch.setattr(rmsnorm_module, "_ROWS_STATS_REGISTER_CAP", {(cc, dim, 2): (4, 168)})
     cfg = rmsnorm_module._stats_plan(x, cu, off, None, w).cfg
     assert (cfg.num_warps, cfg.maxnreg) == (4, 168)
@@ -205,7 +207,7 @@ def test_register_cap(monkeypatch):
     shifted = flat[1:].view_as(x)  # 2 bytes past a 16-byte boundary
     strided = torch.cat([x, x[:, :8]], dim=1)[:, :dim]  # row stride 72
     for xv, wv in ((shifted, w), (strided, w), (x, torch.cat([w.new_zeros(1), w])[1:])):
-        assert not rmsnorm_module._vector_aligned(xv, wv)
+        assert not kernels_module._vector_aligned(xv, wv)
         assert rmsnorm_module._stats_plan(xv, cu, off, None, wv).cfg.maxnreg is None
         y2, s2 = rmsnorm_angle(xv, wv, EPS, cu, off)
         # compiled scalar loads may contract to FMAs differently: one rounding step of slack
@@ -658,18 +660,18 @@ def test_grads_non_contiguous_3d_and_fp32_weight():
 @pytest.fixture
 def small_blocked_backward(monkeypatch):
     """Force the two-pass (column-blocked) backward at small D: 16-wide slices, 4-row tiles."""
-    monkeypatch.setattr(rmsnorm_module, "_BWD_ROW_MAX", 16)
-    monkeypatch.setattr(rmsnorm_module, "_BWD_SPLIT_MAX", 16)
-    monkeypatch.setattr(rmsnorm_module, "_BWD_BLOCKED_TILE", (4, 16, 4))
-    assert rmsnorm_module._bwd_config(DIM).blocked
+    monkeypatch.setattr(backward_module, "_BWD_ROW_MAX", 16)
+    monkeypatch.setattr(backward_module, "_BWD_SPLIT_MAX", 16)
+    monkeypatch.setattr(backward_module, "_BWD_BLOCKED_TILE", (4, 16, 4))
+    assert backward_module._bwd_config(DIM).blocked
 
 
 @pytest.fixture
 def small_split_backward(monkeypatch):
     """Force the two-tile whole-row backward at small D: D = 40 as a 32-wide tile and a 16-wide tail, one row a
     step (as 5120 = 4096 + 1024 on a GPU)."""
-    monkeypatch.setattr(rmsnorm_module, "_BWD_ROW_MAX", 32)
-    cfg = rmsnorm_module._bwd_config(DIM)
+    monkeypatch.setattr(backward_module, "_BWD_ROW_MAX", 32)
+    cfg = backward_module._bwd_config(DIM)
     assert not cfg.blocked and (cfg.block_t, cfg.block_d, cfg.block_d2) == (1, 32, 16)
 
 
@@ -719,17 +721,17 @@ def test_blocked_backward_non_contiguous_3d(narrow_backward):
 def test_backward_stages_fit_the_shared_memory(elem_size, limit, stages):
     """The backward pipelines its row loop with _BWD_STAGES stages where the device's shared memory per block holds
     them, fewer where not (an fp32 row of 4096 on a 99 KiB device: 2), none where not even two fit."""
-    cfg = rmsnorm_module._bwd_config(4096, elem_size, limit)
+    cfg = backward_module._bwd_config(4096, elem_size, limit)
     assert cfg.stages == stages
     if limit is not None and stages:
-        assert rmsnorm_module._bwd_shared_bytes(cfg, elem_size, stages) <= limit
-    assert rmsnorm_module._bwd_config(8200, elem_size, limit).stages == 0  # the blocked kernel has no stages
+        assert backward_module._bwd_shared_bytes(cfg, elem_size, stages) <= limit
+    assert backward_module._bwd_config(8200, elem_size, limit).stages == 0  # the blocked kernel has no stages
 
 
 def test_backward_register_cap_rule():
     """16-bit rows split as 4096 + a tail of at most 1024, with vector loads, on sm_90 run capped at 64 registers;
     wider tails, fp32, unaligned rows, sm_80, later architectures and the interpreter not."""
-    cfg = rmsnorm_module._bwd_config
+    cfg = backward_module._bwd_config
     assert cfg(5120, 2, None, 9, True).maxnreg == 64 and cfg(4608, 2, None, 9, True).maxnreg == 64
     assert cfg(6144, 2, None, 9, True).maxnreg is None and cfg(8192, 2, None, 9, True).maxnreg is None
     assert cfg(5120, 4, None, 9, True).maxnreg is None and cfg(5120, 2, None, 9, False).maxnreg is None
@@ -743,7 +745,7 @@ def test_backward_register_cap_rule():
 def test_large_dim_backward(dtype, dim, blocked):
     """Wide rows with the launcher's own tiles against float64 / fp32 references: 5120 = 4096 + 1024 and 8192 =
     4096 + 4096 in two tiles, one pass; 8200 blocked (17 slices of 512, two passes)."""
-    assert rmsnorm_module._bwd_config(dim).blocked == blocked
+    assert backward_module._bwd_config(dim).blocked == blocked
     x = concentrated((18,), dim, seed=21).to(DEV, dtype)  # 3 programs of 2 row tiles: partial dw re-read
     w = weight_of(dim, dtype)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(22)).to(DEV, dtype)

@@ -143,6 +143,8 @@ def _rmsnorm_angle_cases():
     import torch
 
     from gainrl_kernels import rmsnorm_angle as M
+    from gainrl_kernels import rmsnorm_angle_backward as B
+    from gainrl_kernels import rmsnorm_angle_forward_kernels as F
 
     tl_dtype = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
     fwd_sig = RMSNORM_FWD_SIG
@@ -167,7 +169,7 @@ def _rmsnorm_angle_cases():
             yield Case(
                 f"rmsnorm_fwd_{kind}-{dt}-stats{int(stats)}-T{cfg.block_t}-BD{cfg.block_d}{tail}-W{cfg.num_warps}{cap}"
                 f"-{'aligned' if aligned else 'unaligned'}",
-                M._fwd_rows_kernel if cfg.rows else M._fwd_sliced_kernel, sig,
+                F._fwd_rows_kernel if cfg.rows else F._fwd_sliced_kernel, sig,
                 dict(YT=tl_dtype[dt], STATS=stats, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
                      RSQRT_RSTD=True, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
                      __aligned__=hints, **(M._rows_tuning(cfg, False) if cfg.rows else {})),
@@ -178,7 +180,7 @@ def _rmsnorm_angle_cases():
                 # software-pipelined loop (_PIPELINE_STAGES, cp.async) lower without spills
                 for tag, tuning in (("prefetch2", dict(PREFETCH=2)), ("pipeline3", dict(PIPELINE=3))):
                     yield Case(
-                        f"rmsnorm_fwd_rows-{dt}-{tag}-BD{cfg.block_d}-W{cfg.num_warps}{cap}", M._fwd_rows_kernel, sig,
+                        f"rmsnorm_fwd_rows-{dt}-{tag}-BD{cfg.block_d}-W{cfg.num_warps}{cap}", F._fwd_rows_kernel, sig,
                         dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
                              RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d, __aligned__=hints,
                              **{**M._rows_tuning(cfg, False), **tuning}),
@@ -189,7 +191,7 @@ def _rmsnorm_angle_cases():
             assert cfg.block_d2 and cfg.block_d < dim <= cfg.block_d + cfg.block_d2, cfg
             sig = {k: v.format(dt=dt) for k, v in fwd_sig.items()}
             yield Case(
-                f"rmsnorm_fwd_rows-{dt}-split-BD{cfg.block_d}+{cfg.block_d2}-W{cfg.num_warps}", M._fwd_rows_kernel,
+                f"rmsnorm_fwd_rows-{dt}-split-BD{cfg.block_d}+{cfg.block_d2}-W{cfg.num_warps}", F._fwd_rows_kernel,
                 sig, dict(YT=tl_dtype[dt], STATS=True, NATIVE_CAST=True, JOINT_SUMS=True, RSQRT_INV=True,
                           RSQRT_RSTD=True, BLOCK_T=1, BLOCK_D=cfg.block_d,
                           __aligned__=contiguous_launch_hints(sig), **M._rows_tuning(cfg, False)),
@@ -202,12 +204,12 @@ def _rmsnorm_angle_cases():
         bwd: dict[tuple, list[str]] = {}
         for dim in RMSNORM_DIMS + RMSNORM_SPLIT_DIMS:
             for arch in TARGETS:
-                cfg = M._bwd_config(dim, size, SHARED_LIMIT[arch], TARGETS[arch].arch // 10, dim % 16 == 0)
+                cfg = B._bwd_config(dim, size, SHARED_LIMIT[arch], TARGETS[arch].arch // 10, dim % 16 == 0)
                 bwd.setdefault((cfg, dim % 16 == 0), []).append(arch)
                 if cfg.stages:
                     bwd.setdefault((cfg._replace(stages=0), dim % 16 == 0), []).append(arch)
         if dt == "bf16":
-            bwd[(M._bwd_config(4096, 2, SHARED_LIMIT["sm_90a"])._replace(block_t=1, maxnreg=64), True)] = ["sm_90a"]
+            bwd[(B._bwd_config(4096, 2, SHARED_LIMIT["sm_90a"])._replace(block_t=1, maxnreg=64), True)] = ["sm_90a"]
         bwd_sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", dy_ptr=f"*{dt}", rstd_ptr="*fp32", dx_ptr=f"*{dt}",
                        part_dw_ptr="*fp32", R="i32", D="i32", rows_per_prog="i32", sx_r="i32", sx_d="i32",
                        sdy_r="i32", sdy_d="i32")
@@ -223,16 +225,16 @@ def _rmsnorm_angle_cases():
                 f"{f'+{cfg.block_d2}' if cfg.block_d2 else ''}-W{cfg.num_warps}"
                 f"{f'-R{cfg.maxnreg}' if cfg.maxnreg else ''}{f'-S{cfg.stages}' if cfg.stages else ''}"
                 f"-{'aligned' if aligned else 'unaligned'}",
-                M._bwd_blocked_kernel if cfg.blocked else M._bwd_kernel, sig,
+                B._bwd_blocked_kernel if cfg.blocked else B._bwd_kernel, sig,
                 dict(XT=tl_dtype[dt], BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, **launch,
                      **({} if cfg.blocked else {"BLOCK_D2": cfg.block_d2, "STAGES": cfg.stages})),
                 cfg.num_warps, cfg.maxnreg, None if len(set(archs)) == len(TARGETS) else tuple(sorted(set(archs))),
-                None if cfg.blocked else M._bwd_shared_bytes(cfg, size, cfg.stages),
+                None if cfg.blocked else B._bwd_shared_bytes(cfg, size, cfg.stages),
             )
     # the work list's extreme tiles: 16 sequences x (_PLAN_TILE / 16) chunks, 256 x (_PLAN_TILE / 256)
     for (n_seg, has_off, has_tok), block_b in zip(((1, False, False), (3, True, True)), (16, 256)):
         yield Case(
-            f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}", M._plan_kernel,
+            f"rmsnorm_plan-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-B{block_b}", F._plan_kernel,
             dict(cu_ptr="*i32", off_ptr="*i32", tok_ptr="*i64", n_packed="i32", B="i32", R="i32", chunk="i32",
                  grid="i32", item_row0_ptr="*i32", item_nrows_ptr="*i32", item_seg_ptr="*i32",
                  item_pair_end_ptr="*i32", seg_lo_ptr="*i32", seg_hi_ptr="*i32", count_ptr="*i32"),
@@ -242,7 +244,7 @@ def _rmsnorm_angle_cases():
     # the reduce kernels at the default tile and the narrowest _REDUCE_PROGRAMS_PER_SM makes (128 chunks x 16)
     for tile in (M._REDUCE_TILE, (128, 16)):
         yield Case(
-            f"rmsnorm_reduce-{tile[0]}x{tile[1]}", M._reduce_kernel,
+            f"rmsnorm_reduce-{tile[0]}x{tile[1]}", F._reduce_kernel,
             dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", seg_lo_ptr="*i32",
                  seg_hi_ptr="*i32", unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32", D="i32", K="i32"),
             dict(BLOCK_C=tile[0], BLOCK_D=tile[1]), 4,
@@ -252,7 +254,7 @@ def _rmsnorm_angle_cases():
                                               (M._REDUCE_TILE, (64, 32), (128, 16))):
         yield Case(
             f"rmsnorm_reduce_spans-K{n_seg}-off{int(has_off)}-tok{int(has_tok)}-{tile[0]}x{tile[1]}",
-            M._reduce_spans_kernel,
+            F._reduce_spans_kernel,
             dict(part_sum_ptr="*fp32", part_q_ptr="*fp32", part_adj_ptr="*fp32", cu_ptr="*i32", off_ptr="*i32",
                  tok_ptr="*i64", n_packed="i32", unit_sum_ptr="*fp32", sq_norm_ptr="*fp32", adjacent_ptr="*fp32",
                  count_ptr="*i32", R="i32", D="i32", chunk="i32"),
