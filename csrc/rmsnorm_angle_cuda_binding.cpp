@@ -1,8 +1,9 @@
 // Torch binding of the CUDA rows kernel of the fused RMSNorm + angle forward (csrc/rmsnorm_angle_kernels.cuh):
 //   rmsnorm_angle_rows_ext(x, weight, y!, rstd!, item_row0, item_nrows, item_seg, item_pair_end, part_sum!, part_q!,
 //                          part_adj!, eps, values_per_thread, stages, carry) -> ()
-// fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py fills, for the work list of its
-// plan kernel (that module allocates everything and reduces the partials);
+// fills the outputs the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle_forward_kernels.py fills, for the
+// work list of that module's plan kernel (gainrl_kernels/rmsnorm_angle.py allocates everything and reduces the
+// partials);
 //   rmsnorm_angle_spans_ext(x, weight, y!, rstd!, cu_seqlens, seg_offsets?, token_index?, part_sum!, part_q!,
 //                           part_adj!, chunk, eps, values_per_thread, stages, carry) -> ()
 // the same without a work list (16-bit rows): block i takes rows [i chunk, (i + 1) chunk) and finds their sequences

@@ -3,7 +3,8 @@
 // g++ CPU emulator of tests/cuda_emulator.py runs it (under GAINRL_CUDA_EMULATOR) without a GPU.
 //
 // What it computes, per work item (a chunk of rows of x [R, D], from the plan kernel of
-// gainrl_kernels/rmsnorm_angle.py; see csrc/rmsnorm_angle_launch.h), exactly the Triton _fwd_rows_kernel's outputs:
+// gainrl_kernels/rmsnorm_angle_forward_kernels.py; see csrc/rmsnorm_angle_launch.h), exactly the Triton
+// _fwd_rows_kernel's outputs:
 //   rstd_t = rsqrt(Σ x_t² / D + eps),  y_t = round(w · round(x_t · rstd_t))  (round: to x's dtype, HF LlamaRMSNorm)
 // and, for a chunk inside a segment, of y as stored: Σ y_t / ‖y_t‖ (one fp32 partial row), Σ ‖y_t‖² / ‖y_t‖² and
 // Σ (y_t · y_{t+1}) / (‖y_t‖ ‖y_{t+1}‖) over the pairs with t + 1 < pair_end (the chunk's last pair reads the row

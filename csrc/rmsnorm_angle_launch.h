@@ -4,11 +4,12 @@
 //   * nvcc: csrc/rmsnorm_angle_kernels.cuh and csrc/rmsnorm_angle_cuda.cu (defines launch() below).
 // Nothing declared here throws (see csrc/angle_stats_launch.h for why the split).
 //
-// The kernel replaces the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle.py for a work list built by that
-// module's plan kernel: one block per work item (a chunk of consecutive rows, inside one segment or outside all),
-// the same outputs (y, rstd, one fp32 partial row + two scalars per segment chunk), reduced by the same Triton
-// reduce kernel. Its spans form (Args::spans) needs no work list: block i takes rows [i chunk, (i + 1) chunk) and
-// follows cu_seqlens and seg_offsets itself; the module's _reduce_spans_kernel sums its per-piece partials.
+// The kernel replaces the Triton _fwd_rows_kernel of gainrl_kernels/rmsnorm_angle_forward_kernels.py for a work
+// list built by that module's plan kernel: one block per work item (a chunk of consecutive rows, inside one segment
+// or outside all), the same outputs (y, rstd, one fp32 partial row + two scalars per segment chunk), reduced by the
+// same Triton reduce kernel. Its spans form (Args::spans) needs no work list: block i takes rows
+// [i chunk, (i + 1) chunk) and follows cu_seqlens and seg_offsets itself; that module's _reduce_spans_kernel sums
+// its per-piece partials.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -32,8 +33,8 @@ struct Args {
   const void* weight;  // [D] element type w_dtype, contiguous
   void* y;             // [R, D] contiguous, x_dtype
   float* rstd;         // [R]
-  // work list [grid] int32 (gainrl_kernels/rmsnorm_angle.py, _plan_kernel): first row, rows (0: spare item),
-  // segment slot (-1: rows in no segment, no statistics), pairs (t, t+1) counted while t + 1 < pair_end
+  // work list [grid] int32 (_plan_kernel, gainrl_kernels/rmsnorm_angle_forward_kernels.py): first row, rows (0:
+  // spare item), segment slot (-1: rows in no segment, no statistics), pairs (t, t+1) counted while t + 1 < pair_end
   const int* item_row0;
   const int* item_nrows;
   const int* item_seg;
