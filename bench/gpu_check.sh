@@ -271,6 +271,7 @@ else
     if [ "${GAINRL_GPU_CHECK_TESTS_TRITON:-1}" = 1 ]; then
         step tests_triton tests.log 240 "${PYTEST[@]}" tests/test_angle_stats.py tests/test_rmsnorm_angle.py \
             tests/test_pairwise.py tests/test_angle_validation.py tests/test_concentration_triton.py \
+            tests/test_probe_fused.py \
             ${TRITON_K:+-k "$TRITON_K"}
     fi
 fi

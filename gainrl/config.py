@@ -57,6 +57,9 @@ class TrainConfig:
     probe_layer: int = field(default=-1, metadata={"help": "decoder layer of the angle probe (negative from the end)"})
     inter_weight: float = field(default=1.0, metadata={"help": "w in score = C_intra(Q) + w*C_inter(Q,P)"})
     angle_backend: str = field(default="auto", metadata={"help": "angle_stats backend: auto, triton, cuda, torch"})
+    angle_fused: str = field(default="off", metadata={
+        "help": "measure with the fused RMSNorm + angle kernel in place of the probed layer's norm: off, auto "
+                "(where it applies: CUDA, HF LlamaRMSNorm-style norm), on"})
 
     # -- sampler (DESIGN.md §2) ----------------------------------------------------------------------------
     sampler: str = field(default="gainrl", metadata={"help": "gainrl (Gaussian over score ranks), uniform, ordered"})
@@ -135,6 +138,7 @@ class TrainConfig:
         check(self.scale_rewards in ("group", "none"), "scale_rewards", "expected group or none")
         check(self.loss_agg in ("token", "sequence"), "loss_agg", "expected token or sequence")
         check(self.data_format in ("auto", "gainrl", "verl"), "data_format", "expected auto, gainrl or verl")
+        check(self.angle_fused in ("off", "auto", "on"), "angle_fused", "expected off, auto or on")
         for key in ("batch_prompts", "group_size", "max_new_tokens", "micro_batch_size", "prompts_per_epoch",
                     "num_iterations", "epochs", "max_prompt_len", "eval_batch_size", "keep_checkpoints"):
             check(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key, "expected an integer >= 1")

@@ -311,7 +311,8 @@ def score_on_the_fly(model: Any, tokenizer: Any, items: Sequence[TrainItem], cfg
     plan = plan_batches([s.n_tokens for s in sitems], default_batch_tokens(device.type), 256)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows: list[list[Any]] = []
-    with AngleProbe(model, layer=cfg.probe_layer, early_exit=True, backend=cfg.angle_backend) as probe, autocast, \
+    with AngleProbe(model, layer=cfg.probe_layer, early_exit=True, backend=cfg.angle_backend,
+                    fused=cfg.angle_fused) as probe, autocast, \
             tqdm(total=len(sitems), unit="prompt", desc="score", disable=not cfg.progress, file=sys.stderr,
                  dynamic_ncols=True) as bar:
         for batch in plan:
@@ -509,7 +510,7 @@ class Trainer:
         # the probe on the policy's training forward (created after the reference copy: hooks are not copied)
         from gainrl_kernels.probe import AngleProbe
 
-        self.probe = AngleProbe(model, layer=cfg.probe_layer, backend=cfg.angle_backend)
+        self.probe = AngleProbe(model, layer=cfg.probe_layer, backend=cfg.angle_backend, fused=cfg.angle_fused)
         self.info = {
             "model": model_name(cfg.model) if self._model_arg is None else type(model).__name__,
             "device": str(self.device),

@@ -22,6 +22,13 @@ Batch layouts (``set_batch``):
 * nothing: each row of the batch is one whole sequence (no padding).
 
 ``seg_offsets=None`` means one segment per sequence (``[[0, len_b]]``).
+
+``fused=True`` (or ``"auto"``: where it applies) measures without that extra read: the layer's MLP-input norm
+(``post_attention_layernorm``; Gemma: ``pre_feedforward_layernorm``) is replaced, while the probe is attached, by the
+fused RMSNorm + angle kernel (:func:`gainrl_kernels.patching.apply_fused_rmsnorm_angle`, same weight Parameter),
+which computes the norm and the statistics of its output in one pass. It needs an HF LlamaRMSNorm-style norm and a
+device the kernel runs on (CUDA; CPU only under ``TRITON_INTERPRET=1``). Padded batches must be left or right
+padded: a row with padding between its tokens gets NaN statistics (the hook path takes any mask).
 """
 from __future__ import annotations
 
@@ -146,6 +153,50 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, n_seq: int) -> torc
     return cu
 
 
+def _consecutive_rows(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: row n's tokens (mask != 0) are consecutive (left or right padding, or none), on device."""
+    mask = attention_mask != 0
+    length = mask.shape[1]
+    if length == 0:
+        return torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    ar = torch.arange(length, device=mask.device)
+    lens = mask.sum(1)
+    first = torch.where(mask, ar, length).amin(1)
+    last = torch.where(mask, ar, -1).amax(1)
+    return (lens == 0) | (last - first + 1 == lens)
+
+
+def _nan_rows(stats: AngleStats, rows: torch.Tensor) -> AngleStats:
+    """``stats`` with NaN sums for the sequences where ``rows`` [B] bool is set (count unchanged)."""
+    nan = float("nan")
+    return AngleStats(stats.unit_sum.masked_fill(rows[:, None, None], nan), stats.count,
+                      stats.sq_norm.masked_fill(rows[:, None], nan), stats.adjacent.masked_fill(rows, nan))
+
+
+def _check_fused_dtypes(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """The fused norm returns x's dtype; HF's returns the promoted dtype. They agree when x is fp32 or of the
+    weight's dtype, or under autocast to x's dtype (the MLP's matmuls round to it either way)."""
+    if hidden.dtype in (weight.dtype, torch.float32):
+        return
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == hidden.dtype:
+        return
+    raise ValueError(
+        f"angle probe (fused): hidden states in {hidden.dtype} with a {weight.dtype} norm weight: HF's norm returns "
+        f"{torch.promote_types(hidden.dtype, weight.dtype)} here, the fused kernel {hidden.dtype}; use one dtype "
+        "for the model, autocast, or fused=False"
+    )
+
+
+def _recomputing() -> bool:
+    """Backward is running: a forward now is a gradient-checkpointing recomputation, not a real forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
 @dataclass
 class _Batch:
     """Where the real tokens of the next forward are: ``cu_seqlens`` over the flattened (or permuted) tokens."""
@@ -154,6 +205,7 @@ class _Batch:
     cu_seqlens: torch.Tensor | None  # [B+1] int32 or None (every row of the batch is one sequence)
     perm: torch.Tensor | None  # [N*L] int64 for padded batches
     shape: tuple[int, int] | None  # (N, L) expected of the hidden states, or None (packed: any)
+    contiguous: torch.Tensor | None = None  # [N] bool, fused probes of padded batches: the row's tokens are consecutive
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -172,16 +224,21 @@ class AngleProbe:
         backend: ``angle_stats`` backend ("auto", "triton", "cuda", "torch").
         device: where the batch description lives (it must be the activations' device); default: that of the probed
             MLP's parameters. Set it (also later, as the attribute) when the MLP owns none, e.g. FSDP1 flat params.
+        fused: ``True`` / ``"on"``: measure with the fused RMSNorm + angle kernel in place of the layer's MLP-input
+            norm (see the module docstring; ``backend`` is then unused), ValueError where it cannot; ``"auto"``: that
+            where it can (an HF LlamaRMSNorm-style norm on CUDA), else the hook; ``False`` / ``"off"`` (default):
+            ``angle_stats`` on the MLP input from a forward pre-hook.
 
     Attributes:
         stats: :class:`AngleStats` of the last real forward (a gradient-checkpointing recomputation in backward
             does not count), or ``None`` before the first one / after :meth:`set_batch`.
         captures: number of forwards measured so far.
         layer_index: the resolved (non-negative) layer index.
+        fused: the fused norm module while the probe uses one, else ``None``.
     """
 
     def __init__(self, model: nn.Module, layer: int = -1, early_exit: bool = False, backend: str = "auto",
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, fused: bool | str = False) -> None:
         self.model = model
         self.device = torch.device(device) if device is not None else None
         layers = find_decoder_layers(model)
@@ -193,7 +250,40 @@ class AngleProbe:
         self.stats: AngleStats | None = None
         self.captures = 0
         self._batch: _Batch | None = None
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._norm_out: torch.Tensor | None = None  # fused: the norm's output of the forward being measured
+        self._keep_fused = False  # fused: the norm was already fused before the probe (not reverted by remove())
+        self.fused = self._fuse(layers[self.layer_index], fused)
+        if self.fused is None:
+            self._handles = [self.module.register_forward_pre_hook(self._hook, with_kwargs=True)]
+        else:
+            self._handles = [
+                self.fused.register_forward_pre_hook(self._norm_pre_hook),
+                self.fused.register_forward_hook(self._norm_post_hook),
+                self.module.register_forward_pre_hook(self._mlp_input_check, with_kwargs=True),
+            ]
+
+    def _fuse(self, layer: nn.Module, fused: bool | str) -> nn.Module | None:
+        """The fused norm put in place of ``layer``'s MLP-input norm, or None (hook path); see ``fused``."""
+        if fused is False or fused == "off":
+            return None
+        if fused not in (True, "on", "auto"):
+            raise ValueError(f"fused: expected False, True, 'off', 'on' or 'auto', got {fused!r}")
+        from .patching import apply_fused_rmsnorm_angle, fused_kernel_runs_on, mlp_input_norm_name
+        from .rmsnorm_angle import FusedRMSNormAngle
+
+        try:
+            name = mlp_input_norm_name(layer)
+            norm = getattr(layer, name)
+            param = next(norm.parameters(), None)
+            if param is not None and not fused_kernel_runs_on(param.device):
+                raise ValueError(f"the fused kernel runs on CUDA (on CPU only under TRITON_INTERPRET=1); `{name}` "
+                                 f"is on {param.device}")
+            self._keep_fused = isinstance(norm, FusedRMSNormAngle)
+            return apply_fused_rmsnorm_angle(self.model, self.layer_index)
+        except ValueError as e:
+            if fused == "auto":
+                return None
+            raise ValueError(f"fused: decoder layer {self.layer_index}: {e}") from None
 
     # -- batch description ------------------------------------------------------------------------------------
 
@@ -227,10 +317,13 @@ class AngleProbe:
                 raise ValueError(f"seg_offsets: expected shape [B, K+1] with K >= 1, got {tuple(seg_offsets.shape)}")
             seg_offsets = seg_offsets.to(device=device, dtype=torch.int32)
         perm = shape = None
+        contiguous = None
         if attention_mask is not None:
             mask = torch.as_tensor(attention_mask).to(device)
             perm, cu = padded_pack_index(mask)
             shape = (int(mask.shape[0]), int(mask.shape[1]))
+            if self.fused is not None:
+                contiguous = _consecutive_rows(mask)
         elif cu_seqlens is not None:
             cu = torch.as_tensor(cu_seqlens).to(device=device, dtype=torch.int32)
             if cu.dim() != 1 or cu.numel() < 1:
@@ -245,20 +338,22 @@ class AngleProbe:
             raise ValueError(
                 f"seg_offsets: {seg_offsets.shape[0]} rows for {cu.numel() - 1} sequences in the batch"
             )
-        self._batch = _Batch(seg_offsets, cu, perm, shape)
+        self._batch = _Batch(seg_offsets, cu, perm, shape, contiguous)
         self.stats = None
 
     # -- the hook ---------------------------------------------------------------------------------------------
 
-    def _pack(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _layout(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(perm, cu_seqlens, seg_offsets)`` of this forward's hidden states ``[N, L, D]`` (or ``[T, D]``):
+        ``perm`` [N*L] int64 puts a padded batch's real tokens first (None: the flat rows are the packed tokens)."""
         if hidden.dim() == 2:
             hidden = hidden.unsqueeze(0)
         if hidden.dim() != 3:
             raise ValueError(
                 f"angle probe: expected [N, L, D] hidden states at the MLP input, got {tuple(hidden.shape)}"
             )
-        n_rows, length, dim = hidden.shape
-        flat = hidden.reshape(n_rows * length, dim)
+        n_rows, length, _ = hidden.shape
+        perm = None
         batch = self._batch
         if batch is None or batch.cu_seqlens is None:
             seg = batch.seg_offsets if batch is not None else None
@@ -272,23 +367,62 @@ class AngleProbe:
                     f"has {n_rows}x{length} (call set_batch for every batch; use `with probe.disabled():` around "
                     "forwards not to measure, e.g. generation)"
                 )
-            if batch.perm is not None:
-                flat = flat.index_select(0, batch.perm)
-            cu, seg = batch.cu_seqlens, batch.seg_offsets
+            perm, cu, seg = batch.perm, batch.cu_seqlens, batch.seg_offsets
         if seg is None:
             seg = whole_sequence_offsets(cu)
+        return perm, cu, seg
+
+    def _pack(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(packed tokens [T, D], cu_seqlens, seg_offsets)`` for ``angle_stats``."""
+        perm, cu, seg = self._layout(hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if perm is not None:
+            flat = flat.index_select(0, perm)
         return flat, cu, seg
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or _recomputing():
             return
-        if torch._C._current_graph_task_id() != -1:
-            return  # backward is running: a gradient-checkpointing recomputation, not a real forward
-        hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        hidden = _first_tensor(args, kwargs)
         with torch.no_grad():
             flat, cu, seg = self._pack(hidden.detach())
             self.stats = angle_stats(flat, cu, seg, backend=self.backend, validate_values=False)
         self.captures += 1
+        if self.early_exit:
+            raise EarlyExit(self.stats)
+
+    # fused: the norm computes y and the statistics (pre-hook: this forward's segments; forward hook: keep the
+    # statistics); the MLP's pre-hook checks that its input is that y, and stops an early-exit forward
+
+    def _norm_pre_hook(self, norm: nn.Module, args: tuple) -> None:
+        if not self.enabled:
+            norm.clear_segments()  # a plain RMSNorm (e.g. generation)
+            return
+        hidden = args[0]
+        _check_fused_dtypes(hidden, norm.weight)
+        perm, cu, seg = self._layout(hidden)
+        norm.set_segments(cu, seg, perm, validate=False)
+
+    def _norm_post_hook(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not self.enabled or _recomputing():
+            return  # a recomputation computes the same y (same kernel), its statistics are not kept
+        stats = norm.stats
+        if self._batch is not None and self._batch.contiguous is not None:
+            stats = _nan_rows(stats, ~self._batch.contiguous)
+        self.stats = stats
+        self.captures += 1
+        self._norm_out = output
+
+    def _mlp_input_check(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not self.enabled or _recomputing():
+            return
+        expected, self._norm_out = self._norm_out, None
+        if _first_tensor(args, kwargs) is not expected:
+            self.stats = None
+            raise RuntimeError(
+                f"angle probe (fused): the input of decoder layer {self.layer_index}'s MLP is not the output of its "
+                "fused norm in this forward (something runs between them, or the norm did not run): use fused=False"
+            )
         if self.early_exit:
             raise EarlyExit(self.stats)
 
@@ -318,10 +452,17 @@ class AngleProbe:
             self.enabled = saved
 
     def remove(self) -> None:
-        """Remove the hook: the model is exactly as before the probe."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks (and a fused norm the probe put in): the model is exactly as before the probe."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.fused is not None:
+            self.fused.clear_segments()
+            if not self._keep_fused:
+                from .patching import revert_fused_rmsnorm_angle
+
+                revert_fused_rmsnorm_angle(self.model, self.layer_index)
+            self.fused = None
 
     def __enter__(self) -> AngleProbe:
         return self
@@ -337,13 +478,15 @@ def probe_forward(
     seg_offsets: torch.Tensor | None,
     layer: int = -1,
     backend: str = "auto",
+    fused: bool | str = False,
     **model_kwargs: Any,
 ) -> AngleStats:
     """Angle statistics of ``layer``'s MLP input for a padded batch, stopping the forward right there (no later
     layers, no final norm, no ``lm_head``); runs under ``torch.inference_mode``. ``model_kwargs`` go to the model
-    (e.g. ``position_ids``); ``use_cache`` defaults to False."""
+    (e.g. ``position_ids``); ``use_cache`` defaults to False. ``fused``: as :class:`AngleProbe`'s."""
     model_kwargs.setdefault("use_cache", False)
-    with AngleProbe(model, layer=layer, early_exit=True, backend=backend) as probe, torch.inference_mode():
+    with AngleProbe(model, layer=layer, early_exit=True, backend=backend, fused=fused) as probe, \
+            torch.inference_mode():
         probe.set_batch(seg_offsets, attention_mask=attention_mask)
         probe.run(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
         if probe.stats is None:

@@ -274,15 +274,23 @@ def reference_causal(model, input_ids: list[int], layer: int = -1) -> float:
     return float((s @ s - (u * u).sum()) / (n * (n - 1)))
 
 
-@pytest.mark.parametrize("gc", [False, True])
-def test_training_forward_angle_is_c_causal_over_prompt_and_response(tmp_path, tokenizer, gc):
+@pytest.mark.parametrize("gc,fused", [(False, "off"), (True, "off"), (True, "on")])
+def test_training_forward_angle_is_c_causal_over_prompt_and_response(tmp_path, tokenizer, gc, fused):
     import copy
 
-    cfg = make_cfg(tmp_path / "run", micro_batch_size=2, gradient_checkpointing=gc, beta=0.0, eval_size=2)
+    from gainrl_kernels.patching import revert_fused_rmsnorm_angle
+    from gainrl_kernels.validate import triton_interpreting
+
+    if fused == "on" and not (triton_interpreting() or torch.cuda.is_available()):
+        pytest.skip("the fused kernel needs a GPU or TRITON_INTERPRET=1")
+    cfg = make_cfg(tmp_path / "run", micro_batch_size=2, gradient_checkpointing=gc, beta=0.0, eval_size=2,
+                   angle_fused=fused)
     trainer = Trainer(cfg, model=tiny_lm(seed=0), tokenizer=tokenizer)
     trainer._setup()
+    assert (trainer.probe.fused is not None) == (fused == "on")
     before = copy.deepcopy(trainer.model)
-    for h in list(before.model.layers[-1].mlp._forward_pre_hooks):  # the deep copy carries the probe's hook
+    revert_fused_rmsnorm_angle(before)  # the deep copy carries the probe's fused norm (its original too) ...
+    for h in list(before.model.layers[-1].mlp._forward_pre_hooks):  # ... and its hooks
         del before.model.layers[-1].mlp._forward_pre_hooks[h]
     items = trainer.bundle.ranked[:2]
     row = trainer.train_step(items)

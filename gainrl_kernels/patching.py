@@ -1,0 +1,131 @@
+"""Hugging Face model patching: the fused RMSNorm + angle kernel in place of a decoder layer's MLP-input norm.
+
+The angle statistics are of the MLP input, which in Llama / Qwen2 / Qwen3 / Mistral / SmolLM layers is the output
+of ``post_attention_layernorm`` (Gemma-2/3: ``pre_feedforward_layernorm``). Swapping that one module for
+:class:`~gainrl_kernels.rmsnorm_angle.FusedRMSNormAngle` computes the norm and the statistics in one pass over the
+activations, with no extra read::
+
+    norm = apply_fused_rmsnorm_angle(model, layer=-1)     # the layer's norm, now fused (same weight Parameter)
+    norm.set_attention_mask(attention_mask, seg_offsets)  # or norm.set_segments(cu_seqlens, seg_offsets)
+    model(input_ids, attention_mask=attention_mask)
+    norm.stats                                            # AngleStats of the MLP input
+    revert_fused_rmsnorm_angle(model, layer=-1)           # the original module back
+
+:class:`~gainrl_kernels.probe.AngleProbe` does this for you with ``fused=True`` (or ``"auto"``). Only norms with HF
+``LlamaRMSNorm``'s formula (``weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)``) are replaced: a module is checked
+by its attributes (``weight`` [D], ``variance_epsilon``) and by one call on a small random input against that
+formula; Gemma's ``(1 + weight)`` norms and other variants are refused with the reason. The fused kernel is Triton
+(CUDA; on CPU only under ``TRITON_INTERPRET=1``) or the CUDA extension.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .rmsnorm_angle import FusedRMSNormAngle
+from .validate import triton_interpreting
+
+# decoder-layer attributes of the norm whose output is the MLP input, most specific first
+MLP_INPUT_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm")
+
+
+def mlp_input_norm_name(layer: nn.Module) -> str:
+    """Name of ``layer``'s norm whose output feeds its MLP (``pre_feedforward_layernorm`` where the layer has one,
+    as in Gemma-2/3, else ``post_attention_layernorm``). Raises ValueError when it has neither."""
+    for name in MLP_INPUT_NORMS:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return name
+    raise ValueError(f"{type(layer).__name__} has none of {MLP_INPUT_NORMS}: no norm to fuse")
+
+
+def _reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm's formula, in plain torch."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def llama_rmsnorm_problem(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be replaced by the fused kernel (None: it can). It must have a 1-D floating ``weight``
+    Parameter and a float ``variance_epsilon``, and give HF LlamaRMSNorm's output on a random [3, D] input of the
+    weight's dtype (within two steps of that dtype: the rsqrt may differ in its last bit)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not weight.is_floating_point():
+        return f"{type(module).__name__} has no 1-D floating `weight` Parameter"
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"{type(module).__name__}.weight has dtype {weight.dtype} (the kernel takes fp16, bf16, fp32)"
+    eps = getattr(module, "variance_epsilon", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return (f"{type(module).__name__} has no float `variance_epsilon` (not an HF LlamaRMSNorm-style norm: "
+                "Gemma-style norms scale by 1 + weight)")
+    if weight.device.type == "meta":
+        return None  # nothing to run: the attributes have to do
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(3, weight.shape[0], generator=gen, device=weight.device).mul_(3).to(weight.dtype)
+    with torch.no_grad():
+        got = module(x)
+        want = _reference_rmsnorm(x, weight, float(eps))
+    if got.shape != want.shape:
+        return f"{type(module).__name__} returned shape {tuple(got.shape)} for input {tuple(x.shape)}"
+    tol = 2 * torch.finfo(x.dtype).eps
+    if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+        return f"{type(module).__name__}'s output differs from HF LlamaRMSNorm's formula on a random input"
+    return None
+
+
+def fused_kernel_runs_on(device: torch.device) -> bool:
+    """Whether the fused kernel can run on ``device``: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+
+
+def _decoder_layer(model: nn.Module, layer: int) -> nn.Module:
+    from .probe import find_decoder_layers, resolve_layer
+
+    layers = find_decoder_layers(model)
+    return layers[resolve_layer(layers, layer)]
+
+
+def apply_fused_rmsnorm_angle(model: nn.Module, layer: int = -1) -> FusedRMSNormAngle:
+    """Replace decoder layer ``layer``'s MLP-input norm (see :func:`mlp_input_norm_name`) by a
+    :class:`FusedRMSNormAngle` sharing its ``weight`` Parameter (optimisers, ``state_dict`` keys and checkpoints
+    are unchanged) and return it. The original module is kept as ``.original_module`` for
+    :func:`revert_fused_rmsnorm_angle`. Already fused: returns the fused module as it is.
+
+    Raises:
+        ValueError: no such layer, or its norm is not an HF LlamaRMSNorm-style module (the message says why).
+    """
+    target = _decoder_layer(model, layer)
+    name = mlp_input_norm_name(target)
+    norm = getattr(target, name)
+    if isinstance(norm, FusedRMSNormAngle):
+        return norm
+    problem = llama_rmsnorm_problem(norm)
+    if problem is not None:
+        raise ValueError(f"layer {layer}: `{name}` cannot be fused: {problem}")
+    fused = FusedRMSNormAngle.from_rmsnorm(norm)
+    fused.__dict__["original_module"] = norm  # not a submodule: no second copy of the weight in state_dict
+    setattr(target, name, fused)
+    return fused
+
+
+def revert_fused_rmsnorm_angle(model: nn.Module, layer: int = -1) -> nn.Module:
+    """Put back the module :func:`apply_fused_rmsnorm_angle` replaced, and return it (the layer's norm as it is when
+    it was not fused)."""
+    target = _decoder_layer(model, layer)
+    name = mlp_input_norm_name(target)
+    norm = getattr(target, name)
+    original = norm.__dict__.get("original_module") if isinstance(norm, FusedRMSNormAngle) else None
+    if original is not None:
+        setattr(target, name, original)
+        return original
+    return norm
+
+
+__all__ = [
+    "MLP_INPUT_NORMS",
+    "apply_fused_rmsnorm_angle",
+    "fused_kernel_runs_on",
+    "llama_rmsnorm_problem",
+    "mlp_input_norm_name",
+    "revert_fused_rmsnorm_angle",
+]

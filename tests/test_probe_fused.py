@@ -1,0 +1,263 @@
+"""AngleProbe(fused=...) and gainrl_kernels.patching: the fused RMSNorm + angle kernel in place of the probed layer's
+norm gives the hook path's statistics and the model's outputs and gradients, and leaves the model as it was.
+
+Runs on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+pytest.importorskip("transformers")
+
+from gainrl_kernels.naive import naive_angle_metrics  # noqa: E402
+from gainrl_kernels.patching import (  # noqa: E402
+    apply_fused_rmsnorm_angle,
+    llama_rmsnorm_problem,
+    revert_fused_rmsnorm_angle,
+)
+from gainrl_kernels.probe import AngleProbe, find_decoder_layers, probe_forward  # noqa: E402
+from gainrl_kernels.probe import _check_fused_dtypes  # noqa: E402
+from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle  # noqa: E402
+from test_probe import METRICS, assert_metrics_close, hooked_activation, make_batch, reference  # noqa: E402
+from tiny_models import tiny_lm  # noqa: E402
+from triton_env import needs_triton, triton_device  # noqa: E402
+
+pytestmark = [needs_triton, pytest.mark.usefixtures("one_thread")]
+DEV = triton_device()  # CUDA tensors for compiled Triton on a GPU machine, else CPU ones for the interpreter
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {kind: tiny_lm(kind).to(DEV) for kind in ("llama", "qwen2")}
+
+
+def batch_on_device(layout: str, seed: int) -> dict:
+    """:func:`test_probe.make_batch` with its tensors on DEV."""
+    b = make_batch(layout, seed=seed)
+    move = lambda d: {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in d.items()}  # noqa: E731
+    return dict(b, kwargs=move(b["kwargs"]), batch=move(b["batch"]), seg=b["seg"].to(DEV))
+
+
+class GemmaStyleNorm(nn.Module):
+    """(1 + w) scaling and an `eps` attribute, as Gemma's RMSNorm: not the fused kernel's formula."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim) * 0.1)
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+class ScaledNorm(nn.Module):
+    """LlamaRMSNorm's attributes, another formula (y = 2 w n): refused by the numeric check."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return 2 * self.weight * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("layout", ["left", "right", "packed_cu", "packed_pos"])
+@pytest.mark.parametrize("early_exit", [False, True])
+def test_fused_probe_matches_reference_and_model(models, kind, layout, early_exit):
+    model = models[kind]
+    b = batch_on_device(layout, seed=2)
+    ref = reference(hooked_activation(model, -1, b["kwargs"]), b["where"], b["seg"], inter_weight=0.5)
+    with torch.no_grad():
+        want = model(**b["kwargs"]).logits
+    norm_before = find_decoder_layers(model)[-1].post_attention_layernorm
+    with AngleProbe(model, early_exit=early_exit, fused=True) as probe, torch.no_grad():
+        assert isinstance(probe.fused, FusedRMSNormAngle)
+        assert find_decoder_layers(model)[-1].post_attention_layernorm is probe.fused
+        probe.set_batch(b["seg"], **b["batch"])
+        out = probe.run(**b["kwargs"])
+        assert (out is None) == early_exit
+        assert probe.captures == 1
+        assert_metrics_close(probe.metrics(inter_weight=0.5), ref)
+        torch.testing.assert_close(probe.stats.count, ref["count"].int())
+        if not early_exit:
+            torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+    assert find_decoder_layers(model)[-1].post_attention_layernorm is norm_before  # put back by remove()
+
+
+def test_whole_rows_probe_forward_and_first_layer(models):
+    model = models["llama"]
+    ids = torch.randint(3, 400, (3, 7), generator=torch.Generator().manual_seed(1)).to(DEV)
+    for layer in (0, -1):
+        ref = naive_angle_metrics(hooked_activation(model, layer, dict(input_ids=ids)), torch.arange(4, device=DEV) * 7)
+        with AngleProbe(model, layer=layer, fused=True) as probe, torch.no_grad():
+            model(input_ids=ids)  # no set_batch: every row one whole sequence
+            assert_metrics_close(probe.metrics(), ref)
+        mask = torch.ones(3, 7, dtype=torch.long, device=DEV)
+        stats = probe_forward(model, ids, mask, None, layer=layer, fused=True)
+        torch.testing.assert_close(stats.unit_sum, probe.stats.unit_sum)
+
+
+def test_state_dict_and_parameters_unchanged(models):
+    model = models["qwen2"]
+    keys = list(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    with AngleProbe(model, fused="on"):
+        assert list(model.state_dict()) == keys  # the fused norm holds the same `weight` Parameter, nothing else
+        assert [id(p) for p in model.parameters()] == params
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_gradients_and_checkpointing(gc):
+    b = batch_on_device("right", seed=6)
+    grads, concs = [], []
+    for fused in (False, True):
+        model = tiny_lm("llama", seed=7).to(DEV).train()
+        if gc and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        elif gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with AngleProbe(model, fused=fused) as probe:
+            probe.set_batch(b["seg"], **b["batch"])
+            out = model(**b["kwargs"], labels=b["kwargs"]["input_ids"], use_cache=False)
+            out.loss.backward()
+            assert probe.captures == 1  # a recomputation is not a capture
+            assert not probe.stats.unit_sum.requires_grad
+            concs.append(probe.metrics())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for name in METRICS:
+        torch.testing.assert_close(getattr(concs[1], name), getattr(concs[0], name), rtol=1e-5, atol=2e-6,
+                                   equal_nan=True)
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def test_holey_mask_gives_nan_rows_only(models):
+    model = models["llama"]
+    b = batch_on_device("right", seed=4)
+    mask = b["batch"]["attention_mask"].clone()
+    mask[2, 1] = 0  # a hole inside row 2 (14 tokens)
+    kwargs = dict(b["kwargs"], attention_mask=mask)
+    with AngleProbe(model) as hook, torch.no_grad():
+        hook.set_batch(b["seg"], attention_mask=mask)
+        model(**kwargs)
+        want = hook.metrics()
+    with AngleProbe(model, fused=True) as probe, torch.no_grad():
+        probe.set_batch(b["seg"], attention_mask=mask)
+        model(**kwargs)
+        got = probe.metrics()
+    assert torch.isnan(got.score[2]) and torch.isnan(got.causal[2])
+    keep = torch.tensor([0, 1, 3, 4], device=DEV)
+    torch.testing.assert_close(got.causal[keep], want.causal[keep], rtol=1e-5, atol=2e-6, equal_nan=True)
+
+
+def test_disabled_forward_and_batch_mismatch(models):
+    model = models["llama"]
+    b = batch_on_device("right", seed=10)
+    ids = b["kwargs"]["input_ids"][:, :4]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with AngleProbe(model, fused=True) as probe, torch.no_grad():
+        probe.set_batch(b["seg"], **b["batch"])
+        with pytest.raises(ValueError, match="set_batch"):
+            model(input_ids=ids)
+        with probe.disabled():
+            got = model(input_ids=ids).logits  # a plain (fused-kernel) RMSNorm, no statistics
+        assert probe.stats is None and probe.captures == 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_input_must_be_the_norms_output(models):
+    model = models["llama"]
+    with AngleProbe(model, fused=True) as probe, torch.no_grad():
+        handle = probe.fused.register_forward_hook(lambda m, a, out: out * 1.0)  # something between norm and MLP
+        with pytest.raises(RuntimeError, match="not the output of its fused norm"):
+            model(input_ids=torch.tensor([[5, 6, 7]], device=DEV))
+        handle.remove()
+        assert probe.stats is None
+        model(input_ids=torch.tensor([[5, 6, 7]], device=DEV))
+        assert probe.captures == 2 and probe.stats is not None
+
+
+def test_auto_falls_back_and_on_refuses(monkeypatch):
+    model = tiny_lm("llama", seed=3).to(DEV)
+    layer = find_decoder_layers(model)[-1]
+    dim = layer.post_attention_layernorm.weight.shape[0]
+    for bad, why in ((GemmaStyleNorm(dim).to(DEV), "variance_epsilon"), (ScaledNorm(dim).to(DEV), "differs")):
+        layer.post_attention_layernorm = bad
+        assert why in llama_rmsnorm_problem(bad)
+        with pytest.raises(ValueError, match=f"cannot be fused.*{why}"):
+            AngleProbe(model, fused=True)
+        with AngleProbe(model, fused="auto") as probe, torch.no_grad():
+            assert probe.fused is None and layer.post_attention_layernorm is bad
+            model(input_ids=torch.tensor([[5, 6, 7, 8]], device=DEV))
+            assert probe.captures == 1
+    with pytest.raises(ValueError, match="fused: expected"):
+        AngleProbe(model, fused="yes")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU model without the interpreter: the kernel cannot run
+    model = tiny_lm("llama", seed=3)
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        AngleProbe(model, fused=True)
+    with AngleProbe(model, fused="auto") as probe:
+        assert probe.fused is None
+
+
+def test_apply_and_revert_public_api(models):
+    model = models["qwen2"]
+    b = batch_on_device("left", seed=5)
+    ref = reference(hooked_activation(model, 0, b["kwargs"]), b["where"], b["seg"])
+    layer = find_decoder_layers(model)[0]
+    original = layer.post_attention_layernorm
+    norm = apply_fused_rmsnorm_angle(model, layer=0)
+    try:
+        assert layer.post_attention_layernorm is norm and norm.weight is original.weight
+        assert apply_fused_rmsnorm_angle(model, layer=0) is norm  # already fused: as it is
+        norm.set_attention_mask(b["batch"]["attention_mask"], b["seg"])
+        with torch.no_grad():
+            model(**b["kwargs"])
+        from gainrl_kernels import angle_concentration
+
+        assert_metrics_close(angle_concentration(norm.stats), ref)
+        with AngleProbe(model, layer=0, fused=True) as probe:  # a probe on a norm fused by the user keeps it fused
+            assert probe.fused is norm
+        assert layer.post_attention_layernorm is norm
+    finally:
+        assert revert_fused_rmsnorm_angle(model, layer=0) is original
+    assert layer.post_attention_layernorm is original
+    assert revert_fused_rmsnorm_angle(model, layer=0) is original  # nothing to revert: the norm as it is
+
+
+def test_fused_dtype_rule():
+    w32, w16 = torch.ones(4), torch.ones(4, dtype=torch.bfloat16)
+    _check_fused_dtypes(torch.ones(2, 4), w16)  # fp32 x: HF's output is fp32 too
+    _check_fused_dtypes(torch.ones(2, 4, dtype=torch.bfloat16), w16)
+    with pytest.raises(ValueError, match="HF's norm returns torch.float32"):
+        _check_fused_dtypes(torch.ones(2, 4, dtype=torch.bfloat16), w32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _check_fused_dtypes(torch.ones(2, 4, dtype=torch.bfloat16), w32)  # the MLP rounds to bf16 either way
+
+
+def test_bf16_model(models):
+    """A bf16 model (weights and activations): the fused statistics are those of the hook, to bf16 rounding of y."""
+    model = tiny_lm("llama", seed=11).to(DEV, torch.bfloat16)
+    b = batch_on_device("left", seed=12)
+    concs, logits = [], []
+    for fused in (False, True):
+        with AngleProbe(model, fused=fused) as probe, torch.no_grad():
+            probe.set_batch(b["seg"], **b["batch"])
+            logits.append(model(**b["kwargs"]).logits.float())
+            concs.append(probe.metrics())
+    for name in METRICS:
+        torch.testing.assert_close(getattr(concs[1], name), getattr(concs[0], name), rtol=0, atol=5e-3,
+                                   equal_nan=True)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0.02, atol=0.02)
