@@ -153,19 +153,6 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, n_seq: int) -> torc
     return cu
 
 
-def _consecutive_rows(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[N]`` bool: row n's tokens (mask != 0) are consecutive (left or right padding, or none), on device."""
-    mask = attention_mask != 0
-    length = mask.shape[1]
-    if length == 0:
-        return torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-    ar = torch.arange(length, device=mask.device)
-    lens = mask.sum(1)
-    first = torch.where(mask, ar, length).amin(1)
-    last = torch.where(mask, ar, -1).amax(1)
-    return (lens == 0) | (last - first + 1 == lens)
-
-
 def _nan_rows(stats: AngleStats, rows: torch.Tensor) -> AngleStats:
     """``stats`` with NaN sums for the sequences where ``rows`` [B] bool is set (count unchanged)."""
     nan = float("nan")
@@ -323,7 +310,9 @@ class AngleProbe:
             perm, cu = padded_pack_index(mask)
             shape = (int(mask.shape[0]), int(mask.shape[1]))
             if self.fused is not None:
-                contiguous = _consecutive_rows(mask)
+                from .rmsnorm_angle import consecutive_tokens
+
+                contiguous = consecutive_tokens(mask)
         elif cu_seqlens is not None:
             cu = torch.as_tensor(cu_seqlens).to(device=device, dtype=torch.int32)
             if cu.dim() != 1 or cu.numel() < 1:
@@ -395,11 +384,11 @@ class AngleProbe:
     # statistics); the MLP's pre-hook checks that its input is that y, and stops an early-exit forward
 
     def _norm_pre_hook(self, norm: nn.Module, args: tuple) -> None:
+        hidden = args[0]
+        _check_fused_dtypes(hidden, norm.weight)
         if not self.enabled:
             norm.clear_segments()  # a plain RMSNorm (e.g. generation)
             return
-        hidden = args[0]
-        _check_fused_dtypes(hidden, norm.weight)
         perm, cu, seg = self._layout(hidden)
         norm.set_segments(cu, seg, perm, validate=False)
 

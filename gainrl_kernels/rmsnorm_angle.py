@@ -90,7 +90,7 @@ from .validate import (
     check_triton_device,
 )
 
-__all__ = ["rmsnorm_angle", "FusedRMSNormAngle", "padded_to_cu_seqlens"]
+__all__ = ["rmsnorm_angle", "FusedRMSNormAngle", "consecutive_tokens", "padded_to_cu_seqlens"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -770,6 +770,20 @@ def rmsnorm_angle(
     return y, (AngleStats(unit_sum, count, sq_norm, adjacent) if stats else None)
 
 
+def consecutive_tokens(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool, on the mask's device (no host sync): row n's tokens (``attention_mask [N, L]`` != 0) are
+    consecutive, i.e. the row is left or right padded (or not at all), as the fused op needs."""
+    mask = attention_mask != 0
+    lens = mask.sum(1)
+    length = mask.shape[1]
+    if length == 0:
+        return torch.ones_like(lens, dtype=torch.bool)
+    ar = torch.arange(length, device=mask.device)
+    first = torch.where(mask, ar, length).amin(1)
+    last = torch.where(mask, ar, -1).amax(1)
+    return (lens == 0) | (last - first + 1 == lens)
+
+
 def padded_to_cu_seqlens(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed view of a padded batch: ``attention_mask [N, L]`` (1 = token) -> ``(cu_seqlens, token_index)``.
 
@@ -781,12 +795,9 @@ def padded_to_cu_seqlens(attention_mask: torch.Tensor) -> tuple[torch.Tensor, to
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask: expected a 2-D [N, L] tensor, got shape {tuple(attention_mask.shape)}")
     mask = attention_mask != 0
-    n, length = mask.shape
+    n = mask.shape[0]
     lens = mask.sum(1)
-    ar = torch.arange(length, device=mask.device)
-    first = torch.where(mask, ar, length).amin(1) if length else torch.zeros_like(lens)
-    last = torch.where(mask, ar, -1).amax(1) if length else torch.zeros_like(lens)
-    contiguous = (lens == 0) | (last - first + 1 == lens)
+    contiguous = consecutive_tokens(mask)
     if not bool(contiguous.all()):
         row = int(torch.nonzero(~contiguous)[0, 0])
         raise ValueError(f"attention_mask: row {row} has padding between tokens (only left or right padding)")

@@ -23,7 +23,7 @@ from gainrl_kernels.patching import (  # noqa: E402
 )
 from gainrl_kernels.probe import AngleProbe, find_decoder_layers, probe_forward  # noqa: E402
 from gainrl_kernels.probe import _check_fused_dtypes  # noqa: E402
-from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle  # noqa: E402
+from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, consecutive_tokens, padded_to_cu_seqlens  # noqa: E402
 from test_probe import METRICS, assert_metrics_close, hooked_activation, make_batch, reference  # noqa: E402
 from tiny_models import tiny_lm  # noqa: E402
 from triton_env import needs_triton, triton_device  # noqa: E402
@@ -261,3 +261,14 @@ def test_bf16_model(models):
         torch.testing.assert_close(getattr(concs[1], name), getattr(concs[0], name), rtol=0, atol=5e-3,
                                    equal_nan=True)
     torch.testing.assert_close(logits[1], logits[0], rtol=0.02, atol=0.02)
+
+
+def test_consecutive_tokens_and_padded_to_cu_seqlens():
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 1, 1]], device=DEV)
+    assert consecutive_tokens(mask).tolist() == [True, True, True, False, True]
+    assert consecutive_tokens(mask[:, :0]).tolist() == [True] * 5  # no columns: every row empty
+    with pytest.raises(ValueError, match="attention_mask: row 3 has padding between tokens"):
+        padded_to_cu_seqlens(mask)
+    keep = torch.tensor([0, 1, 2, 4], device=DEV)
+    cu, tok = padded_to_cu_seqlens(mask[keep])
+    assert cu.tolist() == [0, 2, 6, 6, 8] and tok.tolist() == [1, 2, 4, 5, 6, 7, 14, 15]
