@@ -78,6 +78,7 @@ class ScoreOptions:
     dtype: str = "auto"
     device: str = "auto"
     backend: str = "auto"
+    angle_fused: str = "off"
     progress: bool = True
     parquet: bool = False
     prefix_cache: bool = True
@@ -223,6 +224,7 @@ def run_fingerprint(opts: ScoreOptions, config: Any, items: Sequence[Item], plan
         "device_type": device_type,
         "dtype": dtype,
         "backend": opts.backend,
+        "angle_fused": opts.angle_fused,
         "prefix_cache": opts.prefix_cache,
         "items_and_plan_sha256": digest.hexdigest(),
     })
@@ -674,7 +676,7 @@ def _run_score(opts: ScoreOptions, device: Any, group: ProcessGroup | None, t_st
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    with AngleProbe(model, layer=opts.layer, early_exit=True, backend=opts.backend) as probe, \
+    with AngleProbe(model, layer=opts.layer, early_exit=True, backend=opts.backend, fused=opts.angle_fused) as probe, \
             partial.open("a", encoding="utf-8") as f, \
             tqdm(total=n_mine, initial=n_mine - n_todo, unit="ex", desc="score", disable=not (opts.progress and lead),
                  dynamic_ncols=True, file=sys.stderr) as bar:
@@ -819,6 +821,8 @@ def add_score_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"], help="angle_stats backend")
+    p.add_argument("--angle-fused", default="off", choices=["off", "auto", "on"],
+                   help="measure with the fused RMSNorm + angle kernel in place of the layer's norm (see README)")
     p.add_argument("--parquet", action="store_true", help="also write DIR/scores.parquet")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="run every prompt in full instead of running the shared prefix (system prompt, few-shot "
