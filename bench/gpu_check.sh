@@ -29,8 +29,8 @@
 #
 # Steps (GAINRL_GPU_CHECK_STEPS, a comma list; default "env,build,tests,variants,kernels,angle" = everything above
 # except profile and score; "default" stands for that list, "all" for it plus both). They run in the order env,
-# build (with the extension check), tests, variants, walk, cluster, backward, kernels, profile, score, angle whatever the
-# list's order; the angle grid takes what time is left.
+# build (with the extension check), tests, variants, walk, cluster, backward, probe, kernels, profile, score, angle
+# whatever the list's order; the angle grid takes what time is left.
 #
 # The optional `walk` step times bench/walk_order.py (a plain RMSNorm whose programs walk rows in different orders)
 # into walk_order.json, logged in kernels_bench.log: GAINRL_GPU_CHECK_WALK_ORDERS (a comma list, default all ~40
@@ -45,6 +45,11 @@
 # eager, our backward alone; graph-timed, dx and dw checked first) into fused_backward.json, logged in
 # kernels_bench.log: GAINRL_GPU_CHECK_BACKWARD_SHAPES (BxLxD list, default the script's four),
 # GAINRL_GPU_CHECK_BACKWARD_VARIANTS (comma list of the script's BWD_VARIANTS, timed beside backward_only), ~40-60 s.
+#
+# The optional `probe` step times a random Qwen2.5-0.5B-shaped model's forward and training step without a probe,
+# with the hook probe and with the fused probe (bench/probe_overhead.py, eager, metrics checked first) into
+# probe_overhead.json, logged in kernels_bench.log: GAINRL_GPU_CHECK_PROBE_SHAPES (BxL list, default
+# 8x2048,4x4096), ~30-60 s.
 #
 # The optional `profile` step runs Nsight Compute (ncu, if the machine has it) on one bare and one fused forward
 # launch per shape (bench/profile_fused.py; GAINRL_GPU_CHECK_PROFILE_SHAPES, default "64x4096x4096 16x4096x2048")
@@ -108,8 +113,8 @@ STEPS=${STEPS//default/$DEFAULT_STEPS}
 STEPS=${STEPS//all/$DEFAULT_STEPS,profile,score}
 for s in ${STEPS//,/ }; do
     case $s in
-        env | build | tests | variants | walk | cluster | backward | kernels | profile | angle | score) ;;
-        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants walk cluster backward kernels profile score angle, default, all)" >&2
+        env | build | tests | variants | walk | cluster | backward | probe | kernels | profile | angle | score) ;;
+        *) echo "GAINRL_GPU_CHECK_STEPS: unknown step '$s' (known: env build tests variants walk cluster backward probe kernels profile score angle, default, all)" >&2
            exit 2 ;;
     esac
 done
@@ -332,6 +337,19 @@ if want backward; then
 fi
 if [ -f "$OUT/fused_backward.json" ]; then
     "$PY" bench/gpu_summary.py backward "$OUT/fused_backward.json" 2>&1 | tee -a "$SUMMARY"
+fi
+# What the angle signal costs a model's forward and training step: no probe, the hook, the fused probe
+# (bench/probe_overhead.py, a random Qwen2.5-0.5B-shaped model, eager).
+if want probe; then
+    if [ "$DRY" = 1 ]; then
+        step probe kernels_bench.log 120 "$PY" bench/probe_overhead.py --smoke --out "$OUT/probe_overhead.json"
+    else
+        step probe kernels_bench.log 150 "$PY" bench/probe_overhead.py --out "$OUT/probe_overhead.json" \
+            ${GAINRL_GPU_CHECK_PROBE_SHAPES:+--shapes "$GAINRL_GPU_CHECK_PROBE_SHAPES"}
+    fi
+fi
+if [ -f "$OUT/probe_overhead.json" ]; then
+    "$PY" bench/gpu_summary.py probe "$OUT/probe_overhead.json" 2>&1 | tee -a "$SUMMARY"
 fi
 if ! want kernels; then
     :

@@ -9,6 +9,7 @@ few, so that a reader of the summary does not need the JSON (and the lines are t
     python bench/gpu_summary.py eager    OUT/eager_overhead.json   # fixed cost of one eager call
     python bench/gpu_summary.py score    OUT/score_gpu.json        # whole `gainrl score` process vs released
     python bench/gpu_summary.py angle    OUT/angle_cuda.json       # angle grid rows by status
+    python bench/gpu_summary.py probe    OUT/probe_overhead.json   # model forward: no probe, hook, fused probe
 """
 from __future__ import annotations
 
@@ -161,9 +162,23 @@ def angle(record: dict) -> list[str]:
     return [f"angle_bench rows by status: {dict(collections.Counter(r['status'] for r in record['rows']))}"]
 
 
+def probe(record: dict) -> list[str]:
+    """Per batch shape and mode: the model's ms without a probe and the hook's and the fused probe's overheads."""
+    lines = []
+    for r in record["rows"]:
+        head = f"probe {r['B']}x{r['L']} {r['mode']}: "
+        if "none_ms" not in r:
+            lines.append(head + r["status"])
+            continue
+        over = ", ".join(f"{m} {100 * (r[f'{m}_ms'] / r['none_ms'] - 1):+.2f}%" for m in ("hook", "fused")
+                         if f"{m}_ms" in r)
+        lines.append(head + f"none {r['none_ms']:.3f} ms, {over}")
+    return lines
+
+
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = dict(
     variants=variants, table=variant_table, walk=walk, cluster=cluster, backward=backward, eager=eager, score=score,
-    angle=angle)
+    angle=angle, probe=probe)
 
 
 def main(argv: list[str] | None = None) -> int:

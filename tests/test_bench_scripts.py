@@ -65,6 +65,18 @@ def test_fused_backward_script(tmp_path):
     assert B._BWD_STAGES == 3 and B._BWD_SPLIT_CAP_TAIL == 1024
 
 
+def test_probe_overhead_script(tmp_path):
+    """bench/probe_overhead.py: the fused probe's metrics match the hook's and every method runs (interpreter, tiny
+    model; timing is GPU-only)."""
+    import probe_overhead
+
+    out = tmp_path / "probe.json"
+    assert probe_overhead.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["status"]) for r in rows] == [("forward", "ok (smoke: checked, not timed)"),
+                                                        ("train", "ok (smoke: checked, not timed)")]
+
+
 def test_walk_order_script(tmp_path):
     """Every row order of bench/walk_order.py gives HF's RMSNorm (checked inside the script, interpreter, tiny)."""
     import walk_order
@@ -290,6 +302,9 @@ def test_gpu_summary_lines():
     (line,) = S.score(dict(partial=True, wall_s={"released": [1.23, 2.0]}))
     assert "PARTIAL" in line and "[1.2, 2.0]" in line
     assert S.angle(dict(rows=[dict(status="ok"), dict(status="ok")])) == ["angle_bench rows by status: {'ok': 2}"]
+    assert S.probe(dict(rows=[dict(B=8, L=2048, mode="train", status="ok", none_ms=100.0, hook_ms=101.0,
+                                   fused_ms=100.25), dict(B=2, L=16, mode="forward", status="ok (smoke)")])) == [
+        "probe 8x2048 train: none 100.000 ms, hook +1.00%, fused +0.25%", "probe 2x16 forward: ok (smoke)"]
     assert S.main(["nonsense", "x.json"]) == 2
 
 
