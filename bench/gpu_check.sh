@@ -47,7 +47,8 @@
 # GAINRL_GPU_CHECK_BACKWARD_VARIANTS (comma list of the script's BWD_VARIANTS, timed beside backward_only), ~40-60 s.
 #
 # The optional `probe` step times a random Qwen2.5-0.5B-shaped model's forward and training step without a probe,
-# with the hook probe and with the fused probe (bench/probe_overhead.py, eager, metrics checked first) into
+# with the hook probe and with the fused probe, and with every norm on our kernels (bench/probe_overhead.py, eager,
+# metrics checked first) into
 # probe_overhead.json, logged in kernels_bench.log: GAINRL_GPU_CHECK_PROBE_SHAPES (BxL list, default
 # 8x2048,4x4096), ~30-60 s.
 #

@@ -163,15 +163,16 @@ def angle(record: dict) -> list[str]:
 
 
 def probe(record: dict) -> list[str]:
-    """Per batch shape and mode: the model's ms without a probe and the hook's and the fused probe's overheads."""
+    """Per batch shape and mode: the model's ms without a probe, and the overheads of the hook and the fused probe
+    (and of every norm on our kernels, with and without the fused probe)."""
     lines = []
     for r in record["rows"]:
         head = f"probe {r['B']}x{r['L']} {r['mode']}: "
         if "none_ms" not in r:
             lines.append(head + r["status"])
             continue
-        over = ", ".join(f"{m} {100 * (r[f'{m}_ms'] / r['none_ms'] - 1):+.2f}%" for m in ("hook", "fused")
-                         if f"{m}_ms" in r)
+        over = ", ".join(f"{m} {100 * (r[f'{m}_ms'] / r['none_ms'] - 1):+.2f}%"
+                         for m in ("hook", "fused", "norms", "norms_fused") if f"{m}_ms" in r)
         lines.append(head + f"none {r['none_ms']:.3f} ms, {over}")
     return lines
 

@@ -8,6 +8,8 @@ minimum over --rounds rounds of --reps calls, the methods alternated:
 
 * ``none``: the model's forward alone; ``hook``: with ``AngleProbe(model)``; ``fused``: ``AngleProbe(model,
   fused=True)``, ``set_batch`` included in both;
+* ``norms`` and ``norms_fused``: ``none`` and ``fused`` with every RMSNorm of the model on our kernels
+  (``gainrl_kernels.patching.apply_fused_rmsnorms``, ``gainrl train --fused-norms``) instead of HF's eager formula;
 * mode ``forward`` (``torch.no_grad``) and ``train`` (forward and backward of the last position's logits).
 
 The model is a randomly initialised Qwen2 decoder of Qwen2.5-0.5B's shape (no download: built from a config) in
@@ -28,9 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fused_variants import error_status, exit_code, parse_names, parse_shapes, record_row  # noqa: E402
 
+from gainrl_kernels.patching import apply_fused_rmsnorms, revert_fused_rmsnorms  # noqa: E402
 from gainrl_kernels.probe import AngleProbe  # noqa: E402
 
-METHODS = ("none", "hook", "fused")
+METHODS = ("none", "hook", "fused", "norms", "norms_fused")
+OVERHEADS = ("hook", "fused", "norms", "norms_fused")  # reported against none
 MODES = ("forward", "train")
 # Qwen2.5-0.5B's decoder (hidden 896, 24 layers); the vocabulary is cut to 32000 (only the last position's logits
 # are computed, so its size barely matters) to keep the random embedding small
@@ -87,13 +91,34 @@ def check_fused_matches_hook(model, b: dict, atol: float) -> None:
             raise AssertionError(f"{name}: fused {c.tolist()} vs hook {a.tolist()}")
 
 
+class Method:
+    """The model set up as ``method`` names while the block runs: every norm on our kernels (``norms*``), and the
+    probe it measures with (``None``: no probe)."""
+
+    def __init__(self, model, method: str) -> None:
+        self.model, self.method = model, method
+        self.probe: AngleProbe | None = None
+
+    def __enter__(self) -> AngleProbe | None:
+        if self.method.startswith("norms"):
+            apply_fused_rmsnorms(self.model)
+        if self.method in ("hook", "fused", "norms_fused"):
+            self.probe = AngleProbe(self.model, fused=self.method != "hook")
+        return self.probe
+
+    def __exit__(self, *exc) -> None:
+        if self.probe is not None:
+            self.probe.remove()
+        revert_fused_rmsnorms(self.model)
+        self.model.zero_grad(set_to_none=True)
+
+
 def time_methods(model, b: dict, mode: str, methods: list[str], reps: int, rounds: int) -> dict[str, float]:
     """ms per call of each method: the minimum over ``rounds`` rounds of ``reps`` calls, methods alternated."""
     best = {m: float("inf") for m in methods}
     for _ in range(rounds):
         for m in methods:
-            probe = None if m == "none" else AngleProbe(model, fused=(m == "fused"))
-            try:
+            with Method(model, m) as probe:
                 call(model, probe, b, mode)  # warm-up (Triton compiles on first use)
                 torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -103,10 +128,6 @@ def time_methods(model, b: dict, mode: str, methods: list[str], reps: int, round
                 end.record()
                 torch.cuda.synchronize()
                 best[m] = min(best[m], start.elapsed_time(end) / reps)
-            finally:
-                if probe is not None:
-                    probe.remove()
-            model.zero_grad(set_to_none=True)
     return best
 
 
@@ -132,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     print(f"device: {torch.cuda.get_device_name() if cuda else device.type}; model: Qwen2 {spec['hidden_size']} x "
           f"{args.layers or spec['num_hidden_layers']} layers, {dtype}")
-    print("| B | L | mode | none (ms) | hook (ms) | fused (ms) | hook overhead | fused overhead | status |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| B | L | mode | " + " | ".join(f"{m} (ms)" for m in METHODS) + " | "
+          + " | ".join(f"{m} vs none" for m in OVERHEADS) + " | status |")
+    print("|---|---|---|" + "---|" * (len(METHODS) + len(OVERHEADS) + 1))
     for batch, length in shapes:
         b = make_batch(batch, length, spec["vocab_size"], device)
         try:
@@ -151,16 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                     row["status"] = error_status(e)
             elif checked == "ok":
                 for m in methods:  # any device: each method runs once (checks only)
-                    probe = None if m == "none" else AngleProbe(model, fused=(m == "fused"))
-                    call(model, probe, b, mode)
-                    if probe is not None:
-                        probe.remove()
+                    with Method(model, m) as probe:
+                        call(model, probe, b, mode)
                 row["status"] = "ok (smoke: checked, not timed)" if args.smoke else "ok (no GPU: checked, not timed)"
             record_row(args.out, rows, row, cuda)
             base = row.get("none_ms")
             cells = [f"{row[f'{m}_ms']:.3f}" if f"{m}_ms" in row else "" for m in METHODS]
             over = [f"{100 * (row[f'{m}_ms'] / base - 1):+.2f}%" if base and f"{m}_ms" in row else ""
-                    for m in ("hook", "fused")]
+                    for m in OVERHEADS]
             print(f"| {batch} | {length} | {mode} | " + " | ".join(cells + over) + f" | {row['status']} |")
     return exit_code(rows)
 

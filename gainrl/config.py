@@ -57,6 +57,9 @@ class TrainConfig:
     probe_layer: int = field(default=-1, metadata={"help": "decoder layer of the angle probe (negative from the end)"})
     inter_weight: float = field(default=1.0, metadata={"help": "w in score = C_intra(Q) + w*C_inter(Q,P)"})
     angle_backend: str = field(default="auto", metadata={"help": "angle_stats backend: auto, triton, cuda, torch"})
+    fused_norms: bool = field(default=False, metadata={
+        "help": "every HF LlamaRMSNorm-style norm of the policy runs our RMSNorm kernels (forward and backward; "
+                "CUDA, or CPU under TRITON_INTERPRET=1)"})
     angle_fused: str = field(default="off", metadata={
         "help": "measure with the fused RMSNorm + angle kernel in place of the probed layer's norm: off, auto "
                 "(where it applies: CUDA, HF LlamaRMSNorm-style norm), on"})

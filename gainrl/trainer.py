@@ -429,6 +429,16 @@ class Trainer:
             raise ValueError(f"--model {cfg.model or 'embedded'}: {e}") from e
         if not -len(self.layers) <= cfg.probe_layer < len(self.layers):
             raise ValueError(f"probe_layer: {cfg.probe_layer} outside the model's {len(self.layers)} decoder layers")
+        self.fused_norms: list[str] = []
+        if cfg.fused_norms:  # before scoring and the reference copy: both run the patched norms too
+            from gainrl_kernels.patching import apply_fused_rmsnorms
+
+            try:
+                self.fused_norms = apply_fused_rmsnorms(model)
+            except ValueError as e:
+                raise ValueError(f"fused_norms: {e}") from None
+            if not self.fused_norms:
+                raise ValueError("fused_norms: the model has no HF LlamaRMSNorm-style norm to replace")
 
         # data
         self.bundle = self._prepare_data()
@@ -517,6 +527,7 @@ class Trainer:
             "threads": self.threads,
             "precision": "bf16-autocast" if self.autocast_dtype else "fp32",
             "gradient_checkpointing": self.gradient_checkpointing,
+            "fused_norms": len(self.fused_norms),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "trainable_params": sum(p.numel() for p in self.params),
             "total_params": sum(p.numel() for p in model.parameters()),

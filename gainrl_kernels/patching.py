@@ -11,7 +11,9 @@ activations, with no extra read::
     norm.stats                                            # AngleStats of the MLP input
     revert_fused_rmsnorm_angle(model, layer=-1)           # the original module back
 
-:class:`~gainrl_kernels.probe.AngleProbe` does this for you with ``fused=True`` (or ``"auto"``). Only norms with HF
+:class:`~gainrl_kernels.probe.AngleProbe` does this for you with ``fused=True`` (or ``"auto"``).
+:func:`apply_fused_rmsnorms` replaces every such norm of a model (plain RMSNorms, our kernels forward and backward
+instead of HF's eager formula), as Liger-Kernel's ``apply_*`` functions do. Only norms with HF
 ``LlamaRMSNorm``'s formula (``weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)``) are replaced: a module is checked
 by its attributes (``weight`` [D], ``variance_epsilon``) and by one call on a small random input against that
 formula; Gemma's ``(1 + weight)`` norms and other variants are refused with the reason. The fused kernel is Triton
@@ -102,10 +104,54 @@ def apply_fused_rmsnorm_angle(model: nn.Module, layer: int = -1) -> FusedRMSNorm
     problem = llama_rmsnorm_problem(norm)
     if problem is not None:
         raise ValueError(f"layer {layer}: `{name}` cannot be fused: {problem}")
-    fused = FusedRMSNormAngle.from_rmsnorm(norm)
-    fused.__dict__["original_module"] = norm  # not a submodule: no second copy of the weight in state_dict
-    setattr(target, name, fused)
+    return _replace_with_fused(target, name, norm)
+
+
+def _replace_with_fused(parent: nn.Module, attr: str, module: nn.Module) -> FusedRMSNormAngle:
+    """``parent.attr`` (the checked norm ``module``) replaced by a FusedRMSNormAngle sharing its weight."""
+    fused = FusedRMSNormAngle.from_rmsnorm(module)
+    fused.__dict__["original_module"] = module  # not a submodule: no second copy of the weight in state_dict
+    setattr(parent, attr, fused)
     return fused
+
+
+def apply_fused_rmsnorms(model: nn.Module) -> list[str]:
+    """Replace every HF LlamaRMSNorm-style module of ``model`` (the decoder layers' norms, the final norm, Qwen3's
+    per-head q / k norms: any module with a ``variance_epsilon`` that :func:`llama_rmsnorm_problem` accepts) by a
+    :class:`FusedRMSNormAngle` sharing its ``weight``: our RMSNorm kernels forward and backward instead of HF's
+    eager formula (about ten kernels each way), as Liger-Kernel's ``apply_*`` does for its own. Without segment info
+    the module is a plain RMSNorm; the statistics stay off. Returns the qualified names replaced (modules already
+    fused, or refused by the check, are left as they are); :func:`revert_fused_rmsnorms` undoes it.
+
+    Raises:
+        ValueError: a norm to replace lies on a device the kernel does not run on (see :func:`fused_kernel_runs_on`).
+    """
+    names = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FusedRMSNormAngle) or not hasattr(module, "variance_epsilon"):
+            continue
+        if llama_rmsnorm_problem(module) is not None:
+            continue
+        if not fused_kernel_runs_on(module.weight.device):
+            raise ValueError(f"{name}: the fused kernel runs on CUDA (on CPU only under TRITON_INTERPRET=1), the "
+                             f"norm is on {module.weight.device}")
+        parent_name, _, attr = name.rpartition(".")
+        _replace_with_fused(model.get_submodule(parent_name), attr, module)
+        names.append(name)
+    return names
+
+
+def revert_fused_rmsnorms(model: nn.Module) -> list[str]:
+    """Put back every module :func:`apply_fused_rmsnorms` or :func:`apply_fused_rmsnorm_angle` replaced; returns
+    their qualified names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        original = module.__dict__.get("original_module") if isinstance(module, FusedRMSNormAngle) else None
+        if original is not None:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, original)
+            names.append(name)
+    return names
 
 
 def revert_fused_rmsnorm_angle(model: nn.Module, layer: int = -1) -> nn.Module:
@@ -124,8 +170,10 @@ def revert_fused_rmsnorm_angle(model: nn.Module, layer: int = -1) -> nn.Module:
 __all__ = [
     "MLP_INPUT_NORMS",
     "apply_fused_rmsnorm_angle",
+    "apply_fused_rmsnorms",
     "fused_kernel_runs_on",
     "llama_rmsnorm_problem",
     "mlp_input_norm_name",
     "revert_fused_rmsnorm_angle",
+    "revert_fused_rmsnorms",
 ]

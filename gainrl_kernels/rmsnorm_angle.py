@@ -810,7 +810,7 @@ def padded_to_cu_seqlens(attention_mask: torch.Tensor) -> tuple[torch.Tensor, to
 class FusedRMSNormAngle(nn.Module):
     """Drop-in for ``LlamaRMSNorm``-like modules (``weight``, ``variance_epsilon``) that can also collect stats.
 
-    Without segment info it is a plain (Triton) RMSNorm. After :meth:`set_segments` (packed input) or
+    Without segment info it is a plain RMSNorm (our Triton / CUDA kernels) of any rank ``[..., D]``. After :meth:`set_segments` (packed input) or
     :meth:`set_attention_mask` (padded ``[N, L, D]`` input), every forward also computes the angle statistics of
     its output and keeps them, detached, in ``self.stats`` (an :class:`AngleStats`, None before the first such
     forward). Forward passes skip the host-syncing value checks (``validate=False``); the segment info is checked
@@ -856,9 +856,10 @@ class FusedRMSNormAngle(nn.Module):
         self.stats = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self._segments is None:
-            y, _ = rmsnorm_angle(hidden_states, self.weight, self.variance_epsilon, validate=False)
-            return y
+        if self._segments is None:  # any rank: e.g. Qwen3's per-head q / k norms on [N, L, H, head_dim]
+            x = hidden_states if hidden_states.dim() in (2, 3) else hidden_states.reshape(-1, hidden_states.shape[-1])
+            y, _ = rmsnorm_angle(x, self.weight, self.variance_epsilon, validate=False)
+            return y if x is hidden_states else y.view(hidden_states.shape)
         cu_seqlens, seg_offsets, token_index = self._segments
         y, stats = rmsnorm_angle(hidden_states, self.weight, self.variance_epsilon, cu_seqlens, seg_offsets,
                                  token_index, validate=False)

@@ -272,3 +272,47 @@ def test_consecutive_tokens_and_padded_to_cu_seqlens():
     keep = torch.tensor([0, 1, 2, 4], device=DEV)
     cu, tok = padded_to_cu_seqlens(mask[keep])
     assert cu.tolist() == [0, 2, 6, 6, 8] and tok.tolist() == [1, 2, 4, 5, 6, 7, 14, 15]
+
+
+def tiny_qwen3():
+    """A random Qwen3ForCausalLM (per-head q / k RMSNorms on [N, L, H, head_dim]) like tiny_models.tiny_lm's."""
+    import transformers
+
+    torch.manual_seed(13)
+    cfg = transformers.Qwen3Config(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=512, pad_token_id=2, tie_word_embeddings=False)
+    model = transformers.Qwen3ForCausalLM(cfg)
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_apply_fused_rmsnorms_whole_model(kind):
+    """Every norm of the model on our kernels: the same outputs and gradients, the same state_dict; reverted."""
+    from gainrl_kernels.patching import apply_fused_rmsnorms, revert_fused_rmsnorms
+
+    b = batch_on_device("left", seed=14)
+    results = []
+    for patched in (False, True):
+        model = (tiny_lm("llama", seed=15) if kind == "llama" else tiny_qwen3()).to(DEV).train()
+        keys = list(model.state_dict())
+        names = apply_fused_rmsnorms(model) if patched else []
+        if patched:
+            n_layers = len(find_decoder_layers(model))
+            per_layer = 2 if kind == "llama" else 4  # input / post-attention norms (+ q_norm, k_norm)
+            assert len(names) == per_layer * n_layers + 1 and "model.norm" in names
+            assert all(isinstance(model.get_submodule(n), FusedRMSNormAngle) for n in names)
+            assert list(model.state_dict()) == keys and apply_fused_rmsnorms(model) == []
+            with AngleProbe(model, fused=True) as probe:  # the probe uses the norm already fused, keeps it
+                assert probe.fused is model.get_submodule(names[-2])  # the last post-attention norm
+            assert isinstance(find_decoder_layers(model)[-1].post_attention_layernorm, FusedRMSNormAngle)
+        out = model(**b["kwargs"], labels=b["kwargs"]["input_ids"])
+        out.loss.backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        if patched:
+            assert sorted(revert_fused_rmsnorms(model)) == sorted(names)
+            assert not any(isinstance(m, FusedRMSNormAngle) for m in model.modules())
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for a, c in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)

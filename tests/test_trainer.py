@@ -317,6 +317,24 @@ def test_step_variants(tmp_path, tokenizer, variant):
         assert trainer.info["trainable_params"] < trainer.info["total_params"]
 
 
+def test_fused_norms_and_fused_probe_step(tmp_path, tokenizer):
+    """--fused-norms (every norm on our kernels) with --angle-fused on: a finite step, the count in run_info."""
+    from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle
+    from gainrl_kernels.validate import triton_interpreting
+
+    if not (triton_interpreting() or torch.cuda.is_available()):
+        pytest.skip("the fused kernels need a GPU or TRITON_INTERPRET=1")
+    trainer, _ = run(make_cfg(tmp_path / "run", max_steps=1, eval_size=2, fused_norms=True, angle_fused="on"),
+                     tokenizer)
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert all(math.isfinite(row[k]) for k in METRIC_FIELDS)
+    assert trainer.info["fused_norms"] == 5  # 2 layers x (input, post-attention) + the final norm
+    # the probe measured through the norm --fused-norms had fused, and left it fused when it was removed
+    assert isinstance(trainer.model.model.layers[-1].post_attention_layernorm, FusedRMSNormAngle)
+    assert trainer.probe.captures >= 1 and math.isfinite(row["angle"])
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["fused_norms"] == 5
+
+
 def test_rollout_prefix_sharing_and_padding(tokenizer):
     from gainrl.rollout import HFRolloutEngine, cut_completion
 
