@@ -79,6 +79,7 @@ class ScoreOptions:
     device: str = "auto"
     backend: str = "auto"
     angle_fused: str = "off"
+    fused_norms: bool = False
     progress: bool = True
     parquet: bool = False
     prefix_cache: bool = True
@@ -225,6 +226,7 @@ def run_fingerprint(opts: ScoreOptions, config: Any, items: Sequence[Item], plan
         "dtype": dtype,
         "backend": opts.backend,
         "angle_fused": opts.angle_fused,
+        "fused_norms": opts.fused_norms,
         "prefix_cache": opts.prefix_cache,
         "items_and_plan_sha256": digest.hexdigest(),
     })
@@ -645,6 +647,11 @@ def _run_score(opts: ScoreOptions, device: Any, group: ProcessGroup | None, t_st
     dtype = resolve_dtype(opts.dtype, device)
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(opts.model, dtype, device)
+    if opts.fused_norms:
+        from gainrl_kernels.patching import apply_fused_rmsnorms
+
+        if not apply_fused_rmsnorms(model):
+            raise ValueError("--fused-norms: the model has no HF LlamaRMSNorm-style norm to replace")
     t_model = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -823,6 +830,8 @@ def add_score_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"], help="angle_stats backend")
     p.add_argument("--angle-fused", default="off", choices=["off", "auto", "on"],
                    help="measure with the fused RMSNorm + angle kernel in place of the layer's norm (see README)")
+    p.add_argument("--fused-norms", action="store_true",
+                   help="every HF LlamaRMSNorm-style norm of the model on our RMSNorm kernels (CUDA; see README)")
     p.add_argument("--parquet", action="store_true", help="also write DIR/scores.parquet")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="run every prompt in full instead of running the shared prefix (system prompt, few-shot "

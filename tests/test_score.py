@@ -122,15 +122,17 @@ def test_without_prefix_cache_same_scores(finished, model_dir, tmp_path):
     assert pq.read_table(out / "scores.parquet").column_names == ROW_KEYS
 
 
-@pytest.mark.parametrize("prefix_cache", [True, False])
-def test_fused_probe_same_scores(finished, model_dir, tmp_path, prefix_cache):
-    """--angle-fused on: the fused RMSNorm + angle kernel in place of the layer's norm gives the hook's scores."""
+@pytest.mark.parametrize("prefix_cache,norms", [(True, False), (False, False), (True, True)])
+def test_fused_probe_same_scores(finished, model_dir, tmp_path, prefix_cache, norms):
+    """--angle-fused on: the fused RMSNorm + angle kernel in place of the layer's norm gives the hook's scores (also
+    with every norm on our kernels, --fused-norms)."""
     from gainrl_kernels.validate import triton_interpreting
 
     if not triton_interpreting():
         pytest.skip("the fused kernel on this CPU model needs TRITON_INTERPRET=1")
     out = tmp_path / "fused"
-    assert run_cli(out, model_dir, "--angle-fused", "on", *([] if prefix_cache else ["--no-prefix-cache"])) == 0
+    extra = ([] if prefix_cache else ["--no-prefix-cache"]) + (["--fused-norms"] if norms else [])
+    assert run_cli(out, model_dir, "--angle-fused", "on", *extra) == 0
     a, b = read_rows(finished), read_rows(out)
     assert [r["index"] for r in a] == [r["index"] for r in b]
     for x, y in zip(a, b):
