@@ -1,4 +1,5 @@
-"""Hugging Face model patching: the fused RMSNorm + angle kernel in place of a decoder layer's MLP-input norm.
+"""Hugging Face model patching: our RMSNorm kernels in place of HF RMSNorm modules, with the angle statistics at the
+probed layer's MLP-input norm.
 
 The angle statistics are of the MLP input, which in Llama / Qwen2 / Qwen3 / Mistral / SmolLM layers is the output
 of ``post_attention_layernorm`` (Gemma-2/3: ``pre_feedforward_layernorm``). Swapping that one module for
