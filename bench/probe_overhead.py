@@ -17,6 +17,7 @@ bf16, the batch left padded (lengths L/2 to L), segments P = the first 30% of ea
 timing, the fused probe's metrics are checked against the hook's.
 
     python bench/probe_overhead.py --out bench/results/probe_overhead_<gpu>.json      # GPU
+    python bench/probe_overhead.py --config path/to/Llama-3-8B --layers 8   # another architecture's shape
     python bench/probe_overhead.py --smoke     # a tiny model on any device (TRITON_INTERPRET=1 on a CPU): checks only
 """
 from __future__ import annotations
@@ -44,14 +45,20 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=400, max_position_embeddings=512, rms_norm_eps=1e-6)
 
 
-def build_model(spec: dict, device: torch.device, dtype: torch.dtype, layers: int | None) -> torch.nn.Module:
-    """A random Qwen2ForCausalLM of ``spec``'s shape (``layers`` overrides its depth)."""
+def build_model(spec: dict | str, device: torch.device, dtype: torch.dtype, layers: int | None) -> torch.nn.Module:
+    """A randomly initialised causal LM: a Qwen2 of ``spec``'s shape, or of the architecture and shape of the HF
+    config at ``spec`` (a local folder or config.json; no weights are read). ``layers`` overrides the depth."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(**{**spec, **({"num_hidden_layers": layers} if layers else {})},
-                                   tie_word_embeddings=False, pad_token_id=0)
-    return transformers.Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    depth = {"num_hidden_layers": layers} if layers else {}
+    if isinstance(spec, str):
+        cfg = transformers.AutoConfig.from_pretrained(spec, **depth)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**{**spec, **depth}, tie_word_embeddings=False, pad_token_id=0)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def make_batch(batch: int, length: int, vocab: int, device: torch.device) -> dict:
@@ -136,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="8x2048,4x4096", help="BxL list (default: %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's 24)")
+    p.add_argument("--config", default=None,
+                   help="an HF config (local folder or config.json) to build the random model from instead of "
+                        "Qwen2.5-0.5B's shape")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="JSON record (rewritten after every row)")
@@ -146,18 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     modes = parse_names(p, "--modes", args.modes, MODES)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    spec = TINY if args.smoke else QWEN_05B
+    spec = args.config or (TINY if args.smoke else QWEN_05B)
     shapes = [(2, 16)] if args.smoke else [tuple(s) for s in parse_shapes(args.shapes)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(spec, device, dtype, args.layers)
+    cfg = model.config
     rows: list[dict] = []
-    print(f"device: {torch.cuda.get_device_name() if cuda else device.type}; model: Qwen2 {spec['hidden_size']} x "
-          f"{args.layers or spec['num_hidden_layers']} layers, {dtype}")
+    print(f"device: {torch.cuda.get_device_name() if cuda else device.type}; model: {type(model).__name__} "
+          f"{cfg.hidden_size} x {cfg.num_hidden_layers} layers, {dtype}")
     print("| B | L | mode | " + " | ".join(f"{m} (ms)" for m in METHODS) + " | "
           + " | ".join(f"{m} vs none" for m in OVERHEADS) + " | status |")
     print("|---|---|---|" + "---|" * (len(METHODS) + len(OVERHEADS) + 1))
     for batch, length in shapes:
-        b = make_batch(batch, length, spec["vocab_size"], device)
+        b = make_batch(batch, length, cfg.vocab_size, device)
         try:
             check_fused_matches_hook(model, b, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
             checked = "ok"
