@@ -127,19 +127,17 @@ def apply_fused_rmsnorms(model: nn.Module) -> list[str]:
     Raises:
         ValueError: a norm to replace lies on a device the kernel does not run on (see :func:`fused_kernel_runs_on`).
     """
-    names = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FusedRMSNormAngle) or not hasattr(module, "variance_epsilon"):
-            continue
-        if llama_rmsnorm_problem(module) is not None:
-            continue
+    todo = [(name, module) for name, module in model.named_modules()
+            if not isinstance(module, FusedRMSNormAngle) and hasattr(module, "variance_epsilon")
+            and llama_rmsnorm_problem(module) is None]
+    for name, module in todo:  # all checked before any is replaced: an error leaves the model as it was
         if not fused_kernel_runs_on(module.weight.device):
             raise ValueError(f"{name}: the fused kernel runs on CUDA (on CPU only under TRITON_INTERPRET=1), the "
                              f"norm is on {module.weight.device}")
+    for name, module in todo:
         parent_name, _, attr = name.rpartition(".")
         _replace_with_fused(model.get_submodule(parent_name), attr, module)
-        names.append(name)
-    return names
+    return [name for name, _ in todo]
 
 
 def revert_fused_rmsnorms(model: nn.Module) -> list[str]:

@@ -210,6 +210,11 @@ def test_auto_falls_back_and_on_refuses(monkeypatch):
         AngleProbe(model, fused=True)
     with AngleProbe(model, fused="auto") as probe:
         assert probe.fused is None
+    from gainrl_kernels.patching import apply_fused_rmsnorms
+
+    with pytest.raises(ValueError, match="model.layers.0.input_layernorm: the fused kernel runs on CUDA"):
+        apply_fused_rmsnorms(model)
+    assert not any(isinstance(m, FusedRMSNormAngle) for m in model.modules())  # nothing replaced
 
 
 def test_apply_and_revert_public_api(models):
