@@ -116,6 +116,15 @@ def _replace_with_fused(parent: nn.Module, attr: str, module: nn.Module) -> Fuse
     return fused
 
 
+def _restore(parent: nn.Module, attr: str, fused: FusedRMSNormAngle) -> nn.Module:
+    """Put ``fused``'s original module back at ``parent.attr``, with the weight Parameter the fused module holds now
+    (the same one, unless a conversion such as ``model.to(...)`` with parameter swapping replaced it)."""
+    original = fused.__dict__["original_module"]
+    original.weight = fused.weight
+    setattr(parent, attr, original)
+    return original
+
+
 def apply_fused_rmsnorms(model: nn.Module) -> list[str]:
     """Replace every HF LlamaRMSNorm-style module of ``model`` (the decoder layers' norms, the final norm, Qwen3's
     per-head q / k norms: any module with a ``variance_epsilon`` that :func:`llama_rmsnorm_problem` accepts) by a
@@ -145,10 +154,9 @@ def revert_fused_rmsnorms(model: nn.Module) -> list[str]:
     their qualified names."""
     names = []
     for name, module in list(model.named_modules()):
-        original = module.__dict__.get("original_module") if isinstance(module, FusedRMSNormAngle) else None
-        if original is not None:
+        if isinstance(module, FusedRMSNormAngle) and "original_module" in module.__dict__:
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, original)
+            _restore(model.get_submodule(parent_name), attr, module)
             names.append(name)
     return names
 
@@ -159,10 +167,8 @@ def revert_fused_rmsnorm_angle(model: nn.Module, layer: int = -1) -> nn.Module:
     target = _decoder_layer(model, layer)
     name = mlp_input_norm_name(target)
     norm = getattr(target, name)
-    original = norm.__dict__.get("original_module") if isinstance(norm, FusedRMSNormAngle) else None
-    if original is not None:
-        setattr(target, name, original)
-        return original
+    if isinstance(norm, FusedRMSNormAngle) and "original_module" in norm.__dict__:
+        return _restore(target, name, norm)
     return norm
 
 

@@ -321,3 +321,16 @@ def test_apply_fused_rmsnorms_whole_model(kind):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for a, c in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_revert_keeps_a_replaced_weight():
+    """A weight Parameter replaced while patched (e.g. by a conversion that swaps parameters) goes back with the
+    original module, not the one it had before."""
+    from gainrl_kernels.patching import apply_fused_rmsnorms, revert_fused_rmsnorms
+
+    model = tiny_lm("llama", seed=16).to(DEV)
+    apply_fused_rmsnorms(model)
+    fused = model.model.norm
+    fused.weight = nn.Parameter(fused.weight.detach() * 2)
+    assert "model.norm" in revert_fused_rmsnorms(model)
+    assert model.model.norm is not fused and model.model.norm.weight is fused.weight
