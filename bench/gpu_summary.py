@@ -171,8 +171,8 @@ def probe(record: dict) -> list[str]:
         if "none_ms" not in r:
             lines.append(head + r["status"])
             continue
-        over = ", ".join(f"{m} {100 * (r[f'{m}_ms'] / r['none_ms'] - 1):+.2f}%"
-                         for m in ("hook", "fused", "norms", "norms_fused") if f"{m}_ms" in r)
+        over = ", ".join(f"{k[:-3]} {100 * (v / r['none_ms'] - 1):+.2f}%" for k, v in r.items()
+                         if k.endswith("_ms") and k != "none_ms")
         lines.append(head + f"none {r['none_ms']:.3f} ms, {over}")
     return lines
 

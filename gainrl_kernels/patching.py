@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .naive_rmsnorm_angle import rmsnorm_reference
 from .rmsnorm_angle import FusedRMSNormAngle
-from .validate import triton_interpreting
+from .validate import triton_runs_on
 
 # decoder-layer attributes of the norm whose output is the MLP input, most specific first
 MLP_INPUT_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm")
@@ -39,13 +40,6 @@ def mlp_input_norm_name(layer: nn.Module) -> str:
         if isinstance(getattr(layer, name, None), nn.Module):
             return name
     raise ValueError(f"{type(layer).__name__} has none of {MLP_INPUT_NORMS}: no norm to fuse")
-
-
-def _reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm's formula, in plain torch."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def llama_rmsnorm_problem(module: nn.Module) -> str | None:
@@ -67,18 +61,13 @@ def llama_rmsnorm_problem(module: nn.Module) -> str | None:
     x = torch.randn(3, weight.shape[0], generator=gen, device=weight.device).mul_(3).to(weight.dtype)
     with torch.no_grad():
         got = module(x)
-        want = _reference_rmsnorm(x, weight, float(eps))
+        want = rmsnorm_reference(x, weight, float(eps))  # HF's formula (x in the weight's dtype)
     if got.shape != want.shape:
         return f"{type(module).__name__} returned shape {tuple(got.shape)} for input {tuple(x.shape)}"
     tol = 2 * torch.finfo(x.dtype).eps
     if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
         return f"{type(module).__name__}'s output differs from HF LlamaRMSNorm's formula on a random input"
     return None
-
-
-def fused_kernel_runs_on(device: torch.device) -> bool:
-    """Whether the fused kernel can run on ``device``: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
-    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
 
 
 def _decoder_layer(model: nn.Module, layer: int) -> nn.Module:
@@ -134,13 +123,13 @@ def apply_fused_rmsnorms(model: nn.Module) -> list[str]:
     fused, or refused by the check, are left as they are); :func:`revert_fused_rmsnorms` undoes it.
 
     Raises:
-        ValueError: a norm to replace lies on a device the kernel does not run on (see :func:`fused_kernel_runs_on`).
+        ValueError: a norm to replace lies on a device the kernel does not run on (``validate.triton_runs_on``).
     """
     todo = [(name, module) for name, module in model.named_modules()
             if not isinstance(module, FusedRMSNormAngle) and hasattr(module, "variance_epsilon")
             and llama_rmsnorm_problem(module) is None]
     for name, module in todo:  # all checked before any is replaced: an error leaves the model as it was
-        if not fused_kernel_runs_on(module.weight.device):
+        if not triton_runs_on(module.weight.device):
             raise ValueError(f"{name}: the fused kernel runs on CUDA (on CPU only under TRITON_INTERPRET=1), the "
                              f"norm is on {module.weight.device}")
     for name, module in todo:
@@ -176,7 +165,6 @@ __all__ = [
     "MLP_INPUT_NORMS",
     "apply_fused_rmsnorm_angle",
     "apply_fused_rmsnorms",
-    "fused_kernel_runs_on",
     "llama_rmsnorm_problem",
     "mlp_input_norm_name",
     "revert_fused_rmsnorm_angle",

@@ -255,14 +255,15 @@ class AngleProbe:
             return None
         if fused not in (True, "on", "auto"):
             raise ValueError(f"fused: expected False, True, 'off', 'on' or 'auto', got {fused!r}")
-        from .patching import apply_fused_rmsnorm_angle, fused_kernel_runs_on, mlp_input_norm_name
+        from .patching import apply_fused_rmsnorm_angle, mlp_input_norm_name
         from .rmsnorm_angle import FusedRMSNormAngle
+        from .validate import triton_runs_on
 
         try:
             name = mlp_input_norm_name(layer)
             norm = getattr(layer, name)
             param = next(norm.parameters(), None)
-            if param is not None and not fused_kernel_runs_on(param.device):
+            if param is not None and not triton_runs_on(param.device):
                 raise ValueError(f"the fused kernel runs on CUDA (on CPU only under TRITON_INTERPRET=1); `{name}` "
                                  f"is on {param.device}")
             self._keep_fused = isinstance(norm, FusedRMSNormAngle)

@@ -113,6 +113,17 @@ def _bwd_kernel(
 
 
 @triton.jit
+def _slice_x_dy_w(x_ptr, dy_ptr, w_ptr, rows64, r_ok, d0, D, sx_r, sx_d, sdy_r, sdy_d, BLOCK_D: tl.constexpr):
+    """Columns [d0, d0 + BLOCK_D) of a row tile: (columns, their mask, the tile's mask, w, x, dy), fp32, masked 0."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    m = r_ok[:, None] & d_ok[None, :]
+    w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
+    x, dy = _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d)
+    return dd, d_ok, m, w, x, dy
+
+
+@triton.jit
 def _bwd_blocked_kernel(
     x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, part_dw_ptr,
     R, D, rows_per_prog, sx_r, sx_d, sdy_r, sdy_d,
@@ -131,21 +142,15 @@ def _bwd_blocked_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=r_ok, other=0.0)
         gx = tl.zeros([BLOCK_T], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            m = r_ok[:, None] & d_ok[None, :]
-            w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
-            x, dy = _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d)
+            dd, d_ok, m, w, x, dy = _slice_x_dy_w(x_ptr, dy_ptr, w_ptr, rows64, r_ok, d0, D, sx_r, sx_d, sdy_r,
+                                                  sdy_d, BLOCK_D)
             gx += tl.sum(dy * w[None, :] * x, axis=1)
         c = gx * rstd / D  # mean(g·n) with n = x·rstd
         # the previous tile's partial-dw stores must be visible to every thread before they are re-read
         tl.debug_barrier()
         for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            m = r_ok[:, None] & d_ok[None, :]
-            w = tl.load(w_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)
-            x, dy = _load_x_dy(x_ptr, dy_ptr, rows64, dd, m, sx_r, sx_d, sdy_r, sdy_d)
+            dd, d_ok, m, w, x, dy = _slice_x_dy_w(x_ptr, dy_ptr, w_ptr, rows64, r_ok, d0, D, sx_r, sx_d, sdy_r,
+                                                  sdy_d, BLOCK_D)
             n = x * rstd[:, None]
             dx = rstd[:, None] * (dy * w[None, :] - n * c[:, None])
             tl.store(dx_ptr + rows64[:, None] * D + dd[None, :], _round_to(dx, XT).to(XT), mask=m)

@@ -50,9 +50,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels take tensors on ``device``: CUDA, or any device under the Triton interpreter."""
+    return device.type == "cuda" or triton_interpreting()
+
+
 def check_triton_device(name: str, tensor: torch.Tensor) -> None:
-    """A CUDA tensor, or any tensor under the Triton interpreter."""
-    if not tensor.is_cuda and not triton_interpreting():
+    """A CUDA tensor, or any tensor under the Triton interpreter (``triton_runs_on``)."""
+    if not triton_runs_on(tensor.device):
         raise ValueError(f"{name}: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
 
 

@@ -90,6 +90,18 @@ def assert_metrics_close(conc, ref) -> None:
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def run_and_check(probe: AngleProbe, b: dict, ref: dict, early_exit: bool):
+    """One probed forward of batch ``b``: the output is None exactly on early exit, one capture, and the metrics
+    (inter_weight 0.5) and counts are ``ref``'s. Returns the model output."""
+    probe.set_batch(b["seg"], **b["batch"])
+    out = probe.run(**b["kwargs"])
+    assert (out is None) == early_exit
+    assert probe.captures == 1
+    assert_metrics_close(probe.metrics(inter_weight=0.5), ref)
+    torch.testing.assert_close(probe.stats.count, ref["count"].int())
+    return out
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("layout", ["left", "right", "packed_cu", "packed_pos"])
 @pytest.mark.parametrize("early_exit", [False, True])
@@ -99,12 +111,7 @@ def test_probe_matches_float64_reference(models, kind, layout, early_exit):
     for layer in (-1, 0):
         ref = reference(hooked_activation(model, layer, b["kwargs"]), b["where"], b["seg"], inter_weight=0.5)
         with AngleProbe(model, layer=layer, early_exit=early_exit) as probe, torch.no_grad():
-            probe.set_batch(b["seg"], **b["batch"])
-            out = probe.run(**b["kwargs"])
-            assert (out is None) == early_exit
-            assert probe.captures == 1
-            assert_metrics_close(probe.metrics(inter_weight=0.5), ref)
-            torch.testing.assert_close(probe.stats.count, ref["count"].int())
+            run_and_check(probe, b, ref, early_exit)
 
 
 def test_whole_rows_without_set_batch(models):

@@ -24,7 +24,14 @@ from gainrl_kernels.patching import (  # noqa: E402
 from gainrl_kernels.probe import AngleProbe, find_decoder_layers, probe_forward  # noqa: E402
 from gainrl_kernels.probe import _check_fused_dtypes  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, consecutive_tokens, padded_to_cu_seqlens  # noqa: E402
-from test_probe import METRICS, assert_metrics_close, hooked_activation, make_batch, reference  # noqa: E402
+from test_probe import (  # noqa: E402
+    METRICS,
+    assert_metrics_close,
+    hooked_activation,
+    make_batch,
+    reference,
+    run_and_check,
+)
 from tiny_models import tiny_lm  # noqa: E402
 from triton_env import needs_triton, triton_device  # noqa: E402
 
@@ -83,12 +90,7 @@ def test_fused_probe_matches_reference_and_model(models, kind, layout, early_exi
     with AngleProbe(model, early_exit=early_exit, fused=True) as probe, torch.no_grad():
         assert isinstance(probe.fused, FusedRMSNormAngle)
         assert find_decoder_layers(model)[-1].post_attention_layernorm is probe.fused
-        probe.set_batch(b["seg"], **b["batch"])
-        out = probe.run(**b["kwargs"])
-        assert (out is None) == early_exit
-        assert probe.captures == 1
-        assert_metrics_close(probe.metrics(inter_weight=0.5), ref)
-        torch.testing.assert_close(probe.stats.count, ref["count"].int())
+        out = run_and_check(probe, b, ref, early_exit)
         if not early_exit:
             torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
     assert find_decoder_layers(model)[-1].post_attention_layernorm is norm_before  # put back by remove()

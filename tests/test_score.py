@@ -123,16 +123,27 @@ def test_without_prefix_cache_same_scores(finished, model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("prefix_cache,norms", [(True, False), (False, False), (True, True)])
-def test_fused_probe_same_scores(finished, model_dir, tmp_path, prefix_cache, norms):
+def test_fused_probe_same_scores(finished, model_dir, tmp_path, monkeypatch, prefix_cache, norms):
     """--angle-fused on: the fused RMSNorm + angle kernel in place of the layer's norm gives the hook's scores (also
     with every norm on our kernels, --fused-norms)."""
+    import gainrl_kernels.rmsnorm_angle as R
     from gainrl_kernels.validate import triton_interpreting
 
     if not triton_interpreting():
         pytest.skip("the fused kernel on this CPU model needs TRITON_INTERPRET=1")
+    calls = {"stats": 0, "plain": 0}
+    real = R.rmsnorm_angle
+
+    def counted(x, weight, eps=1e-6, cu_seqlens=None, *args, **kw):
+        calls["plain" if cu_seqlens is None else "stats"] += 1
+        return real(x, weight, eps, cu_seqlens, *args, **kw)
+
+    monkeypatch.setattr(R, "rmsnorm_angle", counted)  # what FusedRMSNormAngle.forward calls
     out = tmp_path / "fused"
     extra = ([] if prefix_cache else ["--no-prefix-cache"]) + (["--fused-norms"] if norms else [])
     assert run_cli(out, model_dir, "--angle-fused", "on", *extra) == 0
+    assert calls["stats"] >= 1  # the statistics came from the fused norm
+    assert (calls["plain"] > 0) == norms  # the other norms ran our kernel only with --fused-norms
     a, b = read_rows(finished), read_rows(out)
     assert [r["index"] for r in a] == [r["index"] for r in b]
     for x, y in zip(a, b):
