@@ -217,6 +217,7 @@ def angle_pairwise(
     _check_args(hidden, cu_seqlens, seg_offsets, fn, window, validate)
     if seg_offsets is None:
         seg_offsets = default_seg_offsets(cu_seqlens)
+    cu_seqlens, seg_offsets = cu_seqlens.contiguous(), seg_offsets.contiguous()  # read densely packed
     batch = cu_seqlens.numel() - 1
     nseg = seg_offsets.shape[1] - 1
     out = torch.zeros(batch, nseg, nseg, dtype=torch.float32, device=hidden.device)
@@ -231,7 +232,7 @@ def angle_pairwise(
     grid, item_seq, item_tile, lo, hi = _query_tiles(cu_seqlens, block_m, total)
     part = torch.empty(grid, nseg, nseg, dtype=torch.float32, device=hidden.device)
     _pairwise_kernel[(grid,)](
-        hidden, inv, cu_seqlens, seg_offsets.contiguous(), item_seq, item_tile, part,
+        hidden, inv, cu_seqlens, seg_offsets, item_seq, item_tile, part,
         total, dim, hidden.stride(0), hidden.stride(1), _NO_WINDOW if window is None else int(window),
         K=nseg, FN=FNS[fn], UPCAST=upcast, PREC="ieee" if hidden.dtype == torch.float32 or upcast else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=max(2, triton.next_power_of_2(nseg)),

@@ -49,6 +49,10 @@ def llama_rmsnorm_problem(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not weight.is_floating_point():
         return f"{type(module).__name__} has no 1-D floating `weight` Parameter"
+    if module._parameters.get("weight") is not weight or next(module.children(), None) is not None:
+        # e.g. PEFT's ModulesToSaveWrapper, which forwards `weight` and `forward` to the module it wraps (that one
+        # can be replaced inside the wrapper)
+        return f"{type(module).__name__} is a wrapper (it has submodules, or its `weight` is not its own Parameter)"
     if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"{type(module).__name__}.weight has dtype {weight.dtype} (the kernel takes fp16, bf16, fp32)"
     eps = getattr(module, "variance_epsilon", None)
@@ -59,9 +63,12 @@ def llama_rmsnorm_problem(module: nn.Module) -> str | None:
         return None  # nothing to run: the attributes have to do
     gen = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(3, weight.shape[0], generator=gen, device=weight.device).mul_(3).to(weight.dtype)
-    with torch.no_grad():
-        got = module(x)
-        want = rmsnorm_reference(x, weight, float(eps))  # HF's formula (x in the weight's dtype)
+    try:
+        with torch.no_grad():
+            got = module(x)
+            want = rmsnorm_reference(x, weight, float(eps))  # HF's formula (x in the weight's dtype)
+    except Exception as e:  # e.g. a sharded (DTensor) weight: not a module the kernel can take
+        return f"{type(module).__name__} failed on a random [3, {weight.shape[0]}] input ({type(e).__name__}: {e})"
     if got.shape != want.shape:
         return f"{type(module).__name__} returned shape {tuple(got.shape)} for input {tuple(x.shape)}"
     tol = 2 * torch.finfo(x.dtype).eps
@@ -132,9 +139,9 @@ def apply_fused_rmsnorms(model: nn.Module) -> list[str]:
         if not triton_runs_on(module.weight.device):
             raise ValueError(f"{name}: the fused kernel runs on CUDA (on CPU only under TRITON_INTERPRET=1), the "
                              f"norm is on {module.weight.device}")
-    for name, module in todo:
-        parent_name, _, attr = name.rpartition(".")
-        _replace_with_fused(model.get_submodule(parent_name), attr, module)
+    places = [(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module) for name, module in todo]
+    for parent, attr, module in places:
+        _replace_with_fused(parent, attr, module)
     return [name for name, _ in todo]
 
 

@@ -6,7 +6,7 @@ RMSNorm (HF ``LlamaRMSNorm`` semantics, computed in fp32):
     n = x.float() * rsqrt(mean(x.float()², -1) + eps);   y = (weight.float() * n.to(x.dtype).float()).to(x.dtype)
 When ``weight.dtype == x.dtype`` this is bit-for-bit HF's ``weight * n.to(input_dtype)`` (a 16-bit product is computed
 in fp32 and rounded once). HF would return fp32 for an fp32 weight and a 16-bit ``x`` (type promotion); here ``y``
-always has ``x``'s dtype and shape. Compiled, rsqrt is the hardware's (as ``torch.rsqrt`` on CUDA); the
+always has ``x``'s dtype and shape (the drop-in module :class:`FusedRMSNormAngle` returns HF's dtype). Compiled, rsqrt is the hardware's (as ``torch.rsqrt`` on CUDA); the
 interpreter uses the IEEE square root and reciprocal (``_rstd``).
 
 Statistics (DESIGN.md §1, same definitions and types as ``angle_stats``) are of **y as the model sees it**, i.e.
@@ -26,6 +26,7 @@ Shapes and dtypes:
     token_index  [T_packed] int32/int64 or None: flat row (of the [R, D] view of x) of each packed token, as made
                  by :func:`padded_to_cu_seqlens` for padded [N, L, D] batches. Each sequence must occupy
                  consecutive rows in order (left or right padding). None: packed token t is row t.
+    weight and the index tensors may have any strides (the kernels read a densely packed copy of a strided one).
 
 Modules: this one checks the arguments, holds the forward's tuning knobs and launch rules (``_fwd_config``), builds
 the plans (``_Plan``), launches the forward (Triton or the CUDA extension), and defines the autograd function, the
@@ -64,6 +65,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .extension import has_ext_kernel
 from .rmsnorm_angle_backward import _backward
@@ -668,10 +670,21 @@ class _RMSNormAngleFn(torch.autograd.Function):
         return y, unit_sum, count, sq_norm, adjacent
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again: raise rather than drop terms
     def backward(ctx, dy: torch.Tensor, *_unused: torch.Tensor):
         x2d, weight, rstd = ctx.saved_tensors
         dx, dw = _backward(x2d, weight, rstd, dy)
         return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def _unit_column_stride(x2d: torch.Tensor) -> torch.Tensor:
+    """``x2d`` [R, D], copied only if its columns are strided (rows are read in vector loads; any row stride)."""
+    return x2d.contiguous() if x2d.stride(1) != 1 and x2d.shape[1] > 1 else x2d
+
+
+def _dense(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """The weight and the index tensors as the kernels read them: densely packed (a copy only for other strides)."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def _plan_for(x2d: torch.Tensor, weight: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
@@ -692,6 +705,8 @@ def rmsnorm_angle_fwd_op(
     """(y [R, D] x's dtype, rstd [R] f32, unit_sum [B, K, D] f32, count [B, K] i32, sq_norm [B, K] f32,
     adjacent [B] f32) of the [R, D] rows ``x2d`` (row stride any, column stride 1); without ``cu_seqlens``
     B = 0, K = 1. Arguments already checked by :func:`rmsnorm_angle`."""
+    x2d = _unit_column_stride(x2d)  # guards for direct calls (rmsnorm_angle passes them so already)
+    weight, cu_seqlens, seg_offsets, token_index = _dense(weight, cu_seqlens, seg_offsets, token_index)
     plan = _plan_for(x2d, weight, cu_seqlens, seg_offsets, token_index)
     y, rstd, (unit_sum, count, sq_norm, adjacent) = _forward(x2d, weight, eps, plan, cu_seqlens is not None)
     return y, rstd, unit_sum, count, sq_norm, adjacent
@@ -712,7 +727,8 @@ def _(x2d, weight, eps, cu_seqlens, seg_offsets, token_index):
 def rmsnorm_angle_bwd_op(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                          dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [R, D] x's dtype, dw [D] weight's dtype) of the RMSNorm, from the forward's ``rstd`` [R] f32."""
-    return _backward(x2d, weight, rstd, dy)
+    (weight, rstd) = _dense(weight, rstd)
+    return _backward(_unit_column_stride(x2d), weight, rstd, dy)
 
 
 @rmsnorm_angle_bwd_op.register_fake
@@ -723,6 +739,7 @@ def _(x2d, weight, rstd, dy):
 def _fwd_op_setup_context(ctx, inputs, output) -> None:
     x2d, weight = inputs[0], inputs[1]
     ctx.save_for_backward(x2d, weight, output[1])
+    ctx.mark_non_differentiable(*output[1:])  # rstd and the statistics, as in _RMSNormAngleFn
 
 
 def _fwd_op_backward(ctx, dy, *_unused):
@@ -756,9 +773,8 @@ def rmsnorm_angle(
     compiling = torch.compiler.is_compiling()
     _check_args(x, weight, eps, cu_seqlens, seg_offsets, token_index, validate and not compiling)
     dim = x.shape[-1]
-    x2d = x.reshape(-1, dim)  # a view whenever possible: the kernels take any row stride
-    if x2d.stride(1) != 1 and dim > 1:  # column-strided rows cannot be read in vector loads: one copy
-        x2d = x2d.contiguous()
+    x2d = _unit_column_stride(x.reshape(-1, dim))  # a view whenever possible: the kernels take any row stride
+    weight, cu_seqlens, seg_offsets, token_index = _dense(weight, cu_seqlens, seg_offsets, token_index)
     stats = cu_seqlens is not None
     if compiling:
         y, _rstd, unit_sum, count, sq_norm, adjacent = rmsnorm_angle_fwd_op(
@@ -815,6 +831,12 @@ class FusedRMSNormAngle(nn.Module):
     its output and keeps them, detached, in ``self.stats`` (an :class:`AngleStats`, None before the first such
     forward). Forward passes skip the host-syncing value checks (``validate=False``); the segment info is checked
     once when it is set.
+
+    The output dtype is HF's, ``promote_types(x.dtype, weight.dtype)``: for a 16-bit input with a wider weight (e.g.
+    Qwen3's q / k norms under autocast with fp32 weights) the kernel normalises with a unit weight and the weight
+    multiplies in the wider dtype, exactly as HF computes it. Statistics there are those of y rounded to x's dtype,
+    which is what the next matmul sees under autocast to that dtype; outside such autocast they are refused
+    (ValueError).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None) -> None:
@@ -823,6 +845,14 @@ class FusedRMSNormAngle(nn.Module):
         self.variance_epsilon = eps
         self.stats: Optional[AngleStats] = None
         self._segments: Optional[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = None
+        self._unit_weights: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def _unit_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """A [D] weight of ones in x's dtype and device (cached; not a buffer, so state_dict is unchanged)."""
+        key = (x.dtype, x.device)
+        if key not in self._unit_weights:
+            self._unit_weights[key] = torch.ones(self.weight.shape[0], dtype=x.dtype, device=x.device)
+        return self._unit_weights[key]
 
     @classmethod
     def from_rmsnorm(cls, module: nn.Module) -> "FusedRMSNormAngle":
@@ -844,7 +874,7 @@ class FusedRMSNormAngle(nn.Module):
                     token_index, validate=False)
         if validate:
             _check_values(cu_seqlens, seg_offsets, token_index, rows=None)
-        self._segments = (cu_seqlens, seg_offsets, token_index)
+        self._segments = _dense(cu_seqlens, seg_offsets, token_index)
 
     def set_attention_mask(self, attention_mask: torch.Tensor, seg_offsets: Optional[torch.Tensor] = None) -> None:
         """Padded-batch variant: ``seg_offsets`` are relative to each row's first real token."""
@@ -856,15 +886,30 @@ class FusedRMSNormAngle(nn.Module):
         self.stats = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` -> ``[..., D]`` in HF's output dtype, ``promote_types(x.dtype, weight.dtype)``."""
+        wider = torch.promote_types(hidden_states.dtype, self.weight.dtype) != hidden_states.dtype
         if self._segments is None:  # any rank: e.g. Qwen3's per-head q / k norms on [N, L, H, head_dim]
             x = hidden_states if hidden_states.dim() in (2, 3) else hidden_states.reshape(-1, hidden_states.shape[-1])
-            y, _ = rmsnorm_angle(x, self.weight, self.variance_epsilon, validate=False)
+            if wider:  # HF: weight * n.to(x.dtype) in the wider dtype (e.g. bf16 q / k under autocast, fp32 weight)
+                n, _ = rmsnorm_angle(x, self._unit_weight(x), self.variance_epsilon, validate=False)
+                y = self.weight * n
+            else:
+                y, _ = rmsnorm_angle(x, self.weight, self.variance_epsilon, validate=False)
             return y if x is hidden_states else y.view(hidden_states.shape)
+        kind = hidden_states.device.type
+        rounded_next = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == hidden_states.dtype
+        if wider and not rounded_next:
+            out = torch.promote_types(hidden_states.dtype, self.weight.dtype)
+            raise ValueError(
+                f"hidden_states: {hidden_states.dtype} with a {self.weight.dtype} weight: HF's norm returns {out} "
+                f"here, and the statistics would be of y rounded to {hidden_states.dtype}; use one dtype for the "
+                "model, autocast to the activations' dtype, or measure with the hook (AngleProbe(fused=False))")
         cu_seqlens, seg_offsets, token_index = self._segments
         y, stats = rmsnorm_angle(hidden_states, self.weight, self.variance_epsilon, cu_seqlens, seg_offsets,
                                  token_index, validate=False)
         self.stats = stats
-        return y
+        # under autocast to x's dtype the consumer (the MLP's matmuls) rounds HF's wider y to exactly this y
+        return y.to(torch.promote_types(y.dtype, self.weight.dtype)) if wider else y
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"

@@ -152,13 +152,14 @@ def default_chunk(n_tokens: int, block_t: int, device: torch.device) -> int:
 def angle_stats_triton(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, chunk: int | None = None
 ) -> AngleStats:
-    """hidden [T, D] fp16/bf16/fp32 (any strides), cu_seqlens [B+1] int32, seg_offsets [B, K+1] int32 ->
+    """hidden [T, D] fp16/bf16/fp32, cu_seqlens [B+1] int32, seg_offsets [B, K+1] int32 (any strides) ->
     AngleStats. ``chunk`` (rows per program) is a tuning knob; tests set it small to cross many chunk borders."""
     n_tokens, dim = hidden.shape
     n_seq, n_seg = seg_offsets.shape[0], seg_offsets.shape[1] - 1
     if dim > MAX_DIM:
         raise ValueError(f"hidden: the Triton backend supports D <= {MAX_DIM}, got D = {dim}; use backend='torch'")
     device = hidden.device
+    cu_seqlens, seg_offsets = cu_seqlens.contiguous(), seg_offsets.contiguous()  # the kernels read them packed
     n_total = n_seq * n_seg
     unit_sum = torch.empty(n_seq, n_seg, dim, dtype=torch.float32, device=device)
     count = torch.empty(n_seq, n_seg, dtype=torch.int32, device=device)

@@ -81,6 +81,10 @@ def test_non_contiguous_and_default_offsets(backend):
     for h in (strided, transposed):
         assert not h.is_contiguous()
         assert_matches(BACKENDS[backend](h, cu, seg), h, cu, seg, TOL[torch.float32])
+    cu_view = torch.stack([cu, cu + 3], dim=1)[:, 0]  # strided index tensors: read as their values, not their memory
+    seg_view = seg.t().contiguous().t()
+    assert not (cu_view.is_contiguous() or seg_view.is_contiguous())
+    assert_matches(BACKENDS[backend](hidden, cu_view, seg_view), hidden, cu, seg, TOL[torch.float32])
     if backend != "torch_impl":
         default = angle_stats(hidden, cu, None, backend={"triton_chunk3": "triton"}.get(backend, backend if backend != "cpp" else "torch"))
         assert default.unit_sum.shape == (len(LENS), 1, 40)

@@ -85,6 +85,8 @@ def test_fp16_and_non_contiguous(data):
     assert not hv.is_contiguous()
     got = angle_pairwise(hv, cu, off, fn="abs", window=3)
     torch.testing.assert_close(got.double().cpu(), angle_pairwise_naive(hv, cu, off, "abs", 3), rtol=2e-3, atol=1e-3)
+    cu_view, off_view = torch.stack([cu, cu + 3], dim=1)[:, 0], off.t().contiguous().t()  # strided index tensors
+    assert torch.equal(angle_pairwise(hv, cu_view, off_view, fn="abs", window=3), got)
 
 
 def test_long_window_multi_tile():

@@ -22,7 +22,6 @@ from gainrl_kernels.patching import (  # noqa: E402
     revert_fused_rmsnorm_angle,
 )
 from gainrl_kernels.probe import AngleProbe, find_decoder_layers, probe_forward  # noqa: E402
-from gainrl_kernels.probe import _check_fused_dtypes  # noqa: E402
 from gainrl_kernels.rmsnorm_angle import FusedRMSNormAngle, consecutive_tokens, padded_to_cu_seqlens  # noqa: E402
 from test_probe import (  # noqa: E402
     METRICS,
@@ -245,13 +244,20 @@ def test_apply_and_revert_public_api(models):
 
 
 def test_fused_dtype_rule():
-    w32, w16 = torch.ones(4), torch.ones(4, dtype=torch.bfloat16)
-    _check_fused_dtypes(torch.ones(2, 4), w16)  # fp32 x: HF's output is fp32 too
-    _check_fused_dtypes(torch.ones(2, 4, dtype=torch.bfloat16), w16)
-    with pytest.raises(ValueError, match="HF's norm returns torch.float32"):
-        _check_fused_dtypes(torch.ones(2, 4, dtype=torch.bfloat16), w32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _check_fused_dtypes(torch.ones(2, 4, dtype=torch.bfloat16), w32)  # the MLP rounds to bf16 either way
+    """Statistics of a 16-bit input with a wider weight only under autocast to the input's dtype (the MLP rounds HF's
+    wider y to the fused kernel's y there); the output dtype is HF's either way."""
+    norm = FusedRMSNormAngle(4, device=DEV)
+    cu = torch.tensor([0, 2], dtype=torch.int32, device=DEV)
+    x16 = torch.randn(2, 4, device=DEV).to(torch.bfloat16)
+    norm.set_segments(cu)
+    assert norm(x16.float()).dtype == torch.float32  # fp32 x: HF's output is fp32 too
+    with pytest.raises(ValueError, match="HF's norm returns torch.float32 here"):
+        norm(x16)
+    with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
+        y = norm(x16)
+    assert y.dtype == torch.float32 and norm.stats is not None
+    norm.clear_segments()
+    assert torch.equal(y, norm(x16).to(torch.bfloat16).float())  # HF's y, rounded as the MLP would
 
 
 def test_bf16_model(models):
@@ -336,3 +342,70 @@ def test_revert_keeps_a_replaced_weight():
     fused.weight = nn.Parameter(fused.weight.detach() * 2)
     assert "model.norm" in revert_fused_rmsnorms(model)
     assert model.model.norm is not fused and model.model.norm.weight is fused.weight
+
+
+def test_checkpoint_recompute_of_an_unmeasured_forward():
+    """Gradient checkpointing recomputes in backward, after set_batch may have described another batch (here a
+    forward under disabled(), as the trainer's later GRPO iterations): the recomputation runs the plain norm, and the
+    gradients are those of the hook path."""
+    ids_a = torch.randint(3, 400, (2, 6), generator=torch.Generator().manual_seed(0)).to(DEV)
+    ids_b = torch.randint(3, 400, (3, 6), generator=torch.Generator().manual_seed(1)).to(DEV)
+    grads = []
+    for fused in (False, True):
+        model = tiny_lm("llama", seed=7).to(DEV).train()
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with AngleProbe(model, fused=fused) as probe:
+            probe.set_batch(None, attention_mask=torch.ones(2, 6, dtype=torch.long, device=DEV))
+            with torch.no_grad():
+                model(input_ids=ids_a)
+            with probe.disabled():
+                out = model(input_ids=ids_b, labels=ids_b, use_cache=False)
+            out.loss.backward()
+            assert probe.captures == 1
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, c in zip(*grads):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_peft_wrapped_norms():
+    """PEFT's ModulesToSaveWrapper forwards `weight` and `forward` to the norm it wraps: the wrapper itself is refused
+    (the probe's "auto" falls back to the hook), the norms inside it are replaced, and everything reverts."""
+    peft = pytest.importorskip("peft")
+    from gainrl_kernels.patching import apply_fused_rmsnorms, revert_fused_rmsnorms
+
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["norm", "post_attention_layernorm"])
+    model = peft.get_peft_model(tiny_lm("llama", seed=17), config).to(DEV)
+    ids = torch.tensor([[5, 6, 7, 8, 9]], device=DEV)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    keys = list(model.state_dict())
+    wrapper = find_decoder_layers(model)[-1].post_attention_layernorm
+    assert "wrapper" in llama_rmsnorm_problem(wrapper)
+    with pytest.raises(ValueError, match="wrapper"):
+        AngleProbe(model, fused=True)
+    with AngleProbe(model, fused="auto") as probe:
+        assert probe.fused is None
+    names = apply_fused_rmsnorms(model)
+    assert "base_model.model.model.norm.modules_to_save.default" in names
+    assert not any(n.endswith(("model.norm", "post_attention_layernorm")) for n in names)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert sorted(revert_fused_rmsnorms(model)) == sorted(names)
+    assert not any(isinstance(m, FusedRMSNormAngle) for m in model.modules())
+
+
+def test_norm_failing_on_a_trial_input_is_refused():
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("sharded")
+
+    assert "failed on a random [3, 8] input (RuntimeError: sharded)" in llama_rmsnorm_problem(Failing())

@@ -564,6 +564,63 @@ def test_non_contiguous_input(packed, fwd_kernel):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_strided_weight_and_index_tensors(packed):
+    """A strided weight and strided / transposed views of cu_seqlens, seg_offsets and token_index give the results
+    of their contiguous copies (the kernels read them densely packed: rmsnorm_angle packs them first)."""
+    x, cu, off = packed["x"], packed["cu"], packed["off"]
+    w = weight_of(DIM, torch.float32)
+    w_view = torch.stack([w, -w], dim=1)[:, 0]
+    cu_view = torch.stack([cu, cu + 7], dim=1)[:, 0]
+    off_view = off.t().contiguous().t()
+    assert not (w_view.is_contiguous() or cu_view.is_contiguous() or off_view.is_contiguous())
+    y_c, s_c = rmsnorm_angle(x, w, EPS, cu, off)
+    y, s = rmsnorm_angle(x, w_view, EPS, cu_view, off_view)
+    assert torch.equal(y, y_c)
+    for a, b in zip(s, s_c):
+        assert torch.equal(a, b)
+    mask = torch.ones(3, 9, dtype=torch.long, device=DEV)
+    mask[0, :4] = 0
+    mask[2, 6:] = 0
+    cu_pad, tok = padded_to_cu_seqlens(mask)
+    tok_view = torch.stack([tok, tok.flip(0)], dim=1)[:, 0]
+    x3 = concentrated((3, 9), DIM, seed=5).to(DEV)
+    want = rmsnorm_angle(x3, w, EPS, cu_pad, None, tok)[1]
+    for a, b in zip(rmsnorm_angle(x3, w, EPS, cu_pad, None, tok_view)[1], want):
+        assert torch.equal(a, b)
+    module = FusedRMSNormAngle.from_rmsnorm(_LlamaLikeRMSNorm(DIM, EPS).to(DEV))
+    module.set_segments(cu_view, off_view)
+    module(x)
+    assert torch.equal(module.stats.count, s_c.count)
+    # the ops called directly (what torch.compile runs) pack them too, and a column-strided x
+    wide = torch.zeros(x.shape[0], 2 * DIM, device=DEV)
+    wide[:, ::2] = x
+    out = torch.ops.gainrl.rmsnorm_angle_fwd(wide[:, ::2], w_view, EPS, cu_view, off_view, None)
+    torch.testing.assert_close(out[0], y_c, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[2], s_c.unit_sum, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[3], s_c.count)
+
+
+def test_strided_weight_gradients(packed):
+    x = packed["x"][:20].to(torch.bfloat16)
+    w = weight_of(DIM, torch.float32)
+    grads = []
+    for weight in (w.clone(), torch.stack([w, -w], dim=1)[:, 0]):
+        xg, wg = x.clone().requires_grad_(), weight.detach().requires_grad_()
+        y, _ = rmsnorm_angle(xg, wg, EPS)
+        grads.append(torch.autograd.grad((y.float() * torch.arange(DIM, device=DEV)).sum(), (xg, wg)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_raises(packed):
+    """The kernels' gradients are not differentiable again: create_graph must raise, not drop the terms."""
+    x = packed["x"][:10].clone().requires_grad_()
+    y, _ = rmsnorm_angle(x, weight_of(DIM, torch.float32), EPS)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.pow(2).sum().backward()
+
+
 def test_deterministic(packed, fwd_kernel):
     w = weight_of(DIM, torch.bfloat16)
     x = packed["x"].to(torch.bfloat16)
@@ -763,9 +820,13 @@ def test_large_dim_backward(dtype, dim, blocked):
 
 
 def test_stats_not_differentiable(packed):
+    """Eager, and through the registered op's autograd (what torch.compile uses): y is differentiable, rstd and
+    the statistics are not."""
     x = packed["x"].clone().requires_grad_()
     _, stats = rmsnorm_angle(x, weight_of(DIM, torch.float32), EPS, packed["cu"], packed["off"])
     assert not stats.unit_sum.requires_grad and not stats.adjacent.requires_grad
+    out = torch.ops.gainrl.rmsnorm_angle_fwd(x, weight_of(DIM, torch.float32), EPS, packed["cu"], packed["off"], None)
+    assert out[0].requires_grad and not any(t.requires_grad for t in out[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -856,6 +917,35 @@ def test_module_drop_in(packed):
     fused.clear_segments()
     assert fused.stats is None
     assert "eps=1e-05" in repr(fused)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                             (torch.float32, torch.bfloat16)])
+def test_module_output_dtype_is_hfs(packed, x_dtype, w_dtype):
+    """HF returns promote_types(x, weight): a 16-bit input with a wider weight (Qwen3's q / k norms under autocast)
+    gives the wider dtype, computed as HF does (weight times the normalised rows rounded to x's dtype), with
+    gradients for x and the weight; statistics are refused there outside autocast."""
+    base = _LlamaLikeRMSNorm(DIM, EPS).to(DEV, w_dtype)
+    with torch.no_grad():
+        base.weight.copy_(weight_of(DIM, w_dtype))
+    fused = FusedRMSNormAngle.from_rmsnorm(base)
+    x = concentrated((3, 5), DIM, seed=6).to(DEV, x_dtype)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((base, fused), xs)]
+    assert outs[1].dtype == outs[0].dtype == torch.promote_types(x_dtype, w_dtype)
+    torch.testing.assert_close(outs[1], outs[0], **ulp_tol(x_dtype))
+    dy = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(2)).to(DEV, outs[0].dtype)
+    grads = [torch.autograd.grad(o, (xi, m.weight), dy) for o, xi, m in zip(outs, xs, (base, fused))]
+    tol = dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b.float(), a.float(), **tol)
+    fused.set_segments(cu_of([15]))
+    if outs[0].dtype != x_dtype:
+        with pytest.raises(ValueError, match="hidden_states: .* weight: HF.s norm returns torch.float32 here"):
+            fused(x)
+    else:
+        fused(x)
+        assert fused.stats is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------
