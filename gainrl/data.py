@@ -29,7 +29,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +81,7 @@ class LoadReport:
     n_rows: int = 0
     n_loaded: int = 0
     skipped: list[SkippedRow] = field(default_factory=list)
+    split: str | None = None  # the split read from a multi-split dataset
 
     @property
     def n_skipped(self) -> int:
@@ -93,7 +94,8 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line for logs."""
-        text = f"{self.source}: {self.n_loaded}/{self.n_rows} rows loaded ({self.fmt} format)"
+        where = self.source if self.split is None else f"{self.source} (split {self.split!r})"
+        text = f"{where}: {self.n_loaded}/{self.n_rows} rows loaded ({self.fmt} format)"
         if self.skipped:
             parts = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.reasons().items()))
             first = ", ".join(str(s.index) for s in self.skipped[:10])
@@ -289,24 +291,29 @@ def _hub_offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
-def _pick_split(dataset: Any, split: str | None, source: str) -> Any:
+def _pick_split(
+    dataset: Any, split: str | None, source: str, default_splits: Sequence[str] = ("train",)
+) -> tuple[Any, str | None]:
+    """``(the split's dataset, its name)``; without ``split``: the first of ``default_splits`` the dataset has, else
+    its only split (a single ``Dataset``: itself, name ``None``)."""
     from datasets import DatasetDict
 
     if not isinstance(dataset, DatasetDict):
-        return dataset
+        return dataset, split
     if split is None:
-        if "train" in dataset:
-            split = "train"
-        elif len(dataset) == 1:
+        split = next((s for s in default_splits if s in dataset), None)
+        if split is None:
+            if len(dataset) != 1:
+                raise ValueError(f"{source} has splits {sorted(dataset)}, none of {list(default_splits)}: pass split=")
             split = next(iter(dataset))
-        else:
-            raise ValueError(f"{source} has splits {sorted(dataset)}: pass split=")
     if split not in dataset:
         raise ValueError(f"{source} has no split {split!r} (splits: {sorted(dataset)})")
-    return dataset[split]
+    return dataset[split], split
 
 
-def _read_datasets(source: str, split: str | None) -> list[Any]:
+def _read_datasets(
+    source: str, split: str | None, default_splits: Sequence[str] = ("train",)
+) -> tuple[list[Any], str | None]:
     import datasets
 
     path = Path(source)
@@ -321,24 +328,33 @@ def _read_datasets(source: str, split: str | None) -> list[Any]:
                     f"{source!r} is neither a data file, a local dataset folder, nor a dataset in the local "
                     f"`datasets` cache (nothing is downloaded): {e}"
                 ) from e
-    return _pick_split(loaded, split, source).to_list()
+    picked, name = _pick_split(loaded, split, source, default_splits)
+    return picked.to_list(), name
 
 
-def read_rows(source: str | Path, split: str | None = None) -> list[Any]:
-    """Raw rows of ``source`` (see the module docstring for what a source may be)."""
+def _read_rows(
+    source: str | Path, split: str | None, default_splits: Sequence[str] = ("train",)
+) -> tuple[list[Any], str | None]:
+    """``(rows, the split read)`` (the split is ``None`` for a data file)."""
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix == ".json":
-            return _read_json(path)
+            return _read_json(path), None
         if suffix == ".jsonl":
-            return _read_jsonl(path)
+            return _read_jsonl(path), None
         if suffix == ".parquet":
-            return _read_parquet(path)
+            return _read_parquet(path), None
         raise ValueError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
     if suffix in (".json", ".jsonl", ".parquet"):
         raise FileNotFoundError(f"no such file: {path}")
-    return _read_datasets(str(source), split)
+    return _read_datasets(str(source), split, default_splits)
+
+
+def read_rows(source: str | Path, split: str | None = None, default_splits: Sequence[str] = ("train",)) -> list[Any]:
+    """Raw rows of ``source`` (see the module docstring for what a source may be; ``split`` /
+    ``default_splits`` as :func:`load_examples`)."""
+    return _read_rows(source, split, default_splits)[0]
 
 
 def load_examples(
@@ -350,6 +366,7 @@ def load_examples(
     require_answers: bool = False,
     strip_instruction: bool = True,
     limit: int | None = None,
+    default_splits: Sequence[str] = ("train",),
 ) -> tuple[list[Example], LoadReport]:
     """Load the examples of ``source``.
 
@@ -357,20 +374,23 @@ def load_examples(
         source: a ``.json`` / ``.jsonl`` / ``.parquet`` file, a ``save_to_disk`` folder, a local folder of data
             files, or a dataset name present in the local ``datasets`` cache.
         fmt: ``"gainrl"``, ``"verl"``, or ``"auto"`` (from the first decodable row's columns).
-        split: split to read from a multi-split dataset (default ``"train"`` or the only split).
+        split: split to read from a multi-split dataset (default: the first of ``default_splits`` it has, else its
+            only split; a ``ValueError`` when it has several others).
         strict: raise ``ValueError`` (a :class:`RowError` naming the row index) on the first malformed row
             instead of skipping it.
         require_answers: treat a row without a reference answer as malformed (for training).
         strip_instruction: remove verl's "Let's think step by step and output the final answer ..." suffix from
             a question taken from the prompt messages.
         limit: keep at most this many examples (rows after the limit are not read into examples).
+        default_splits: splits to prefer, in order, when ``split`` is not given (evaluation: ``("test",
+            "validation")``).
 
     Returns:
         ``(examples, report)``; ``Example.index`` is the row's position in the source.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    rows = read_rows(source, split)
+    rows, split_read = _read_rows(source, split, default_splits)
     if fmt == "auto":
         first = next((r for r in rows if isinstance(r, Mapping)), None)
         resolved = detect_format(first) if first is not None else "gainrl"
@@ -379,7 +399,7 @@ def load_examples(
     else:
         raise ValueError(f"fmt must be 'auto', 'gainrl' or 'verl', got {fmt!r}")
 
-    report = LoadReport(source=str(source), fmt=resolved)
+    report = LoadReport(source=str(source), fmt=resolved, split=split_read)
     examples: list[Example] = []
     for index, row in enumerate(rows):
         if limit is not None and len(examples) >= limit:

@@ -96,11 +96,13 @@ def aggregate(
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
     mask = mask.to(per_token.dtype)
+    # where, not a product: a non-finite value at a padded position would give inf * 0 = NaN
+    masked = torch.where(mask != 0, per_token * mask, torch.zeros_like(per_token))
     if agg == "token":
         denom = mask.sum() if num_tokens is None else num_tokens
-        return (per_token * mask).sum() / torch.clamp(torch.as_tensor(denom, dtype=per_token.dtype), min=1.0)
+        return masked.sum() / torch.clamp(torch.as_tensor(denom, dtype=per_token.dtype), min=1.0)
     lengths = mask.sum(dim=1).clamp(min=1.0)
-    per_seq = (per_token * mask).sum(dim=1) / lengths
+    per_seq = masked.sum(dim=1) / lengths
     denom = per_token.shape[0] if num_seqs is None else num_seqs
     return per_seq.sum() / max(float(denom), 1.0)
 
@@ -133,7 +135,8 @@ def policy_loss(
         agg, num_tokens, num_seqs: see :func:`aggregate`.
 
     Returns:
-        ``(loss, stats)``.
+        ``(loss, stats)``. Padded positions (mask 0) contribute nothing, whatever their log-probabilities: not even
+        a NaN gradient from an overflowing ``exp``.
     """
     if logp.shape != old_logp.shape or logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)} differ")
@@ -147,13 +150,18 @@ def policy_loss(
         raise ValueError("beta > 0 needs ref_logp")
     eps_high = eps_low if eps_high is None else eps_high
     adv = advantages.to(logp.dtype).unsqueeze(1)
-    ratio = torch.exp(logp - old_logp.detach())
+    real = mask != 0
+    zero = torch.zeros_like(logp)
+    # padded positions enter every exp as 0 (ratio 1, k3 0): masking the result alone would leave inf * 0 = NaN in
+    # the forward (padding's log-probs can be -100 and below) and NaN gradients through the exp
+    logp_real = torch.where(real, logp, zero)
+    ratio = torch.exp(logp_real - torch.where(real, old_logp.detach(), zero))
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     maskf = mask.to(logp.dtype)
     if ref_logp is not None:
-        kl = kl_k3(logp, ref_logp.detach())
+        kl = kl_k3(logp_real, torch.where(real, ref_logp.detach(), zero))
         if beta > 0:
             per_token = per_token + beta * kl
         kl_sum = (kl.detach() * maskf).sum()

@@ -9,7 +9,13 @@ An engine turns tokenised prompts into sampled completions::
 
 Completions are cut after the first end-of-sequence token (kept: the policy learns to stop); a completion
 without one was truncated at ``max_new_tokens`` (``finished=False``). Sampling draws from torch's default
-generator, so ``torch.manual_seed`` before :meth:`generate` makes it reproducible (bit-identical on CPU).
+generator (vLLM: per-request seeds drawn from it), so ``torch.manual_seed`` before :meth:`generate` makes it
+reproducible (HF: bit-identical on CPU).
+
+Samples come from ``softmax(logits / temperature)`` (restricted by ``top_k`` / ``top_p`` when set), the
+distribution the GRPO loss scores them under, and greedy decoding is the plain argmax: the model's own generation
+config (``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``suppress_tokens``, ``min_p``, ...)
+is not applied.
 """
 
 from __future__ import annotations
@@ -163,6 +169,30 @@ def eos_ids(tokenizer: Any, model: Any = None) -> list[int]:
     return ids
 
 
+@contextlib.contextmanager
+def own_generation_config(model: Any, config: Any) -> Iterator[None]:
+    """Within the block ``model`` (and every submodule, e.g. under a PEFT wrapper) has ``config`` as its
+    ``generation_config``; the model's own configs are put back afterwards.
+
+    transformers fills every field a ``generation_config=`` passed to ``generate`` leaves unset (``None``) from
+    ``model.generation_config`` (``_prepare_generation_config``), and many logits processors are off only while
+    their field is ``None`` (``suppress_tokens``, ``min_p``, ``bad_words_ids``, ...): a model whose config sets one
+    would otherwise leak it into generation.
+    """
+    from transformers import GenerationConfig
+
+    owners = list(model.modules()) if isinstance(model, torch.nn.Module) else [model]
+    saved = [(m, vars(m)["generation_config"]) for m in owners
+             if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    for m, _ in saved:
+        m.generation_config = config
+    try:
+        yield
+    finally:
+        for m, original in saved:
+            m.generation_config = original
+
+
 def cut_completion(ids: Sequence[int], eos: Sequence[int]) -> tuple[list[int], bool]:
     """``ids`` up to and including the first EOS, and whether one was found."""
     eos_set = set(eos)
@@ -185,6 +215,9 @@ class HFRolloutEngine:
             times instead of prefilling ``n`` copies (same tokens up to float rounding, ``n``-fold less prefill
             compute: worth it on CPU, where the prefill dominates short rollouts). Falls back to plain
             ``generate`` when the model's cache cannot be repeated.
+
+    Every ``generate`` call runs with :meth:`generation_config` alone (the model's own generation config is swapped
+    out for the call, see :func:`own_generation_config`).
     """
 
     def __init__(
@@ -222,6 +255,20 @@ class HFRolloutEngine:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def generation_config(self, greedy: bool) -> Any:
+        """The complete ``GenerationConfig`` of a ``generate`` call (see :func:`own_generation_config`): sampling
+        from ``softmax(logits / temperature)`` (top-k / top-p when set), or the argmax; nothing else."""
+        from transformers import GenerationConfig
+
+        sampling: dict[str, Any] = (
+            dict(do_sample=False) if greedy
+            else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        )
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens, eos_token_id=list(self.eos), pad_token_id=self.pad_id,
+            use_cache=True, num_beams=1, num_return_sequences=1, **sampling,
+        )
+
     def _cache_kwarg(self) -> str:
         """``cache`` (transformers >= 5) or ``past_key_values`` (older): how ``generate`` takes a prefilled cache."""
         import inspect
@@ -253,13 +300,8 @@ class HFRolloutEngine:
             ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad_id, use_cache=True
-        )
-        if greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        gen_cfg = self.generation_config(greedy)
+        kwargs: dict[str, Any] = {}
         autocast = (
             torch.autocast(device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -268,7 +310,7 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast, own_generation_config(self.model, gen_cfg):
                 if n > 1 and self.share_prefix and width > 1:
                     cache = self._prefill(ids, mask)
                     if cache is not None:
@@ -276,7 +318,7 @@ class HFRolloutEngine:
                         kwargs[self._cache_kwarg()] = cache
                 if n > 1:
                     ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **kwargs)
         finally:
             self.model.train(was_training)
         return out[:, width:].cpu().tolist()
@@ -421,15 +463,19 @@ class VLLMRolloutEngine:
     for weights + KV cache) in this process, as TRL's ``vllm_mode="colocate"`` (see :func:`colocate_env`), and
     :meth:`sync_weights` streams the policy's parameters into its model after every optimiser step, then drops the
     prefix cache (KV computed with the old weights). Samples of one prompt share its prefill (``n`` per request,
-    prefix caching). Sampling is seeded once (``seed``), so it is not reproducible from ``torch.manual_seed`` as the
-    HF engine is, and not bit-identical to HF sampling.
+    prefix caching). Every sampling request carries its own seed, drawn from torch's default generator at
+    :meth:`generate` (vLLM seeds the ``n`` samples of request ``i`` with ``s + i·n + j``), so ``torch.manual_seed``
+    before :meth:`generate` fixes the samples whatever the engine drew before (a resumed run draws the samples of
+    the uninterrupted one, up to GPU non-determinism); they are not bit-identical to HF sampling. The engine is
+    built with ``generation_config="vllm"``, and every request passes complete ``SamplingParams``: the model's
+    generation config (repetition penalty, ...) never applies, only its EOS ids.
 
     Args:
         model_path: a Hugging Face folder or Hub id (the policy's initial weights).
         tokenizer: the policy's tokenizer (decoding; its EOS ends completions).
         max_new_tokens, temperature, top_p, top_k: as :class:`HFRolloutEngine` (vLLM: ``temperature`` in (0, 2];
             ``top_k=0``: off).
-        seed: vLLM's sampling seed.
+        seed: vLLM's engine seed (sampling itself is seeded per request, see above).
         max_model_len: longest prompt + completion, in tokens (``None``: the model's context; smaller: smaller KV
             cache reservation).
         gpu_memory_utilization: fraction of the GPU for vLLM (weights + KV cache); the rest is the trainer's.
@@ -493,6 +539,7 @@ class VLLMRolloutEngine:
             enable_prefix_caching=bool(enable_prefix_caching),
             distributed_executor_backend="external_launcher",  # in-process, torch.distributed from env (TRL)
             max_num_batched_tokens=4096,  # the V1 memory profiler over-reserves with the 32k default (TRL)
+            generation_config="vllm",  # vLLM's neutral defaults, not the model's generation_config.json
         )
         args.update(llm_kwargs or {})
         return args
@@ -504,14 +551,21 @@ class VLLMRolloutEngine:
             load(vllm_named_weights(model))
         self.llm.reset_prefix_cache()
 
-    def sampling_params(self, n: int, greedy: bool) -> Any:
-        """``vllm.SamplingParams`` for ``n`` samples per prompt (greedy: ``n`` must be 1, vLLM refuses more)."""
+    def sampling_params(self, n: int, greedy: bool, seed: int | None = None) -> Any:
+        """``vllm.SamplingParams`` for ``n`` samples per prompt (greedy: ``n`` must be 1, vLLM refuses more);
+        vLLM's defaults leave every other logits processor (penalties, ``min_p``, ``min_tokens``, ...) off."""
         from vllm import SamplingParams
 
         common = dict(n=n, max_tokens=self.max_new_tokens, stop_token_ids=list(self.eos), detokenize=False)
         if greedy:
             return SamplingParams(temperature=0.0, top_p=1.0, top_k=0, **common)
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, **common)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed, **common)
+
+    def request_seeds(self, n_requests: int, n: int) -> list[int]:
+        """Seeds of ``n_requests`` requests of ``n`` samples, from torch's default generator: vLLM seeds the
+        ``j``-th sample of a request with ``seed + j``, so requests are ``n`` apart (no two samples share a seed)."""
+        base = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        return [base + i * n for i in range(n_requests)]
 
     def _samples(self, outputs: Sequence[Any], n: int) -> list[tuple[list[int], bool]]:
         """``(completion ids cut after the first EOS, finished)`` per sample, ``n`` per request, in request order."""
@@ -532,7 +586,11 @@ class VLLMRolloutEngine:
             return Rollouts([], [], [], [], [])
         per_request = 1 if greedy else n
         inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]  # vllm.TokensPrompt
-        outputs = self.llm.generate(inputs, self.sampling_params(per_request, greedy), use_tqdm=False)
+        if greedy:
+            params: Any = self.sampling_params(1, True)
+        else:
+            params = [self.sampling_params(n, False, s) for s in self.request_seeds(len(prompts), n)]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
         rows = self._samples(outputs, per_request)
@@ -555,6 +613,7 @@ __all__ = [
     "cut_completion",
     "eos_ids",
     "merged_adapters",
+    "own_generation_config",
     "vllm_available",
     "vllm_load_weights_fn",
     "vllm_named_weights",

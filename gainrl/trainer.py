@@ -19,8 +19,10 @@ The loop (issue 5):
 7. greedy evaluation on the held-out split, atomic checkpoints, ``metrics.jsonl`` and plots.
 
 Resuming (``--resume RUN``) restores weights, optimiser, sampler, epoch progress and RNG states from the latest
-checkpoint, truncates the logs to it and continues exactly: rollouts are seeded per step, so the resumed run
-draws the same samples and follows the same ``μ`` trajectory (bit-identical on CPU).
+checkpoint, truncates the logs to it and continues exactly: rollouts are seeded per step (``torch.manual_seed``
+before each step's rollouts; the vLLM engine draws its per-request seeds from that generator), so the resumed run
+draws the same samples and follows the same ``μ`` trajectory (bit-identical on CPU; with vLLM up to GPU
+non-determinism).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from .jsonl import read_jsonl
 logger = logging.getLogger(__name__)
 
 METRIC_FIELDS = ("step", "epoch", "mu", "accuracy", "angle", "loss", "reward", "kl", "lr", "tokens_per_s")
+#: Splits of a multi-split ``--eval-data`` dataset tried in order without ``--eval-split`` (then its only split).
+EVAL_SPLITS = ("test", "validation")
 
 
 class TrainDataError(ValueError):
@@ -195,7 +199,12 @@ def load_train_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example],
         if not examples:
             raise TrainDataError(f"--data {cfg.data}: no usable example ({load_report.summary()})")
     if cfg.eval_data is not None:
-        eval_examples, eval_report = load_examples(cfg.eval_data, fmt=cfg.data_format, require_answers=True)
+        try:  # a multi-split dataset is evaluated on its held-out split, never silently on "train"
+            eval_examples, eval_report = load_examples(cfg.eval_data, fmt=cfg.data_format, split=cfg.eval_split,
+                                                       require_answers=True, default_splits=EVAL_SPLITS)
+        except ValueError as e:
+            hint = " (choose one with --eval-split)" if "split" in str(e) else ""
+            raise TrainDataError(f"--eval-data: {e}{hint}") from e
         report["eval_data"] = eval_report.summary()
         eval_examples = eval_examples[: cfg.eval_size] if cfg.eval_size else []
         train = examples
@@ -705,6 +714,10 @@ class Trainer:
             values = [float(v) for v in fn(completions, answers)]
             if len(values) != len(completions):
                 raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:  # a NaN would silently zero its group's advantages (or poison the loss)
+                raise ValueError(f"reward {name!r} returned {values[bad]} for sample {bad} "
+                                 f"(completion {completions[bad][:200]!r}): rewards must be finite")
             if name == "accuracy":
                 correct = values
             total = [t + w * v for t, v in zip(total, values)]
@@ -995,6 +1008,7 @@ def main(args: Any) -> int:
 
 
 __all__ = [
+    "EVAL_SPLITS",
     "METRIC_FIELDS",
     "DataBundle",
     "TrainDataError",

@@ -126,3 +126,28 @@ def test_aggregate_validation_and_token_logprobs():
     tokens = torch.randint(0, 7, (2, 3))
     expect = torch.log_softmax(logits / 0.5, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(token_logprobs(logits, tokens, 0.5), expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token", "sequence"])
+def test_padded_positions_with_overflowing_exp_contribute_nothing(agg):
+    # padded slot of row 0: logp -120 vs ref -5 (k3's exp(ref - logp) = exp(115) overflows float32) and old -300
+    # (ratio exp(180) overflows); row 1's padded slot holds a NaN log-prob
+    logp = torch.tensor([[-1.0, -0.5, -120.0], [-0.3, -2.0, float("nan")]], requires_grad=True)
+    old = torch.tensor([[-1.1, -0.5, -300.0], [-0.3, -1.5, -1.0]])
+    ref = torch.tensor([[-1.2, -0.7, -5.0], [-0.1, -2.5, -1.0]])
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    kw = dict(beta=0.1, agg=agg, eps_low=0.2)
+    loss, st = policy_loss(logp, old, adv, mask, ref_logp=ref, **kw)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert logp.grad[:, 2].tolist() == [0.0, 0.0]
+    assert math.isfinite(st.kl_sum.item()) and math.isfinite(st.ratio_sum.item())
+    short = logp.detach()[:, :2].clone().requires_grad_(True)  # the same batch without the padded column
+    expect, st2 = policy_loss(short, old[:, :2], adv, mask[:, :2], ref_logp=ref[:, :2], **kw)
+    expect.backward()
+    assert loss.item() == pytest.approx(expect.item(), abs=1e-6)
+    assert torch.allclose(logp.grad[:, :2], short.grad, atol=1e-7)
+    assert st.kl_sum.item() == pytest.approx(st2.kl_sum.item(), abs=1e-6)
+    assert st.ratio_sum.item() == pytest.approx(st2.ratio_sum.item(), abs=1e-6)
+    assert aggregate(torch.tensor([[1.0, float("inf")]]), torch.tensor([[1.0, 0.0]]), agg).item() == 1.0

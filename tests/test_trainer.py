@@ -363,6 +363,94 @@ def test_rollout_prefix_sharing_and_padding(tokenizer):
     assert greedy.completion_ids[0] == greedy.completion_ids[1]
 
 
+def _peaked_lm(seed: int = 0):
+    """A tiny LM with a peaked next-token distribution (repeats its argmax tokens, so penalties would bite)."""
+    model = tiny_lm(seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    return model
+
+
+def _argmax_decode(model, prompt: list[int], steps: int, eos: list[int]) -> list[int]:
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(torch.tensor([prompt + out])).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt in eos:
+                break
+    return out
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_rollouts_ignore_the_model_generation_config(tokenizer, share):
+    """Samples come from softmax(logits / T) and greedy is the argmax, whatever the model's generation_config says
+    (repetition penalty, n-gram ban, minimum length, ...); the model's config is left as it was."""
+    from gainrl.rollout import HFRolloutEngine
+
+    plain, tuned = _peaked_lm(), _peaked_lm()
+    loop = [5, 6, 7]  # a prompt whose argmax next token already occurs in it: penalties and n-gram bans bite
+    while (nxt := _argmax_decode(plain, loop, 1, [])[0]) not in loop:
+        loop.append(nxt)
+    prompts = [loop, tokenizer("Compute 12", add_special_tokens=False)["input_ids"]]
+    gc = tuned.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens = 1.5, 1, 6
+    gc.suppress_tokens, gc.top_k, gc.top_p, gc.temperature = [tokenizer.eos_token_id], 5, 0.5, 0.3
+    saved = gc.to_dict()
+    samples, greedy = [], []
+    for model in (plain, tuned):
+        engine = HFRolloutEngine(model, tokenizer, max_new_tokens=8, temperature=1.0, share_prefix=share)
+        torch.manual_seed(0)
+        samples.append(engine.generate(prompts, 4).completion_ids)
+        greedy.append(engine.generate(prompts, 1, greedy=True).completion_ids)
+    assert samples[0] == samples[1]
+    assert greedy[0] == greedy[1] == [_argmax_decode(plain, p, 8, engine.eos) for p in prompts]
+    with torch.no_grad():  # the model's own config would have changed the greedy continuation
+        leaky = tuned.generate(input_ids=torch.tensor(prompts[:1]), max_new_tokens=8, pad_token_id=engine.pad_id)
+    assert leaky[0, len(loop):].tolist() != greedy[0][0]
+    assert tuned.generation_config is gc and gc.to_dict() == saved
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_reward_is_an_error_naming_function_and_sample(tmp_path, bad):
+    trainer = Trainer(make_cfg(tmp_path / "run"))  # no setup needed for the reward computation
+
+    def flaky(completions, answers):
+        return [0.5, 1.0, bad][: len(completions)]
+
+    trainer.reward_fns = {"accuracy": (lambda c, a: [0.0] * len(c), 1.0), "flaky": (flaky, 0.5)}
+    assert trainer._rewards(["a", "b"], ["1", "2"]) == ([0.25, 0.5], [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"reward 'flaky' returned -?(nan|inf) for sample 2 \(completion 'c'\)"):
+        trainer._rewards(["a", "b", "c"], ["1", "2", "3"])
+
+
+def test_eval_data_of_a_multi_split_dataset_is_read_from_its_held_out_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from gainrl.trainer import load_train_examples
+
+    rows = [{"problem": f"q{i}?", "answer": str(i)} for i in range(6)]
+
+    def saved(name: str, **splits: slice) -> str:
+        dd = datasets.DatasetDict({k: datasets.Dataset.from_list(rows[v]) for k, v in splits.items()})
+        dd.save_to_disk(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    def eval_questions(source: str, **over) -> tuple[list[str], str]:
+        _, ev, report = load_train_examples(make_cfg(tmp_path / "run", eval_data=source, **over))
+        return [e.question for e in ev], report["eval_data"]
+
+    both = saved("tt", train=slice(0, 4), test=slice(4, 6))
+    questions, summary = eval_questions(both)
+    assert questions == ["q4?", "q5?"] and "split 'test'" in summary
+    assert eval_questions(both, eval_split="train")[0] == ["q0?", "q1?", "q2?", "q3?"]
+    assert eval_questions(saved("tv", train=slice(0, 4), validation=slice(5, 6)))[0] == ["q5?"]
+    assert eval_questions(saved("t", train=slice(1, 3)))[0] == ["q1?", "q2?"]  # the only split
+    with pytest.raises(TrainDataError, match="--eval-split"):
+        eval_questions(saved("td", train=slice(0, 4), dev=slice(4, 6)))
+    with pytest.raises(ValueError, match="eval_split: needs eval_data"):
+        make_cfg(tmp_path / "run", eval_split="test")
+
+
 def test_cli_plot_and_config_errors(tmp_path, tokenizer, capsys):
     from gainrl.cli import main
 

@@ -4,9 +4,14 @@ The stand-in mirrors vLLM 0.33.0 (wheel ``vllm-0.33.0-cp38-abi3-manylinux_2_28_x
 
 * ``vllm/entrypoints/llm.py``: ``LLM(model, *, tokenizer, skip_tokenizer_init, dtype, seed, gpu_memory_utilization,
   enforce_eager, ..., **kwargs)`` (kwargs: ``EngineArgs`` fields, unknown ones a ``TypeError``), ``generate(prompts,
-  sampling_params=None, *, use_tqdm, lora_request, priority, ...) -> list[RequestOutput]`` in prompt order,
-  ``collective_rpc(method, timeout, args, kwargs)``, ``apply_model``, ``reset_prefix_cache(reset_running_requests,
-  reset_connector) -> bool``.
+  sampling_params=None, *, use_tqdm, lora_request, priority, ...) -> list[RequestOutput]`` in prompt order
+  (``sampling_params``: one for all prompts, or a sequence of one per prompt, else a ``ValueError``; ``None``:
+  ``get_default_sampling_params()``), ``collective_rpc(method, timeout, args, kwargs)``, ``apply_model``,
+  ``reset_prefix_cache(reset_running_requests, reset_connector) -> bool``.
+* ``vllm/config/model.py``: ``generation_config="auto"`` (default) makes ``get_diff_sampling_param`` return the
+  model's ``generation_config.json`` values of ``repetition_penalty``, ``temperature``, ``top_k``, ``top_p``,
+  ``min_p``, ``max_new_tokens`` (-> ``max_tokens``), the defaults of a request without ``SamplingParams``;
+  ``"vllm"``: none. Its EOS ids are merged into every request either way.
 * ``vllm/config/parallel.py``: ``distributed_executor_backend="external_launcher"`` sets
   ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; ``vllm/v1/executor/uniproc_executor.py``: ``ExecutorWithExternalLauncher``
   reads ``RANK`` / ``LOCAL_RANK`` (env:// init needs ``MASTER_ADDR`` / ``MASTER_PORT``), ``UniProcExecutor`` has
@@ -22,7 +27,9 @@ The stand-in mirrors vLLM 0.33.0 (wheel ``vllm-0.33.0-cp38-abi3-manylinux_2_28_x
   (``lm_head.weight``) skipped but its canonical name required in the same call, an unknown name a ``ValueError``.
 * ``vllm/sampling_params.py``: field names and defaults, ``temperature`` in [0, 2] (< 1e-5: greedy, which resets
   ``top_p`` / ``top_k`` and refuses ``n > 1``), ``top_k`` 0 or -1 off, ``seed=-1`` -> None, generation-config EOS ids
-  merged into ``stop_token_ids`` (``update_from_generation_config``).
+  merged into ``stop_token_ids`` (``update_from_generation_config``); ``vllm/v1/engine/parallel_sampling.py``: the
+  ``j``-th of the ``n`` samples of a seeded request is drawn with its own generator seeded ``seed + j`` (unseeded
+  requests share the engine's generator, seeded once by ``LLM(seed=...)``).
 * ``vllm/v1/core/sched/utils.py`` ``check_stop``: EOS, then ``stop_token_ids`` (``stop_reason`` the id), then
   ``max_model_len`` / ``max_tokens`` (``"length"``); the stop token stays in ``token_ids``;
   ``vllm/outputs.py``: ``RequestOutput`` / ``CompletionOutput`` fields, ``finish_reason`` ``"stop"`` / ``"length"``;
@@ -330,14 +337,25 @@ class LLM:
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         return self.llm_engine.reset_prefix_cache(reset_running_requests, reset_connector)
 
-    def generate(self, prompts: Any, sampling_params: SamplingParams | None = None, *, use_tqdm: Any = True,
-                 lora_request: Any = None, priority: Any = None, tokenization_kwargs: Any = None,
+    def get_default_sampling_params(self) -> SamplingParams:
+        if self.init_args.get("generation_config", "auto") == "vllm":
+            return SamplingParams()
+        names = {"repetition_penalty": "repetition_penalty", "temperature": "temperature", "top_k": "top_k",
+                 "top_p": "top_p", "min_p": "min_p", "max_new_tokens": "max_tokens"}
+        diff = {v: self.generation_config[k] for k, v in names.items() if self.generation_config.get(k) is not None}
+        return SamplingParams(**diff)
+
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: Any = True, lora_request: Any = None, priority: Any = None, tokenization_kwargs: Any = None,
                  mm_processor_kwargs: Any = None) -> list[RequestOutput]:
         single = isinstance(prompts, (str, dict))
         prompts = [prompts] if single else list(prompts)
-        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
+        if isinstance(params, Sequence) and len(params) != len(prompts):
+            raise ValueError("The lengths of prompts and params must be the same.")
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         self.generate_calls.append(dict(prompts=prompts, params=params, use_tqdm=use_tqdm))
-        return [self._request(str(i), p, params) for i, p in enumerate(prompts)]
+        return [self._request(str(i), p, q) for i, (p, q) in enumerate(zip(prompts, per_prompt))]
 
     # -- engine core ------------------------------------------------------------------------------------------
 
@@ -527,12 +545,16 @@ def test_greedy_matches_hf(fake_vllm, checkpoint, tokenizer, prompts):
 def test_sampling_parameters_and_layout(fake_vllm, checkpoint, tokenizer, prompts):
     policy = load_policy(checkpoint)
     engine = make_engine(checkpoint, tokenizer, policy, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=6, seed=3)
+    torch.manual_seed(0)
     ro = engine.generate(prompts, 4)
     call = engine.llm.generate_calls[-1]
     assert call["prompts"] == [{"prompt_token_ids": p} for p in prompts] and call["use_tqdm"] is False
-    params = call["params"]
-    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens) == (4, 0.7, 0.9, 20, 6)
-    assert params.stop_token_ids == engine.eos and params.detokenize is False and params.seed is None
+    assert len(call["params"]) == len(prompts)  # one SamplingParams per request: each its own seed
+    for params in call["params"]:
+        assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens) == (4, 0.7, 0.9, 20, 6)
+        assert params.stop_token_ids == engine.eos and params.detokenize is False
+    seeds = [params.seed for params in call["params"]]
+    assert all(b - a == 4 for a, b in zip(seeds, seeds[1:]))  # samples seeded s + j: no seed shared by two samples
     assert len(ro) == 4 * len(prompts) and ro.prompt_index == [i for i in range(len(prompts)) for _ in range(4)]
     assert ro.prompt_ids == [p for p in prompts for _ in range(4)]
     assert ro.completions == tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
@@ -541,10 +563,49 @@ def test_sampling_parameters_and_layout(fake_vllm, checkpoint, tokenizer, prompt
         assert all(t not in engine.eos for t in ids[:-1])
     assert len({tuple(c) for c in ro.completion_ids[:4]}) > 1  # samples of one prompt differ
     again = make_engine(checkpoint, tokenizer, policy, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=6, seed=3)
-    assert again.generate(prompts, 4).completion_ids == ro.completion_ids  # vLLM's seed fixes the samples
+    torch.manual_seed(0)
+    assert again.generate(prompts, 4).completion_ids == ro.completion_ids  # torch's seed fixes the samples
     assert engine.generate([], 4).completion_ids == []
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([[]], 2)
+
+
+def test_samples_follow_torch_seed_not_the_engine_history(fake_vllm, checkpoint, tokenizer, prompts):
+    """A fresh engine (as after --resume) draws, after ``torch.manual_seed(k)``, the samples a long-lived engine
+    draws after the same seed, whatever that one sampled before."""
+    policy = load_policy(checkpoint)
+    long_lived = make_engine(checkpoint, tokenizer, policy, seed=5)
+    torch.manual_seed(1)
+    first = long_lived.generate(prompts, 3).completion_ids
+    torch.manual_seed(2)
+    second = long_lived.generate(prompts, 3).completion_ids
+    assert first != second
+    fresh = make_engine(checkpoint, tokenizer, policy, seed=5)
+    torch.manual_seed(2)
+    assert fresh.generate(prompts, 3).completion_ids == second
+
+
+def test_the_model_generation_config_does_not_reach_sampling(fake_vllm, tmp_path, tokenizer, prompts):
+    """vLLM's request defaults would come from the model's generation_config.json: the engine turns that off and
+    passes complete SamplingParams (penalties and the like at vLLM's neutral defaults)."""
+    model = tiny_lm(seed=0)
+    gc = model.generation_config
+    gc.do_sample, gc.repetition_penalty, gc.top_k, gc.top_p, gc.temperature, gc.min_p = True, 1.3, 5, 0.5, 0.2, 0.1
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    engine = make_engine(tmp_path / "m", tokenizer, model)
+    assert engine.llm.init_args["generation_config"] == "vllm"
+    assert engine.llm.get_default_sampling_params().repetition_penalty == 1.0
+    auto = make_engine(tmp_path / "m", tokenizer, model, llm_kwargs={"generation_config": "auto"})
+    assert auto.llm.get_default_sampling_params().repetition_penalty == 1.3  # what "vllm" switches off
+    engine.generate(prompts, 2)
+    engine.generate(prompts, 1, greedy=True)
+    sampled, greedy = engine.llm.generate_calls
+    neutral = {k: _SAMPLING_FIELDS[k] for k in ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_p",
+                                               "min_tokens", "bad_words", "logit_bias", "allowed_token_ids")}
+    for params in [*sampled["params"], greedy["params"]]:
+        assert {k: getattr(params, k) for k in neutral} == neutral
+    assert (sampled["params"][0].temperature, sampled["params"][0].top_k, sampled["params"][0].top_p) == (1.0, 0, 1.0)
 
 
 def test_sync_weights_makes_the_engine_sample_the_new_policy(fake_vllm, checkpoint, tokenizer, prompts):
@@ -649,7 +710,7 @@ def test_trainer_builds_the_vllm_engine(fake_vllm, checkpoint, tokenizer, tmp_pa
     assert engine.llm.init_args == dict(
         model=str(checkpoint), tokenizer=None, skip_tokenizer_init=False, dtype="float32", seed=5,
         gpu_memory_utilization=0.3, max_model_len=206, enable_prefix_caching=True,
-        distributed_executor_backend="external_launcher", max_num_batched_tokens=4096,
+        distributed_executor_backend="external_launcher", max_num_batched_tokens=4096, generation_config="vllm",
     )
     assert (engine.max_new_tokens, engine.temperature, engine.top_p, engine.top_k) == (6, 0.8, 0.95, 30)
     assert engine.eos == eos_ids(tokenizer, policy)
@@ -677,7 +738,7 @@ def test_trainer_step_with_the_vllm_engine(fake_vllm, checkpoint, tokenizer, tmp
     trainer = Trainer(cfg, model=policy, tokenizer=tokenizer)
     trainer.train()
     llm = trainer.engine.llm
-    assert [c["params"].n for c in llm.generate_calls] == [3]
+    assert [[p.n for p in c["params"]] for c in llm.generate_calls] == [[3, 3]]
     assert llm.events[-2:] == ["load_weights", "reset_prefix_cache"]
     vllm_params = dict(llm.hf.named_parameters())
     for name, p in policy.named_parameters():
@@ -685,3 +746,48 @@ def test_trainer_step_with_the_vllm_engine(fake_vllm, checkpoint, tokenizer, tmp
     initial = dict(load_policy(checkpoint).named_parameters())
     assert any(not torch.equal(initial[n], p) for n, p in policy.named_parameters())  # the step moved the policy
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
+
+
+def test_resume_with_the_vllm_engine_continues_the_sample_stream(fake_vllm, checkpoint, tokenizer, tmp_path):
+    """Interrupted after step 1 and resumed (a fresh vLLM engine), the run draws the samples of the uninterrupted
+    one at step 2."""
+    from gainrl.config import apply_resume_overrides, build_config, load_run_config
+    from gainrl.rewards import REWARDS, register_reward
+    from gainrl.trainer import Trainer, read_jsonl
+
+    if "vllm_test_varied" not in REWARDS:
+
+        @register_reward("vllm_test_varied")
+        def varied(completions: list[str], answers: list[str]) -> list[float]:
+            return [(len(c) % 5) / 4 for c in completions]
+
+    def cfg(out: Path) -> Any:
+        return build_config({}, dict(rewards={"accuracy": 1.0, "vllm_test_varied": 1.0},
+            out=str(out), model=str(checkpoint), engine="vllm", synthetic_size=20, eval_size=0, order_by="index",
+            prompts_per_epoch=4, batch_prompts=2, group_size=3, max_new_tokens=6, micro_batch_size=6,
+            max_prompt_len=200, max_steps=2, save_every=1, progress=False, threads=1, beta=0.0, lr=1e-2, seed=5,
+        ))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(trainer: Any, row: Any) -> None:
+        if trainer.step == 1:
+            raise Interrupt
+
+    def samples(trainer: Any) -> list[list[int]]:
+        return trainer.last_rollouts.completion_ids
+
+    straight = Trainer(cfg(tmp_path / "a"), model=load_policy(checkpoint), tokenizer=tokenizer)
+    straight.train()
+    with pytest.raises(Interrupt):
+        Trainer(cfg(tmp_path / "b"), model=load_policy(checkpoint), tokenizer=tokenizer,
+                callbacks=[stop_after_first]).train()
+    resumed = Trainer(apply_resume_overrides(load_run_config(tmp_path / "b"), {}), model=load_policy(checkpoint),
+                      tokenizer=tokenizer, resume=tmp_path / "b")
+    resumed.train()
+    assert samples(resumed) == samples(straight)
+    timing = {"tokens_per_s", "gen_s", "step_s", "time"}
+    rows = [[{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(d / "metrics.jsonl")]
+            for d in (tmp_path / "a", tmp_path / "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
