@@ -180,6 +180,30 @@ def detect_format(row: Mapping[str, Any]) -> Literal["gainrl", "verl"]:
     )
 
 
+def _auto_format(rows: Sequence[Any], strip_instruction: bool) -> Literal["gainrl", "verl"]:
+    """The format of the first object row whose question parses in the format its columns suggest (malformed rows
+    before it are skipped later, not taken as the file's format); without one, that of the first row whose columns
+    tell; ``"gainrl"`` when there are no object rows. ValueError when no row's columns tell."""
+    fallback: Literal["gainrl", "verl"] | None = None
+    first_error: ValueError | None = None
+    for row in rows:
+        if not isinstance(row, Mapping):
+            continue
+        try:
+            fmt = detect_format(row)
+        except ValueError as e:
+            first_error = first_error or e
+            continue
+        if parse_row(row, fmt, strip_instruction=strip_instruction)[0] is not None:
+            return fmt
+        fallback = fallback or fmt
+    if fallback is not None:
+        return fallback
+    if first_error is not None:
+        raise first_error
+    return "gainrl"
+
+
 def _clean_question(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
@@ -392,8 +416,7 @@ def load_examples(
         raise ValueError(f"limit must be >= 0, got {limit}")
     rows, split_read = _read_rows(source, split, default_splits)
     if fmt == "auto":
-        first = next((r for r in rows if isinstance(r, Mapping)), None)
-        resolved = detect_format(first) if first is not None else "gainrl"
+        resolved = _auto_format(rows, strip_instruction)
     elif fmt in ("gainrl", "verl"):
         resolved = fmt
     else:

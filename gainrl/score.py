@@ -43,6 +43,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,12 +194,33 @@ def _data_identity(source: str) -> dict[str, Any]:
     return {"path": str(path.resolve()) if path.exists() else source}
 
 
-def _model_identity(model: str | None) -> str:
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def _sampled_digest(files: Sequence[Path], samples: int = 16, block: int = 1 << 16) -> str:
+    """sha256 over each file's size and ``samples`` evenly spaced blocks (~1 MB read per file): changes when weights
+    are replaced in place (a fine-tune of the same shapes has the same size), the same for copies on other nodes."""
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}\n".encode())
+        with path.open("rb") as f:
+            for k in range(samples):
+                f.seek(max(0, size - block) * k // max(1, samples - 1))
+                digest.update(f.read(block))
+    return digest.hexdigest()
+
+
+def _model_identity(model: str | None) -> str | dict[str, Any]:
+    """The model's name, or for a local file / folder its path and a sampled digest of its weight files, so that
+    weights replaced in place start a new run instead of resuming the old one's scores."""
     from .models import model_name
 
-    if model is not None and Path(model).exists():
-        return str(Path(model).resolve())
-    return model_name(model)
+    if model is None or not Path(model).exists():
+        return model_name(model)
+    path = Path(model).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES)
+    return {"path": str(path), "weights_sha256_sampled": _sampled_digest([f for f in files if f.is_file()])}
 
 
 def run_fingerprint(opts: ScoreOptions, config: Any, items: Sequence[Item], plan: Sequence[Sequence[int]],
@@ -316,7 +338,11 @@ def _repair_partial(path: Path) -> None:
         if data.endswith(b"\n"):
             return
         cut = data.rfind(b"\n") + 1
-        f.truncate(cut)
+        try:  # a complete record that only lacks its newline was counted as done: keep it
+            json.loads(data[cut:])
+            f.write(b"\n")
+        except ValueError:
+            f.truncate(cut)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -497,10 +523,26 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def undefined_reason(row: dict[str, Any]) -> str | None:
+    """Why a scores.jsonl row has no score: ``"question_under_2_tokens"`` (no pair inside Q), ``"empty_prefix"`` (no
+    P for C_inter), or ``"non_finite_hidden_states"`` (a NaN / Inf in the measured activations: the metrics that
+    should exist are NaN); None when it has one."""
+    if row["score"] is not None:
+        return None
+    _, q_start, q_end = row["seg_offsets"]
+    q_len = q_end - q_start
+    if (row["c_intra"] is None and q_len >= 2) or (row["c_inter"] is None and q_len >= 1 and q_start >= 1):
+        return "non_finite_hidden_states"
+    return "question_under_2_tokens" if q_len < 2 else "empty_prefix"
+
+
 def build_summary(rows: Sequence[dict[str, Any]], items_by_index: dict[int, Item]) -> dict[str, Any]:
     scores = [r["score"] for r in rows]
     finite = sorted(s for s in scores if s is not None)
     stats: dict[str, Any] = {"n_defined": len(finite), "n_undefined": len(scores) - len(finite)}
+    reasons = [(r["index"], undefined_reason(r)) for r in rows]
+    stats["undefined"] = dict(sorted(Counter(why for _, why in reasons if why is not None).items()))
+    stats["non_finite_indices"] = [i for i, why in reasons if why == "non_finite_hidden_states"][:50]
     if finite:
         mean = sum(finite) / len(finite)
         stats.update(
@@ -788,6 +830,9 @@ def _join_run_by_files(opts: ScoreOptions, out: Path, fingerprint: dict[str, Any
     group: they meet only through ``out``); returns this rank's unfinished batches ``rank, rank + W, …``."""
     if opts.rank == 0 or opts.world_size == 1:
         check_run_file(out, fingerprint, opts.overwrite)
+    elif opts.overwrite:  # it would count the old partials as done while rank 0 deletes them
+        raise ValueError(f"--overwrite: only rank 0 starts a file-sharded run afresh; run rank 0 with --overwrite "
+                         f"(or clear {out}), then rank {opts.rank} without it")
     else:  # other ranks wait for rank 0 to (re)start the run file
         for _ in range(600):
             run_file = out / RUN_FILE
@@ -857,6 +902,11 @@ def main(args: argparse.Namespace) -> int:
            f"order.pt; score mean {s.get('mean', float('nan')):.4f} sd {s.get('std', float('nan')):.4f}; "
            f"Spearman with length {corr.get('spearman', float('nan')):.3f}; {t['total_s']:.1f} s")
     print(msg, file=sys.stderr)
+    bad = s.get("undefined", {}).get("non_finite_hidden_states", 0)
+    if bad:
+        print(f"[gainrl score] warning: {bad} rows with NaN / Inf hidden states at the probed layer have no score "
+              f"(indices {s['non_finite_indices'][:10]}{', ...' if bad > 10 else ''}; all in summary.json)",
+              file=sys.stderr)
     return 0
 
 

@@ -155,6 +155,18 @@ def test_missing_sources_and_bad_formats(tmp_path):
         load_examples(write_json(tmp_path / "y.json", GAINRL_ROWS), fmt="csv")
 
 
+def test_format_from_the_first_usable_row(tmp_path):
+    """Malformed first rows (no known column, or a verl-looking row without a question) do not decide the format:
+    they are reported and skipped like any other malformed row."""
+    good = [{"problem": "What is 1+1?", "answer": "2"}, {"problem": "What is 3+3?", "answer": "6"}]
+    for bad in ({"answer": "5"}, {"prompt": None, "answer": "1"}):
+        examples, report = load_examples(write_json(tmp_path / "d.json", [bad, *good]))
+        assert report.fmt == "gainrl" and [e.index for e in examples] == [1, 2]
+        assert report.n_skipped == 1
+        with pytest.raises(ValueError, match="row 0"):
+            load_examples(tmp_path / "d.json", strict=True)
+
+
 def test_answer_helpers():
     assert normalize_reference_answer("  72 ") == "72"
     assert normalize_reference_answer("text\n#### 1,234,567") == "1234567"

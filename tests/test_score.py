@@ -185,6 +185,21 @@ def test_resume_after_interruption_is_identical(finished, model_dir, tmp_path, m
     assert (out / "scores.jsonl").read_bytes() == (finished / "scores.jsonl").read_bytes()
 
 
+def test_resume_keeps_a_complete_record_without_its_newline(finished, model_dir, tmp_path, monkeypatch):
+    """Interrupted between a record and its newline: the record counts as done and stays on disk (a rerun writes
+    the outputs instead of skipping that batch and never writing them)."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(score_mod, "_after_batch", lambda b: (_ for _ in ()).throw(KeyboardInterrupt) if b == 1
+                        else None)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(out, model_dir)
+    partial = out / "scores.partial.rank0.jsonl"
+    partial.write_bytes(partial.read_bytes().rstrip(b"\n"))
+    monkeypatch.setattr(score_mod, "_after_batch", lambda b: None)
+    assert run_cli(out, model_dir) == 0
+    assert (out / "scores.jsonl").read_bytes() == (finished / "scores.jsonl").read_bytes()
+
+
 def test_changed_settings_strict_and_sharding(finished, model_dir, tmp_path):
     out = tmp_path / "run"
     assert run_cli(out, model_dir, "--limit", "3") == 0
@@ -200,6 +215,23 @@ def test_changed_settings_strict_and_sharding(finished, model_dir, tmp_path):
     assert not (shard / "scores.jsonl").exists()
     assert run_cli(shard, model_dir, "--rank", "1", "--world-size", "2") == 0
     assert (shard / "scores.jsonl").read_bytes() == (finished / "scores.jsonl").read_bytes()
+    # only rank 0 may start a sharded run afresh: another rank would count the partials rank 0 deletes as done
+    with pytest.raises(ValueError, match="--overwrite: only rank 0"):
+        run_cli(shard, model_dir, "--rank", "1", "--world-size", "2", "--overwrite")
+
+
+def test_weights_replaced_in_place_start_a_new_run(model_dir, tmp_path):
+    import shutil
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    before = score_mod._model_identity(str(model))
+    copy = score_mod._model_identity(str(shutil.copytree(model, tmp_path / "copy")))  # e.g. on another node
+    assert copy["weights_sha256_sampled"] == before["weights_sha256_sampled"] and copy["path"] != before["path"]
+    weights = next(p for p in model.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, other bytes
+    weights.write_bytes(bytes(data))
+    assert score_mod._model_identity(str(model))["weights_sha256_sampled"] != before["weights_sha256_sampled"]
 
 
 def test_helpers():
@@ -217,3 +249,11 @@ def test_helpers():
     assert score_mod.parse_level({"level": "Level 4"}) == 4.0
     assert score_mod.parse_level({"extra_info": {"level": 2}}) == 2.0
     assert score_mod.parse_level({"level": "hard"}) is None
+    row = lambda score, intra, inter, seg: dict(index=0, score=score, c_intra=intra, c_inter=inter,  # noqa: E731
+                                                seg_offsets=seg)
+    why = score_mod.undefined_reason
+    assert why(row(0.5, 0.3, 0.2, [0, 4, 9])) is None
+    assert why(row(None, None, 0.2, [0, 4, 5])) == "question_under_2_tokens"
+    assert why(row(None, 0.3, None, [0, 0, 5])) == "empty_prefix"
+    assert why(row(None, None, None, [0, 4, 9])) == "non_finite_hidden_states"
+    assert why(row(None, None, None, [0, 4, 5])) == "non_finite_hidden_states"  # one token, but no C_inter either
