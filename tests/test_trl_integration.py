@@ -87,6 +87,7 @@ class ReferenceTrainer(GainRLGRPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.measured: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.completion_rows: list[torch.Tensor] = []
 
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
@@ -110,6 +111,7 @@ class ReferenceTrainer(GainRLGRPOTrainer):
                 s = u.sum(0)
                 ref.append(((s @ s) - (u * u).sum()) / (n * (n - 1)))
             self.measured.append((self.gainrl.epoch, self.gainrl_last_causal.detach().double(), torch.stack(ref)))
+            self.completion_rows.append(inputs["completion_mask"].sum(1) > 0)
         return loss
 
     def _gainrl_measured_now(self) -> bool:
@@ -200,6 +202,28 @@ def test_ang_is_c_causal_measured_in_trl_loss_forward(full_run):
         refs = torch.cat([ref for e, _, ref in trainer.measured if e == record["epoch"]])
         assert record["n_ang"] == M * G
         assert record["ang"] == pytest.approx(float(refs.mean()), abs=1e-5)
+
+
+def test_masked_truncated_completions_are_not_measured(tmp_path):
+    """With mask_truncated_completions a truncated rollout's completion mask is all zeros: its C_causal would cover
+    the prompt alone, so it is NaN and left out of the epoch's angle; the others are measured as usual."""
+    trainer = make_trainer(tmp_path, Recorder(), cls=ReferenceTrainer, save_steps=0, max_steps=4,
+                           grpo=dict(mask_truncated_completions=True))
+    eos = trainer.processing_class.convert_tokens_to_ids("<|im_end|>")
+    head = trainer.model.get_output_embeddings()  # end some rollouts within the 6 tokens: EOS at p ~ 0.08 a token
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[eos] = 3.5
+    trainer.model.set_output_embeddings(biased)
+    trainer.train()
+    rows = torch.cat(trainer.completion_rows)
+    got = torch.cat([g for _, g, _ in trainer.measured])
+    ref = torch.cat([r for _, _, r in trainer.measured])
+    assert (~rows).any() and rows.any(), "want truncated and finished rollouts both"
+    assert torch.isnan(got[~rows]).all()
+    torch.testing.assert_close(got[rows], ref[rows], rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoints_hold_sampler_state(full_run):

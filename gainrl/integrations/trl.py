@@ -292,6 +292,7 @@ class GainRLGRPOTrainer(GRPOTrainer):
             )
         probe = self._gainrl_get_probe()
         causal: list[torch.Tensor] = []
+        has_completion: list[torch.Tensor] = []
 
         def describe_batch(module, args, kw):
             # TRL may chunk the batch: describe each chunk from its own mask. Real tokens are the left-padded prompt
@@ -305,9 +306,13 @@ class GainRLGRPOTrainer(GRPOTrainer):
             n_prompt = real[:, : mask.shape[1] - logits_to_keep].sum(1)
             seg = torch.stack([torch.zeros_like(n_total), n_prompt, n_total], 1).to(torch.int32)
             probe.set_batch(seg, attention_mask=mask)
+            has_completion.append(n_total > n_prompt)
 
         def collect(module, args, kw, out):
-            causal.append(probe.metrics().causal)
+            # a rollout whose completion is masked out (empty, or truncated under mask_truncated_completions) is not
+            # measured over prompt + response: NaN, left out of the epoch's angle like a too-short sequence
+            c = probe.metrics().causal
+            causal.append(torch.where(has_completion[-1], c, torch.full_like(c, float("nan"))))
 
         target = probe.model
         handles = [
