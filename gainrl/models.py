@@ -50,12 +50,14 @@ def _offline() -> bool:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` -> ``cuda`` when available (``cuda:$LOCAL_RANK`` under torchrun), else ``cpu``."""
+    """``"auto"``/``None`` -> ``cuda`` when available, else ``cpu``; a ``cuda`` without an index is
+    ``cuda:$LOCAL_RANK`` (one GPU per torchrun rank, ``cuda:0`` outside torchrun); anything else as given."""
     if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

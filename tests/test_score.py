@@ -234,6 +234,16 @@ def test_weights_replaced_in_place_start_a_new_run(model_dir, tmp_path):
     assert score_mod._model_identity(str(model))["weights_sha256_sampled"] != before["weights_sha256_sampled"]
 
 
+def test_device_per_torchrun_rank(monkeypatch):
+    from gainrl.models import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 3)  # not every rank on the current device
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device(torch.device("cuda")) == torch.device("cuda", 0)
+
+
 def test_helpers():
     assert plan_batches([5, 9, 5, 2, 9], batch_tokens=18, max_batch=4) == [[1, 4], [0, 2, 3]]
     assert plan_batches([30, 2], batch_tokens=10, max_batch=4) == [[0], [1]]
