@@ -55,8 +55,7 @@ def angle_concentration(stats: AngleStats, inter_weight: float = 1.0) -> AngleCo
     if not isinstance(stats, tuple) or len(stats) != 4:
         raise ValueError("stats: expected the AngleStats returned by angle_stats")
     unit_sum, count, sq_norm, adjacent = stats
-    if unit_sum.dim() != 3 or count.shape != unit_sum.shape[:2] or sq_norm.shape != count.shape:
-        raise ValueError(f"stats: inconsistent shapes unit_sum {tuple(unit_sum.shape)}, count {tuple(count.shape)}")
+    validate.check_stats_shapes(unit_sum, count, sq_norm, adjacent)
     if not torch.compiler.is_compiling():  # eager: the same function without the custom-op dispatch
         return concentration_from_stats(unit_sum, count, sq_norm, adjacent, float(inter_weight))
     out = torch.ops.gainrl.angle_concentration(unit_sum, count, sq_norm, adjacent, float(inter_weight))

@@ -11,20 +11,26 @@ Both are custom ops with CPU, CUDA and fake (meta) implementations, so they trac
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import extension
 from .concentration import concentration_from_stats
 from .torch_impl import angle_stats_torch
+from .validate import (
+    check_backend,
+    check_cu_seqlens,
+    check_hidden,
+    check_seg_offsets,
+    check_stats_shapes,
+    triton_runs_on,
+)
 
 MAX_TRITON_DIM = 8192  # triton_angle.MAX_DIM, without importing triton here
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
 def _triton_usable(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_runs_on(device)
 
 
 MAX_CUDA_DIM = 8192  # the CUDA kernel's row width for any layout (csrc/angle_stats_launch.h, max_supported_dim)
@@ -61,7 +67,13 @@ def _cpu_compiled(hidden, cu_seqlens, seg_offsets):
 def angle_stats_op(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(unit_sum [B,K,D] f32, count [B,K] i32, sq_norm [B,K] f32, adjacent [B] f32); inputs as in DESIGN.md §3."""
+    """(unit_sum [B,K,D] f32, count [B,K] i32, sq_norm [B,K] f32, adjacent [B] f32); inputs as in DESIGN.md §3.
+    Called directly, it checks the arguments' metadata (no host sync; :func:`gainrl_kernels.angle_stats` also checks
+    the index values)."""
+    check_hidden(hidden)
+    check_backend(backend, BACKENDS)
+    check_cu_seqlens(cu_seqlens, hidden, values=False)
+    check_seg_offsets(seg_offsets, cu_seqlens, values=False)
     return angle_stats_impl(hidden, cu_seqlens, seg_offsets, backend)
 
 
@@ -107,8 +119,11 @@ def angle_concentration_op(
     unit_sum: torch.Tensor, count: torch.Tensor, sq_norm: torch.Tensor, adjacent: torch.Tensor, inter_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(intra [B,K], inter [B,K,K], score [B], causal [B], causal_ref [B]), all f32."""
+    check_stats_shapes(unit_sum, count, sq_norm, adjacent)
     out = concentration_from_stats(unit_sum, count, sq_norm, adjacent, inter_weight)
-    return tuple(t.clone() if t._base is not None else t for t in out)  # custom ops may not return views
+    # custom ops may not return views of each other; under torch.compile `_base` is None even for views (K = 1:
+    # score is intra[:, 0]; the one-launch CUDA form splits one buffer), so every output is copied (tiny tensors)
+    return tuple(t.clone() for t in out)
 
 
 @angle_concentration_op.register_fake

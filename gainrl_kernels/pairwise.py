@@ -95,8 +95,9 @@ def _pairwise_kernel(
     b = tl.load(item_seq_ptr + pid)
     if b >= 0:
         tile = tl.load(item_tile_ptr + pid)
-        seq_start = tl.load(cu_ptr + b)
-        length = tl.maximum(tl.load(cu_ptr + b + 1) - seq_start, 0)
+        # unvalidated bounds are clamped into [0, T] (as angle_stats's kernels do): no read outside hidden
+        seq_start = tl.minimum(tl.maximum(tl.load(cu_ptr + b), 0), T)
+        length = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1), seq_start), T) - seq_start
         off_row = off_ptr + b * (K + 1)
         o_first = tl.minimum(tl.maximum(tl.load(off_row), 0), length)
         o_last = tl.maximum(tl.minimum(tl.maximum(tl.load(off_row + K), 0), length), o_first)
@@ -175,7 +176,8 @@ def _query_tiles(cu_seqlens: torch.Tensor, block_m: int, total: int):
     dev = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
     cu = cu_seqlens.to(torch.int64)
-    lens = (cu[1:] - cu[:-1]).clamp_min(0)
+    start = cu[:-1].clamp(0, total)  # the kernel's clamping of unvalidated bounds
+    lens = torch.maximum(cu[1:], start).clamp_max(total) - start
     tiles = (lens + block_m - 1) // block_m
     cum = torch.cumsum(tiles, 0)
     grid = triton.cdiv(total, block_m) + batch  # >= Σ_b cdiv(len_b, BLOCK_M) when Σ len_b <= T

@@ -16,7 +16,7 @@ def token_segments(cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, n_tokens
     batch, n_seg = seg_offsets.shape[0], seg_offsets.shape[1] - 1
     device = seg_offsets.device
     t = torch.arange(n_tokens, device=device)
-    cu = cu_seqlens.long()
+    cu = cu_seqlens.long().clamp(0, n_tokens)  # as the kernels clamp unvalidated bounds
     b = torch.searchsorted(cu[1:], t, right=True).clamp_max(max(batch - 1, 0))
     if batch == 0:
         return torch.zeros(n_tokens, dtype=torch.long, device=device), torch.zeros(n_tokens, dtype=torch.bool, device=device)
@@ -28,6 +28,19 @@ def token_segments(cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, n_tokens
     nxt = rel + 1
     next_inside = inside & (nxt < off[:, -1]) & (t + 1 < cu[b + 1])
     return seg, next_inside
+
+
+def clamped_counts(cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[B, K] int32 tokens per segment, with the kernels' clamping of unvalidated indices (equal to the offsets'
+    differences for valid ones): sequence b spans [lo_b, hi_b) = [clamp(cu_b, 0, T), clamp(cu_{b+1}, lo_b, T)),
+    and segment k [o_k, o_{k+1}) with o_k = clamp(off_k, 0, len_b), o_{k+1} = clamp(off_{k+1}, o_k, len_b)."""
+    cu = cu_seqlens.long()
+    lo = cu[:-1].clamp(0, n_tokens)
+    length = (torch.maximum(cu[1:], lo).clamp_max(n_tokens) - lo).unsqueeze(1)
+    off = seg_offsets.long()
+    start = torch.minimum(off[:, :-1].clamp_min(0), length)
+    end = torch.minimum(torch.maximum(off[:, 1:], start), length)
+    return (end - start).to(torch.int32)
 
 
 def angle_stats_torch(hidden: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor) -> AngleStats:
@@ -46,7 +59,7 @@ def angle_stats_torch(hidden: torch.Tensor, cu_seqlens: torch.Tensor, seg_offset
         adj_terms[:-1] = torch.where(next_inside[:-1], (u[:-1] * u[1:]).sum(1), 0.0)
     adjacent = torch.zeros(batch * n_seg + 1, dtype=torch.float32, device=hidden.device)
     adjacent.index_add_(0, seg, adj_terms)
-    count = (seg_offsets[:, 1:] - seg_offsets[:, :-1]).to(torch.int32)
+    count = clamped_counts(cu_seqlens, seg_offsets, n_tokens)
     return AngleStats(
         unit_sum[:-1].view(batch, n_seg, dim),
         count,

@@ -87,13 +87,13 @@ def _chunk_kernel(
             row_mask = rows < row_hi
             ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_t + col_off[None, :]
             x = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
+            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12, propagate_nan=tl.PropagateNan.ALL)
             u = x * inv[:, None]
             acc += tl.sum(u, axis=0)
             sq += tl.sum(u * u, axis=1)
             next_mask = row_mask & (rows + 1 < span_hi)
             xn = tl.load(ptrs + stride_t, mask=next_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-            inv_n = 1.0 / tl.maximum(tl.sqrt(tl.sum(xn * xn, axis=1)), 1e-12)
+            inv_n = 1.0 / tl.maximum(tl.sqrt(tl.sum(xn * xn, axis=1)), 1e-12, propagate_nan=tl.PropagateNan.ALL)
             adj += tl.sum(u * xn, axis=1) * inv_n
         out = pid.to(tl.int64) * dim
         tl.store(part_sum_ptr + out + cols, acc, mask=col_mask)

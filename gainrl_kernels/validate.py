@@ -46,8 +46,9 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device, owner: s
 
 
 def triton_interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` is set (kernels then run on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when ``TRITON_INTERPRET`` is on, as Triton reads it (``1`` / ``true`` / ``on``): kernels then run on
+    CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -149,6 +150,19 @@ def check_seg_offsets(seg_offsets: torch.Tensor, cu_seqlens: torch.Tensor, value
     check_seg_offsets_meta(seg_offsets, cu_seqlens.numel() - 1, cu_seqlens.device)
     if values:
         check_seg_offsets_values(seg_offsets, cu_seqlens)
+
+
+def check_stats_shapes(unit_sum: object, count: object, sq_norm: object, adjacent: object) -> None:
+    """The AngleStats fields: tensors unit_sum [B, K, D], count [B, K], sq_norm [B, K], adjacent [B]."""
+    fields = dict(unit_sum=unit_sum, count=count, sq_norm=sq_norm, adjacent=adjacent)
+    for name, value in fields.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"stats: {name} must be a tensor (the AngleStats returned by angle_stats), got "
+                             f"{type(value).__name__}")
+    if (unit_sum.dim() != 3 or count.shape != unit_sum.shape[:2] or sq_norm.shape != count.shape
+            or adjacent.shape != unit_sum.shape[:1]):
+        raise ValueError("stats: inconsistent shapes " + ", ".join(f"{n} {tuple(v.shape)}" for n, v in fields.items())
+                         + " (expected [B, K, D], [B, K], [B, K], [B])")
 
 
 def check_backend(backend: str, allowed: tuple[str, ...]) -> None:

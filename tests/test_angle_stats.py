@@ -114,7 +114,8 @@ def test_non_finite_hidden_gives_nan(backend, bad):
     hidden[2, 3] = bad  # sequence 0, segment 0
     stats = BACKENDS[backend](hidden, cu, seg)
     conc = angle_concentration(stats)
-    assert torch.isnan(stats.unit_sum[0, 0]).any() and torch.isnan(stats.sq_norm[0, 0])
+    nan_cols = torch.isnan(stats.unit_sum[0, 0])  # NaN: every column (as 1 / ||x||); Inf: its own column
+    assert (nan_cols.all() if math.isnan(bad) else nan_cols.any()) and torch.isnan(stats.sq_norm[0, 0])
     assert torch.isfinite(stats.unit_sum[0, 1]).all() and torch.isfinite(stats.unit_sum[1]).all()
     assert torch.isnan(conc.intra[0, 0]) and torch.isnan(conc.score[0]) and torch.isnan(conc.causal[0])
     assert torch.isnan(conc.causal_ref[0]) and torch.isfinite(conc.intra[0, 1])
@@ -161,6 +162,10 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(score, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(hidden, cu, seg), score(hidden, cu, seg), equal_nan=True)
+    # K = 1 (the default segments): score is intra[:, 0], which the op must not return as a view
+    whole = torch.compile(lambda h, cu: angle_concentration(angle_stats(h, cu)).score, fullgraph=True,
+                          backend="aot_eager")
+    torch.testing.assert_close(whole(hidden, cu), angle_concentration(angle_stats(hidden, cu)).score, equal_nan=True)
 
 
 def test_concentration_is_float32_under_autocast():

@@ -49,12 +49,41 @@ def test_bad_backend_and_device():
 
 
 def test_unvalidated_bad_offsets_stay_in_bounds():
-    """validate_values=False skips the value checks (no host sync); kernels clamp instead of reading out of bounds."""
+    """validate_values=False skips the value checks (no host sync); kernels clamp instead of reading out of bounds,
+    and the PyTorch backend clamps its counts the same way."""
+    from gainrl_kernels.torch_impl import angle_stats_torch
+
     h, _, _ = _ok()
-    cu = torch.tensor([0, 4, 99], dtype=torch.int32)
-    seg = torch.tensor([[0, 7, 2], [-3, 1, 500]], dtype=torch.int32)
-    stats = angle_stats(h, cu, seg, validate_values=False)
-    assert stats.count.min() >= 0 and stats.count.sum() <= h.shape[0]
+    for cu, seg in ((torch.tensor([0, 4, 99], dtype=torch.int32), torch.tensor([[0, 7, 2], [-3, 1, 500]])),
+                    (torch.tensor([-3, 6, 10], dtype=torch.int32), torch.tensor([[0, 1, 9], [0, 2, 3]]))):
+        seg = seg.to(torch.int32)
+        stats = angle_stats(h, cu, seg, validate_values=False)
+        assert stats.count.min() >= 0 and stats.count.sum() <= h.shape[0]
+        assert torch.equal(angle_stats_torch(h, cu, seg).count, stats.count)
+
+
+def test_registered_ops_check_their_arguments():
+    """torch.ops.gainrl.* called directly check the metadata (no host sync) instead of reading out of bounds."""
+    h, cu, seg = _ok()
+    with pytest.raises(ValueError, match="seg_offsets: expected shape"):
+        torch.ops.gainrl.angle_stats(h, cu[:1], seg, "auto")
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.gainrl.angle_stats(h, cu, seg, "bogus")
+    with pytest.raises(ValueError, match="cu_seqlens: expected dtype"):
+        torch.ops.gainrl.angle_stats(h, cu.long(), seg, "auto")
+    stats = angle_stats(h, cu, seg)
+    with pytest.raises(ValueError, match=r"stats: inconsistent shapes.*adjacent \(1,\)"):
+        torch.ops.gainrl.angle_concentration(*stats[:3], stats.adjacent[:1], 1.0)
+    with pytest.raises(ValueError, match="stats: count must be a tensor"):
+        angle_concentration((stats.unit_sum, [1, 2], stats.sq_norm, stats.adjacent))
+
+
+def test_triton_interpret_read_as_triton_reads_it(monkeypatch):
+    from gainrl_kernels.validate import triton_interpreting
+
+    for value, on in (("1", True), ("true", True), ("ON", True), ("0", False), ("off", False), ("", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_interpreting() is on, value
 
 
 def test_bad_stats():

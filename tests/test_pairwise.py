@@ -89,6 +89,20 @@ def test_fp16_and_non_contiguous(data):
     assert torch.equal(angle_pairwise(hv, cu_view, off_view, fn="abs", window=3), got)
 
 
+def test_unvalidated_bounds_are_clamped(data):
+    """validate=False: a negative or too large cu_seqlens entry is clamped into [0, T] (never read out of bounds)."""
+    h = data["h"]
+    t = h.shape[0]
+    cu = torch.tensor([0, 12], dtype=torch.int32, device=DEV)
+    want = angle_pairwise(h, cu, None, fn="square")
+    for bad in ([-40, 12], [0, 12]):
+        got = angle_pairwise(h, torch.tensor(bad, dtype=torch.int32, device=DEV), None, fn="square", validate=False)
+        torch.testing.assert_close(got, want)
+    tail = angle_pairwise(h, torch.tensor([t - 5, t + 50], dtype=torch.int32, device=DEV), None, validate=False)
+    ref = angle_pairwise(h[t - 5:], torch.tensor([0, 5], dtype=torch.int32, device=DEV), None)
+    torch.testing.assert_close(tail, ref)
+
+
 def test_long_window_multi_tile():
     """A 70-token sequence (3 query tiles), D = 96 (three D slices), window spanning tile borders."""
     h = concentrated(70, 96, seed=4).to(DEV, torch.bfloat16)
