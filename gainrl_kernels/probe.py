@@ -224,6 +224,7 @@ class AngleProbe:
         self._batch: _Batch | None = None
         self._norm_out: torch.Tensor | None = None  # fused: the norm's output of the forward being measured
         self._keep_fused = False  # fused: the norm was already fused before the probe (not reverted by remove())
+        self._user_segments: tuple[Any, Any] = (None, None)  # ... and the segments / stats its user had set
         self.fused = self._fuse(layers[self.layer_index], fused)
         if self.fused is None:
             self._handles = [self.module.register_forward_pre_hook(self._hook, with_kwargs=True)]
@@ -252,6 +253,8 @@ class AngleProbe:
                 raise ValueError(f"the fused kernel runs on CUDA (on CPU only under TRITON_INTERPRET=1); `{name}` "
                                  f"is on {param.device}")
             self._keep_fused = isinstance(norm, FusedRMSNormAngle)
+            if self._keep_fused:  # the user's own segment info, put back by remove()
+                self._user_segments = (norm._segments, norm.stats)
             return apply_fused_rmsnorm_angle(self.model, self.layer_index)
         except ValueError as e:
             if fused == "auto":
@@ -315,6 +318,7 @@ class AngleProbe:
             )
         self._batch = _Batch(seg_offsets, cu, perm, shape, contiguous)
         self.stats = None
+        self._norm_out = None  # a forward that failed between the norm and the MLP kept its activation
 
     # -- the hook ---------------------------------------------------------------------------------------------
 
@@ -435,7 +439,9 @@ class AngleProbe:
         self._handles = []
         if self.fused is not None:
             self.fused.clear_segments()
-            if not self._keep_fused:
+            if self._keep_fused:
+                self.fused._segments, self.fused.stats = self._user_segments
+            else:
                 from .patching import revert_fused_rmsnorm_angle
 
                 revert_fused_rmsnorm_angle(self.model, self.layer_index)

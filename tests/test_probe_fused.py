@@ -234,9 +234,14 @@ def test_apply_and_revert_public_api(models):
         from gainrl_kernels import angle_concentration
 
         assert_metrics_close(angle_concentration(norm.stats), ref)
+        user = (norm._segments, norm.stats)
         with AngleProbe(model, layer=0, fused=True) as probe:  # a probe on a norm fused by the user keeps it fused
             assert probe.fused is norm
+            probe.set_batch(None)
+            with torch.no_grad():
+                model(input_ids=b["kwargs"]["input_ids"][:1, :4])
         assert layer.post_attention_layernorm is norm
+        assert norm._segments is user[0] and norm.stats is user[1]  # and gives the user's segment info back
     finally:
         assert revert_fused_rmsnorm_angle(model, layer=0) is original
     assert layer.post_attention_layernorm is original
