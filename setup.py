@@ -13,7 +13,7 @@ Which csrc/ file goes into which build (by file name):
     flash-attention layout; tests/test_csrc_compile.py checks the rule and compiles the bindings with g++.
 
 Environment: GAINRL_NO_EXT=1 skips the extension; GAINRL_CPU_ARCH (default "native") is passed to -march;
-TORCH_CUDA_ARCH_LIST picks CUDA archs (default "8.0;9.0a").
+TORCH_CUDA_ARCH_LIST picks CUDA archs (default "8.0+PTX;9.0a": PTX for GPUs newer than sm_90).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def extensions():
     sources = [f for f in all_cpp if f not in cuda_cpp]
     cuda_sources = cuda_cpp + sorted(glob.glob("csrc/*.cu"))
     if torch.version.cuda and CUDA_HOME and cuda_sources:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        # sm_80 and sm_90a machine code, plus compute_80 PTX that newer GPUs (e.g. Blackwell) compile at load time
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"]
         ext = CUDAExtension(
             "gainrl_kernels._C",

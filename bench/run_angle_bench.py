@@ -37,16 +37,17 @@ def sync(device: str) -> None:
 
 
 def time_it(fn, device: str, min_time: float, max_reps: int) -> float:
-    """Median seconds per call after one warm-up, repeating until min_time is spent (at least 3 calls)."""
+    """Median seconds per call after one warm-up, repeating until min_time is spent (at least 3 calls); a method
+    whose first timed call takes over 4 * min_time is timed by that one call."""
+    fn()  # warm-up (compiles, caches)
+    sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
-    if time.perf_counter() - t0 > 4 * min_time:  # slow method: warm-up done, one timed call is enough
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - t0
-    times: list[float] = []
+    first = time.perf_counter() - t0
+    if first > 4 * min_time:  # slow even warm (judged on a second call, not on a warm-up that compiled)
+        return first
+    times: list[float] = [first]
     start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
         t0 = time.perf_counter()
@@ -102,6 +103,24 @@ def too_big(name: str, batch: int, length: int, dim: int, args) -> str | None:
     return None
 
 
+REFERENCE_METHODS = ("torch_vectorised", "gainrl_cpp", "gainrl_cuda", "gainrl_triton")
+
+
+def check_outputs(rows: list[dict], outputs: dict[str, torch.Tensor]) -> None:
+    """Adds ``max_abs_diff`` to each timed row: its per-sequence metric against the first reference method that ran
+    (float64, NaN matching NaN): every method of a case must compute the same numbers."""
+    ref_name = next((m for m in REFERENCE_METHODS if m in outputs), None)
+    if ref_name is None:
+        return
+    ref = outputs[ref_name]
+    for row in rows:
+        out = outputs.get(row["method"])
+        if out is not None:
+            both_nan = torch.isnan(out) & torch.isnan(ref)
+            diff = torch.where(both_nan, 0.0, (out - ref).abs()).nan_to_num(nan=float("inf"))
+            row.update(max_abs_diff=float(diff.max()) if diff.numel() else 0.0, diff_reference=ref_name)
+
+
 def run_case(batch, length, dim, args, fns) -> list[dict]:
     device, dtype = args.device, getattr(torch, args.dtype)
     hidden, cu = make_input(batch, length, dim, dtype, device)
@@ -112,6 +131,7 @@ def run_case(batch, length, dim, args, fns) -> list[dict]:
         copy_s = time_it(lambda: dst.copy_(hidden), device, args.min_time, args.max_reps)
         del dst
     rows = []
+    outputs: dict[str, torch.Tensor] = {}
     for name, fn in fns.items():
         row = dict(method=name, B=batch, L=length, D=dim, dtype=args.dtype, device=device)
         reason = too_big(name, batch, length, dim, args)
@@ -119,8 +139,11 @@ def run_case(batch, length, dim, args, fns) -> list[dict]:
             rows.append(dict(row, status=reason))
             continue
         try:
-            seconds = time_it(lambda: fn(hidden, cu), device, args.min_time, args.max_reps)
-            row.update(status="ok", seconds=seconds, peak_bytes=peak_bytes(lambda: fn(hidden, cu), device))
+            kept: dict = {}
+            call = lambda: kept.__setitem__("out", fn(hidden, cu))  # noqa: E731 -- keeps the last output
+            seconds = time_it(call, device, args.min_time, args.max_reps)
+            row.update(status="ok", seconds=seconds, peak_bytes=peak_bytes(call, device))
+            outputs[name] = torch.as_tensor(kept["out"], dtype=torch.float64).cpu()
             if copy_s:
                 row["bw_fraction_of_copy"] = (n_bytes / seconds) / (2 * n_bytes / copy_s)
         except torch.OutOfMemoryError:
@@ -130,6 +153,7 @@ def run_case(batch, length, dim, args, fns) -> list[dict]:
             row.update(status=f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}")
         rows.append(row)
         print(f"  {name:18s} B={batch:<3d} L={length:<6d} D={dim:<5d} {row.get('seconds', float('nan')) * 1e3:10.3f} ms  {row['status']}", file=sys.stderr)
+    check_outputs(rows, outputs)
     released = next((r["seconds"] for r in rows if r["method"] == "released" and r["status"] == "ok"), None)
     for r in rows:
         if released and r["status"] == "ok":

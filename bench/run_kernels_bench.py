@@ -74,6 +74,10 @@ def rmsnorm_rows(shapes, device, args) -> list[dict]:
             **({"torch_compile_rmsnorm": lambda: compiled(x, w)} if compiled is not None else {}),
             **({"liger_rmsnorm": lambda: liger_rmsnorm(x, w)} if not liger_unavailable(x) else {}),
             "torch_rmsnorm+angle_stats": lambda: angle_stats(torch_rmsnorm(x, w), cu, validate_values=False),
+            # the unfused pair a user would otherwise run: PyTorch's fused RMSNorms, then the statistics
+            "F.rms_norm+angle_stats": lambda: angle_stats(torch_native_rmsnorm(x, w), cu, validate_values=False),
+            **({"torch_compile_rmsnorm+angle_stats": lambda: angle_stats(compiled(x, w), cu, validate_values=False)}
+               if compiled is not None else {}),
             "triton_rmsnorm (no stats)": lambda: rmsnorm_angle(x, w, 1e-6),
             "fused_rmsnorm_angle": lambda: rmsnorm_angle(x, w, 1e-6, cu, validate=False),
         }

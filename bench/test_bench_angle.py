@@ -1,7 +1,6 @@
 """pytest-benchmark view of the angle microbenchmark (the table script is run_angle_bench.py).
 
-    pytest bench/test_bench_angle.py --benchmark-enable            # CPU: small shapes
-    pytest bench/test_bench_angle.py --benchmark-enable -k cuda    # on a GPU machine
+    pytest bench/test_bench_angle.py --benchmark-enable    # CPU: small shapes; on a GPU machine: CUDA tensors
 """
 from __future__ import annotations
 

@@ -111,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cpu(const
               "cu_seqlens, seg_offsets: expected int32");
   const int64_t n_tokens = hidden.size(0), dim = hidden.size(1);
   const int64_t n_seq = seg_offsets.size(0), n_seg = seg_offsets.size(1) - 1;
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() == n_seq + 1,
-              "cu_seqlens: expected [B+1] = [", n_seq + 1, "] entries for the B rows of seg_offsets, got shape ",
-              cu_seqlens.sizes());
+  GAINRL_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() == n_seq + 1,
+               "cu_seqlens: expected [B+1] = [" + std::to_string(n_seq + 1) +
+                   "] entries for the B rows of seg_offsets, got " + std::to_string(cu_seqlens.numel()));
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor unit_sum = at::zeros({n_seq, n_seg, dim}, f32);
   at::Tensor count = at::empty({n_seq, n_seg}, hidden.options().dtype(at::kInt));

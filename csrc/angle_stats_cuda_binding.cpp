@@ -68,7 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> angle_stats_cuda(cons
   a.stride_d = hidden.stride(1);
   bool vec = as::vectorizable(a, dt);
   if (D > as::max_supported_dim(dt, vec) && !vec) {  // wide rows: the 16-byte path covers more columns
-    hidden = hidden_in.contiguous();
+    // a fresh allocation: contiguous() would return a misaligned view (storage offset, [1, D] with any row stride)
+    hidden = hidden_in.clone(at::MemoryFormat::Contiguous);
     a.hidden = hidden.data_ptr();
     a.stride_t = hidden.stride(0);
     a.stride_d = hidden.stride(1);

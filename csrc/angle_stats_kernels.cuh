@@ -106,45 +106,50 @@ __device__ __forceinline__ SegmentRange segment_range(const int* __restrict__ cu
 
 // ------------------------------------------------------------------------------------------------ 1. plan
 
-// One block: count[s] and chunk_start[0..BK] (exclusive scan of per-segment chunk counts).
+// One block: count[s] and chunk_start[0..BK] (exclusive scan of per-segment chunk counts), clamped to max_chunks.
+// The scan runs in 64 bits: unvalidated, overlapping segments can sum past 2^31 chunks (valid ones stay within
+// max_chunks); clamped, chunk_start stays non-decreasing within [0, max_chunks] and both readers stay in bounds.
 __global__ void __launch_bounds__(kPlanThreads)
     plan_kernel(const int* __restrict__ cu_seqlens, const int* __restrict__ seg_offsets, int64_t T, int K, int BK,
-                int* __restrict__ count, int* __restrict__ chunk_start) {
-  __shared__ int warp_total[kPlanThreads / 32];
+                int max_chunks, int* __restrict__ count, int* __restrict__ chunk_start) {
+  __shared__ long long warp_total[kPlanThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-  int carry = 0;
+  long long carry = 0;
   for (int base = 0; base < BK; base += blockDim.x) {
     const int s = base + threadIdx.x;
-    int n_chunks = 0;
+    long long n_chunks = 0;
     if (s < BK) {
       const SegmentRange r = segment_range(cu_seqlens, seg_offsets, T, K, s);
       const int n = static_cast<int>(r.hi - r.lo);
       count[s] = n;
       n_chunks = (n + kChunkRows - 1) / kChunkRows;
     }
-    int x = n_chunks;  // inclusive warp scan
+    long long x = n_chunks;  // inclusive warp scan
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, x, off);
+      const long long y = __shfl_up_sync(0xffffffffu, x, off);
       if (lane >= off) x += y;
     }
     if (lane == 31) warp_total[warp] = x;
     __syncthreads();
     if (warp == 0) {  // inclusive scan of the warp totals
-      int w = lane < n_warps ? warp_total[lane] : 0;
+      long long w = lane < n_warps ? warp_total[lane] : 0;
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, w, off);
+        const long long y = __shfl_up_sync(0xffffffffu, w, off);
         if (lane >= off) w += y;
       }
       if (lane < n_warps) warp_total[lane] = w;
     }
     __syncthreads();
-    if (s < BK) chunk_start[s] = carry + (warp > 0 ? warp_total[warp - 1] : 0) + x - n_chunks;
+    if (s < BK) {
+      const long long start = carry + (warp > 0 ? warp_total[warp - 1] : 0) + x - n_chunks;
+      chunk_start[s] = static_cast<int>(min(start, static_cast<long long>(max_chunks)));
+    }
     carry += warp_total[n_warps - 1];
     __syncthreads();  // warp_total is rewritten by the next tile
   }
-  if (threadIdx.x == 0) chunk_start[BK] = carry;
+  if (threadIdx.x == 0) chunk_start[BK] = static_cast<int>(min(carry, static_cast<long long>(max_chunks)));
 }
 
 // ------------------------------------------------------------------------------------------------ 2. chunks
@@ -399,7 +404,7 @@ inline cudaError_t launch_angle_stats(const Args& a, DType dt, cudaStream_t stre
   const bool vec = vectorizable(a, dt);
   if (a.D > max_supported_dim(dt, vec)) return cudaErrorInvalidValue;
   const int grid = static_cast<int>(max_chunks(a.T, BK));
-  launch_kernel(&plan_kernel, dim3(1), dim3(kPlanThreads), stream, a.cu_seqlens, a.seg_offsets, a.T, a.K, BK,
+  launch_kernel(&plan_kernel, dim3(1), dim3(kPlanThreads), stream, a.cu_seqlens, a.seg_offsets, a.T, a.K, BK, grid,
                 a.count, a.chunk_start);
   switch (dt) {
     case DType::kFloat32: dispatch_chunks<float>(a, vec, grid, stream); break;

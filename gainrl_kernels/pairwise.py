@@ -46,7 +46,14 @@ import triton.language as tl
 
 from .naive_pairwise import default_seg_offsets, pairwise_from_segment_sums, segment_unit_sums
 from .triton_segments import segment_ids as _segment_ids
-from .validate import check_cu_seqlens, check_hidden, check_seg_offsets, check_triton_device, triton_interpreting
+from .validate import (
+    check_cu_seqlens,
+    check_hidden,
+    check_seg_offsets,
+    check_triton_device,
+    on_first_tensors_device,
+    triton_interpreting,
+)
 
 __all__ = ["angle_pairwise", "angle_pairwise_check", "PairwiseCheck", "FNS"]
 
@@ -86,7 +93,7 @@ def _check_args(
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _pairwise_kernel(
-    h_ptr, inv_ptr, cu_ptr, off_ptr, item_seq_ptr, item_tile_ptr, part_ptr,
+    h_ptr, inv_ptr, start_ptr, len_ptr, off_ptr, item_seq_ptr, item_tile_ptr, part_ptr,
     T, D, stride_t, stride_d, window,
     K: tl.constexpr, FN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -95,9 +102,8 @@ def _pairwise_kernel(
     b = tl.load(item_seq_ptr + pid)
     if b >= 0:
         tile = tl.load(item_tile_ptr + pid)
-        # unvalidated bounds are clamped into [0, T] (as angle_stats's kernels do): no read outside hidden
-        seq_start = tl.minimum(tl.maximum(tl.load(cu_ptr + b), 0), T)
-        length = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1), seq_start), T) - seq_start
+        seq_start = tl.load(start_ptr + b)  # cu_seqlens clamped into [0, T] (_query_tiles): never out of hidden
+        length = tl.load(len_ptr + b)
         off_row = off_ptr + b * (K + 1)
         o_first = tl.minimum(tl.maximum(tl.load(off_row), 0), length)
         o_last = tl.maximum(tl.minimum(tl.maximum(tl.load(off_row + K), 0), length), o_first)
@@ -172,11 +178,12 @@ def _sum_items_kernel(part_ptr, out_ptr, item_lo_ptr, item_hi_ptr, KK, BLOCK: tl
 # host side
 # --------------------------------------------------------------------------------------------------------------
 def _query_tiles(cu_seqlens: torch.Tensor, block_m: int, total: int):
-    """Device-side work list: (sequence, tile) per program and each sequence's item range; no host sync."""
+    """Device-side work list: (sequence, tile) per program, each sequence's item range, and its clamped start and
+    length [B] int32; no host sync."""
     dev = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
     cu = cu_seqlens.to(torch.int64)
-    start = cu[:-1].clamp(0, total)  # the kernel's clamping of unvalidated bounds
+    start = cu[:-1].clamp(0, total)  # unvalidated bounds clamped into [0, T], as angle_stats's kernels do
     lens = torch.maximum(cu[1:], start).clamp_max(total) - start
     tiles = (lens + block_m - 1) // block_m
     cum = torch.cumsum(tiles, 0)
@@ -189,7 +196,7 @@ def _query_tiles(cu_seqlens: torch.Tensor, block_m: int, total: int):
     item_seq = torch.where(used, seq_c, torch.full_like(seq_c, -1)).to(torch.int32)
     lo = (cum - tiles).clamp(max=grid).to(torch.int32)
     hi = cum.clamp(max=grid).to(torch.int32)
-    return grid, item_seq, item_tile, lo, hi
+    return grid, item_seq, item_tile, lo, hi, start.to(torch.int32), lens.to(torch.int32)
 
 
 def _block_sizes(dim: int, on_gpu: bool, fp32: bool) -> tuple[int, int, int, int]:
@@ -202,6 +209,7 @@ def _block_sizes(dim: int, on_gpu: bool, fp32: bool) -> tuple[int, int, int, int
     return block, block, min(block, max(16, triton.next_power_of_2(dim))), 8
 
 
+@on_first_tensors_device
 def angle_pairwise(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -231,10 +239,10 @@ def angle_pairwise(
         dim, hidden.is_cuda and not triton_interpreting(), hidden.dtype == torch.float32
     )
     upcast = hidden.dtype == torch.bfloat16 and triton_interpreting()
-    grid, item_seq, item_tile, lo, hi = _query_tiles(cu_seqlens, block_m, total)
+    grid, item_seq, item_tile, lo, hi, seq_start, seq_len = _query_tiles(cu_seqlens, block_m, total)
     part = torch.empty(grid, nseg, nseg, dtype=torch.float32, device=hidden.device)
     _pairwise_kernel[(grid,)](
-        hidden, inv, cu_seqlens, seg_offsets, item_seq, item_tile, part,
+        hidden, inv, seq_start, seq_len, seg_offsets, item_seq, item_tile, part,
         total, dim, hidden.stride(0), hidden.stride(1), _NO_WINDOW if window is None else int(window),
         K=nseg, FN=FNS[fn], UPCAST=upcast, PREC="ieee" if hidden.dtype == torch.float32 or upcast else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=max(2, triton.next_power_of_2(nseg)),

@@ -90,6 +90,7 @@ from .validate import (
     check_seg_offsets_values,
     check_tensor,
     check_triton_device,
+    on_first_tensors_device,
 )
 
 __all__ = ["rmsnorm_angle", "FusedRMSNormAngle", "consecutive_tokens", "padded_to_cu_seqlens"]
@@ -558,6 +559,7 @@ def _rows_tuning(cfg: _FwdConfig, compiled: bool) -> dict:
                 PIPELINE=_PIPELINE_STAGES, BLOCK_D2=cfg.block_d2)
 
 
+@on_first_tensors_device
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, plan: _Plan, stats: bool):
     rows, dim = x2d.shape
     dev = x2d.device
@@ -687,6 +689,7 @@ def _dense(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ..
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
+@on_first_tensors_device
 def _plan_for(x2d: torch.Tensor, weight: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
               seg_offsets: Optional[torch.Tensor], token_index: Optional[torch.Tensor]) -> _Plan:
     if cu_seqlens is None:

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .rmsnorm_angle_forward_kernels import _TL_DTYPE, _capability_major, _vector_aligned
+from .validate import on_first_tensors_device
 
 
 @triton.jit
@@ -242,6 +243,7 @@ def _bwd_warps(tile: int) -> int:
     return 4 if tile <= 2048 else 8 if tile <= 4096 else 16
 
 
+@on_first_tensors_device
 def _backward(x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor):
     """dx [R, D] (x's dtype) and dw [D] (weight's dtype) of the RMSNorm; dw is summed in a fixed order."""
     rows, dim = x2d.shape

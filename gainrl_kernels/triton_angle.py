@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .types import AngleStats
+from .validate import on_first_tensors_device
 
 MAX_DIM = 8192  # 32 warps x 8 elements per thread
 
@@ -149,6 +150,7 @@ def default_chunk(n_tokens: int, block_t: int, device: torch.device) -> int:
     return int(min(max(rows, 4 * block_t), 1024))
 
 
+@on_first_tensors_device
 def angle_stats_triton(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, seg_offsets: torch.Tensor, chunk: int | None = None
 ) -> AngleStats:

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .concentration import TRITON_MAX_SEGMENTS as MAX_SEGMENTS  # the Gram tile is [BLOCK_K, BLOCK_K, BLOCK_D]
 from .types import AngleConcentration
+from .validate import on_first_tensors_device
 
 _TILE = 4096  # elements of that tile (32 per thread at 4 warps)
 
@@ -76,6 +77,7 @@ def block_sizes(n_seg: int) -> tuple[int, int]:
     return block_k, max(16, _TILE // (block_k * block_k))
 
 
+@on_first_tensors_device
 def concentration_triton(unit_sum: torch.Tensor, count: torch.Tensor, sq_norm: torch.Tensor, adjacent: torch.Tensor,
                          inter_weight: float) -> AngleConcentration:
     """The metrics in one launch (shapes and dtypes in the module docstring; K <= MAX_SEGMENTS)."""

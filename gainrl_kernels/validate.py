@@ -9,10 +9,14 @@ Triton ops ``pairwise.angle_pairwise`` and ``rmsnorm_angle.rmsnorm_angle`` (the 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
+
+_F = TypeVar("_F", bound=Callable)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -54,6 +58,24 @@ def triton_interpreting() -> bool:
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels take tensors on ``device``: CUDA, or any device under the Triton interpreter."""
     return device.type == "cuda" or triton_interpreting()
+
+
+def on_first_tensors_device(fn: _F) -> _F:
+    """Run ``fn(x, ...)`` with ``x``'s CUDA device current: Triton launches on the current device (and its
+    stream), so a tensor on another GPU than the current one would be read from the wrong device."""
+
+    first = next(iter(inspect.signature(fn).parameters))
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        x = args[0] if args else kwargs.get(first)
+        if (isinstance(x, torch.Tensor) and x.is_cuda and x.device.index is not None
+                and x.device.index != torch.cuda.current_device()):
+            with torch.cuda.device(x.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
 
 
 def check_triton_device(name: str, tensor: torch.Tensor) -> None:

@@ -89,3 +89,34 @@ def test_triton_interpret_read_as_triton_reads_it(monkeypatch):
 def test_bad_stats():
     with pytest.raises(ValueError, match="stats: expected the AngleStats"):
         angle_concentration(torch.zeros(3))
+
+
+def test_triton_launches_run_on_the_tensors_device(monkeypatch):
+    """A CUDA tensor on another GPU than the current one: the launching function runs with its device current."""
+    import contextlib
+
+    from gainrl_kernels.validate import on_first_tensors_device
+
+    class FakeCuda:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(torch, "Tensor", object)  # FakeCuda passes the isinstance check
+
+    @on_first_tensors_device
+    def launch(x, y=1):
+        return len(entered), y
+
+    assert launch(FakeCuda(), y=2) == (1, 2) and entered == [torch.device("cuda", 1)]
+    assert launch(x=FakeCuda()) == (2, 1)  # by keyword too
+    FakeCuda.device = torch.device("cuda", 0)
+    assert launch(FakeCuda()) == (2, 1)  # already current: no switch

@@ -341,6 +341,17 @@ namespace as = gainrl::angle_stats;
 
 extern "C" int64_t emu_max_chunks(int64_t T, int64_t BK) { return as::max_chunks(T, BK); }
 
+extern "C" int emu_plan(const int* cu, const int* seg, int64_t T, int K, int BK, int max_chunks, int* count,
+                        int* chunk_start) {
+  try {
+    gainrl_emu::launch(&as::plan_kernel, dim3(1), dim3(as::kPlanThreads), cu, seg, T, K, BK, max_chunks, count,
+                       chunk_start);
+  } catch (...) {
+    return -1;
+  }
+  return 0;
+}
+
 extern "C" int emu_angle_stats(int dtype, const void* hidden, int64_t T, int64_t D, int64_t stride_t,
                                int64_t stride_d, const int* cu, const int* seg, int64_t B, int64_t K,
                                float* unit_sum, int* count, float* sq_norm, float* adjacent, int* chunk_start,
@@ -412,6 +423,25 @@ def test_emulated_wide_rows(emulator, dtype, dim):
 
 def test_emulated_many_sequences(emulator):
     _check(lambda h, c, s: emulate(emulator, h, c, s), case_many_sequences, torch.float32)
+
+
+def test_emulated_plan_of_overlapping_unvalidated_segments(emulator):
+    """Unvalidated offsets can make segments overlap: 256 whole-sequence segments of 2^30 rows would be 2^32 chunks.
+    The plan's scan runs in 64 bits and clamps to the grid, so chunk_start stays in [0, max_chunks], non-decreasing
+    (the chunk and reduce kernels then stay in bounds)."""
+    n_tok, n_seg = 1 << 30, 512
+    cu = torch.tensor([0, n_tok], dtype=torch.int32)
+    seg = torch.zeros(1, n_seg + 1, dtype=torch.int32)
+    seg[0, 1::2] = n_tok  # [0, T), [T, 0) (empty), [0, T), ...
+    mc = emulator.emu_max_chunks(n_tok, n_seg)
+    count = torch.full((n_seg,), -1, dtype=torch.int32)
+    chunk_start = torch.full((n_seg + 1,), -1, dtype=torch.int32)
+    emulator.emu_plan.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 3 + [
+        ctypes.c_void_p] * 2
+    assert emulator.emu_plan(cu.data_ptr(), seg.data_ptr(), n_tok, n_seg, n_seg, mc, count.data_ptr(),
+                             chunk_start.data_ptr()) == 0
+    assert count[0::2].eq(n_tok).all() and count[1::2].eq(0).all()
+    assert chunk_start.min() >= 0 and chunk_start.max() == mc and (chunk_start.diff() >= 0).all()
 
 
 def test_emulated_wide_transposed(emulator):

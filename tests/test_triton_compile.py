@@ -269,7 +269,8 @@ def _pairwise_cases():
         for n_seg, fn in ((1, 0), (3, 2)):
             yield Case(
                 f"pairwise-{dt}-K{n_seg}-fn{fn}", P._pairwise_kernel,
-                dict(h_ptr=f"*{dt}", inv_ptr="*fp32", cu_ptr="*i32", off_ptr="*i32", item_seq_ptr="*i32",
+                dict(h_ptr=f"*{dt}", inv_ptr="*fp32", start_ptr="*i32", len_ptr="*i32", off_ptr="*i32",
+                     item_seq_ptr="*i32",
                      item_tile_ptr="*i32", part_ptr="*fp32", T="i32", D="i32", stride_t="i32", stride_d="i32",
                      window="i32"),
                 dict(K=n_seg, FN=fn, UPCAST=False, PREC=prec, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block,
