@@ -234,6 +234,8 @@ def coerce(key: str, value: Any) -> Any:
     """``value`` converted to the type of ``TrainConfig.key`` (strings from the CLI, YAML scalars)."""
     kind, nullable = _kind(key)
     if value is None:
+        if not nullable:  # e.g. `lr:` with no value in a YAML file
+            raise ValueError(f"{key}: expected a {kind} value, got none (an empty YAML value?)")
         return None
     if nullable and isinstance(value, str) and value.strip().lower() in ("none", "null", "auto") and key != "system_prompt":
         return None
@@ -266,28 +268,37 @@ def coerce(key: str, value: Any) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"synthetic_levels: expected integers, got {value!r}") from None
     if key == "rewards":
-        if isinstance(value, str):
-            out: dict[str, float] = {}
-            for part in value.split(","):
-                name, _, weight = part.partition("=")
-                out[name.strip()] = float(weight) if weight else 1.0
-            return out
-        if not isinstance(value, dict):
-            raise ValueError(f"rewards: expected {{name: weight}}, got {value!r}")
-        return {str(k): float(v) for k, v in value.items()}
+        try:
+            if isinstance(value, str):
+                out: dict[str, float] = {}
+                for part in value.split(","):
+                    name, _, weight = part.partition("=")
+                    out[name.strip()] = float(weight) if weight else 1.0
+                return out
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"rewards: expected name=weight[,name=weight] or {{name: weight}}, got {value!r}") from None
     if key == "few_shot":
-        if isinstance(value, str):
-            import json
+        want = "few_shot: expected a list of [user, assistant] pairs or {user, assistant} objects (JSON on the CLI)"
+        try:
+            if isinstance(value, str):
+                import json
 
-            value = json.loads(value)
-        turns = []
-        for turn in value:
-            if isinstance(turn, dict):
-                turn = [turn["user"], turn["assistant"]]
-            if len(turn) != 2:
-                raise ValueError(f"few_shot: expected [user, assistant] pairs, got {turn!r}")
-            turns.append([str(turn[0]), str(turn[1])])
-        return turns
+                value = json.loads(value)
+            turns = []
+            for turn in value:
+                if isinstance(turn, dict):
+                    turn = [turn["user"], turn["assistant"]]
+                if isinstance(turn, str) or len(turn) != 2:
+                    raise ValueError
+                turns.append([str(turn[0]), str(turn[1])])
+            return turns
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{want}, got {value!r}") from None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError(f"{key}: expected a string, got {value!r}")
     return str(value)
 
 
@@ -324,6 +335,8 @@ def build_config(
             raise _unknown_key_error(k, "config")
     merged: dict[str, Any] = {}
     data = overrides.get("data", yaml_values.get("data"))
+    if data is not None and data != "synthetic":
+        data = coerce("data", data)  # `--data none` is `data: null`
     if data is None or data == "synthetic":
         merged.update(DEMO_DEFAULTS)
     merged.update(yaml_values)

@@ -10,6 +10,7 @@ Nothing is downloaded when ``HF_HUB_OFFLINE=1`` (a Hub id must then be in the lo
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -74,8 +75,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
-    """Cache folder of a GGUF file's dequantised weights (keyed by file name and size)."""
-    return cache_root() / f"{gguf.stem.lower()}-{gguf.stat().st_size}"
+    """Cache folder of a GGUF file's dequantised weights, keyed by the file's name, absolute path, size and mtime
+    (two checkpoints' ``model.Q4_1.gguf`` of one size, or a file re-exported in place, get their own folders)."""
+    path = gguf.resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / f"{gguf.stem.lower()}-{st.st_size}-{key}"
 
 
 def _load_gguf_and_cache(gguf: Path, cache_dir: Path | None) -> tuple[Any, Any]:
@@ -99,18 +104,20 @@ def _load_gguf_and_cache(gguf: Path, cache_dir: Path | None) -> tuple[Any, Any]:
             model.is_quantized = False
         except AttributeError:
             pass
+    tmp: Path | None = None
     try:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".tmp-", dir=cache_dir.parent))
         tmp.chmod(0o755)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, cache_dir)  # atomic: a concurrent first load may have won the race, keep its copy
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:  # read-only home etc.: keep going without a cache
+        os.replace(tmp, cache_dir)  # atomic: a concurrent first load may have won the race, keep its copy
+        tmp = None
+    except Exception as e:  # noqa: BLE001 -- read-only home, full disk (SafetensorError), a race: no cache
         logger.warning("could not cache the dequantised model in %s: %s", cache_dir, e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return model, tokenizer
 
 
@@ -136,6 +143,8 @@ def load_model_and_tokenizer(
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if model is not None and str(model).startswith("~"):
+        model = Path(model).expanduser()
     gguf = embedded_gguf_path() if model is None else Path(model) if str(model).endswith(".gguf") else None
     if gguf is not None:
         if not gguf.is_file():

@@ -209,13 +209,18 @@ def load_train_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example],
         eval_examples = eval_examples[: cfg.eval_size] if cfg.eval_size else []
         train = examples
     else:
-        n_eval = min(cfg.eval_size, len(examples) // 2)
-        perm = list(range(len(examples)))
-        random.Random(cfg.data_seed).shuffle(perm)
-        held = set(perm[:n_eval])
-        eval_examples = [examples[i] for i in sorted(held)]
-        train = [ex for i, ex in enumerate(examples) if i not in held]
-        report["eval_data"] = f"{n_eval} examples held out of the training data (seed {cfg.data_seed})"
+        # held out by question text: a question repeated in the data (e.g. a synthetic set larger than its
+        # distinct questions) is either all in training or once in the eval set, never both
+        rows_of: dict[str, list[int]] = {}
+        for i, ex in enumerate(examples):
+            rows_of.setdefault(ex.question, []).append(i)
+        questions = list(rows_of)
+        n_eval = min(cfg.eval_size, len(questions) // 2)
+        random.Random(cfg.data_seed).shuffle(questions)
+        held = set(questions[:n_eval])
+        eval_examples = sorted((examples[rows_of[q][0]] for q in held), key=lambda ex: ex.index)
+        train = [ex for ex in examples if ex.question not in held]
+        report["eval_data"] = f"{n_eval} questions held out of the training data (seed {cfg.data_seed})"
     return train, eval_examples, report
 
 
@@ -993,9 +998,11 @@ def main(args: Any) -> int:
         if args.resume:
             if args.config:
                 raise ValueError("--resume takes the run's own config.yaml; drop --config")
+            if overrides.get("out") is not None and Path(overrides["out"]).resolve() != Path(args.resume).resolve():
+                raise ValueError(f"--out {overrides['out']}: --resume continues the run in its own folder "
+                                 f"({args.resume}); copy the folder first to continue it elsewhere")
             cfg = apply_resume_overrides(load_run_config(args.resume), overrides)
-            if cfg.out is None or Path(cfg.out).resolve() != Path(args.resume).resolve():
-                cfg.out = str(args.resume)
+            cfg.out = str(args.resume)  # the run's folder, wherever it was first written
         else:
             cfg = build_config(load_yaml(args.config) if args.config else {}, overrides)
         Trainer(cfg, resume=args.resume).train()

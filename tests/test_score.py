@@ -267,3 +267,20 @@ def test_helpers():
     assert why(row(None, 0.3, None, [0, 0, 5])) == "empty_prefix"
     assert why(row(None, None, None, [0, 4, 9])) == "non_finite_hidden_states"
     assert why(row(None, None, None, [0, 4, 5])) == "non_finite_hidden_states"  # one token, but no C_inter either
+
+
+def test_gguf_cache_key_and_home_paths(tmp_path, monkeypatch):
+    """Two GGUF files of one name and size (e.g. two checkpoints' exports) get their own cache folders; ~ expands."""
+    from gainrl.models import gguf_cache_dir, load_model_and_tokenizer
+
+    monkeypatch.setenv("GAINRL_CACHE", str(tmp_path / "cache"))
+    files = []
+    for step in (100, 200):
+        (tmp_path / f"ckpt-{step}").mkdir()
+        files.append(tmp_path / f"ckpt-{step}" / "model.Q4_1.gguf")
+        files[-1].write_bytes(bytes([step % 256]) * 1000)
+    assert gguf_cache_dir(files[0]) != gguf_cache_dir(files[1])
+    assert gguf_cache_dir(files[0]) == gguf_cache_dir(files[0])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"no such GGUF file: {tmp_path}/missing.gguf"):
+        load_model_and_tokenizer("~/missing.gguf")

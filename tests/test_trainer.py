@@ -464,5 +464,32 @@ def test_cli_plot_and_config_errors(tmp_path, tokenizer, capsys):
     assert "group_size" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.5"]) == 2
     assert "cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "run"), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "--resume continues the run in its own folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--lrr", "1"])
+
+
+def test_held_out_questions_never_in_training():
+    """A synthetic set larger than its distinct questions repeats them: the split holds out question texts, so no
+    eval question is also trained on."""
+    from gainrl.trainer import load_train_examples
+
+    cfg = build_config(overrides=dict(synthetic_size=1000, synthetic_levels="1", eval_size=64))
+    train, held = load_train_examples(cfg)[:2]
+    assert len(held) == 64 and len({ex.question for ex in held}) == 64
+    assert not {ex.question for ex in held} & {ex.question for ex in train}
+    assert len({ex.question for ex in train}) < len(train)  # the repeats stay in training
+
+
+def test_config_values_name_their_field():
+    with pytest.raises(ValueError, match="lr: expected a float value, got none"):
+        build_config(yaml_values={"lr": None})
+    with pytest.raises(ValueError, match="few_shot: expected a list"):
+        build_config(overrides={"few_shot": "[[q, a]]"})
+    with pytest.raises(ValueError, match="rewards: expected name=weight"):
+        build_config(overrides={"rewards": "accuracy=high"})
+    with pytest.raises(ValueError, match="data: expected a string"):
+        build_config(yaml_values={"data": ["a", "b"]})
+    # `--data none` on the command line is `data: null` in YAML: the embedded demo's defaults
+    assert build_config(overrides={"data": "none"}) == build_config(yaml_values={"data": None})

@@ -375,6 +375,8 @@ def test_curriculum_epoch_logic_and_state(tmp_path):
         GainRLCurriculum([0, 1, 2, 3, 4, 5], 3).load_json(tmp_path / "s.json")
     with pytest.raises(ValueError, match="samples_per_epoch"):
         GainRLCurriculum([3, 1, 2, 0, 4, 5], 2).load_json(tmp_path / "s.json")
+    with pytest.raises(ValueError, match="use_angle=True, this run has use_angle=False"):  # an epoch would never close
+        GainRLCurriculum([3, 1, 2, 0, 4, 5], 3, use_angle=False).load_json(tmp_path / "s.json")
 
 
 def test_load_order(tmp_path):

@@ -250,8 +250,11 @@ class GainRLCurriculum:
             raise ValueError("GAIN-RL state was saved with a different score order")
         if state["sampler"].get("m", self.m) != self.m:
             raise ValueError(f"GAIN-RL state has samples_per_epoch={state['sampler']['m']}, this run {self.m}")
+        saved_angle = bool(state.get("use_angle", self.use_angle))
+        if saved_angle != self.use_angle:  # the epoch's feedback (and the trainer's probe setup) depend on it
+            raise ValueError(f"GAIN-RL state was saved with use_angle={saved_angle}, this run has "
+                             f"use_angle={self.use_angle}: resume with the same setting")
         self.sampler.load_state_dict(state["sampler"])
-        self.use_angle = bool(state.get("use_angle", self.use_angle))
         self.epoch = int(state["epoch"])
         self._ranks = None if state["ranks"] is None else [int(r) for r in state["ranks"]]
         self._indices = [self.order[r] for r in self._ranks] if self._ranks is not None else []
