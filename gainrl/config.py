@@ -386,6 +386,9 @@ def apply_resume_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> Train
                 f"--resume: {k} cannot change when resuming (run value {values.get(k)!r}, given {v!r}); only "
                 f"{sorted(RESUME_OVERRIDABLE)} may"
             )
+        if k in ("max_steps", "epochs") and cfg.lr_schedule != "constant":
+            raise ValueError(f"--resume: {k} cannot change in a run with lr_schedule={cfg.lr_schedule!r} (the "
+                             "schedule spans the run's length: every remaining step's learning rate would change)")
         values[k] = v
     return config_from_dict(values)
 

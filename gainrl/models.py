@@ -150,10 +150,16 @@ def load_model_and_tokenizer(
         if not gguf.is_file():
             raise FileNotFoundError(f"no such GGUF file: {gguf}")
         cache_dir = gguf_cache_dir(gguf) if use_cache_dir else None
+        lm = None
         if cache_dir is not None and (cache_dir / "config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(cache_dir)
-            lm = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dt, **model_kwargs)
-        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(cache_dir)
+                lm = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dt, **model_kwargs)
+            except Exception as e:  # noqa: BLE001 -- e.g. a file truncated outside gainrl: load the GGUF itself
+                logger.warning("the cached model in %s does not load (%s); reading %s instead (delete the folder "
+                               "to rebuild the cache)", cache_dir, e, gguf)
+                cache_dir = None
+        if lm is None:
             lm, tokenizer = _load_gguf_and_cache(gguf, cache_dir)
             if model_kwargs.get("attn_implementation"):
                 lm.set_attn_implementation(model_kwargs["attn_implementation"])

@@ -284,3 +284,20 @@ def test_gguf_cache_key_and_home_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"no such GGUF file: {tmp_path}/missing.gguf"):
         load_model_and_tokenizer("~/missing.gguf")
+
+
+def test_unreadable_gguf_cache_falls_back_to_the_gguf(tmp_path, monkeypatch):
+    import gainrl.models as models
+    from tiny_models import chat_tokenizer, tiny_lm
+
+    monkeypatch.setenv("GAINRL_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"\0" * 100)
+    cache = models.gguf_cache_dir(gguf)
+    cache.mkdir(parents=True)
+    (cache / "config.json").write_text("{ truncated")
+    calls = []
+    monkeypatch.setattr(models, "_load_gguf_and_cache",
+                        lambda path, cache_dir: calls.append(cache_dir) or (tiny_lm("llama"), chat_tokenizer()))
+    lm, _ = models.load_model_and_tokenizer(str(gguf), dtype="fp32", device="cpu")
+    assert calls == [None] and not lm.training  # read from the GGUF, the broken cache left alone

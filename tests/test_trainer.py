@@ -493,3 +493,10 @@ def test_config_values_name_their_field():
         build_config(yaml_values={"data": ["a", "b"]})
     # `--data none` on the command line is `data: null` in YAML: the embedded demo's defaults
     assert build_config(overrides={"data": "none"}) == build_config(yaml_values={"data": None})
+
+
+def test_resume_cannot_stretch_a_cosine_schedule():
+    cfg = build_config(overrides=dict(lr_schedule="cosine", max_steps=10))
+    with pytest.raises(ValueError, match="lr_schedule='cosine'"):
+        apply_resume_overrides(cfg, {"max_steps": "20"})
+    assert apply_resume_overrides(build_config(overrides=dict(max_steps=10)), {"max_steps": "20"}).max_steps == 20
