@@ -79,7 +79,7 @@ setup(
         "trl": ["trl>=1.10,<2"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.2", "peft"],
     },
-    entry_points={"console_scripts": ["gainrl=gainrl.cli:main"]},
+    entry_points={"console_scripts": ["gainrl=gainrl.cli:cli"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

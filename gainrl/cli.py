@@ -40,5 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The console script: :func:`main`, with bad input (ValueError, FileNotFoundError) reported as one line and
+    exit status 2 instead of a traceback (``GAINRL_TRACEBACK=1`` shows it)."""
+    import os
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("GAINRL_TRACEBACK"):
+            raise
+        print(f"gainrl: error: {e} (GAINRL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -209,6 +209,10 @@ def test_changed_settings_strict_and_sharding(finished, model_dir, tmp_path):
     assert [r["index"] for r in read_rows(out)] == VALID[:4]
     with pytest.raises(ValueError, match="row 2"):
         run_cli(tmp_path / "strict", model_dir, "--strict")
+    from gainrl.cli import cli  # the console script: one line, exit status 2
+
+    assert cli(["score", "--data", str(FIXTURE), "--out", str(tmp_path / "strict"), "--model", str(model_dir),
+                "--strict", "--no-progress"]) == 2
     # two shards run one after the other: the second one writes the merged outputs
     shard = tmp_path / "shard"
     assert run_cli(shard, model_dir, "--rank", "0", "--world-size", "2") == 0
